@@ -1,0 +1,229 @@
+"""The FCOS model ladder: teacher > tutor > edge, for each profile.
+
+Every model is a torchvision ``FCOS`` whose parameters fall into three named parts
+(see ``models.parts``): backbone (``backbone.body.*``), neck (``backbone.fpn.*``, a 3-level FPN
+with strides 8/16/32 as in FCOS-Lite) and head (``head.*``). All models share the 20-class VOC
+label space, so two models of the same role always have the same neck/head shapes.
+
+No weights are ever downloaded: bodies are built with ``weights=None``; a local safetensors file
+may be loaded with ``models.io.load_weights``.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass, field, asdict
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+from torchvision.models import mobilenet_v2, resnet
+from torchvision.models.detection import FCOS
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.backbone_utils import BackboneWithFPN
+from torchvision.models.detection.fcos import FCOSHead
+from torchvision.ops.feature_pyramid_network import ExtraFPNBlock
+
+NUM_CLASSES = 20  # the VOC label space; every model predicts all 20 classes
+ROLES = ("teacher", "tutor", "edge")
+STRIDES = (8, 16, 32)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Architecture of one rung of the ladder."""
+
+    body: str  # resnet18 | resnet34 | resnet50 | resnet101 | mobilenet_v2
+    fpn_channels: int  # neck width; multiple of 32 (the head's GroupNorm uses 32 groups)
+    head_convs: int  # convs per head branch (torchvision default 4; FCOS-Lite uses fewer)
+    width_mult: float = 1.0  # MobileNetV2 only
+
+
+@dataclass(frozen=True)
+class TrainBudget:
+    """Iterations and batch size of each training phase of a profile."""
+
+    batch_size: int
+    teacher_iters: int  # teacher trained on labels
+    distill_iters: int  # Distill A and Distill B (KD)
+    rd_iters: int  # reverse distillation per tutor
+    redistill_iters: int  # Distill C
+    lr: float = 0.01
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    image_size: int  # square input size; the FCOS transform is set not to rescale
+    anchor_sizes: tuple[int, int, int]  # FCOS scale ranges per level: [0,4a0],[4a1,8a1],[4a2,inf)
+    teacher: ModelSpec
+    tutor: ModelSpec
+    edge: ModelSpec
+    budget: TrainBudget
+    num_images: int  # size of the synthetic data set for this profile
+    extra: dict = field(default_factory=dict)
+
+    def spec(self, role: str) -> ModelSpec:
+        if role not in ROLES:
+            raise ValueError(f"unknown model role {role!r}; expected one of {', '.join(ROLES)}")
+        return getattr(self, role)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+PROFILES: dict[str, Profile] = {
+    # Tiny: tests run a whole phase in seconds.
+    "smoke": Profile(
+        name="smoke",
+        image_size=64,
+        anchor_sizes=(4, 8, 16),
+        teacher=ModelSpec("mobilenet_v2", fpn_channels=64, head_convs=2, width_mult=0.5),
+        tutor=ModelSpec("mobilenet_v2", fpn_channels=32, head_convs=1, width_mult=0.35),
+        edge=ModelSpec("mobilenet_v2", fpn_channels=32, head_convs=1, width_mult=0.25),
+        budget=TrainBudget(batch_size=8, teacher_iters=6, distill_iters=4, rd_iters=3, redistill_iters=3),
+        num_images=240,
+    ),
+    # Default: sized for 2 CPU cores (see the step timings in the README).
+    "cpu": Profile(
+        name="cpu",
+        image_size=128,
+        anchor_sizes=(4, 8, 16),
+        teacher=ModelSpec("resnet18", fpn_channels=96, head_convs=3),
+        tutor=ModelSpec("resnet18", fpn_channels=64, head_convs=2),
+        edge=ModelSpec("mobilenet_v2", fpn_channels=64, head_convs=1, width_mult=0.5),
+        budget=TrainBudget(batch_size=16, teacher_iters=1500, distill_iters=1200, rd_iters=300,
+                           redistill_iters=300),
+        num_images=4000,
+    ),
+    # The paper's section IV-A: ResNet-101 / ResNet-50 / MobileNetV2 FCOS, FPN 256, strides 8/16/32.
+    "paper": Profile(
+        name="paper",
+        image_size=512,
+        anchor_sizes=(8, 16, 32),
+        teacher=ModelSpec("resnet101", fpn_channels=256, head_convs=4),
+        tutor=ModelSpec("resnet50", fpn_channels=256, head_convs=4),
+        edge=ModelSpec("mobilenet_v2", fpn_channels=128, head_convs=2, width_mult=1.0),
+        budget=TrainBudget(batch_size=16, teacher_iters=60000, distill_iters=60000, rd_iters=20000,
+                           redistill_iters=12000),
+        num_images=16000,
+    ),
+}
+
+
+def get_profile(name: str) -> Profile:
+    if name not in PROFILES:
+        raise ValueError(f"unknown profile {name!r}; expected one of {', '.join(PROFILES)}")
+    return PROFILES[name]
+
+
+class NoExtraLevels(ExtraFPNBlock):
+    """Keeps the FPN at exactly the returned levels (P3-P5); torchvision would add a max-pool P6."""
+
+    def forward(self, results, x, names):
+        return results, names
+
+
+_RESNETS = {"resnet18": resnet.resnet18, "resnet34": resnet.resnet34,
+            "resnet50": resnet.resnet50, "resnet101": resnet.resnet101}
+
+
+def _body_and_channels(spec: ModelSpec) -> tuple[nn.Module, dict[str, str], list[int]]:
+    """Backbone body, the layers to return (strides 8/16/32) and their channel counts."""
+    if spec.body in _RESNETS:
+        net = _RESNETS[spec.body](weights=None)
+        return_layers = {"layer2": "0", "layer3": "1", "layer4": "2"}
+        channels = [net.layer2[-1].conv1.in_channels, net.layer3[-1].conv1.in_channels,
+                    net.layer4[-1].conv1.in_channels]
+        if spec.body in ("resnet50", "resnet101"):  # bottleneck blocks: output = 4 x planes
+            channels = [net.layer2[-1].conv3.out_channels, net.layer3[-1].conv3.out_channels,
+                        net.layer4[-1].conv3.out_channels]
+        # Drop the classifier so the body holds only what the detector uses.
+        del net.fc
+        return net, return_layers, channels
+    if spec.body == "mobilenet_v2":
+        features = mobilenet_v2(weights=None, width_mult=spec.width_mult).features
+        # Blocks whose output has stride 8, 16 and 32 are the first strided block of each stage.
+        strided = [i for i, block in enumerate(features) if getattr(block, "_is_cn", False)]
+        picked = strided[1:4]  # strides 8, 16, 32
+        return_layers = {str(i): str(level) for level, i in enumerate(picked)}
+        channels = [features[i].out_channels for i in picked]
+        # Keep only the blocks up to the stride-32 output: later ones would be dead weight.
+        features = features[: picked[-1] + 1]
+        return features, return_layers, channels
+    raise ValueError(f"unknown backbone body {spec.body!r}; expected one of "
+                     f"{', '.join([*_RESNETS, 'mobilenet_v2'])}")
+
+
+def build_model(profile: Profile | str, role: str, num_classes: int = NUM_CLASSES,
+                weights_path: str | Path | None = None, seed: int | None = None) -> FCOS:
+    """Builds the FCOS detector of ``role`` (teacher | tutor | edge) for ``profile``.
+
+    With ``seed`` the initial weights are reproducible. ``weights_path`` loads a local safetensors
+    file (full model state) produced by ``models.io.save_weights``.
+    """
+    profile = get_profile(profile) if isinstance(profile, str) else profile
+    spec = profile.spec(role)
+    if spec.fpn_channels % 32:
+        raise ValueError(f"fpn_channels must be a multiple of 32 (GroupNorm(32)), got {spec.fpn_channels}")
+    if seed is not None:
+        torch.manual_seed(seed)
+    body, return_layers, channels = _body_and_channels(spec)
+    backbone = BackboneWithFPN(body, return_layers, channels, spec.fpn_channels,
+                               extra_blocks=NoExtraLevels())
+    anchors = AnchorGenerator(tuple((a,) for a in profile.anchor_sizes), ((1.0,),) * 3)
+    head = FCOSHead(spec.fpn_channels, num_anchors=1, num_classes=num_classes, num_convs=spec.head_convs)
+    model = FCOS(backbone, num_classes, min_size=profile.image_size, max_size=profile.image_size,
+                 anchor_generator=anchors, head=head, score_thresh=0.05, detections_per_img=100)
+    if weights_path is not None:
+        from models.io import load_weights
+
+        load_weights(model, weights_path)
+    return model
+
+
+def transform_batch(model: FCOS, images: list[Tensor], targets: list[dict] | None = None):
+    """Runs the model's own resize/normalise/pad; returns (ImageList, transformed targets)."""
+    return model.transform(images, targets)
+
+
+def neck_features(model: FCOS, batched_images: Tensor) -> list[Tensor]:
+    """FPN (neck) outputs for already transformed images.
+
+    Args:
+        batched_images: Tensor[N, 3, H, W] as produced by ``model.transform`` (``.tensors``).
+    Returns:
+        [P3, P4, P5]: Tensor[N, C_fpn, H/8, W/8], [.., H/16, W/16], [.., H/32, W/32].
+    """
+    return list(model.backbone(batched_images).values())
+
+
+def detection_losses(model: FCOS, image_list, targets: list[dict], features: list[Tensor]) -> dict[str, Tensor]:
+    """FCOS training losses (classification, bbox_regression, bbox_ctrness) from given features.
+
+    Same computation as ``FCOS.forward`` in training mode, split out so a distillation step can
+    reuse the neck features it already computed.
+    """
+    head_outputs = model.head(features)
+    anchors = model.anchor_generator(image_list, features)
+    num_anchors_per_level = [f.size(2) * f.size(3) for f in features]
+    return model.compute_loss(targets, head_outputs, anchors, num_anchors_per_level)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def describe_ladder(profile: Profile | str) -> "OrderedDict[str, dict]":
+    """Parameter counts per role and part, for logs and the README."""
+    from models.parts import split_parameters
+
+    profile = get_profile(profile) if isinstance(profile, str) else profile
+    out: OrderedDict[str, dict] = OrderedDict()
+    for role in ROLES:
+        model = build_model(profile, role)
+        parts = split_parameters(model)
+        out[role] = {"spec": asdict(profile.spec(role)),
+                     **{part: sum(t.numel() for t in params.values()) for part, params in parts.items()},
+                     "total": count_parameters(model)}
+    return out

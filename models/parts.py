@@ -1,0 +1,106 @@
+"""Backbone / neck / head parts and the neck+head knowledge math of the paper.
+
+Eq. (9):  delta = nh(T2) - gamma * nh(T1)         -> ``knowledge_delta``
+Eq. (10): nh(tutor') = nh(tutor) + beta * delta   -> ``substitute``
+
+Everything here is a pure function on name -> tensor mappings (state dicts), with no Flower import.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import Tensor, nn
+
+# Parameter name prefixes of the three parts of every ladder model (torchvision FCOS layout).
+PART_PREFIXES: dict[str, str] = {
+    "backbone": "backbone.body.",
+    "neck": "backbone.fpn.",
+    "head": "head.",
+}
+KNOWLEDGE_PARTS = ("neck", "head")
+
+
+class ArchitectureMismatch(ValueError):
+    """Two weight sets that should share an architecture do not."""
+
+
+def part_of(name: str) -> str:
+    """The part ('backbone' | 'neck' | 'head') a parameter name belongs to."""
+    for part, prefix in PART_PREFIXES.items():
+        if name.startswith(prefix):
+            return part
+    raise ValueError(f"parameter {name!r} belongs to no known part (prefixes: {list(PART_PREFIXES.values())})")
+
+
+def split_parameters(model: nn.Module) -> dict[str, dict[str, Tensor]]:
+    """Partitions a model's named parameters into {'backbone', 'neck', 'head'}.
+
+    Raises ValueError if a parameter belongs to no part, so the partition is always exact.
+    """
+    parts: dict[str, dict[str, Tensor]] = {p: {} for p in PART_PREFIXES}
+    for name, param in model.named_parameters():
+        parts[part_of(name)][name] = param
+    return parts
+
+
+def part_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """The modules holding each part, e.g. to freeze the backbone or put it in eval mode."""
+    return {"backbone": model.backbone.body, "neck": model.backbone.fpn, "head": model.head}
+
+
+def neck_head(weights: nn.Module | Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """nh(model): detached copies of the neck and head parameters, keyed by full name.
+
+    Accepts a model or a state dict. FCOS keeps no buffers in the neck or head, so parameters are
+    the whole of that knowledge.
+    """
+    if isinstance(weights, nn.Module):
+        items = weights.named_parameters()
+    else:
+        items = weights.items()
+    return {name: t.detach().clone() for name, t in items if part_of(name) in KNOWLEDGE_PARTS}
+
+
+def check_same_architecture(a: Mapping[str, Tensor], b: Mapping[str, Tensor], what: str = "weights") -> None:
+    """Raises ArchitectureMismatch naming the first differing key, shape or dtype."""
+    missing, extra = sorted(set(a) - set(b)), sorted(set(b) - set(a))
+    if missing or extra:
+        raise ArchitectureMismatch(
+            f"{what}: key sets differ (only in first: {missing[:3]}{'...' if len(missing) > 3 else ''}; "
+            f"only in second: {extra[:3]}{'...' if len(extra) > 3 else ''})")
+    for name in a:
+        if a[name].shape != b[name].shape:
+            raise ArchitectureMismatch(f"{what}: {name} has shape {tuple(a[name].shape)} vs {tuple(b[name].shape)}")
+        if a[name].dtype != b[name].dtype:
+            raise ArchitectureMismatch(f"{what}: {name} has dtype {a[name].dtype} vs {b[name].dtype}")
+
+
+def knowledge_delta(nh_tutor1: Mapping[str, Tensor], nh_tutor2: Mapping[str, Tensor],
+                    gamma: float = 1.0) -> dict[str, Tensor]:
+    """Eq. (9): the customer's knowledge, delta = nh(T2) - gamma * nh(T1) (the paper uses gamma = 1)."""
+    check_same_architecture(nh_tutor1, nh_tutor2, "tutor 1 vs tutor 2 neck/head")
+    return {name: nh_tutor2[name] - gamma * nh_tutor1[name] for name in nh_tutor1}
+
+
+def substitute(nh_tutor: Mapping[str, Tensor], delta: Mapping[str, Tensor], beta: float = 1.0) -> dict[str, Tensor]:
+    """Eq. (10): nh(updated tutor) = nh(tutor) + beta * delta (the paper uses beta = 1)."""
+    check_same_architecture(nh_tutor, delta, "tutor neck/head vs delta")
+    return {name: nh_tutor[name] + beta * delta[name] for name in nh_tutor}
+
+
+def load_neck_head(model: nn.Module, nh: Mapping[str, Tensor]) -> nn.Module:
+    """Writes neck/head weights into ``model`` in place (the backbone is untouched); returns it."""
+    current = neck_head(model)
+    check_same_architecture(current, nh, "model neck/head vs given neck/head")
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, value in nh.items():
+            params[name].copy_(value)
+    return model
+
+
+def delta_norm(delta: Mapping[str, Tensor]) -> float:
+    """Global L2 norm of a delta (all tensors flattened together)."""
+    return float(torch.sqrt(sum((t.double() ** 2).sum() for t in delta.values())))
