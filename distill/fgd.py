@@ -93,12 +93,13 @@ def foreground_masks(
     H, W = int(feat_hw[0]), int(feat_hw[1])
     if device is None:
         device = boxes_per_image[0].device if len(boxes_per_image) > 0 else "cpu"
-    ys = torch.arange(H, device=device, dtype=torch.float32)
-    xs = torch.arange(W, device=device, dtype=torch.float32)
+    work = torch.promote_types(dtype, torch.float32)  # at least fp32 for the cell arithmetic
+    ys = torch.arange(H, device=device, dtype=work)
+    xs = torch.arange(W, device=device, dtype=work)
     fgs, bgs = [], []
     for boxes in boxes_per_image:
-        fg = torch.zeros(H, W, device=device, dtype=torch.float32)
-        b = torch.as_tensor(boxes).to(device=device, dtype=torch.float32).reshape(-1, 4)
+        fg = torch.zeros(H, W, device=device, dtype=work)
+        b = torch.as_tensor(boxes).to(device=device, dtype=work).reshape(-1, 4)
         if b.shape[0] > 0:
             b = b / float(stride)
             x0 = b[:, 0].floor().clamp(0, W - 1)
@@ -112,8 +113,8 @@ def foreground_masks(
                 & (xs[None, None, :] < x1[:, None, None])
             )  # [K, H, W]
             inv_area = 1.0 / ((x1 - x0) * (y1 - y0))  # [K]
-            fg = (inside.float() * inv_area[:, None, None]).amax(dim=0)
-        bg = (fg == 0).float()
+            fg = (inside.to(work) * inv_area[:, None, None]).amax(dim=0)
+        bg = (fg == 0).to(work)
         n_bg = bg.sum()
         if n_bg > 0:
             bg = bg / n_bg
@@ -309,7 +310,9 @@ class FGDLoss(nn.Module):
         focal = attn = glob = None
         for lvl, (s, t, stride) in enumerate(zip(s_list, t_list, strides)):
             if s.dim() != 4 or t.dim() != 4:
-                raise ValueError(f"FGD level {lvl}: features must be [N, C, H, W], got {tuple(s.shape)}, {tuple(t.shape)}")
+                raise ValueError(
+                    f"FGD level {lvl}: features must be [N, C, H, W], got {tuple(s.shape)}, {tuple(t.shape)}"
+                )
             if s.shape[0] != t.shape[0] or s.shape[-2:] != t.shape[-2:]:
                 raise ValueError(
                     f"FGD level {lvl}: student {tuple(s.shape)} and teacher {tuple(t.shape)} differ in "

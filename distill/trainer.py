@@ -1,0 +1,230 @@
+"""One trainer for every phase: direct training, KD (big teaches small) and RD (small teaches big).
+
+The loss of one step is the paper's eq. (8) in general form:
+
+    L = label_weight * L_det(student, targets) + distill_weight * L_FGD(student, teacher)
+
+* direct training: no teacher (distill_weight unused), targets are the data's labels;
+* KD (Distill A / B / C): a larger teacher, label_weight 1 as in FGD;
+* RD (tutor 1 / tutor 2): the small edge model is the teacher, label_weight close to 0.
+
+``targets`` may also be the teacher's own detections ("pseudo labels"), so a student can learn a
+detection head from a teacher without ever seeing the data's labels (used by Distill C).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import Dataset
+from tqdm.auto import tqdm
+
+from distill.fgd import FGDConfig, FGDLoss
+from models.io import save_weights
+from models.ladder import STRIDES, detection_losses, neck_features
+from models.parts import part_modules
+
+
+@dataclass
+class Phase:
+    """Everything that determines one training phase (and nothing that does not)."""
+
+    name: str
+    iters: int
+    batch_size: int
+    lr: float = 0.01
+    label_weight: float = 1.0  # eq. (8): weight of the detector's own loss
+    distill_weight: float = 1.0  # eq. (8): weight of the FGD loss (needs a teacher)
+    fgd: FGDConfig = field(default_factory=FGDConfig)
+    freeze: tuple[str, ...] = ()  # parts kept fixed: any of "backbone", "neck", "head"
+    targets: str = "labels"  # "labels" (the data's) or "teacher" (teacher detections, score >= pseudo_thresh)
+    pseudo_thresh: float = 0.4
+    proximal_mu: float = 0.0  # FedProx: mu/2 * ||w - w_global||^2 (needs reference weights)
+    warmup_iters: int = 50
+    weight_decay: float = 1e-4
+    hflip: bool = True
+    seed: int = 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class PhaseReport:
+    name: str
+    iters: int
+    seconds: float
+    peak_rss_mb: float  # peak resident memory of this process during the phase (CPU)
+    peak_cuda_mb: float
+    first_loss: float
+    last_loss: float  # mean over the last 10% of steps
+    losses: list[float]
+
+    def summary(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if k != "losses"}
+
+
+def _rss_mb() -> float:
+    """Current resident set size in MiB (Linux); 0 where /proc is unavailable."""
+    try:
+        with open("/proc/self/statm") as f:
+            pages = int(f.read().split()[1])
+        return pages * (4096 / 2**20)
+    except OSError:
+        return 0.0
+
+
+def lr_at(step: int, phase: Phase) -> float:
+    """Linear warm-up, then cosine decay to zero."""
+    warm = min(phase.warmup_iters, max(phase.iters // 5, 1))
+    if step < warm:
+        return phase.lr * (step + 1) / warm
+    progress = (step - warm) / max(phase.iters - warm, 1)
+    return phase.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def infinite_batches(dataset: Dataset, batch_size: int, generator: torch.Generator):
+    """Yields lists of (image, target) forever, reshuffling each epoch with ``generator``."""
+    n = len(dataset)
+    if n == 0:
+        raise ValueError("cannot train on an empty data set")
+    while True:
+        order = torch.randperm(n, generator=generator).tolist()
+        for start in range(0, n - batch_size + 1 if n >= batch_size else 1, batch_size):
+            yield [dataset[i] for i in order[start:start + batch_size]]
+
+
+def _flip(image: Tensor, target: dict) -> tuple[Tensor, dict]:
+    width = image.shape[-1]
+    boxes = target["boxes"].clone()
+    boxes[:, [0, 2]] = width - target["boxes"][:, [2, 0]]
+    return image.flip(-1), {**target, "boxes": boxes}
+
+
+def _prepare(batch, phase: Phase, generator: torch.Generator):
+    images, targets = [], []
+    for image, target in batch:
+        target = {"boxes": target["boxes"].float(), "labels": target["labels"].long()}
+        if phase.hflip and torch.rand((), generator=generator) < 0.5:
+            image, target = _flip(image, target)
+        images.append(image)
+        targets.append(target)
+    return images, targets
+
+
+@torch.no_grad()
+def teacher_detections(teacher: nn.Module, image_list, score_thresh: float) -> list[dict]:
+    """The teacher's detections on transformed images, as training targets in the same coordinates."""
+    feats = neck_features(teacher, image_list.tensors)
+    head_outputs = teacher.head(feats)
+    anchors = teacher.anchor_generator(image_list, feats)
+    counts = [f.size(2) * f.size(3) for f in feats]
+    split = {k: list(v.split(counts, dim=1)) for k, v in head_outputs.items()}
+    split_anchors = [list(a.split(counts)) for a in anchors]
+    dets = teacher.postprocess_detections(split, split_anchors, image_list.image_sizes)
+    out = []
+    for d in dets:
+        keep = d["scores"] >= score_thresh
+        boxes = d["boxes"][keep]
+        valid = (boxes[:, 2] > boxes[:, 0] + 1) & (boxes[:, 3] > boxes[:, 1] + 1)
+        out.append({"boxes": boxes[valid], "labels": d["labels"][keep][valid]})
+    return out
+
+
+def proximal_term(model: nn.Module, reference: dict[str, Tensor]) -> Tensor:
+    """FedProx: 0.5 * ||w - w_ref||^2 over the trainable parameters."""
+    terms = [((p - reference[n]) ** 2).sum() for n, p in model.named_parameters() if p.requires_grad]
+    return 0.5 * torch.stack(terms).sum()
+
+
+def set_frozen(model: nn.Module, parts: tuple[str, ...]) -> None:
+    modules = part_modules(model)
+    unknown = set(parts) - set(modules)
+    if unknown:
+        raise ValueError(f"cannot freeze unknown parts {sorted(unknown)}; parts are {sorted(modules)}")
+    for name, module in modules.items():
+        for p in module.parameters():
+            p.requires_grad_(name not in parts)
+
+
+def train(student: nn.Module, dataset: Dataset, phase: Phase, teacher: nn.Module | None = None,
+          reference: dict[str, Tensor] | None = None, checkpoint: str | Path | None = None,
+          progress: bool = True) -> PhaseReport:
+    """Trains ``student`` in place for ``phase.iters`` steps; returns timing, memory and losses.
+
+    Args:
+        dataset: yields (image Tensor[3,H,W] in [0,1], target dict with boxes [K,4] xyxy, labels [K]).
+        teacher: the distillation source (any ladder model with the same strides), or None.
+        reference: FedProx reference weights (name -> tensor), needed when ``phase.proximal_mu > 0``.
+        checkpoint: where to save the trained student (safetensors), if given.
+    """
+    use_fgd = teacher is not None and phase.distill_weight > 0
+    if phase.targets == "teacher" and teacher is None:
+        raise ValueError(f"phase {phase.name}: targets='teacher' needs a teacher model")
+    if phase.proximal_mu > 0 and reference is None:
+        raise ValueError(f"phase {phase.name}: proximal_mu > 0 needs reference weights")
+    generator = torch.Generator().manual_seed(phase.seed)
+    torch.manual_seed(phase.seed)
+
+    set_frozen(student, phase.freeze)
+    fgd = None
+    if use_fgd:
+        fgd = FGDLoss(student.backbone.out_channels, teacher.backbone.out_channels, len(STRIDES), phase.fgd)
+        teacher.eval()
+    params = [p for p in student.parameters() if p.requires_grad] + (list(fgd.parameters()) if fgd else [])
+    optimizer = torch.optim.SGD(params, lr=phase.lr, momentum=0.9, weight_decay=phase.weight_decay)
+
+    student.train()
+    if "backbone" in phase.freeze:  # frozen BatchNorm statistics must not drift either
+        part_modules(student)["backbone"].eval()
+
+    losses: list[float] = []
+    peak_rss = _rss_mb()
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    batches = infinite_batches(dataset, phase.batch_size, generator)
+    bar = tqdm(range(phase.iters), desc=phase.name, disable=not progress, leave=False, dynamic_ncols=True)
+    for step in bar:
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, phase)
+        images, targets = _prepare(next(batches), phase, generator)
+        image_list, targets = student.transform(images, targets)
+        if phase.targets == "teacher":
+            targets = teacher_detections(teacher, image_list, phase.pseudo_thresh)
+        feats = neck_features(student, image_list.tensors)
+        det = detection_losses(student, image_list, targets, feats)
+        loss = phase.label_weight * sum(det.values())
+        if fgd is not None:
+            with torch.no_grad():
+                teacher_feats = neck_features(teacher, image_list.tensors)
+            boxes = [t["boxes"] for t in targets]
+            loss = loss + phase.distill_weight * fgd(feats, teacher_feats, boxes, STRIDES)["fgd"]
+        if phase.proximal_mu > 0:
+            loss = loss + phase.proximal_mu * proximal_term(student, reference)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"phase {phase.name}: loss became {loss.item()} at step {step}")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, max_norm=10.0)
+        optimizer.step()
+        losses.append(float(loss.detach()))
+        if step % 10 == 0:
+            peak_rss = max(peak_rss, _rss_mb())
+            bar.set_postfix(loss=f"{losses[-1]:.3f}")
+    seconds = time.perf_counter() - start
+    set_frozen(student, ())  # leave every parameter trainable again for whoever uses it next
+    student.eval()
+    tail = losses[-max(len(losses) // 10, 1):] if losses else [float("nan")]
+    report = PhaseReport(
+        name=phase.name, iters=phase.iters, seconds=seconds, peak_rss_mb=max(peak_rss, _rss_mb()),
+        peak_cuda_mb=torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else 0.0,
+        first_loss=losses[0] if losses else float("nan"), last_loss=sum(tail) / len(tail), losses=losses)
+    if checkpoint is not None:
+        save_weights(student, checkpoint, metadata={"phase": phase.name})
+    return report

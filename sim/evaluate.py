@@ -1,0 +1,440 @@
+"""PASCAL VOC detection evaluation (AP at IoU 0.5, mAP, precision / recall / F1).
+
+The rules follow the VOC devkit (see /work/shared/NOTES.md, "VOC evaluation"):
+
+* IoU uses the VOC "+1" pixel convention (see ``voc_iou``).
+* For one class, detections from all images are sorted by descending score.  Each one looks at
+  the ground truths of its image and takes the one with the highest IoU.  It is a true positive
+  when that IoU is strictly greater than the threshold and the ground truth is neither
+  ``difficult`` nor already matched; a match to a ``difficult`` object is ignored (neither TP nor
+  FP); a match to an already matched object, or IoU <= threshold, is a false positive.
+* Positives (the recall denominator) exclude difficult objects.
+* VOC2007 AP is the 11-point interpolated AP; VOC2010+ AP is the area under the monotone
+  (right-to-left maximum) precision envelope.
+
+Box convention
+--------------
+The detector and the targets use torchvision's 0-based continuous ``xyxy`` pixel coordinates.
+The VOC devkit stores 1-based *inclusive* integer pixel boxes, so a box from column ``x1`` to
+column ``x2`` is ``x2 - x1 + 1`` pixels wide.  IoU is invariant to translating both boxes, so the
+0-based vs 1-based offset does not matter; what matters is the width/height.  With
+``plus_one=True`` (default) we add 1 to every width and height - of both boxes and of their
+intersection - exactly as the devkit does, whatever the coordinates' origin.  With
+``plus_one=False`` widths are the plain ``x2 - x1`` (the COCO / torchvision convention).
+
+Everything here is numpy, except ``evaluate_model`` which runs a torch model.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Hashable, Iterable, Mapping, Sequence
+
+import numpy as np
+
+# The VOC2007 recall points 0.0, 0.1, ..., 1.0, generated the way the reference does
+# (``np.arange(0., 1.1, 0.1)``).  Note that 0.3, 0.6 and 0.7 come out one ulp above the
+# decimal value (e.g. 0.30000000000000004), so a recall of exactly 3/10 does not reach "0.3".
+VOC07_RECALL_POINTS = np.arange(0.0, 1.1, 0.1)
+
+
+# --------------------------------------------------------------------------------------------
+# Formulas
+# --------------------------------------------------------------------------------------------
+
+
+def box_extent(low: np.ndarray, high: np.ndarray, plus_one: bool = True) -> np.ndarray:
+    """Width (or height) of boxes spanning ``low..high``: ``high - low (+ 1)``."""
+    return high - low + (1.0 if plus_one else 0.0)
+
+
+def voc_iou(box: np.ndarray, boxes: np.ndarray, plus_one: bool = True) -> np.ndarray:
+    """IoU of one ``xyxy`` box against ``boxes`` [K, 4]; returns [K].
+
+    With ``plus_one`` widths and heights are ``x2 - x1 + 1`` (VOC devkit convention).
+    A non-overlapping pair gives 0.
+    """
+    box = np.asarray(box, dtype=np.float64).reshape(4)
+    boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    inter_w = np.maximum(
+        box_extent(np.maximum(box[0], boxes[:, 0]), np.minimum(box[2], boxes[:, 2]), plus_one), 0.0
+    )
+    inter_h = np.maximum(
+        box_extent(np.maximum(box[1], boxes[:, 1]), np.minimum(box[3], boxes[:, 3]), plus_one), 0.0
+    )
+    intersection = inter_w * inter_h
+    area_box = box_extent(box[0], box[2], plus_one) * box_extent(box[1], box[3], plus_one)
+    area_boxes = box_extent(boxes[:, 0], boxes[:, 2], plus_one) * box_extent(
+        boxes[:, 1], boxes[:, 3], plus_one
+    )
+    union = area_box + area_boxes - intersection
+    return np.where(union > 0, intersection / np.where(union > 0, union, 1.0), 0.0)
+
+
+def eleven_point_ap(recall: np.ndarray, precision: np.ndarray) -> float:
+    """VOC2007 AP: mean over t in {0, 0.1, ..., 1} of max precision at recall >= t (0 if none)."""
+    total = 0.0
+    for t in VOC07_RECALL_POINTS:
+        reached = recall >= t
+        total += float(np.max(precision[reached])) if np.any(reached) else 0.0
+    return total / len(VOC07_RECALL_POINTS)
+
+
+def area_under_envelope_ap(recall: np.ndarray, precision: np.ndarray) -> float:
+    """VOC2010+ AP: area under the precision envelope (precision made non-increasing in recall)."""
+    padded_recall = np.concatenate(([0.0], recall, [1.0]))
+    envelope = np.concatenate(([0.0], precision, [0.0]))
+    # Right-to-left running maximum: precision at r becomes the best precision at recall >= r.
+    envelope = np.maximum.accumulate(envelope[::-1])[::-1]
+    # Sum rectangle areas where recall steps up.
+    steps = np.nonzero(padded_recall[1:] != padded_recall[:-1])[0]
+    return float(np.sum((padded_recall[steps + 1] - padded_recall[steps]) * envelope[steps + 1]))
+
+
+def average_precision(recall, precision, use_07_metric: bool) -> float:
+    """AP from a precision/recall curve (detections in descending score order)."""
+    recall = np.asarray(recall, dtype=np.float64).reshape(-1)
+    precision = np.asarray(precision, dtype=np.float64).reshape(-1)
+    if use_07_metric:
+        return eleven_point_ap(recall, precision)
+    return area_under_envelope_ap(recall, precision)
+
+
+def precision_recall_f1(tp: int, fp: int, npos: int) -> tuple[float, float, float]:
+    """Precision TP/(TP+FP), recall TP/npos and F1 = 2PR/(P+R) (paper eq. 11); 0 where undefined."""
+    precision = tp / (tp + fp) if tp + fp > 0 else 0.0
+    recall = tp / npos if npos > 0 else 0.0
+    f1 = 2.0 * precision * recall / (precision + recall) if precision + recall > 0 else 0.0
+    return float(precision), float(recall), float(f1)
+
+
+# --------------------------------------------------------------------------------------------
+# Matching for one class
+# --------------------------------------------------------------------------------------------
+
+# Outcome of one detection.
+TRUE_POSITIVE, FALSE_POSITIVE, IGNORED = 1, 0, -1
+
+
+def count_positives(ground_truths: Mapping[Hashable, tuple]) -> int:
+    """Number of non-difficult ground-truth objects."""
+    return int(sum(np.count_nonzero(~np.asarray(diff, dtype=bool)) for _, diff in ground_truths.values()))
+
+
+def match_detections(
+    detections: Sequence[tuple],
+    ground_truths: Mapping[Hashable, tuple],
+    iou_thresh: float = 0.5,
+    plus_one: bool = True,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Greedy VOC matching of one class's detections.
+
+    Returns ``(scores, outcomes)`` in descending score order (stable for ties), where each
+    outcome is TRUE_POSITIVE, FALSE_POSITIVE or IGNORED (best match is a difficult object).
+    """
+    scores = np.array([float(score) for _, score, _ in detections], dtype=np.float64)
+    order = np.argsort(-scores, kind="stable")
+    matched = {
+        image_id: np.zeros(len(np.asarray(diff).reshape(-1)), dtype=bool)
+        for image_id, (_, diff) in ground_truths.items()
+    }
+    outcomes = np.empty(len(order), dtype=np.int64)
+    for rank, index in enumerate(order):
+        image_id, _, box = detections[index]
+        outcomes[rank] = FALSE_POSITIVE
+        if image_id not in ground_truths:
+            continue
+        gt_boxes, gt_difficult = ground_truths[image_id]
+        gt_boxes = np.asarray(gt_boxes, dtype=np.float64).reshape(-1, 4)
+        if len(gt_boxes) == 0:
+            continue
+        ious = voc_iou(np.asarray(box), gt_boxes, plus_one=plus_one)
+        best = int(np.argmax(ious))
+        if not ious[best] > iou_thresh:
+            continue
+        if bool(np.asarray(gt_difficult, dtype=bool).reshape(-1)[best]):
+            outcomes[rank] = IGNORED
+        elif not matched[image_id][best]:
+            matched[image_id][best] = True
+            outcomes[rank] = TRUE_POSITIVE
+    return scores[order], outcomes
+
+
+def precision_recall_curve(outcomes: np.ndarray, npos: int) -> tuple[np.ndarray, np.ndarray]:
+    """Cumulative recall and precision over ranked outcomes (ignored detections dropped)."""
+    kept = outcomes[outcomes != IGNORED]
+    tp = np.cumsum(kept == TRUE_POSITIVE)
+    fp = np.cumsum(kept == FALSE_POSITIVE)
+    recall = tp / npos
+    precision = tp / np.maximum(tp + fp, 1)
+    return recall, precision
+
+
+def class_ap(
+    detections: Sequence[tuple],
+    ground_truths: Mapping[Hashable, tuple],
+    iou_thresh: float = 0.5,
+    use_07_metric: bool = False,
+    *,
+    score_thresh: float | None = None,
+    plus_one: bool = True,
+) -> tuple[float, dict]:
+    """VOC AP of ONE class.
+
+    ``detections``: list of ``(image_id, score, box_xyxy)``.
+    ``ground_truths``: ``image_id -> (boxes [K, 4], difficult bool [K])``; images without
+    objects of this class may be absent.
+
+    Returns ``(ap, counts)``: ``ap`` is NaN when the class has no non-difficult object.
+    ``counts`` has ``tp``, ``fp`` (among detections with score >= ``score_thresh``, or all
+    when it is None; ignored detections count as neither) and ``npos``.
+    """
+    npos = count_positives(ground_truths)
+    scores, outcomes = match_detections(detections, ground_truths, iou_thresh, plus_one)
+    if npos == 0:
+        ap = math.nan
+    else:
+        recall, precision = precision_recall_curve(outcomes, npos)
+        ap = average_precision(recall, precision, use_07_metric)
+    counted = outcomes if score_thresh is None else outcomes[scores >= score_thresh]
+    counts = {
+        "tp": int(np.count_nonzero(counted == TRUE_POSITIVE)),
+        "fp": int(np.count_nonzero(counted == FALSE_POSITIVE)),
+        "npos": npos,
+    }
+    return ap, counts
+
+
+# --------------------------------------------------------------------------------------------
+# Whole data set
+# --------------------------------------------------------------------------------------------
+
+
+def nanmean(values: Iterable[float]) -> float:
+    """Mean of the non-NaN values; NaN when there are none (no numpy warning)."""
+    finite = [v for v in values if not math.isnan(v)]
+    return float(sum(finite) / len(finite)) if finite else math.nan
+
+
+def _json_number(value: float) -> float | None:
+    return None if math.isnan(value) else float(value)
+
+
+@dataclass
+class EvalResult:
+    """Per-class AP, mAP and micro precision/recall/F1 at a score threshold."""
+
+    ap: dict[int, float]
+    mAP: float
+    precision: float
+    recall: float
+    f1: float
+    tp: int = 0
+    fp: int = 0
+    npos: dict[int, int] = field(default_factory=dict)
+
+    def to_dict(self, class_names: Sequence[str] | Mapping[int, str] | None = None) -> dict[str, Any]:
+        """JSON-friendly dict; NaN becomes None.  ``class_names`` maps a class id to its name
+        (a sequence indexed by class id, or a mapping); ids without a name keep the id."""
+
+        def name(class_id: int) -> str:
+            if class_names is None:
+                return str(class_id)
+            if isinstance(class_names, Mapping):
+                return str(class_names.get(class_id, class_id))
+            if 0 <= class_id < len(class_names):
+                return str(class_names[class_id])
+            return str(class_id)
+
+        return {
+            "mAP": _json_number(self.mAP),
+            "precision": float(self.precision),
+            "recall": float(self.recall),
+            "f1": float(self.f1),
+            "tp": int(self.tp),
+            "fp": int(self.fp),
+            "ap": {name(c): _json_number(v) for c, v in self.ap.items()},
+            "npos": {name(c): int(v) for c, v in self.npos.items()},
+        }
+
+
+def _to_numpy(value, dtype=None, shape_tail: tuple = ()) -> np.ndarray:
+    if hasattr(value, "detach"):  # torch tensor
+        value = value.detach().cpu().numpy()
+    array = np.asarray(value, dtype=dtype)
+    if shape_tail:
+        array = array.reshape((-1,) + shape_tail)
+    else:
+        array = array.reshape(-1)
+    return array
+
+
+def _image_key(target: Mapping, index: int) -> Hashable:
+    if "image_id" not in target:
+        return index
+    image_id = target["image_id"]
+    if hasattr(image_id, "detach"):
+        image_id = image_id.detach().cpu().reshape(-1).tolist()
+        image_id = image_id[0] if len(image_id) == 1 else tuple(image_id)
+    elif isinstance(image_id, np.ndarray):
+        image_id = image_id.reshape(-1).tolist()
+        image_id = image_id[0] if len(image_id) == 1 else tuple(image_id)
+    return image_id
+
+
+def evaluate_detections(
+    predictions: Sequence[Mapping],
+    targets: Sequence[Mapping],
+    class_ids: Sequence[int],
+    iou_thresh: float = 0.5,
+    use_07_metric: bool = False,
+    score_thresh: float = 0.3,
+    *,
+    plus_one: bool = True,
+) -> EvalResult:
+    """VOC evaluation of per-image predictions against targets (aligned by list position).
+
+    AP uses ALL detections given.  Precision/recall/F1 are micro-averaged over ``class_ids``
+    using the detections with score >= ``score_thresh`` (the greedy matching of those is the
+    same as in the full ranking, since lower-scored detections are matched later).
+    Labels not in ``class_ids`` are ignored.
+    """
+    if len(predictions) != len(targets):
+        raise ValueError(f"{len(predictions)} predictions but {len(targets)} targets")
+    class_ids = [int(c) for c in class_ids]
+    detections: dict[int, list] = {c: [] for c in class_ids}
+    ground_truths: dict[int, dict] = {c: {} for c in class_ids}
+    seen_keys: set = set()
+
+    for index, (prediction, target) in enumerate(zip(predictions, targets)):
+        key = _image_key(target, index)
+        if key in seen_keys:
+            raise ValueError(f"duplicate image_id {key!r}")
+        seen_keys.add(key)
+
+        gt_boxes = _to_numpy(target["boxes"], np.float64, (4,))
+        gt_labels = _to_numpy(target["labels"], np.int64)
+        if "difficult" in target:
+            gt_difficult = _to_numpy(target["difficult"], bool)
+        else:
+            gt_difficult = np.zeros(len(gt_labels), dtype=bool)
+        for c in class_ids:
+            mine = gt_labels == c
+            if np.any(mine):
+                ground_truths[c][key] = (gt_boxes[mine], gt_difficult[mine])
+
+        boxes = _to_numpy(prediction["boxes"], np.float64, (4,))
+        scores = _to_numpy(prediction["scores"], np.float64)
+        labels = _to_numpy(prediction["labels"], np.int64)
+        for box, score, label in zip(boxes, scores, labels):
+            if int(label) in detections:
+                detections[int(label)].append((key, float(score), box))
+
+    ap: dict[int, float] = {}
+    npos: dict[int, int] = {}
+    tp_total = fp_total = 0
+    for c in class_ids:
+        ap[c], counts = class_ap(
+            detections[c],
+            ground_truths[c],
+            iou_thresh=iou_thresh,
+            use_07_metric=use_07_metric,
+            score_thresh=score_thresh,
+            plus_one=plus_one,
+        )
+        npos[c] = counts["npos"]
+        tp_total += counts["tp"]
+        fp_total += counts["fp"]
+
+    precision, recall, f1 = precision_recall_f1(tp_total, fp_total, sum(npos.values()))
+    return EvalResult(
+        ap=ap,
+        mAP=nanmean(ap.values()),
+        precision=precision,
+        recall=recall,
+        f1=f1,
+        tp=tp_total,
+        fp=fp_total,
+        npos=npos,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Running a torch detection model
+# --------------------------------------------------------------------------------------------
+
+
+def collate_as_lists(batch):
+    """DataLoader collate: ``[(image, target), ...] -> ([images], [targets])``."""
+    images, targets = zip(*batch)
+    return list(images), list(targets)
+
+
+def evaluate_model(
+    model,
+    dataset_or_loader,
+    class_ids: Sequence[int],
+    batch_size: int = 16,
+    score_thresh: float = 0.3,
+    device="cpu",
+    *,
+    iou_thresh: float = 0.5,
+    use_07_metric: bool = False,
+    plus_one: bool = True,
+) -> EvalResult:
+    """Run a torchvision detection model over a data set and evaluate it the VOC way.
+
+    ``dataset_or_loader`` yields ``(image FloatTensor[3, H, W], target dict)`` items (a Dataset),
+    or ``(images, targets)`` batches (a DataLoader, e.g. with ``collate_as_lists``).
+    The model must already be on ``device`` (None: the device of its first parameter).
+    AP uses every detection the model returns, so it is bounded by the model's own
+    post-processing (e.g. FCOS ``score_thresh`` / ``detections_per_img``).
+    The model's train/eval mode is restored afterwards.
+    """
+    import torch
+    from torch.utils.data import DataLoader
+
+    if device is None:
+        first = next(model.parameters(), None)
+        device = first.device if first is not None else "cpu"
+    device = torch.device(device)
+
+    if isinstance(dataset_or_loader, DataLoader):
+        loader = dataset_or_loader
+    else:
+        loader = DataLoader(
+            dataset_or_loader, batch_size=batch_size, shuffle=False, collate_fn=collate_as_lists
+        )
+
+    predictions: list[dict] = []
+    targets: list[dict] = []
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            for images, batch_targets in loader:
+                if isinstance(batch_targets, Mapping):
+                    raise TypeError(
+                        "targets came batched into one dict; collate to a list of dicts "
+                        "(e.g. DataLoader(..., collate_fn=collate_as_lists))"
+                    )
+                if isinstance(images, torch.Tensor):
+                    images = list(images.unbind(0))
+                images = [image.to(device) for image in images]
+                outputs = model(images)
+                for output in outputs:
+                    predictions.append({k: output[k].detach().cpu() for k in ("boxes", "scores", "labels")})
+                targets.extend(batch_targets)
+    finally:
+        model.train(was_training)
+
+    return evaluate_detections(
+        predictions,
+        targets,
+        class_ids,
+        iou_thresh=iou_thresh,
+        use_07_metric=use_07_metric,
+        score_thresh=score_thresh,
+        plus_one=plus_one,
+    )

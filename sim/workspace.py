@@ -1,0 +1,107 @@
+"""Everything a run needs before training: data on disk, the scenario, shards and data sets.
+
+Shared by ``python -m sim.run`` and the experiment scripts so both see the same data for a seed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from torch.utils.data import ConcatDataset, Dataset
+
+from distill.chain import Chain, ChainData, manufacturer_chain
+from models.ladder import Profile, get_profile
+from sim.scenario import ClientSpec, Scenario, Shards, filter_records, load_scenario, make_shards, select_clients
+from sim.synth import ensure_synthetic_voc
+from sim.voc import VOCDetection, VOCRecord, read_voc
+
+log = logging.getLogger(__name__)
+DEFAULT_CACHE = Path(".cache")
+
+
+def records_fingerprint(records: list[VOCRecord]) -> str:
+    """Hash of image ids and annotations: what a cached model trained on them depends on."""
+    digest = hashlib.sha256()
+    for r in records:
+        digest.update(repr((r.image_id, r.width, r.height, r.objects)).encode())
+    return digest.hexdigest()[:16]
+
+
+@dataclass
+class Workspace:
+    profile: Profile
+    scenario: Scenario
+    clients: list[ClientSpec]
+    records: list[VOCRecord]
+    shards: Shards
+    data_root: Path
+    seed: int
+    cache_dir: Path
+
+    def dataset(self, records: list[VOCRecord], classes) -> VOCDetection:
+        return VOCDetection(records, classes=sorted(classes), image_size=self.profile.image_size)
+
+    # -- the manufacturer's public data -------------------------------------------------
+    def chain_data(self) -> ChainData:
+        s = self.scenario
+        teacher_records, presumed_records = self.shards.teacher_train, self.shards.presumed_train
+        return ChainData(
+            teacher_train=self.dataset(teacher_records, s.teacher_classes),
+            presumed_train=self.dataset(presumed_records, s.presumed_classes),
+            fingerprint=records_fingerprint(teacher_records) + records_fingerprint(presumed_records))
+
+    def chain(self, progress: bool = True) -> Chain:
+        s = self.scenario
+        return manufacturer_chain(self.profile, self.chain_data(), s.teacher_classes, s.presumed_classes,
+                                  self.seed, self.cache_dir / "chain", progress=progress)
+
+    def validation_set(self) -> VOCDetection:
+        """The manufacturer's own validation images (never a client's), over the teacher classes."""
+        return self.dataset(self.shards.manufacturer_val, self.scenario.teacher_classes)
+
+    # -- one client's data ----------------------------------------------------------------
+    def client_presumed(self, i: int) -> Dataset:
+        """What tutor 1 sees: the public presumed-class images handed to the client."""
+        return self.dataset(self.shards.clients[i].public, self.scenario.presumed_classes)
+
+    def client_train(self, i: int) -> Dataset:
+        """What tutor 2, Distill C and direct training see: kept presumed images + private images."""
+        spec = self.clients[i]
+        kept_public = filter_records(self.shards.clients[i].public, set(spec.kept))
+        return ConcatDataset([self.dataset(kept_public, spec.kept),
+                              self.dataset(self.shards.clients[i].private, spec.train_classes)])
+
+    def client_test(self, i: int) -> VOCDetection:
+        """Held-out images of client i, labelled with every class the scenario involves for it."""
+        spec = self.clients[i]
+        return self.dataset(self.shards.clients[i].test, self.eval_classes(i))
+
+    def eval_classes(self, i: int) -> list[str]:
+        spec = self.clients[i]
+        return sorted(set(self.scenario.presumed_classes) | set(spec.private))
+
+
+def prepare(profile: str | Profile, scenario: str | Path, num_clients: int | None = None, seed: int = 0,
+            data: str = "synth", voc_root: str | Path | None = None,
+            cache_dir: str | Path = DEFAULT_CACHE) -> Workspace:
+    """Generates (or reuses) the data, loads the scenario and cuts the shards."""
+    profile = get_profile(profile) if isinstance(profile, str) else profile
+    scen = load_scenario(scenario)
+    cache_dir = Path(cache_dir)
+    if data == "synth":
+        size = scen.data_for(profile.name)
+        root = ensure_synthetic_voc(cache_dir / "data", profile.name, size["num_images"], size["image_size"], seed)
+        records = read_voc(root)
+    elif data == "voc":
+        if voc_root is None:
+            raise ValueError("--data voc needs --voc-root PATH (a VOCdevkit or VOC20xx folder)")
+        root = Path(voc_root)
+        records = read_voc(root)
+    else:
+        raise ValueError(f"unknown data source {data!r}; expected 'synth' or 'voc'")
+    clients = select_clients(scen, num_clients if num_clients is not None else len(scen.clients))
+    shards = make_shards(records, scen, seed, clients=clients)
+    return Workspace(profile, scen, clients, records, shards, root, seed, cache_dir)
