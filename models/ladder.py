@@ -60,7 +60,6 @@ class Profile:
     tutor: ModelSpec
     edge: ModelSpec
     budget: TrainBudget
-    num_images: int  # size of the synthetic data set for this profile
     extra: dict = field(default_factory=dict)
 
     def spec(self, role: str) -> ModelSpec:
@@ -82,7 +81,6 @@ PROFILES: dict[str, Profile] = {
         tutor=ModelSpec("mobilenet_v2", fpn_channels=32, head_convs=1, width_mult=0.35),
         edge=ModelSpec("mobilenet_v2", fpn_channels=32, head_convs=1, width_mult=0.25),
         budget=TrainBudget(batch_size=8, teacher_iters=6, distill_iters=4, rd_iters=3, redistill_iters=3),
-        num_images=240,
     ),
     # Default: sized for 2 CPU cores (see the step timings in the README).
     "cpu": Profile(
@@ -94,7 +92,6 @@ PROFILES: dict[str, Profile] = {
         edge=ModelSpec("mobilenet_v2", fpn_channels=64, head_convs=1, width_mult=0.5),
         budget=TrainBudget(batch_size=16, teacher_iters=1500, distill_iters=1200, rd_iters=300,
                            redistill_iters=300),
-        num_images=4000,
     ),
     # The paper's section IV-A: ResNet-101 / ResNet-50 / MobileNetV2 FCOS, FPN 256, strides 8/16/32.
     "paper": Profile(
@@ -106,7 +103,6 @@ PROFILES: dict[str, Profile] = {
         edge=ModelSpec("mobilenet_v2", fpn_channels=128, head_convs=2, width_mult=1.0),
         budget=TrainBudget(batch_size=16, teacher_iters=60000, distill_iters=60000, rd_iters=20000,
                            redistill_iters=12000),
-        num_images=16000,
     ),
 }
 

@@ -381,9 +381,13 @@ def evaluate_model(
     *,
     iou_thresh: float = 0.5,
     use_07_metric: bool = False,
-    plus_one: bool = True,
+    plus_one: bool = False,
 ) -> EvalResult:
     """Run a torchvision detection model over a data set and evaluate it the VOC way.
+
+    ``plus_one`` defaults to False here because ``sim.voc.VOCDetection`` already turns the devkit's
+    inclusive 1-based boxes into continuous ``(xmin - 1, ymin - 1, xmax, ymax)`` boxes whose width
+    includes the devkit's "+1"; adding it again would widen every box by a pixel.
 
     ``dataset_or_loader`` yields ``(image FloatTensor[3, H, W], target dict)`` items (a Dataset),
     or ``(images, targets)`` batches (a DataLoader, e.g. with ``collate_as_lists``).

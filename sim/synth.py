@@ -38,10 +38,10 @@ from typing import Callable, Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageOps
 
-from sim.voc import VOC_CLASSES, check_class_names
+from sim.voc import VOC_CLASSES, DataError, check_class_names
 
 # Bump when the drawing code changes: it is part of the cache key, so old caches are regenerated.
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 JPEG_QUALITY = 95
 
 Color = tuple[int, int, int]
@@ -488,7 +488,7 @@ def _tv_crt(p: _Pen, r, c) -> None:
 Variant = tuple[float, tuple[float, float], Callable]
 CLASS_FAMILIES: dict[str, tuple[list, list[Variant], float]] = {
     "aeroplane": ([(190, 230, 0.0, 0.25, 0.75, 1.0), (0, 360, 0.5, 0.9, 0.5, 0.9)],
-                  [(0.6, (0.9, 1.5), _aeroplane), (0.4, (1.8, 2.6), _aeroplane_side)], 30),
+                  [(0.6, (0.9, 1.5), _aeroplane), (0.4, (1.8, 2.6), _aeroplane_side)], 20),
     "bicycle": ([(0, 360, 0.5, 1.0, 0.4, 0.95)], [(1.0, (1.5, 1.9), _bicycle)], 5),
     "bird": ([(0, 360, 0.3, 0.9, 0.3, 0.95)],
              [(0.6, (1.0, 1.5), _bird), (0.4, (1.4, 2.0), _bird_flying)], 15),
@@ -566,7 +566,7 @@ def _background(rng: np.random.Generator, size: int) -> Image.Image:
     img = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
 
     draw = ImageDraw.Draw(img)
-    for _ in range(int(rng.integers(3, 11))):
+    for _ in range(int(rng.integers(2, 9))):
         color = _any_color(rng)
         x, y = rng.uniform(-0.1, 1.0, 2) * size
         s = rng.uniform(0.05, 0.35) * size
@@ -654,7 +654,7 @@ def _try_layout(rng: np.random.Generator, size: int, classes: Sequence[str]) -> 
     full_area, in_image, placed = [], [], []
     centres: list[tuple[float, float, float]] = []
     for i, name in enumerate(names):
-        long_side = size * shrink * math.exp(rng.uniform(math.log(0.18), math.log(0.75)))
+        long_side = size * shrink * math.exp(rng.uniform(math.log(0.25), math.log(0.8)))
         sprite, mask = _draw_object(rng, name, long_side)
         w, h = sprite.size
         if centres and rng.random() < 0.5:
@@ -774,11 +774,12 @@ def write_synthetic_voc(
     """
     root = Path(root)
     if num_images < 1 or image_size < 16:
-        raise ValueError(f"need num_images >= 1 and image_size >= 16, got {num_images}, {image_size}")
+        raise DataError(f"synthetic VOC at {root}: need num_images >= 1 and image_size >= 16, "
+                        f"got {num_images} and {image_size}")
     class_list = list(VOC_CLASSES if classes is None else classes)
     check_class_names(class_list, "write_synthetic_voc(classes=...)")
     if not class_list:
-        raise ValueError("write_synthetic_voc needs at least one class")
+        raise DataError(f"synthetic VOC at {root}: the class list is empty")
     key = synth_key(num_images, image_size, seed, class_list)
     marker = root / ".complete"
     if marker.is_file() and marker.read_text().strip() == key:

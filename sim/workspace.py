@@ -14,7 +14,7 @@ from torch.utils.data import ConcatDataset, Dataset
 
 from distill.chain import Chain, ChainData, manufacturer_chain
 from models.ladder import Profile, get_profile
-from sim.scenario import ClientSpec, Scenario, Shards, filter_records, load_scenario, make_shards, select_clients
+from sim.scenario import ClientSpec, Scenario, Shards, load_scenario, make_shards, select_clients
 from sim.synth import ensure_synthetic_voc
 from sim.voc import VOCDetection, VOCRecord, read_voc
 
@@ -70,13 +70,11 @@ class Workspace:
     def client_train(self, i: int) -> Dataset:
         """What tutor 2, Distill C and direct training see: kept presumed images + private images."""
         spec = self.clients[i]
-        kept_public = filter_records(self.shards.clients[i].public, set(spec.kept))
-        return ConcatDataset([self.dataset(kept_public, spec.kept),
+        return ConcatDataset([self.dataset(self.shards.clients[i].public_kept, spec.kept),
                               self.dataset(self.shards.clients[i].private, spec.train_classes)])
 
     def client_test(self, i: int) -> VOCDetection:
         """Held-out images of client i, labelled with every class the scenario involves for it."""
-        spec = self.clients[i]
         return self.dataset(self.shards.clients[i].test, self.eval_classes(i))
 
     def eval_classes(self, i: int) -> list[str]:
@@ -92,8 +90,9 @@ def prepare(profile: str | Profile, scenario: str | Path, num_clients: int | Non
     scen = load_scenario(scenario)
     cache_dir = Path(cache_dir)
     if data == "synth":
-        size = scen.data_for(profile.name)
-        root = ensure_synthetic_voc(cache_dir / "data", profile.name, size["num_images"], size["image_size"], seed)
+        ds = scen.data_settings(profile.name)
+        root = ensure_synthetic_voc(cache_dir / "data", profile.name, ds.num_images, ds.image_size, ds.seed,
+                                    ds.classes)
         records = read_voc(root)
     elif data == "voc":
         if voc_root is None:
@@ -103,5 +102,5 @@ def prepare(profile: str | Profile, scenario: str | Path, num_clients: int | Non
     else:
         raise ValueError(f"unknown data source {data!r}; expected 'synth' or 'voc'")
     clients = select_clients(scen, num_clients if num_clients is not None else len(scen.clients))
-    shards = make_shards(records, scen, seed, clients=clients)
+    shards = make_shards(records, scen, seed, num_clients=len(clients))
     return Workspace(profile, scen, clients, records, shards, root, seed, cache_dir)

@@ -1,0 +1,321 @@
+"""Data layer: VOC reader, synthetic VOC writer, scenarios and shards."""
+
+from __future__ import annotations
+
+import filecmp
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from sim.scenario import (
+    ClientSpec,
+    filter_records,
+    load_scenario,
+    make_shards,
+    scenario_from_dict,
+    select_clients,
+)
+from sim.synth import write_synthetic_voc
+from sim.voc import VOC_CLASSES, DataError, VOCDetection, collate_detection, read_voc
+
+EXP_CLASSES = ("aeroplane", "bus", "car", "cat", "dog", "horse", "motorbike", "person", "sheep", "tvmonitor")
+
+
+# ----------------------------------------------------------------------------------------------
+# helpers
+
+
+def write_voc_by_hand(root: Path, objects_xml: str, image_id: str = "img1", size=(40, 30)) -> Path:
+    """A one-image VOC set with exactly the given <object> elements."""
+    (root / "JPEGImages").mkdir(parents=True, exist_ok=True)
+    (root / "Annotations").mkdir(exist_ok=True)
+    (root / "ImageSets" / "Main").mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", size, (10, 200, 30)).save(root / "JPEGImages" / f"{image_id}.jpg")
+    (root / "Annotations" / f"{image_id}.xml").write_text(
+        f"<annotation><filename>{image_id}.jpg</filename>"
+        f"<size><width>{size[0]}</width><height>{size[1]}</height><depth>3</depth></size>"
+        f"{objects_xml}</annotation>"
+    )
+    (root / "ImageSets" / "Main" / "trainval.txt").write_text(f"{image_id}\n")
+    return root
+
+
+def obj(name: str, box, difficult: int = 0) -> str:
+    x0, y0, x1, y1 = box
+    return (f"<object><name>{name}</name><difficult>{difficult}</difficult><bndbox><xmin>{x0}</xmin>"
+            f"<ymin>{y0}</ymin><xmax>{x1}</xmax><ymax>{y1}</ymax></bndbox></object>")
+
+
+@pytest.fixture(scope="module")
+def synth_root(tmp_path_factory) -> Path:
+    """A small synthetic set over the experiments' 10 classes (shared by several tests)."""
+    return write_synthetic_voc(tmp_path_factory.mktemp("synth") / "voc", 300, 48, seed=3, classes=EXP_CLASSES)
+
+
+@pytest.fixture(scope="module")
+def synth_records(synth_root):
+    return read_voc(synth_root)
+
+
+# ----------------------------------------------------------------------------------------------
+# reader and dataset
+
+
+def test_reader_round_trip_by_hand(tmp_path):
+    root = write_voc_by_hand(tmp_path / "VOC2007", obj("cat", (3, 4, 20, 25)) + obj("person", (1, 1, 40, 30), 1))
+    (rec,) = read_voc(root)
+    assert rec.image_id == "img1" and (rec.width, rec.height) == (40, 30)
+    assert rec.image_path == root / "JPEGImages" / "img1.jpg"
+    assert [(o.name, o.box, o.difficult) for o in rec.objects] == [
+        ("cat", (3.0, 4.0, 20.0, 25.0), False),
+        ("person", (1.0, 1.0, 40.0, 30.0), True),
+    ]
+    image, target = VOCDetection([rec])[0]
+    assert image.shape == (3, 30, 40) and image.dtype == torch.float32
+    assert 0.0 <= image.min() and image.max() <= 1.0
+    # 1-based inclusive -> 0-based continuous: mins move by one, maxes stay
+    assert torch.equal(target["boxes"], torch.tensor([[2.0, 3.0, 20.0, 25.0], [0.0, 0.0, 40.0, 30.0]]))
+    assert target["labels"].tolist() == [VOC_CLASSES.index("cat"), VOC_CLASSES.index("person")]
+    assert target["difficult"].tolist() == [False, True]
+
+
+def test_devkit_layout_prefixes_years(tmp_path):
+    write_voc_by_hand(tmp_path / "VOCdevkit" / "VOC2007", obj("cat", (3, 4, 20, 25)), image_id="000001")
+    write_voc_by_hand(tmp_path / "VOCdevkit" / "VOC2012", obj("dog", (3, 4, 20, 25)), image_id="000001")
+    records = read_voc(tmp_path / "VOCdevkit")
+    assert [r.image_id for r in records] == ["2007_000001", "2012_000001"]
+    only_2012 = read_voc(tmp_path / "VOCdevkit", year_dirs=["VOC2012"])
+    assert [r.objects[0].name for r in only_2012] == ["dog"]
+
+
+def test_synthetic_round_trip_has_difficult_objects(synth_root, synth_records):
+    assert len(synth_records) == 300
+    names = set()
+    for rec in synth_records:
+        assert rec.image_path.is_file() and (rec.width, rec.height) == (48, 48)
+        assert 1 <= len(rec.objects) <= 4 and len(rec.class_names) <= 2
+        for o in rec.objects:
+            x0, y0, x1, y1 = o.box
+            assert 1 <= x0 <= x1 <= 48 and 1 <= y0 <= y1 <= 48
+            names.add(o.name)
+    assert names == set(EXP_CLASSES)
+    assert any(o.difficult for rec in synth_records for o in rec.objects)
+    assert any(not o.difficult for rec in synth_records for o in rec.objects)
+
+
+def test_dataset_shapes_filtering_and_resize(synth_records):
+    ds = VOCDetection(synth_records[:20], classes=["cat", "dog"], image_size=64)
+    images, targets = collate_detection([ds[i] for i in range(len(ds))])
+    assert len(images) == len(targets) == 20
+    for image, target in zip(images, targets):
+        n = target["boxes"].shape[0]
+        assert image.shape == (3, 64, 64) and image.dtype == torch.float32
+        assert target["boxes"].dtype == torch.float32 and target["boxes"].shape == (n, 4)
+        assert target["labels"].dtype == torch.int64 and target["labels"].shape == (n,)
+        assert target["difficult"].dtype == torch.bool and target["difficult"].shape == (n,)
+        assert isinstance(target["image_id"], str)
+        assert set(target["labels"].tolist()) <= {VOC_CLASSES.index("cat"), VOC_CLASSES.index("dog")}
+        if n:
+            boxes = target["boxes"]
+            assert (boxes[:, 2] > boxes[:, 0]).all() and (boxes[:, 3] > boxes[:, 1]).all()
+            assert boxes.min() >= 0 and boxes.max() <= 64
+    # no filter: every object is kept, and boxes scale with the resize (48 -> 64)
+    full, resized = VOCDetection(synth_records[:5]), VOCDetection(synth_records[:5], image_size=64)
+    for i in range(5):
+        assert len(full.target(i)["labels"]) == len(synth_records[i].objects)
+        assert torch.allclose(resized.target(i)["boxes"], full.target(i)["boxes"] * 64 / 48)
+
+
+# ----------------------------------------------------------------------------------------------
+# generator
+
+
+def test_generator_is_deterministic_by_seed(tmp_path):
+    a = write_synthetic_voc(tmp_path / "a", 12, 48, seed=7)
+    b = write_synthetic_voc(tmp_path / "b", 12, 48, seed=7)
+    c = write_synthetic_voc(tmp_path / "c", 12, 48, seed=8)
+    names = sorted(p.name for p in (a / "Annotations").iterdir())
+    assert len(names) == 12
+    match, mismatch, errors = filecmp.cmpfiles(a / "Annotations", b / "Annotations", names, shallow=False)
+    assert match == names and not mismatch and not errors
+    for image_id in ("000000", "000011"):
+        pa = np.asarray(Image.open(a / "JPEGImages" / f"{image_id}.jpg"))
+        pb = np.asarray(Image.open(b / "JPEGImages" / f"{image_id}.jpg"))
+        pc = np.asarray(Image.open(c / "JPEGImages" / f"{image_id}.jpg"))
+        assert np.array_equal(pa, pb) and not np.array_equal(pa, pc)
+    assert [r.objects for r in read_voc(a)] != [r.objects for r in read_voc(c)]
+
+
+def test_generator_caches_and_repairs(tmp_path):
+    root = write_synthetic_voc(tmp_path / "s", 5, 32, seed=1)
+    xml = root / "Annotations" / "000000.xml"
+    stamp = xml.stat().st_mtime_ns
+    write_synthetic_voc(root, 5, 32, seed=1)  # marker matches: nothing rewritten
+    assert xml.stat().st_mtime_ns == stamp
+    xml.write_text("broken")
+    (root / ".complete").write_text("stale")  # a mismatched marker -> regenerated
+    write_synthetic_voc(root, 5, 32, seed=1)
+    assert len(read_voc(root)) == 5
+    write_synthetic_voc(root, 3, 32, seed=1)  # other parameters -> regenerated with them
+    assert len(read_voc(root)) == 3 and not (root / "Annotations" / "000004.xml").exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# clear errors
+
+
+def test_missing_folder_and_files(tmp_path):
+    with pytest.raises(DataError, match="nowhere"):
+        read_voc(tmp_path / "nowhere")
+    root = write_voc_by_hand(tmp_path / "v", obj("cat", (1, 1, 5, 5)))
+    with pytest.raises(DataError, match=r"test\.txt"):
+        read_voc(root, image_set="test")
+    (root / "Annotations" / "img1.xml").unlink()
+    with pytest.raises(DataError, match=r"img1\.xml"):
+        read_voc(root)
+
+
+def test_malformed_xml_names_the_file(tmp_path):
+    root = write_voc_by_hand(tmp_path / "v", obj("cat", (1, 1, 5, 5)))
+    (root / "Annotations" / "img1.xml").write_text("<annotation><object>")
+    with pytest.raises(DataError, match=r"malformed XML.*img1\.xml"):
+        read_voc(root)
+
+
+def test_unknown_class_in_xml_names_class_and_file(tmp_path):
+    root = write_voc_by_hand(tmp_path / "v", obj("unicorn", (1, 1, 5, 5)))
+    with pytest.raises(DataError, match=r"'unicorn'.*img1\.xml"):
+        read_voc(root)
+
+
+def test_undecodable_image_names_the_file(tmp_path):
+    root = write_voc_by_hand(tmp_path / "v", obj("cat", (1, 1, 5, 5)))
+    (root / "JPEGImages" / "img1.jpg").write_bytes(b"not a jpeg at all")
+    (rec,) = read_voc(root)  # the reader only parses XML
+    with pytest.raises(DataError, match=r"will not decode.*img1\.jpg"):
+        VOCDetection([rec])[0]
+
+
+# ----------------------------------------------------------------------------------------------
+# scenarios
+
+
+def base_scenario(**overrides) -> dict:
+    raw = {
+        "name": "t",
+        "teacher_classes": list(EXP_CLASSES),
+        "presumed_classes": ["aeroplane", "bus", "horse", "motorbike", "person"],
+        "protected_classes": ["person"],
+        "clients": [{"private": ["cat"], "dropped": []}, {"private": ["dog"], "dropped": ["horse"]}],
+    }
+    raw.update(overrides)
+    return raw
+
+
+def test_shipped_scenarios_load():
+    exp1, exp2, d8 = load_scenario("exp1"), load_scenario("exp2"), load_scenario("default8")
+    assert exp1.clients[0].private == ("cat",) and exp1.clients[0].dropped == ()
+    assert exp2.clients[0].private == ("dog",) and exp2.clients[0].dropped == ("horse",)
+    assert exp2.clients[0].kept == ("aeroplane", "bus", "motorbike", "person")
+    assert exp2.clients[0].train_classes == ("aeroplane", "bus", "dog", "motorbike", "person")
+    assert len(exp1.teacher_classes) == 10 and exp1.protected_classes == ("person",)
+    assert len(d8.clients) == 8
+    assert sum(1 for c in d8.clients if c.dropped) >= 2
+    # One data set and one manufacturer chain serve all three shipped scenarios.
+    assert exp1.data_classes == exp2.data_classes == d8.data_classes
+    assert exp1.data_settings("cpu") == d8.data_settings("cpu")
+    privates = [p for c in d8.clients for p in c.private]
+    assert len(privates) > len(set(privates))  # some private class is shared
+    for name in ("smoke", "cpu"):
+        ds = d8.data_settings(name)
+        assert ds.num_images > 0 and ds.image_size > 0 and set(ds.classes) == set(d8.data_classes)
+
+
+def test_scenario_validation_errors(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("teacher_classes: [cat, gryphon]\npresumed_classes: [cat]\nclients: [{private: [dog]}]\n")
+    with pytest.raises(DataError, match=r"'gryphon'.*bad\.yaml"):
+        load_scenario(bad)
+    cases = [
+        (dict(presumed_classes=["aeroplane", "sofa"]), r"presumed class 'sofa' is not a teacher class"),
+        (dict(protected_classes=["cat"]), r"protected class 'cat' is not a presumed class"),
+        (dict(clients=[{"private": ["cat"], "dropped": ["sheep"]}]), r"dropped class 'sheep'"),
+        (dict(clients=[{"private": ["bus"]}]), r"private class 'bus' is a presumed class"),
+        (dict(clients=[{"private": ["kitten"]}]), r"'kitten'"),
+        (dict(clients=[]), r"clients"),
+        (dict(teachers=["cat"]), r"unknown key"),
+        (dict(data={"profiles": {"cpu": {"num_imgs": 3}}}), r"num_imgs"),
+    ]
+    for overrides, message in cases:
+        with pytest.raises(DataError, match=message):
+            scenario_from_dict(base_scenario(**overrides), source="case.yaml")
+    with pytest.raises(DataError, match="no scenario named"):
+        load_scenario("no_such_scenario")
+
+
+def test_select_clients_cycles():
+    sc = scenario_from_dict(base_scenario())
+    assert [c.private for c in select_clients(sc, 1)] == [("cat",)]
+    five = select_clients(sc, 5)
+    assert [c.private for c in five] == [("cat",), ("dog",)] * 2 + [("cat",)]
+    assert len({c.name for c in five}) == 5
+    with pytest.raises(DataError):
+        select_clients(sc, 0)
+    assert ClientSpec("x", ("cat",), ("horse",), ("bus",)).test_classes == ("bus", "cat", "horse")
+
+
+# ----------------------------------------------------------------------------------------------
+# shards
+
+
+def ids(records) -> set[str]:
+    return {r.image_id for r in records}
+
+
+def test_shards_are_disjoint_and_follow_the_rules(synth_records):
+    sc = scenario_from_dict(base_scenario(
+        clients=[{"private": ["cat"]}, {"private": ["cat"], "dropped": ["horse"]}, {"private": ["dog"]}]
+    ))
+    shards = make_shards(synth_records, sc, seed=0)
+    teacher, presumed = set(sc.teacher_classes), set(sc.presumed_classes)
+    manufacturer = ids(shards.teacher_train) | ids(shards.manufacturer_val)
+    assert not ids(shards.teacher_train) & ids(shards.manufacturer_val)
+    assert ids(shards.presumed_train) <= ids(shards.teacher_train)
+    assert all(r.class_names <= teacher for r in shards.teacher_train + shards.manufacturer_val)
+    assert all(r.class_names <= presumed for r in shards.presumed_train)
+    owned = [manufacturer]
+    for c in shards.clients:
+        assert c.private and c.test and c.public
+        assert ids(c.public) <= ids(shards.presumed_train)
+        assert all(r.class_names & set(c.spec.private) and r.class_names <= set(c.spec.train_classes)
+                   for r in c.private)
+        assert all(r.class_names <= set(c.spec.test_classes) for r in c.test)
+        assert all(r.class_names <= set(c.spec.kept) for r in c.public_kept)
+        owned += [ids(c.private), ids(c.test)]
+    for i in range(len(owned)):
+        for j in range(i + 1, len(owned)):
+            assert not owned[i] & owned[j]
+    # the two cat clients split the cat images roughly evenly
+    assert abs(len(shards.clients[0].private) - len(shards.clients[1].private)) <= 0.5 * len(shards.clients[0].private) + 3
+    # deterministic by seed
+    again = make_shards(synth_records, sc, seed=0)
+    other = make_shards(synth_records, sc, seed=1)
+    assert [r.image_id for r in again.clients[2].private] == [r.image_id for r in shards.clients[2].private]
+    assert ids(other.clients[2].private) != ids(shards.clients[2].private)
+
+
+def test_empty_shard_names_client_shard_and_classes(synth_records):
+    # 'chair' never occurs in the 10-class synthetic set
+    sc = scenario_from_dict(base_scenario(clients=[{"private": ["cat"]}, {"name": "lonely", "private": ["chair"]}]))
+    with pytest.raises(DataError, match=r"client 1 \(lonely\) has an empty private shard \(classes \['chair'\]\)"):
+        make_shards(synth_records, sc, seed=0)
+
+
+def test_filter_records(synth_records):
+    only_cats = filter_records(synth_records, {"cat"})
+    assert only_cats and all(r.class_names == {"cat"} for r in only_cats)
+    with_cat = filter_records(synth_records, {"cat", "person", "bus"}, require_any={"cat"})
+    assert len(with_cat) >= len(only_cats) and all("cat" in r.class_names for r in with_cat)
