@@ -98,11 +98,11 @@ def chain_phases(profile: Profile, seed: int) -> dict[str, Phase]:
     b = profile.budget
     return {
         "teacher": Phase("teacher (labels)", iters=b.teacher_iters, batch_size=b.batch_size, lr=b.lr,
-                         seed=seed),
+                         optimizer=b.optimizer, seed=seed),
         "distill_a": Phase("Distill A (teacher -> tutor)", iters=b.distill_iters, batch_size=b.batch_size,
-                           lr=b.lr, seed=seed + 1),
+                           lr=b.lr, optimizer=b.optimizer, seed=seed + 1),
         "distill_b": Phase("Distill B (tutor -> edge)", iters=b.distill_iters, batch_size=b.batch_size,
-                           lr=b.lr, seed=seed + 2),
+                           lr=b.lr, optimizer=b.optimizer, seed=seed + 2),
     }
 
 

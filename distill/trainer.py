@@ -38,6 +38,7 @@ class Phase:
     iters: int
     batch_size: int
     lr: float = 0.01
+    optimizer: str = "sgd"  # "sgd" (momentum 0.9) or "adamw"
     label_weight: float = 1.0  # eq. (8): weight of the detector's own loss
     distill_weight: float = 1.0  # eq. (8): weight of the FGD loss (needs a teacher)
     fgd: FGDConfig = field(default_factory=FGDConfig)
@@ -142,6 +143,14 @@ def proximal_term(model: nn.Module, reference: dict[str, Tensor]) -> Tensor:
     return 0.5 * torch.stack(terms).sum()
 
 
+def make_optimizer(params: list[nn.Parameter], phase: Phase) -> torch.optim.Optimizer:
+    if phase.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=phase.lr, momentum=0.9, weight_decay=phase.weight_decay)
+    if phase.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=phase.lr, weight_decay=phase.weight_decay)
+    raise ValueError(f"phase {phase.name}: unknown optimizer {phase.optimizer!r}; expected 'sgd' or 'adamw'")
+
+
 def set_frozen(model: nn.Module, parts: tuple[str, ...]) -> None:
     modules = part_modules(model)
     unknown = set(parts) - set(modules)
@@ -177,7 +186,7 @@ def train(student: nn.Module, dataset: Dataset, phase: Phase, teacher: nn.Module
         fgd = FGDLoss(student.backbone.out_channels, teacher.backbone.out_channels, len(STRIDES), phase.fgd)
         teacher.eval()
     params = [p for p in student.parameters() if p.requires_grad] + (list(fgd.parameters()) if fgd else [])
-    optimizer = torch.optim.SGD(params, lr=phase.lr, momentum=0.9, weight_decay=phase.weight_decay)
+    optimizer = make_optimizer(params, phase)
 
     student.train()
     if "backbone" in phase.freeze:  # frozen BatchNorm statistics must not drift either

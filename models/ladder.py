@@ -48,7 +48,8 @@ class TrainBudget:
     distill_iters: int  # Distill A and Distill B (KD)
     rd_iters: int  # reverse distillation per tutor
     redistill_iters: int  # Distill C
-    lr: float = 0.01
+    lr: float = 2e-3  # AdamW; from-scratch phases. Fine-tuning phases (RD, Distill C) use lr / 4
+    optimizer: str = "adamw"  # measured: AdamW 0.158 vs SGD 0.125 val mAP after 400 edge iterations
 
 
 @dataclass(frozen=True)
@@ -90,8 +91,8 @@ PROFILES: dict[str, Profile] = {
         teacher=ModelSpec("resnet18", fpn_channels=96, head_convs=3),
         tutor=ModelSpec("resnet18", fpn_channels=64, head_convs=2),
         edge=ModelSpec("mobilenet_v2", fpn_channels=64, head_convs=1, width_mult=0.5),
-        budget=TrainBudget(batch_size=16, teacher_iters=1500, distill_iters=1200, rd_iters=300,
-                           redistill_iters=300),
+        budget=TrainBudget(batch_size=16, teacher_iters=1500, distill_iters=1200, rd_iters=150,
+                           redistill_iters=150),
     ),
     # The paper's section IV-A: ResNet-101 / ResNet-50 / MobileNetV2 FCOS, FPN 256, strides 8/16/32.
     "paper": Profile(

@@ -1,0 +1,560 @@
+"""Run folder (config, per-round JSON lines, verification log), results table and plots.
+
+Layout of ``runs/<name>/`` written here::
+
+    config.json           resolved configuration (`RunFolder.write_config`)
+    rounds.jsonl          one JSON line per (method, round, client) record (`append_record`)
+    verification.jsonl    one JSON line per verification decision (`append_verification`)
+    results.md            Table III-style summary (`results_markdown`)
+    gain_forgetting.png   per-client knowledge gain and forgetting, one bar per method
+    heatmap_<method>.png  per-client, per-class AP before (original edge) and after (final)
+    round_curves.png      mean gain and forgetting per round, one line per method
+
+JSON cannot hold NaN: NaN (and +-inf) are written as ``null``.  Reading back, ``null`` becomes NaN
+inside nested mappings (the AP maps, ``seconds``, ``after``) and for the top-level float fields in
+`FLOAT_FIELDS`; any other top-level ``null`` (e.g. ``accepted: None``) stays ``None``.
+
+Formatting in results.md: AP and mAP as percentages with one decimal, AP changes as signed
+percentage points, traffic in MB (10^6 bytes) with two decimals, a missing value as an em dash.
+The markdown depends only on its inputs (no dates, no paths), so the same records give a
+byte-identical file.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, never a display
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from matplotlib.patches import Patch, Rectangle  # noqa: E402
+
+from sim.metrics import (  # noqa: E402
+    DETECTION_METRICS,
+    is_missing,
+    method_means,
+    method_sort_key,
+    method_table,
+    methods_in,
+    round_series,
+    sorted_by_round,
+    specs_by_client,
+)
+
+# Top-level record fields whose JSON null means NaN (not "no value").
+FLOAT_FIELDS = frozenset({"peak_rss_mb", "precision", "recall", "f1", "mAP", "map"})
+
+# Stable colours per method so every plot agrees.
+METHOD_COLOURS = {
+    "diredi": "#1f77b4",
+    "fedavg": "#ff7f0e",
+    "fedprox": "#2ca02c",
+    "local": "#9467bd",
+    "oracle": "#7f7f7f",
+}
+EXTRA_COLOURS = ("#d62728", "#8c564b", "#e377c2", "#bcbd22", "#17becf")
+
+MISSING_CELL = "—"
+BYTES_PER_MB = 1e6
+PNG_METADATA = {"Software": None}  # keep the matplotlib version out of the files
+
+
+# ----------------------------------------------------------------------------------------------
+# JSON with NaN as null
+# ----------------------------------------------------------------------------------------------
+
+
+def to_jsonable(value: Any) -> Any:
+    """Plain JSON types: NaN/inf -> None, numpy scalars/arrays -> python, tuples/sets -> lists,
+    paths -> strings, mapping keys -> strings."""
+    if isinstance(value, Mapping):
+        return {str(k): to_jsonable(v) for k, v in value.items()}
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if isinstance(value, (int, np.integer)):
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        return float(value) if math.isfinite(float(value)) else None
+    if isinstance(value, np.ndarray):
+        return to_jsonable(value.tolist())
+    if isinstance(value, (set, frozenset)):
+        return [to_jsonable(v) for v in sorted(value, key=str)]
+    if isinstance(value, (list, tuple)):
+        return [to_jsonable(v) for v in value]
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    return value
+
+
+def json_line(value: Any) -> str:
+    """One strict-JSON line (no NaN tokens), keys in insertion order."""
+    return json.dumps(to_jsonable(value), allow_nan=False, ensure_ascii=False)
+
+
+def nulls_to_nan(value: Any) -> Any:
+    """Inside a nested mapping / list: None -> NaN (recursively)."""
+    if value is None:
+        return float("nan")
+    if isinstance(value, dict):
+        return {k: nulls_to_nan(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [nulls_to_nan(v) for v in value]
+    return value
+
+
+def restore_record_nans(record: dict) -> dict:
+    """Undo NaN -> null for one record read back from rounds.jsonl (see module docstring)."""
+    restored = {}
+    for key, value in record.items():
+        if isinstance(value, dict) or (value is None and key in FLOAT_FIELDS):
+            restored[key] = nulls_to_nan(value)
+        else:
+            restored[key] = value
+    return restored
+
+
+def read_json_lines(path: Path) -> list[dict]:
+    """Every JSON line of `path` ([] if absent).  A final line without its newline that does not
+    parse (a write cut off by a crash) is ignored; any other bad line raises ValueError."""
+    if not path.exists():
+        return []
+    text = path.read_text(encoding="utf-8")
+    lines = text.split("\n")
+    rows = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as error:
+            is_unterminated_tail = number == len(lines) and not text.endswith("\n")
+            if is_unterminated_tail:
+                continue
+            raise ValueError(f"{path}:{number}: not a JSON line ({error})") from error
+    return rows
+
+
+class RunFolder:
+    """The folder of one run, e.g. ``RunFolder("runs/exp1")``; created (with parents) on init."""
+
+    CONFIG = "config.json"
+    ROUNDS = "rounds.jsonl"
+    VERIFICATION = "verification.jsonl"
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.path.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    @property
+    def config_path(self) -> Path:
+        return self.path / self.CONFIG
+
+    @property
+    def rounds_path(self) -> Path:
+        return self.path / self.ROUNDS
+
+    @property
+    def verification_path(self) -> Path:
+        return self.path / self.VERIFICATION
+
+    def write_config(self, config: Mapping) -> Path:
+        """config.json, keys sorted, NaN as null; overwrites."""
+        text = json.dumps(to_jsonable(config), allow_nan=False, ensure_ascii=False, indent=2,
+                          sort_keys=True)
+        self.config_path.write_text(text + "\n", encoding="utf-8")
+        return self.config_path
+
+    def read_config(self) -> dict:
+        return json.loads(self.config_path.read_text(encoding="utf-8"))
+
+    def _append_line(self, path: Path, row: Mapping) -> Path:
+        line = json_line(row)  # serialise first: a bad row never leaves half a line behind
+        with path.open("a", encoding="utf-8") as handle:
+            handle.write(line + "\n")
+            handle.flush()
+        return path
+
+    def append_record(self, record: Mapping) -> Path:
+        """Append one per-round per-client record to rounds.jsonl and flush."""
+        return self._append_line(self.rounds_path, record)
+
+    def append_verification(self, decision: Mapping) -> Path:
+        """Append one verification decision to verification.jsonl and flush."""
+        return self._append_line(self.verification_path, decision)
+
+    def read_records(self) -> list[dict]:
+        """rounds.jsonl back as records, with null restored to NaN where it stood for NaN."""
+        return [restore_record_nans(row) for row in read_json_lines(self.rounds_path)]
+
+    def read_verification(self) -> list[dict]:
+        """verification.jsonl as written (null stays None)."""
+        return read_json_lines(self.verification_path)
+
+
+# ----------------------------------------------------------------------------------------------
+# Markdown
+# ----------------------------------------------------------------------------------------------
+
+
+def format_percent(value: Any) -> str:
+    """AP / mAP / precision in [0, 1] -> '45.3'."""
+    if is_missing(value):
+        return MISSING_CELL
+    return f"{round(100.0 * float(value), 1) + 0.0:.1f}"  # + 0.0 turns -0.0 into 0.0
+
+
+def format_points(value: Any) -> str:
+    """AP change in [-1, 1] -> signed percentage points '+12.3' / '-4.0' / '0.0'."""
+    if is_missing(value):
+        return MISSING_CELL
+    rounded = round(100.0 * float(value), 1) + 0.0
+    return "0.0" if rounded == 0 else f"{rounded:+.1f}"
+
+
+def format_unsigned_points(value: Any) -> str:
+    """A non-negative AP change (forgetting) -> percentage points without sign, '4.0'."""
+    return format_percent(value)
+
+
+def format_megabytes(value: Any) -> str:
+    """Bytes -> MB (10^6 bytes) with two decimals."""
+    if is_missing(value):
+        return MISSING_CELL
+    return f"{float(value) / BYTES_PER_MB:.2f}"
+
+
+def format_seconds(value: Any) -> str:
+    return MISSING_CELL if is_missing(value) else f"{float(value):.1f}"
+
+
+def format_count(value: Any) -> str:
+    return MISSING_CELL if is_missing(value) else f"{float(value):g}"
+
+
+def markdown_table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return lines
+
+
+def any_present(rows: Iterable[Mapping], key: str) -> bool:
+    return any(not is_missing(row.get(key)) for row in rows)
+
+
+STAGE_COLUMNS = (("mAP", "mAP"), ("precision", "precision"), ("recall", "recall"), ("f1", "F1"))
+
+
+def stage_value(row: Mapping, key: str) -> Any:
+    """A stage row's metric, matching the key case-insensitively ('mAP'/'map', 'f1'/'F1')."""
+    by_lower = {str(name).lower(): value for name, value in row.items()}
+    return by_lower.get(key.lower())
+
+
+def stage_section(stage_rows: Mapping[str, Mapping]) -> list[str]:
+    """Model stages (e.g. original tutor / edge, updated tutor), in the given order."""
+    columns = [(key, label) for key, label in STAGE_COLUMNS
+               if any(not is_missing(stage_value(row, key)) for row in stage_rows.values())]
+    header = ["model stage"] + [label for _, label in columns]
+    rows = [[str(stage)] + [format_percent(stage_value(row, key)) for key, _ in columns]
+            for stage, row in stage_rows.items()]
+    return ["## Model stages", "", *markdown_table(header, rows), ""]
+
+
+def methods_section(means: Sequence[Mapping]) -> list[str]:
+    detection = [key for key in DETECTION_METRICS if any_present(means, key)]
+    header = (["method", "clients", "mAP start", "mAP"] + [k if k != "f1" else "F1" for k in detection]
+              + ["gain", "forgetting (kept)", "forgetting (protected)", "released", "spread",
+                 "up MB/client/round", "down MB/client/round"])
+    rows = []
+    for row in means:
+        rows.append(
+            [row["method"], str(row["clients"]), format_percent(row["map_start"]),
+             format_percent(row["map_final"])]
+            + [format_percent(row[key]) for key in detection]
+            + [format_points(row["gain"]), format_unsigned_points(row["forgetting_kept"]),
+               format_unsigned_points(row["forgetting_protected"]), format_points(row["released"]),
+               format_points(row["spread"]), format_megabytes(row["bytes_up"]),
+               format_megabytes(row["bytes_down"])]
+        )
+    return ["## Methods (mean over clients)", "", *markdown_table(header, rows), ""]
+
+
+def clients_section(table: Sequence[Mapping]) -> list[str]:
+    header = ["client", "method", "mAP start", "mAP", "gain", "forgetting (kept)",
+              "forgetting (protected)", "released", "spread", "up MB/round", "accepted/rejected"]
+    ordered = sorted(table, key=lambda r: (r["client"], method_sort_key(r["method"])))
+    rows = [
+        [str(row["client"]), row["method"], format_percent(row["map_start"]),
+         format_percent(row["map_final"]), format_points(row["gain"]),
+         format_unsigned_points(row["forgetting_kept"]), format_unsigned_points(row["forgetting_protected"]),
+         format_points(row["released"]), format_points(row["spread"]),
+         format_megabytes(row["bytes_up"]),
+         f"{row['accepted_rounds']}/{row['rejected_rounds']}"]
+        for row in ordered
+    ]
+    return ["## Per client", "", *markdown_table(header, rows), ""]
+
+
+def cost_section(means: Sequence[Mapping]) -> list[str]:
+    phases = sorted({phase for row in means for phase in row["seconds"]})
+    header = (["method"] + [f"{phase} s" for phase in phases]
+              + ["total s/client", "peak RSS MB"])
+    rows = [[row["method"]] + [format_seconds(row["seconds"].get(phase)) for phase in phases]
+            + [format_seconds(row["seconds_total"]), format_seconds(row["peak_rss_mb"])]
+            for row in means]
+    return ["## Cost (seconds per phase summed over rounds, mean over clients; peak RSS max)", "",
+            *markdown_table(header, rows), ""]
+
+
+LEGEND_LINES = [
+    "AP, mAP, precision, recall and F1 in percent. \"mAP start\" is the original edge (before any",
+    "federated work), \"mAP\" the client's model after the last round, both over the classes",
+    "evaluated on the client's test shard. Changes are in percentage points, final minus start:",
+    "**gain** over the client's private (new) classes; **released** over its dropped classes",
+    "(negative = released); **spread** over other clients' private classes. **Forgetting** is",
+    "Chaudhry et al. (2018): per class, best earlier AP minus the latest AP, clamped at 0, averaged",
+    "over the client's kept presumed classes, or over the protected classes. Classes without",
+    "positives in a shard are skipped; \"—\" means no class was left to measure.",
+]
+
+
+def results_markdown(records: Sequence[Mapping], specs: Any, all_private: Any,
+                     stage_rows: Mapping[str, Mapping] | None = None) -> str:
+    """Table III-style report: model stages (optional), per-method means, per-client rows, cost."""
+    table = method_table(records, specs, all_private)
+    means = method_means(table)
+    rounds = sorted({int(r["round"]) for r in records})
+    lines = ["# Results", ""]
+    lines += [f"Methods: {', '.join(methods_in(table)) or MISSING_CELL}; "
+              f"clients: {len({row['client'] for row in table})}; "
+              f"rounds: {max(rounds) if rounds else 0}.", ""]
+    lines += LEGEND_LINES + [""]
+    if stage_rows:
+        lines += stage_section(stage_rows)
+    lines += methods_section(means)
+    lines += clients_section(table)
+    lines += cost_section(means)
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------
+# Plots
+# ----------------------------------------------------------------------------------------------
+
+
+def method_colour(method: str, methods: Sequence[str]) -> str:
+    if method in METHOD_COLOURS:
+        return METHOD_COLOURS[method]
+    extras = [m for m in methods if m not in METHOD_COLOURS]
+    return EXTRA_COLOURS[extras.index(method) % len(EXTRA_COLOURS)] if method in extras else "black"
+
+
+def save_figure(figure, path: str | os.PathLike) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110, bbox_inches="tight", metadata=PNG_METADATA)
+    plt.close(figure)
+    return path
+
+
+def grouped_bar_panel(axis, table: Sequence[Mapping], key: str, title: str) -> None:
+    """One panel: x groups = clients, one bar per method, value in percentage points."""
+    methods = methods_in(table)
+    clients = sorted({row["client"] for row in table})
+    values = {(row["method"], row["client"]): row.get(key) for row in table}
+    width = 0.8 / max(len(methods), 1)
+    for index, method in enumerate(methods):
+        offsets = np.arange(len(clients)) + (index - (len(methods) - 1) / 2) * width
+        heights = [values.get((method, client)) for client in clients]
+        for x, height in zip(offsets, heights):
+            if is_missing(height):
+                axis.text(x, 0, "n/a", ha="center", va="bottom", fontsize=6, rotation=90,
+                          color="grey")
+        axis.bar(offsets, [0.0 if is_missing(h) else 100.0 * float(h) for h in heights],
+                 width=width, label=method, color=method_colour(method, methods))
+    axis.axhline(0.0, color="black", linewidth=0.8, zorder=0)
+    axis.set_xticks(np.arange(len(clients)), [f"client {c}" for c in clients])
+    axis.set_ylabel("AP change (percentage points)")
+    axis.set_title(title)
+    axis.grid(axis="y", alpha=0.3)
+
+
+def plot_gain_forgetting(table: Sequence[Mapping], path: str | os.PathLike) -> Path:
+    """Per-client grouped bars, one bar per method: knowledge gain (top), forgetting of kept
+    presumed classes (bottom).  `table` is `sim.metrics.method_table`'s output."""
+    clients = sorted({row["client"] for row in table})
+    figure, axes = plt.subplots(2, 1, figsize=(max(6.0, 1.0 + 0.9 * len(clients)), 7.0),
+                                sharex=True)
+    grouped_bar_panel(axes[0], table, "gain", "Knowledge gain on private (new) classes (higher is better)")
+    grouped_bar_panel(axes[1], table, "forgetting_kept",
+                      "Unintended forgetting of kept presumed classes (lower is better)")
+    axes[0].legend(title="method", loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    figure.tight_layout()
+    return save_figure(figure, path)
+
+
+def ordered_class_names(records: Iterable[Mapping]) -> list[str]:
+    """Class names of the AP maps in first-seen order (the federation writes them in VOC order)."""
+    names: list[str] = []
+    for record in records:
+        for key in ("ap_before", "ap_after"):
+            for name in record.get(key) or {}:
+                if name not in names:
+                    names.append(name)
+    return names
+
+
+def ap_matrix(aps_by_client: Mapping[int, Mapping], clients: Sequence[int],
+              classes: Sequence[str]) -> np.ndarray:
+    """[clients, classes] AP in percent, NaN where missing."""
+    matrix = np.full((len(clients), len(classes)), np.nan)
+    for i, client in enumerate(clients):
+        aps = aps_by_client.get(client, {})
+        for j, name in enumerate(classes):
+            if not is_missing(aps.get(name)):
+                matrix[i, j] = 100.0 * float(aps[name])
+    return matrix
+
+
+def outline_spec_cells(axis, clients: Sequence[int], classes: Sequence[str], specs: Any) -> None:
+    """Frame each client's private classes (solid red) and dropped classes (dashed black)."""
+    by_client = specs_by_client(specs)
+    for i, client in enumerate(clients):
+        spec = by_client.get(client, {})
+        for key, style in (("private", dict(edgecolor="red", linestyle="-")),
+                           ("dropped", dict(edgecolor="black", linestyle="--"))):
+            for name in spec.get(key) or []:
+                if name in classes:
+                    axis.add_patch(Rectangle((classes.index(name) - 0.5, i - 0.5), 1, 1,
+                                             fill=False, linewidth=1.8, **style))
+
+
+def heatmap_panel(axis, matrix: np.ndarray, clients: Sequence[int], classes: Sequence[str],
+                  title: str, colour_map):
+    image = axis.imshow(np.ma.masked_invalid(matrix), cmap=colour_map, vmin=0.0, vmax=100.0,
+                        aspect="auto")
+    for i in range(matrix.shape[0]):
+        for j in range(matrix.shape[1]):
+            value = matrix[i, j]
+            text = "n/a" if np.isnan(value) else f"{value:.0f}"
+            colour = "dimgrey" if np.isnan(value) else ("white" if value < 55 else "black")
+            axis.text(j, i, text, ha="center", va="center", fontsize=7, color=colour)
+    axis.set_xticks(np.arange(len(classes)), classes, rotation=45, ha="right")
+    axis.set_yticks(np.arange(len(clients)), [f"client {c}" for c in clients])
+    axis.set_title(title)
+    return image
+
+
+def plot_class_heatmap(records: Sequence[Mapping], method: str, path: str | os.PathLike,
+                       specs: Any = None) -> Path:
+    """Clients x classes AP (percent) of one method: before (round-1 ap_before, the original edge)
+    and after (last round's ap_after); values annotated, NaN grey.  With `specs`, each client's
+    private classes are framed in red and its dropped classes dashed."""
+    chosen = [r for r in records if r["method"] == method]
+    clients = sorted({int(r["client"]) for r in chosen})
+    classes = ordered_class_names(chosen)
+    before: dict[int, Mapping] = {}
+    after: dict[int, Mapping] = {}
+    for client in clients:
+        ordered = sorted_by_round([r for r in chosen if int(r["client"]) == client])
+        before[client] = ordered[0].get("ap_before") or {}
+        after[client] = ordered[-1].get("ap_after") or {}
+    colour_map = matplotlib.colormaps["viridis"].with_extremes(bad="lightgrey")
+    width = max(6.0, 2.0 + 0.55 * len(classes))
+    height = 2.0 + 2 * (0.8 + 0.4 * max(len(clients), 1))
+    figure, axes = plt.subplots(2, 1, figsize=(width, height), sharex=True)
+    last_round = max((int(r["round"]) for r in chosen), default=0)
+    panels = ((axes[0], before, f"{method}: AP before (original edge)"),
+              (axes[1], after, f"{method}: AP after round {last_round}"))
+    image = None
+    for axis, aps, title in panels:
+        image = heatmap_panel(axis, ap_matrix(aps, clients, classes), clients, classes, title,
+                              colour_map)
+        if specs is not None:
+            outline_spec_cells(axis, clients, classes, specs)
+    figure.tight_layout()
+    colour_bar = figure.colorbar(image, ax=list(axes), fraction=0.03, pad=0.02)
+    colour_bar.set_label("AP (%)")
+    if specs is not None:
+        handles = [Patch(fill=False, edgecolor="red", linewidth=1.8, label="private (new)"),
+                   Patch(fill=False, edgecolor="black", linestyle="--", linewidth=1.8,
+                         label="dropped"),
+                   Patch(facecolor="lightgrey", label="no positives")]
+        figure.legend(handles=handles, loc="lower center", ncol=3, frameon=False,
+                      bbox_to_anchor=(0.45, 1.0))
+    return save_figure(figure, path)
+
+
+def all_classes_specs(records: Sequence[Mapping]) -> list[dict]:
+    """Stand-in specs when none are given: every evaluated class counts as 'private' (gain) and
+    'kept' (forgetting), so the round curves show the mean change / forgetting over all classes."""
+    classes = ordered_class_names(records)
+    clients = sorted({int(r["client"]) for r in records})
+    return [{"client": c, "private": classes, "kept": classes} for c in clients]
+
+
+def plot_round_curves(records: Sequence[Mapping], path: str | os.PathLike, specs: Any = None,
+                      all_private: Any = None) -> Path:
+    """Per round, the mean over clients of knowledge gain (left) and kept-class forgetting (right),
+    one line per method.  Without `specs` both are over all evaluated classes (titles say so)."""
+    scope = "private classes" if specs is not None else "all evaluated classes"
+    forget_scope = "kept presumed classes" if specs is not None else "all evaluated classes"
+    series = round_series(records, specs if specs is not None else all_classes_specs(records),
+                          all_private or [])
+    methods = methods_in(series)
+    figure, axes = plt.subplots(1, 2, figsize=(11.0, 4.0))
+    for method in methods:
+        rows = [row for row in series if row["method"] == method]
+        rounds = [row["round"] for row in rows]
+        for axis, key in ((axes[0], "gain"), (axes[1], "forgetting_kept")):
+            values = [np.nan if is_missing(row[key]) else 100.0 * row[key] for row in rows]
+            axis.plot(rounds, values, marker="o", label=method,
+                      color=method_colour(method, methods))
+    all_rounds = sorted({row["round"] for row in series})
+    for axis, title in ((axes[0], f"Mean knowledge gain ({scope})"),
+                        (axes[1], f"Mean unintended forgetting ({forget_scope})")):
+        axis.set_title(title)
+        axis.set_xlabel("round")
+        axis.set_ylabel("percentage points")
+        axis.set_xticks(all_rounds)
+        axis.axhline(0.0, color="black", linewidth=0.8, zorder=0)
+        axis.grid(alpha=0.3)
+    axes[1].legend(title="method", loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    figure.tight_layout()
+    return save_figure(figure, path)
+
+
+def file_safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name) or "method"
+
+
+def write_all(run_folder: RunFolder | str | os.PathLike, records: Sequence[Mapping], specs: Any,
+              all_private: Any, stage_rows: Mapping[str, Mapping] | None = None) -> dict[str, Path]:
+    """Write results.md and every plot into the run folder; returns {name: path} with names
+    ``results``, ``gain_forgetting``, ``round_curves`` and ``heatmap_<method>``."""
+    folder = run_folder.path if isinstance(run_folder, RunFolder) else Path(run_folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    written: dict[str, Path] = {}
+    results = folder / "results.md"
+    results.write_text(results_markdown(records, specs, all_private, stage_rows), encoding="utf-8")
+    written["results"] = results
+    table = method_table(records, specs, all_private)
+    written["gain_forgetting"] = plot_gain_forgetting(table, folder / "gain_forgetting.png")
+    written["round_curves"] = plot_round_curves(records, folder / "round_curves.png", specs,
+                                                all_private)
+    for method in methods_in(records):
+        name = f"heatmap_{file_safe(method)}"
+        written[name] = plot_class_heatmap(records, method, folder / f"{name}.png", specs)
+    return written
