@@ -30,7 +30,8 @@ class RDSettings:
     rd_iters: int
     redistill_iters: int
     batch_size: int
-    lr: float = 0.01
+    lr: float = 5e-4
+    optimizer: str = "adamw"
     t2_from_t1: bool = True  # T2 starts from T1, so the delta holds only what T2 added
     freeze_backbone: bool = True  # the delta is neck/head only; a moving backbone would not transfer
     t1_label_weight: float = 0.1  # eq. (8) alpha for tutor 1: close to 0, trust the edge
@@ -45,7 +46,7 @@ class RDSettings:
     def from_profile(cls, profile: Profile, **overrides) -> "RDSettings":
         b = profile.budget
         return replace(cls(rd_iters=b.rd_iters, redistill_iters=b.redistill_iters, batch_size=b.batch_size,
-                           lr=b.lr), **overrides)
+                           lr=b.lr / 4, optimizer=b.optimizer), **overrides)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -60,7 +61,8 @@ def reverse_distill_tutor1(tutor: nn.Module, edge: nn.Module, presumed: Dataset,
     """Tutor 1: a copy of the tutor that learns from the edge on presumed data."""
     t1 = copy.deepcopy(tutor)
     phase = Phase("RD tutor 1", iters=settings.rd_iters, batch_size=settings.batch_size, lr=settings.lr,
-                  label_weight=settings.t1_label_weight, distill_weight=settings.rd_distill_weight,
+                  optimizer=settings.optimizer, label_weight=settings.t1_label_weight,
+                  distill_weight=settings.rd_distill_weight,
                   freeze=_frozen(settings), seed=seed)
     return t1, train(t1, presumed, phase, teacher=edge, progress=progress)
 
@@ -70,7 +72,8 @@ def reverse_distill_tutor2(tutor: nn.Module, tutor1: nn.Module, edge: nn.Module,
     """Tutor 2: learns from the edge on the client's kept presumed + private data, with its labels."""
     t2 = copy.deepcopy(tutor1 if settings.t2_from_t1 else tutor)
     phase = Phase("RD tutor 2", iters=settings.rd_iters, batch_size=settings.batch_size, lr=settings.lr,
-                  label_weight=settings.t2_label_weight, distill_weight=settings.rd_distill_weight,
+                  optimizer=settings.optimizer, label_weight=settings.t2_label_weight,
+                  distill_weight=settings.rd_distill_weight,
                   freeze=_frozen(settings), seed=seed + 1)
     return t2, train(t2, client_data, phase, teacher=edge, progress=progress)
 
@@ -90,7 +93,8 @@ def distill_c(edge: nn.Module, tutor: nn.Module, client_data: Dataset, settings:
     """Re-distillation: a copy of the edge fine-tuned from the (updated) tutor on the client's images."""
     student = copy.deepcopy(edge)
     phase = Phase("Distill C", iters=settings.redistill_iters, batch_size=settings.batch_size, lr=settings.lr,
-                  targets=settings.redistill_targets, fgd=FGDConfig(temp=settings.redistill_temp),
+                  optimizer=settings.optimizer, targets=settings.redistill_targets,
+                  fgd=FGDConfig(temp=settings.redistill_temp),
                   seed=seed + 2)
     return student, train(student, client_data, phase, teacher=tutor, progress=progress)
 
@@ -101,5 +105,5 @@ def direct_training(edge: nn.Module, client_data: Dataset, iters: int, settings:
     student = copy.deepcopy(edge)
     reference = {n: p.detach().clone() for n, p in edge.named_parameters()} if proximal_mu > 0 else None
     phase = Phase("direct training", iters=iters, batch_size=settings.batch_size, lr=settings.lr,
-                  proximal_mu=proximal_mu, seed=seed + 3)
+                  optimizer=settings.optimizer, proximal_mu=proximal_mu, seed=seed + 3)
     return student, train(student, client_data, phase, reference=reference, progress=progress)

@@ -91,7 +91,7 @@ PROFILES: dict[str, Profile] = {
         teacher=ModelSpec("resnet18", fpn_channels=96, head_convs=3),
         tutor=ModelSpec("resnet18", fpn_channels=64, head_convs=2),
         edge=ModelSpec("mobilenet_v2", fpn_channels=64, head_convs=1, width_mult=0.5),
-        budget=TrainBudget(batch_size=16, teacher_iters=1500, distill_iters=1200, rd_iters=150,
+        budget=TrainBudget(batch_size=16, teacher_iters=1200, distill_iters=900, rd_iters=150,
                            redistill_iters=150),
     ),
     # The paper's section IV-A: ResNet-101 / ResNet-50 / MobileNetV2 FCOS, FPN 256, strides 8/16/32.

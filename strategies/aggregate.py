@@ -1,0 +1,134 @@
+"""Ways to merge several clients' neck/head deltas into one (pure torch, no Flower).
+
+Every function takes deltas as name -> tensor mappings with identical keys and shapes (the
+verification step has already checked them against the tutor) and returns a new dict.
+
+* ``weighted_mean``: the FedAvg rule, sum_i w_i d_i / sum_i w_i.
+* ``trimmed_mean``: per coordinate, drop the k largest and k smallest values, average the rest
+  (robust to a minority of outliers in either direction).
+* ``ties_merge``: TIES-merging (Yadav et al. 2023): trim each delta to its largest-magnitude
+  entries, elect one sign per coordinate, average only the entries agreeing with it, so clients
+  pulling a weight in opposite directions do not cancel into noise.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import Tensor
+
+Delta = Mapping[str, Tensor]
+AGGREGATION_METHODS = ("weighted", "trimmed", "ties")
+
+
+def _check_deltas(deltas: Sequence[Delta]) -> list[str]:
+    if not deltas:
+        raise ValueError("nothing to aggregate: no deltas given")
+    keys = list(deltas[0])
+    for i, delta in enumerate(deltas[1:], start=1):
+        if set(delta) != set(keys):
+            raise ValueError(f"delta {i} has different keys from delta 0")
+        for name in keys:
+            if delta[name].shape != deltas[0][name].shape:
+                raise ValueError(f"delta {i}: {name} has shape {tuple(delta[name].shape)}, "
+                                 f"delta 0 has {tuple(deltas[0][name].shape)}")
+    return keys
+
+
+def _normalised_weights(weights: Sequence[float] | None, n: int) -> list[float]:
+    if weights is None:
+        return [1.0 / n] * n
+    if len(weights) != n:
+        raise ValueError(f"{len(weights)} weights for {n} deltas")
+    if any(not math.isfinite(float(w)) or float(w) < 0 for w in weights):
+        raise ValueError(f"weights must be finite and non-negative, got {list(weights)}")
+    total = float(sum(weights))
+    if total <= 0:
+        raise ValueError(f"weights sum to {total}; at least one must be positive")
+    return [float(w) / total for w in weights]
+
+
+def weighted_mean(deltas: Sequence[Delta], weights: Sequence[float] | None = None) -> dict[str, Tensor]:
+    """sum_i w_i * d_i / sum_i w_i (equal weights when ``weights`` is None)."""
+    keys = _check_deltas(deltas)
+    factors = _normalised_weights(weights, len(deltas))
+    return {name: sum(f * d[name] for f, d in zip(factors, deltas)) for name in keys}
+
+
+def trimmed_mean(deltas: Sequence[Delta], trim_fraction: float = 0.2) -> dict[str, Tensor]:
+    """Coordinate-wise mean after dropping floor(trim_fraction * n) values at each end."""
+    keys = _check_deltas(deltas)
+    n = len(deltas)
+    if not 0 <= trim_fraction < 0.5:
+        raise ValueError(f"trim_fraction must lie in [0, 0.5), got {trim_fraction}")
+    cut = int(trim_fraction * n)
+    out = {}
+    for name in keys:
+        stacked, _ = torch.sort(torch.stack([d[name] for d in deltas]), dim=0)
+        out[name] = stacked[cut:n - cut].mean(dim=0)
+    return out
+
+
+def _top_magnitude_mask(delta: Delta, keep_fraction: float) -> dict[str, Tensor]:
+    """True for the ``keep_fraction`` share of entries with the largest |value|, over the whole delta."""
+    flat = torch.cat([t.reshape(-1).abs() for t in delta.values()])
+    keep = max(1, int(round(keep_fraction * flat.numel())))
+    if keep >= flat.numel():
+        return {name: torch.ones_like(t, dtype=torch.bool) for name, t in delta.items()}
+    chosen = torch.zeros(flat.numel(), dtype=torch.bool)
+    chosen[torch.topk(flat, keep, sorted=False).indices] = True  # exactly `keep` entries, ties or not
+    masks, start = {}, 0
+    for name, t in delta.items():
+        masks[name] = chosen[start:start + t.numel()].reshape(t.shape)
+        start += t.numel()
+    return masks
+
+
+def ties_merge(deltas: Sequence[Delta], weights: Sequence[float] | None = None,
+               keep_fraction: float = 0.2) -> dict[str, Tensor]:
+    """TIES-merging: trim, elect sign, disjoint (weighted) mean.
+
+    1. trim: each delta keeps its top ``keep_fraction`` entries by magnitude (over all its
+       tensors together); the rest become 0;
+    2. elect: per coordinate the sign of sum_i w_i * trimmed_i, i.e. the side with the larger
+       (weighted) total magnitude;
+    3. merge: weighted mean over the deltas whose trimmed entry is non-zero and has the elected
+       sign; a coordinate nobody agrees on stays 0.
+    With equal weights this is the paper's rule.
+    """
+    keys = _check_deltas(deltas)
+    if not 0 < keep_fraction <= 1:
+        raise ValueError(f"keep_fraction must lie in (0, 1], got {keep_fraction}")
+    factors = _normalised_weights(weights, len(deltas))
+    trimmed = []
+    for delta in deltas:
+        masks = _top_magnitude_mask(delta, keep_fraction)
+        trimmed.append({name: torch.where(masks[name], delta[name], torch.zeros_like(delta[name]))
+                        for name in keys})
+    out = {}
+    for name in keys:
+        stacked = torch.stack([t[name] for t in trimmed])
+        w = torch.tensor(factors, dtype=stacked.dtype).reshape(-1, *([1] * (stacked.dim() - 1)))
+        elected = torch.sign((w * stacked).sum(dim=0))
+        agree = (torch.sign(stacked) == elected) & (stacked != 0)
+        weight_sum = (w * agree).sum(dim=0)
+        merged = (w * stacked * agree).sum(dim=0) / weight_sum.clamp_min(torch.finfo(stacked.dtype).tiny)
+        out[name] = torch.where(weight_sum > 0, merged, torch.zeros_like(merged))
+    return out
+
+
+def aggregate(deltas: Sequence[Delta], weights: Sequence[float] | None, method: str = "weighted",
+              **options) -> dict[str, Tensor]:
+    """Dispatches to one rule by name: "weighted" | "trimmed" (trim_fraction) | "ties" (keep_fraction).
+
+    ``weights`` are ignored by "trimmed" (a rank statistic has no natural weighting).
+    """
+    if method == "weighted":
+        return weighted_mean(deltas, weights, **options)
+    if method == "trimmed":
+        return trimmed_mean(deltas, **options)
+    if method == "ties":
+        return ties_merge(deltas, weights, **options)
+    raise ValueError(f"unknown aggregation method {method!r}; expected one of {', '.join(AGGREGATION_METHODS)}")

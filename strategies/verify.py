@@ -1,0 +1,118 @@
+"""Verification rules for a client's neck/head delta (pure functions, no Flower).
+
+Two gates, in order:
+
+1. ``structural_check``: the delta has exactly the tutor's neck/head keys, shapes and dtypes, only
+   finite values, and a global L2 norm within the policy's bound (a scaled or random update is
+   caught here without evaluating anything);
+2. ``protected_check``: the candidate tutor (tutor + beta * delta) evaluated per class on the
+   manufacturer's validation set must not lose more than ``protected_tolerance`` AP (absolute AP
+   points: 0.05 = 5 points) on any protected class, compared with the current tutor.
+
+Every outcome becomes a ``Decision`` with its reason and figures, so the verification log says why.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import Tensor
+
+from models.parts import delta_norm
+
+
+@dataclass(frozen=True)
+class VerificationPolicy:
+    norm_bound: float = math.inf  # max global L2 norm of a delta
+    protected_tolerance: float = 0.05  # max allowed AP drop (absolute) on a protected class
+    protected_classes: tuple[str, ...] = ()
+
+    @classmethod
+    def relative_to(cls, reference_nh: Mapping[str, Tensor], norm_factor: float = 1.0,
+                    **fields) -> "VerificationPolicy":
+        """A policy whose norm bound is ``norm_factor`` times the norm of the tutor's own neck/head:
+        an update larger than the weights it changes is not a plausible fine-tuning delta."""
+        return cls(norm_bound=norm_factor * delta_norm(reference_nh), **fields)
+
+
+@dataclass
+class Decision:
+    """The verdict on one client's delta in one round."""
+
+    client: int  # partition id
+    round: int
+    accepted: bool
+    reason: str
+    norm: float = math.nan
+    ap_before: dict[str, float] = field(default_factory=dict)  # protected classes, current tutor
+    ap_after: dict[str, float] = field(default_factory=dict)  # protected classes, candidate tutor
+    val_map_before: float = math.nan  # mAP over all validation classes, current tutor
+    val_map_after: float = math.nan  # mAP over all validation classes, candidate tutor
+    weight: float = math.nan  # aggregation weight the client claimed (e.g. num-examples)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def safe_norm(delta: Mapping[str, Tensor]) -> float:
+    """Global L2 norm; NaN when the delta holds non-float or non-finite values."""
+    try:
+        return delta_norm(delta)
+    except (RuntimeError, TypeError):
+        return math.nan
+
+
+def structural_check(delta: Mapping[str, Tensor], reference_nh: Mapping[str, Tensor],
+                     norm_bound: float = math.inf) -> tuple[bool, str]:
+    """Keys, shapes and dtypes equal to the tutor's neck/head; all finite; L2 norm <= ``norm_bound``."""
+    missing, extra = sorted(set(reference_nh) - set(delta)), sorted(set(delta) - set(reference_nh))
+    if missing:
+        return False, f"missing {len(missing)} neck/head tensors (e.g. {missing[0]})"
+    if extra:
+        return False, f"{len(extra)} tensors that are not the tutor's neck/head (e.g. {extra[0]})"
+    for name, ref in reference_nh.items():
+        value = delta[name]
+        if not isinstance(value, Tensor):
+            return False, f"{name} is a {type(value).__name__}, not a tensor"
+        if value.shape != ref.shape:
+            return False, f"{name} has shape {tuple(value.shape)}, the tutor's is {tuple(ref.shape)}"
+        if value.dtype != ref.dtype:
+            return False, f"{name} has dtype {value.dtype}, the tutor's is {ref.dtype}"
+        if not bool(torch.isfinite(value).all()):
+            bad = int((~torch.isfinite(value)).sum())
+            return False, f"{name} holds {bad} non-finite values (NaN/Inf)"
+    norm = delta_norm(delta)
+    if not norm <= norm_bound:
+        return False, f"norm {norm:.4g} exceeds the bound {norm_bound:.4g}"
+    return True, "structure ok"
+
+
+def protected_check(ap_before: Mapping[str, float], ap_after: Mapping[str, float],
+                    policy: VerificationPolicy) -> tuple[bool, str, dict]:
+    """Rejects when a protected class's AP drops by more than ``policy.protected_tolerance``.
+
+    A protected class without a finite AP before (no positives in the validation set) cannot be
+    checked and is skipped (named in the reason); one that had an AP and now has none fails.
+    Returns (ok, reason, figures) with figures = {"ap_before": {...}, "ap_after": {...}} over the
+    protected classes.
+    """
+    before = {c: float(ap_before.get(c, math.nan)) for c in policy.protected_classes}
+    after = {c: float(ap_after.get(c, math.nan)) for c in policy.protected_classes}
+    figures = {"ap_before": before, "ap_after": after}
+    unchecked, failures = [], []
+    for c in policy.protected_classes:
+        if not math.isfinite(before[c]):
+            unchecked.append(c)
+            continue
+        drop = before[c] - after[c] if math.isfinite(after[c]) else math.inf
+        if drop > policy.protected_tolerance:
+            failures.append(f"{c} AP {before[c]:.3f} -> {after[c]:.3f} (drop {drop:.3f} > {policy.protected_tolerance})")
+    if failures:
+        return False, "protected class lost: " + "; ".join(failures), figures
+    reason = "protected classes kept" if policy.protected_classes else "no protected classes"
+    if unchecked:
+        reason += f" (not checkable, no validation positives: {', '.join(unchecked)})"
+    return True, reason, figures

@@ -1,0 +1,117 @@
+"""The trainer (direct / KD / RD), the cached manufacturer chain and one client's RD pipeline."""
+
+import logging
+
+import pytest
+import torch
+from torch.utils.data import Subset
+
+from clients.rd import RDSettings, client_delta, distill_c, reverse_distill_tutor1, reverse_distill_tutor2, updated_tutor
+from distill.chain import cached_stage, manufacturer_chain
+from distill.trainer import Phase, train
+from models.ladder import build_model, detection_losses, get_profile, neck_features
+from models.parts import neck_head, split_parameters
+from sim.workspace import prepare
+
+
+@pytest.fixture(scope="module")
+def ws(tmp_path_factory):
+    return prepare("smoke", "default8", num_clients=2, seed=0, cache_dir=tmp_path_factory.mktemp("cache"))
+
+
+def batch_loss(model, dataset, n=8):
+    images, targets = zip(*[dataset[i] for i in range(n)])
+    targets = [{"boxes": t["boxes"], "labels": t["labels"]} for t in targets]
+    model.train()
+    with torch.no_grad():
+        image_list, targets = model.transform(list(images), targets)
+        losses = detection_losses(model, image_list, targets, neck_features(model, image_list.tensors))
+    return float(sum(losses.values()))
+
+
+def test_trainer_lowers_the_loss_on_a_smoke_batch(ws):
+    data = Subset(ws.chain_data().teacher_train, range(8))
+    model = build_model("smoke", "edge", seed=0)
+    before = batch_loss(model, data)
+    report = train(model, data, Phase("direct", iters=30, batch_size=8, lr=2e-3, optimizer="adamw",
+                                      hflip=False), progress=False)
+    after = batch_loss(model, data)
+    assert after < 0.8 * before, (before, after)
+    assert report.iters == 30 and report.seconds > 0 and report.peak_rss_mb > 0
+
+
+def test_rd_step_trains_only_unfrozen_parts_and_teacher_is_untouched(ws):
+    data = ws.chain_data().presumed_train
+    tutor, edge = build_model("smoke", "tutor", seed=1), build_model("smoke", "edge", seed=2)
+    tutor_before = {n: p.detach().clone() for n, p in tutor.named_parameters()}
+    edge_before = {n: p.detach().clone() for n, p in edge.state_dict().items()}
+    train(tutor, data, Phase("rd", iters=3, batch_size=4, label_weight=0.1, freeze=("backbone",)),
+          teacher=edge, progress=False)
+    parts = split_parameters(tutor)
+    assert all(torch.equal(p, tutor_before[n]) for n, p in parts["backbone"].items())
+    assert any(not torch.equal(p, tutor_before[n]) for n, p in parts["neck"].items())
+    assert all(torch.equal(v, edge_before[n]) for n, v in edge.state_dict().items())
+    # BatchNorm statistics of a frozen backbone do not drift either.
+    assert all(torch.equal(b, dict(build_model("smoke", "tutor", seed=1).named_buffers())[n])
+               for n, b in tutor.named_buffers() if "running" in n)
+
+
+def test_phase_errors_are_clear(ws):
+    data = ws.chain_data().presumed_train
+    model = build_model("smoke", "edge")
+    with pytest.raises(ValueError, match="needs a teacher"):
+        train(model, data, Phase("x", iters=1, batch_size=2, targets="teacher"), progress=False)
+    with pytest.raises(ValueError, match="unknown optimizer"):
+        train(model, data, Phase("x", iters=1, batch_size=2, optimizer="lbfgs"), progress=False)
+    with pytest.raises(ValueError, match="cannot freeze unknown parts"):
+        train(model, data, Phase("x", iters=1, batch_size=2, freeze=("body",)), progress=False)
+
+
+def test_stage_cache_reused_rebuilt_on_change_and_on_corruption(tmp_path, ws, caplog):
+    data = Subset(ws.chain_data().presumed_train, range(8))
+    fits = []
+
+    def fit(model, iters=2):
+        fits.append(iters)
+        return train(model, data, Phase("p", iters=iters, batch_size=4), progress=False)
+
+    build = lambda: build_model("smoke", "edge", seed=0)  # noqa: E731
+    first = cached_stage(tmp_path, "edge", {"iters": 2}, build, fit)
+    again = cached_stage(tmp_path, "edge", {"iters": 2}, build, fit)
+    assert not first.reused and again.reused and len(fits) == 1
+    for (n, a), (_, b) in zip(first.model.state_dict().items(), again.model.state_dict().items()):
+        assert torch.equal(a, b), n
+    changed = cached_stage(tmp_path, "edge", {"iters": 3}, build, lambda m: fit(m, 3))
+    assert not changed.reused and changed.key != first.key and len(fits) == 2
+    first.path.write_bytes(b"not a safetensors file")
+    with caplog.at_level(logging.WARNING):
+        rebuilt = cached_stage(tmp_path, "edge", {"iters": 2}, build, fit)
+    assert not rebuilt.reused and len(fits) == 3
+    assert "checksum" in caplog.text and "rebuilding" in caplog.text
+
+
+def test_chain_second_call_reuses_every_stage(ws):
+    first = ws.chain(progress=False)
+    second = ws.chain(progress=False)
+    assert all(s.reused for s in second.stages.values())
+    for a, b in [(first.edge, second.edge), (first.tutor, second.tutor)]:
+        for (n, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
+            assert torch.equal(x, y), n
+
+
+def test_client_rd_pipeline_on_smoke(ws):
+    chain = ws.chain(progress=False)
+    settings = RDSettings.from_profile(get_profile("smoke"))
+    t1, _ = reverse_distill_tutor1(chain.tutor, chain.edge, ws.client_presumed(0), settings, seed=0)
+    t2, _ = reverse_distill_tutor2(chain.tutor, t1, chain.edge, ws.client_train(0), settings, seed=0)
+    delta = client_delta(t1, t2, settings)
+    assert set(delta) == set(neck_head(chain.tutor))  # neck and head only: the backbone never leaves
+    new = updated_tutor(chain.tutor, delta, settings.beta)
+    old_parts, new_parts = split_parameters(chain.tutor), split_parameters(new)
+    assert all(torch.equal(new_parts["backbone"][n], p) for n, p in old_parts["backbone"].items())
+    for name, value in neck_head(new).items():  # eq. (10) with beta = 1: tutor + T2 - T1
+        expected = neck_head(chain.tutor)[name] + neck_head(t2)[name] - neck_head(t1)[name]
+        torch.testing.assert_close(value, expected)
+    edge_c, report = distill_c(chain.edge, new, ws.client_train(0), settings, seed=0)
+    assert report.iters == settings.redistill_iters
+    assert any(not torch.equal(a, b) for a, b in zip(edge_c.parameters(), chain.edge.parameters()))
