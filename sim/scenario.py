@@ -319,6 +319,7 @@ def make_shards(
     manufacturer_share: float = 0.5,
     presumed_test_share: float = 0.6,
     public_fraction: float = 0.5,
+    spread_fraction: float = 0.1,
 ) -> Shards:
     """Split records into the manufacturer's and the clients' shards (deterministic by seed).
 
@@ -332,7 +333,8 @@ def make_shards(
        They are dealt one by one to the eligible client holding the fewest novel images so far, so
        clients sharing a private class split its images. Each client sends `test_fraction` of its
        dealt images to its test shard (always those holding one of its dropped classes, which it
-       may not train on) and the rest to `private`.
+       may not train on) and the rest to `private`. Before dealing, `spread_fraction` of each group
+       goes round-robin to the test shards of the clients NOT eligible for it (spread probes).
     2. Presumed-only images (C within P) outside the pool: `presumed_test_share` are dealt evenly to
        the clients' test shards (to measure forgetting and released knowledge); the rest are unused.
     3. The manufacturer's pool is split into `manufacturer_val` (`val_fraction`) and teacher_train;
@@ -378,10 +380,16 @@ def make_shards(
         else:
             unused += 1
 
-    # 1. novel images
+    # 1. novel images; a `spread_fraction` of each group becomes "spread probes": test images for
+    #    clients that do NOT hold that private class, to see whether knowledge spreads to them.
     dealt: list[list[VOCRecord]] = [[] for _ in specs]
+    probes: list[list[VOCRecord]] = [[] for _ in specs]
     for eligible, group in novel_groups.items():
-        for rec in group:
+        others = [k for k in range(len(specs)) if k not in eligible]
+        n_probe = round(spread_fraction * len(group)) if others else 0
+        for i, rec in enumerate(group[:n_probe]):
+            probes[others[i % len(others)]].append(rec)
+        for rec in group[n_probe:]:
             k = min(eligible, key=lambda j: (len(dealt[j]), j))
             dealt[k].append(rec)
 
@@ -391,7 +399,7 @@ def make_shards(
         forced = [r for r in recs if r.class_names & dropped_sets[k]]
         free = [r for r in recs if not r.class_names & dropped_sets[k]]
         n_test = max(0, round(test_fraction * len(recs)) - len(forced))
-        test.append(forced + free[:n_test])
+        test.append(forced + free[:n_test] + probes[k])
         private.append(free[n_test:])
 
     # 2. presumed-only images: a share is dealt to the clients' test shards; the rest stay unused

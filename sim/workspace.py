@@ -16,7 +16,7 @@ from distill.chain import Chain, ChainData, manufacturer_chain
 from models.ladder import Profile, get_profile
 from sim.scenario import ClientSpec, Scenario, Shards, load_scenario, make_shards, select_clients
 from sim.synth import ensure_synthetic_voc
-from sim.voc import VOCDetection, VOCRecord, read_voc
+from sim.voc import VOC_CLASSES, VOCDetection, VOCRecord, read_voc
 
 log = logging.getLogger(__name__)
 DEFAULT_CACHE = Path(".cache")
@@ -78,8 +78,10 @@ class Workspace:
         return self.dataset(self.shards.clients[i].test, self.eval_classes(i))
 
     def eval_classes(self, i: int) -> list[str]:
-        spec = self.clients[i]
-        return sorted(set(self.scenario.presumed_classes) | set(spec.private))
+        """Presumed classes (kept and dropped) and every client's private classes (own and others',
+        the latter seen through the test shard's spread probes), in VOC order."""
+        wanted = set(self.scenario.presumed_classes) | {c for spec in self.clients for c in spec.private}
+        return [c for c in VOC_CLASSES if c in wanted]
 
 
 def prepare(profile: str | Profile, scenario: str | Path, num_clients: int | None = None, seed: int = 0,
