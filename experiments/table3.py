@@ -79,14 +79,20 @@ def run_experiment(exp: str, args, settings_overrides: dict) -> dict:
     delta = client_delta(t1, t2, settings)
     new_tutor = updated_tutor(chain.tutor, delta, settings.beta)
     edge_c, rc = distill_c(chain.edge, new_tutor, ws.client_train(0), settings, seed, not args.quiet)
+    # The other Distill C choice, measured side by side: labels instead of the tutor's detections.
+    other_targets = "labels" if settings.redistill_targets == "teacher" else "teacher"
+    edge_c2, rc2 = distill_c(chain.edge, new_tutor, ws.client_train(0),
+                             replace(settings, redistill_targets=other_targets), seed, not args.quiet)
     edge_d, rd = direct_training(chain.edge, ws.client_train(0), settings.redistill_iters, settings, seed,
                                  progress=not args.quiet)
     phases.update({"RD tutor 1": r1.summary(), "RD tutor 2": r2.summary(), "Distill C": rc.summary(),
+                   f"Distill C ({other_targets})": {**rc2.summary(), "name": f"Distill C ({other_targets})"},
                    "Direct training": rd.summary()})
 
     for label, model in [("Tutor 1", t1), ("Tutor 2", t2), ("Original tutor", chain.tutor),
                          ("Updated tutor", new_tutor), ("Original edge", chain.edge),
-                         ("Edge, direct training", edge_d), ("Edge, Distill C", edge_c)]:
+                         ("Edge, direct training", edge_d), ("Edge, Distill C", edge_c),
+                         (f"Edge, Distill C with {other_targets} targets", edge_c2)]:
         rows[label] = evaluate_row(model, test, names, focus)
     return {"experiment": exp, "private": list(spec.private), "dropped": list(spec.dropped),
             "eval_classes": names, "settings": settings.to_dict(), "delta_norm": delta_norm(delta),

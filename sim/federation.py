@@ -37,6 +37,7 @@ class FederationResult:
     seconds: float
     failures: list[dict] = field(default_factory=list)  # client errors: {round, step, node, reason}
     tutor_history: list[dict] = field(default_factory=list)  # DiReDi: the tutor's validation AP per round
+    round_seconds: dict[int, float] = field(default_factory=dict)  # wall time per round (no start-up)
 
 
 def run_federation(method: str, workspace: Workspace, chain: Chain, rounds: int, settings: RDSettings,
@@ -80,7 +81,7 @@ def run_federation(method: str, workspace: Workspace, chain: Chain, rounds: int,
         tutor_state={k: v.clone() for k, v in plan.tutor.state_dict().items()} if diredi else None,
         edge_state=(_edge_state(plan, strategy) if not diredi or redistill == "server" else None),
         seconds=seconds, failures=list(strategy.failures),
-        tutor_history=list(getattr(strategy, "tutor_history", [])))
+        tutor_history=list(getattr(strategy, "tutor_history", [])), round_seconds=dict(strategy.round_seconds))
 
 
 def _edge_state(plan, strategy) -> dict[str, Tensor]:

@@ -19,6 +19,13 @@ import time
 from pathlib import Path
 
 METHODS = ("diredi", "fedavg", "fedprox", "local", "oracle")
+# Per-round client work of the federation, per profile: smaller than the Table III experiments so
+# the default 8-client run (five methods) fits minutes on 2 cores. --rd-iters etc. override it.
+FEDERATION_BUDGET = {
+    "smoke": {"rd_iters": 2, "redistill_iters": 2, "batch_size": 4},
+    "cpu": {"rd_iters": 60, "redistill_iters": 60, "batch_size": 8},
+    "paper": {"rd_iters": 2000, "redistill_iters": 1200, "batch_size": 8},
+}
 log = logging.getLogger("sim.run")
 
 
@@ -41,8 +48,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--resume", action="store_true", help="reuse the finished methods of an existing run folder")
     parser.add_argument("--aggregation", choices=("weighted", "trimmed", "ties"), default="weighted")
     parser.add_argument("--redistill", choices=("client", "server"), default="client")
-    parser.add_argument("--share-tutor1", action="store_true",
-                        help="compute Tutor 1 once per round on the server instead of on every client")
+    parser.add_argument("--tutor1", choices=("shared", "per-client"), default="shared",
+                        help="Tutor 1 depends only on the edge and presumed data: compute it once per round "
+                             "on the server (shared, default) or on every client")
+    parser.add_argument("--rd-iters", type=int, help="RD steps per tutor per round (default: per profile)")
+    parser.add_argument("--redistill-iters", type=int, help="Distill C steps per round (default: per profile)")
+    parser.add_argument("--batch-size", type=int, help="batch size of the clients' work (default: per profile)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
 
@@ -56,6 +67,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error(f"--clients must be at least 1, got {args.clients}")
     if args.rounds < 1:
         parser.error(f"--rounds must be at least 1, got {args.rounds}")
+    for flag in ("rd_iters", "redistill_iters", "batch_size"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            parser.error(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
     if args.data == "voc" and (args.voc_root is None or not args.voc_root.is_dir()):
         parser.error(f"--data voc needs --voc-root pointing to an existing folder (got {args.voc_root})")
     if args.data == "synth" and args.voc_root is not None:
@@ -82,7 +96,7 @@ def resolved_config(args, workspace, settings) -> dict:
             "methods": args.methods, "scenario": workspace.scenario.name, "data": args.data,
             "voc_root": str(args.voc_root) if args.voc_root else None, "profile": workspace.profile.to_dict(),
             "seed": args.seed, "aggregation": args.aggregation, "redistill": args.redistill,
-            "share_tutor1": args.share_tutor1, "rd_settings": settings.to_dict(),
+            "tutor1": args.tutor1, "rd_settings": settings.to_dict(),
             "direct_iters_per_round": direct_iters(settings),
             "client_specs": client_specs(workspace), "shards": workspace.shards.sizes()}
 
@@ -202,7 +216,9 @@ def main(argv=None) -> int:
     for name, rep in chain.reports().items():
         print(f"manufacturer {name}: {'reused cache' if rep['reused_cache'] else 'trained'} "
               f"({rep.get('iters')} iterations, {rep.get('seconds', 0):.0f} s when built)", flush=True)
-    settings = RDSettings.from_profile(workspace.profile)
+    budget = {k: v if getattr(args, k) is None else getattr(args, k)
+              for k, v in FEDERATION_BUDGET[workspace.profile.name].items()}
+    settings = RDSettings.from_profile(workspace.profile, **budget)
     folder = RunFolder(args.out / args.name)
     config = resolved_config(args, workspace, settings)
 
@@ -211,7 +227,8 @@ def main(argv=None) -> int:
     records: list[dict] = []
     if args.resume:
         old = folder.read_config()
-        if {k: v for k, v in old.items() if k != "command"} != {k: v for k, v in config.items() if k != "command"}:
+        comparable = json.loads(json.dumps(config, default=str))  # as it reads back from config.json
+        if {k: v for k, v in old.items() if k != "command"} != {k: v for k, v in comparable.items() if k != "command"}:
             print(f"--resume: {folder.path} was made with other settings; start a new run (or --name)", file=sys.stderr)
             return 2
         done = json.loads(done_path.read_text()) if done_path.exists() else []
@@ -239,7 +256,7 @@ def main(argv=None) -> int:
         bar.write(f"--- {method} ---")
         if method in ("diredi", "fedavg", "fedprox"):
             result = run_federation(method, workspace, chain, args.rounds, settings, ray_address=args.ray_address,
-                                    on_record=on_record, share_tutor1=args.share_tutor1,
+                                    on_record=on_record, share_tutor1=args.tutor1 == "shared",
                                     aggregation=args.aggregation, redistill=args.redistill,
                                     direct_iters=direct_iters(settings),
                                     on_decision=lambda d: folder.append_verification(d.to_dict()))

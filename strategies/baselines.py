@@ -9,6 +9,7 @@ in the same record format as ``DiReDiStrategy.records``. Aggregation itself is F
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterable
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
@@ -28,6 +29,7 @@ class RecordingMixin:
         self.records: list[dict] = []
         self.failures: list[dict] = []
         self._round: dict = {}
+        self.round_seconds: dict[int, float] = {}  # configure_train to the end of aggregate_evaluate
 
     def _count_down(self, messages: Iterable[Message]) -> list[Message]:
         messages = list(messages)
@@ -38,7 +40,7 @@ class RecordingMixin:
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
-        self._round = {"bytes_down": {}, "bytes_up": {}, "train": {}, "evaluate": {}}
+        self._round = {"bytes_down": {}, "bytes_up": {}, "train": {}, "evaluate": {}, "start": time.perf_counter()}
         return self._count_down(super().configure_train(server_round, arrays, config, grid))
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
@@ -71,7 +73,9 @@ class RecordingMixin:
             self.records.append(record)
             if self.on_record is not None:
                 self.on_record(record)
-        return super().aggregate_evaluate(server_round, replies)
+        metrics = super().aggregate_evaluate(server_round, replies)
+        self.round_seconds[server_round] = time.perf_counter() - self._round["start"]
+        return metrics
 
 
 class RecordingFedAvg(RecordingMixin, FedAvg):

@@ -206,6 +206,7 @@ class DiReDiStrategy(Strategy):
         self.verification_log: list[Decision] = []
         self.failures: list[dict] = []  # client errors, by round and step
         self.tutor_history: list[dict] = []  # the tutor's validation AP: round 0 = original, then after each round
+        self.round_seconds: dict[int, float] = {}  # wall time of each whole round (both round trips)
         self._tutor_ap: dict[str, float] | None = None  # cache for the current tutor
         self._nodes_with_edge: set[int] = set()  # nodes that keep their own edge (client re-distillation)
         self._round: dict[str, Any] = {}  # per-round bookkeeping, reset by configure_train
@@ -329,6 +330,8 @@ class DiReDiStrategy(Strategy):
         """
         if not self._round["pending"]:
             return
+        if self.redistill == "client":  # every node that answered "train" now keeps an edge of its own
+            self._nodes_with_edge.update(self._round["pending"])
         if self._round["accepted"] == 0:
             for entry in self._round["pending"].values():
                 entry["after"] = {**encode(AP_AFTER, decode(entry["train"], AP_BEFORE)),
@@ -338,7 +341,6 @@ class DiReDiStrategy(Strategy):
         if self.redistill == "client":
             replies = grid.send_and_receive(self.configure_distill(server_round, config), timeout=timeout)
             self.aggregate_distill(server_round, replies)
-            self._nodes_with_edge.update(n for n, e in self._round["pending"].items() if "after" in e)
         else:
             start = time.perf_counter()
             self.edge, _ = distill_c(self.edge, self.tutor, self.presumed_data, self.settings,
@@ -364,6 +366,7 @@ class DiReDiStrategy(Strategy):
         result = Result(arrays=state_record(self.tutor))
         for server_round in range(1, num_rounds + 1):
             log.info("DiReDi round %d/%d", server_round, num_rounds)
+            round_start = time.perf_counter()
             messages = self.configure_train(server_round, result.arrays, config, grid)
             replies = list(grid.send_and_receive(messages, timeout=timeout))
             arrays, summary = self.aggregate_train(server_round, replies)
@@ -375,6 +378,7 @@ class DiReDiStrategy(Strategy):
                 result.arrays = arrays
             result.train_metrics_clientapp[server_round] = summary
             self.redistill_edges(server_round, grid, config, timeout)
+            self.round_seconds[server_round] = time.perf_counter() - round_start
             self._finish_round(server_round)
         return result
 

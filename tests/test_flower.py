@@ -1,0 +1,148 @@
+"""Whole rounds through real Flower + Ray (smoke profile, 2 clients, 1 round each).
+
+Every reply a client sends is captured on the server side (the strategies pass each one through
+``split_replies``) and inspected: it may hold weights and numbers, never images, boxes or labels.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import strategies.baselines
+import strategies.diredi
+from clients.rd import RDSettings
+from models.parts import neck_head
+from models.ladder import NUM_CLASSES
+from sim.federation import run_federation
+from sim.workspace import prepare
+
+NUM_CLIENTS = 2
+FORBIDDEN_WORDS = ("image", "box", "label", "target", "pixel")
+
+
+@pytest.fixture(scope="module")
+def threads_one():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the server's share of the work is tiny; leave the cores to the clients
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, threads_one):
+    workspace = prepare("smoke", "default8", num_clients=NUM_CLIENTS, seed=0,
+                        cache_dir=tmp_path_factory.mktemp("flower-cache"))
+    chain = workspace.chain(progress=False)
+    return workspace, chain, RDSettings.from_profile(workspace.profile)
+
+
+def run_captured(method: str, setup, **kwargs):
+    """Runs one round; returns (result, [(step, reply message), ...] for every client reply)."""
+    workspace, chain, settings = setup
+    seen = []
+    original = strategies.diredi.split_replies
+
+    def spy(replies, step, server_round, failures):
+        replies = list(replies)
+        seen.extend((step, r) for r in replies)
+        return original(replies, step, server_round, failures)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(strategies.diredi, "split_replies", spy)
+        patch.setattr(strategies.baselines, "split_replies", spy)
+        result = run_federation(method, workspace, chain, rounds=1, settings=settings, **kwargs)
+    return result, seen
+
+
+@pytest.fixture(scope="module")
+def diredi_run(setup):
+    return run_captured("diredi", setup)
+
+
+@pytest.fixture(scope="module")
+def fedavg_run(setup):
+    return run_captured("fedavg", setup)
+
+
+def check_records(result, method: str, workspace):
+    assert result.failures == []
+    assert [r["client"] for r in result.records] == list(range(NUM_CLIENTS))
+    for r in result.records:
+        assert r["method"] == method and r["round"] == 1
+        assert r["ap_before"] and set(r["ap_before"]) == set(r["ap_after"])
+        own = set(workspace.eval_classes(r["client"]))
+        assert own <= set(r["ap_before"])
+        assert all(0.0 <= v <= 1.0 for c, v in r["ap_before"].items() if c in own and not math.isnan(v))
+        assert r["bytes_up"] > 0 and r["bytes_down"] > r["bytes_up"]
+        assert r["num_examples"] > 0 and r["peak_rss_mb"] > 0
+        assert all(s >= 0 for s in r["seconds"].values())
+
+
+def check_reply_is_weights_and_numbers(content, allowed_array_keys: set[str] | None):
+    for name, record in content.array_records.items():
+        assert allowed_array_keys is not None, f"unexpected array record {name!r}"
+        assert set(record.keys()) == allowed_array_keys
+    for records in (content.metric_records, content.config_records):
+        for record in records.values():
+            for key, value in record.items():
+                assert not any(word in key.lower() for word in FORBIDDEN_WORDS), key
+                assert isinstance(value, (int, float, bool, list)), (key, type(value))
+                if isinstance(value, list):
+                    assert len(value) <= NUM_CLASSES, key
+
+
+def test_diredi_round_runs_end_to_end(diredi_run, setup):
+    result, _ = diredi_run
+    workspace, chain, _ = setup
+    check_records(result, "diredi", workspace)
+    assert len(result.verification_log) == NUM_CLIENTS
+    for r, d in zip(result.records, result.verification_log):
+        assert r["accepted"] == d["accepted"] and math.isfinite(d["norm"])
+        assert {"evaluate_before", "rd_tutor1", "rd_tutor2", "server_verify"} <= set(r["seconds"])
+        if r["accepted"]:
+            assert r["redistilled"] and "distill_c" in r["seconds"]
+    if any(d["accepted"] for d in result.verification_log):
+        changed = [k for k, v in neck_head(chain.tutor).items() if not torch.equal(v, result.tutor_state[k])]
+        assert changed, "an accepted delta should move the tutor's neck/head"
+    assert result.edge_state is None  # client re-distillation: each edge lives on its client
+
+
+def test_diredi_replies_carry_no_data(diredi_run, setup):
+    _, replies = diredi_run
+    _, chain, _ = setup
+    nh_keys = set(neck_head(chain.tutor))
+    steps = [step for step, _ in replies]
+    assert steps.count("train") == NUM_CLIENTS
+    for step, reply in replies:
+        assert not reply.has_error()
+        # train: the neck/head delta only; distill / evaluate: numbers only
+        check_reply_is_weights_and_numbers(reply.content, nh_keys if step == "train" else None)
+
+
+def test_fedavg_runs_and_replies_carry_no_data(fedavg_run, setup):
+    result, replies = fedavg_run
+    workspace, chain, _ = setup
+    check_records(result, "fedavg", workspace)
+    assert result.verification_log == [] and result.tutor_state is None
+    assert set(result.edge_state) == set(chain.edge.state_dict())
+    edge_keys = set(chain.edge.state_dict())
+    assert sorted(step for step, _ in replies) == ["evaluate"] * NUM_CLIENTS + ["train"] * NUM_CLIENTS
+    for step, reply in replies:
+        check_reply_is_weights_and_numbers(reply.content, edge_keys if step == "train" else None)
+
+
+def comparable(record: dict) -> dict:
+    """A record without what legitimately varies between runs (wall time, memory)."""
+    return {k: v for k, v in record.items() if k not in ("seconds", "peak_rss_mb")}
+
+
+def test_same_seed_same_numbers(diredi_run, setup):
+    first, _ = diredi_run
+    second, _ = run_captured("diredi", setup)
+    assert [comparable(r) for r in second.records] == [comparable(r) for r in first.records]
+    assert [d["norm"] for d in second.verification_log] == [d["norm"] for d in first.verification_log]
+    for name, value in first.tutor_state.items():
+        assert torch.equal(value, second.tutor_state[name]), name
