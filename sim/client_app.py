@@ -221,18 +221,16 @@ def client_config(workspace: Workspace, settings: RDSettings, direct_iters: int 
     if workspace.profile != get_profile(workspace.profile.name):
         raise ValueError(f"clients rebuild profiles by name: profile {workspace.profile.name!r} was modified")
     cache_dir = Path(workspace.cache_dir).resolve()
-    data_root = Path(workspace.data_root).resolve()
-    synthetic = data_root.is_relative_to(cache_dir / "data")  # prepare() writes synthetic data there
     config = {
         "profile": workspace.profile.name,
         "scenario": str(Path(workspace.scenario.source).resolve()),
         "num-clients": len(workspace.clients),
         "seed": int(workspace.seed),
-        "data": "synth" if synthetic else "voc",
+        "data": workspace.data,
         "cache-dir": str(cache_dir),
         "rd-settings": json.dumps(settings.to_dict()),
         "direct-iters": int(direct_iters if direct_iters is not None else settings.redistill_iters),
     }
-    if not synthetic:  # (no empty strings: Flower's ConfigRecord.count_bytes rejects them)
-        config["voc-root"] = str(data_root)
+    if workspace.data == "voc":  # (no empty strings: Flower's ConfigRecord.count_bytes rejects them)
+        config["voc-root"] = str(Path(workspace.data_root).resolve())
     return config

@@ -197,6 +197,7 @@ def stage_rows(workspace, chain) -> dict[str, dict]:
 def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("alembic").setLevel(logging.WARNING)  # flwr pulls it in; its INFO lines are noise
     import torch
     from tqdm.auto import tqdm
 
@@ -207,6 +208,9 @@ def main(argv=None) -> int:
     from sim.workspace import prepare
 
     torch.manual_seed(args.seed)
+    # One torch thread per core that is not busy elsewhere: more threads than free cores slow torch
+    # down many times over (measured here). While Ray's client actors run, each uses one thread.
+    torch.set_num_threads(max(1, min(torch.get_num_threads(), os.cpu_count() or 1)))
     start = time.perf_counter()
     workspace = prepare(args.profile, args.scenario, num_clients=args.clients, seed=args.seed, data=args.data,
                         voc_root=args.voc_root, cache_dir=args.cache)

@@ -40,6 +40,7 @@ class Workspace:
     data_root: Path
     seed: int
     cache_dir: Path
+    data: str = "synth"  # "synth" (generated into cache_dir/data) or "voc" (read from data_root)
 
     def dataset(self, records: list[VOCRecord], classes) -> VOCDetection:
         return VOCDetection(records, classes=sorted(classes), image_size=self.profile.image_size)
@@ -105,4 +106,4 @@ def prepare(profile: str | Profile, scenario: str | Path, num_clients: int | Non
         raise ValueError(f"unknown data source {data!r}; expected 'synth' or 'voc'")
     clients = select_clients(scen, num_clients if num_clients is not None else len(scen.clients))
     shards = make_shards(records, scen, seed, num_clients=len(clients))
-    return Workspace(profile, scen, clients, records, shards, root, seed, cache_dir)
+    return Workspace(profile, scen, clients, records, shards, root, seed, cache_dir, data)

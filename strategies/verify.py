@@ -112,7 +112,9 @@ def protected_check(ap_before: Mapping[str, float], ap_after: Mapping[str, float
             failures.append(f"{c} AP {before[c]:.3f} -> {after[c]:.3f} (drop {drop:.3f} > {policy.protected_tolerance})")
     if failures:
         return False, "protected class lost: " + "; ".join(failures), figures
-    reason = "protected classes kept" if policy.protected_classes else "no protected classes"
+    checked = [f"{c} {before[c]:.3f} -> {after[c]:.3f}" for c in policy.protected_classes if c not in unchecked]
+    reason = ("protected classes kept" + (f": {', '.join(checked)}" if checked else "")
+              if policy.protected_classes else "no protected classes")
     if unchecked:
         reason += f" (not checkable, no validation positives: {', '.join(unchecked)})"
     return True, reason, figures

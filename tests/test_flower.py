@@ -146,3 +146,18 @@ def test_same_seed_same_numbers(diredi_run, setup):
     assert [d["norm"] for d in second.verification_log] == [d["norm"] for d in first.verification_log]
     for name, value in first.tutor_state.items():
         assert torch.equal(value, second.tutor_state[name]), name
+
+
+def test_shared_tutor1_and_server_redistillation(setup):
+    result, replies = run_captured("diredi", setup, share_tutor1=True, redistill="server")
+    workspace, chain, _ = setup
+    check_records(result, "diredi", workspace)
+    nh_keys = set(neck_head(chain.tutor))
+    assert sorted(step for step, _ in replies) == ["evaluate"] * NUM_CLIENTS + ["train"] * NUM_CLIENTS
+    for step, reply in replies:
+        check_reply_is_weights_and_numbers(reply.content, nh_keys if step == "train" else None)
+    for r in result.records:
+        assert r["seconds"]["rd_tutor1"] == 0.0 and r["seconds"]["server_tutor1"] > 0  # one Tutor 1, on the server
+        if r["accepted"]:
+            assert "server_distill_c" in r["seconds"] and "distill_c" not in r["seconds"]
+    assert set(result.edge_state) == set(chain.edge.state_dict())  # the server's re-distilled edge
