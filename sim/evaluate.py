@@ -376,7 +376,7 @@ def evaluate_model(
     dataset_or_loader,
     class_ids: Sequence[int],
     batch_size: int = 16,
-    score_thresh: float = 0.3,
+    score_thresh: float = 0.5,  # measured on the cpu teacher: best F1 of 0.3/0.4/0.5/0.6 (0.53)
     device="cpu",
     *,
     iou_thresh: float = 0.5,
