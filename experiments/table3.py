@@ -140,9 +140,10 @@ def main(argv=None) -> int:
                         help="override an RDSettings field, e.g. t2_from_t1=false beta=0.5")
     parser.add_argument("--skip-chain-rows", action="store_true")
     parser.add_argument("--quiet", action="store_true")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    torch.set_num_threads(max(torch.get_num_threads(), 1))
+    torch.set_num_threads(max(args.threads, 1))
     overrides = {}
     for item in args.set:
         key, _, value = item.partition("=")
