@@ -119,9 +119,13 @@ def _prepare(batch, phase: Phase, generator: torch.Generator):
 
 
 @torch.no_grad()
-def teacher_detections(teacher: nn.Module, image_list, score_thresh: float) -> list[dict]:
-    """The teacher's detections on transformed images, as training targets in the same coordinates."""
-    feats = neck_features(teacher, image_list.tensors)
+def teacher_detections(teacher: nn.Module, image_list, score_thresh: float,
+                       feats: list[Tensor] | None = None) -> list[dict]:
+    """The teacher's detections on transformed images, as training targets in the same coordinates.
+
+    ``feats``: the teacher's neck features of these images, if already computed.
+    """
+    feats = neck_features(teacher, image_list.tensors) if feats is None else feats
     head_outputs = teacher.head(feats)
     anchors = teacher.anchor_generator(image_list, feats)
     counts = [f.size(2) * f.size(3) for f in feats]
@@ -204,14 +208,16 @@ def train(student: nn.Module, dataset: Dataset, phase: Phase, teacher: nn.Module
             group["lr"] = lr_at(step, phase)
         images, targets = _prepare(next(batches), phase, generator)
         image_list, targets = student.transform(images, targets)
+        teacher_feats = None
+        if teacher is not None and (fgd is not None or phase.targets == "teacher"):
+            with torch.no_grad():  # computed once, used for pseudo labels and for FGD
+                teacher_feats = neck_features(teacher, image_list.tensors)
         if phase.targets == "teacher":
-            targets = teacher_detections(teacher, image_list, phase.pseudo_thresh)
+            targets = teacher_detections(teacher, image_list, phase.pseudo_thresh, teacher_feats)
         feats = neck_features(student, image_list.tensors)
         det = detection_losses(student, image_list, targets, feats)
         loss = phase.label_weight * sum(det.values())
         if fgd is not None:
-            with torch.no_grad():
-                teacher_feats = neck_features(teacher, image_list.tensors)
             boxes = [t["boxes"] for t in targets]
             loss = loss + phase.distill_weight * fgd(feats, teacher_feats, boxes, STRIDES)["fgd"]
         if phase.proximal_mu > 0:

@@ -23,7 +23,7 @@ METHODS = ("diredi", "fedavg", "fedprox", "local", "oracle")
 # the default 8-client run (five methods) fits minutes on 2 cores. --rd-iters etc. override it.
 FEDERATION_BUDGET = {
     "smoke": {"rd_iters": 2, "redistill_iters": 2, "batch_size": 4},
-    "cpu": {"rd_iters": 60, "redistill_iters": 60, "batch_size": 8},
+    "cpu": {"rd_iters": 30, "redistill_iters": 30, "batch_size": 8},
     "paper": {"rd_iters": 2000, "redistill_iters": 1200, "batch_size": 8},
 }
 log = logging.getLogger("sim.run")
