@@ -11,7 +11,6 @@ import json
 import sys
 import time
 from collections import defaultdict
-from pathlib import Path
 
 from sim.run import main as run_main
 from sim.run import parse_args

@@ -11,7 +11,6 @@ may be loaded with ``models.io.load_weights``.
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from dataclasses import dataclass, field, asdict
 from pathlib import Path
 
@@ -179,11 +178,6 @@ def build_model(profile: Profile | str, role: str, num_classes: int = NUM_CLASSE
     return model
 
 
-def transform_batch(model: FCOS, images: list[Tensor], targets: list[dict] | None = None):
-    """Runs the model's own resize/normalise/pad; returns (ImageList, transformed targets)."""
-    return model.transform(images, targets)
-
-
 def neck_features(model: FCOS, batched_images: Tensor) -> list[Tensor]:
     """FPN (neck) outputs for already transformed images.
 
@@ -209,18 +203,3 @@ def detection_losses(model: FCOS, image_list, targets: list[dict], features: lis
 
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
-
-
-def describe_ladder(profile: Profile | str) -> "OrderedDict[str, dict]":
-    """Parameter counts per role and part, for logs and the README."""
-    from models.parts import split_parameters
-
-    profile = get_profile(profile) if isinstance(profile, str) else profile
-    out: OrderedDict[str, dict] = OrderedDict()
-    for role in ROLES:
-        model = build_model(profile, role)
-        parts = split_parameters(model)
-        out[role] = {"spec": asdict(profile.spec(role)),
-                     **{part: sum(t.numel() for t in params.values()) for part, params in parts.items()},
-                     "total": count_parameters(model)}
-    return out
