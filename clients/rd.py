@@ -20,9 +20,12 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from distill.fgd import FGDConfig
-from distill.trainer import Phase, PhaseReport, train
+from distill.trainer import KDRecipe, Phase, PhaseReport, train
 from models.ladder import Profile
 from models.parts import knowledge_delta, load_neck_head, neck_head, substitute
+
+
+_KD = KDRecipe()
 
 
 @dataclass(frozen=True)
@@ -30,17 +33,33 @@ class RDSettings:
     rd_iters: int
     redistill_iters: int
     batch_size: int
-    lr: float = 2e-3  # measured on Exp 1: lr/4 learnt cat to 3.2 AP in tutor 2, the full lr to 8.5
+    lr: float = 2e-3  # Distill C and direct training (the profile's lr)
     optimizer: str = "adamw"
+    # Reverse distillation (tutor 1, tutor 2): its own optimiser, because the delta is the
+    # difference of two trainings and an optimiser that moves every weight by about its lr per
+    # step (AdamW) writes undirected noise into it; see the README's RD ablation.
+    rd_optimizer: str = "adamw"
+    rd_lr: float = 2e-3
     t2_from_t1: bool = True  # T2 starts from T1, so the delta holds only what T2 added
     freeze_backbone: bool = True  # the delta is neck/head only; a moving backbone would not transfer
     t1_label_weight: float = 0.1  # eq. (8) alpha for tutor 1: close to 0, trust the edge
     t2_label_weight: float = 1.0  # eq. (8) alpha for tutor 2: the customer's labels teach the new classes
     rd_distill_weight: float = 1.0  # eq. (8) beta for both tutors
+    # RD's balance: the distillation term is held at rd_target_ratio x the (unweighted) detection
+    # loss, so with t1_label_weight 0.1 the edge's features weigh 10x the labels in tutor 1.
+    rd_distill_loss: str = _KD.distill_loss
+    rd_balance: str = _KD.balance
+    rd_target_ratio: float = 1.0
     beta: float = 1.0  # eq. (10) substitution factor (the paper: 1)
     gamma: float = 1.0  # eq. (9) subtraction factor (the paper: 1)
-    redistill_targets: str = "teacher"  # Distill C learns the head from the tutor's detections, not labels
-    redistill_temp: float = 1.5  # the paper's re-distillation temperature
+    # Distill C (the paper): from the deployed edge, on kept public + private data, the tutor's
+    # distillation loss plus the detector's loss on the client's labels. "teacher": the tutor's
+    # detections replace the labels (the edge then never sees a label).
+    redistill_targets: str = "labels"
+    redistill_distill_loss: str = _KD.distill_loss
+    redistill_balance: str = _KD.balance
+    redistill_target_ratio: float = _KD.target_ratio
+    redistill_temp: float = 1.5  # the paper's re-distillation temperature (FGD's attention softmax)
 
     @classmethod
     def from_profile(cls, profile: Profile, **overrides) -> "RDSettings":
@@ -56,14 +75,20 @@ def _frozen(settings: RDSettings) -> tuple[str, ...]:
     return ("backbone",) if settings.freeze_backbone else ()
 
 
+def _rd_phase(name: str, settings: RDSettings, label_weight: float, seed: int) -> Phase:
+    """Eq. (8) for one tutor: label_weight * L_det + rd_distill_weight * (balanced) L_distill(edge)."""
+    return Phase(name, iters=settings.rd_iters, batch_size=settings.batch_size, lr=settings.rd_lr,
+                 optimizer=settings.rd_optimizer, label_weight=label_weight,
+                 distill_weight=settings.rd_distill_weight, distill_loss=settings.rd_distill_loss,
+                 balance=settings.rd_balance, target_ratio=settings.rd_target_ratio,
+                 freeze=_frozen(settings), seed=seed)
+
+
 def reverse_distill_tutor1(tutor: nn.Module, edge: nn.Module, presumed: Dataset, settings: RDSettings,
                            seed: int, progress: bool = False) -> tuple[nn.Module, PhaseReport]:
     """Tutor 1: a copy of the tutor that learns from the edge on presumed data."""
     t1 = copy.deepcopy(tutor)
-    phase = Phase("RD tutor 1", iters=settings.rd_iters, batch_size=settings.batch_size, lr=settings.lr,
-                  optimizer=settings.optimizer, label_weight=settings.t1_label_weight,
-                  distill_weight=settings.rd_distill_weight,
-                  freeze=_frozen(settings), seed=seed)
+    phase = _rd_phase("RD tutor 1", settings, settings.t1_label_weight, seed)
     return t1, train(t1, presumed, phase, teacher=edge, progress=progress)
 
 
@@ -71,10 +96,7 @@ def reverse_distill_tutor2(tutor: nn.Module, tutor1: nn.Module, edge: nn.Module,
                            settings: RDSettings, seed: int, progress: bool = False) -> tuple[nn.Module, PhaseReport]:
     """Tutor 2: learns from the edge on the client's kept presumed + private data, with its labels."""
     t2 = copy.deepcopy(tutor1 if settings.t2_from_t1 else tutor)
-    phase = Phase("RD tutor 2", iters=settings.rd_iters, batch_size=settings.batch_size, lr=settings.lr,
-                  optimizer=settings.optimizer, label_weight=settings.t2_label_weight,
-                  distill_weight=settings.rd_distill_weight,
-                  freeze=_frozen(settings), seed=seed + 1)
+    phase = _rd_phase("RD tutor 2", settings, settings.t2_label_weight, seed + 1)
     return t2, train(t2, client_data, phase, teacher=edge, progress=progress)
 
 
@@ -90,11 +112,14 @@ def updated_tutor(tutor: nn.Module, delta: dict[str, Tensor], beta: float) -> nn
 
 def distill_c(edge: nn.Module, tutor: nn.Module, client_data: Dataset, settings: RDSettings, seed: int,
               progress: bool = False) -> tuple[nn.Module, PhaseReport]:
-    """Re-distillation: a copy of the edge fine-tuned from the (updated) tutor on the client's images."""
+    """Re-distillation: a copy of the deployed edge fine-tuned from the (updated) tutor on the client's
+    kept public + private images: the tutor's distillation loss plus the detector's loss on the
+    client's labels (or, with ``redistill_targets="teacher"``, on the tutor's detections)."""
     student = copy.deepcopy(edge)
     phase = Phase("Distill C", iters=settings.redistill_iters, batch_size=settings.batch_size, lr=settings.lr,
                   optimizer=settings.optimizer, targets=settings.redistill_targets,
-                  fgd=FGDConfig(temp=settings.redistill_temp),
+                  distill_loss=settings.redistill_distill_loss, balance=settings.redistill_balance,
+                  target_ratio=settings.redistill_target_ratio, fgd=FGDConfig(temp=settings.redistill_temp),
                   seed=seed + 2)
     return student, train(student, client_data, phase, teacher=tutor, progress=progress)
 

@@ -17,12 +17,15 @@ from typing import Callable
 from torch import nn
 from torch.utils.data import Dataset
 
-from distill.trainer import Phase, PhaseReport, train
+import torch
+
+from distill.trainer import KDRecipe, Phase, PhaseReport, train
 from models.io import CorruptWeights, file_sha256, load_weights, save_weights
 from models.ladder import Profile, build_model
+from models.parts import inherit_neck_head
 
 log = logging.getLogger(__name__)
-CHAIN_VERSION = 1  # bump when training code changes what a stage produces
+CHAIN_VERSION = 2  # bump when training code changes what a stage produces
 
 
 def stage_key(parts: dict) -> str:
@@ -68,8 +71,10 @@ def cached_stage(cache_dir: Path, stage: str, key_parts: dict, build: Callable[[
     report = fit(model).summary()
     save_weights(model, weights, metadata={"stage": stage, "key": key})
     # The manifest is written last: its presence means the stage finished.
+    # Training is seeded, but CPU kernels split work by thread count: the same seed at another
+    # thread count gives (slightly) different weights, so the manifest records it.
     manifest = {"key": key, "stage": stage, "sha256": file_sha256(weights), "report": report,
-                "key_parts": key_parts}
+                "key_parts": key_parts, "torch_threads": torch.get_num_threads()}
     manifest_path.write_text(json.dumps(manifest, indent=1, default=str))
     return StageResult(model, key, False, report, weights)
 
@@ -94,43 +99,66 @@ class Chain:
         return {name: {**s.report, "reused_cache": s.reused, "key": s.key} for name, s in self.stages.items()}
 
 
-def chain_phases(profile: Profile, seed: int) -> dict[str, Phase]:
+def chain_phases(profile: Profile, seed: int, recipe: KDRecipe) -> dict[str, Phase]:
     b = profile.budget
+    kd = recipe.phase_fields()
     return {
         "teacher": Phase("teacher (labels)", iters=b.teacher_iters, batch_size=b.batch_size, lr=b.lr,
                          optimizer=b.optimizer, seed=seed),
         "distill_a": Phase("Distill A (teacher -> tutor)", iters=b.distill_iters, batch_size=b.batch_size,
-                           lr=b.lr, optimizer=b.optimizer, seed=seed + 1),
+                           lr=b.lr, optimizer=b.optimizer, seed=seed + 1, **kd),
         "distill_b": Phase("Distill B (tutor -> edge)", iters=b.distill_iters, batch_size=b.batch_size,
-                           lr=b.lr, optimizer=b.optimizer, seed=seed + 2),
+                           lr=b.lr, optimizer=b.optimizer, seed=seed + 2, **kd),
     }
+
+
+def student_start(profile: Profile, role: str, seed: int, teacher: nn.Module | None) -> nn.Module:
+    """A fresh ``role`` model; with a teacher, its neck/head inherited from it where shapes allow."""
+    model = build_model(profile, role, seed=seed)
+    if teacher is not None:
+        copied = inherit_neck_head(model, teacher)
+        log.info("%s: inherited %d neck/head tensors from its teacher", role, len(copied))
+    return model
 
 
 def manufacturer_chain(profile: Profile, data: ChainData, teacher_classes: list[str],
                        presumed_classes: list[str], seed: int, cache_dir: str | Path,
-                       progress: bool = True) -> Chain:
-    """Teacher trained on the teacher classes; tutor (Distill A) and edge (Distill B) on the presumed ones."""
-    phases = chain_phases(profile, seed)
-    base = {"profile": profile.to_dict(), "data": data.fingerprint, "seed": seed}
+                       progress: bool = True, recipe: KDRecipe | None = None,
+                       stop_after: str | None = None, device: str | torch.device = "cpu") -> Chain:
+    """Teacher trained on the teacher classes; tutor (Distill A) and edge (Distill B) on the presumed ones.
+
+    Each stage's key holds only what determines it (its architecture, data, classes, seed, phase and
+    the key of the stage it learns from), so changing Distill B does not retrain the teacher.
+    ``stop_after="teacher"`` builds (or loads) only the teacher; the other models are then None.
+    """
+    recipe = recipe if recipe is not None else KDRecipe()
+    phases = chain_phases(profile, seed, recipe)
+    base = {"image_size": profile.image_size, "anchor_sizes": profile.anchor_sizes, "data": data.fingerprint,
+            "seed": seed}
     stages: dict[str, StageResult] = {}
 
     stages["teacher"] = cached_stage(
-        cache_dir, "teacher", {**base, "classes": sorted(teacher_classes), "phase": phases["teacher"].to_dict()},
-        build=lambda: build_model(profile, "teacher", seed=seed),
+        cache_dir, "teacher", {**base, "spec": profile.teacher, "classes": sorted(teacher_classes),
+                               "phase": phases["teacher"].to_dict()},
+        build=lambda: build_model(profile, "teacher", seed=seed).to(device),
         fit=lambda m: train(m, data.teacher_train, phases["teacher"], progress=progress))
     teacher = stages["teacher"].model
+    if stop_after == "teacher":
+        return Chain(teacher.eval(), None, None, stages)
 
     stages["distill_a"] = cached_stage(
-        cache_dir, "tutor", {**base, "from": stages["teacher"].key, "classes": sorted(presumed_classes),
-                             "phase": phases["distill_a"].to_dict()},
-        build=lambda: build_model(profile, "tutor", seed=seed + 1),
+        cache_dir, "tutor", {**base, "spec": profile.tutor, "from": stages["teacher"].key,
+                             "classes": sorted(presumed_classes), "phase": phases["distill_a"].to_dict(),
+                             "inherit": recipe.inherit},
+        build=lambda: student_start(profile, "tutor", seed + 1, teacher if recipe.inherit else None).to(device),
         fit=lambda m: train(m, data.presumed_train, phases["distill_a"], teacher=teacher, progress=progress))
     tutor = stages["distill_a"].model
 
     stages["distill_b"] = cached_stage(
-        cache_dir, "edge", {**base, "from": stages["distill_a"].key, "classes": sorted(presumed_classes),
-                            "phase": phases["distill_b"].to_dict()},
-        build=lambda: build_model(profile, "edge", seed=seed + 2),
+        cache_dir, "edge", {**base, "spec": profile.edge, "from": stages["distill_a"].key,
+                            "classes": sorted(presumed_classes), "phase": phases["distill_b"].to_dict(),
+                            "inherit": recipe.inherit},
+        build=lambda: student_start(profile, "edge", seed + 2, tutor if recipe.inherit else None).to(device),
         fit=lambda m: train(m, data.presumed_train, phases["distill_b"], teacher=tutor, progress=progress))
     for model in (teacher, tutor, stages["distill_b"].model):
         model.eval()

@@ -2,7 +2,7 @@
 
 Yang et al., "Focal and Global Knowledge Distillation for Detectors", CVPR 2022; used by DiReDi
 (section II-B, eqs. 3-6) for every distillation step. Written from the formulas (see
-``/work/shared/NOTES.md``, section "FGD"); one function per equation term:
+the README's "Distillation" section); one function per equation term:
 
 * :func:`foreground_masks`  -- binary foreground mask M, scale mask S and the background mask (eq. 3)
 * :func:`spatial_attention`, :func:`channel_attention` -- attention masks A^S and A^C (eqs. 1-2 of FGD)
@@ -11,6 +11,15 @@ Yang et al., "Focal and Global Knowledge Distillation for Detectors", CVPR 2022;
 * :class:`GcBlock`          -- global context block R(F) (eq. 5)
 * :func:`global_loss`       -- global distillation loss (eqs. 4-5)
 * :class:`FGDLoss`          -- the sum over FPN levels (eq. 6 without the detector's own loss)
+
+Beside FGD, a magnitude-invariant feature loss (PKD, Cao et al., NeurIPS 2022):
+
+* :func:`standardize_channels` -- each channel to zero mean / unit variance over (N, H, W)
+* :func:`pkd_level_loss`      -- MSE of standardised features / 2, i.e. 1 - Pearson r per level
+* :class:`PKDLoss`            -- the weighted sum over FPN levels
+
+FGD's terms grow with the square of the feature magnitude, so features of a very different scale
+than the reference's make it swamp the detector's loss; PKD is bounded in [0, 2] per level.
 
 Shapes: N batch, C channels (teacher channels after alignment), H x W one FPN level.
 
@@ -40,6 +49,10 @@ __all__ = [
     "GcBlock",
     "global_loss",
     "FGDLoss",
+    "standardize_channels",
+    "pkd_level_loss",
+    "PKDLoss",
+    "make_distill_loss",
 ]
 
 
@@ -337,4 +350,68 @@ class FGDLoss(nn.Module):
             focal = l_f if focal is None else focal + l_f
             attn = l_a if attn is None else attn + l_a
             glob = l_g if glob is None else glob + l_g
-        return {"fgd_focal": focal, "fgd_attention": attn, "fgd_global": glob, "fgd": focal + attn + glob}
+        return {"fgd_focal": focal, "fgd_attention": attn, "fgd_global": glob, "fgd": focal + attn + glob,
+                "distill": focal + attn + glob}
+
+
+# ------------------------------------------------------------------------------------------------
+# PKD: a scale-free alternative (Pearson correlation of standardised features)
+# ------------------------------------------------------------------------------------------------
+def standardize_channels(feat: Tensor, eps: float = 1e-6) -> Tensor:
+    """Each channel to zero mean, unit variance over (N, H, W).  [N, C, H, W] -> [N, C, H, W]."""
+    mean = feat.mean(dim=(0, 2, 3), keepdim=True)
+    std = feat.std(dim=(0, 2, 3), keepdim=True, unbiased=False)
+    return (feat - mean) / (std + eps)
+
+
+def pkd_level_loss(s: Tensor, t: Tensor) -> Tensor:
+    """PKD on one level: ``mean((std(S) - std(T))^2) / 2`` = 1 - mean per-channel Pearson r.
+
+    s, t [N, C, H, W] (same shape); returns a scalar in [0, 2].
+    """
+    return (standardize_channels(s) - standardize_channels(t)).pow(2).mean() / 2
+
+
+class PKDLoss(nn.Module):
+    """PKD summed over FPN levels, ``weight * sum_l pkd_level_loss(align_l(S_l), T_l)``.
+
+    Same call signature and result keys as :class:`FGDLoss` (``boxes_per_image`` and ``strides`` are
+    accepted and unused: PKD imitates the whole map). Returns ``{"pkd": ..., "distill": ...}``.
+    """
+
+    def __init__(self, student_channels: int, teacher_channels: int, num_levels: int,
+                 weight: float = 6.0) -> None:
+        super().__init__()
+        self.weight = float(weight)
+        self.num_levels = int(num_levels)
+        self.align: nn.ModuleList | None = None
+        if int(student_channels) != int(teacher_channels):
+            self.align = nn.ModuleList(nn.Conv2d(student_channels, teacher_channels, kernel_size=1)
+                                       for _ in range(self.num_levels))
+
+    def forward(self, student_feats, teacher_feats, boxes_per_image=None, strides=None) -> dict[str, Tensor]:
+        s_list, _ = _as_list(student_feats)
+        t_list, _ = _as_list(teacher_feats)
+        if len(s_list) != self.num_levels or len(t_list) != self.num_levels:
+            raise ValueError(f"PKD: expected {self.num_levels} levels, got {len(s_list)} student, "
+                             f"{len(t_list)} teacher")
+        total = None
+        for lvl, (s, t) in enumerate(zip(s_list, t_list)):
+            if self.align is not None:
+                s = self.align[lvl](s)
+            if s.shape != t.shape:
+                raise ValueError(f"PKD level {lvl}: student {tuple(s.shape)} vs teacher {tuple(t.shape)}")
+            term = pkd_level_loss(s, t.detach())
+            total = term if total is None else total + term
+        total = self.weight * total
+        return {"pkd": total, "distill": total}
+
+
+def make_distill_loss(kind: str, student_channels: int, teacher_channels: int, num_levels: int,
+                      fgd_config: FGDConfig | None = None, pkd_weight: float = 6.0) -> nn.Module:
+    """The feature-distillation loss named ``kind`` ("fgd" | "pkd"); its result has key ``distill``."""
+    if kind == "fgd":
+        return FGDLoss(student_channels, teacher_channels, num_levels, fgd_config)
+    if kind == "pkd":
+        return PKDLoss(student_channels, teacher_channels, num_levels, pkd_weight)
+    raise ValueError(f"unknown distillation loss {kind!r}; expected 'fgd' or 'pkd'")

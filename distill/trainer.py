@@ -9,7 +9,12 @@ The loss of one step is the paper's eq. (8) in general form:
 * RD (tutor 1 / tutor 2): the small edge model is the teacher, label_weight close to 0.
 
 ``targets`` may also be the teacher's own detections ("pseudo labels"), so a student can learn a
-detection head from a teacher without ever seeing the data's labels (used by Distill C).
+detection head from a teacher without ever seeing the data's labels (a Distill C option).
+
+L_FGD is any feature-distillation loss of ``distill.fgd`` (``Phase.distill_loss``: FGD or PKD), and
+its weight relative to the detection loss is a setting (``Phase.balance``), see :func:`balance_weight`.
+Every step records the detection loss and the weighted distillation term separately; their ratio
+(distillation term / unweighted detection loss) is what the phase reports.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from distill.fgd import FGDConfig, FGDLoss
+from distill.fgd import FGDConfig, make_distill_loss
 from models.io import save_weights
 from models.ladder import STRIDES, detection_losses, neck_features
 from models.parts import part_modules
@@ -40,8 +45,13 @@ class Phase:
     lr: float = 0.01
     optimizer: str = "sgd"  # "sgd" (momentum 0.9) or "adamw"
     label_weight: float = 1.0  # eq. (8): weight of the detector's own loss
-    distill_weight: float = 1.0  # eq. (8): weight of the FGD loss (needs a teacher)
+    distill_weight: float = 1.0  # eq. (8): weight of the distillation loss (needs a teacher)
+    distill_loss: str = "fgd"  # "fgd" (the paper's, eqs. 3-6) or "pkd" (standardised features)
+    balance: str = "fixed"  # "fixed" | "calibrated" | "auto": see balance_weight
+    target_ratio: float = 1.0  # calibrated / auto: distillation term / detection loss
     fgd: FGDConfig = field(default_factory=FGDConfig)
+    pkd_weight: float = 6.0  # PKD loss weight (the PKD paper uses 6-10 per level)
+    clip_norm: float = 35.0  # gradient clipping, as every FGD reference config
     freeze: tuple[str, ...] = ()  # parts kept fixed: any of "backbone", "neck", "head"
     targets: str = "labels"  # "labels" (the data's) or "teacher" (teacher detections, score >= pseudo_thresh)
     pseudo_thresh: float = 0.4
@@ -55,6 +65,30 @@ class Phase:
         return asdict(self)
 
 
+@dataclass(frozen=True)
+class KDRecipe:
+    """How a larger model teaches a smaller one (Distill A, B and C): the settings the README measures.
+
+    distill_loss: "fgd" (the paper's FGD, eqs. 3-6) or "pkd" (standardised features).
+    balance / target_ratio: see :class:`LossBalance`.
+    inherit: the student starts from its teacher's neck and head where shapes allow.
+    """
+
+    distill_loss: str = "pkd"
+    balance: str = "auto"
+    target_ratio: float = 1.0
+    inherit: bool = True
+
+    def phase_fields(self) -> dict:
+        return {"distill_loss": self.distill_loss, "balance": self.balance, "target_ratio": self.target_ratio}
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+PAPER_FGD = KDRecipe(distill_loss="fgd", balance="fixed", target_ratio=1.0, inherit=False)  # as the paper
+
+
 @dataclass
 class PhaseReport:
     name: str
@@ -65,9 +99,28 @@ class PhaseReport:
     first_loss: float
     last_loss: float  # mean over the last 10% of steps
     losses: list[float]
+    det_losses: list[float] = field(default_factory=list)  # unweighted detection loss per step
+    distill_losses: list[float] = field(default_factory=list)  # distillation term as in the loss
+    device: str = "cpu"
+
+    def _head_tail(self, values: list[float]) -> tuple[float, float]:
+        """Mean of the first and of the last 10% of steps (NaN when empty)."""
+        if not values:
+            return float("nan"), float("nan")
+        k = max(len(values) // 10, 1)
+        return sum(values[:k]) / k, sum(values[-k:]) / k
+
+    def balance(self) -> dict:
+        """Detection loss, distillation term and their ratio at the start and the end of the phase."""
+        det0, det1 = self._head_tail(self.det_losses)
+        dis0, dis1 = self._head_tail(self.distill_losses)
+        ratio = lambda d, x: d / x if x == x and x > 0 and d == d else float("nan")  # noqa: E731
+        return {"det_loss_start": det0, "det_loss_end": det1, "distill_loss_start": dis0,
+                "distill_loss_end": dis1, "loss_ratio_start": ratio(dis0, det0), "loss_ratio_end": ratio(dis1, det1)}
 
     def summary(self) -> dict:
-        return {k: v for k, v in asdict(self).items() if k != "losses"}
+        out = {k: v for k, v in asdict(self).items() if k not in ("losses", "det_losses", "distill_losses")}
+        return {**out, **self.balance()}
 
 
 def _rss_mb() -> float:
@@ -147,6 +200,66 @@ def proximal_term(model: nn.Module, reference: dict[str, Tensor]) -> Tensor:
     return 0.5 * torch.stack(terms).sum()
 
 
+BALANCES = ("fixed", "calibrated", "auto")
+
+
+class LossBalance:
+    """The weight multiplying the raw distillation loss, per ``Phase.balance``.
+
+    * ``fixed``: 1 (the raw loss times ``distill_weight``: FGD exactly as the paper uses it);
+    * ``calibrated``: set once, on the first step, so the term equals ``target_ratio`` x the detection
+      loss there; then held fixed (the loss's own decay shows);
+    * ``auto``: every step, ``target_ratio`` x EMA(detection) / EMA(raw distillation), so the term stays
+      at ``target_ratio`` x the detection loss throughout (the EMA, momentum 0.9, damps batch noise).
+
+    The weight is a number (no gradient flows through it); ``distill_weight`` still multiplies it.
+    """
+
+    def __init__(self, mode: str, target_ratio: float, momentum: float = 0.9) -> None:
+        if mode not in BALANCES:
+            raise ValueError(f"unknown balance {mode!r}; expected one of {', '.join(BALANCES)}")
+        if not target_ratio > 0:
+            raise ValueError(f"target_ratio must be > 0, got {target_ratio}")
+        self.mode, self.target, self.momentum = mode, float(target_ratio), momentum
+        self.det = self.raw = None
+        self.weight = 1.0
+
+    def update(self, det_loss: float, raw_distill: float) -> float:
+        if self.mode == "fixed":
+            return 1.0
+        if self.det is None:
+            self.det, self.raw = det_loss, raw_distill
+        elif self.mode == "auto":
+            m = self.momentum
+            self.det, self.raw = m * self.det + (1 - m) * det_loss, m * self.raw + (1 - m) * raw_distill
+        else:  # calibrated: the first step's figures only
+            return self.weight
+        self.weight = self.target * self.det / max(self.raw, 1e-12)
+        return self.weight
+
+
+def model_device(model: nn.Module) -> torch.device:
+    first = next(model.parameters(), None)
+    return first.device if first is not None else torch.device("cpu")
+
+
+def resolve_device(name: str | None) -> torch.device:
+    """``--device`` value -> torch.device; None/"auto": cuda when available, else cpu."""
+    if name in (None, "", "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name not in ("cpu", "cuda") and not str(name).startswith("cuda:"):
+        raise ValueError(f"unknown device {name!r}; expected cpu, cuda, cuda:N or auto")
+    if str(name).startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} requested but torch sees no CUDA device")
+    return torch.device(name)
+
+
+def to_device(images: list[Tensor], targets: list[dict], device: torch.device) -> tuple[list[Tensor], list[dict]]:
+    """Moves a batch (images and target tensors) to ``device``."""
+    return ([im.to(device, non_blocking=True) for im in images],
+            [{k: v.to(device, non_blocking=True) for k, v in t.items()} for t in targets])
+
+
 def make_optimizer(params: list[nn.Parameter], phase: Phase) -> torch.optim.Optimizer:
     if phase.optimizer == "sgd":
         return torch.optim.SGD(params, lr=phase.lr, momentum=0.9, weight_decay=phase.weight_decay)
@@ -170,26 +283,34 @@ def train(student: nn.Module, dataset: Dataset, phase: Phase, teacher: nn.Module
           progress: bool = True) -> PhaseReport:
     """Trains ``student`` in place for ``phase.iters`` steps; returns timing, memory and losses.
 
+    Runs on the student's device (a teacher elsewhere is moved there; batches are moved per step).
+
     Args:
         dataset: yields (image Tensor[3,H,W] in [0,1], target dict with boxes [K,4] xyxy, labels [K]).
         teacher: the distillation source (any ladder model with the same strides), or None.
         reference: FedProx reference weights (name -> tensor), needed when ``phase.proximal_mu > 0``.
         checkpoint: where to save the trained student (safetensors), if given.
     """
-    use_fgd = teacher is not None and phase.distill_weight > 0
+    use_distill = teacher is not None and phase.distill_weight > 0
     if phase.targets == "teacher" and teacher is None:
         raise ValueError(f"phase {phase.name}: targets='teacher' needs a teacher model")
     if phase.proximal_mu > 0 and reference is None:
         raise ValueError(f"phase {phase.name}: proximal_mu > 0 needs reference weights")
+    device = model_device(student)
+    if teacher is not None:
+        teacher.to(device)
     generator = torch.Generator().manual_seed(phase.seed)
     torch.manual_seed(phase.seed)
 
     set_frozen(student, phase.freeze)
-    fgd = None
-    if use_fgd:
-        fgd = FGDLoss(student.backbone.out_channels, teacher.backbone.out_channels, len(STRIDES), phase.fgd)
+    distiller = None
+    balance = LossBalance(phase.balance, phase.target_ratio)
+    if use_distill:
+        distiller = make_distill_loss(phase.distill_loss, student.backbone.out_channels,
+                                      teacher.backbone.out_channels, len(STRIDES), phase.fgd,
+                                      phase.pkd_weight).to(device)
         teacher.eval()
-    params = [p for p in student.parameters() if p.requires_grad] + (list(fgd.parameters()) if fgd else [])
+    params = [p for p in student.parameters() if p.requires_grad] + (list(distiller.parameters()) if distiller else [])
     optimizer = make_optimizer(params, phase)
 
     student.train()
@@ -197,9 +318,11 @@ def train(student: nn.Module, dataset: Dataset, phase: Phase, teacher: nn.Module
         part_modules(student)["backbone"].eval()
 
     losses: list[float] = []
+    det_losses: list[float] = []
+    distill_losses: list[float] = []
     peak_rss = _rss_mb()
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
     batches = infinite_batches(dataset, phase.batch_size, generator)
     bar = tqdm(range(phase.iters), desc=phase.name, disable=not progress, leave=False, dynamic_ncols=True)
@@ -207,39 +330,49 @@ def train(student: nn.Module, dataset: Dataset, phase: Phase, teacher: nn.Module
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, phase)
         images, targets = _prepare(next(batches), phase, generator)
+        images, targets = to_device(images, targets, device)
         image_list, targets = student.transform(images, targets)
         teacher_feats = None
-        if teacher is not None and (fgd is not None or phase.targets == "teacher"):
-            with torch.no_grad():  # computed once, used for pseudo labels and for FGD
+        if teacher is not None and (distiller is not None or phase.targets == "teacher"):
+            with torch.no_grad():  # computed once, used for pseudo labels and for distillation
                 teacher_feats = neck_features(teacher, image_list.tensors)
         if phase.targets == "teacher":
             targets = teacher_detections(teacher, image_list, phase.pseudo_thresh, teacher_feats)
         feats = neck_features(student, image_list.tensors)
-        det = detection_losses(student, image_list, targets, feats)
-        loss = phase.label_weight * sum(det.values())
-        if fgd is not None:
+        det = sum(detection_losses(student, image_list, targets, feats).values())
+        loss = phase.label_weight * det
+        if distiller is not None:
             boxes = [t["boxes"] for t in targets]
-            loss = loss + phase.distill_weight * fgd(feats, teacher_feats, boxes, STRIDES)["fgd"]
+            raw = distiller(feats, teacher_feats, boxes, STRIDES)["distill"]
+            weight = balance.update(float(det.detach()), float(raw.detach()))
+            distill_term = phase.distill_weight * weight * raw
+            loss = loss + distill_term
+            distill_losses.append(float(distill_term.detach()))
+        det_losses.append(float(det.detach()))
         if phase.proximal_mu > 0:
             loss = loss + phase.proximal_mu * proximal_term(student, reference)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"phase {phase.name}: loss became {loss.item()} at step {step}")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, max_norm=10.0)
+        torch.nn.utils.clip_grad_norm_(params, max_norm=phase.clip_norm)
         optimizer.step()
         losses.append(float(loss.detach()))
         if step % 10 == 0:
             peak_rss = max(peak_rss, _rss_mb())
-            bar.set_postfix(loss=f"{losses[-1]:.3f}")
+            post = {"det": f"{det_losses[-1]:.3f}"}
+            if distill_losses:
+                post["distill"] = f"{distill_losses[-1]:.3f}"
+            bar.set_postfix(post)
     seconds = time.perf_counter() - start
     set_frozen(student, ())  # leave every parameter trainable again for whoever uses it next
     student.eval()
     tail = losses[-max(len(losses) // 10, 1):] if losses else [float("nan")]
     report = PhaseReport(
         name=phase.name, iters=phase.iters, seconds=seconds, peak_rss_mb=max(peak_rss, _rss_mb()),
-        peak_cuda_mb=torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else 0.0,
-        first_loss=losses[0] if losses else float("nan"), last_loss=sum(tail) / len(tail), losses=losses)
+        peak_cuda_mb=torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else 0.0,
+        first_loss=losses[0] if losses else float("nan"), last_loss=sum(tail) / len(tail), losses=losses,
+        det_losses=det_losses, distill_losses=distill_losses, device=str(device))
     if checkpoint is not None:
         save_weights(student, checkpoint, metadata={"phase": phase.name})
     return report

@@ -77,7 +77,7 @@ PROFILES: dict[str, Profile] = {
         name="smoke",
         image_size=64,
         anchor_sizes=(4, 8, 16),
-        teacher=ModelSpec("mobilenet_v2", fpn_channels=64, head_convs=2, width_mult=0.5),
+        teacher=ModelSpec("mobilenet_v2", fpn_channels=32, head_convs=2, width_mult=0.5),
         tutor=ModelSpec("mobilenet_v2", fpn_channels=32, head_convs=1, width_mult=0.35),
         edge=ModelSpec("mobilenet_v2", fpn_channels=32, head_convs=1, width_mult=0.25),
         budget=TrainBudget(batch_size=8, teacher_iters=6, distill_iters=4, rd_iters=3, redistill_iters=3),
@@ -87,7 +87,9 @@ PROFILES: dict[str, Profile] = {
         name="cpu",
         image_size=128,
         anchor_sizes=(4, 8, 16),
-        teacher=ModelSpec("resnet18", fpn_channels=96, head_convs=3),
+        # One FPN width (64) down the ladder, so each student can inherit its teacher's neck and head
+        # where the shapes agree (models.parts.inherit_neck_head).
+        teacher=ModelSpec("resnet18", fpn_channels=64, head_convs=3),
         tutor=ModelSpec("resnet18", fpn_channels=64, head_convs=2),
         edge=ModelSpec("mobilenet_v2", fpn_channels=64, head_convs=1, width_mult=0.5),
         budget=TrainBudget(batch_size=16, teacher_iters=1200, distill_iters=900, rd_iters=150,
@@ -100,7 +102,7 @@ PROFILES: dict[str, Profile] = {
         anchor_sizes=(8, 16, 32),
         teacher=ModelSpec("resnet101", fpn_channels=256, head_convs=4),
         tutor=ModelSpec("resnet50", fpn_channels=256, head_convs=4),
-        edge=ModelSpec("mobilenet_v2", fpn_channels=128, head_convs=2, width_mult=1.0),
+        edge=ModelSpec("mobilenet_v2", fpn_channels=256, head_convs=2, width_mult=1.0),
         budget=TrainBudget(batch_size=16, teacher_iters=60000, distill_iters=60000, rd_iters=20000,
                            redistill_iters=12000),
     ),

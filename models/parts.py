@@ -101,6 +101,31 @@ def load_neck_head(model: nn.Module, nh: Mapping[str, Tensor]) -> nn.Module:
     return model
 
 
+def inherit_neck_head(student: nn.Module, teacher: nn.Module | Mapping[str, Tensor]) -> list[str]:
+    """FGD's "inheriting": copies the teacher's neck/head layers into ``student`` where shapes allow.
+
+    A student layer (the parameters of one module, e.g. a conv's weight and bias) is overwritten
+    with exact copies of the teacher's layer of the same name when every one of its tensors exists
+    in the teacher with the same shape; other layers (and the whole backbone) keep their
+    initialisation. With equal FPN widths that is the whole head up to the student's head depth and
+    the FPN's 3x3 output convs; the FPN's lateral 1x1 convs only when both backbone bodies give the
+    same channel counts. Returns the parameter names copied, in the student's order.
+    """
+    source = neck_head(teacher)
+    params = {n: p for n, p in student.named_parameters() if part_of(n) in KNOWLEDGE_PARTS}
+    layers: dict[str, list[str]] = {}
+    for name in params:
+        layers.setdefault(name.rsplit(".", 1)[0], []).append(name)
+    copied = []
+    with torch.no_grad():
+        for names in layers.values():
+            if all(n in source and source[n].shape == params[n].shape for n in names):
+                for n in names:
+                    params[n].copy_(source[n].to(params[n].device, params[n].dtype))
+                copied.extend(names)
+    return copied
+
+
 def delta_norm(delta: Mapping[str, Tensor]) -> float:
     """Global L2 norm of a delta (all tensors flattened together)."""
     return float(torch.sqrt(sum((t.double() ** 2).sum() for t in delta.values())))

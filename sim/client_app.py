@@ -25,7 +25,7 @@ import os
 import time
 from pathlib import Path
 
-import torch  # imported here so ArrayRecord's torch conversions work inside Ray actors (NOTES.md)
+import torch  # imported here so ArrayRecord's torch conversions work inside Ray actors: it checks sys.modules only
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from torch import nn

@@ -1,6 +1,6 @@
 """PASCAL VOC detection evaluation (AP at IoU 0.5, mAP, precision / recall / F1).
 
-The rules follow the VOC devkit (see /work/shared/NOTES.md, "VOC evaluation"):
+The rules follow the VOC devkit (the README, "Evaluation"):
 
 * IoU uses the VOC "+1" pixel convention (see ``voc_iou``).
 * For one class, detections from all images are sorted by descending score.  Each one looks at
@@ -377,7 +377,7 @@ def evaluate_model(
     class_ids: Sequence[int],
     batch_size: int = 16,
     score_thresh: float = 0.5,  # measured on the cpu teacher: best F1 of 0.3/0.4/0.5/0.6 (0.53)
-    device="cpu",
+    device=None,
     *,
     iou_thresh: float = 0.5,
     use_07_metric: bool = False,

@@ -41,6 +41,7 @@ class Workspace:
     seed: int
     cache_dir: Path
     data: str = "synth"  # "synth" (generated into cache_dir/data) or "voc" (read from data_root)
+    device: str = "cpu"  # where models train and evaluate (see distill.trainer.resolve_device)
 
     def dataset(self, records: list[VOCRecord], classes) -> VOCDetection:
         return VOCDetection(records, classes=sorted(classes), image_size=self.profile.image_size)
@@ -54,10 +55,11 @@ class Workspace:
             presumed_train=self.dataset(presumed_records, s.presumed_classes),
             fingerprint=records_fingerprint(teacher_records) + records_fingerprint(presumed_records))
 
-    def chain(self, progress: bool = True) -> Chain:
+    def chain(self, progress: bool = True, stop_after: str | None = None) -> Chain:
         s = self.scenario
         return manufacturer_chain(self.profile, self.chain_data(), s.teacher_classes, s.presumed_classes,
-                                  self.seed, self.cache_dir / "chain", progress=progress)
+                                  self.seed, self.cache_dir / "chain", progress=progress, stop_after=stop_after,
+                                  device=self.device)
 
     def validation_set(self) -> VOCDetection:
         """The manufacturer's own validation images (never a client's), over the teacher classes."""
@@ -87,7 +89,7 @@ class Workspace:
 
 def prepare(profile: str | Profile, scenario: str | Path, num_clients: int | None = None, seed: int = 0,
             data: str = "synth", voc_root: str | Path | None = None,
-            cache_dir: str | Path = DEFAULT_CACHE) -> Workspace:
+            cache_dir: str | Path = DEFAULT_CACHE, device: str | None = "cpu") -> Workspace:
     """Generates (or reuses) the data, loads the scenario and cuts the shards."""
     profile = get_profile(profile) if isinstance(profile, str) else profile
     scen = load_scenario(scenario)
@@ -106,4 +108,7 @@ def prepare(profile: str | Profile, scenario: str | Path, num_clients: int | Non
         raise ValueError(f"unknown data source {data!r}; expected 'synth' or 'voc'")
     clients = select_clients(scen, num_clients if num_clients is not None else len(scen.clients))
     shards = make_shards(records, scen, seed, num_clients=len(clients))
-    return Workspace(profile, scen, clients, records, shards, root, seed, cache_dir, data)
+    from distill.trainer import resolve_device
+
+    return Workspace(profile, scen, clients, records, shards, root, seed, cache_dir, data,
+                     str(resolve_device(device)))

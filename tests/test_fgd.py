@@ -73,7 +73,7 @@ def test_identical_features_give_exactly_zero():
     boxes = [torch.tensor([[0.0, 0.0, 20.0, 30.0]]), torch.tensor([[10.0, 4.0, 60.0, 50.0], [0.0, 0.0, 8.0, 8.0]])]
     loss = FGDLoss(16, 16, num_levels=2)
     out = loss(feats, [f.clone() for f in feats], boxes, strides=(8, 16))
-    assert set(out) == {"fgd_focal", "fgd_attention", "fgd_global", "fgd"}
+    assert set(out) == {"fgd_focal", "fgd_attention", "fgd_global", "fgd", "distill"}
     for k, v in out.items():
         assert v.dim() == 0
         assert v.item() == 0.0, k
