@@ -36,7 +36,7 @@ from models.ladder import build_model, get_profile
 from sim.voc import CLASS_INDEX
 from sim.workspace import Workspace, prepare
 from strategies.diredi import (AFTER, AP_AFTER, AP_BEFORE, ARRAYS, CONFIG, DELTA, EDGE, METRICS, NUM_EXAMPLES,
-                               PARTITION_ID, PEAK_RSS, SECONDS, TUTOR, TUTOR1, client_seed, encode,
+                               LOSSES, PARTITION_ID, PEAK_RSS, SECONDS, TUTOR, TUTOR1, client_seed, encode,
                                per_class_ap, state_record)
 
 app = ClientApp()
@@ -172,7 +172,7 @@ def _train_diredi(msg: Message, context: Context) -> Message:
     delta = client_delta(tutor1, tutor2, settings)
     metrics.update({PARTITION_ID: partition, NUM_EXAMPLES: len(_dataset(ws, partition, "train")),
                     f"{SECONDS}.rd_tutor1": seconds_t1, f"{SECONDS}.rd_tutor2": report.seconds,
-                    PEAK_RSS: max(peak, report.peak_rss_mb, _rss_mb())})
+                    PEAK_RSS: max(peak, report.peak_rss_mb, _rss_mb()), **loss_metrics("rd_tutor2", report)})
     return _reply(msg, metrics, {DELTA: state_record(delta)})
 
 
@@ -185,8 +185,15 @@ def _train_direct(msg: Message, context: Context) -> Message:
                                       settings, seed, proximal_mu=float(config.get("proximal-mu", 0.0)))
     metrics.update({PARTITION_ID: partition, NUM_EXAMPLES: len(_dataset(ws, partition, "train")),
                     f"{SECONDS}.direct_training": report.seconds,
-                    PEAK_RSS: max(report.peak_rss_mb, _rss_mb())})
+                    PEAK_RSS: max(report.peak_rss_mb, _rss_mb()), **loss_metrics("direct_training", report)})
     return _reply(msg, metrics, {ARRAYS: state_record(trained)})
+
+
+def loss_metrics(phase: str, report) -> dict[str, float]:
+    """A phase's detection loss, distillation term and their ratio at its end (finite values only)."""
+    b = report.balance()
+    values = {"det": b["det_loss_end"], "distill": b["distill_loss_end"], "ratio": b["loss_ratio_end"]}
+    return {f"{LOSSES}.{phase}.{k}": float(v) for k, v in values.items() if math.isfinite(v)}
 
 
 @app.train("distill")
@@ -199,7 +206,8 @@ def distill(msg: Message, context: Context) -> Message:
     context.state[EDGE] = state_record(new_edge)
     metrics = _evaluate(new_edge, ws, partition, AP_AFTER, AFTER, "evaluate_after")
     metrics.update({PARTITION_ID: partition, NUM_EXAMPLES: len(_dataset(ws, partition, "train")),
-                    f"{SECONDS}.distill_c": report.seconds, PEAK_RSS: max(report.peak_rss_mb, _rss_mb())})
+                    f"{SECONDS}.distill_c": report.seconds, PEAK_RSS: max(report.peak_rss_mb, _rss_mb()),
+                    **loss_metrics("distill_c", report)})
     return _reply(msg, metrics)
 
 

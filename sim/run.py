@@ -54,6 +54,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--rd-iters", type=int, help="RD steps per tutor per round (default: per profile)")
     parser.add_argument("--redistill-iters", type=int, help="Distill C steps per round (default: per profile)")
     parser.add_argument("--batch-size", type=int, help="batch size of the clients' work (default: per profile)")
+    parser.add_argument("--device", default="auto",
+                        help="cpu | cuda | cuda:N | auto (default: cuda when available) for training the manufacturer "
+                             "chain; the federation and the local/oracle baselines run on the CPU")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
 
@@ -74,6 +77,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error(f"--data voc needs --voc-root pointing to an existing folder (got {args.voc_root})")
     if args.data == "synth" and args.voc_root is not None:
         parser.error("--voc-root is only used with --data voc")
+    from distill.trainer import resolve_device
+
+    try:
+        args.device = str(resolve_device(args.device))
+    except ValueError as err:
+        parser.error(f"--device: {err}")
     from sim.scenario import load_scenario
     from sim.voc import DataError
 
@@ -213,10 +222,12 @@ def main(argv=None) -> int:
     torch.set_num_threads(max(1, min(torch.get_num_threads(), os.cpu_count() or 1)))
     start = time.perf_counter()
     workspace = prepare(args.profile, args.scenario, num_clients=args.clients, seed=args.seed, data=args.data,
-                        voc_root=args.voc_root, cache_dir=args.cache)
+                        voc_root=args.voc_root, cache_dir=args.cache, device=args.device)
     print(f"data: {workspace.data_root} ({len(workspace.records)} images); shards: "
           f"{json.dumps(workspace.shards.sizes()['clients'])}", flush=True)
     chain = workspace.chain(progress=not args.quiet)
+    for model in (chain.teacher, chain.tutor, chain.edge):
+        model.cpu()  # the Flower federation (Ray actors, wire format) works on CPU tensors
     for name, rep in chain.reports().items():
         print(f"manufacturer {name}: {'reused cache' if rep['reused_cache'] else 'trained'} "
               f"({rep.get('iters')} iterations, {rep.get('seconds', 0):.0f} s when built)", flush=True)

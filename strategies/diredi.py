@@ -59,6 +59,7 @@ ARRAYS = "arrays"  # the FedAvg / FedProx global model (Flower's default key)
 # MetricRecord takes numbers only, so per-class AP travels as "<prefix>.<class>" keys.
 AP_BEFORE, AP_AFTER = "ap-before", "ap-after"
 SECONDS = "seconds"  # "seconds.<phase>"
+LOSSES = "losses"  # "losses.<phase>.<det|distill|ratio>": each phase's balance at its end
 AFTER = "after"  # "after.<precision|recall|f1|mAP>" of the evaluation that gives ap-after
 PARTITION_ID, NUM_EXAMPLES, PEAK_RSS = "partition-id", "num-examples", "peak-rss-mb"
 
@@ -116,6 +117,7 @@ def client_record(method: str, server_round: int, train_metrics: Mapping[str, An
         "ap_after": decode(after_metrics, AP_AFTER),
         "after": decode(after_metrics, AFTER),
         "seconds": seconds,
+        "losses": decode(train_metrics, LOSSES) | decode(after_metrics, LOSSES),
         "peak_rss_mb": peak,
         "num_examples": int(train_metrics.get(NUM_EXAMPLES, 0)),
         **fields,
