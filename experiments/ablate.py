@@ -14,6 +14,8 @@ merge every section present in ``--out``):
   labels-only student from the same (inherited) start, on the manufacturer's validation set over
   the presumed classes. Distill C: from the deployed edge on Exp 1's client data, scored on the
   client's test shard; its labels-only twin is the paper's direct training.
+* ``scratch``: Distill A and Distill B's labels-only twins from a fresh start (no inheriting) at the
+  same steps: what inheriting and the distillation loss are worth together.
 * ``rd``: Exp 1's reverse distillation, one lever at a time against the default ``RDSettings``:
   tutor 1 / tutor 2 label weights (eq. 8), where tutor 2 starts, beta of eq. 10 (including -1, a
   sign-flipped delta), frozen vs trainable backbone, and RD's optimiser. Each row reports the
@@ -42,7 +44,7 @@ from sim.evaluate import evaluate_model, nanmean
 from sim.voc import VOC_CLASSES
 from sim.workspace import prepare
 
-SECTIONS = ("balance", "links", "rd")
+SECTIONS = ("balance", "links", "rd", "scratch")
 log = logging.getLogger("ablate")
 
 
@@ -190,6 +192,22 @@ def section_links(ws, chain, args) -> dict:
     return {"links": links, "recipe": recipe.to_dict()}
 
 
+def section_scratch(ws, chain, args) -> dict:
+    s = ws.scenario
+    val = ws.dataset(ws.shards.manufacturer_val, s.presumed_classes)
+    phases = chain_phases(ws.profile, args.seed, KDRecipe())
+    out = {}
+    for link, role in (("distill_a", "tutor"), ("distill_b", "edge")):
+        start = student_start(ws.profile, role, args.seed + (1 if role == "tutor" else 2), None).to(ws.device)
+        report = train(start, ws.chain_data().presumed_train,
+                       replace(phases[link], name=f"{link} labels only, fresh start", distill_weight=0.0),
+                       progress=not args.quiet)
+        out[link] = {"labels_only_scratch_mAP": score(start, val, s.presumed_classes)["mAP"],
+                     "steps": phases[link].iters, "seconds": report.seconds}
+        log.info("scratch %s: labels only from a fresh start %.1f", link, out[link]["labels_only_scratch_mAP"])
+    return out
+
+
 # ------------------------------------------------------------------------------------------------
 def _f(x) -> str:
     return "—" if x is None or x != x else f"{x:.1f}"
@@ -203,12 +221,13 @@ def markdown(merged: dict) -> str:
     out = []
     if "links" in merged:
         out += ["### Links: KD vs labels-only from the same start, equal steps\n",
-                "| link | start | steps | KD mAP | labels-only mAP | KD - labels | loss ratio start | end | scored on |",
-                "|---|---|---|---|---|---|---|---|---|"]
+                "| link | start | steps | KD mAP | labels-only mAP | KD - labels | labels-only, fresh start | "
+                "loss ratio start | end | scored on |",
+                "|---|---|---|---|---|---|---|---|---|---|"]
         for name, l in merged["links"].items():
             out.append(f"| {name} | {l['same_start']} | {l['steps']} | {_f(l['kd_mAP'])} | {_f(l['labels_only_mAP'])} | "
-                       f"{l['kd_mAP'] - l['labels_only_mAP']:+.1f} | {_r(l['loss_ratio_start'])} | "
-                       f"{_r(l['loss_ratio_end'])} | {l['evaluated_on']} |")
+                       f"{l['kd_mAP'] - l['labels_only_mAP']:+.1f} | {_f(l.get('labels_only_scratch_mAP'))} | "
+                       f"{_r(l['loss_ratio_start'])} | {_r(l['loss_ratio_end'])} | {l['evaluated_on']} |")
         out.append("")
     if "balance" in merged:
         bal = merged["balance"]
@@ -244,6 +263,10 @@ def merge(out_dir: Path) -> dict:
             if section == "links":
                 merged["links"] = data["result"]["links"]
                 merged["recipe"] = data["result"]["recipe"]
+            elif section == "scratch":
+                for link, row in data["result"].items():
+                    if link in merged.get("links", {}) and row["steps"] == merged["links"][link]["steps"]:
+                        merged["links"][link]["labels_only_scratch_mAP"] = row["labels_only_scratch_mAP"]
             else:
                 merged[section] = data["result"]
             merged.setdefault("commands", {})[section] = data["command"]
@@ -279,7 +302,8 @@ def main(argv=None) -> int:
     cmd = "python -m experiments.ablate " + " ".join(sys.argv[1:] if argv is None else argv)
     for section in args.sections:
         start = time.perf_counter()
-        result = {"balance": section_balance, "links": section_links, "rd": section_rd}[section](ws, chain, args)
+        result = {"balance": section_balance, "links": section_links, "rd": section_rd,
+                  "scratch": section_scratch}[section](ws, chain, args)
         payload = {"command": cmd, "seconds": time.perf_counter() - start, "profile": args.profile,
                    "seed": args.seed, "torch_threads": torch.get_num_threads(), "device": ws.device, "result": result}
         (args.out / f"ablation-{section}.json").write_text(json.dumps(payload, indent=1, default=float))
@@ -288,8 +312,7 @@ def main(argv=None) -> int:
         text = markdown(merged)
         (args.out / "ablation.md").write_text(
             "".join(f"Command ({k}): `{v}`\n\n" for k, v in merged["commands"].items()) + text)
-        print(markdown({section if section != "links" else "links":
-                        result if section != "links" else result["links"]}))
+        print(markdown(merged))
     return 0
 
 

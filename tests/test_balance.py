@@ -163,3 +163,21 @@ def test_training_runs_on_the_students_device(ws):
     report = train(student, data, Phase("kd", iters=2, batch_size=4, hflip=False), teacher=teacher, progress=False)
     assert report.device == str(device)
     assert next(teacher.parameters()).device == next(student.parameters()).device
+
+
+# -- the ablation harness ----------------------------------------------------------------------------
+def test_ablation_harness_writes_the_links_json(tmp_path):
+    import json
+
+    from experiments import ablate
+
+    out = tmp_path / "results"
+    code = ablate.main(["--profile", "smoke", "--sections", "links", "--out", str(out),
+                        "--cache", str(tmp_path / "cache"), "--device", "cpu", "--threads", "1", "--quiet"])
+    assert code == 0
+    links = json.loads((out / "ablation.json").read_text())["links"]
+    assert set(links) == {"distill_a", "distill_b", "distill_c"}
+    for row in links.values():
+        assert 0.0 <= row["kd_mAP"] <= 100.0 and 0.0 <= row["labels_only_mAP"] <= 100.0
+        assert row["steps"] >= 1 and row["loss_ratio_start"] > 0 and row["loss_ratio_end"] > 0
+    assert "| distill_c |" in (out / "ablation.md").read_text()
