@@ -124,7 +124,7 @@ def section_rd(ws, chain, args) -> dict:
         "tutor 2 label weight 0.1": {"t2_label_weight": 0.1},
         "tutor 2 starts from the original tutor": {"t2_from_t1": False},
         "trainable backbone": {"freeze_backbone": False},
-        "RD optimiser SGD (lr 0.01)": {"rd_optimizer": "sgd", "rd_lr": 0.01},
+        "RD optimiser AdamW (lr 2e-3)": {"rd_optimizer": "adamw", "rd_lr": 2e-3},
         "RD with FGD, fixed weights (the paper)": {"rd_distill_loss": "fgd", "rd_balance": "fixed"},
     }
     levers = {k: v for k, v in levers.items() if not args.rd_levers or k == "default" or k in args.rd_levers}
@@ -156,6 +156,8 @@ def section_links(ws, chain, args) -> dict:
     links = {}
     for link, stage, role, teacher in (("distill_a", "distill_a", "tutor", chain.teacher),
                                        ("distill_b", "distill_b", "edge", chain.tutor)):
+        if link not in args.links:
+            continue
         phase = phases[link]
         kd_model = chain.tutor if role == "tutor" else chain.edge
         report = chain.stages[stage].report
@@ -171,6 +173,8 @@ def section_links(ws, chain, args) -> dict:
                        "labels_only_seconds": labels_report.seconds, "kd_seconds": report.get("seconds")}
         log.info("link %s: KD %.1f vs labels %.1f", link, links[link]["kd_mAP"], links[link]["labels_only_mAP"])
 
+    if "distill_c" not in args.links:
+        return {"links": links, "recipe": recipe.to_dict()}
     # Distill C on Exp 1's client: from the deployed edge, KD from the updated tutor + labels,
     # against direct training (labels only) at the same steps.
     settings = RDSettings.from_profile(ws.profile)
@@ -279,6 +283,9 @@ def main(argv=None) -> int:
     parser.add_argument("--exp", default="exp1", help="scenario of the Distill C link and the RD levers")
     parser.add_argument("--sections", nargs="+", default=list(SECTIONS), choices=SECTIONS)
     parser.add_argument("--balance-steps", type=int, default=200)
+    parser.add_argument("--links", nargs="+", default=["distill_a", "distill_b", "distill_c"],
+                        choices=["distill_a", "distill_b", "distill_c"],
+                        help="links section: only these links (the others keep their earlier results)")
     parser.add_argument("--betas", type=float, nargs="*", default=[0.5, 2.0, -1.0])
     parser.add_argument("--rd-levers", nargs="*", default=[], help="only these RD levers (labels as in the table)")
     parser.add_argument("--seed", type=int, default=0)
@@ -304,6 +311,14 @@ def main(argv=None) -> int:
         start = time.perf_counter()
         result = {"balance": section_balance, "links": section_links, "rd": section_rd,
                   "scratch": section_scratch}[section](ws, chain, args)
+        if section == "links":
+            for row in result["links"].values():
+                row["command"] = cmd
+            previous = args.out / "ablation-links.json"
+            if previous.exists():  # links not recomputed keep their earlier rows (and commands)
+                old = json.loads(previous.read_text())["result"]["links"]
+                result["links"] = {k: result["links"].get(k, old.get(k)) for k in
+                                   ("distill_a", "distill_b", "distill_c") if k in result["links"] or k in old}
         payload = {"command": cmd, "seconds": time.perf_counter() - start, "profile": args.profile,
                    "seed": args.seed, "torch_threads": torch.get_num_threads(), "device": ws.device, "result": result}
         (args.out / f"ablation-{section}.json").write_text(json.dumps(payload, indent=1, default=float))
