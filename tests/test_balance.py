@@ -181,3 +181,18 @@ def test_ablation_harness_writes_the_links_json(tmp_path):
         assert 0.0 <= row["kd_mAP"] <= 100.0 and 0.0 <= row["labels_only_mAP"] <= 100.0
         assert row["steps"] >= 1 and row["loss_ratio_start"] > 0 and row["loss_ratio_end"] > 0
     assert "| distill_c |" in (out / "ablation.md").read_text()
+
+
+def test_a_new_kd_recipe_reuses_the_cached_teacher(tmp_path):
+    from distill.chain import manufacturer_chain
+    from distill.trainer import PAPER_FGD
+
+    ws = prepare("smoke", "exp1", num_clients=1, seed=0, cache_dir=tmp_path)
+    s = ws.scenario
+    args = (ws.profile, ws.chain_data(), s.teacher_classes, s.presumed_classes, 0, tmp_path / "chain")
+    first = manufacturer_chain(*args, progress=False)
+    second = manufacturer_chain(*args, progress=False, recipe=PAPER_FGD)
+    assert second.stages["teacher"].reused and second.stages["teacher"].key == first.stages["teacher"].key
+    assert not second.stages["distill_a"].reused and second.stages["distill_a"].key != first.stages["distill_a"].key
+    third = manufacturer_chain(*args, progress=False, recipe=PAPER_FGD)
+    assert all(stage.reused for stage in third.stages.values())
