@@ -18,8 +18,12 @@ from models.parts import neck_head
 from models.ladder import NUM_CLASSES
 from sim.federation import run_federation
 from sim.workspace import prepare
+from strategies.verify import VerificationPolicy
 
 NUM_CLIENTS = 2
+# The protected-class check still runs, but no finite delta can fail it: these tests follow accepted
+# deltas through the round (rejection is tested in test_strategy.py), so none may depend on luck.
+ACCEPT_HONEST = VerificationPolicy(protected_tolerance=1.0, protected_classes=("person",))
 FORBIDDEN_WORDS = ("image", "box", "label", "target", "pixel")
 
 
@@ -59,7 +63,7 @@ def run_captured(method: str, setup, **kwargs):
 
 @pytest.fixture(scope="module")
 def diredi_run(setup):
-    return run_captured("diredi", setup)
+    return run_captured("diredi", setup, policy=ACCEPT_HONEST)
 
 
 @pytest.fixture(scope="module")
@@ -102,11 +106,9 @@ def test_diredi_round_runs_end_to_end(diredi_run, setup):
     for r, d in zip(result.records, result.verification_log):
         assert r["accepted"] == d["accepted"] and math.isfinite(d["norm"])
         assert {"evaluate_before", "rd_tutor1", "rd_tutor2", "server_verify"} <= set(r["seconds"])
-        if r["accepted"]:
-            assert r["redistilled"] and "distill_c" in r["seconds"]
-    if any(d["accepted"] for d in result.verification_log):
-        changed = [k for k, v in neck_head(chain.tutor).items() if not torch.equal(v, result.tutor_state[k])]
-        assert changed, "an accepted delta should move the tutor's neck/head"
+        assert r["accepted"] and r["redistilled"] and "distill_c" in r["seconds"]
+    changed = [k for k, v in neck_head(chain.tutor).items() if not torch.equal(v, result.tutor_state[k])]
+    assert changed, "accepted deltas should move the tutor's neck/head"
     assert result.edge_state is None  # client re-distillation: each edge lives on its client
 
 
@@ -141,7 +143,7 @@ def comparable(record: dict) -> dict:
 
 def test_same_seed_same_numbers(diredi_run, setup):
     first, _ = diredi_run
-    second, _ = run_captured("diredi", setup)
+    second, _ = run_captured("diredi", setup, policy=ACCEPT_HONEST)
     assert [comparable(r) for r in second.records] == [comparable(r) for r in first.records]
     assert [d["norm"] for d in second.verification_log] == [d["norm"] for d in first.verification_log]
     for name, value in first.tutor_state.items():
@@ -149,7 +151,7 @@ def test_same_seed_same_numbers(diredi_run, setup):
 
 
 def test_shared_tutor1_and_server_redistillation(setup):
-    result, replies = run_captured("diredi", setup, share_tutor1=True, redistill="server")
+    result, replies = run_captured("diredi", setup, share_tutor1=True, redistill="server", policy=ACCEPT_HONEST)
     workspace, chain, _ = setup
     check_records(result, "diredi", workspace)
     nh_keys = set(neck_head(chain.tutor))
@@ -158,6 +160,5 @@ def test_shared_tutor1_and_server_redistillation(setup):
         check_reply_is_weights_and_numbers(reply.content, nh_keys if step == "train" else None)
     for r in result.records:
         assert r["seconds"]["rd_tutor1"] == 0.0 and r["seconds"]["server_tutor1"] > 0  # one Tutor 1, on the server
-        if r["accepted"]:
-            assert "server_distill_c" in r["seconds"] and "distill_c" not in r["seconds"]
+        assert r["accepted"] and "server_distill_c" in r["seconds"] and "distill_c" not in r["seconds"]
     assert set(result.edge_state) == set(chain.edge.state_dict())  # the server's re-distilled edge
