@@ -14,10 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import torch
 from torch import nn
 from torch.utils.data import Dataset
-
-import torch
 
 from distill.trainer import KDRecipe, Phase, PhaseReport, train
 from models.io import CorruptWeights, file_sha256, load_weights, save_weights

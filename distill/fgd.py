@@ -1,8 +1,8 @@
 """Focal and Global Distillation (FGD) for detectors, on FPN features.
 
 Yang et al., "Focal and Global Knowledge Distillation for Detectors", CVPR 2022; used by DiReDi
-(section II-B, eqs. 3-6) for every distillation step. Written from the formulas (see
-the README's "Distillation" section); one function per equation term:
+(section II-B, eqs. 3-6) for every distillation step. Written from the paper's formulas and the
+reference FCOS weights; one function per equation term:
 
 * :func:`foreground_masks`  -- binary foreground mask M, scale mask S and the background mask (eq. 3)
 * :func:`spatial_attention`, :func:`channel_attention` -- attention masks A^S and A^C (eqs. 1-2 of FGD)

@@ -12,7 +12,7 @@ The loss of one step is the paper's eq. (8) in general form:
 detection head from a teacher without ever seeing the data's labels (a Distill C option).
 
 L_FGD is any feature-distillation loss of ``distill.fgd`` (``Phase.distill_loss``: FGD or PKD), and
-its weight relative to the detection loss is a setting (``Phase.balance``), see :func:`balance_weight`.
+its weight relative to the detection loss is a setting (``Phase.balance``), see :class:`LossBalance`.
 Every step records the detection loss and the weighted distillation term separately; their ratio
 (distillation term / unweighted detection loss) is what the phase reports.
 """
@@ -47,7 +47,7 @@ class Phase:
     label_weight: float = 1.0  # eq. (8): weight of the detector's own loss
     distill_weight: float = 1.0  # eq. (8): weight of the distillation loss (needs a teacher)
     distill_loss: str = "fgd"  # "fgd" (the paper's, eqs. 3-6) or "pkd" (standardised features)
-    balance: str = "fixed"  # "fixed" | "calibrated" | "auto": see balance_weight
+    balance: str = "fixed"  # "fixed" | "calibrated" | "auto": see LossBalance
     target_ratio: float = 1.0  # calibrated / auto: distillation term / detection loss
     fgd: FGDConfig = field(default_factory=FGDConfig)
     pkd_weight: float = 6.0  # PKD loss weight (the PKD paper uses 6-10 per level)

@@ -107,7 +107,7 @@ def run_experiment(exp: str, args, settings_overrides: dict) -> dict:
     return {"experiment": exp, "private": list(spec.private), "dropped": list(spec.dropped),
             "eval_classes": names, "settings": settings.to_dict(), "delta_norm": delta_norm(delta),
             "delta_bytes": sum(t.numel() * t.element_size() for t in delta.values()),
-            "test_images": len(test), "rows": rows, "phases": phases}
+            "test_images": len(test), "presumed": list(s.presumed_classes), "rows": rows, "phases": phases}
 
 
 def rows_json(res: dict, presumed: list[str]) -> dict:
@@ -187,9 +187,8 @@ def main(argv=None) -> int:
     for exp in args.exp:
         t0 = time.perf_counter()
         res = run_experiment(exp, args, overrides)
-        presumed = prepare(args.profile, exp, num_clients=1, seed=args.seed, cache_dir=args.cache).scenario.presumed_classes
         payload = {"command": cmd, "seconds": time.perf_counter() - t0, "torch_threads": torch.get_num_threads(),
-                   **res, "rows_full": res["rows"], "rows": rows_json(res, presumed)}
+                   **res, "rows_full": res["rows"], "rows": rows_json(res, res["presumed"])}
         (args.out / f"table3-{exp}.json").write_text(json.dumps(payload, indent=1, default=float))
         text = markdown([res])
         (args.out / f"table3-{exp}.md").write_text(f"Command: `{cmd}` ({time.perf_counter() - t0:.0f} s)\n\n{text}")

@@ -13,6 +13,7 @@ from pathlib import Path
 from torch.utils.data import ConcatDataset, Dataset
 
 from distill.chain import Chain, ChainData, manufacturer_chain
+from distill.trainer import resolve_device
 from models.ladder import Profile, get_profile
 from sim.scenario import ClientSpec, Scenario, Shards, load_scenario, make_shards, select_clients
 from sim.synth import ensure_synthetic_voc
@@ -108,7 +109,5 @@ def prepare(profile: str | Profile, scenario: str | Path, num_clients: int | Non
         raise ValueError(f"unknown data source {data!r}; expected 'synth' or 'voc'")
     clients = select_clients(scen, num_clients if num_clients is not None else len(scen.clients))
     shards = make_shards(records, scen, seed, num_clients=len(clients))
-    from distill.trainer import resolve_device
-
     return Workspace(profile, scen, clients, records, shards, root, seed, cache_dir, data,
                      str(resolve_device(device)))
