@@ -12,7 +12,7 @@ import time
 
 import torch
 
-from sim.workspace import prepare
+from data.workspace import prepare
 
 
 def main(argv=None) -> int:

@@ -20,6 +20,8 @@ Every step records the detection loss and the weighted distillation term separat
 from __future__ import annotations
 
 import math
+import resource
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -94,7 +96,7 @@ class PhaseReport:
     name: str
     iters: int
     seconds: float
-    peak_rss_mb: float  # peak resident memory of this process during the phase (CPU)
+    peak_rss_mb: float  # peak resident memory of this process up to the phase's end (CPU)
     peak_cuda_mb: float
     first_loss: float
     last_loss: float  # mean over the last 10% of steps
@@ -123,23 +125,20 @@ class PhaseReport:
         return {**out, **self.balance()}
 
 
-def _rss_mb() -> float:
-    """Current resident set size in MiB (Linux); 0 where /proc is unavailable."""
-    try:
-        with open("/proc/self/statm") as f:
-            pages = int(f.read().split()[1])
-        return pages * (4096 / 2**20)
-    except OSError:
-        return 0.0
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far, in MiB (``getrusage``: KiB on Linux, bytes on macOS)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
 
 
-def lr_at(step: int, phase: Phase) -> float:
-    """Linear warm-up, then cosine decay to zero."""
+def lr_factor(step: int, phase: Phase) -> float:
+    """The learning rate at ``step`` as a fraction of ``phase.lr``: linear warm-up, then cosine decay
+    to zero (applied by torch's ``LambdaLR``)."""
     warm = min(phase.warmup_iters, max(phase.iters // 5, 1))
     if step < warm:
-        return phase.lr * (step + 1) / warm
+        return (step + 1) / warm
     progress = (step - warm) / max(phase.iters - warm, 1)
-    return phase.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 def infinite_batches(dataset: Dataset, batch_size: int, generator: torch.Generator):
@@ -320,15 +319,13 @@ def train(student: nn.Module, dataset: Dataset, phase: Phase, teacher: nn.Module
     losses: list[float] = []
     det_losses: list[float] = []
     distill_losses: list[float] = []
-    peak_rss = _rss_mb()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
     batches = infinite_batches(dataset, phase.batch_size, generator)
     bar = tqdm(range(phase.iters), desc=phase.name, disable=not progress, leave=False, dynamic_ncols=True)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, phase))
     for step in bar:
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, phase)
         images, targets = _prepare(next(batches), phase, generator)
         images, targets = to_device(images, targets, device)
         image_list, targets = student.transform(images, targets)
@@ -357,9 +354,9 @@ def train(student: nn.Module, dataset: Dataset, phase: Phase, teacher: nn.Module
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, max_norm=phase.clip_norm)
         optimizer.step()
+        schedule.step()
         losses.append(float(loss.detach()))
         if step % 10 == 0:
-            peak_rss = max(peak_rss, _rss_mb())
             post = {"det": f"{det_losses[-1]:.3f}"}
             if distill_losses:
                 post["distill"] = f"{distill_losses[-1]:.3f}"
@@ -369,7 +366,7 @@ def train(student: nn.Module, dataset: Dataset, phase: Phase, teacher: nn.Module
     student.eval()
     tail = losses[-max(len(losses) // 10, 1):] if losses else [float("nan")]
     report = PhaseReport(
-        name=phase.name, iters=phase.iters, seconds=seconds, peak_rss_mb=max(peak_rss, _rss_mb()),
+        name=phase.name, iters=phase.iters, seconds=seconds, peak_rss_mb=peak_rss_mb(),
         peak_cuda_mb=torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else 0.0,
         first_loss=losses[0] if losses else float("nan"), last_loss=sum(tail) / len(tail), losses=losses,
         det_losses=det_losses, distill_losses=distill_losses, device=str(device))

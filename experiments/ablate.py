@@ -35,14 +35,14 @@ from pathlib import Path
 
 import torch
 
-from clients.rd import (RDSettings, client_delta, direct_training, distill_c, reverse_distill_tutor1,
+from distill.rd import (RDSettings, client_delta, direct_training, distill_c, reverse_distill_tutor1,
                         reverse_distill_tutor2, updated_tutor)
 from distill.chain import chain_phases, student_start
 from distill.trainer import KDRecipe, PAPER_FGD, train
 from models.parts import delta_norm
-from sim.evaluate import evaluate_model, nanmean
-from sim.voc import VOC_CLASSES
-from sim.workspace import prepare
+from evaluation.ap import evaluate_model, nanmean
+from data.voc import VOC_CLASSES
+from data.workspace import prepare
 
 SECTIONS = ("balance", "links", "rd", "scratch")
 log = logging.getLogger("ablate")
@@ -106,7 +106,7 @@ def tutor_effect(model, ws, new: list[str]) -> dict:
     s = ws.scenario
     out = {}
     for where, dataset, names in (("val", ws.validation_set(), [*s.presumed_classes, *new]),
-                                  ("test", ws.client_test(0), ws.eval_classes(0))):
+                                  ("test", ws.client_test(0), ws.eval_classes())):
         r = score(model, dataset, names)
         out[where] = {"new_ap": nanmean(r["ap"][n] for n in new),
                       "presumed_mAP": nanmean(r["ap"][n] for n in s.presumed_classes),
@@ -180,7 +180,7 @@ def section_links(ws, chain, args) -> dict:
     settings = RDSettings.from_profile(ws.profile)
     _, _, delta, _ = rd_run(ws, chain, settings, args.seed, not args.quiet)
     tutor = updated_tutor(chain.tutor, delta, settings.beta)
-    test, names = ws.client_test(0), ws.eval_classes(0)
+    test, names = ws.client_test(0), ws.eval_classes()
     edge_c, rc = distill_c(chain.edge, tutor, ws.client_train(0), settings, args.seed, not args.quiet)
     edge_d, _ = direct_training(chain.edge, ws.client_train(0), settings.redistill_iters, settings, args.seed,
                                 progress=not args.quiet)

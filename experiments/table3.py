@@ -24,12 +24,12 @@ from pathlib import Path
 
 import torch
 
-from clients.rd import (RDSettings, client_delta, direct_training, distill_c, reverse_distill_tutor1,
+from distill.rd import (RDSettings, client_delta, direct_training, distill_c, reverse_distill_tutor1,
                         reverse_distill_tutor2, updated_tutor)
 from models.parts import delta_norm
-from sim.evaluate import evaluate_model
-from sim.voc import VOC_CLASSES
-from sim.workspace import prepare
+from evaluation.ap import evaluate_model
+from data.voc import VOC_CLASSES
+from data.workspace import prepare
 
 PAPER_TABLE3 = {  # mAP, from the paper's Table III (VOC, GPU), for side-by-side reading
     "exp1": {"Tutor 1": 53.7, "Tutor 2": 56.3, "Original tutor": 57.0, "Updated tutor": 58.7,
@@ -82,7 +82,7 @@ def run_experiment(exp: str, args, settings_overrides: dict) -> dict:
         phases[name] = {**stage.report, "reused_cache": stage.reused}
 
     test = ws.client_test(0)
-    names = ws.eval_classes(0)
+    names = ws.eval_classes()
     seed = args.seed
     t1, r1 = reverse_distill_tutor1(chain.tutor, chain.edge, ws.client_presumed(0), settings, seed, not args.quiet)
     t2, r2 = reverse_distill_tutor2(chain.tutor, t1, chain.edge, ws.client_train(0), settings, seed, not args.quiet)

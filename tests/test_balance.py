@@ -4,12 +4,12 @@ import pytest
 import torch
 from torch.utils.data import Subset
 
-import clients.rd as rd
+import distill.rd as rd
 from distill.fgd import PKDLoss, pkd_level_loss, standardize_channels
 from distill.trainer import KDRecipe, LossBalance, Phase, resolve_device, to_device, train
 from models.ladder import build_model, get_profile
 from models.parts import inherit_neck_head, neck_head, split_parameters
-from sim.workspace import prepare
+from data.workspace import prepare
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from sim.scenario import (
+from data.scenario import (
     ClientSpec,
     filter_records,
     load_scenario,
@@ -18,8 +18,8 @@ from sim.scenario import (
     scenario_from_dict,
     select_clients,
 )
-from sim.synth import write_synthetic_voc
-from sim.voc import VOC_CLASSES, DataError, VOCDetection, collate_detection, read_voc
+from data.synth import write_synthetic_voc
+from data.voc import VOC_CLASSES, DataError, VOCDetection, collate_detection, read_voc
 
 EXP_CLASSES = ("aeroplane", "bus", "car", "cat", "dog", "horse", "motorbike", "person", "sheep", "tvmonitor")
 

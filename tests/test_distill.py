@@ -6,13 +6,13 @@ import pytest
 import torch
 from torch.utils.data import Subset
 
-from clients.rd import (RDSettings, client_delta, distill_c, reverse_distill_tutor1, reverse_distill_tutor2,
+from distill.rd import (RDSettings, client_delta, distill_c, reverse_distill_tutor1, reverse_distill_tutor2,
                         updated_tutor)
 from distill.chain import cached_stage
 from distill.trainer import Phase, train
 from models.ladder import build_model, detection_losses, get_profile, neck_features
 from models.parts import neck_head, split_parameters
-from sim.workspace import prepare
+from data.workspace import prepare
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""Tests for sim/evaluate.py (VOC-exact detection evaluation)."""
+"""Tests for evaluation/ap.py (VOC-exact detection evaluation)."""
 
 from __future__ import annotations
 
@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 import torch
 
-from sim.evaluate import (
+from data.voc import collate_detection
+from evaluation.ap import (
     VOC07_RECALL_POINTS,
     EvalResult,
     average_precision,
     class_ap,
-    collate_as_lists,
     evaluate_detections,
     evaluate_model,
     precision_recall_f1,
@@ -445,7 +445,7 @@ def test_evaluate_model_tiny_fcos_runs_and_restores_mode():
     from torch.utils.data import DataLoader
 
     model.eval()
-    loader = DataLoader(dataset, batch_size=3, collate_fn=collate_as_lists)
+    loader = DataLoader(dataset, batch_size=3, collate_fn=collate_detection)
     again = evaluate_model(model, loader, class_ids=[0, 1, 2], score_thresh=0.05)
     assert not model.training
     assert same_values(again.ap, result.ap)

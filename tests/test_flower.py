@@ -1,7 +1,7 @@
 """Whole rounds through real Flower + Ray (smoke profile, 2 clients, 1 round each).
 
 Every reply a client sends is captured on the server side (the strategies pass each one through
-``split_replies``) and inspected: it may hold weights and numbers, never images, boxes or labels.
+``Recorder.split``) and inspected: it may hold weights and numbers, never images, boxes or labels.
 """
 
 from __future__ import annotations
@@ -11,13 +11,12 @@ import math
 import pytest
 import torch
 
-import strategies.baselines
-import strategies.diredi
-from clients.rd import RDSettings
-from models.parts import neck_head
 from models.ladder import NUM_CLASSES
+from models.parts import neck_head
+from protocol.config import resolve_run_config
 from sim.federation import run_federation
-from sim.workspace import prepare
+from strategies.ledger import Recorder
+from strategies.server_app import Session
 from strategies.verify import VerificationPolicy
 
 NUM_CLIENTS = 2
@@ -36,34 +35,41 @@ def threads_one():
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory, threads_one):
-    workspace = prepare("smoke", "default8", num_clients=NUM_CLIENTS, seed=0,
-                        cache_dir=tmp_path_factory.mktemp("flower-cache"))
-    chain = workspace.chain(progress=False)
-    return workspace, chain, RDSettings.from_profile(workspace.profile)
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("flower-cache")
 
 
-def run_captured(method: str, setup, **kwargs):
+def session_for(cache, **settings) -> Session:
+    return Session.open(resolve_run_config({"profile": "smoke", "num-clients": NUM_CLIENTS, "cache-dir": str(cache),
+                                            **settings}))
+
+
+@pytest.fixture(scope="module")
+def setup(cache, threads_one):
+    session = session_for(cache)
+    return session.workspace, session.chain, session
+
+
+def run_captured(method: str, setup, policy=None, **settings):
     """Runs one round; returns (result, [(step, reply message), ...] for every client reply)."""
-    workspace, chain, settings = setup
+    session = setup[2] if not settings else session_for(setup[2].config.cache_dir, **settings)
     seen = []
-    original = strategies.diredi.split_replies
+    original = Recorder.split
 
-    def spy(replies, step, server_round, failures):
+    def spy(self, replies, step, server_round):
         replies = list(replies)
         seen.extend((step, r) for r in replies)
-        return original(replies, step, server_round, failures)
+        return original(self, replies, step, server_round)
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(strategies.diredi, "split_replies", spy)
-        patch.setattr(strategies.baselines, "split_replies", spy)
-        result = run_federation(method, workspace, chain, rounds=1, settings=settings, **kwargs)
+        patch.setattr(Recorder, "split", spy)
+        result = run_federation(method, session, policy=policy)
     return result, seen
 
 
 @pytest.fixture(scope="module")
 def diredi_run(setup):
-    return run_captured("diredi", setup, policy=ACCEPT_HONEST)
+    return run_captured("diredi", setup, policy=ACCEPT_HONEST, tutor1="per-client")
 
 
 @pytest.fixture(scope="module")
@@ -72,12 +78,12 @@ def fedavg_run(setup):
 
 
 def check_records(result, method: str, workspace):
-    assert result.failures == []
+    assert result.recorder.failures == []
     assert [r["client"] for r in result.records] == list(range(NUM_CLIENTS))
     for r in result.records:
         assert r["method"] == method and r["round"] == 1
         assert r["ap_before"] and set(r["ap_before"]) == set(r["ap_after"])
-        own = set(workspace.eval_classes(r["client"]))
+        own = set(workspace.eval_classes())
         assert own <= set(r["ap_before"])
         assert all(0.0 <= v <= 1.0 for c, v in r["ap_before"].items() if c in own and not math.isnan(v))
         assert r["bytes_up"] > 0 and r["bytes_down"] > r["bytes_up"]
@@ -102,9 +108,9 @@ def test_diredi_round_runs_end_to_end(diredi_run, setup):
     result, _ = diredi_run
     workspace, chain, _ = setup
     check_records(result, "diredi", workspace)
-    assert len(result.verification_log) == NUM_CLIENTS
-    for r, d in zip(result.records, result.verification_log):
-        assert r["accepted"] == d["accepted"] and math.isfinite(d["norm"])
+    assert len(result.recorder.decisions) == NUM_CLIENTS
+    for r, d in zip(result.records, result.recorder.decisions):
+        assert r["accepted"] == d.accepted and math.isfinite(d.norm)
         assert {"evaluate_before", "rd_tutor1", "rd_tutor2", "server_verify"} <= set(r["seconds"])
         assert r["accepted"] and r["redistilled"] and "distill_c" in r["seconds"]
     changed = [k for k, v in neck_head(chain.tutor).items() if not torch.equal(v, result.tutor_state[k])]
@@ -128,7 +134,7 @@ def test_fedavg_runs_and_replies_carry_no_data(fedavg_run, setup):
     result, replies = fedavg_run
     workspace, chain, _ = setup
     check_records(result, "fedavg", workspace)
-    assert result.verification_log == [] and result.tutor_state is None
+    assert result.recorder.decisions == [] and result.tutor_state is None
     assert set(result.edge_state) == set(chain.edge.state_dict())
     edge_keys = set(chain.edge.state_dict())
     assert sorted(step for step, _ in replies) == ["evaluate"] * NUM_CLIENTS + ["train"] * NUM_CLIENTS
@@ -143,15 +149,15 @@ def comparable(record: dict) -> dict:
 
 def test_same_seed_same_numbers(diredi_run, setup):
     first, _ = diredi_run
-    second, _ = run_captured("diredi", setup, policy=ACCEPT_HONEST)
+    second, _ = run_captured("diredi", setup, policy=ACCEPT_HONEST, tutor1="per-client")
     assert [comparable(r) for r in second.records] == [comparable(r) for r in first.records]
-    assert [d["norm"] for d in second.verification_log] == [d["norm"] for d in first.verification_log]
+    assert [d.norm for d in second.recorder.decisions] == [d.norm for d in first.recorder.decisions]
     for name, value in first.tutor_state.items():
         assert torch.equal(value, second.tutor_state[name]), name
 
 
 def test_shared_tutor1_and_server_redistillation(setup):
-    result, replies = run_captured("diredi", setup, share_tutor1=True, redistill="server", policy=ACCEPT_HONEST)
+    result, replies = run_captured("diredi", setup, tutor1="shared", redistill="server", policy=ACCEPT_HONEST)
     workspace, chain, _ = setup
     check_records(result, "diredi", workspace)
     nh_keys = set(neck_head(chain.tutor))
@@ -162,3 +168,60 @@ def test_shared_tutor1_and_server_redistillation(setup):
         assert r["seconds"]["rd_tutor1"] == 0.0 and r["seconds"]["server_tutor1"] > 0  # one Tutor 1, on the server
         assert r["accepted"] and "server_distill_c" in r["seconds"] and "distill_c" not in r["seconds"]
     assert set(result.edge_state) == set(chain.edge.state_dict())  # the server's re-distilled edge
+
+
+# -- both entry points run the same experiment -------------------------------------------------------
+
+
+def flwr_run_config(**overrides) -> dict:
+    """What `flwr run . --run-config "..."` hands the ServerApp: pyproject's defaults + overrides."""
+    import tomllib
+    from pathlib import Path
+
+    pyproject = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
+    return {**pyproject["tool"]["flwr"]["app"]["config"], **overrides}
+
+
+def test_pyproject_run_config_defaults_are_the_cli_defaults():
+    import dataclasses
+
+    from protocol.config import RunConfig
+    from sim.run import parse_args
+
+    raw = flwr_run_config()
+    for key in ("out-dir", "name"):
+        raw.pop(key)
+    assert raw.pop("num-clients") == 0  # the one documented difference: 0 = every connected node
+    from_flwr = resolve_run_config({**raw, "num-clients": 8})
+    assert from_flwr == parse_args([]).config
+    assert set(raw) | {"num-clients"} == {f.name.replace("_", "-") for f in dataclasses.fields(RunConfig)}
+
+
+def test_sim_run_and_the_flwr_server_app_give_the_same_records(cache, tmp_path, threads_one):
+    """`python -m sim.run` and the ServerApp that `flwr run .` loads, with the same settings."""
+    import json
+
+    from flwr.app import Context, RecordDict
+
+    from protocol.config import RunConfig
+    from sim.federation import simulate
+    from sim.run import main as cli_main
+    from strategies.server_app import main as flwr_server_main
+
+    assert cli_main(["--profile", "smoke", "--clients", str(NUM_CLIENTS), "--methods", "diredi,fedavg",
+                     "--cache", str(cache), "--out", str(tmp_path), "--name", "cli", "--quiet"]) == 0
+    run_config = flwr_run_config(**{"profile": "smoke", "methods": "diredi,fedavg", "cache-dir": str(cache),
+                                    "out-dir": str(tmp_path), "name": "flwr"})
+    context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=run_config)
+    # flwr run . starts one SuperNode per client; here, the same simulation runtime sim.run uses.
+    simulate(RunConfig(num_clients=NUM_CLIENTS), lambda grid, _: flwr_server_main(grid, context))
+
+    def records(name: str) -> list[dict]:
+        lines = (tmp_path / name / "rounds.jsonl").read_text().splitlines()
+        return [comparable(json.loads(line)) for line in lines]
+
+    cli, flwr = records("cli"), records("flwr")
+    assert [(r["method"], r["client"]) for r in cli] == [("diredi", 0), ("diredi", 1), ("fedavg", 0), ("fedavg", 1)]
+    assert flwr == cli
+    assert json.loads((tmp_path / "flwr" / "config.json").read_text())["run"] == \
+        json.loads((tmp_path / "cli" / "config.json").read_text())["run"]

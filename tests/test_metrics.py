@@ -1,4 +1,4 @@
-"""Tests for sim/metrics.py (knowledge gain, forgetting, released knowledge, spread, summaries)."""
+"""Tests for evaluation/metrics.py (knowledge gain, forgetting, released knowledge, spread, summaries)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from sim.metrics import (
+from evaluation.metrics import (
     class_forgetting,
     client_summary,
     flatten_class_names,

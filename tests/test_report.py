@@ -1,4 +1,4 @@
-"""Tests for sim/report.py (run folder JSON lines, results markdown, plots)."""
+"""Tests for report/writer.py (run folder JSON lines, results markdown, plots)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from sim.report import (
+from report.writer import (
     RunFolder,
     format_megabytes,
     format_percent,
@@ -111,7 +111,7 @@ def test_formatting_rules():
 def test_results_markdown_has_every_method_and_handles_missing_prf():
     records, specs, all_private = synthetic_run()
     text = results_markdown(records, specs, all_private,
-                            stage_rows={"Original edge": {"mAP": 0.438}, "Updated tutor": {"map": 0.587}})
+                            stage_rows={"Original edge": {"mAP": 0.438}, "Updated tutor": {"mAP": 0.587}})
     for method in METHODS:
         assert f"| {method} |" in text
     assert "| Original edge | 43.8 |" in text and "| Updated tutor | 58.7 |" in text

@@ -15,7 +15,7 @@ from sim.run import main, parse_args
     (["--data", "voc", "--voc-root", "/no/such/folder"], "--data voc needs --voc-root"),
     (["--scenario", "no_such_scenario"], "--scenario"),
     (["--profile", "huge"], "invalid choice"),
-    (["--rd-iters", "0"], "--rd-iters must be at least 1"),
+    (["--rd-iters", "0"], "--rd-iters: must be at least 1"),
 ])
 def test_invalid_arguments_stop_with_one_clear_line(argv, message, capsys, tmp_path):
     with pytest.raises(SystemExit) as exit_info:

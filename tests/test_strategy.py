@@ -11,12 +11,13 @@ import torch
 from flwr.app import ArrayRecord, Message, Metadata, MetricRecord, RecordDict
 from torch.utils.data import Dataset
 
-from clients.rd import RDSettings
+from distill.rd import RDSettings
 from distill.trainer import Phase, train
 from models.ladder import build_model, get_profile
 from models.parts import neck_head
 from strategies.aggregate import aggregate, ties_merge, trimmed_mean, weighted_mean
-from strategies.diredi import DELTA, METRICS, NUM_EXAMPLES, PARTITION_ID, DiReDiStrategy, decode, encode
+from protocol.wire import DELTA, METRICS, NUM_EXAMPLES, PARTITION_ID, decode, encode
+from strategies.diredi import DiReDiStrategy
 from strategies.verify import Decision, VerificationPolicy, protected_check, structural_check
 
 PERSON = 14  # VOC index of the protected class used below
@@ -202,15 +203,14 @@ def test_tutor_unchanged_when_every_delta_is_rejected(strategy):
     assert arrays is None and metrics["accepted"] == 0 and metrics["rejected"] == 5
     for name, value in strategy.tutor.state_dict().items():
         assert torch.equal(value, before[name]), name
-    reasons = {d.client: d.reason for d in strategy.verification_log}
+    reasons = {d.client: d.reason for d in strategy.recorder.decisions}
     assert "non-finite" in reasons[0] and "exceeds the bound" in reasons[1] and "shape" in reasons[2]
     assert "no delta" in reasons[3] and "weight" in reasons[4]
-    assert not any(d.accepted for d in strategy.verification_log)
+    assert not any(d.accepted for d in strategy.recorder.decisions)
 
 
 def test_delta_erasing_a_protected_class_is_rejected(strategy):
-    seen = []
-    strategy.on_decision = seen.append
+    seen = strategy.recorder.decisions
     erase = zeros_like_nh(strategy.tutor)
     erase["head.classification_head.cls_logits.bias"][PERSON] = -30.0  # person never scores again
     harmless = zeros_like_nh(strategy.tutor)
@@ -241,5 +241,5 @@ def test_accepted_deltas_are_merged_by_weight(strategy):
     assert metrics["accepted"] == 2
     expected = before + (10 * 1e-3 + 30 * 5e-3) / 40
     assert torch.allclose(neck_head(strategy.tutor)[name], expected, atol=1e-7)
-    assert [d.client for d in strategy.verification_log] == [0, 1]  # sorted by partition, not arrival
-    assert math.isclose(strategy.verification_log[1].weight, 30.0)
+    assert [d.client for d in strategy.recorder.decisions] == [0, 1]  # sorted by partition, not arrival
+    assert math.isclose(strategy.recorder.decisions[1].weight, 30.0)

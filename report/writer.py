@@ -37,7 +37,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.patches import Patch, Rectangle  # noqa: E402
 
-from sim.metrics import (  # noqa: E402
+from evaluation.metrics import (  # noqa: E402
     DETECTION_METRICS,
     is_missing,
     method_means,
@@ -50,7 +50,7 @@ from sim.metrics import (  # noqa: E402
 )
 
 # Top-level record fields whose JSON null means NaN (not "no value").
-FLOAT_FIELDS = frozenset({"peak_rss_mb", "precision", "recall", "f1", "mAP", "map"})
+FLOAT_FIELDS = frozenset({"peak_rss_mb", "precision", "recall", "f1", "mAP"})
 
 # Stable colours per method so every plot agrees.
 METHOD_COLOURS = {
@@ -148,10 +148,45 @@ class RunFolder:
     CONFIG = "config.json"
     ROUNDS = "rounds.jsonl"
     VERIFICATION = "verification.jsonl"
+    DONE = "done.json"
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         self.path.mkdir(parents=True, exist_ok=True)
+
+    @classmethod
+    def start(cls, path: str | os.PathLike, run: Mapping, details: Mapping | None = None,
+              resume: bool = False) -> "RunFolder":
+        """The folder of a new run (earlier logs emptied), or with ``resume`` the folder of an
+        earlier run with the same ``run`` configuration, keeping its finished methods' records.
+
+        config.json holds ``{"run": run, **details}``; only ``run`` is compared on resume."""
+        folder = cls(path)
+        run = json.loads(json.dumps(to_jsonable(run)))  # as it reads back from config.json
+        done: list[str] = []
+        if resume:
+            if not folder.config_path.exists():
+                raise ValueError(f"{folder.path} holds no earlier run (no config.json)")
+            if folder.read_config().get("run") != run:
+                raise ValueError(f"{folder.path} was made with other settings; start a new run (or another name)")
+            done = folder.read_done()
+        kept = [r for r in folder.read_records() if r["method"] in done] if done else []
+        folder.rounds_path.write_text("")  # rounds.jsonl: the finished methods' records, then the new ones
+        for record in kept:
+            folder.append_record(record)
+        if "diredi" not in done:
+            folder.verification_path.write_text("")
+        folder.write_done(done)
+        folder.write_config({"run": run, **(details or {})})
+        return folder
+
+    def read_done(self) -> list[str]:
+        """The methods whose every round is in rounds.jsonl."""
+        path = self.path / self.DONE
+        return json.loads(path.read_text()) if path.exists() else []
+
+    def write_done(self, methods: Sequence[str]) -> None:
+        (self.path / self.DONE).write_text(json.dumps(list(methods)))
 
     @property
     def name(self) -> str:
@@ -239,10 +274,6 @@ def format_seconds(value: Any) -> str:
     return MISSING_CELL if is_missing(value) else f"{float(value):.1f}"
 
 
-def format_count(value: Any) -> str:
-    return MISSING_CELL if is_missing(value) else f"{float(value):g}"
-
-
 def markdown_table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> list[str]:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
@@ -257,9 +288,8 @@ STAGE_COLUMNS = (("mAP", "mAP"), ("precision", "precision"), ("recall", "recall"
 
 
 def stage_value(row: Mapping, key: str) -> Any:
-    """A stage row's metric, matching the key case-insensitively ('mAP'/'map', 'f1'/'F1')."""
-    by_lower = {str(name).lower(): value for name, value in row.items()}
-    return by_lower.get(key.lower())
+    """A stage row's metric under the keys ``evaluation.ap.per_class_ap`` writes (mAP, precision, ...)."""
+    return row.get(key)
 
 
 def stage_section(stage_rows: Mapping[str, Mapping]) -> list[str]:
@@ -393,7 +423,7 @@ def grouped_bar_panel(axis, table: Sequence[Mapping], key: str, title: str) -> N
 
 def plot_gain_forgetting(table: Sequence[Mapping], path: str | os.PathLike) -> Path:
     """Per-client grouped bars, one bar per method: knowledge gain (top), forgetting of kept
-    presumed classes (bottom).  `table` is `sim.metrics.method_table`'s output."""
+    presumed classes (bottom).  `table` is `evaluation.metrics.method_table`'s output."""
     clients = sorted({row["client"] for row in table})
     figure, axes = plt.subplots(2, 1, figsize=(max(6.0, 1.0 + 0.9 * len(clients)), 7.0),
                                 sharex=True)

@@ -1,10 +1,12 @@
 """Everything a run needs before training: data on disk, the scenario, shards and data sets.
 
-Shared by ``python -m sim.run`` and the experiment scripts so both see the same data for a seed.
+Shared by both Flower apps, ``python -m sim.run`` and the experiment scripts, so all of them see
+the same data for a seed.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 from dataclasses import dataclass
@@ -15,9 +17,9 @@ from torch.utils.data import ConcatDataset, Dataset
 from distill.chain import Chain, ChainData, manufacturer_chain
 from distill.trainer import resolve_device
 from models.ladder import Profile, get_profile
-from sim.scenario import ClientSpec, Scenario, Shards, load_scenario, make_shards, select_clients
-from sim.synth import ensure_synthetic_voc
-from sim.voc import VOC_CLASSES, VOCDetection, VOCRecord, read_voc
+from data.scenario import ClientSpec, Scenario, Shards, load_scenario, make_shards, select_clients
+from data.synth import ensure_synthetic_voc
+from data.voc import VOC_CLASSES, VOCDetection, VOCRecord, read_voc
 
 log = logging.getLogger(__name__)
 DEFAULT_CACHE = Path(".cache")
@@ -79,11 +81,13 @@ class Workspace:
 
     def client_test(self, i: int) -> VOCDetection:
         """Held-out images of client i, labelled with every class the scenario involves for it."""
-        return self.dataset(self.shards.clients[i].test, self.eval_classes(i))
+        return self.dataset(self.shards.clients[i].test, self.eval_classes())
 
-    def eval_classes(self, i: int) -> list[str]:
-        """Presumed classes (kept and dropped) and every client's private classes (own and others',
-        the latter seen through the test shard's spread probes), in VOC order."""
+    def eval_classes(self) -> list[str]:
+        """What every client is evaluated on: presumed classes (kept and dropped) and every client's
+        private classes (own and others', the latter seen through the test shard's spread probes),
+        in VOC order. One key set for all clients: Flower's metric aggregation needs identical keys,
+        and a class without positives in a client's shard is NaN there."""
         wanted = set(self.scenario.presumed_classes) | {c for spec in self.clients for c in spec.private}
         return [c for c in VOC_CLASSES if c in wanted]
 
@@ -111,3 +115,12 @@ def prepare(profile: str | Profile, scenario: str | Path, num_clients: int | Non
     shards = make_shards(records, scen, seed, num_clients=len(clients))
     return Workspace(profile, scen, clients, records, shards, root, seed, cache_dir, data,
                      str(resolve_device(device)))
+
+
+@functools.lru_cache(maxsize=4)
+def cached_workspace(profile: str, scenario: str, num_clients: int, seed: int, data: str, voc_root: str,
+                     cache_dir: str, device: str) -> Workspace:
+    """``prepare`` memoised per process: a Ray actor serves several partitions from one workspace
+    (data is read-only; per-client state lives in Flower's ``context.state``)."""
+    return prepare(profile, scenario, num_clients=num_clients, seed=seed, data=data, voc_root=voc_root or None,
+                   cache_dir=cache_dir, device=device)

@@ -1,7 +1,7 @@
 """Pascal VOC layout: reader, records and a torch Dataset.
 
 One reader serves both real VOC 2007/2012 (from a local VOCdevkit) and the synthetic data set that
-`sim.synth` writes in the same layout.
+`data.synth` writes in the same layout.
 
 Box convention
 --------------

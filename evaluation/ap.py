@@ -33,6 +33,8 @@ from typing import Any, Hashable, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from data.voc import collate_detection
+
 # The VOC2007 recall points 0.0, 0.1, ..., 1.0, generated the way the reference does
 # (``np.arange(0., 1.1, 0.1)``).  Note that 0.3, 0.6 and 0.7 come out one ulp above the
 # decimal value (e.g. 0.30000000000000004), so a recall of exactly 3/10 does not reach "0.3".
@@ -365,10 +367,6 @@ def evaluate_detections(
 # --------------------------------------------------------------------------------------------
 
 
-def collate_as_lists(batch):
-    """DataLoader collate: ``[(image, target), ...] -> ([images], [targets])``."""
-    images, targets = zip(*batch)
-    return list(images), list(targets)
 
 
 def evaluate_model(
@@ -385,12 +383,12 @@ def evaluate_model(
 ) -> EvalResult:
     """Run a torchvision detection model over a data set and evaluate it the VOC way.
 
-    ``plus_one`` defaults to False here because ``sim.voc.VOCDetection`` already turns the devkit's
+    ``plus_one`` defaults to False here because ``data.voc.VOCDetection`` already turns the devkit's
     inclusive 1-based boxes into continuous ``(xmin - 1, ymin - 1, xmax, ymax)`` boxes whose width
     includes the devkit's "+1"; adding it again would widen every box by a pixel.
 
     ``dataset_or_loader`` yields ``(image FloatTensor[3, H, W], target dict)`` items (a Dataset),
-    or ``(images, targets)`` batches (a DataLoader, e.g. with ``collate_as_lists``).
+    or ``(images, targets)`` batches (a DataLoader, e.g. with ``collate_detection``).
     The model must already be on ``device`` (None: the device of its first parameter).
     AP uses every detection the model returns, so it is bounded by the model's own
     post-processing (e.g. FCOS ``score_thresh`` / ``detections_per_img``).
@@ -408,7 +406,7 @@ def evaluate_model(
         loader = dataset_or_loader
     else:
         loader = DataLoader(
-            dataset_or_loader, batch_size=batch_size, shuffle=False, collate_fn=collate_as_lists
+            dataset_or_loader, batch_size=batch_size, shuffle=False, collate_fn=collate_detection
         )
 
     predictions: list[dict] = []
@@ -421,7 +419,7 @@ def evaluate_model(
                 if isinstance(batch_targets, Mapping):
                     raise TypeError(
                         "targets came batched into one dict; collate to a list of dicts "
-                        "(e.g. DataLoader(..., collate_fn=collate_as_lists))"
+                        "(e.g. DataLoader(..., collate_fn=collate_detection))"
                     )
                 if isinstance(images, torch.Tensor):
                     images = list(images.unbind(0))
@@ -442,3 +440,14 @@ def evaluate_model(
         score_thresh=score_thresh,
         plus_one=plus_one,
     )
+
+
+def per_class_ap(model, dataset, class_names: Iterable[str], batch_size: int = 16) -> tuple[dict[str, float], dict[str, float]]:
+    """AP per VOC class name of ``model`` on ``dataset``, and {precision, recall, f1, mAP} (eq. 11)."""
+    from data.voc import CLASS_INDEX
+
+    names = list(class_names)
+    result = evaluate_model(model, dataset, [CLASS_INDEX[c] for c in names], batch_size=batch_size)
+    ap = {name: float(result.ap[CLASS_INDEX[name]]) for name in names}
+    summary = {"precision": result.precision, "recall": result.recall, "f1": result.f1, "mAP": result.mAP}
+    return ap, {k: float(v) for k, v in summary.items()}

@@ -1,6 +1,6 @@
 """Scenarios (who knows which classes) and the class shards they imply.
 
-A scenario file (YAML, in `experiments/`) names, in VOC class names:
+A scenario file (YAML; the shipped ones are in `data/scenarios/`) names, in VOC class names:
 
     name: exp2
     teacher_classes: [...]      # what the manufacturer's teacher is trained on
@@ -24,15 +24,9 @@ from typing import Any, Iterable, Sequence
 
 import yaml
 
-from sim.voc import CLASS_INDEX, VOC_CLASSES, DataError, VOCRecord, check_class_names, read_voc
+from models.ladder import get_profile
+from data.voc import CLASS_INDEX, VOC_CLASSES, DataError, VOCRecord, check_class_names
 
-# Synthetic data size per profile when a scenario file does not say otherwise.
-PROFILE_DATA_DEFAULTS: dict[str, dict[str, Any]] = {
-    "smoke": {"num_images": 400, "image_size": 64},
-    "cpu": {"num_images": 4000, "image_size": 128},
-    # The paper profile is meant for real VOC; this is only the synthetic stand-in.
-    "paper": {"num_images": 8000, "image_size": 320},
-}
 _DATA_KEYS = {"num_images", "image_size", "seed", "classes"}
 _TOP_KEYS = {"name", "description", "teacher_classes", "presumed_classes", "protected_classes", "clients", "data"}
 _CLIENT_KEYS = {"name", "private", "dropped"}
@@ -98,7 +92,8 @@ class Scenario:
         `classes` may be "scenario" (default: `data_classes`), "all" (the 20 VOC classes) or a list.
         """
         merged: dict[str, Any] = {"seed": 0, "classes": "scenario"}
-        merged.update(PROFILE_DATA_DEFAULTS.get(profile, PROFILE_DATA_DEFAULTS["cpu"]))
+        p = get_profile(profile)
+        merged.update(num_images=p.synthetic_images, image_size=p.synthetic_image_size)
         merged.update({k: v for k, v in self.data.items() if k != "profiles"})
         merged.update(self.data.get("profiles", {}).get(profile, {}))
         classes = merged["classes"]
@@ -114,19 +109,16 @@ class Scenario:
 # Loading and validation
 
 
-def _experiments_dir() -> Path:
-    import experiments
-
-    return Path(experiments.__file__).resolve().parent
+SCENARIO_DIR = Path(__file__).resolve().parent / "scenarios"  # the shipped scenarios
 
 
 def load_scenario(path_or_name: str | Path) -> Scenario:
-    """Load and validate a scenario file; a bare name like ``exp1`` means ``experiments/exp1.yaml``."""
+    """Load and validate a scenario file; a bare name like ``exp1`` means ``data/scenarios/exp1.yaml``."""
     path = Path(path_or_name)
     if not path.suffix and len(path.parts) == 1:
-        path = _experiments_dir() / f"{path_or_name}.yaml"
+        path = SCENARIO_DIR / f"{path_or_name}.yaml"
         if not path.is_file():
-            known = sorted(p.stem for p in _experiments_dir().glob("*.yaml"))
+            known = sorted(p.stem for p in SCENARIO_DIR.glob("*.yaml"))
             raise DataError(f"no scenario named {str(path_or_name)!r} (looked for {path}; known: {known})")
     if not path.is_file():
         raise DataError(f"scenario file not found: {path}")
@@ -289,10 +281,6 @@ class Shards:
     clients: list[ClientShards]
     unused: int = 0  # images no shard could take (e.g. classes outside every scenario set)
 
-    @property
-    def manufacturer_train(self) -> list[VOCRecord]:
-        return self.teacher_train
-
     def sizes(self) -> dict[str, Any]:
         """Image counts per shard, for logs and reports."""
         return {
@@ -449,21 +437,3 @@ def _check_not_empty(shards: Shards, scenario: Scenario) -> None:
             if not recs:
                 raise DataError(f"scenario {scenario.name}: client {k} ({c.name}) has an empty {shard} "
                                 f"shard (classes {list(classes)}); {hint}")
-
-
-def load_scenario_records(
-    scenario: Scenario,
-    profile: str,
-    cache_dir: str | Path,
-    voc_root: str | Path | None = None,
-    image_set: str = "trainval",
-) -> list[VOCRecord]:
-    """The records a run uses: real VOC from `voc_root` when given, else the scenario's synthetic
-    data for `profile` (generated once into `cache_dir`)."""
-    if voc_root is not None:
-        return read_voc(voc_root, image_set)
-    from sim.synth import ensure_synthetic_voc
-
-    ds = scenario.data_settings(profile)
-    root = ensure_synthetic_voc(cache_dir, profile, ds.num_images, ds.image_size, ds.seed, ds.classes)
-    return read_voc(root, "trainval")

@@ -38,7 +38,7 @@ from typing import Callable, Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageOps
 
-from sim.voc import VOC_CLASSES, DataError, check_class_names
+from data.voc import VOC_CLASSES, DataError, check_class_names
 
 # Bump when the drawing code changes: it is part of the cache key, so old caches are regenerated.
 GENERATOR_VERSION = 2

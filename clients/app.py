@@ -1,0 +1,183 @@
+"""The Flower ClientApp: one customer of the manufacturer.
+
+Handlers (message type -> work; the wire format is ``protocol.wire``):
+
+* "train", work "diredi": AP of its edge on its test shard (ap-before); RD Tutor 1 (unless a
+  shared Tutor 1 came in) and Tutor 2 on its own shards; replies ONLY the neck/head delta + metrics.
+* "train", work "direct" (FedAvg / FedProx): ap-before of the received edge; trains it on its
+  labels (with FedProx's proximal term when the message holds "proximal-mu"); replies the edge + metrics.
+* "train.distill": Distill C of its edge from the received (updated) tutor on its data; keeps the
+  new edge in ``context.state``; replies metrics only (ap-after, seconds, memory).
+* "evaluate": AP of an edge on its test shard (the received one, or its stored one for DiReDi).
+
+The client rebuilds its data and settings from the run configuration every message carries
+(``protocol.config.RunConfig.from_record``); replies hold weights and numbers, never images,
+boxes or labels.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+
+import torch  # imported here so ArrayRecord's torch conversions work inside Ray actors: it checks sys.modules only
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from torch import nn
+
+from data.workspace import Workspace
+from distill.rd import client_delta, direct_training, distill_c, reverse_distill_tutor1, reverse_distill_tutor2
+from distill.trainer import PhaseReport, peak_rss_mb
+from evaluation.ap import per_class_ap
+from models.ladder import build_model
+from protocol.config import RunConfig
+from protocol.wire import (AFTER, AP_AFTER, AP_BEFORE, ARRAYS, BEFORE, CONFIG, DELTA, DIRECT_WORK, DIREDI_WORK,
+                           EDGE, EDGE_SOURCE, LOSSES, METHOD, METRICS, NUM_EXAMPLES, PARTITION_ID, PEAK_RSS,
+                           SECONDS, SERVER_ROUND, TUTOR, TUTOR1, WORK, encode, state_record, work_seed)
+
+app = ClientApp()
+
+_DATASETS: dict[tuple[int, int, str], object] = {}
+
+
+def _dataset(workspace: Workspace, partition: int, kind: str):
+    # Kept per process so decoded images stay cached across rounds (VOCDetection caches uint8);
+    # workspaces are memoised, so their identity is a stable key.
+    key = (id(workspace), partition, kind)
+    if key not in _DATASETS:
+        _DATASETS[key] = {"presumed": workspace.client_presumed, "train": workspace.client_train,
+                          "test": workspace.client_test}[kind](partition)
+    return _DATASETS[key]
+
+
+def _set_threads() -> None:
+    # Ray gives each actor OMP_NUM_THREADS = its CPU count (1): use exactly that, no oversubscription.
+    threads = os.environ.get("OMP_NUM_THREADS")
+    if threads and threads.isdigit() and int(threads) > 0 and torch.get_num_threads() != int(threads):
+        torch.set_num_threads(int(threads))
+
+
+def _model(workspace: Workspace, role: str, record: ArrayRecord) -> nn.Module:
+    model = build_model(workspace.profile, role)
+    model.load_state_dict(record.to_torch_state_dict())
+    return model.eval()
+
+
+def _evaluate(edge: nn.Module, workspace: Workspace, partition: int, when: str, phase: str) -> dict[str, float]:
+    """ap-<when>.<class> over the federation's classes, <when>.<precision|recall|f1|mAP>, seconds."""
+    start = time.perf_counter()
+    ap, summary = per_class_ap(edge, _dataset(workspace, partition, "test"), workspace.eval_classes())
+    ap_prefix = AP_BEFORE if when == BEFORE else AP_AFTER
+    return {**encode(ap_prefix, ap), **encode(when, summary), f"{SECONDS}.{phase}": time.perf_counter() - start}
+
+
+def loss_metrics(phase: str, report: PhaseReport) -> dict[str, float]:
+    """A phase's detection loss, distillation term and their ratio at its end (finite values only)."""
+    b = report.balance()
+    values = {"det": b["det_loss_end"], "distill": b["distill_loss_end"], "ratio": b["loss_ratio_end"]}
+    return {f"{LOSSES}.{phase}.{k}": float(v) for k, v in values.items() if math.isfinite(v)}
+
+
+def _reply(msg: Message, metrics: dict, arrays: dict[str, ArrayRecord] | None = None) -> Message:
+    content = RecordDict({**(arrays or {}), METRICS: MetricRecord(metrics)})
+    return Message(content=content, reply_to=msg)
+
+
+def _edge_key(config: ConfigRecord) -> str:
+    return f"{config[METHOD]}.{EDGE}"  # per method: one simulation may run several methods
+
+
+def _edge(msg: Message, context: Context, workspace: Workspace, config: ConfigRecord) -> nn.Module:
+    """The client's edge: its stored one (DiReDi with client re-distillation) or the received one."""
+    stored, key = config.get(EDGE_SOURCE) == "stored", _edge_key(config)
+    if stored and key in context.state.array_records:
+        return _model(workspace, "edge", context.state.array_records[key])
+    if EDGE not in msg.content.array_records:
+        raise ValueError("no edge model: none received and none stored on this client")
+    if stored:  # first round: the manufacturer's edge becomes this client's own
+        context.state[key] = msg.content.array_records[EDGE]
+    return _model(workspace, "edge", msg.content.array_records[EDGE])
+
+
+def _common(msg: Message, context: Context):
+    _set_threads()
+    config = msg.content[CONFIG]
+    run = RunConfig.from_record(config)
+    partition = int(context.node_config["partition-id"])
+    seed = work_seed(run.seed, int(config.get(SERVER_ROUND, 0)), partition)
+    return config, run, run.workspace(), partition, seed
+
+
+def _identity(ws: Workspace, partition: int) -> dict[str, float]:
+    return {PARTITION_ID: partition, NUM_EXAMPLES: len(_dataset(ws, partition, "train"))}
+
+
+# -- handlers --------------------------------------------------------------------------------------
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    work = msg.content[CONFIG][WORK]
+    if work == DIREDI_WORK:
+        return _train_diredi(msg, context)
+    if work == DIRECT_WORK:
+        return _train_direct(msg, context)
+    raise ValueError(f"unknown work {work!r} in the train config; expected {DIREDI_WORK!r} or {DIRECT_WORK!r}")
+
+
+def _train_diredi(msg: Message, context: Context) -> Message:
+    config, run, ws, partition, seed = _common(msg, context)
+    settings = run.rd_settings()
+    edge = _edge(msg, context, ws, config)
+    metrics = _evaluate(edge, ws, partition, BEFORE, "evaluate_before")
+    arrays = msg.content.array_records
+    tutor = _model(ws, "tutor", arrays[TUTOR]) if TUTOR in arrays else None
+    if TUTOR1 in arrays:  # the server's shared Tutor 1
+        tutor1, seconds_t1 = _model(ws, "tutor", arrays[TUTOR1]), 0.0
+    else:
+        tutor1, report = reverse_distill_tutor1(tutor, edge, _dataset(ws, partition, "presumed"), settings, seed)
+        seconds_t1 = report.seconds
+    tutor2, report = reverse_distill_tutor2(tutor if tutor is not None else tutor1, tutor1, edge,
+                                            _dataset(ws, partition, "train"), settings, seed)
+    delta = client_delta(tutor1, tutor2, settings)
+    metrics.update({**_identity(ws, partition), f"{SECONDS}.rd_tutor1": seconds_t1,
+                    f"{SECONDS}.rd_tutor2": report.seconds, PEAK_RSS: peak_rss_mb(),
+                    **loss_metrics("rd_tutor2", report)})
+    return _reply(msg, metrics, {DELTA: state_record(delta)})
+
+
+def _train_direct(msg: Message, context: Context) -> Message:
+    config, run, ws, partition, seed = _common(msg, context)
+    edge = _model(ws, "edge", msg.content.array_records[ARRAYS])
+    metrics = _evaluate(edge, ws, partition, BEFORE, "evaluate_before")
+    trained, report = direct_training(edge, _dataset(ws, partition, "train"), run.direct_iters, run.rd_settings(),
+                                      seed, proximal_mu=float(config.get("proximal-mu", 0.0)))
+    metrics.update({**_identity(ws, partition), f"{SECONDS}.direct_training": report.seconds,
+                    PEAK_RSS: peak_rss_mb(), **loss_metrics("direct_training", report)})
+    return _reply(msg, metrics, {ARRAYS: state_record(trained)})
+
+
+@app.train("distill")
+def distill(msg: Message, context: Context) -> Message:
+    config, run, ws, partition, seed = _common(msg, context)
+    edge = _edge(msg, context, ws, config)
+    tutor = _model(ws, "tutor", msg.content.array_records[TUTOR])
+    new_edge, report = distill_c(edge, tutor, _dataset(ws, partition, "train"), run.rd_settings(), seed)
+    context.state[_edge_key(config)] = state_record(new_edge)
+    metrics = _evaluate(new_edge, ws, partition, AFTER, "evaluate_after")
+    metrics.update({**_identity(ws, partition), f"{SECONDS}.distill_c": report.seconds, PEAK_RSS: peak_rss_mb(),
+                    **loss_metrics("distill_c", report)})
+    return _reply(msg, metrics)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    config, _, ws, partition, _ = _common(msg, context)
+    if ARRAYS in msg.content.array_records:  # FedAvg / FedProx: the global edge
+        edge = _model(ws, "edge", msg.content.array_records[ARRAYS])
+    else:
+        edge = _edge(msg, context, ws, config)
+    metrics = _evaluate(edge, ws, partition, AFTER, "evaluate_after")
+    metrics.update({**_identity(ws, partition), PEAK_RSS: peak_rss_mb()})
+    return _reply(msg, metrics)

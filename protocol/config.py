@@ -1,0 +1,222 @@
+"""The run configuration: one frozen record of everything that decides a run's numbers.
+
+Both entry points resolve it with the same function and then do the same work:
+
+    python -m sim.run --clients 8 ...          ->  resolve_run_config({"num-clients": 8, ...})
+    flwr run . --run-config "num-clients=8"    ->  resolve_run_config(context.run_config)
+
+``resolve_run_config`` checks every value (``ConfigError`` names the key), fills what is left at
+0 / "" from the profile (``models.ladder.PROFILES``, the one place per-profile values live) and
+makes paths absolute. Every message to a client carries ``config.to_record()``; the client reads
+it back with ``RunConfig.from_record`` and rebuilds its data and settings from it. The keys are the
+field names with "-" for "_", the same in ``pyproject.toml``'s ``[tool.flwr.app.config]``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from typing import Any, Mapping
+
+METHODS = ("diredi", "fedavg", "fedprox", "local", "oracle")  # the order of every table and plot
+FEDERATED = ("diredi", "fedavg", "fedprox")  # the methods that run on Flower; local and oracle need no clients
+TUTOR1_MODES = ("shared", "per-client")
+REDISTILL_SIDES = ("client", "server")
+
+
+class ConfigError(ValueError):
+    """A setting that cannot be used; ``key`` is its run-config key."""
+
+    def __init__(self, key: str, problem: str) -> None:
+        super().__init__(f"{key}: {problem}")
+        self.key, self.problem = key, problem
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    profile: str = "cpu"  # smoke | cpu | paper (models.ladder.PROFILES)
+    scenario: str = "default8"  # a name in data/scenarios/ or a YAML path
+    data: str = "synth"  # synth (generated, VOC layout) | voc (read from voc_root)
+    voc_root: str = ""
+    num_clients: int = 8  # under `flwr run`, 0 means as many as the federation has nodes
+    rounds: int = 1
+    methods: tuple[str, ...] = METHODS
+    seed: int = 0
+    device: str = "auto"  # where the manufacturer chain trains; the federation runs on the CPU
+    cache_dir: str = ".cache"
+    tutor1: str = "shared"  # Tutor 1 computed once per round on the server, or on every client
+    redistill: str = "client"  # Distill C on each client (its own edge) or once on the server
+    aggregation: str = "weighted"  # strategies.aggregate.AGGREGATION_METHODS
+    fedprox_mu: float = 0.01
+    rd_iters: int = 0  # RD steps per tutor per round; 0: the profile's round budget
+    redistill_iters: int = 0  # Distill C steps per round; 0: the profile's
+    batch_size: int = 0  # batch of every client phase; 0: the profile's
+    direct_iters: int = 0  # baselines' steps per round; 0: as many as a DiReDi client (2 x rd + redistill)
+    norm_factor: float = 1.0  # verification: delta norm bound = norm_factor x the tutor's neck/head norm
+    protected_tolerance: float = 0.05  # verification: largest AP drop allowed on a protected class
+    timeout_s: float = 0.0  # one round trip; 0: sized from the profile's step time
+
+    # -- codec to and from Flower's ConfigRecord / run config -------------------------------------
+
+    def to_record(self) -> dict[str, Any]:
+        """ConfigRecord values (empty strings are left out: Flower cannot count their bytes)."""
+        out = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, tuple):
+                value = ",".join(value)
+            if value != "":
+                out[_key(f.name)] = value
+        return out
+
+    @classmethod
+    def from_record(cls, record: Mapping[str, Any]) -> "RunConfig":
+        """The configuration in a ConfigRecord or run config; keys it does not know are ignored
+        (messages add their own, e.g. "method" and "server-round")."""
+        values = {}
+        for f in fields(cls):
+            key = _key(f.name)
+            if key in record:
+                values[f.name] = _coerce(f, record[key])
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: list(v) if isinstance(v := getattr(self, f.name), tuple) else v for f in fields(self)}
+
+    # -- what the configuration implies ---------------------------------------------------------
+
+    @property
+    def federated_methods(self) -> tuple[str, ...]:
+        return tuple(m for m in self.methods if m in FEDERATED)
+
+    def get_profile(self):
+        from models.ladder import get_profile
+
+        return get_profile(self.profile)
+
+    def rd_settings(self):
+        """The clients' training settings (``distill.rd.RDSettings``) for this run."""
+        from distill.rd import RDSettings
+
+        return RDSettings.from_profile(self.get_profile(), rd_iters=self.rd_iters,
+                                       redistill_iters=self.redistill_iters, batch_size=self.batch_size)
+
+    def workspace(self, num_clients: int | None = None):
+        """Data, scenario and shards (``data.workspace.Workspace``), memoised per process."""
+        from data.workspace import cached_workspace
+
+        return cached_workspace(self.profile, self.scenario, num_clients or self.num_clients, self.seed,
+                                self.data, self.voc_root, self.cache_dir, self.device)
+
+    def run_name(self) -> str:
+        return f"{Path(self.scenario).stem}-{self.profile}-{self.data}-c{self.num_clients}-r{self.rounds}-s{self.seed}"
+
+
+def _key(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def _coerce(f: dataclasses.Field, value: Any) -> Any:
+    kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+    try:
+        if kind.startswith("tuple"):
+            items = value.split(",") if isinstance(value, str) else list(value)
+            return tuple(i.strip() for i in items if str(i).strip())
+        if kind == "int":
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError(f"{value} is not a whole number")
+            return int(value)
+        if kind == "float":
+            return float(value)
+        return str(value)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(_key(f.name), f"cannot read {value!r} as {kind} ({err})") from None
+
+
+def resolve_run_config(raw: Mapping[str, Any] | RunConfig) -> RunConfig:
+    """Checks every setting and fills the defaults that depend on others; the one function both
+    entry points call. ``raw`` holds run-config keys ("num-clients" or "num_clients")."""
+    if isinstance(raw, RunConfig):
+        raw = raw.to_record()
+    known = {_key(f.name) for f in fields(RunConfig)}
+    given = {_key(str(k)): v for k, v in raw.items()}
+    unknown = sorted(set(given) - known)
+    if unknown:
+        raise ConfigError(unknown[0], f"unknown setting; known: {', '.join(sorted(known))}")
+    config = RunConfig.from_record(given)
+
+    from models.ladder import PROFILES
+
+    if config.profile not in PROFILES:
+        raise ConfigError("profile", f"unknown profile {config.profile!r}; choose from {', '.join(PROFILES)}")
+    profile = PROFILES[config.profile]
+    methods = config.methods
+    unknown_methods = [m for m in methods if m not in METHODS]
+    if not methods or unknown_methods:
+        raise ConfigError("methods", f"unknown {unknown_methods or 'empty list'}; choose from {','.join(METHODS)}")
+    methods = tuple(m for m in METHODS if m in methods)  # one order everywhere
+    for name, low in (("num_clients", 1), ("rounds", 1), ("rd_iters", 0), ("redistill_iters", 0),
+                      ("batch_size", 0), ("direct_iters", 0)):  # 0: "the profile's"
+        if getattr(config, name) < low:
+            raise ConfigError(_key(name), f"must be at least 1, got {getattr(config, name)}")
+    for name, value in (("fedprox_mu", config.fedprox_mu), ("norm_factor", config.norm_factor),
+                        ("protected_tolerance", config.protected_tolerance), ("timeout_s", config.timeout_s)):
+        if not (math.isfinite(value) and value >= 0):
+            raise ConfigError(_key(name), f"must be a finite number >= 0, got {value}")
+    choices = {"data": ("synth", "voc"), "tutor1": TUTOR1_MODES, "redistill": REDISTILL_SIDES}
+    for name, allowed in choices.items():
+        if getattr(config, name) not in allowed:
+            raise ConfigError(name, f"{getattr(config, name)!r} is not one of {', '.join(allowed)}")
+    from strategies.aggregate import AGGREGATION_METHODS  # pure merge functions, no Flower
+
+    if config.aggregation not in AGGREGATION_METHODS:
+        raise ConfigError("aggregation", f"{config.aggregation!r} is not one of {', '.join(AGGREGATION_METHODS)}")
+
+    voc_root = config.voc_root
+    if config.data == "voc":
+        if not voc_root or not Path(voc_root).expanduser().is_dir():
+            raise ConfigError("voc-root", f"--data voc needs --voc-root pointing to an existing folder (got {voc_root or None})")
+        voc_root = str(Path(voc_root).expanduser().resolve())
+    elif voc_root:
+        raise ConfigError("voc-root", "is only used with --data voc")
+
+    from data.scenario import load_scenario
+    from data.voc import DataError
+
+    try:
+        scenario = load_scenario(config.scenario)
+    except (DataError, OSError) as err:
+        raise ConfigError("scenario", str(err)) from None
+    from distill.trainer import resolve_device
+
+    try:
+        device = str(resolve_device(config.device))
+    except ValueError as err:
+        raise ConfigError("device", str(err)) from None
+
+    rounds_budget = profile.rounds
+    rd_iters = config.rd_iters or rounds_budget.rd_iters
+    redistill_iters = config.redistill_iters or rounds_budget.redistill_iters
+    batch_size = config.batch_size or rounds_budget.batch_size
+    direct_iters = config.direct_iters or 2 * rd_iters + redistill_iters
+    resolved = replace(config, methods=methods, voc_root=voc_root, device=device,
+                       scenario=str(Path(scenario.source).resolve()),
+                       cache_dir=str(Path(config.cache_dir).expanduser().resolve()),
+                       rd_iters=rd_iters, redistill_iters=redistill_iters, batch_size=batch_size,
+                       direct_iters=direct_iters)
+    if resolved.timeout_s == 0:
+        resolved = replace(resolved, timeout_s=round_timeout(resolved))
+    return resolved
+
+
+def round_timeout(config: RunConfig, cpus: int | None = None) -> float:
+    """A generous bound for one round trip: all of a round's client steps, run in waves of as many
+    clients as there are CPUs, at the profile's pessimistic step time, times 3, plus 5 minutes."""
+    import os
+
+    steps = 2 * config.rd_iters + config.redistill_iters + config.direct_iters
+    waves = math.ceil(max(config.num_clients, 1) / max(1, cpus or os.cpu_count() or 1))
+    per_step = config.get_profile().seconds_per_step * config.batch_size / 8
+    return float(round(3.0 * waves * (steps * per_step + 120.0) + 300.0))

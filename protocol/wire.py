@@ -1,0 +1,107 @@
+"""The wire format both Flower apps speak: message types, record names, metric keys, the codecs
+for per-class numbers, byte counting, the per-round record and the seeds of every party's work.
+
+Neither ``clients/`` nor ``strategies/`` imports the other; both import this module.
+
+A message's content is a RecordDict:
+
+    "config"   ConfigRecord: the run configuration (``protocol.config.RunConfig.to_record``)
+               + "method" (diredi | fedavg | fedprox), "work" (diredi | direct), "server-round",
+               "edge-source" (stored | received); FedProx adds Flower's "proximal-mu"
+    "metrics"  MetricRecord (replies): numbers only, keys below
+    "tutor" | "tutor1" | "edge" | "delta" | "arrays"   ArrayRecords (full state dicts; "delta" is
+               the neck/head delta of eq. 9; "arrays" is Flower's default key for FedAvg/FedProx)
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+from flwr.app import ArrayRecord, MessageType, RecordDict
+from torch import Tensor, nn
+
+# -- message types: two client steps per DiReDi round (RD, then Distill C), one evaluate step
+TRAIN = MessageType.TRAIN
+DISTILL = f"{MessageType.TRAIN}.distill"
+EVALUATE = MessageType.EVALUATE
+
+# -- record names
+CONFIG, METRICS = "config", "metrics"
+EDGE, TUTOR, TUTOR1, DELTA = "edge", "tutor", "tutor1", "delta"
+ARRAYS = "arrays"
+
+# -- config keys a message adds to the run configuration
+METHOD, WORK, SERVER_ROUND, EDGE_SOURCE = "method", "work", "server-round", "edge-source"
+DIREDI_WORK, DIRECT_WORK = "diredi", "direct"  # WORK: what a "train" message asks of a client
+
+# -- metric keys. MetricRecord takes numbers only, so per-class values travel as "<prefix>.<class>".
+AP_BEFORE, AP_AFTER = "ap-before", "ap-after"
+BEFORE, AFTER = "before", "after"  # "<before|after>.<precision|recall|f1|mAP>" of the same evaluations
+SECONDS = "seconds"  # "seconds.<phase>"
+LOSSES = "losses"  # "losses.<phase>.<det|distill|ratio>": each phase's balance at its end
+PARTITION_ID, NUM_EXAMPLES, PEAK_RSS = "partition-id", "num-examples", "peak-rss-mb"
+
+
+def encode(prefix: str, values: Mapping[str, float]) -> dict[str, float]:
+    return {f"{prefix}.{name}": float(v) for name, v in values.items()}
+
+
+def decode(metrics: Mapping[str, Any], prefix: str) -> dict[str, float]:
+    start = prefix + "."
+    return {key[len(start):]: float(v) for key, v in metrics.items() if key.startswith(start)}
+
+
+def content_bytes(content: RecordDict) -> int:
+    """Payload size of a message: array bytes (numpy serialised) + metric and config values + keys."""
+    return sum(len(name) + record.count_bytes() for name, record in content.items())
+
+
+def state_record(model_or_state: nn.Module | Mapping[str, Tensor]) -> ArrayRecord:
+    state = model_or_state.state_dict() if isinstance(model_or_state, nn.Module) else model_or_state
+    return ArrayRecord({k: v.detach().cpu() for k, v in state.items()})
+
+
+# -- seeds: one scheme for every party and round ---------------------------------------------------
+
+SERVER = -1  # the "partition" of work the server does itself (shared Tutor 1, server-side Distill C)
+
+
+def work_seed(seed: int, server_round: int, party: int) -> int:
+    """Seed of one party's work in one round: ``party`` is a partition id, or ``SERVER``.
+
+    The RD functions add offsets 0-3 to it (tutor 1, tutor 2, Distill C, direct training), hence
+    the gap of 10 between parties."""
+    return seed + 100_000 * server_round + 10 * party
+
+
+# -- the per-round, per-client record (what evaluation.metrics and the report read) -------------
+
+
+def make_record(method: str, server_round: int, client: int, *, ap_before: Mapping[str, float],
+                ap_after: Mapping[str, float], after: Mapping[str, float], seconds: Mapping[str, float],
+                peak_rss_mb: float, losses: Mapping[str, float] | None = None, num_examples: int = 0,
+                bytes_up: int = 0, bytes_down: int = 0, accepted: bool | None = None, **fields) -> dict:
+    """One record. ``after``: {precision, recall, f1, mAP} of the evaluation that gave ``ap_after``;
+    ``accepted``: DiReDi's verdict on the client's delta (None for methods without one)."""
+    return {"method": method, "round": server_round, "client": client, "ap_before": dict(ap_before),
+            "ap_after": dict(ap_after), "after": dict(after), "seconds": dict(seconds),
+            "losses": dict(losses or {}), "peak_rss_mb": peak_rss_mb, "num_examples": num_examples,
+            "bytes_up": bytes_up, "bytes_down": bytes_down, "accepted": accepted, **fields}
+
+
+def record_from_metrics(method: str, server_round: int, train_metrics: Mapping[str, Any],
+                        after_metrics: Mapping[str, Any] | None, **fields) -> dict:
+    """A record from a client's reply metrics: its "train" reply, and the reply of the step that
+    evaluated its final edge ("train.distill" or "evaluate"; None when there was none)."""
+    after_metrics = after_metrics or {}
+    return make_record(
+        method, server_round, int(train_metrics[PARTITION_ID]),
+        ap_before=decode(train_metrics, AP_BEFORE), ap_after=decode(after_metrics, AP_AFTER),
+        after=decode(after_metrics, AFTER),
+        seconds=decode(train_metrics, SECONDS) | decode(after_metrics, SECONDS),
+        losses=decode(train_metrics, LOSSES) | decode(after_metrics, LOSSES),
+        peak_rss_mb=max((float(m[PEAK_RSS]) for m in (train_metrics, after_metrics)
+                         if PEAK_RSS in m and math.isfinite(float(m[PEAK_RSS]))), default=math.nan),
+        num_examples=int(train_metrics.get(NUM_EXAMPLES, 0)), **fields)

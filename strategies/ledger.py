@@ -1,0 +1,133 @@
+"""What every strategy writes down per round, and the one path by which records leave it.
+
+A ``RoundLedger`` is opened when a round is configured and holds, per node, the bytes each way,
+the reply metrics, DiReDi's verdict and the server's seconds. When the round ends,
+``Recorder.close_round`` turns each node's line into one record (``protocol.wire.make_record``
+format) and hands it to the run's ``on_record``. DiReDi, FedAvg and FedProx all record this way;
+local and oracle (no clients, no messages) call ``Recorder.emit`` with records they build.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+from flwr.app import Message
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy.strategy_utils import sample_nodes
+
+from protocol.wire import METRICS, PARTITION_ID, content_bytes, record_from_metrics
+from strategies.verify import Decision
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ClientRound:
+    """One node's part in one round."""
+
+    node: int
+    bytes_down: int = 0
+    bytes_up: int = 0
+    train: dict | None = None  # the "train" reply's metrics
+    after: dict | None = None  # the metrics of the step that evaluated its final edge
+    decision: Decision | None = None  # DiReDi's verification of its delta
+    verify_seconds: float = 0.0
+    redistilled: bool = False  # DiReDi: its edge was re-distilled from an updated tutor
+
+
+@dataclass
+class RoundLedger:
+    server_round: int
+    started: float = field(default_factory=time.perf_counter)
+    clients: dict[int, ClientRound] = field(default_factory=dict)  # by node id
+    server_seconds: dict[str, float] = field(default_factory=dict)  # server work, per client's share
+
+    def client(self, node: int) -> ClientRound:
+        return self.clients.setdefault(node, ClientRound(node))
+
+    def count_down(self, messages: Iterable[Message]) -> list[Message]:
+        messages = list(messages)
+        for m in messages:
+            self.client(m.metadata.dst_node_id).bytes_down += content_bytes(m.content)
+        return messages
+
+    def count_up(self, reply: Message) -> ClientRound:
+        entry = self.client(reply.metadata.src_node_id)
+        entry.bytes_up += content_bytes(reply.content)
+        return entry
+
+    @property
+    def trained(self) -> list[ClientRound]:
+        """Nodes whose "train" reply arrived, in partition order (a fixed order: same sums, same records)."""
+        return sorted((c for c in self.clients.values() if c.train is not None),
+                      key=lambda c: int(c.train[PARTITION_ID]))
+
+
+class Recorder:
+    """A method's records, client failures, verification decisions and timings."""
+
+    def __init__(self, method: str, on_record: Callable[[dict], None] | None = None,
+                 on_decision: Callable[[Decision], None] | None = None) -> None:
+        self.method = method
+        self.on_record, self.on_decision = on_record, on_decision
+        self.records: list[dict] = []
+        self.failures: list[dict] = []  # {round, step, node, reason}
+        self.decisions: list[Decision] = []
+        self.round_seconds: dict[int, float] = {}
+        self.tutor_history: list[dict] = []  # DiReDi: the tutor's validation AP, round 0 = original
+
+    def split(self, replies: Iterable[Message], step: str, server_round: int) -> list[Message]:
+        """Replies that carry content, in partition order; errors are logged as failures."""
+        ok = []
+        for reply in replies:
+            if reply.has_error():
+                failure = {"round": server_round, "step": step, "node": reply.metadata.src_node_id,
+                           "reason": reply.error.reason}
+                log.error("round %d %s: node %d failed: %s", server_round, step, failure["node"], failure["reason"])
+                self.failures.append(failure)
+            else:
+                ok.append(reply)
+        return sorted(ok, key=lambda m: int(m.content[METRICS][PARTITION_ID]))
+
+    def failure_reasons(self, server_round: int) -> str:
+        return "; ".join(f["reason"] for f in self.failures if f["round"] == server_round)
+
+    def decide(self, decision: Decision) -> None:
+        self.decisions.append(decision)
+        log.log(logging.INFO if decision.accepted else logging.WARNING,
+                "round %d client %d: %s (%s), norm %.4g", decision.round, decision.client,
+                "accepted" if decision.accepted else "REJECTED", decision.reason, decision.norm)
+        if self.on_decision is not None:
+            self.on_decision(decision)
+
+    def emit(self, record: dict) -> None:
+        self.records.append(record)
+        if self.on_record is not None:
+            self.on_record(record)
+
+    def close_round(self, ledger: RoundLedger) -> None:
+        """One record per node that trained this round; the round's wall time."""
+        for entry in ledger.trained:
+            fields = {"accepted": None}
+            if entry.decision is not None:
+                fields = {"accepted": entry.decision.accepted, "reason": entry.decision.reason,
+                          "delta_norm": entry.decision.norm, "redistilled": entry.redistilled}
+            record = record_from_metrics(self.method, ledger.server_round, entry.train, entry.after,
+                                         bytes_up=entry.bytes_up, bytes_down=entry.bytes_down, **fields)
+            record["seconds"].update(ledger.server_seconds)
+            if entry.decision is not None:
+                record["seconds"]["server_verify"] = entry.verify_seconds
+            self.emit(record)
+        self.round_seconds[ledger.server_round] = time.perf_counter() - ledger.started
+
+
+def sampled_nodes(grid: Grid, num_nodes: int, fraction: float = 1.0) -> list[int]:
+    """``fraction`` of ``num_nodes`` nodes, sampled by Flower's ``sample_nodes`` (Python's
+    ``random``, seeded by the server app) once that many are connected; sorted for a fixed order."""
+    count = max(1, int(round(fraction * num_nodes)))
+    nodes, _ = sample_nodes(grid, num_nodes, count)
+    return sorted(nodes)
+

@@ -1,0 +1,219 @@
+"""The server side of a run: every method on the same data, seeds and evaluation, into one run folder.
+
+Two entry points, one path:
+
+* ``python -m sim.run`` resolves the configuration, opens a ``Session`` (data, shards, the
+  manufacturer's chain) and runs ``run_methods`` inside Flower's simulation (``sim.federation``);
+* ``flwr run .`` loads ``app`` below (pyproject: serverapp = "strategies.server_app:app"); its
+  ``main`` resolves the same configuration from ``context.run_config`` with the same function
+  (``protocol.config.resolve_run_config``) and calls the same ``run_methods``.
+
+``run_methods`` runs each method with ``run_method`` (a Flower strategy on the grid for diredi,
+fedavg and fedprox; in-process for local and oracle), appends every record and verification
+decision to the run folder as it arrives, and writes the report at the end.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from flwr.app import ConfigRecord, Context
+from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import Strategy
+from torch import Tensor
+
+from data.workspace import Workspace
+from distill.chain import Chain
+from evaluation.ap import per_class_ap
+from models.parts import neck_head
+from protocol.config import FEDERATED, RunConfig, resolve_run_config
+from protocol.wire import state_record
+from report.writer import RunFolder, write_all
+from strategies.baselines import RecordingFedAvg, RecordingFedProx
+from strategies.centralised import run_local, run_oracle
+from strategies.diredi import DiReDiStrategy
+from strategies.ledger import Recorder
+from strategies.verify import Decision, VerificationPolicy
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Session:
+    """What the server holds for a run: its configuration, data and the manufacturer's models."""
+
+    config: RunConfig
+    workspace: Workspace
+    chain: Chain
+
+    @classmethod
+    def open(cls, config: RunConfig, progress: bool = False) -> "Session":
+        workspace = config.workspace()
+        chain = workspace.chain(progress=progress)
+        for model in (chain.teacher, chain.tutor, chain.edge):
+            model.cpu()  # the federation (Ray actors, wire format) works on CPU tensors
+        return cls(config, workspace, chain)
+
+    def details(self) -> dict:
+        """What config.json adds to the configuration for a reader: resolved settings and shards."""
+        return {"profile_spec": self.workspace.profile.to_dict(), "rd_settings": self.config.rd_settings().to_dict(),
+                "client_specs": self.client_specs(), "shards": self.workspace.shards.sizes()}
+
+    def client_specs(self) -> list[dict]:
+        protected = list(self.workspace.scenario.protected_classes)
+        return [{"client": i, "name": c.name, "private": list(c.private), "kept": list(c.kept),
+                 "dropped": list(c.dropped), "protected": [p for p in protected if p in c.kept]}
+                for i, c in enumerate(self.workspace.clients)]
+
+    def stage_rows(self) -> dict[str, dict]:
+        """The manufacturer's models on its own validation set (Table III's first rows)."""
+        s, ws = self.workspace.scenario, self.workspace
+        rows = {}
+        for label, model, classes in [("Large (teacher)", self.chain.teacher, s.teacher_classes),
+                                      ("Tutor after Distill A", self.chain.tutor, s.presumed_classes),
+                                      ("Edge after Distill B", self.chain.edge, s.presumed_classes)]:
+            _, rows[label] = per_class_ap(model, ws.dataset(ws.shards.manufacturer_val, classes), classes)
+        return rows
+
+
+@dataclass
+class MethodResult:
+    method: str
+    recorder: Recorder  # records, verification decisions, failures, round seconds, tutor history
+    seconds: float
+    tutor_state: dict[str, Tensor] | None = None  # DiReDi's final tutor
+    edge_state: dict[str, Tensor] | None = None  # the server's final edge (None when edges live on clients)
+
+    @property
+    def records(self) -> list[dict]:
+        return self.recorder.records
+
+
+def default_policy(session: Session) -> VerificationPolicy:
+    """Protected classes from the scenario; norm bound = norm_factor x the tutor's own neck/head norm."""
+    return VerificationPolicy.relative_to(neck_head(session.chain.tutor), norm_factor=session.config.norm_factor,
+                                          protected_tolerance=session.config.protected_tolerance,
+                                          protected_classes=tuple(session.workspace.scenario.protected_classes))
+
+
+def make_strategy(method: str, session: Session, recorder: Recorder,
+                  policy: VerificationPolicy | None = None) -> Strategy:
+    """The Flower strategy of a federated method, on copies of the manufacturer's models."""
+    config, ws = session.config, session.workspace
+    n = config.num_clients
+    if method == "diredi":
+        return DiReDiStrategy(
+            copy.deepcopy(session.chain.tutor), copy.deepcopy(session.chain.edge), ws.validation_set(),
+            ws.scenario.teacher_classes, config.rd_settings(), policy or default_policy(session),
+            presumed_data=ws.chain_data().presumed_train, share_tutor1=config.tutor1 == "shared",
+            aggregation=config.aggregation, redistill=config.redistill, num_nodes=n, seed=config.seed,
+            recorder=recorder)
+    nodes = {"min_train_nodes": n, "min_evaluate_nodes": n, "min_available_nodes": n}
+    if method == "fedavg":
+        return RecordingFedAvg(**nodes, recorder=recorder)
+    if method == "fedprox":
+        return RecordingFedProx(**nodes, proximal_mu=config.fedprox_mu, recorder=recorder)
+    raise ValueError(f"{method!r} is not a federated method; expected one of {', '.join(FEDERATED)}")
+
+
+def run_method(method: str, session: Session, grid: Grid | None, recorder: Recorder | None = None,
+               policy: VerificationPolicy | None = None) -> MethodResult:
+    """Runs every round of ``method``; federated methods need the ``grid``."""
+    config = session.config
+    recorder = recorder or Recorder(method)
+    random.seed(config.seed)  # Flower samples nodes with Python's random
+    torch.manual_seed(config.seed)
+    start = time.perf_counter()
+    if method in ("local", "oracle"):
+        run = run_local if method == "local" else run_oracle
+        run(session.workspace, session.chain.edge, config.rounds, config.direct_iters, config.rd_settings(),
+            config.seed, recorder)
+        return MethodResult(method, recorder, time.perf_counter() - start)
+    if grid is None:
+        raise ValueError(f"{method} is a federated method: it needs a Flower grid")
+    strategy = make_strategy(method, session, recorder, policy)
+    run_config = ConfigRecord(config.to_record())
+    result = strategy.start(grid=grid, initial_arrays=state_record(session.chain.edge), num_rounds=config.rounds,
+                            timeout=config.timeout_s, train_config=run_config,
+                            evaluate_config=ConfigRecord(dict(run_config)))
+    seconds = time.perf_counter() - start
+    if isinstance(strategy, DiReDiStrategy):
+        return MethodResult(method, recorder, seconds, tutor_state=_clone(strategy.tutor.state_dict()),
+                            edge_state=_clone(strategy.edge.state_dict()) if config.redistill == "server" else None)
+    return MethodResult(method, recorder, seconds, edge_state=_clone(result.arrays.to_torch_state_dict()))
+
+
+def _clone(state) -> dict[str, Tensor]:
+    return {k: v.detach().clone() for k, v in state.items()}
+
+
+def run_methods(session: Session, grid: Grid | None, folder: RunFolder, done: list[str] | None = None,
+                on_record: Callable[[dict], None] | None = None,
+                on_method: Callable[[str], None] | None = None) -> list[dict]:
+    """Runs the configuration's methods not in ``done`` into ``folder``; returns every record of the
+    run (the finished methods' included) after writing the report."""
+    done = list(done or [])
+    records = [r for r in folder.read_records() if r["method"] in done] if done else []
+
+    def record(r: dict) -> None:
+        folder.append_record(r)
+        records.append(r)
+        if on_record is not None:
+            on_record(r)
+
+    for method in session.config.methods:
+        if method in done:
+            continue
+        if on_method is not None:
+            on_method(method)
+        recorder = Recorder(method, on_record=record, on_decision=lambda d: folder.append_verification(d.to_dict()))
+        result = run_method(method, session, grid, recorder)
+        for failure in result.recorder.failures:
+            log.warning("%s: client failure: %s", method, failure)
+        done.append(method)
+        folder.write_done(done)
+    specs = session.client_specs()
+    write_all(folder, records, specs, [s["private"] for s in specs], session.stage_rows())
+    return records
+
+
+# -- `flwr run .` ------------------------------------------------------------------------------
+
+OUTPUT_KEYS = ("out-dir", "name")  # run-config keys that say where results go, not what is run
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    raw = dict(context.run_config)
+    out_dir, name = str(raw.pop("out-dir", "runs")), str(raw.pop("name", ""))
+    if int(raw.get("num-clients", 0)) == 0:
+        raw["num-clients"] = connected_nodes(grid)
+    config = resolve_run_config(raw)
+    session = Session.open(config)
+    folder = RunFolder.start(Path(out_dir) / (name or config.run_name()), config.to_dict(), session.details())
+    records = run_methods(session, grid, folder, on_method=lambda m: log.warning("--- %s ---", m))
+    log.warning("%d records written to %s", len(records), folder.path)
+
+
+def connected_nodes(grid: Grid, wait_s: float = 30.0) -> int:
+    """Node count once it has been stable for 2 s (nodes register one by one at start-up)."""
+    deadline, last, stable_since = time.monotonic() + wait_s, -1, time.monotonic()
+    while time.monotonic() < deadline:
+        count = len(list(grid.get_node_ids()))
+        if count != last:
+            last, stable_since = count, time.monotonic()
+        elif count > 0 and time.monotonic() - stable_since > 2.0:
+            return count
+        time.sleep(0.25)
+    if last <= 0:
+        raise TimeoutError("no client node connected")
+    return last
