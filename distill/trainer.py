@@ -193,6 +193,15 @@ def teacher_detections(teacher: nn.Module, image_list, score_thresh: float,
     return out
 
 
+def combined_loss(det_loss: Tensor, distill_loss: Tensor | None, label_weight: float, distill_weight: float,
+                  balance_weight: float = 1.0) -> Tensor:
+    """Eq. (8): ``label_weight * L_det + distill_weight * w * L_distill`` (``w`` from ``LossBalance``;
+    eq. 7's RD term and Distill A/B/C's KD term are both ``L_distill``; without one, the label term)."""
+    if distill_loss is None:
+        return label_weight * det_loss
+    return label_weight * det_loss + distill_weight * balance_weight * distill_loss
+
+
 def proximal_term(model: nn.Module, reference: dict[str, Tensor]) -> Tensor:
     """FedProx: 0.5 * ||w - w_ref||^2 over the trainable parameters."""
     terms = [((p - reference[n]) ** 2).sum() for n, p in model.named_parameters() if p.requires_grad]
@@ -337,14 +346,13 @@ def train(student: nn.Module, dataset: Dataset, phase: Phase, teacher: nn.Module
             targets = teacher_detections(teacher, image_list, phase.pseudo_thresh, teacher_feats)
         feats = neck_features(student, image_list.tensors)
         det = sum(detection_losses(student, image_list, targets, feats).values())
-        loss = phase.label_weight * det
+        raw, weight = None, 1.0
         if distiller is not None:
             boxes = [t["boxes"] for t in targets]
             raw = distiller(feats, teacher_feats, boxes, STRIDES)["distill"]
             weight = balance.update(float(det.detach()), float(raw.detach()))
-            distill_term = phase.distill_weight * weight * raw
-            loss = loss + distill_term
-            distill_losses.append(float(distill_term.detach()))
+            distill_losses.append(float(phase.distill_weight * weight * raw.detach()))
+        loss = combined_loss(det, raw, phase.label_weight, phase.distill_weight, weight)
         det_losses.append(float(det.detach()))
         if phase.proximal_mu > 0:
             loss = loss + phase.proximal_mu * proximal_term(student, reference)

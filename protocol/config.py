@@ -23,6 +23,7 @@ from typing import Any, Mapping
 METHODS = ("diredi", "fedavg", "fedprox", "local", "oracle")  # the order of every table and plot
 FEDERATED = ("diredi", "fedavg", "fedprox")  # the methods that run on Flower; local and oracle need no clients
 TUTOR1_MODES = ("shared", "per-client")
+AGGREGATION_METHODS = ("weighted", "trimmed", "ties")  # strategies.aggregate.aggregate
 REDISTILL_SIDES = ("client", "server")
 
 
@@ -48,7 +49,7 @@ class RunConfig:
     cache_dir: str = ".cache"
     tutor1: str = "shared"  # Tutor 1 computed once per round on the server, or on every client
     redistill: str = "client"  # Distill C on each client (its own edge) or once on the server
-    aggregation: str = "weighted"  # strategies.aggregate.AGGREGATION_METHODS
+    aggregation: str = "weighted"  # AGGREGATION_METHODS
     fedprox_mu: float = 0.01
     rd_iters: int = 0  # RD steps per tutor per round; 0: the profile's round budget
     redistill_iters: int = 0  # Distill C steps per round; 0: the profile's
@@ -169,8 +170,6 @@ def resolve_run_config(raw: Mapping[str, Any] | RunConfig) -> RunConfig:
     for name, allowed in choices.items():
         if getattr(config, name) not in allowed:
             raise ConfigError(name, f"{getattr(config, name)!r} is not one of {', '.join(allowed)}")
-    from strategies.aggregate import AGGREGATION_METHODS  # pure merge functions, no Flower
-
     if config.aggregation not in AGGREGATION_METHODS:
         raise ConfigError("aggregation", f"{config.aggregation!r} is not one of {', '.join(AGGREGATION_METHODS)}")
 

@@ -19,7 +19,8 @@ import sys
 import time
 from pathlib import Path
 
-from protocol.config import METHODS, RunConfig
+from models.ladder import PROFILES
+from protocol.config import AGGREGATION_METHODS, METHODS, REDISTILL_SIDES, TUTOR1_MODES, RunConfig
 
 log = logging.getLogger("sim.run")
 DEFAULTS = RunConfig()
@@ -45,16 +46,16 @@ def build_parser() -> argparse.ArgumentParser:
     add("--scenario", default=d.scenario, help="scenario name in data/scenarios/ or a YAML path")
     add("--data", choices=("synth", "voc"), default=d.data)
     add("--voc-root", type=Path, help="VOCdevkit or VOC20xx folder (with --data voc)")
-    add("--profile", choices=("smoke", "cpu", "paper"), default=d.profile)
+    add("--profile", choices=tuple(PROFILES), default=d.profile)
     add("--seed", type=int, default=d.seed)
     add("--out", type=Path, default=Path("runs"), help="parent folder of run folders")
     add("--name", help="run folder name (default: derived from the settings)")
     add("--cache", type=Path, default=Path(d.cache_dir), help="data and model cache")
     add("--ray-address", help="join an existing Ray cluster instead of starting one")
     add("--resume", action="store_true", help="reuse the finished methods of an existing run folder")
-    add("--aggregation", choices=("weighted", "trimmed", "ties"), default=d.aggregation)
-    add("--redistill", choices=("client", "server"), default=d.redistill)
-    add("--tutor1", choices=("shared", "per-client"), default=d.tutor1,
+    add("--aggregation", choices=AGGREGATION_METHODS, default=d.aggregation)
+    add("--redistill", choices=REDISTILL_SIDES, default=d.redistill)
+    add("--tutor1", choices=TUTOR1_MODES, default=d.tutor1,
         help="Tutor 1 depends only on the edge and presumed data: compute it once per round on the server "
              "(shared, default) or on every client")
     add("--rd-iters", type=positive_int, help="RD steps per tutor per round (default: per profile)")

@@ -1,4 +1,4 @@
-"""Ways to merge several clients' neck/head deltas into one (pure torch, no Flower).
+"""Ways to merge several clients' neck/head deltas into one (pure functions on state dicts).
 
 Every function takes deltas as name -> tensor mappings with identical keys and shapes (the
 verification step has already checked them against the tutor) and returns a new dict.
@@ -16,11 +16,14 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 
+import numpy as np
 import torch
+from flwr.serverapp.strategy.fedtrimmedavg import trim_mean
 from torch import Tensor
 
+from protocol.config import AGGREGATION_METHODS
+
 Delta = Mapping[str, Tensor]
-AGGREGATION_METHODS = ("weighted", "trimmed", "ties")
 
 
 def _check_deltas(deltas: Sequence[Delta]) -> list[str]:
@@ -58,16 +61,15 @@ def weighted_mean(deltas: Sequence[Delta], weights: Sequence[float] | None = Non
 
 
 def trimmed_mean(deltas: Sequence[Delta], trim_fraction: float = 0.2) -> dict[str, Tensor]:
-    """Coordinate-wise mean after dropping floor(trim_fraction * n) values at each end."""
+    """Coordinate-wise mean after dropping floor(trim_fraction * n) values at each end
+    (Flower's ``trim_mean``, the rule of its FedTrimmedAvg)."""
     keys = _check_deltas(deltas)
-    n = len(deltas)
     if not 0 <= trim_fraction < 0.5:
         raise ValueError(f"trim_fraction must lie in [0, 0.5), got {trim_fraction}")
-    cut = int(trim_fraction * n)
     out = {}
     for name in keys:
-        stacked, _ = torch.sort(torch.stack([d[name] for d in deltas]), dim=0)
-        out[name] = stacked[cut:n - cut].mean(dim=0)
+        stacked = torch.stack([d[name].detach().cpu() for d in deltas]).numpy()
+        out[name] = torch.from_numpy(np.asarray(trim_mean(stacked, trim_fraction), dtype=stacked.dtype))
     return out
 
 

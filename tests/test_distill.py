@@ -116,3 +116,35 @@ def test_client_rd_pipeline_on_smoke(ws):
     edge_c, report = distill_c(chain.edge, new, ws.client_train(0), settings, seed=0)
     assert report.iters == settings.redistill_iters
     assert any(not torch.equal(a, b) for a, b in zip(edge_c.parameters(), chain.edge.parameters()))
+
+
+def test_teacher_detections_are_the_detectors_own_detections_above_the_threshold(ws):
+    """Pseudo labels (Distill C with redistill_targets="teacher") = what the teacher's eval-mode
+    forward detects, in the transformed images' coordinates, cut at the score threshold."""
+    from distill.trainer import teacher_detections
+
+    teacher = build_model("smoke", "teacher", seed=0).eval()
+    teacher.score_thresh = 0.0  # an untrained head scores ~0.08 at most: keep every box so there is content
+    reg = teacher.head.regression_head.bbox_reg  # untrained boxes are degenerate: make each one anchor-sized
+    torch.nn.init.zeros_(reg.weight)
+    torch.nn.init.ones_(reg.bias)
+    images = [ws.client_test(0)[i][0] for i in range(3)]
+    with torch.no_grad():
+        expected = teacher(images)  # eval mode: postprocess + transform back (identity: images are image_size)
+        image_list, _ = teacher.transform(images)
+        got = teacher_detections(teacher, image_list, score_thresh=0.0)
+    assert all(len(d["boxes"]) > 0 for d in got)
+    side = ws.profile.image_size
+    for exp, det in zip(expected, got):
+        valid = (exp["boxes"][:, 2] > exp["boxes"][:, 0] + 1) & (exp["boxes"][:, 3] > exp["boxes"][:, 1] + 1)
+        assert torch.allclose(det["boxes"], exp["boxes"][valid], atol=1e-4)
+        assert torch.equal(det["labels"], exp["labels"][valid])
+        assert (det["boxes"] >= 0).all() and (det["boxes"] <= side).all()
+    # The threshold keeps exactly the boxes scoring at least it.
+    cut = float(expected[0]["scores"].median())
+    with torch.no_grad():
+        kept = teacher_detections(teacher, image_list, score_thresh=cut)[0]
+    above = (expected[0]["scores"] >= cut) & (expected[0]["boxes"][:, 2] > expected[0]["boxes"][:, 0] + 1) & \
+        (expected[0]["boxes"][:, 3] > expected[0]["boxes"][:, 1] + 1)
+    assert 0 < len(kept["boxes"]) < len(got[0]["boxes"])
+    assert torch.allclose(kept["boxes"], expected[0]["boxes"][above], atol=1e-4)
