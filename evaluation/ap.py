@@ -213,10 +213,17 @@ def class_ap(
 # --------------------------------------------------------------------------------------------
 
 
-def nanmean(values: Iterable[float]) -> float:
-    """Mean of the non-NaN values; NaN when there are none (no numpy warning)."""
-    finite = [v for v in values if not math.isnan(v)]
-    return float(sum(finite) / len(finite)) if finite else math.nan
+def nan_mean(values: Iterable[Any]) -> float:
+    """Mean of the values that are numbers and finite (NaN AP = class absent from the shard; None =
+    no value); NaN when there are none. The one NaN-skipping mean of the project."""
+    kept = []
+    for v in values:
+        try:
+            if v is not None and math.isfinite(float(v)):
+                kept.append(float(v))
+        except (TypeError, ValueError):
+            pass
+    return sum(kept) / len(kept) if kept else math.nan
 
 
 def _json_number(value: float) -> float | None:
@@ -352,7 +359,7 @@ def evaluate_detections(
     precision, recall, f1 = precision_recall_f1(tp_total, fp_total, sum(npos.values()))
     return EvalResult(
         ap=ap,
-        mAP=nanmean(ap.values()),
+        mAP=nan_mean(ap.values()),
         precision=precision,
         recall=recall,
         f1=f1,

@@ -42,10 +42,9 @@ from __future__ import annotations
 import math
 from typing import Any, Iterable, Mapping, Sequence
 
-import numpy as np
+from evaluation.ap import nan_mean
+from protocol.config import METHODS
 
-# Methods in the order the paper discusses them; unknown methods follow alphabetically.
-KNOWN_METHOD_ORDER = ("diredi", "fedavg", "fedprox", "local", "oracle")
 
 # Optional end-of-round detection metrics a record may carry (see `record_after_metric`).
 DETECTION_METRICS = ("precision", "recall", "f1")
@@ -70,17 +69,11 @@ def is_missing(value: Any) -> bool:
         return True
 
 
-def nan_mean(values: Iterable[Any]) -> float:
-    """Mean of the non-missing values; NaN when there are none."""
-    kept = [float(v) for v in values if not is_missing(v)]
-    return float(np.mean(kept)) if kept else NAN
-
-
 def method_sort_key(method: str) -> tuple[int, str]:
     """Known methods first in paper order, then any other method alphabetically."""
-    if method in KNOWN_METHOD_ORDER:
-        return (KNOWN_METHOD_ORDER.index(method), method)
-    return (len(KNOWN_METHOD_ORDER), method)
+    if method in METHODS:
+        return (METHODS.index(method), method)
+    return (len(METHODS), method)
 
 
 def flatten_class_names(groups: Any) -> list[str]:

@@ -40,7 +40,7 @@ from distill.rd import (RDSettings, client_delta, direct_training, distill_c, re
 from distill.chain import chain_phases, student_start
 from distill.trainer import KDRecipe, PAPER_FGD, train
 from models.parts import delta_norm
-from evaluation.ap import evaluate_model, nanmean
+from evaluation.ap import evaluate_model, nan_mean
 from data.voc import VOC_CLASSES
 from data.workspace import prepare
 
@@ -108,9 +108,9 @@ def tutor_effect(model, ws, new: list[str]) -> dict:
     for where, dataset, names in (("val", ws.validation_set(), [*s.presumed_classes, *new]),
                                   ("test", ws.client_test(0), ws.eval_classes())):
         r = score(model, dataset, names)
-        out[where] = {"new_ap": nanmean(r["ap"][n] for n in new),
-                      "presumed_mAP": nanmean(r["ap"][n] for n in s.presumed_classes),
-                      "protected_ap": nanmean(r["ap"][n] for n in s.protected_classes), "ap": r["ap"]}
+        out[where] = {"new_ap": nan_mean(r["ap"][n] for n in new),
+                      "presumed_mAP": nan_mean(r["ap"][n] for n in s.presumed_classes),
+                      "protected_ap": nan_mean(r["ap"][n] for n in s.protected_classes), "ap": r["ap"]}
     return out
 
 
@@ -190,8 +190,8 @@ def section_links(ws, chain, args) -> dict:
     links["distill_c"] = {"kd_mAP": kd["mAP"], "labels_only_mAP": lo["mAP"], "steps": settings.redistill_iters,
                           "loss_ratio_start": b["loss_ratio_start"], "loss_ratio_end": b["loss_ratio_end"],
                           "same_start": "deployed edge", "evaluated_on": f"{args.exp} client test shard",
-                          "kd_new_ap": nanmean(kd["ap"][n] for n in new),
-                          "labels_only_new_ap": nanmean(lo["ap"][n] for n in new)}
+                          "kd_new_ap": nan_mean(kd["ap"][n] for n in new),
+                          "labels_only_new_ap": nan_mean(lo["ap"][n] for n in new)}
     log.info("link distill_c: KD %.1f vs labels %.1f", kd["mAP"], lo["mAP"])
     return {"links": links, "recipe": recipe.to_dict()}
 

@@ -37,8 +37,7 @@ from flwr.serverapp.strategy import Result, Strategy
 from torch import Tensor, nn
 
 from distill.rd import RDSettings, distill_c, reverse_distill_tutor1
-from evaluation.ap import per_class_ap
-from evaluation.metrics import nan_mean
+from evaluation.ap import nan_mean, per_class_ap
 from models.parts import load_neck_head, neck_head, substitute
 from protocol.wire import (AFTER, AP_AFTER, AP_BEFORE, BEFORE, CONFIG, DELTA, DISTILL, DIREDI_WORK, EDGE,
                            EDGE_SOURCE, EVALUATE, METHOD, METRICS, NUM_EXAMPLES, PARTITION_ID, SERVER,
@@ -176,10 +175,8 @@ class DiReDiStrategy(Strategy):
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
         """"evaluate" with the server's edge to this round's participants (server re-distillation)."""
-        ledger = self._open_round(server_round)
-        content = RecordDict({CONFIG: self._config(config, server_round, "received"), EDGE: state_record(self.edge)})
-        return ledger.count_down(Message(content=content, message_type=EVALUATE, dst_node_id=entry.node)
-                                 for entry in ledger.trained)
+        return self._to_participants(server_round, EVALUATE, self._config(config, server_round, "received"),
+                                     EDGE, self.edge)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         """Stores each client's evaluation of the re-distilled edge (ap-after)."""
@@ -189,9 +186,15 @@ class DiReDiStrategy(Strategy):
 
     def configure_distill(self, server_round: int, config: ConfigRecord) -> list[Message]:
         """"train.distill" with the updated tutor to this round's participants."""
+        return self._to_participants(server_round, DISTILL, self._config(config, server_round, "stored"),
+                                     TUTOR, self.tutor)
+
+    def _to_participants(self, server_round: int, message_type: str, config: ConfigRecord, name: str,
+                         model: nn.Module) -> list[Message]:
+        """One message with ``model`` under ``name`` to every node that trained this round (bytes counted)."""
         ledger = self._open_round(server_round)
-        content = RecordDict({CONFIG: self._config(config, server_round, "stored"), TUTOR: state_record(self.tutor)})
-        return ledger.count_down(Message(content=content, message_type=DISTILL, dst_node_id=entry.node)
+        content = RecordDict({CONFIG: config, name: state_record(model)})
+        return ledger.count_down(Message(content=content, message_type=message_type, dst_node_id=entry.node)
                                  for entry in ledger.trained)
 
     def aggregate_distill(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
