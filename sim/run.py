@@ -128,7 +128,7 @@ def main(argv=None) -> int:
     except ValueError as err:
         print(f"--resume: {err}", file=sys.stderr)
         return 2
-    done = folder.read_done()
+    done = folder.read_done()  # (non-empty only with --resume)
     if args.resume:
         print(f"resuming {folder.path}: reusing {', '.join(done) or 'nothing'}", flush=True)
 
@@ -140,17 +140,16 @@ def main(argv=None) -> int:
         bar.set_postfix_str(f"{record['method']} r{record['round']} c{record['client']}")
         bar.update(1)
 
-    def server_main(grid, _context=None) -> list[dict]:
-        return run_methods(session, grid, folder, done, on_record=on_record,
-                           on_method=lambda m: bar.write(f"--- {m} ---"))
-
-    if any(m in config.federated_methods for m in todo):
+    progress = {"on_record": on_record, "on_method": lambda m: bar.write(f"--- {m} ---")}
+    federated = [m for m in todo if m in config.federated_methods]
+    if federated:
         from sim.federation import simulate
 
-        simulate(config, server_main, ray_address=args.ray_address)
-        records = folder.read_records()
-    else:
-        records = server_main(None)
+        simulate(config, lambda grid, _: run_methods(session, grid, folder, federated, report=False, **progress),
+                 ray_address=args.ray_address)
+    # local and oracle after the simulation has ended: Flower's runtime keeps polling while it
+    # lives, and on 2 cores that halves their training speed (measured: 145 s vs 79 s for local).
+    records = run_methods(session, None, folder, [m for m in todo if m not in federated], **progress)
     bar.close()
 
     specs = session.client_specs()

@@ -154,33 +154,28 @@ def _clone(state) -> dict[str, Tensor]:
     return {k: v.detach().clone() for k, v in state.items()}
 
 
-def run_methods(session: Session, grid: Grid | None, folder: RunFolder, done: list[str] | None = None,
+def run_methods(session: Session, grid: Grid | None, folder: RunFolder, methods: list[str] | None = None,
                 on_record: Callable[[dict], None] | None = None,
-                on_method: Callable[[str], None] | None = None) -> list[dict]:
-    """Runs the configuration's methods not in ``done`` into ``folder``; returns every record of the
-    run (the finished methods' included) after writing the report."""
-    done = list(done or [])
-    records = [r for r in folder.read_records() if r["method"] in done] if done else []
-
-    def record(r: dict) -> None:
-        folder.append_record(r)
-        records.append(r)
-        if on_record is not None:
-            on_record(r)
-
-    for method in session.config.methods:
+                on_method: Callable[[str], None] | None = None, report: bool = True) -> list[dict]:
+    """Runs ``methods`` (default: the configuration's) that the folder does not list as done,
+    appending records and decisions to it as they arrive; with ``report``, writes results.md and
+    the plots over every record in the folder. Returns the folder's records."""
+    for method in methods if methods is not None else session.config.methods:
+        done = folder.read_done()
         if method in done:
             continue
         if on_method is not None:
             on_method(method)
-        recorder = Recorder(method, on_record=record, on_decision=lambda d: folder.append_verification(d.to_dict()))
+        recorder = Recorder(method, on_record=lambda r: (folder.append_record(r), on_record and on_record(r)),
+                            on_decision=lambda d: folder.append_verification(d.to_dict()))
         result = run_method(method, session, grid, recorder)
         for failure in result.recorder.failures:
             log.warning("%s: client failure: %s", method, failure)
-        done.append(method)
-        folder.write_done(done)
-    specs = session.client_specs()
-    write_all(folder, records, specs, [s["private"] for s in specs], session.stage_rows())
+        folder.write_done([*done, method])
+    records = folder.read_records()
+    if report:
+        specs = session.client_specs()
+        write_all(folder, records, specs, [s["private"] for s in specs], session.stage_rows())
     return records
 
 
