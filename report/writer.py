@@ -62,6 +62,9 @@ METHOD_COLOURS = {
 }
 EXTRA_COLOURS = ("#d62728", "#8c564b", "#e377c2", "#bcbd22", "#17becf")
 
+TUTOR_HISTORY = "tutor.json"  # DiReDi's tutor per round: [{"round", "ap": {class: AP}, "mAP"}]
+SUMMARY = "summary.json"  # evaluation.metrics.run_summary
+
 MISSING_CELL = "—"
 BYTES_PER_MB = 1e6
 PNG_METADATA = {"Software": None}  # keep the matplotlib version out of the files
@@ -228,6 +231,19 @@ class RunFolder:
     def append_verification(self, decision: Mapping) -> Path:
         """Append one verification decision to verification.jsonl and flush."""
         return self._append_line(self.verification_path, decision)
+
+    def write_json(self, name: str, value: Any) -> Path:
+        """A JSON file in the folder (NaN as null), written whole or not at all."""
+        path = self.path / name
+        text = json.dumps(to_jsonable(value), allow_nan=False, ensure_ascii=False, indent=2)
+        partial = path.with_suffix(path.suffix + ".partial")
+        partial.write_text(text + "\n", encoding="utf-8")
+        partial.replace(path)
+        return path
+
+    def read_json(self, name: str, default: Any = None) -> Any:
+        path = self.path / name
+        return nulls_to_nan(json.loads(path.read_text(encoding="utf-8"))) if path.exists() else default
 
     def read_records(self) -> list[dict]:
         """rounds.jsonl back as records, with null restored to NaN where it stood for NaN."""
@@ -566,6 +582,28 @@ def plot_round_curves(records: Sequence[Mapping], path: str | os.PathLike, specs
     return save_figure(figure, path)
 
 
+def plot_tutor_progress(history: Sequence[Mapping], path: str | os.PathLike) -> Path:
+    """The DiReDi tutor's per-class validation AP after every round (round 0 = the original tutor):
+    what the accepted deltas accumulated, the paper's "updated tutor" row per round."""
+    ordered = sorted(history, key=lambda entry: entry["round"])
+    rounds = [entry["round"] for entry in ordered]
+    classes = list(ordered[0]["ap"]) if ordered else []
+    figure, axis = plt.subplots(figsize=(7.5, 4.2))
+    for name in classes:
+        axis.plot(rounds, [100 * float(entry["ap"].get(name, math.nan)) for entry in ordered], marker="o",
+                  linewidth=1.2, label=name)
+    axis.plot(rounds, [100 * float(entry["mAP"]) for entry in ordered], color="black", linewidth=2.5,
+              marker="s", label="mAP")
+    axis.set_title("Tutor on the manufacturer's validation set, per round")
+    axis.set_xlabel("round")
+    axis.set_ylabel("AP (%)")
+    axis.set_xticks(rounds)
+    axis.grid(alpha=0.3)
+    axis.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False, fontsize=8)
+    figure.tight_layout()
+    return save_figure(figure, path)
+
+
 def file_safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name) or "method"
 
@@ -587,4 +625,7 @@ def write_all(run_folder: RunFolder | str | os.PathLike, records: Sequence[Mappi
     for method in methods_in(records):
         name = f"heatmap_{file_safe(method)}"
         written[name] = plot_class_heatmap(records, method, folder / f"{name}.png", specs)
+    history = RunFolder(folder).read_json(TUTOR_HISTORY)
+    if history:
+        written["tutor_progress"] = plot_tutor_progress(history, folder / "tutor_progress.png")
     return written

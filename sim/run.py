@@ -105,7 +105,7 @@ def main(argv=None) -> int:
 
     from evaluation.metrics import method_means, method_table
     from report.writer import RunFolder
-    from strategies.server_app import Session, run_methods
+    from strategies.server_app import Session, run_methods, write_summary
 
     torch.manual_seed(config.seed)
     # One torch thread per core that is not busy elsewhere: more threads than free cores slow torch
@@ -151,6 +151,7 @@ def main(argv=None) -> int:
     # lives, and on 2 cores that halves their training speed (measured: 145 s vs 79 s for local).
     records = run_methods(session, None, folder, [m for m in todo if m not in federated], **progress)
     bar.close()
+    write_summary(session, folder, time.perf_counter() - start)
 
     specs = session.client_specs()
     means = method_means(method_table(records, specs, [s["private"] for s in specs]))

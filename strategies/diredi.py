@@ -3,8 +3,10 @@
 One round (``DiReDiStrategy.start``):
 
 1. ``configure_train`` -> "train" to every sampled node: the tutor's full weights (or, with
-   ``share_tutor1``, Tutor 1 computed once on the server from public presumed data), the edge
-   weights (only to nodes that do not hold their own edge yet) and the run configuration;
+   ``share_tutor1``, Tutor 1 computed once on the server from public presumed data, as long as
+   every client holds the server's edge: after client-side Distill C each client's edge is its
+   own, and so is its Tutor 1), the edge weights (only to nodes that do not hold their own edge
+   yet) and the run configuration;
 2. clients run dual-tutor reverse distillation and reply the neck/head delta + metrics;
 3. ``aggregate_train``: each delta is verified (structure, norm, candidate tutor per class on the
    manufacturer's validation set, protected classes), accepted deltas are merged
@@ -92,6 +94,9 @@ class DiReDiStrategy(Strategy):
         self._accepted = 0  # accepted deltas of the round in progress
         self._tutor_ap: dict[str, float] | None = None  # cache for the current tutor
         self._nodes_with_edge: set[int] = set()  # nodes that keep their own edge (client re-distillation)
+        # Tutor 1 emulates the edge it is computed from: one shared Tutor 1 serves while every client
+        # still holds the server's edge; once clients have re-distilled their own, each computes its own.
+        self._client_edges_changed = False
 
     # -- Flower hooks ---------------------------------------------------------------------------
 
@@ -116,7 +121,7 @@ class DiReDiStrategy(Strategy):
         nodes = sampled_nodes(grid, self.num_nodes)
         cfg = self._config(config, server_round, "stored" if self.redistill == "client" else "received")
         arrays_out = {}
-        if self.share_tutor1:
+        if self.share_tutor1 and not self._client_edges_changed:
             start = time.perf_counter()
             tutor1, _ = reverse_distill_tutor1(self.tutor, self.edge, self.presumed_data, self.settings,
                                                seed=work_seed(self.seed, server_round, SERVER))
@@ -165,11 +170,12 @@ class DiReDiStrategy(Strategy):
                                 "rejected": len(ok) - len(accepted_deltas)})
         if not accepted_deltas:
             log.warning("round %d: no delta accepted; the tutor is unchanged", server_round)
+            self.recorder.tutor_history.append(self._tutor_summary(server_round))
             return None, summary
         merged = aggregate(accepted_deltas, weights, self.aggregation, **self.aggregation_options)
         load_neck_head(self.tutor, substitute(neck_head(self.tutor), merged, self.settings.beta))
         self._tutor_ap = None
-        self.recorder.tutor_history.append(self._tutor_summary(server_round))
+        self.recorder.tutor_history.append(self._tutor_summary(server_round))  # the paper's "updated tutor", per round
         return state_record(self.tutor), summary
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
@@ -220,6 +226,7 @@ class DiReDiStrategy(Strategy):
         if self.redistill == "client":
             replies = grid.send_and_receive(self.configure_distill(server_round, config), timeout=timeout)
             self.aggregate_distill(server_round, replies)
+            self._client_edges_changed = True
         else:
             start = time.perf_counter()
             self.edge, _ = distill_c(self.edge, self.tutor, self.presumed_data, self.settings,

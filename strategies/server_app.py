@@ -35,7 +35,8 @@ from evaluation.ap import per_class_ap
 from models.parts import neck_head
 from protocol.config import FEDERATED, RunConfig, resolve_run_config
 from protocol.wire import state_record
-from report.writer import RunFolder, write_all
+from evaluation.metrics import run_summary
+from report.writer import SUMMARY, TUTOR_HISTORY, RunFolder, write_all
 from strategies.baselines import RecordingFedAvg, RecordingFedProx
 from strategies.centralised import run_local, run_oracle
 from strategies.diredi import DiReDiStrategy
@@ -171,12 +172,23 @@ def run_methods(session: Session, grid: Grid | None, folder: RunFolder, methods:
         result = run_method(method, session, grid, recorder)
         for failure in result.recorder.failures:
             log.warning("%s: client failure: %s", method, failure)
+        if recorder.tutor_history:
+            folder.write_json(TUTOR_HISTORY, recorder.tutor_history)
         folder.write_done([*done, method])
     records = folder.read_records()
     if report:
         specs = session.client_specs()
         write_all(folder, records, specs, [s["private"] for s in specs], session.stage_rows())
     return records
+
+
+def write_summary(session: Session, folder: RunFolder, wall_s: float) -> dict:
+    """summary.json (``evaluation.metrics.run_summary``) from the folder's records and tutor history."""
+    specs = session.client_specs()
+    summary = run_summary(folder.read_records(), specs, [s["private"] for s in specs], session.config.rounds,
+                          wall_s, folder.read_json(TUTOR_HISTORY, []))
+    folder.write_json(SUMMARY, summary)
+    return summary
 
 
 # -- `flwr run .` ------------------------------------------------------------------------------
@@ -188,6 +200,7 @@ app = ServerApp()
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
+    start = time.perf_counter()
     raw = dict(context.run_config)
     out_dir, name = str(raw.pop("out-dir", "runs")), str(raw.pop("name", ""))
     if int(raw.get("num-clients", 0)) == 0:
@@ -196,6 +209,7 @@ def main(grid: Grid, context: Context) -> None:
     session = Session.open(config)
     folder = RunFolder.start(Path(out_dir) / (name or config.run_name()), config.to_dict(), session.details())
     records = run_methods(session, grid, folder, on_method=lambda m: log.warning("--- %s ---", m))
+    write_summary(session, folder, time.perf_counter() - start)
     log.warning("%d records written to %s", len(records), folder.path)
 
 

@@ -225,3 +225,23 @@ def test_sim_run_and_the_flwr_server_app_give_the_same_records(cache, tmp_path, 
     assert flwr == cli
     assert json.loads((tmp_path / "flwr" / "config.json").read_text())["run"] == \
         json.loads((tmp_path / "cli" / "config.json").read_text())["run"]
+
+
+def test_two_rounds_keep_each_clients_edge_and_tutor1_follows_it(setup):
+    """Round 2 starts from the edge each client re-distilled in round 1; the shared Tutor 1 serves
+    only round 1 (every client then holds the server's edge), afterwards each client computes its own."""
+    result, _ = run_captured("diredi", setup, policy=ACCEPT_HONEST, rounds=2, tutor1="shared")
+    by_round = {(r["round"], r["client"]): r for r in result.records}
+    assert sorted(by_round) == [(1, 0), (1, 1), (2, 0), (2, 1)]
+    for client in range(NUM_CLIENTS):
+        first, second = by_round[(1, client)], by_round[(2, client)]
+        assert first["accepted"] and first["redistilled"]
+        # its own stored edge, not the server's (NaN: a class without positives in the shard)
+        assert second["ap_before"].keys() == first["ap_after"].keys()
+        assert all(a == b or (math.isnan(a) and math.isnan(b))
+                   for a, b in zip(second["ap_before"].values(), first["ap_after"].values()))
+        assert first["seconds"]["rd_tutor1"] == 0.0 and first["seconds"]["server_tutor1"] > 0
+        assert second["seconds"]["rd_tutor1"] > 0 and "server_tutor1" not in second["seconds"]
+    assert [entry["round"] for entry in result.recorder.tutor_history] == [0, 1, 2]
+    # Round 1's Distill C changed the edges, so the check above tells a stored edge from the server's.
+    assert any(by_round[(1, c)]["ap_after"] != by_round[(1, c)]["ap_before"] for c in range(NUM_CLIENTS))
