@@ -34,7 +34,7 @@ from models.ladder import build_model
 from protocol.config import RunConfig
 from protocol.wire import (AFTER, AP_AFTER, AP_BEFORE, ARRAYS, BEFORE, CONFIG, DELTA, DIRECT_WORK, DIREDI_WORK,
                            EDGE, EDGE_SOURCE, LOSSES, METHOD, METRICS, NUM_EXAMPLES, PARTITION_ID, PEAK_RSS,
-                           SECONDS, SERVER_ROUND, TUTOR, TUTOR1, WORK, encode, state_record, work_seed)
+                           SECONDS, SERVER_ROUND, TRAINED, TUTOR, TUTOR1, WORK, encode, state_record, work_seed)
 
 app = ClientApp()
 
@@ -141,7 +141,8 @@ def _train_diredi(msg: Message, context: Context) -> Message:
     tutor2, report = reverse_distill_tutor2(tutor if tutor is not None else tutor1, tutor1, edge,
                                             _dataset(ws, partition, "train"), settings, seed)
     delta = client_delta(tutor1, tutor2, settings)
-    metrics.update({**_identity(ws, partition), f"{SECONDS}.rd_tutor1": seconds_t1,
+    metrics.update({**_identity(ws, partition), **encode(TRAINED, dict.fromkeys(ws.clients[partition].train_classes, 1)),
+                    f"{SECONDS}.rd_tutor1": seconds_t1,
                     f"{SECONDS}.rd_tutor2": report.seconds, PEAK_RSS: peak_rss_mb(),
                     **loss_metrics("rd_tutor2", report)})
     return _reply(msg, metrics, {DELTA: state_record(delta)})

@@ -23,7 +23,7 @@ from typing import Any, Mapping
 METHODS = ("diredi", "fedavg", "fedprox", "local", "oracle")  # the order of every table and plot
 FEDERATED = ("diredi", "fedavg", "fedprox")  # the methods that run on Flower; local and oracle need no clients
 TUTOR1_MODES = ("shared", "per-client")
-AGGREGATION_METHODS = ("weighted", "trimmed", "ties")  # strategies.aggregate.aggregate
+AGGREGATION_METHODS = ("weighted", "trimmed", "ties", "class_aware")  # strategies.aggregate.aggregate
 REDISTILL_SIDES = ("client", "server")
 
 
@@ -50,6 +50,7 @@ class RunConfig:
     tutor1: str = "shared"  # Tutor 1 computed once per round on the server, or on every client
     redistill: str = "client"  # Distill C on each client (its own edge) or once on the server
     aggregation: str = "weighted"  # AGGREGATION_METHODS
+    beta: float = 1.0  # eq. (10): the tutor moves by beta x the merged delta (the merge scale)
     fedprox_mu: float = 0.01
     rd_iters: int = 0  # RD steps per tutor per round; 0: the profile's round budget
     redistill_iters: int = 0  # Distill C steps per round; 0: the profile's
@@ -102,7 +103,8 @@ class RunConfig:
         from distill.rd import RDSettings
 
         return RDSettings.from_profile(self.get_profile(), rd_iters=self.rd_iters,
-                                       redistill_iters=self.redistill_iters, batch_size=self.batch_size)
+                                       redistill_iters=self.redistill_iters, batch_size=self.batch_size,
+                                       beta=self.beta)
 
     def workspace(self, num_clients: int | None = None):
         """Data, scenario and shards (``data.workspace.Workspace``), memoised per process."""
@@ -162,6 +164,8 @@ def resolve_run_config(raw: Mapping[str, Any] | RunConfig) -> RunConfig:
                       ("batch_size", 0), ("direct_iters", 0)):  # 0: "the profile's"
         if getattr(config, name) < low:
             raise ConfigError(_key(name), f"must be at least 1, got {getattr(config, name)}")
+    if not (math.isfinite(config.beta) and config.beta > 0):
+        raise ConfigError("beta", f"must be a finite number > 0, got {config.beta}")
     for name, value in (("fedprox_mu", config.fedprox_mu), ("norm_factor", config.norm_factor),
                         ("protected_tolerance", config.protected_tolerance), ("timeout_s", config.timeout_s)):
         if not (math.isfinite(value) and value >= 0):

@@ -40,6 +40,7 @@ DIREDI_WORK, DIRECT_WORK = "diredi", "direct"  # WORK: what a "train" message as
 AP_BEFORE, AP_AFTER = "ap-before", "ap-after"
 BEFORE, AFTER = "before", "after"  # "<before|after>.<precision|recall|f1|mAP>" of the same evaluations
 SECONDS = "seconds"  # "seconds.<phase>"
+TRAINED = "trained"  # "trained.<class>" = 1: the classes a client's labels hold (class-aware merging)
 LOSSES = "losses"  # "losses.<phase>.<det|distill|ratio>": each phase's balance at its end
 PARTITION_ID, NUM_EXAMPLES, PEAK_RSS = "partition-id", "num-examples", "peak-rss-mb"
 

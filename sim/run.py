@@ -54,6 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--ray-address", help="join an existing Ray cluster instead of starting one")
     add("--resume", action="store_true", help="reuse the finished methods of an existing run folder")
     add("--aggregation", choices=AGGREGATION_METHODS, default=d.aggregation)
+    add("--beta", type=float, default=d.beta, help="eq. (10): the tutor moves by beta x the merged delta "
+        f"(default {d.beta})")
     add("--redistill", choices=REDISTILL_SIDES, default=d.redistill)
     add("--tutor1", choices=TUTOR1_MODES, default=d.tutor1,
         help="Tutor 1 depends only on the edge and presumed data: compute it once per round on the server "
@@ -79,7 +81,7 @@ def parse_args(argv=None) -> argparse.Namespace:
            "voc-root": str(args.voc_root) if args.voc_root else "", "num-clients": args.clients,
            "rounds": args.rounds, "methods": args.methods, "seed": args.seed, "device": args.device,
            "cache-dir": str(args.cache), "tutor1": args.tutor1, "redistill": args.redistill,
-           "aggregation": args.aggregation, "rd-iters": args.rd_iters or 0,
+           "aggregation": args.aggregation, "beta": args.beta, "rd-iters": args.rd_iters or 0,
            "redistill-iters": args.redistill_iters or 0, "batch-size": args.batch_size or 0}
     try:
         args.config = resolve_run_config(raw)

@@ -9,12 +9,16 @@ verification step has already checked them against the tutor) and returns a new 
 * ``ties_merge``: TIES-merging (Yadav et al. 2023): trim each delta to its largest-magnitude
   entries, elect one sign per coordinate, average only the entries agreeing with it, so clients
   pulling a weight in opposite directions do not cancel into noise.
+* ``class_aware_merge``: the classification layer's per-class rows are averaged only over the
+  clients that trained that class (so a class taught by one client is not divided by the number
+  of clients); every other tensor goes through one of the rules above.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+import operator
+from collections.abc import Collection, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -24,6 +28,11 @@ from torch import Tensor
 from protocol.config import AGGREGATION_METHODS
 
 Delta = Mapping[str, Tensor]
+
+# The FCOS classification layer: weight [num_classes, C, 3, 3], bias [num_classes], one anchor per
+# location, so row c along dim 0 belongs to (VOC) class c and to no other.
+CLASS_ROW_PARAMS = ("head.classification_head.cls_logits.weight", "head.classification_head.cls_logits.bias")
+SHARED_METHODS = ("weighted", "trimmed", "ties")  # what class_aware_merge may use for the shared tensors
 
 
 def _check_deltas(deltas: Sequence[Delta]) -> list[str]:
@@ -121,9 +130,76 @@ def ties_merge(deltas: Sequence[Delta], weights: Sequence[float] | None = None,
     return out
 
 
+def _class_sets(client_classes: Sequence[Collection[int]], n: int) -> list[set[int]]:
+    if len(client_classes) != n:
+        raise ValueError(f"client_classes has {len(client_classes)} entries for {n} deltas; "
+                         "give one collection of class indices per delta")
+    sets = []
+    for i, classes in enumerate(client_classes):
+        try:
+            sets.append({operator.index(c) for c in classes})
+        except TypeError as error:
+            raise ValueError(f"client_classes[{i}] must hold integer class indices, got {classes!r}") from error
+    return sets
+
+
+def class_aware_merge(deltas: Sequence[Delta], weights: Sequence[float] | None,
+                      client_classes: Sequence[Collection[int]], shared: str = "trimmed", scale: float = 1.0,
+                      class_row_params: Sequence[str] = CLASS_ROW_PARAMS, **shared_options) -> dict[str, Tensor]:
+    """Merge that keeps each class's knowledge at full strength.
+
+    Clients teach different classes. Under a plain mean, a class taught by one client out of n
+    arrives divided by n, and the other clients' drift on its row (they never saw the class, so
+    it is not knowledge) is mixed in. So:
+
+    * class-row tensors (``class_row_params``; shape [num_classes, ...], row c = class c): row c
+      of the result is the weighted mean of row c over the clients whose ``client_classes``
+      contain c, their weights renormalised over that group; a row no client trained (or only
+      clients of weight 0 trained) is 0;
+    * every other ("shared") tensor, e.g. the FPN and the regression head that all classes use:
+      ``aggregate(..., method=shared, **shared_options)`` with ``shared`` one of "weighted",
+      "trimmed", "ties";
+    * the whole result is multiplied by ``scale`` (task arithmetic's lambda, chosen by the caller
+      on held-out data; 1.0 leaves the merge as is).
+
+    ``client_classes[i]`` is the set of class indices delta i was trained on (its labels). If any
+    of ``class_row_params`` is absent from the deltas (another head), every tensor is shared.
+    Returns new tensors; the deltas are not modified.
+    """
+    keys = _check_deltas(deltas)
+    if shared not in SHARED_METHODS:
+        raise ValueError(f"shared must be one of {', '.join(SHARED_METHODS)}, got {shared!r}")
+    if not (math.isfinite(float(scale)) and float(scale) > 0):
+        raise ValueError(f"scale must be finite and positive, got {scale}")
+    factors = _normalised_weights(weights, len(deltas))
+    classes = _class_sets(client_classes, len(deltas))
+    row_keys = list(class_row_params) if all(name in keys for name in class_row_params) else []
+    out: dict[str, Tensor] = {}
+    for name in row_keys:
+        rows = deltas[0][name].shape[0] if deltas[0][name].dim() else 0
+        for i, cs in enumerate(classes):
+            bad = sorted(c for c in cs if not 0 <= c < rows)
+            if bad:
+                raise ValueError(f"client_classes[{i}] has class indices {bad} outside [0, {rows}) "
+                                 f"for {name} of shape {tuple(deltas[0][name].shape)}")
+        merged = torch.zeros_like(deltas[0][name])
+        for c in range(rows):
+            members = [i for i, cs in enumerate(classes) if c in cs]
+            total = sum(factors[i] for i in members)
+            if total > 0:
+                merged[c] = sum((factors[i] / total) * deltas[i][name][c] for i in members)
+        out[name] = merged
+    shared_keys = [name for name in keys if name not in row_keys]
+    if shared_keys:
+        restricted = [{name: d[name] for name in shared_keys} for d in deltas]
+        out.update(aggregate(restricted, weights, shared, **shared_options))
+    return {name: out[name] * scale for name in keys}
+
+
 def aggregate(deltas: Sequence[Delta], weights: Sequence[float] | None, method: str = "weighted",
               **options) -> dict[str, Tensor]:
-    """Dispatches to one rule by name: "weighted" | "trimmed" (trim_fraction) | "ties" (keep_fraction).
+    """Dispatches to one rule by name: "weighted" | "trimmed" (trim_fraction) | "ties" (keep_fraction)
+    | "class_aware" (client_classes, required; shared, scale and the shared rule's options).
 
     ``weights`` are ignored by "trimmed" (a rank statistic has no natural weighting).
     """
@@ -133,4 +209,9 @@ def aggregate(deltas: Sequence[Delta], weights: Sequence[float] | None, method: 
         return trimmed_mean(deltas, **options)
     if method == "ties":
         return ties_merge(deltas, weights, **options)
+    if method == "class_aware":
+        if "client_classes" not in options:
+            raise ValueError("aggregation method 'class_aware' needs client_classes: "
+                             "one collection of trained class indices per delta")
+        return class_aware_merge(deltas, weights, **options)
     raise ValueError(f"unknown aggregation method {method!r}; expected one of {', '.join(AGGREGATION_METHODS)}")

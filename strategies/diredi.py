@@ -38,12 +38,13 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
 from torch import Tensor, nn
 
+from data.voc import CLASS_INDEX
 from distill.rd import RDSettings, distill_c, reverse_distill_tutor1
 from evaluation.ap import nan_mean, per_class_ap
 from models.parts import load_neck_head, neck_head, substitute
 from protocol.wire import (AFTER, AP_AFTER, AP_BEFORE, BEFORE, CONFIG, DELTA, DISTILL, DIREDI_WORK, EDGE,
                            EDGE_SOURCE, EVALUATE, METHOD, METRICS, NUM_EXAMPLES, PARTITION_ID, SERVER,
-                           SERVER_ROUND, TRAIN, TUTOR, TUTOR1, WORK, decode, encode, state_record, work_seed)
+                           SERVER_ROUND, TRAIN, TRAINED, TUTOR, TUTOR1, WORK, decode, encode, state_record, work_seed)
 from strategies.aggregate import AGGREGATION_METHODS, aggregate
 from strategies.ledger import Recorder, RoundLedger, sampled_nodes
 from strategies.verify import Decision, VerificationPolicy, protected_check, safe_norm, structural_check
@@ -152,7 +153,7 @@ class DiReDiStrategy(Strategy):
         ok = self.recorder.split(replies, "train", server_round)
         if not self.recorder.tutor_history:
             self.recorder.tutor_history.append(self._tutor_summary(0))
-        accepted_deltas, weights = [], []
+        accepted_deltas, weights, trained = [], [], []
         for reply in ok:
             metrics = reply.content[METRICS]
             start = time.perf_counter()
@@ -165,6 +166,7 @@ class DiReDiStrategy(Strategy):
             if decision.accepted:
                 accepted_deltas.append(delta)
                 weights.append(decision.weight)
+                trained.append({CLASS_INDEX[name] for name in decode(metrics, TRAINED) if name in CLASS_INDEX})
         self._accepted = len(accepted_deltas)
         summary = MetricRecord({"received": len(ok), "accepted": len(accepted_deltas),
                                 "rejected": len(ok) - len(accepted_deltas)})
@@ -172,7 +174,10 @@ class DiReDiStrategy(Strategy):
             log.warning("round %d: no delta accepted; the tutor is unchanged", server_round)
             self.recorder.tutor_history.append(self._tutor_summary(server_round))
             return None, summary
-        merged = aggregate(accepted_deltas, weights, self.aggregation, **self.aggregation_options)
+        options = dict(self.aggregation_options)
+        if self.aggregation == "class_aware":  # each class's rows from the clients whose labels hold it
+            options["client_classes"] = trained
+        merged = aggregate(accepted_deltas, weights, self.aggregation, **options)
         load_neck_head(self.tutor, substitute(neck_head(self.tutor), merged, self.settings.beta))
         self._tutor_ap = None
         self.recorder.tutor_history.append(self._tutor_summary(server_round))  # the paper's "updated tutor", per round

@@ -15,8 +15,9 @@ from distill.rd import RDSettings
 from distill.trainer import Phase, train
 from models.ladder import build_model, get_profile
 from models.parts import neck_head
-from strategies.aggregate import aggregate, ties_merge, trimmed_mean, weighted_mean
-from protocol.wire import DELTA, METRICS, NUM_EXAMPLES, PARTITION_ID, decode, encode
+from strategies.aggregate import (CLASS_ROW_PARAMS, aggregate, class_aware_merge, ties_merge, trimmed_mean,
+                                  weighted_mean)
+from protocol.wire import DELTA, METRICS, NUM_EXAMPLES, PARTITION_ID, TRAINED, decode, encode
 from strategies.diredi import DiReDiStrategy
 from strategies.verify import Decision, VerificationPolicy, protected_check, structural_check
 
@@ -76,6 +77,114 @@ def test_aggregate_names_unknown_methods():
         aggregate([{"a": t(1.0)}], None, "median")
     with pytest.raises(ValueError, match="different keys"):
         aggregate([{"a": t(1.0)}, {"b": t(1.0)}], None, "weighted")
+
+
+CLS_W, CLS_B = CLASS_ROW_PARAMS  # weight [num_classes, ...], bias [num_classes]; here 3 classes
+
+
+def rows(*values):
+    return torch.tensor(values, dtype=torch.float32)
+
+
+def three_clients():
+    """Three hand-made deltas over 3 classes; client 0 trained {0}, client 1 {0, 1}, client 2 {1}."""
+    d0 = {CLS_W: rows([1, 2], [10, 10], [5, 5]), CLS_B: t(1, 7, 3), "neck": t(2, 0)}
+    d1 = {CLS_W: rows([3, 4], [2, 4], [9, 9]), CLS_B: t(4, 2, 8), "neck": t(4, 8)}
+    d2 = {CLS_W: rows([100, 100], [6, 8], [7, 7]), CLS_B: t(50, 5, 9), "neck": t(8, 4)}
+    return [d0, d1, d2], [1, 2, 1], [{0}, {0, 1}, {1}]
+
+
+def test_class_aware_merge_of_hand_made_deltas():
+    deltas, weights, classes = three_clients()
+    out = class_aware_merge(deltas, weights, classes, shared="weighted")
+    assert set(out) == {CLS_W, CLS_B, "neck"}
+    # class 0: clients 0 (w 1) and 1 (w 2) -> (1*d0 + 2*d1) / 3; client 2's 100s stay out.
+    # class 1: clients 1 (w 2) and 2 (w 1) -> (2*d1 + 1*d2) / 3; client 0's 10s stay out.
+    # class 2: nobody trained it -> 0, whatever the clients drifted there.
+    assert torch.allclose(out[CLS_W], rows([7 / 3, 10 / 3], [10 / 3, 16 / 3], [0, 0]))
+    assert torch.allclose(out[CLS_B], t(3, 3, 0))
+    # shared tensor, weighted over all clients: (1*[2, 0] + 2*[4, 8] + 1*[8, 4]) / 4.
+    assert torch.allclose(out["neck"], t(4.5, 5.0))
+    # "trimmed" ignores weights: with nothing trimmed the shared tensor is the plain mean;
+    # the class rows do not depend on the shared rule.
+    trimmed = class_aware_merge(deltas, weights, classes, shared="trimmed", trim_fraction=0.0)
+    assert torch.allclose(trimmed["neck"], t(14 / 3, 4.0))
+    assert torch.allclose(trimmed[CLS_W], out[CLS_W]) and torch.allclose(trimmed[CLS_B], out[CLS_B])
+    assert torch.equal(deltas[0][CLS_W], rows([1, 2], [10, 10], [5, 5]))  # inputs untouched
+
+
+def test_class_aware_merge_keeps_a_one_class_delta_at_full_strength():
+    zero = {CLS_W: torch.zeros(3, 2), CLS_B: torch.zeros(3), "neck": t(0, 0)}
+    only_class_1 = {CLS_W: rows([0, 0], [6, -3], [0, 0]), CLS_B: t(0, 9, 0), "neck": t(0, 0)}
+    deltas = [only_class_1, dict(zero), dict(zero)]
+    classes = [{1}, {0}, {0, 2}]
+    out = class_aware_merge(deltas, None, classes, shared="weighted")
+    # the other classes' rows stay as they were: nobody changed them
+    assert torch.equal(out[CLS_W][[0, 2]], torch.zeros(2, 2))
+    assert torch.equal(out[CLS_B][[0, 2]], torch.zeros(2))
+    # the touched row is client 0's row, not a third of it (which a plain mean would give)
+    assert torch.allclose(out[CLS_W][1], t(6, -3)) and torch.allclose(out[CLS_B][1], t(9))
+    assert torch.allclose(weighted_mean(deltas)[CLS_W][1], t(2, -1))
+    # drift on class 1's row from a client that never trained class 1 is not mixed in
+    drifting = dict(zero, **{CLS_W: rows([0, 0], [-50, 50], [0, 0]), CLS_B: t(0, -50, 0)})
+    out = class_aware_merge([only_class_1, drifting, dict(zero)], None, classes, shared="weighted")
+    assert torch.allclose(out[CLS_W][1], t(6, -3)) and torch.allclose(out[CLS_B][1], t(9))
+
+
+def test_class_aware_merge_scale_and_untrained_rows():
+    deltas, weights, classes = three_clients()
+    base = class_aware_merge(deltas, weights, classes, shared="weighted")
+    half = class_aware_merge(deltas, weights, classes, shared="weighted", scale=0.5)
+    for name in base:
+        assert torch.allclose(half[name], 0.5 * base[name]), name
+    assert torch.allclose(half["neck"], t(2.25, 2.5))  # shared tensors are scaled too
+    # every client drifted on class 2's row, none trained it -> 0 (also after scaling)
+    assert all(d[CLS_B][2] != 0 for d in deltas)
+    assert torch.equal(half[CLS_W][2], torch.zeros(2)) and half[CLS_B][2] == 0
+    # only clients of weight 0 trained class 0 -> nobody with a say taught it -> 0
+    zero_weight = class_aware_merge(deltas, [1, 0, 1], [{1}, {0}, {1}], shared="weighted")
+    assert torch.allclose(zero_weight[CLS_B], t(0, 6, 0))  # class 1: (7 + 5) / 2
+
+
+def test_class_aware_merge_rejects_bad_inputs():
+    deltas, weights, classes = three_clients()
+    for scale in (0, -1.0, math.nan, math.inf):
+        with pytest.raises(ValueError, match="scale must be finite and positive"):
+            class_aware_merge(deltas, weights, classes, scale=scale)
+    with pytest.raises(ValueError, match="client_classes has 2 entries for 3 deltas"):
+        class_aware_merge(deltas, weights, classes[:2])
+    with pytest.raises(ValueError, match=r"client_classes\[2\] has class indices \[3\] outside \[0, 3\)"):
+        class_aware_merge(deltas, weights, [{0}, {1}, {1, 3}])
+    with pytest.raises(ValueError, match=r"client_classes\[0\] has class indices \[-1\]"):
+        class_aware_merge(deltas, weights, [{-1}, {1}, {1}])
+    with pytest.raises(ValueError, match=r"client_classes\[1\] must hold integer class indices"):
+        class_aware_merge(deltas, weights, [{0}, {0.5}, {1}])
+    with pytest.raises(ValueError, match="shared must be one of weighted, trimmed, ties, got 'class_aware'"):
+        class_aware_merge(deltas, weights, classes, shared="class_aware")
+    with pytest.raises(ValueError, match="2 weights for 3 deltas"):
+        class_aware_merge(deltas, [1, 1], classes)
+
+
+def test_class_aware_merge_without_a_classification_layer_merges_everything_as_shared():
+    deltas, weights, classes = three_clients()
+    no_bias = [{CLS_W: d[CLS_W], "neck": d["neck"]} for d in deltas]  # a class-row tensor is missing
+    out = class_aware_merge(no_bias, weights, classes, shared="weighted", scale=2.0)
+    expected = weighted_mean(no_bias, weights)
+    assert set(out) == {CLS_W, "neck"}
+    assert torch.allclose(out[CLS_W], 2.0 * expected[CLS_W])  # row 0 includes client 2's 100s
+    assert torch.allclose(out["neck"], 2.0 * expected["neck"])
+
+
+def test_aggregate_routes_class_aware():
+    deltas, weights, classes = three_clients()
+    out = aggregate(deltas, weights, "class_aware", client_classes=classes, shared="weighted", scale=0.5)
+    expected = class_aware_merge(deltas, weights, classes, shared="weighted", scale=0.5)
+    assert set(out) == set(expected)
+    for name in expected:
+        assert torch.allclose(out[name], expected[name]), name
+    assert torch.allclose(out[CLS_B], t(1.5, 1.5, 0))
+    with pytest.raises(ValueError, match="'class_aware' needs client_classes"):
+        aggregate(deltas, weights, "class_aware", shared="weighted")
 
 
 # -- verification rules ------------------------------------------------------------------------------
@@ -171,12 +280,13 @@ def strategy(trained_tutor):
                           ["person"], RDSettings.from_profile(get_profile("smoke")), policy)
 
 
-def reply(partition: int, delta: dict | None, num_examples: float = 10) -> Message:
+def reply(partition: int, delta: dict | None, num_examples: float = 10, trained: tuple[str, ...] = ()) -> Message:
     """A reply as node 100 + partition would send it (metadata set by hand: no Flower runtime here)."""
     metadata = Metadata(run_id=1, message_id="", src_node_id=100 + partition, dst_node_id=0,
                         reply_to_message_id="instruction", group_id="1", created_at=time.time(), ttl=600.0,
                         message_type="train")
-    content = RecordDict({METRICS: MetricRecord({PARTITION_ID: partition, NUM_EXAMPLES: num_examples})})
+    content = RecordDict({METRICS: MetricRecord({PARTITION_ID: partition, NUM_EXAMPLES: num_examples,
+                                                 **encode(TRAINED, dict.fromkeys(trained, 1))})})
     if delta is not None:
         content[DELTA] = ArrayRecord({k: v.clone() for k, v in delta.items()})
     return Message(content=content, metadata=metadata)
@@ -243,3 +353,27 @@ def test_accepted_deltas_are_merged_by_weight(strategy):
     assert torch.allclose(neck_head(strategy.tutor)[name], expected, atol=1e-7)
     assert [d.client for d in strategy.recorder.decisions] == [0, 1]  # sorted by partition, not arrival
     assert math.isclose(strategy.recorder.decisions[1].weight, 30.0)
+
+
+def test_class_aware_strategy_takes_each_class_row_from_the_clients_that_trained_it(trained_tutor):
+    """The strategy reads each client's trained classes from its reply ("trained.<class>")."""
+    import copy
+
+    policy = VerificationPolicy(norm_bound=50.0, protected_tolerance=1.0, protected_classes=("person",))
+    strategy = DiReDiStrategy(copy.deepcopy(trained_tutor), build_model("smoke", "edge", seed=1), Squares(8, 1),
+                              ["person"], RDSettings.from_profile(get_profile("smoke")), policy,
+                              aggregation="class_aware", aggregation_options={"shared": "weighted"})
+    bias = "head.classification_head.cls_logits.bias"
+    cat, dog = 7, 11  # VOC indices
+    d_cat, d_dog = zeros_like_nh(strategy.tutor), zeros_like_nh(strategy.tutor)
+    d_cat[bias][cat] = 0.3
+    d_dog[bias][dog] = 0.2
+    d_dog[bias][cat] = -5.0  # drift on a class this client never saw: not knowledge
+    before = neck_head(strategy.tutor)[bias].clone()
+    _, metrics = strategy.aggregate_train(1, [reply(0, d_cat, trained=("cat", "person")),
+                                              reply(1, d_dog, trained=("dog", "person"))])
+    assert metrics["accepted"] == 2
+    moved = neck_head(strategy.tutor)[bias] - before
+    assert torch.isclose(moved[cat], torch.tensor(0.3)) and torch.isclose(moved[dog], torch.tensor(0.2))
+    others = [i for i in range(len(moved)) if i not in (cat, dog)]
+    assert torch.count_nonzero(moved[others]) == 0
