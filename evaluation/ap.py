@@ -376,31 +376,10 @@ def evaluate_detections(
 
 
 
-def evaluate_model(
-    model,
-    dataset_or_loader,
-    class_ids: Sequence[int],
-    batch_size: int = 16,
-    score_thresh: float = 0.5,  # measured on the cpu teacher: best F1 of 0.3/0.4/0.5/0.6 (0.53)
-    device=None,
-    *,
-    iou_thresh: float = 0.5,
-    use_07_metric: bool = False,
-    plus_one: bool = False,
-) -> EvalResult:
-    """Run a torchvision detection model over a data set and evaluate it the VOC way.
-
-    ``plus_one`` defaults to False here because ``data.voc.VOCDetection`` already turns the devkit's
-    inclusive 1-based boxes into continuous ``(xmin - 1, ymin - 1, xmax, ymax)`` boxes whose width
-    includes the devkit's "+1"; adding it again would widen every box by a pixel.
-
-    ``dataset_or_loader`` yields ``(image FloatTensor[3, H, W], target dict)`` items (a Dataset),
-    or ``(images, targets)`` batches (a DataLoader, e.g. with ``collate_detection``).
-    The model must already be on ``device`` (None: the device of its first parameter).
-    AP uses every detection the model returns, so it is bounded by the model's own
-    post-processing (e.g. FCOS ``score_thresh`` / ``detections_per_img``).
-    The model's train/eval mode is restored afterwards.
-    """
+def predict(model, dataset_or_loader, batch_size: int = 16, device=None) -> tuple[list[dict], list[dict]]:
+    """Every image's detections ({boxes, scores, labels} on the CPU) and its target, in data order.
+    The model must already be on ``device`` (None: the device of its first parameter); its
+    train/eval mode is restored afterwards."""
     import torch
     from torch.utils.data import DataLoader
 
@@ -438,6 +417,35 @@ def evaluate_model(
     finally:
         model.train(was_training)
 
+    return predictions, targets
+
+
+def evaluate_model(
+    model,
+    dataset_or_loader,
+    class_ids: Sequence[int],
+    batch_size: int = 16,
+    score_thresh: float = 0.5,  # measured on the cpu teacher: best F1 of 0.3/0.4/0.5/0.6 (0.53)
+    device=None,
+    *,
+    iou_thresh: float = 0.5,
+    use_07_metric: bool = False,
+    plus_one: bool = False,
+) -> EvalResult:
+    """Run a torchvision detection model over a data set and evaluate it the VOC way.
+
+    ``plus_one`` defaults to False here because ``data.voc.VOCDetection`` already turns the devkit's
+    inclusive 1-based boxes into continuous ``(xmin - 1, ymin - 1, xmax, ymax)`` boxes whose width
+    includes the devkit's "+1"; adding it again would widen every box by a pixel.
+
+    ``dataset_or_loader`` yields ``(image FloatTensor[3, H, W], target dict)`` items (a Dataset),
+    or ``(images, targets)`` batches (a DataLoader, e.g. with ``collate_detection``).
+    The model must already be on ``device`` (None: the device of its first parameter).
+    AP uses every detection the model returns, so it is bounded by the model's own
+    post-processing (e.g. FCOS ``score_thresh`` / ``detections_per_img``).
+    The model's train/eval mode is restored afterwards.
+    """
+    predictions, targets = predict(model, dataset_or_loader, batch_size, device)
     return evaluate_detections(
         predictions,
         targets,
@@ -458,3 +466,26 @@ def per_class_ap(model, dataset, class_names: Iterable[str], batch_size: int = 1
     ap = {name: float(result.ap[CLASS_INDEX[name]]) for name in names}
     summary = {"precision": result.precision, "recall": result.recall, "f1": result.f1, "mAP": result.mAP}
     return ap, {k: float(v) for k, v in summary.items()}
+
+
+def bootstrap_ap_drop(before: Sequence[Mapping], after: Sequence[Mapping], targets: Sequence[Mapping],
+                      class_ids: Sequence[int], samples: int = 200, seed: int = 0) -> dict[int, float]:
+    """Standard deviation of AP(before) - AP(after) per class over ``samples`` bootstrap resamples of
+    the images (paired: both models' detections of the same resampled images), i.e. how much an
+    AP drop measured on this image set moves by chance. ``before`` / ``after``: ``predict`` outputs
+    of the two models on the same ``targets``."""
+    if not (len(before) == len(after) == len(targets)):
+        raise ValueError(f"{len(before)}, {len(after)} and {len(targets)} predictions/targets: not aligned")
+    rng = np.random.default_rng(seed)
+    n = len(targets)
+    drops: dict[int, list[float]] = {int(c): [] for c in class_ids}
+    for _ in range(samples):
+        pick = rng.integers(0, n, size=n)
+        # a resample repeats images: give each copy its own id (the evaluation refuses duplicates)
+        resampled = [{**targets[i], "image_id": position} for position, i in enumerate(pick)]
+        ap_before = evaluate_detections([before[i] for i in pick], resampled, class_ids).ap
+        ap_after = evaluate_detections([after[i] for i in pick], resampled, class_ids).ap
+        for c in drops:
+            if math.isfinite(ap_before[c]) and math.isfinite(ap_after[c]):
+                drops[c].append(ap_before[c] - ap_after[c])
+    return {c: float(np.std(values, ddof=1)) if len(values) > 1 else math.nan for c, values in drops.items()}

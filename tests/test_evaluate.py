@@ -480,3 +480,25 @@ def test_evaluate_model_keeps_image_order():
     assert result.ap == {0: 1.0, 1: 1.0, 2: 1.0}
     assert (result.precision, result.recall, result.f1) == (1.0, 1.0, 1.0)
     assert result.fp == 0  # the detection of the difficult object is ignored
+
+
+def test_bootstrap_ap_drop_is_zero_for_identical_models_and_grows_with_disagreement():
+    from evaluation.ap import bootstrap_ap_drop
+
+    rng = np.random.default_rng(0)
+    targets, good, noisy = [], [], []
+    for i in range(40):
+        x, y = (float(v) for v in rng.uniform(0, 40, size=2))
+        box = torch.tensor([[x, y, x + 20, y + 20]])
+        targets.append({"boxes": box, "labels": torch.tensor([3]), "image_id": i})
+        good.append({"boxes": box, "scores": torch.tensor([0.9]), "labels": torch.tensor([3])})
+        # the second model misses every third object: its AP is lower by an amount that depends on the images
+        miss = i % 3 == 0
+        noisy.append({"boxes": box + (30.0 if miss else 0.0), "scores": torch.tensor([0.9]), "labels": torch.tensor([3])})
+    same = bootstrap_ap_drop(good, good, targets, [3], samples=50, seed=0)
+    assert same[3] == 0.0
+    differ = bootstrap_ap_drop(good, noisy, targets, [3], samples=50, seed=0)
+    assert 0.01 < differ[3] < 0.3
+    assert bootstrap_ap_drop(good, noisy, targets, [3], samples=50, seed=0) == differ  # seeded
+    with pytest.raises(ValueError, match="not aligned"):
+        bootstrap_ap_drop(good, noisy[:-1], targets, [3])
