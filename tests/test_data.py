@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import filecmp
+import hashlib
+import random
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +13,7 @@ import torch
 from PIL import Image
 
 from data.scenario import (
+    MIN_TEST_POSITIVES,
     ClientSpec,
     filter_records,
     load_scenario,
@@ -19,7 +22,8 @@ from data.scenario import (
     select_clients,
 )
 from data.synth import write_synthetic_voc
-from data.voc import VOC_CLASSES, DataError, VOCDetection, collate_detection, read_voc
+from data.voc import VOC_CLASSES, DataError, VOCDetection, VOCObject, VOCRecord, collate_detection, read_voc
+from data.workspace import prepare
 
 EXP_CLASSES = ("aeroplane", "bus", "car", "cat", "dog", "horse", "motorbike", "person", "sheep", "tvmonitor")
 
@@ -323,3 +327,101 @@ def test_filter_records(synth_records):
     assert only_cats and all(r.class_names == {"cat"} for r in only_cats)
     with_cat = filter_records(synth_records, {"cat", "person", "bus"}, require_any={"cat"})
     assert len(with_cat) >= len(only_cats) and all("cat" in r.class_names for r in with_cat)
+
+
+# ----------------------------------------------------------------------------------------------
+# test positives: every client's test shard can measure each of its private and kept classes
+
+
+MANUFACTURER_SHARDS = ("teacher_train", "presumed_train", "manufacturer_val")
+
+
+def hand_records(n: int, seed: int, classes=EXP_CLASSES) -> list[VOCRecord]:
+    """Records built in memory (no files, independent of the synthetic generator): one or two
+    classes per image, one or two objects per class, a fifth of them difficult."""
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        names = rng.sample(classes, rng.choice((1, 1, 2)))
+        objects = tuple(VOCObject(name, (1.0, 1.0, 9.0, 9.0), rng.random() < 0.2)
+                        for name in names for _ in range(rng.randint(1, 2)))
+        out.append(VOCRecord(f"h{i:04d}", Path(f"h{i:04d}.jpg"), 32, 32, objects))
+    return out
+
+
+def positives(records, name: str) -> int:
+    """Images holding a non-difficult object of class `name`."""
+    return sum(any(o.name == name and not o.difficult for o in r.objects) for r in records)
+
+
+def id_lists(shards) -> dict[str, list[str]]:
+    return {k: [r.image_id for r in getattr(shards, k)] for k in MANUFACTURER_SHARDS}
+
+
+@pytest.fixture(scope="module")
+def smoke8(tmp_path_factory):
+    return prepare("smoke", "default8", num_clients=8, seed=0, cache_dir=tmp_path_factory.mktemp("cache"))
+
+
+def test_default8_smoke_test_shards_hold_positives(smoke8):
+    assert MIN_TEST_POSITIVES >= 1
+    shards = smoke8.shards
+    for c in shards.clients:
+        for name in c.spec.private + c.spec.kept:
+            assert positives(c.test, name) >= MIN_TEST_POSITIVES, (c.name, name)
+    # still disjoint by image between clients and from the manufacturer's shards
+    owned = [ids(shards.teacher_train) | ids(shards.manufacturer_val)]
+    owned += [ids(part) for c in shards.clients for part in (c.private, c.test)]
+    assert sum(map(len, owned)) == len(set().union(*owned))
+    # the manufacturer's shards are those of the plain cut, which only the clients' shards differ from
+    plain = make_shards(smoke8.records, smoke8.scenario, seed=0, num_clients=8, min_test_positives=0)
+    assert id_lists(plain) == id_lists(shards)
+    assert any(positives(c.test, name) < MIN_TEST_POSITIVES
+               for c in plain.clients for name in c.spec.private + c.spec.kept)  # the plain cut fell short
+    # deterministic by seed
+    again = make_shards(smoke8.records, smoke8.scenario, seed=0, num_clients=8)
+    test_ids = lambda cut: [[r.image_id for r in c.test] for c in cut.clients]  # noqa: E731
+    assert test_ids(again) == test_ids(shards)
+
+
+# Digests of the manufacturer's shards cut from hand_records(600, 11) by the code before test
+# positives were guaranteed. A cached manufacturer chain is keyed on these shards: they must never move.
+MANUFACTURER_GOLDEN = {
+    0: {"teacher_train": (254, "5908253b3f1e7043"), "presumed_train": (102, "4d38f9130420c970"),
+        "manufacturer_val": (45, "4655d057dac5295b")},
+    1: {"teacher_train": (258, "8dcb120678bb2f6e"), "presumed_train": (102, "60ccb5cb399ddf84"),
+        "manufacturer_val": (46, "68477adbe8b09ed9")},
+}
+
+
+def test_manufacturer_shards_unchanged_by_test_positives():
+    records, sc = hand_records(600, 11), load_scenario("default8")
+    for seed, golden in MANUFACTURER_GOLDEN.items():
+        shards = make_shards(records, sc, seed=seed, num_clients=8)
+        plain = make_shards(records, sc, seed=seed, num_clients=8, min_test_positives=0)
+        # the guarantee did move client images here, so this is no vacuous comparison
+        assert [ids(c.test) for c in shards.clients] != [ids(c.test) for c in plain.clients]
+        for cut in (shards, plain):
+            got = {k: (len(v), hashlib.sha256(" ".join(v).encode()).hexdigest()[:16])
+                   for k, v in id_lists(cut).items()}
+            assert got == golden, seed
+
+
+def test_too_few_test_positives_names_client_class_and_fix(synth_records):
+    # 'chair' is not in the synthetic set: add 8 chair images, only 2 with a non-difficult chair
+    chairs = [VOCRecord(f"chair{i}", Path(f"chair{i}.jpg"), 48, 48,
+                        (VOCObject("chair", (1.0, 1.0, 9.0, 9.0), difficult=i >= 2),)) for i in range(8)]
+    sc = scenario_from_dict(base_scenario(clients=[{"private": ["cat"]}, {"name": "chairs", "private": ["chair"]}]))
+    with pytest.raises(DataError, match=r"client 1 \(chairs\) has only [0-2] test images? with a non-difficult "
+                                        r"chair \(needs 3.*fix: more images .*num_images.* "
+                                        r"or fewer clients sharing chair") as err:
+        make_shards(synth_records + chairs, sc, seed=0, min_test_positives=3)
+    assert "\n" not in str(err.value)
+    shards = make_shards(synth_records + chairs, sc, seed=0, min_test_positives=2)  # two are there to be had
+    assert positives(shards.clients[1].test, "chair") == 2 and shards.clients[1].private
+    # a kept class: too few horse images for client 5 in a small record set
+    with pytest.raises(DataError, match=r"client 5 \(c5-tv\) has only [01] test images? with a non-difficult "
+                                        r"horse .*horse in this client's dropped classes"):
+        make_shards(hand_records(300, 11), load_scenario("default8"), seed=0, num_clients=8)
+    with pytest.raises(DataError, match="min_test_positives"):
+        make_shards(synth_records, sc, seed=0, min_test_positives=-1)
