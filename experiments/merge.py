@@ -21,7 +21,7 @@ import torch
 
 from data.voc import CLASS_INDEX
 from distill.rd import client_delta, reverse_distill_tutor1, reverse_distill_tutor2, updated_tutor
-from evaluation.ap import bootstrap_ap_drop, evaluate_detections, nan_mean, predict
+from evaluation.ap import ap_by_name, bootstrap_ap_drop, nan_mean, predict
 from models.parts import delta_norm
 from protocol.config import resolve_run_config
 from protocol.wire import SERVER, work_seed
@@ -44,9 +44,7 @@ def score(tutor, session: Session, keep: dict | None = None) -> dict:
     ws = session.workspace
     s = ws.scenario
     predictions, targets = predict(tutor, ws.validation_set())
-    result = evaluate_detections(predictions, targets, [CLASS_INDEX[c] for c in s.teacher_classes],
-                                 score_thresh=0.5, plus_one=False)
-    ap = {c: result.ap[CLASS_INDEX[c]] for c in s.teacher_classes}
+    ap, _ = ap_by_name(predictions, targets, s.teacher_classes)
     if keep is not None:
         keep.update(predictions=predictions, targets=targets)
     new = {f"c{i}": nan_mean(ap[c] for c in spec.private) for i, spec in enumerate(ws.clients)}

@@ -40,7 +40,7 @@ from torch import Tensor, nn
 
 from data.voc import CLASS_INDEX
 from distill.rd import RDSettings, distill_c, reverse_distill_tutor1
-from evaluation.ap import nan_mean, per_class_ap
+from evaluation.ap import ap_by_name, bootstrap_ap_drop, nan_mean, predict
 from models.parts import load_neck_head, neck_head, substitute
 from protocol.wire import (AFTER, AP_AFTER, AP_BEFORE, BEFORE, CONFIG, DELTA, DISTILL, DIREDI_WORK, EDGE,
                            EDGE_SOURCE, EVALUATE, METHOD, METRICS, NUM_EXAMPLES, PARTITION_ID, SERVER,
@@ -94,6 +94,8 @@ class DiReDiStrategy(Strategy):
         self.ledger: RoundLedger | None = None  # the round in progress
         self._accepted = 0  # accepted deltas of the round in progress
         self._tutor_ap: dict[str, float] | None = None  # cache for the current tutor
+        self._tutor_predictions: list[dict] = []  # its detections on the validation images
+        self._validation_targets: list[dict] = []
         self._nodes_with_edge: set[int] = set()  # nodes that keep their own edge (client re-distillation)
         # Tutor 1 emulates the edge it is computed from: one shared Tutor 1 serves while every client
         # still holds the server's edge; once clients have re-distilled their own, each computes its own.
@@ -282,20 +284,29 @@ class DiReDiStrategy(Strategy):
             return Decision(client, server_round, False, reason, norm=norm, weight=weight)
         before = self.tutor_validation_ap()
         candidate = load_neck_head(copy.deepcopy(self.tutor), substitute(neck_head(self.tutor), delta, self.settings.beta))
-        after = self.validation_ap(candidate)
-        ok, reason, figures = protected_check(before, after, self.policy)
+        after, predictions = self._validate(candidate)
+        noise = {}
+        if self.policy.noise_z > 0 and self.policy.protected_classes:
+            # How much the candidate's drop on each protected class moves by chance on these images.
+            ids = [CLASS_INDEX[c] for c in self.policy.protected_classes]
+            std = bootstrap_ap_drop(self._tutor_predictions, predictions, self._validation_targets, ids,
+                                    samples=self.policy.bootstrap_samples, seed=self.seed + server_round)
+            noise = {c: std[CLASS_INDEX[c]] for c in self.policy.protected_classes}
+        ok, reason, figures = protected_check(before, after, self.policy, noise)
         return Decision(client, server_round, ok, reason, norm=norm, ap_before=figures["ap_before"],
                         ap_after=figures["ap_after"], val_map_before=nan_mean(before.values()),
-                        val_map_after=nan_mean(after.values()), weight=weight)
+                        val_map_after=nan_mean(after.values()), weight=weight, noise=figures["noise"],
+                        tolerance=figures["tolerance"])
 
-    def validation_ap(self, model: nn.Module) -> dict[str, float]:
-        """Per-class AP of ``model`` on the manufacturer's validation set."""
-        return per_class_ap(model, self.validation_data, self.validation_classes)[0]
+    def _validate(self, model: nn.Module) -> tuple[dict[str, float], list[dict]]:
+        """Per-class AP of ``model`` on the manufacturer's validation set, and its detections."""
+        predictions, self._validation_targets = predict(model, self.validation_data)
+        return ap_by_name(predictions, self._validation_targets, self.validation_classes)[0], predictions
 
     def tutor_validation_ap(self) -> dict[str, float]:
         """Per-class validation AP of the current tutor (evaluated once per tutor version)."""
         if self._tutor_ap is None:
-            self._tutor_ap = self.validation_ap(self.tutor)
+            self._tutor_ap, self._tutor_predictions = self._validate(self.tutor)
         return self._tutor_ap
 
     # -- helpers ------------------------------------------------------------------------------

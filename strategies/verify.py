@@ -29,6 +29,17 @@ class VerificationPolicy:
     norm_bound: float = math.inf  # max global L2 norm of a delta
     protected_tolerance: float = 0.05  # max allowed AP drop (absolute) on a protected class
     protected_classes: tuple[str, ...] = ()
+    # > 0: a protected class may also drop by up to noise_z x the drop's own noise (the paired
+    # bootstrap standard deviation over the validation images, strategies.diredi): a drop that
+    # chance alone produces is not evidence of harm.
+    noise_z: float = 0.0
+    bootstrap_samples: int = 100
+
+    def tolerance(self, noise: float = math.nan) -> float:
+        """The largest drop allowed on a protected class whose measured drop has standard deviation ``noise``."""
+        if self.noise_z > 0 and math.isfinite(noise):
+            return max(self.protected_tolerance, self.noise_z * noise)
+        return self.protected_tolerance
 
     @classmethod
     def relative_to(cls, reference_nh: Mapping[str, Tensor], norm_factor: float = 1.0,
@@ -52,6 +63,8 @@ class Decision:
     val_map_before: float = math.nan  # mAP over all validation classes, current tutor
     val_map_after: float = math.nan  # mAP over all validation classes, candidate tutor
     weight: float = math.nan  # aggregation weight the client claimed (e.g. num-examples)
+    noise: dict[str, float] = field(default_factory=dict)  # protected classes: bootstrap std of the drop
+    tolerance: dict[str, float] = field(default_factory=dict)  # protected classes: the drop allowed
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -91,25 +104,29 @@ def structural_check(delta: Mapping[str, Tensor], reference_nh: Mapping[str, Ten
 
 
 def protected_check(ap_before: Mapping[str, float], ap_after: Mapping[str, float],
-                    policy: VerificationPolicy) -> tuple[bool, str, dict]:
-    """Rejects when a protected class's AP drops by more than ``policy.protected_tolerance``.
+                    policy: VerificationPolicy, noise: Mapping[str, float] | None = None) -> tuple[bool, str, dict]:
+    """Rejects when a protected class's AP drops by more than ``policy.tolerance(noise[class])``.
 
     A protected class without a finite AP before (no positives in the validation set) cannot be
     checked and is skipped (named in the reason); one that had an AP and now has none fails.
-    Returns (ok, reason, figures) with figures = {"ap_before": {...}, "ap_after": {...}} over the
-    protected classes.
+    Returns (ok, reason, figures) with figures = {"ap_before", "ap_after", "noise", "tolerance"},
+    each {class: value} over the protected classes.
     """
+    noise = noise or {}
     before = {c: float(ap_before.get(c, math.nan)) for c in policy.protected_classes}
     after = {c: float(ap_after.get(c, math.nan)) for c in policy.protected_classes}
-    figures = {"ap_before": before, "ap_after": after}
+    tolerance = {c: policy.tolerance(float(noise.get(c, math.nan))) for c in policy.protected_classes}
+    figures = {"ap_before": before, "ap_after": after, "tolerance": tolerance,
+               "noise": {c: float(noise.get(c, math.nan)) for c in policy.protected_classes}}
     unchecked, failures = [], []
     for c in policy.protected_classes:
         if not math.isfinite(before[c]):
             unchecked.append(c)
             continue
         drop = before[c] - after[c] if math.isfinite(after[c]) else math.inf
-        if drop > policy.protected_tolerance:
-            failures.append(f"{c} AP {before[c]:.3f} -> {after[c]:.3f} (drop {drop:.3f} > {policy.protected_tolerance})")
+        if drop > tolerance[c]:
+            failures.append(f"{c} AP {before[c]:.3f} -> {after[c]:.3f} (drop {drop:.3f} > {tolerance[c]:.3f}"
+                            + (f", noise {noise[c]:.3f}" if c in noise else "") + ")")
     if failures:
         return False, "protected class lost: " + "; ".join(failures), figures
     checked = [f"{c} {before[c]:.3f} -> {after[c]:.3f}" for c in policy.protected_classes if c not in unchecked]

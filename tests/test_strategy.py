@@ -219,13 +219,28 @@ def test_protected_check_tolerance():
     before = {"person": 0.60, "bus": 0.40, "cat": 0.1}
     ok, reason, figures = protected_check(before, {"person": 0.56, "bus": 0.41, "cat": 0.0}, policy)
     assert ok, reason  # a 0.04 drop is within tolerance; cat is not protected
-    assert figures == {"ap_before": {"person": 0.60, "bus": 0.40}, "ap_after": {"person": 0.56, "bus": 0.41}}
+    assert {k: figures[k] for k in ("ap_before", "ap_after", "tolerance")} == {
+        "ap_before": {"person": 0.60, "bus": 0.40}, "ap_after": {"person": 0.56, "bus": 0.41},
+        "tolerance": {"person": 0.05, "bus": 0.05}}
     ok, reason, _ = protected_check(before, {"person": 0.50, "bus": 0.40}, policy)
     assert not ok and "person" in reason and "bus" not in reason
     ok, reason, _ = protected_check(before, {"person": float("nan"), "bus": 0.40}, policy)
     assert not ok  # a class that had an AP and lost it entirely
     ok, reason, _ = protected_check({"person": float("nan"), "bus": 0.4}, {"person": 0.0, "bus": 0.4}, policy)
     assert ok and "not checkable" in reason and "person" in reason
+
+
+def test_noise_calibrated_tolerance():
+    """With noise_z, a drop within noise_z standard deviations of its own noise is chance, not harm."""
+    policy = VerificationPolicy(protected_tolerance=0.02, protected_classes=("person",), noise_z=2.0)
+    before, after = {"person": 0.60}, {"person": 0.55}  # a 0.05 drop
+    ok, reason, figures = protected_check(before, after, policy, noise={"person": 0.03})
+    assert ok and figures["tolerance"]["person"] == pytest.approx(0.06), reason
+    ok, reason, _ = protected_check(before, after, policy, noise={"person": 0.01})  # tolerance = the 0.02 floor
+    assert not ok and "noise 0.010" in reason
+    ok, _, _ = protected_check(before, after, policy)  # no noise measured: the absolute tolerance alone
+    assert not ok
+    assert VerificationPolicy(protected_tolerance=0.05).tolerance(0.5) == 0.05  # noise_z 0: noise ignored
 
 
 def test_decision_to_dict_and_metric_codec():
@@ -377,3 +392,22 @@ def test_class_aware_strategy_takes_each_class_row_from_the_clients_that_trained
     assert torch.isclose(moved[cat], torch.tensor(0.3)) and torch.isclose(moved[dog], torch.tensor(0.2))
     others = [i for i in range(len(moved)) if i not in (cat, dog)]
     assert torch.count_nonzero(moved[others]) == 0
+
+
+def test_noise_calibrated_verification_records_the_noise_and_still_rejects_an_eraser(trained_tutor):
+    import copy
+
+    policy = VerificationPolicy(norm_bound=50.0, protected_tolerance=0.02, protected_classes=("person",),
+                                noise_z=2.0, bootstrap_samples=30)
+    strategy = DiReDiStrategy(copy.deepcopy(trained_tutor), build_model("smoke", "edge", seed=1), Squares(32, 1),
+                              ["person"], RDSettings.from_profile(get_profile("smoke")), policy)
+    erase = zeros_like_nh(strategy.tutor)
+    erase["head.classification_head.cls_logits.bias"][PERSON] = -30.0
+    harmless = zeros_like_nh(strategy.tutor)
+    harmless["backbone.fpn.inner_blocks.0.0.bias"] += 1e-4
+    _, metrics = strategy.aggregate_train(1, [reply(0, erase), reply(1, harmless)])
+    decisions = {d.client: d for d in strategy.recorder.decisions}
+    assert not decisions[0].accepted and decisions[1].accepted
+    for d in decisions.values():  # every decision states the noise next to the drop it judged
+        assert math.isfinite(d.noise["person"]) and d.tolerance["person"] >= 0.02
+    assert decisions[1].noise["person"] < 0.01  # a change that moves nothing: (almost) no noise
