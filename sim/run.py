@@ -58,8 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
         f"(default {d.beta})")
     add("--redistill", choices=REDISTILL_SIDES, default=d.redistill)
     add("--tutor1", choices=TUTOR1_MODES, default=d.tutor1,
-        help="Tutor 1 depends only on the edge and presumed data: compute it once per round on the server "
-             "(shared, default) or on every client")
+        help="Tutor 1 depends only on the edge and presumed data: compute it once on the server while every "
+             "client holds the server's edge (shared, default), or always on every client")
     add("--rd-iters", type=positive_int, help="RD steps per tutor per round (default: per profile)")
     add("--redistill-iters", type=positive_int, help="Distill C steps per round (default: per profile)")
     add("--batch-size", type=positive_int, help="batch size of the clients' work (default: per profile)")
