@@ -49,7 +49,7 @@ class RunConfig:
     cache_dir: str = ".cache"
     tutor1: str = "shared"  # Tutor 1 computed once per round on the server, or on every client
     redistill: str = "client"  # Distill C on each client (its own edge) or once on the server
-    aggregation: str = "weighted"  # AGGREGATION_METHODS
+    aggregation: str = "class_aware"  # AGGREGATION_METHODS; default chosen in experiments/results/merge.md
     beta: float = 1.0  # eq. (10): the tutor moves by beta x the merged delta (the merge scale)
     fedprox_mu: float = 0.01
     rd_iters: int = 0  # RD steps per tutor per round; 0: the profile's round budget
