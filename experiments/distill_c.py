@@ -1,0 +1,98 @@
+"""How much Distill C a client needs for its edge to take what the updated tutor knows.
+
+    python -m experiments.distill_c --profile cpu --threads 2
+
+Round 1 of the default federation up to the merge (as ``experiments.merge``: shared Tutor 1, each
+client's Tutor 2, the default class-aware merge), then Distill C of the deployed edge from the
+updated tutor on each chosen client's data under several step budgets and learning rates, and
+direct training (labels only) at the same steps. Scored on the manufacturer's validation set (never
+a client's test shard): the edge's AP on the client's new classes and mAP on the presumed classes.
+Writes ``distill_c.json`` and ``distill_c.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from data.voc import CLASS_INDEX
+from distill.rd import (client_delta, direct_training, distill_c, reverse_distill_tutor1, reverse_distill_tutor2,
+                        updated_tutor)
+from evaluation.ap import nan_mean, per_class_ap
+from protocol.config import resolve_run_config
+from protocol.wire import SERVER, work_seed
+from strategies.aggregate import aggregate
+from strategies.server_app import Session
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m experiments.distill_c", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--profile", default="cpu")
+    parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--probe", type=int, nargs="+", default=[4, 2], help="clients whose Distill C is measured")
+    parser.add_argument("--steps", type=int, nargs="+", default=[30, 90, 150])
+    parser.add_argument("--lrs", type=float, nargs="+", default=[2e-3, 6e-3])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=Path("experiments/results"))
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    start = time.perf_counter()
+    config = resolve_run_config({"profile": args.profile, "num-clients": args.clients})
+    session = Session.open(config)
+    ws, settings = session.workspace, config.rd_settings()
+    tutor, edge = session.chain.tutor, session.chain.edge
+    tutor1, _ = reverse_distill_tutor1(tutor, edge, ws.chain_data().presumed_train, settings,
+                                       seed=work_seed(config.seed, 1, SERVER))
+    deltas, weights, trained = [], [], []
+    for i, spec in enumerate(ws.clients):
+        data = ws.client_train(i)
+        tutor2, _ = reverse_distill_tutor2(tutor1, tutor1, edge, data, settings, seed=work_seed(config.seed, 1, i))
+        deltas.append(client_delta(tutor1, tutor2, settings))
+        weights.append(float(len(data)))
+        trained.append({CLASS_INDEX[c] for c in spec.train_classes})
+    merged = aggregate(deltas, weights, config.aggregation, client_classes=trained)
+    new_tutor = updated_tutor(tutor, merged, config.beta)
+    val, classes = ws.validation_set(), ws.scenario.teacher_classes
+
+    def score(model, private) -> dict:
+        ap, _ = per_class_ap(model, val, classes)
+        return {"new_ap": 100 * nan_mean(ap[c] for c in private),
+                "presumed_mAP": 100 * nan_mean(ap[c] for c in ws.scenario.presumed_classes)}
+
+    rows = []
+    for i in args.probe:
+        spec, data = ws.clients[i], ws.client_train(i)
+        rows.append({"client": i, "phase": "deployed edge", "steps": 0, "lr": None, **score(edge, spec.private)})
+        rows.append({"client": i, "phase": "updated tutor", "steps": 0, "lr": None, **score(new_tutor, spec.private)})
+        for steps in args.steps:
+            for lr in args.lrs:
+                s = replace(settings, redistill_iters=steps, lr=lr)
+                seed = work_seed(config.seed, 1, i)
+                distilled, _ = distill_c(edge, new_tutor, data, s, seed)
+                direct, _ = direct_training(edge, data, steps, s, seed)
+                for phase, model in (("Distill C", distilled), ("direct training", direct)):
+                    rows.append({"client": i, "phase": phase, "steps": steps, "lr": lr, **score(model, spec.private)})
+                    print(f"client {i} {phase:16s} {steps:4d} steps lr {lr:g}: new {rows[-1]['new_ap']:5.1f} "
+                          f"presumed {rows[-1]['presumed_mAP']:5.1f}", flush=True)
+    seconds = time.perf_counter() - start
+    command = "python -m experiments.distill_c " + " ".join(argv if argv is not None else __import__("sys").argv[1:])
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "distill_c.json").write_text(json.dumps({"command": command, "seconds": seconds, "rows": rows}, indent=2))
+    lines = [f"# Distill C budget after one federated round ({args.profile} profile)", "",
+             f"`{command}` ({seconds:.0f} s). Edge on the manufacturer's validation set, AP in percent.", "",
+             "| client | phase | steps | lr | new classes | presumed mAP |", "|---|---|---|---|---|---|"]
+    lines += [f"| {r['client']} | {r['phase']} | {r['steps']} | {r['lr'] if r['lr'] is not None else '—'} | "
+              f"{r['new_ap']:.1f} | {r['presumed_mAP']:.1f} |" for r in rows]
+    (args.out / "distill_c.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
