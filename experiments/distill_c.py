@@ -20,12 +20,11 @@ from pathlib import Path
 
 import torch
 
-from data.voc import CLASS_INDEX
-from distill.rd import (client_delta, direct_training, distill_c, reverse_distill_tutor1, reverse_distill_tutor2,
-                        updated_tutor)
+from distill.rd import direct_training, distill_c, updated_tutor
+from experiments.merge import round_one_deltas
 from evaluation.ap import nan_mean, per_class_ap
 from protocol.config import resolve_run_config
-from protocol.wire import SERVER, work_seed
+from protocol.wire import work_seed
 from strategies.aggregate import aggregate
 from strategies.server_app import Session
 
@@ -47,15 +46,7 @@ def main(argv=None) -> int:
     session = Session.open(config)
     ws, settings = session.workspace, config.rd_settings()
     tutor, edge = session.chain.tutor, session.chain.edge
-    tutor1, _ = reverse_distill_tutor1(tutor, edge, ws.chain_data().presumed_train, settings,
-                                       seed=work_seed(config.seed, 1, SERVER))
-    deltas, weights, trained = [], [], []
-    for i, spec in enumerate(ws.clients):
-        data = ws.client_train(i)
-        tutor2, _ = reverse_distill_tutor2(tutor1, tutor1, edge, data, settings, seed=work_seed(config.seed, 1, i))
-        deltas.append(client_delta(tutor1, tutor2, settings))
-        weights.append(float(len(data)))
-        trained.append({CLASS_INDEX[c] for c in spec.train_classes})
+    deltas, weights, trained = round_one_deltas(session)
     merged = aggregate(deltas, weights, config.aggregation, client_classes=trained)
     new_tutor = updated_tutor(tutor, merged, config.beta)
     val, classes = ws.validation_set(), ws.scenario.teacher_classes

@@ -55,6 +55,24 @@ def score(tutor, session: Session, keep: dict | None = None) -> dict:
             "protected_ap": 100 * nan_mean(ap[c] for c in s.protected_classes)}
 
 
+def round_one_deltas(session: Session) -> tuple[list[dict], list[float], list[set[int]]]:
+    """Round 1's deltas as the federation computes them (shared Tutor 1 from the server's edge, then
+    each client's Tutor 2, same seeds), with each client's weight (train images) and trained classes."""
+    config, ws = session.config, session.workspace
+    settings, tutor, edge = config.rd_settings(), session.chain.tutor, session.chain.edge
+    tutor1, _ = reverse_distill_tutor1(tutor, edge, ws.chain_data().presumed_train, settings,
+                                       seed=work_seed(config.seed, 1, SERVER))
+    deltas, weights, trained = [], [], []
+    for i, spec in enumerate(ws.clients):
+        data = ws.client_train(i)
+        tutor2, _ = reverse_distill_tutor2(tutor1, tutor1, edge, data, settings, seed=work_seed(config.seed, 1, i))
+        deltas.append(client_delta(tutor1, tutor2, settings))
+        weights.append(float(len(data)))
+        trained.append({CLASS_INDEX[c] for c in spec.train_classes})
+        print(f"client {i} ({spec.name}): delta norm {delta_norm(deltas[-1]):.3f}", flush=True)
+    return deltas, weights, trained
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m experiments.merge", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -70,18 +88,8 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     config = resolve_run_config({"profile": args.profile, "num-clients": args.clients, "seed": args.seed})
     session = Session.open(config)
-    ws, settings = session.workspace, config.rd_settings()
-    tutor, edge = session.chain.tutor, session.chain.edge
-    tutor1, _ = reverse_distill_tutor1(tutor, edge, ws.chain_data().presumed_train, settings,
-                                       seed=work_seed(config.seed, 1, SERVER))
-    deltas, weights, trained = [], [], []
-    for i, spec in enumerate(ws.clients):
-        data = ws.client_train(i)
-        tutor2, _ = reverse_distill_tutor2(tutor1, tutor1, edge, data, settings, seed=work_seed(config.seed, 1, i))
-        deltas.append(client_delta(tutor1, tutor2, settings))
-        weights.append(float(len(data)))
-        trained.append({CLASS_INDEX[c] for c in spec.train_classes})
-        print(f"client {i} ({spec.name}): delta norm {delta_norm(deltas[-1]):.3f}", flush=True)
+    ws, tutor = session.workspace, session.chain.tutor
+    deltas, weights, trained = round_one_deltas(session)
     original: dict = {}
     rows = [{"merge": "original tutor", "aggregation": None, "beta": 0.0, **score(tutor, session, original)}]
     protected = [CLASS_INDEX[c] for c in ws.scenario.protected_classes]

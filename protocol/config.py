@@ -85,7 +85,19 @@ class RunConfig:
         return cls(**values)
 
     def to_dict(self) -> dict[str, Any]:
-        return {f.name: list(v) if isinstance(v := getattr(self, f.name), tuple) else v for f in fields(self)}
+        """For config.json and results files: paths inside the working directory are written relative
+        to it, so a results file does not name this machine's folders."""
+        here = Path.cwd().resolve()
+        out = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, tuple):
+                value = list(value)
+            elif f.name in ("scenario", "cache_dir", "voc_root") and value and Path(value).is_absolute():
+                path = Path(value)
+                value = str(path.relative_to(here)) if path.is_relative_to(here) else value
+            out[f.name] = value
+        return out
 
     # -- what the configuration implies ---------------------------------------------------------
 
