@@ -41,6 +41,7 @@ from torch import Tensor, nn
 from data.voc import CLASS_INDEX
 from distill.rd import RDSettings, distill_c, reverse_distill_tutor1
 from evaluation.ap import ap_by_name, bootstrap_ap_drop, nan_mean, predict
+from evaluation.features import BodyFeatureCache, FeaturesTooLarge
 from models.parts import load_neck_head, neck_head, substitute
 from protocol.wire import (AFTER, AP_AFTER, AP_BEFORE, BEFORE, CONFIG, DELTA, DISTILL, DIREDI_WORK, EDGE,
                            EDGE_SOURCE, EVALUATE, METHOD, METRICS, NUM_EXAMPLES, PARTITION_ID, SERVER,
@@ -96,6 +97,8 @@ class DiReDiStrategy(Strategy):
         self._tutor_ap: dict[str, float] | None = None  # cache for the current tutor
         self._tutor_predictions: list[dict] = []  # its detections on the validation images
         self._validation_targets: list[dict] = []
+        # The tutor's frozen body's features of the validation images, computed once (False: too large)
+        self._validation_features: BodyFeatureCache | None | bool = None
         self._nodes_with_edge: set[int] = set()  # nodes that keep their own edge (client re-distillation)
         # Tutor 1 emulates the edge it is computed from: one shared Tutor 1 serves while every client
         # still holds the server's edge; once clients have re-distilled their own, each computes its own.
@@ -299,8 +302,21 @@ class DiReDiStrategy(Strategy):
                         tolerance=figures["tolerance"])
 
     def _validate(self, model: nn.Module) -> tuple[dict[str, float], list[dict]]:
-        """Per-class AP of ``model`` on the manufacturer's validation set, and its detections."""
-        predictions, self._validation_targets = predict(model, self.validation_data)
+        """Per-class AP of ``model`` on the manufacturer's validation set, and its detections.
+
+        Candidates differ from the tutor only in neck/head, so the body's features are computed once."""
+        if self._validation_features is None:
+            try:
+                self._validation_features = BodyFeatureCache(self.tutor, self.validation_data)
+                log.info("validation features of the tutor's body cached: %.0f MB",
+                         self._validation_features.nbytes / 1e6)
+            except FeaturesTooLarge as too_large:
+                log.info("validation features not cached (%s): every candidate runs its body", too_large)
+                self._validation_features = False
+        if self._validation_features:
+            predictions, self._validation_targets = self._validation_features.predict(model)
+        else:
+            predictions, self._validation_targets = predict(model, self.validation_data)
         return ap_by_name(predictions, self._validation_targets, self.validation_classes)[0], predictions
 
     def tutor_validation_ap(self) -> dict[str, float]:

@@ -502,3 +502,35 @@ def test_bootstrap_ap_drop_is_zero_for_identical_models_and_grows_with_disagreem
     assert bootstrap_ap_drop(good, noisy, targets, [3], samples=50, seed=0) == differ  # seeded
     with pytest.raises(ValueError, match="not aligned"):
         bootstrap_ap_drop(good, noisy[:-1], targets, [3])
+
+
+def test_body_feature_cache_gives_the_full_models_detections_for_any_neck_head():
+    from evaluation.features import BodyFeatureCache, FeaturesTooLarge
+    from evaluation.ap import predict
+    from models.ladder import build_model
+    from models.parts import load_neck_head, neck_head
+
+    tutor = build_model("smoke", "tutor", seed=0)
+    dataset = [(torch.rand(3, 64, 64, generator=torch.Generator().manual_seed(i)),
+                {"boxes": torch.tensor([[4.0, 4.0, 40.0, 40.0]]), "labels": torch.tensor([i % 20]),
+                 "difficult": torch.tensor([False])}) for i in range(7)]
+    cache = BodyFeatureCache(tutor, dataset, batch_size=3)
+    assert cache.nbytes > 0
+    # a candidate: same body, another neck/head (as after eq. 10)
+    candidate = build_model("smoke", "tutor", seed=1)
+    candidate.backbone.body.load_state_dict(tutor.backbone.body.state_dict())
+    load_neck_head(candidate, {k: v * 1.5 for k, v in neck_head(candidate).items()})
+    for model in (tutor, candidate):
+        model.score_thresh = 0.0  # untrained: keep every candidate box so there is something to compare
+    for model in (tutor, candidate):
+        expected, targets = predict(model, dataset, batch_size=3)
+        got, got_targets = cache.predict(model)
+        assert got_targets == targets
+        for e, g in zip(expected, got, strict=True):
+            for key in ("boxes", "scores", "labels"):
+                assert torch.equal(e[key], g[key])
+    assert sum(len(p["scores"]) for p in cache.predict(candidate)[0]) > 0  # the comparison had detections to compare
+    with pytest.raises(ValueError, match="body differs"):
+        cache.predict(build_model("smoke", "tutor", seed=2))
+    with pytest.raises(FeaturesTooLarge):
+        BodyFeatureCache(tutor, dataset, batch_size=3, max_bytes=1000)
