@@ -30,11 +30,12 @@ from data.workspace import Workspace
 from distill.rd import client_delta, direct_training, distill_c, reverse_distill_tutor1, reverse_distill_tutor2
 from distill.trainer import PhaseReport, peak_rss_mb
 from evaluation.ap import per_class_ap
+from models.io import state_fingerprint
 from models.ladder import build_model
 from protocol.config import RunConfig
 from protocol.wire import (AFTER, AP_AFTER, AP_BEFORE, ARRAYS, BEFORE, CONFIG, DELTA, DIRECT_WORK, DIREDI_WORK,
                            EDGE, EDGE_SOURCE, LOSSES, METHOD, METRICS, NUM_EXAMPLES, PARTITION_ID, PEAK_RSS,
-                           SECONDS, SERVER_ROUND, TRAINED, TUTOR, TUTOR1, WORK, encode, state_record, work_seed)
+                           SECONDS, SERVER_ROUND, TRAINED, TUTOR, TUTOR1, WORK, decode, encode, state_record, work_seed)
 
 app = ClientApp()
 
@@ -64,10 +65,21 @@ def _model(workspace: Workspace, role: str, record: ArrayRecord) -> nn.Module:
     return model.eval()
 
 
-def _evaluate(edge: nn.Module, workspace: Workspace, partition: int, when: str, phase: str) -> dict[str, float]:
-    """ap-<when>.<class> over the federation's classes, <when>.<precision|recall|f1|mAP>, seconds."""
+def _evaluate(edge: nn.Module, workspace: Workspace, partition: int, when: str, phase: str,
+              context: Context, config: ConfigRecord) -> dict[str, float]:
+    """ap-<when>.<class> over the federation's classes, <when>.<precision|recall|f1|mAP>, seconds.
+
+    An edge evaluated already is not evaluated again: round r+1's "before" is the edge round r
+    ended with (DiReDi's kept edge, FedAvg's global edge), so its figures come from the client's state.
+    """
     start = time.perf_counter()
-    ap, summary = per_class_ap(edge, _dataset(workspace, partition, "test"), workspace.eval_classes())
+    key, fingerprint = f"{config[METHOD]}.evaluated", state_fingerprint(edge.state_dict())
+    last = context.state.config_records.get(key)
+    if last is not None and last["fingerprint"] == fingerprint:
+        ap, summary = decode(last, "ap"), decode(last, "summary")
+    else:
+        ap, summary = per_class_ap(edge, _dataset(workspace, partition, "test"), workspace.eval_classes())
+        context.state[key] = ConfigRecord({"fingerprint": fingerprint, **encode("ap", ap), **encode("summary", summary)})
     ap_prefix = AP_BEFORE if when == BEFORE else AP_AFTER
     return {**encode(ap_prefix, ap), **encode(when, summary), f"{SECONDS}.{phase}": time.perf_counter() - start}
 
@@ -130,7 +142,7 @@ def _train_diredi(msg: Message, context: Context) -> Message:
     config, run, ws, partition, seed = _common(msg, context)
     settings = run.rd_settings()
     edge = _edge(msg, context, ws, config)
-    metrics = _evaluate(edge, ws, partition, BEFORE, "evaluate_before")
+    metrics = _evaluate(edge, ws, partition, BEFORE, "evaluate_before", context, config)
     arrays = msg.content.array_records
     tutor = _model(ws, "tutor", arrays[TUTOR]) if TUTOR in arrays else None
     if TUTOR1 in arrays:  # the server's shared Tutor 1
@@ -151,7 +163,7 @@ def _train_diredi(msg: Message, context: Context) -> Message:
 def _train_direct(msg: Message, context: Context) -> Message:
     config, run, ws, partition, seed = _common(msg, context)
     edge = _model(ws, "edge", msg.content.array_records[ARRAYS])
-    metrics = _evaluate(edge, ws, partition, BEFORE, "evaluate_before")
+    metrics = _evaluate(edge, ws, partition, BEFORE, "evaluate_before", context, config)
     trained, report = direct_training(edge, _dataset(ws, partition, "train"), run.direct_iters, run.rd_settings(),
                                       seed, proximal_mu=float(config.get("proximal-mu", 0.0)))
     metrics.update({**_identity(ws, partition), f"{SECONDS}.direct_training": report.seconds,
@@ -166,7 +178,7 @@ def distill(msg: Message, context: Context) -> Message:
     tutor = _model(ws, "tutor", msg.content.array_records[TUTOR])
     new_edge, report = distill_c(edge, tutor, _dataset(ws, partition, "train"), run.rd_settings(), seed)
     context.state[_edge_key(config)] = state_record(new_edge)
-    metrics = _evaluate(new_edge, ws, partition, AFTER, "evaluate_after")
+    metrics = _evaluate(new_edge, ws, partition, AFTER, "evaluate_after", context, config)
     metrics.update({**_identity(ws, partition), f"{SECONDS}.distill_c": report.seconds, PEAK_RSS: peak_rss_mb(),
                     **loss_metrics("distill_c", report)})
     return _reply(msg, metrics)
@@ -179,6 +191,6 @@ def evaluate(msg: Message, context: Context) -> Message:
         edge = _model(ws, "edge", msg.content.array_records[ARRAYS])
     else:
         edge = _edge(msg, context, ws, config)
-    metrics = _evaluate(edge, ws, partition, AFTER, "evaluate_after")
+    metrics = _evaluate(edge, ws, partition, AFTER, "evaluate_after", context, config)
     metrics.update({**_identity(ws, partition), PEAK_RSS: peak_rss_mb()})
     return _reply(msg, metrics)

@@ -12,7 +12,6 @@ Memory: the body's output maps of every image (``nbytes``); at the cpu profile's
 
 from __future__ import annotations
 
-import hashlib
 from collections import OrderedDict
 
 import torch
@@ -20,15 +19,12 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from data.voc import collate_detection
+from models.io import state_fingerprint
 
 
 def body_fingerprint(model: nn.Module) -> str:
     """A hash of the backbone body's weights and buffers: which body the cached features came from."""
-    digest = hashlib.sha1()
-    for name, tensor in model.backbone.body.state_dict().items():
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()
+    return state_fingerprint(model.backbone.body.state_dict())
 
 
 class FeaturesTooLarge(MemoryError):

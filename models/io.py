@@ -59,3 +59,12 @@ def file_sha256(path: str | Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def state_fingerprint(state: Mapping[str, Tensor]) -> str:
+    """A hash of tensors' names and values: which weights a cached result was computed with."""
+    digest = hashlib.sha1()
+    for name, tensor in state.items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()

@@ -245,3 +245,32 @@ def test_two_rounds_keep_each_clients_edge_and_tutor1_follows_it(setup):
     assert [entry["round"] for entry in result.recorder.tutor_history] == [0, 1, 2]
     # Round 1's Distill C changed the edges, so the check above tells a stored edge from the server's.
     assert any(by_round[(1, c)]["ap_after"] != by_round[(1, c)]["ap_before"] for c in range(NUM_CLIENTS))
+
+
+def test_a_client_evaluates_each_edge_version_once(setup, monkeypatch):
+    """Round r+1's "before" is the edge round r ended with: its figures come from the client's state;
+    any other weights are evaluated."""
+    from flwr.app import ConfigRecord, Context, RecordDict
+
+    import clients.app as client_app
+    from protocol.wire import METHOD
+
+    workspace, chain, _ = setup
+    calls = []
+    real = client_app.per_class_ap
+    monkeypatch.setattr(client_app, "per_class_ap", lambda *a, **k: calls.append(1) or real(*a, **k))
+    context = Context(run_id=1, node_id=1, node_config={"partition-id": 0}, state=RecordDict(), run_config={})
+    config = ConfigRecord({METHOD: "fedavg"})
+    first = client_app._evaluate(chain.edge, workspace, 0, "after", "evaluate_after", context, config)
+    again = client_app._evaluate(chain.edge, workspace, 0, "before", "evaluate_before", context, config)
+    assert len(calls) == 1
+    assert {k.split(".", 1)[1]: v for k, v in first.items() if not k.startswith("seconds")} == \
+           {k.split(".", 1)[1]: v for k, v in again.items() if not k.startswith("seconds")}
+    changed = __import__("copy").deepcopy(chain.edge)
+    with torch.no_grad():
+        next(changed.parameters()).add_(1.0)
+    client_app._evaluate(changed, workspace, 0, "after", "evaluate_after", context, config)
+    assert len(calls) == 2
+    client_app._evaluate(chain.edge, workspace, 0, "after", "evaluate_after", context,
+                         ConfigRecord({METHOD: "diredi"}))  # another method's state is its own
+    assert len(calls) == 3
