@@ -4,6 +4,7 @@ Handlers (message type -> work; the wire format is ``protocol.wire``):
 
 * "train", work "diredi": AP of its edge on its test shard (ap-before); RD Tutor 1 (unless a
   shared Tutor 1 came in) and Tutor 2 on its own shards; replies ONLY the neck/head delta + metrics.
+  A tutor arrives in full once; the client keeps its backbone body, later tutors are neck/head only.
 * "train", work "direct" (FedAvg / FedProx): ap-before of the received edge; trains it on its
   labels (with FedProx's proximal term when the message holds "proximal-mu"); replies the edge + metrics.
 * "train.distill": Distill C of its edge from the received (updated) tutor on its data; keeps the
@@ -32,10 +33,11 @@ from distill.trainer import PhaseReport, peak_rss_mb
 from evaluation.ap import per_class_ap
 from models.io import state_fingerprint
 from models.ladder import build_model
+from models.parts import part_of
 from protocol.config import RunConfig
 from protocol.wire import (AFTER, AP_AFTER, AP_BEFORE, ARRAYS, BEFORE, CONFIG, DELTA, DIRECT_WORK, DIREDI_WORK,
                            EDGE, EDGE_SOURCE, LOSSES, METHOD, METRICS, NUM_EXAMPLES, PARTITION_ID, PEAK_RSS,
-                           SECONDS, SERVER_ROUND, TRAINED, TUTOR, TUTOR1, WORK, decode, encode, state_record, work_seed)
+                           SECONDS, SERVER_ROUND, TRAINED, TUTOR, TUTOR1, WORK, decode, encode, pack_delta, state_record, work_seed)
 
 app = ClientApp()
 
@@ -96,6 +98,22 @@ def _reply(msg: Message, metrics: dict, arrays: dict[str, ArrayRecord] | None = 
     return Message(content=content, reply_to=msg)
 
 
+def _tutor(msg: Message, context: Context, workspace: Workspace, config: ConfigRecord, name: str) -> nn.Module:
+    """The tutor (or Tutor 1) under ``name``: full weights the first time, afterwards only its
+    neck/head, joined to the backbone body this client kept (eq. 10 never changes the body)."""
+    model = build_model(workspace.profile, "tutor")
+    received = msg.content.array_records[name].to_torch_state_dict()
+    key = f"{config[METHOD]}.tutor-body"
+    if set(received) == set(model.state_dict()):
+        context.state[key] = state_record({k: v for k, v in received.items() if part_of(k) == "backbone"})
+    elif key in context.state.array_records:
+        received = {**context.state.array_records[key].to_torch_state_dict(), **received}
+    else:
+        raise ValueError(f"{name!r} holds only neck/head weights and this client holds no tutor backbone")
+    model.load_state_dict(received)
+    return model.eval()
+
+
 def _edge_key(config: ConfigRecord) -> str:
     return f"{config[METHOD]}.{EDGE}"  # per method: one simulation may run several methods
 
@@ -144,9 +162,9 @@ def _train_diredi(msg: Message, context: Context) -> Message:
     edge = _edge(msg, context, ws, config)
     metrics = _evaluate(edge, ws, partition, BEFORE, "evaluate_before", context, config)
     arrays = msg.content.array_records
-    tutor = _model(ws, "tutor", arrays[TUTOR]) if TUTOR in arrays else None
+    tutor = _tutor(msg, context, ws, config, TUTOR) if TUTOR in arrays else None
     if TUTOR1 in arrays:  # the server's shared Tutor 1
-        tutor1, seconds_t1 = _model(ws, "tutor", arrays[TUTOR1]), 0.0
+        tutor1, seconds_t1 = _tutor(msg, context, ws, config, TUTOR1), 0.0
     else:
         tutor1, report = reverse_distill_tutor1(tutor, edge, _dataset(ws, partition, "presumed"), settings, seed)
         seconds_t1 = report.seconds
@@ -157,7 +175,7 @@ def _train_diredi(msg: Message, context: Context) -> Message:
                     f"{SECONDS}.rd_tutor1": seconds_t1,
                     f"{SECONDS}.rd_tutor2": report.seconds, PEAK_RSS: peak_rss_mb(),
                     **loss_metrics("rd_tutor2", report)})
-    return _reply(msg, metrics, {DELTA: state_record(delta)})
+    return _reply(msg, metrics, {DELTA: pack_delta(delta, run.delta_precision)})
 
 
 def _train_direct(msg: Message, context: Context) -> Message:
@@ -175,7 +193,7 @@ def _train_direct(msg: Message, context: Context) -> Message:
 def distill(msg: Message, context: Context) -> Message:
     config, run, ws, partition, seed = _common(msg, context)
     edge = _edge(msg, context, ws, config)
-    tutor = _model(ws, "tutor", msg.content.array_records[TUTOR])
+    tutor = _tutor(msg, context, ws, config, TUTOR)
     new_edge, report = distill_c(edge, tutor, _dataset(ws, partition, "train"), run.rd_settings(), seed)
     context.state[_edge_key(config)] = state_record(new_edge)
     metrics = _evaluate(new_edge, ws, partition, AFTER, "evaluate_after", context, config)

@@ -25,6 +25,7 @@ FEDERATED = ("diredi", "fedavg", "fedprox")  # the methods that run on Flower; l
 TUTOR1_MODES = ("shared", "per-client")
 AGGREGATION_METHODS = ("weighted", "trimmed", "ties", "class_aware")  # strategies.aggregate.aggregate
 REDISTILL_SIDES = ("client", "server")
+DELTA_PRECISIONS = ("float16", "float32")  # how a client's delta travels (the server reads either)
 
 
 class ConfigError(ValueError):
@@ -42,7 +43,7 @@ class RunConfig:
     data: str = "synth"  # synth (generated, VOC layout) | voc (read from voc_root)
     voc_root: str = ""
     num_clients: int = 8  # under `flwr run`, 0 means as many as the federation has nodes
-    rounds: int = 1
+    rounds: int = 3  # the warm default run (5 methods, 8 clients, cpu profile) within 10 minutes on 2 cores
     methods: tuple[str, ...] = METHODS
     seed: int = 0
     device: str = "auto"  # where the manufacturer chain trains; the federation runs on the CPU
@@ -56,6 +57,7 @@ class RunConfig:
     redistill_iters: int = 0  # Distill C steps per round; 0: the profile's
     batch_size: int = 0  # batch of every client phase; 0: the profile's
     direct_iters: int = 0  # baselines' steps per round; 0: as many as a DiReDi client (2 x rd + redistill)
+    delta_precision: str = "float16"  # the uploaded delta's dtype (experiments/results/delta_precision.json)
     norm_factor: float = 1.0  # verification: delta norm bound = norm_factor x the tutor's neck/head norm
     protected_tolerance: float = 0.05  # verification: largest AP drop allowed on a protected class
     timeout_s: float = 0.0  # one round trip; 0: sized from the profile's step time
@@ -182,10 +184,11 @@ def resolve_run_config(raw: Mapping[str, Any] | RunConfig) -> RunConfig:
                         ("protected_tolerance", config.protected_tolerance), ("timeout_s", config.timeout_s)):
         if not (math.isfinite(value) and value >= 0):
             raise ConfigError(_key(name), f"must be a finite number >= 0, got {value}")
-    choices = {"data": ("synth", "voc"), "tutor1": TUTOR1_MODES, "redistill": REDISTILL_SIDES}
+    choices = {"data": ("synth", "voc"), "tutor1": TUTOR1_MODES, "redistill": REDISTILL_SIDES,
+               "delta_precision": DELTA_PRECISIONS}
     for name, allowed in choices.items():
         if getattr(config, name) not in allowed:
-            raise ConfigError(name, f"{getattr(config, name)!r} is not one of {', '.join(allowed)}")
+            raise ConfigError(_key(name), f"{getattr(config, name)!r} is not one of {', '.join(allowed)}")
     if config.aggregation not in AGGREGATION_METHODS:
         raise ConfigError("aggregation", f"{config.aggregation!r} is not one of {', '.join(AGGREGATION_METHODS)}")
 

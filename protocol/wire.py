@@ -9,8 +9,10 @@ A message's content is a RecordDict:
                + "method" (diredi | fedavg | fedprox), "work" (diredi | direct), "server-round",
                "edge-source" (stored | received); FedProx adds Flower's "proximal-mu"
     "metrics"  MetricRecord (replies): numbers only, keys below
-    "tutor" | "tutor1" | "edge" | "delta" | "arrays"   ArrayRecords (full state dicts; "delta" is
-               the neck/head delta of eq. 9; "arrays" is Flower's default key for FedAvg/FedProx)
+    "tutor" | "tutor1" | "edge" | "delta" | "arrays"   ArrayRecords: state dicts ("tutor" and
+               "tutor1" in full only to a node that holds no tutor body yet, afterwards neck/head
+               only; "delta" is the neck/head delta of eq. 9; "arrays" is Flower's default key
+               for FedAvg/FedProx)
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
+import torch
 from flwr.app import ArrayRecord, MessageType, RecordDict
 from torch import Tensor, nn
 
@@ -62,6 +65,22 @@ def content_bytes(content: RecordDict) -> int:
 def state_record(model_or_state: nn.Module | Mapping[str, Tensor]) -> ArrayRecord:
     state = model_or_state.state_dict() if isinstance(model_or_state, nn.Module) else model_or_state
     return ArrayRecord({k: v.detach().cpu() for k, v in state.items()})
+
+
+_LOW_PRECISION = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def pack_delta(delta: Mapping[str, Tensor], precision: str = "float32") -> ArrayRecord:
+    """A client's delta as it travels: float tensors in ``precision`` ("float16" halves the upload)."""
+    dtype = _LOW_PRECISION.get(precision, torch.float32)
+    return state_record({k: v.to(dtype) if v.is_floating_point() else v for k, v in delta.items()})
+
+
+def unpack_delta(record: ArrayRecord) -> dict[str, Tensor]:
+    """A received delta for verification and merging: half-precision tensors widened to float32;
+    any other dtype is left as it came, for ``strategies.verify.structural_check`` to judge."""
+    return {k: v.float() if v.dtype in _LOW_PRECISION.values() else v
+            for k, v in record.to_torch_state_dict().items()}
 
 
 # -- seeds: one scheme for every party and round ---------------------------------------------------

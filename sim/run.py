@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 from models.ladder import PROFILES
-from protocol.config import AGGREGATION_METHODS, METHODS, REDISTILL_SIDES, TUTOR1_MODES, RunConfig
+from protocol.config import AGGREGATION_METHODS, DELTA_PRECISIONS, METHODS, REDISTILL_SIDES, TUTOR1_MODES, RunConfig
 
 log = logging.getLogger("sim.run")
 DEFAULTS = RunConfig()
@@ -62,6 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
              "client holds the server's edge (shared, default), or always on every client")
     add("--rd-iters", type=positive_int, help="RD steps per tutor per round (default: per profile)")
     add("--redistill-iters", type=positive_int, help="Distill C steps per round (default: per profile)")
+    add("--delta-precision", choices=DELTA_PRECISIONS, default=d.delta_precision,
+        help=f"dtype of the uploaded neck/head delta (default {d.delta_precision})")
     add("--batch-size", type=positive_int, help="batch size of the clients' work (default: per profile)")
     add("--device", default=d.device,
         help="cpu | cuda | cuda:N | auto (default: cuda when available) for training the manufacturer "
@@ -82,7 +84,7 @@ def parse_args(argv=None) -> argparse.Namespace:
            "rounds": args.rounds, "methods": args.methods, "seed": args.seed, "device": args.device,
            "cache-dir": str(args.cache), "tutor1": args.tutor1, "redistill": args.redistill,
            "aggregation": args.aggregation, "beta": args.beta, "rd-iters": args.rd_iters or 0,
-           "redistill-iters": args.redistill_iters or 0, "batch-size": args.batch_size or 0}
+           "redistill-iters": args.redistill_iters or 0, "batch-size": args.batch_size or 0, "delta-precision": args.delta_precision}
     try:
         args.config = resolve_run_config(raw)
     except ConfigError as err:

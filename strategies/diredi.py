@@ -2,7 +2,8 @@
 
 One round (``DiReDiStrategy.start``):
 
-1. ``configure_train`` -> "train" to every sampled node: the tutor's full weights (or, with
+1. ``configure_train`` -> "train" to every sampled node: the tutor (its full weights only to a node
+   that has not received a tutor yet, afterwards its neck/head: eq. 10 never changes the body) (or, with
    ``share_tutor1``, Tutor 1 computed once on the server from public presumed data, as long as
    every client holds the server's edge: after client-side Distill C each client's edge is its
    own, and so is its Tutor 1), the edge weights (only to nodes that do not hold their own edge
@@ -45,12 +46,32 @@ from evaluation.features import BodyFeatureCache, FeaturesTooLarge
 from models.parts import load_neck_head, neck_head, substitute
 from protocol.wire import (AFTER, AP_AFTER, AP_BEFORE, BEFORE, CONFIG, DELTA, DISTILL, DIREDI_WORK, EDGE,
                            EDGE_SOURCE, EVALUATE, METHOD, METRICS, NUM_EXAMPLES, PARTITION_ID, SERVER,
-                           SERVER_ROUND, TRAIN, TRAINED, TUTOR, TUTOR1, WORK, decode, encode, state_record, work_seed)
+                           SERVER_ROUND, TRAIN, TRAINED, TUTOR, TUTOR1, WORK, decode, encode, state_record, unpack_delta,
+                           work_seed)
 from strategies.aggregate import AGGREGATION_METHODS, aggregate
 from strategies.ledger import Recorder, RoundLedger, sampled_nodes
 from strategies.verify import Decision, VerificationPolicy, protected_check, safe_norm, structural_check
 
 log = logging.getLogger(__name__)
+
+
+class _TutorRecords:
+    """A tutor as it travels: its full weights to a node that does not hold the tutor's backbone
+    body yet, only its neck/head to one that does (eq. 10 never changes the body)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self._full: ArrayRecord | None = None
+        self._neck_head: ArrayRecord | None = None
+
+    def for_node(self, node: int, nodes_with_body: set[int]) -> ArrayRecord:
+        if node in nodes_with_body:
+            if self._neck_head is None:
+                self._neck_head = state_record(neck_head(self.model))
+            return self._neck_head
+        if self._full is None:
+            self._full = state_record(self.model)
+        return self._full
 
 
 class DiReDiStrategy(Strategy):
@@ -100,6 +121,7 @@ class DiReDiStrategy(Strategy):
         # The tutor's frozen body's features of the validation images, computed once (False: too large)
         self._validation_features: BodyFeatureCache | None | bool = None
         self._nodes_with_edge: set[int] = set()  # nodes that keep their own edge (client re-distillation)
+        self._nodes_with_body: set[int] = set()  # nodes that hold the tutor's backbone body (it never changes)
         # Tutor 1 emulates the edge it is computed from: one shared Tutor 1 serves while every client
         # still holds the server's edge; once clients have re-distilled their own, each computes its own.
         self._client_edges_changed = False
@@ -126,22 +148,24 @@ class DiReDiStrategy(Strategy):
         ledger = self._open_round(server_round)
         nodes = sampled_nodes(grid, self.num_nodes)
         cfg = self._config(config, server_round, "stored" if self.redistill == "client" else "received")
-        arrays_out = {}
+        tutors = {}  # record name -> the model it carries (full to a node's first message, then neck/head)
         if self.share_tutor1 and not self._client_edges_changed:
             start = time.perf_counter()
             tutor1, _ = reverse_distill_tutor1(self.tutor, self.edge, self.presumed_data, self.settings,
                                                seed=work_seed(self.seed, server_round, SERVER))
             # One Tutor 1 serves every client: its cost is shared among them in the records.
             ledger.server_seconds["server_tutor1"] = (time.perf_counter() - start) / len(nodes)
-            arrays_out[TUTOR1] = state_record(tutor1)
+            tutors[TUTOR1] = tutor1
             if not self.settings.t2_from_t1:  # tutor 2 then starts from the tutor itself
-                arrays_out[TUTOR] = state_record(self.tutor)
+                tutors[TUTOR] = self.tutor
         else:
-            arrays_out[TUTOR] = state_record(self.tutor)
+            tutors[TUTOR] = self.tutor
+        as_sent = {name: _TutorRecords(model) for name, model in tutors.items()}
         edge_record = state_record(self.edge)
         messages = []
         for node in nodes:
-            content = RecordDict({CONFIG: cfg, **arrays_out})
+            content = RecordDict({CONFIG: cfg, **{name: records.for_node(node, self._nodes_with_body)
+                                                  for name, records in as_sent.items()}})
             if self.redistill == "server" or node not in self._nodes_with_edge:
                 content[EDGE] = edge_record
             messages.append(Message(content=content, message_type=TRAIN, dst_node_id=node))
@@ -166,6 +190,7 @@ class DiReDiStrategy(Strategy):
             decision = self.verify(delta, int(metrics[PARTITION_ID]), server_round,
                                    weight=float(metrics.get(NUM_EXAMPLES, math.nan)))
             entry = ledger.count_up(reply)
+            self._nodes_with_body.add(entry.node)  # it received the full tutor once and keeps the body
             entry.train, entry.decision, entry.verify_seconds = dict(metrics), decision, time.perf_counter() - start
             self.recorder.decide(decision)
             if decision.accepted:
@@ -203,14 +228,19 @@ class DiReDiStrategy(Strategy):
     def configure_distill(self, server_round: int, config: ConfigRecord) -> list[Message]:
         """"train.distill" with the updated tutor to this round's participants."""
         return self._to_participants(server_round, DISTILL, self._config(config, server_round, "stored"),
-                                     TUTOR, self.tutor)
+                                     TUTOR, _TutorRecords(self.tutor))
 
     def _to_participants(self, server_round: int, message_type: str, config: ConfigRecord, name: str,
-                         model: nn.Module) -> list[Message]:
+                         model: "nn.Module | _TutorRecords") -> list[Message]:
         """One message with ``model`` under ``name`` to every node that trained this round (bytes counted)."""
         ledger = self._open_round(server_round)
-        content = RecordDict({CONFIG: config, name: state_record(model)})
-        return ledger.count_down(Message(content=content, message_type=message_type, dst_node_id=entry.node)
+        full = state_record(model) if isinstance(model, nn.Module) else None
+
+        def record(node: int) -> ArrayRecord:
+            return full if full is not None else model.for_node(node, self._nodes_with_body)
+
+        return ledger.count_down(Message(content=RecordDict({CONFIG: config, name: record(entry.node)}),
+                                         message_type=message_type, dst_node_id=entry.node)
                                  for entry in ledger.trained)
 
     def aggregate_distill(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
@@ -335,7 +365,7 @@ class DiReDiStrategy(Strategy):
     def _read_delta(reply: Message) -> dict[str, Tensor] | None:
         if DELTA not in reply.content.array_records:
             return None
-        return dict(reply.content.array_records[DELTA].to_torch_state_dict())
+        return unpack_delta(reply.content.array_records[DELTA])
 
     def _collect_after(self, server_round: int, replies: Iterable[Message], step: str) -> MetricRecord | None:
         ledger = self._open_round(server_round)

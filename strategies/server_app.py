@@ -38,7 +38,7 @@ from protocol.wire import state_record
 from evaluation.metrics import run_summary
 from report.writer import SUMMARY, TUTOR_HISTORY, RunFolder, write_all
 from strategies.baselines import RecordingFedAvg, RecordingFedProx
-from strategies.centralised import run_local, run_oracle
+from strategies.centralised import CENTRALISED, run_centralised
 from strategies.diredi import DiReDiStrategy
 from strategies.ledger import Recorder
 from strategies.verify import Decision, VerificationPolicy
@@ -132,10 +132,8 @@ def run_method(method: str, session: Session, grid: Grid | None, recorder: Recor
     random.seed(config.seed)  # Flower samples nodes with Python's random
     torch.manual_seed(config.seed)
     start = time.perf_counter()
-    if method in ("local", "oracle"):
-        run = run_local if method == "local" else run_oracle
-        run(session.workspace, session.chain.edge, config.rounds, config.direct_iters, config.rd_settings(),
-            config.seed, recorder)
+    if method in CENTRALISED:
+        run_centralised(config, {method: recorder}, len(session.workspace.clients))
         return MethodResult(method, recorder, time.perf_counter() - start)
     if grid is None:
         raise ValueError(f"{method} is a federated method: it needs a Flower grid")
@@ -161,20 +159,28 @@ def run_methods(session: Session, grid: Grid | None, folder: RunFolder, methods:
     """Runs ``methods`` (default: the configuration's) that the folder does not list as done,
     appending records and decisions to it as they arrive; with ``report``, writes results.md and
     the plots over every record in the folder. Returns the folder's records."""
-    for method in methods if methods is not None else session.config.methods:
+    def recorder_for(method: str) -> Recorder:
+        return Recorder(method, on_record=lambda r: (folder.append_record(r), on_record and on_record(r)),
+                        on_decision=lambda d: folder.append_verification(d.to_dict()))
+
+    todo = [m for m in (methods if methods is not None else session.config.methods) if m not in folder.read_done()]
+    for method in (m for m in todo if m not in CENTRALISED):
         done = folder.read_done()
-        if method in done:
-            continue
         if on_method is not None:
             on_method(method)
-        recorder = Recorder(method, on_record=lambda r: (folder.append_record(r), on_record and on_record(r)),
-                            on_decision=lambda d: folder.append_verification(d.to_dict()))
+        recorder = recorder_for(method)
         result = run_method(method, session, grid, recorder)
         for failure in result.recorder.failures:
             log.warning("%s: client failure: %s", method, failure)
         if recorder.tutor_history:
             folder.write_json(TUTOR_HISTORY, recorder.tutor_history)
         folder.write_done([*done, method])
+    centralised = [m for m in todo if m in CENTRALISED]
+    if centralised:  # local and oracle side by side (one process per core)
+        if on_method is not None:
+            on_method(" + ".join(centralised))
+        run_centralised(session.config, {m: recorder_for(m) for m in centralised}, len(session.workspace.clients),
+                        on_done=lambda m: folder.write_done([*folder.read_done(), m]))
     records = folder.read_records()
     if report:
         specs = session.client_specs()

@@ -128,6 +128,8 @@ def test_diredi_replies_carry_no_data(diredi_run, setup):
         assert not reply.has_error()
         # train: the neck/head delta only; distill / evaluate: numbers only
         check_reply_is_weights_and_numbers(reply.content, nh_keys if step == "train" else None)
+        if step == "train":  # uploaded in half precision by default (RunConfig.delta_precision)
+            assert {a.dtype for a in reply.content.array_records["delta"].values()} == {"float16"}
 
 
 def test_fedavg_runs_and_replies_carry_no_data(fedavg_run, setup):
@@ -233,6 +235,12 @@ def test_two_rounds_keep_each_clients_edge_and_tutor1_follows_it(setup):
     result, _ = run_captured("diredi", setup, policy=ACCEPT_HONEST, rounds=2, tutor1="shared")
     by_round = {(r["round"], r["client"]): r for r in result.records}
     assert sorted(by_round) == [(1, 0), (1, 1), (2, 0), (2, 1)]
+    _, chain, _ = setup
+    body_bytes = sum(t.numel() * t.element_size() for k, t in chain.tutor.state_dict().items()
+                     if k.startswith("backbone.body."))
+    for client in range(NUM_CLIENTS):
+        # the tutor's body travels once (round 1); round 2 carries neck/head only (and no edge)
+        assert by_round[(1, client)]["bytes_down"] - by_round[(2, client)]["bytes_down"] > body_bytes
     for client in range(NUM_CLIENTS):
         first, second = by_round[(1, client)], by_round[(2, client)]
         assert first["accepted"] and first["redistilled"]
