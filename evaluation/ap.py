@@ -478,24 +478,61 @@ def ap_by_name(predictions: Sequence[Mapping], targets: Sequence[Mapping],
     return ap, {k: float(v) for k, v in summary.items()}
 
 
+def _ranked_outcomes(predictions: Sequence[Mapping], targets: Sequence[Mapping], class_id: int,
+                     iou_thresh: float = 0.5) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One class's detections over a data set, ranked by score: (image index, outcome) of each
+    kept (not ignored) detection, and each image's number of positives. VOC matching is greedy
+    within an image in score order, so a detection's outcome does not depend on the other images."""
+    detections, ground_truths = [], {}
+    positives = np.zeros(len(targets), dtype=np.int64)
+    for index, (prediction, target) in enumerate(zip(predictions, targets)):
+        labels = _to_numpy(target["labels"], np.int64)
+        mine = labels == class_id
+        if np.any(mine):
+            difficult = (_to_numpy(target["difficult"], bool) if "difficult" in target
+                         else np.zeros(len(labels), dtype=bool))[mine]
+            ground_truths[index] = (_to_numpy(target["boxes"], np.float64, (4,))[mine], difficult)
+            positives[index] = np.count_nonzero(~difficult)
+        boxes = _to_numpy(prediction["boxes"], np.float64, (4,))
+        scores = _to_numpy(prediction["scores"], np.float64)
+        detections += [(index, float(score), box) for box, score, label
+                        in zip(boxes, scores, _to_numpy(prediction["labels"], np.int64)) if int(label) == class_id]
+    _, outcomes = match_detections(detections, ground_truths, iou_thresh, plus_one=False)
+    order = np.argsort(-np.array([d[1] for d in detections], dtype=np.float64), kind="stable")
+    images = np.array([detections[i][0] for i in order], dtype=np.int64)
+    kept = outcomes != IGNORED
+    return images[kept], outcomes[kept], positives
+
+
+def _resampled_ap(images: np.ndarray, outcomes: np.ndarray, copies: np.ndarray, npos: int) -> float:
+    """Area-under-envelope AP when image i appears ``copies[i]`` times: the copies of one detection
+    share its score and outcome, so they are one step of the cumulative counts."""
+    weight = copies[images]
+    tp = np.cumsum(weight * (outcomes == TRUE_POSITIVE))
+    fp = np.cumsum(weight * (outcomes == FALSE_POSITIVE))
+    return area_under_envelope_ap(tp / npos, tp / np.maximum(tp + fp, 1))
+
+
 def bootstrap_ap_drop(before: Sequence[Mapping], after: Sequence[Mapping], targets: Sequence[Mapping],
                       class_ids: Sequence[int], samples: int = 200, seed: int = 0) -> dict[int, float]:
     """Standard deviation of AP(before) - AP(after) per class over ``samples`` bootstrap resamples of
     the images (paired: both models' detections of the same resampled images), i.e. how much an
     AP drop measured on this image set moves by chance. ``before`` / ``after``: ``predict`` outputs
-    of the two models on the same ``targets``."""
+    of the two models on the same ``targets``; AP as ``ap_by_name`` computes it (IoU 0.5, area
+    under the envelope, continuous boxes). Each detection is matched once; a resample only
+    reweights the ranked outcomes (milliseconds per resample)."""
     if not (len(before) == len(after) == len(targets)):
         raise ValueError(f"{len(before)}, {len(after)} and {len(targets)} predictions/targets: not aligned")
     rng = np.random.default_rng(seed)
     n = len(targets)
-    drops: dict[int, list[float]] = {int(c): [] for c in class_ids}
+    ranked = {int(c): (_ranked_outcomes(before, targets, int(c)), _ranked_outcomes(after, targets, int(c)))
+              for c in class_ids}
+    drops: dict[int, list[float]] = {c: [] for c in ranked}
     for _ in range(samples):
-        pick = rng.integers(0, n, size=n)
-        # a resample repeats images: give each copy its own id (the evaluation refuses duplicates)
-        resampled = [{**targets[i], "image_id": position} for position, i in enumerate(pick)]
-        ap_before = evaluate_detections([before[i] for i in pick], resampled, class_ids).ap
-        ap_after = evaluate_detections([after[i] for i in pick], resampled, class_ids).ap
-        for c in drops:
-            if math.isfinite(ap_before[c]) and math.isfinite(ap_after[c]):
-                drops[c].append(ap_before[c] - ap_after[c])
+        copies = np.bincount(rng.integers(0, n, size=n), minlength=n)
+        for c, ((images_b, outcomes_b, positives), (images_a, outcomes_a, _)) in ranked.items():
+            npos = int(copies @ positives)
+            if npos > 0:
+                drops[c].append(_resampled_ap(images_b, outcomes_b, copies, npos)
+                                - _resampled_ap(images_a, outcomes_a, copies, npos))
     return {c: float(np.std(values, ddof=1)) if len(values) > 1 else math.nan for c, values in drops.items()}

@@ -60,6 +60,7 @@ class RunConfig:
     delta_precision: str = "float16"  # the uploaded delta's dtype (experiments/results/delta_precision.json)
     norm_factor: float = 1.0  # verification: delta norm bound = norm_factor x the tutor's neck/head norm
     protected_tolerance: float = 0.05  # verification: largest AP drop allowed on a protected class
+    noise_z: float = 3.0  # verification: ... or noise_z x the drop's bootstrap std, if larger (0: no bootstrap)
     timeout_s: float = 0.0  # one round trip; 0: sized from the profile's step time
 
     # -- codec to and from Flower's ConfigRecord / run config -------------------------------------
@@ -181,7 +182,8 @@ def resolve_run_config(raw: Mapping[str, Any] | RunConfig) -> RunConfig:
     if not (math.isfinite(config.beta) and config.beta > 0):
         raise ConfigError("beta", f"must be a finite number > 0, got {config.beta}")
     for name, value in (("fedprox_mu", config.fedprox_mu), ("norm_factor", config.norm_factor),
-                        ("protected_tolerance", config.protected_tolerance), ("timeout_s", config.timeout_s)):
+                        ("protected_tolerance", config.protected_tolerance), ("noise_z", config.noise_z),
+                        ("timeout_s", config.timeout_s)):
         if not (math.isfinite(value) and value >= 0):
             raise ConfigError(_key(name), f"must be a finite number >= 0, got {value}")
     choices = {"data": ("synth", "voc"), "tutor1": TUTOR1_MODES, "redistill": REDISTILL_SIDES,

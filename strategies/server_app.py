@@ -101,6 +101,7 @@ def default_policy(session: Session) -> VerificationPolicy:
     """Protected classes from the scenario; norm bound = norm_factor x the tutor's own neck/head norm."""
     return VerificationPolicy.relative_to(neck_head(session.chain.tutor), norm_factor=session.config.norm_factor,
                                           protected_tolerance=session.config.protected_tolerance,
+                                          noise_z=session.config.noise_z,
                                           protected_classes=tuple(session.workspace.scenario.protected_classes))
 
 

@@ -33,7 +33,7 @@ class VerificationPolicy:
     # bootstrap standard deviation over the validation images, strategies.diredi): a drop that
     # chance alone produces is not evidence of harm.
     noise_z: float = 0.0
-    bootstrap_samples: int = 100
+    bootstrap_samples: int = 200
 
     def tolerance(self, noise: float = math.nan) -> float:
         """The largest drop allowed on a protected class whose measured drop has standard deviation ``noise``."""

@@ -534,3 +534,44 @@ def test_body_feature_cache_gives_the_full_models_detections_for_any_neck_head()
         cache.predict(build_model("smoke", "tutor", seed=2))
     with pytest.raises(FeaturesTooLarge):
         BodyFeatureCache(tutor, dataset, batch_size=3, max_bytes=1000)
+
+
+def test_bootstrap_ap_drop_equals_evaluating_every_resample_in_full():
+    """The fast bootstrap (match once, reweight per resample) against the definition: evaluate
+    both models on every resampled image list (copies given their own ids), same resamples."""
+    from evaluation.ap import bootstrap_ap_drop, evaluate_detections
+
+    rng = np.random.default_rng(3)
+
+    def boxes_near(centres: np.ndarray, spread: float) -> torch.Tensor:
+        xy = centres + rng.normal(0, spread, size=centres.shape)
+        return torch.tensor(np.concatenate([xy, xy + 20], axis=1), dtype=torch.float32).reshape(-1, 4)
+
+    targets, before, after = [], [], []
+    for i in range(30):
+        k = int(rng.integers(1, 4))
+        centres = rng.uniform(0, 40, size=(k, 2))
+        labels = torch.tensor(rng.integers(0, 3, size=k), dtype=torch.int64)
+        targets.append({"boxes": boxes_near(centres, 0.0), "labels": labels,
+                        "difficult": torch.tensor(rng.random(k) < 0.15)})
+        for model in (before, after):  # detections near the objects (some duplicates, some wrong labels)
+            pick = rng.integers(0, k, size=int(rng.integers(0, 5)))
+            model.append({"boxes": boxes_near(centres[pick], 4.0),
+                          "scores": torch.tensor(rng.random(len(pick)), dtype=torch.float32),
+                          "labels": torch.where(torch.tensor(rng.random(len(pick)) < 0.8), labels[pick],
+                                                torch.tensor(rng.integers(0, 3, size=len(pick))))})
+    fast = bootstrap_ap_drop(before, after, targets, [0, 1, 2], samples=40, seed=7)
+
+    draw = np.random.default_rng(7)
+    drops = {c: [] for c in (0, 1, 2)}
+    for _ in range(40):
+        pick = draw.integers(0, len(targets), size=len(targets))
+        resampled = [{**targets[i], "image_id": position} for position, i in enumerate(pick)]
+        ap_b = evaluate_detections([before[i] for i in pick], resampled, [0, 1, 2], plus_one=False).ap
+        ap_a = evaluate_detections([after[i] for i in pick], resampled, [0, 1, 2], plus_one=False).ap
+        for c in drops:
+            if math.isfinite(ap_b[c]) and math.isfinite(ap_a[c]):
+                drops[c].append(ap_b[c] - ap_a[c])
+    for c in drops:
+        assert fast[c] > 0
+        assert fast[c] == pytest.approx(float(np.std(drops[c], ddof=1)), abs=1e-12)
