@@ -329,12 +329,18 @@ def round_series(records: Iterable[Mapping], specs: Any, all_private: Any) -> li
     return series
 
 
+def _mean_round_seconds(records: Sequence[Mapping], method: str) -> float | None:
+    walls = {r["round"]: r["round_wall_s"] for r in records if r["method"] == method and "round_wall_s" in r}
+    return sum(walls.values()) / len(walls) if walls else None
+
+
 def run_summary(records: Sequence[Mapping], specs: Any, all_private: Any, rounds: int, wall_s: float,
                 tutor_history: Sequence[Mapping] = ()) -> dict:
     """The run in one machine-readable dict (``summary.json``): per method the mean over clients of
     gain, forgetting (kept, protected), released, spread in percentage points, traffic in MB
-    (10^6 bytes) per client per round, DiReDi's accepted / rejected client-rounds, and how many
-    clients gained (gain > 0); the tutor's validation mAP per round (round 0 first)."""
+    (10^6 bytes) per client per round, DiReDi's accepted / rejected client-rounds, how many
+    clients gained (gain > 0) and the mean wall seconds of a federated round (None for local and
+    oracle); the tutor's validation mAP per round (round 0 first)."""
     table = method_table(records, specs, all_private)
     methods = {}
     for row in method_means(table):
@@ -344,6 +350,7 @@ def run_summary(records: Sequence[Mapping], specs: Any, all_private: Any, rounds
         methods[row["method"]] = {
             **points, "up_mb": row["bytes_up"] / 1e6, "down_mb": row["bytes_down"] / 1e6,
             "accepted": sum(r["accepted_rounds"] for r in rows), "rejected": sum(r["rejected_rounds"] for r in rows),
-            "clients_with_gain": sum(1 for r in rows if not is_missing(r["gain"]) and r["gain"] > 0)}
+            "clients_with_gain": sum(1 for r in rows if not is_missing(r["gain"]) and r["gain"] > 0),
+            "round_s": _mean_round_seconds(records, row["method"])}
     return {"rounds": rounds, "wall_s": wall_s, "methods": methods,
             "tutor_val_map": [100 * float(entry["mAP"]) for entry in sorted(tutor_history, key=lambda e: e["round"])]}

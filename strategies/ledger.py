@@ -109,7 +109,8 @@ class Recorder:
             self.on_record(record)
 
     def close_round(self, ledger: RoundLedger) -> None:
-        """One record per node that trained this round; the round's wall time."""
+        """One record per node that trained this round, each with the round's wall time."""
+        self.round_seconds[ledger.server_round] = time.perf_counter() - ledger.started
         for entry in ledger.trained:
             fields = {"accepted": None}
             if entry.decision is not None:
@@ -120,8 +121,8 @@ class Recorder:
             record["seconds"].update(ledger.server_seconds)
             if entry.decision is not None:
                 record["seconds"]["server_verify"] = entry.verify_seconds
+            record["round_wall_s"] = self.round_seconds[ledger.server_round]
             self.emit(record)
-        self.round_seconds[ledger.server_round] = time.perf_counter() - ledger.started
 
 
 def sampled_nodes(grid: Grid, num_nodes: int, fraction: float = 1.0) -> list[int]:

@@ -198,3 +198,15 @@ def test_round_series_tracks_metrics_as_they_stood_each_round():
     assert series[0]["forgetting_kept"] == 0.0  # car rose, bus held: nothing forgotten yet
     assert series[1]["gain"] == pytest.approx(0.5)
     assert series[1]["forgetting_kept"] == pytest.approx(0.05)  # car fell from its 0.8 peak
+
+
+def test_run_summary_reports_the_mean_round_wall_time_of_federated_methods():
+    from evaluation.metrics import run_summary
+
+    federated = two_round_records("diredi")
+    for record, seconds in zip(federated, (20.0, 10.0)):  # rounds 2 and 1
+        record["round_wall_s"] = seconds
+    summary = run_summary(federated + two_round_records("local"), [SPEC], ALL_PRIVATE, 2, 99.0)
+    assert summary["methods"]["diredi"]["round_s"] == pytest.approx(15.0)
+    assert summary["methods"]["local"]["round_s"] is None
+    assert summary["methods"]["diredi"]["gain"] == pytest.approx(50.0)  # percentage points
