@@ -133,8 +133,15 @@ def load_scenario(path_or_name: str | Path) -> Scenario:
     try:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
-        raise DataError(f"malformed YAML in {path}: {err}") from None
+        raise DataError(f"malformed YAML in {path}: {_yaml_problem(err)}; fix the YAML syntax there") from None
     return scenario_from_dict(raw, source=str(path), default_name=path.stem)
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """PyYAML's multi-line message as one line: the problem and where it is."""
+    mark = getattr(err, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+    return f"{getattr(err, 'problem', None) or ' '.join(str(err).split())}{where}"
 
 
 def _class_list(raw: dict, key: str, where: str, required: bool = True) -> tuple[str, ...]:

@@ -34,6 +34,9 @@ CLASS_INDEX: dict[str, int] = {name: i for i, name in enumerate(VOC_CLASSES)}
 
 # Tried in this order when the XML's <filename> does not name an existing file.
 _IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".JPG", ".JPEG", ".PNG")
+# What a data-folder error tells the user to provide.
+_LAYOUT = ("expected a VOCdevkit holding VOC2007/ and/or VOC2012/, or one such folder, each with "
+           "JPEGImages/, Annotations/ and ImageSets/Main/trainval.txt")
 
 
 class DataError(ValueError):
@@ -95,7 +98,7 @@ def read_voc(
     """
     root = Path(root)
     if not root.is_dir():
-        raise DataError(f"data folder not found: {root}")
+        raise DataError(f"data folder not found: {root}; {_LAYOUT}")
 
     if _is_voc_set(root):
         if year_dirs:
@@ -105,15 +108,12 @@ def read_voc(
     if year_dirs is None:
         sets = sorted(p for p in root.iterdir() if p.name.startswith("VOC") and _is_voc_set(p))
         if not sets:
-            raise DataError(
-                f"{root} is neither a VOC set (no Annotations/ folder) nor a VOCdevkit "
-                f"(no VOC20xx folders inside)"
-            )
+            raise DataError(f"no VOC2007/VOC2012 (JPEGImages + Annotations) found under {root}; {_LAYOUT}")
     else:
         sets = [root / name for name in year_dirs]
         for folder in sets:
             if not _is_voc_set(folder):
-                raise DataError(f"VOC set folder not found or has no Annotations/: {folder}")
+                raise DataError(f"VOC set folder not found or has no Annotations/: {folder}; {_LAYOUT}")
 
     records: list[VOCRecord] = []
     for folder in sets:
@@ -125,7 +125,8 @@ def read_voc(
 def _read_one_set(folder: Path, image_set: str, prefix: str) -> list[VOCRecord]:
     list_file = folder / "ImageSets" / "Main" / f"{image_set}.txt"
     if not list_file.is_file():
-        raise DataError(f"image set file not found: {list_file}")
+        raise DataError(f"image set file not found: {list_file}; create it with the image ids to read, "
+                        f"one a line (VOC's devkit ships it)")
     ids = [line.split()[0] for line in list_file.read_text().splitlines() if line.strip()]
     return [_read_record(folder, image_id, prefix) for image_id in ids]
 
@@ -133,11 +134,13 @@ def _read_one_set(folder: Path, image_set: str, prefix: str) -> list[VOCRecord]:
 def _read_record(folder: Path, image_id: str, prefix: str) -> VOCRecord:
     xml_path = folder / "Annotations" / f"{image_id}.xml"
     if not xml_path.is_file():
-        raise DataError(f"annotation file not found: {xml_path}")
+        raise DataError(f"annotation file not found: {xml_path}; restore it or remove {image_id!r} from "
+                        f"{folder / 'ImageSets' / 'Main'}")
     try:
         root = ET.parse(xml_path).getroot()
     except ET.ParseError as err:
-        raise DataError(f"malformed XML in {xml_path}: {err}") from None
+        raise DataError(f"malformed XML in {xml_path}: {err}; fix or restore that file (or remove "
+                        f"{image_id!r} from {folder / 'ImageSets' / 'Main'})") from None
 
     image_path = _find_image(folder, image_id, root.findtext("filename"), xml_path)
     width, height = _image_size(root, image_path, xml_path)
@@ -150,9 +153,11 @@ def _read_record(folder: Path, image_id: str, prefix: str) -> VOCRecord:
         try:
             box = tuple(float(bndbox.findtext(k)) for k in ("xmin", "ymin", "xmax", "ymax"))
         except (AttributeError, TypeError, ValueError):
-            raise DataError(f"object {name!r} in {xml_path} has a missing or non-numeric bndbox") from None
+            raise DataError(f"object {name!r} in {xml_path} has a missing or non-numeric bndbox; "
+                            f"give it numeric <xmin>, <ymin>, <xmax>, <ymax>") from None
         if box[2] < box[0] or box[3] < box[1]:
-            raise DataError(f"object {name!r} in {xml_path} has an inverted box {box}")
+            raise DataError(f"object {name!r} in {xml_path} has an inverted box {box}; "
+                            f"xmax/ymax must not be below xmin/ymin")
         difficult = (obj.findtext("difficult") or "0").strip() not in ("0", "")
         objects.append(VOCObject(name=name, box=box, difficult=difficult))
 
@@ -172,7 +177,8 @@ def _find_image(folder: Path, image_id: str, filename: str | None, xml_path: Pat
     for path in candidates:
         if path.is_file():
             return path
-    raise DataError(f"image for {xml_path} not found (looked for {candidates[0]})")
+    raise DataError(f"image for {xml_path} not found (looked for {candidates[0]}); put it in {images} "
+                    f"or fix <filename> in the XML")
 
 
 def _image_size(root: ET.Element, image_path: Path, xml_path: Path) -> tuple[int, int]:
@@ -180,7 +186,7 @@ def _image_size(root: ET.Element, image_path: Path, xml_path: Path) -> tuple[int
         width = int(float(root.findtext("size/width") or 0))
         height = int(float(root.findtext("size/height") or 0))
     except ValueError:
-        raise DataError(f"non-numeric <size> in {xml_path}") from None
+        raise DataError(f"non-numeric <size> in {xml_path}; fix <width>/<height> or remove <size>") from None
     if width > 0 and height > 0:
         return width, height
     # Some annotation files lack <size>: read it from the image header (cheap, no decode).
@@ -188,7 +194,7 @@ def _image_size(root: ET.Element, image_path: Path, xml_path: Path) -> tuple[int
         with Image.open(image_path) as img:
             return img.size
     except (OSError, UnidentifiedImageError):
-        raise DataError(f"image will not open: {image_path}") from None
+        raise DataError(f"image will not open: {image_path}; replace it with a readable image") from None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -242,7 +248,7 @@ class VOCDetection(Dataset):
                     img = img.resize((self.image_size, self.image_size), Image.BILINEAR)
                 array = np.asarray(img, dtype=np.uint8)
         except (OSError, UnidentifiedImageError, SyntaxError) as err:
-            raise DataError(f"image will not decode: {path} ({err})") from None
+            raise DataError(f"image will not decode: {path} ({err}); replace it with a readable image") from None
         tensor = torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
         if self._cached_bytes + tensor.numel() <= self.cache_bytes:
             self._cache[i] = tensor

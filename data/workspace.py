@@ -19,7 +19,7 @@ from distill.trainer import resolve_device
 from models.ladder import Profile, get_profile
 from data.scenario import ClientSpec, Scenario, Shards, load_scenario, make_shards, select_clients
 from data.synth import ensure_synthetic_voc
-from data.voc import VOC_CLASSES, VOCDetection, VOCRecord, read_voc
+from data.voc import VOC_CLASSES, DataError, VOCDetection, VOCRecord, read_voc
 
 log = logging.getLogger(__name__)
 DEFAULT_CACHE = Path(".cache")
@@ -106,11 +106,11 @@ def prepare(profile: str | Profile, scenario: str | Path, num_clients: int | Non
         records = read_voc(root)
     elif data == "voc":
         if voc_root is None:
-            raise ValueError("--data voc needs --voc-root PATH (a VOCdevkit or VOC20xx folder)")
+            raise DataError("--data voc needs --voc-root PATH (a VOCdevkit or VOC20xx folder)")
         root = Path(voc_root)
         records = read_voc(root)
     else:
-        raise ValueError(f"unknown data source {data!r}; expected 'synth' or 'voc'")
+        raise DataError(f"unknown data source {data!r}; expected 'synth' or 'voc'")
     clients = select_clients(scen, num_clients if num_clients is not None else len(scen.clients))
     shards = make_shards(records, scen, seed, num_clients=len(clients))
     return Workspace(profile, scen, clients, records, shards, root, seed, cache_dir, data,

@@ -111,10 +111,11 @@ PROFILES: dict[str, Profile] = {
         edge=ModelSpec("mobilenet_v2", fpn_channels=64, head_convs=1, width_mult=0.5),
         budget=TrainBudget(batch_size=16, teacher_iters=1200, distill_iters=900, rd_iters=150,
                            redistill_iters=150),
-        # Three rounds of 10 RD + 30 Distill C steps: one round of 30 Distill C steps leaves the edge at
-        # 0 AP on new classes, 90 give 16-28 (experiments/results/distill_c.md); clients keep their
-        # edge across rounds, so three rounds reach the same 90 (README, "Default federation").
-        rounds=RoundBudget(rd_iters=10, redistill_iters=30, batch_size=8),
+        # Two rounds of 12 RD + 36 Distill C steps: the most that keeps the warm default run (five
+        # methods, 8 clients) within 10 minutes on 2 cores (README, "Results of the default run");
+        # clients keep their edge across rounds, so Distill C adds up (one round of 30 steps leaves
+        # the edge at 0 AP on new classes, 90 give 16-28: experiments/results/distill_c.md).
+        rounds=RoundBudget(rd_iters=12, redistill_iters=36, batch_size=8),
         synthetic_images=4000, synthetic_image_size=128, seconds_per_step=2.0,
     ),
     # The paper's section IV-A: ResNet-101 / ResNet-50 / MobileNetV2 FCOS, FPN 256, strides 8/16/32.

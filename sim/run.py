@@ -24,6 +24,7 @@ from protocol.config import AGGREGATION_METHODS, DELTA_PRECISIONS, METHODS, REDI
 
 log = logging.getLogger("sim.run")
 DEFAULTS = RunConfig()
+PROG = "python -m sim.run"  # how argparse and our own error lines name the command
 # CLI flag -> run-config key, where they differ (errors name the flag the user typed).
 FLAG_OF_KEY = {"num-clients": "--clients", "cache-dir": "--cache"}
 
@@ -37,11 +38,13 @@ def positive_int(text: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     d = DEFAULTS
-    parser = argparse.ArgumentParser(prog="python -m sim.run", description=__doc__,
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add = parser.add_argument
     add("--clients", type=int, default=d.num_clients, help=f"number of simulated clients (default {d.num_clients})")
     add("--rounds", type=int, default=d.rounds, help=f"federated rounds (default {d.rounds})")
+    add("--fraction", type=float, default=d.fraction,
+        help="share of the clients sampled each round by every federated method, seeded (default 1.0)")
     add("--methods", default=",".join(d.methods), help=f"comma-separated subset of {','.join(METHODS)} (default: all)")
     add("--scenario", default=d.scenario, help="scenario name in data/scenarios/ or a YAML path")
     add("--data", choices=("synth", "voc"), default=d.data)
@@ -81,7 +84,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     raw = {"profile": args.profile, "scenario": args.scenario, "data": args.data,
            "voc-root": str(args.voc_root) if args.voc_root else "", "num-clients": args.clients,
-           "rounds": args.rounds, "methods": args.methods, "seed": args.seed, "device": args.device,
+           "rounds": args.rounds, "fraction": args.fraction, "methods": args.methods, "seed": args.seed,
+           "device": args.device,
            "cache-dir": str(args.cache), "tutor1": args.tutor1, "redistill": args.redistill,
            "aggregation": args.aggregation, "beta": args.beta, "rd-iters": args.rd_iters or 0,
            "redistill-iters": args.redistill_iters or 0, "batch-size": args.batch_size or 0, "delta-precision": args.delta_precision}
@@ -99,8 +103,28 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+def user_errors() -> tuple[type[Exception], ...]:
+    """What bad input (data, scenario, settings, a cache file) raises, as opposed to a bug."""
+    from data.voc import DataError  # scenario errors are DataErrors too
+    from models.io import CorruptWeights
+    from protocol.config import ConfigError
+
+    return DataError, ConfigError, CorruptWeights
+
+
 def main(argv=None) -> int:
+    """Runs the CLI; bad input ends with one ``prog: error: ...`` line (as argparse's) and exit code 2."""
     args = parse_args(argv)
+    try:
+        return run(args, argv)
+    except user_errors() as err:
+        message = " ".join(str(err).split())  # one line, whatever the library's message held
+        print(f"{PROG}: error: {message}", file=sys.stderr)
+        return 2
+
+
+def run(args: argparse.Namespace, argv=None) -> int:
+    """The work: data and the manufacturer chain first, then the run folder (only once they loaded)."""
     config: RunConfig = args.config
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("alembic").setLevel(logging.WARNING)  # flwr pulls it in; its INFO lines are noise
@@ -130,14 +154,18 @@ def main(argv=None) -> int:
     try:
         folder = RunFolder.start(args.out / args.name, config.to_dict(), details, resume=args.resume)
     except ValueError as err:
-        print(f"--resume: {err}", file=sys.stderr)
+        print(f"{PROG}: error: --resume: {err}", file=sys.stderr)
         return 2
     done = folder.read_done()  # (non-empty only with --resume)
     if args.resume:
         print(f"resuming {folder.path}: reusing {', '.join(done) or 'nothing'}", flush=True)
 
     todo = [m for m in config.methods if m not in done]
-    bar = tqdm(total=len(todo) * config.rounds * config.num_clients, desc="client rounds", disable=args.quiet,
+    from strategies.ledger import sample_count
+
+    per_round = {m: sample_count(config.num_clients, config.fraction) if m in config.federated_methods
+                 else config.num_clients for m in todo}
+    bar = tqdm(total=config.rounds * sum(per_round.values()), desc="client rounds", disable=args.quiet,
                dynamic_ncols=True)
 
     def on_record(record: dict) -> None:

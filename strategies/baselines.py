@@ -47,7 +47,11 @@ class RecordingMixin:
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
-        return self.ledger.count_down(super().configure_evaluate(server_round, arrays, self._tag(config), grid))
+        """The aggregated edge to the nodes that trained this round (with client sampling, the
+        same clients whose "before" the train step measured)."""
+        trained = {entry.node for entry in self.ledger.trained}
+        messages = super().configure_evaluate(server_round, arrays, self._tag(config), grid)
+        return self.ledger.count_down(m for m in messages if m.metadata.dst_node_id in trained)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         replies = list(replies)

@@ -87,7 +87,7 @@ class DiReDiStrategy(Strategy):
             ``redistill="server"``.
         aggregation, aggregation_options: "weighted" | "trimmed" | "ties" and their options.
         redistill: "client" (each client distils its own edge on its data) or "server".
-        num_nodes: nodes taking part in every round.
+        num_nodes, fraction: the federation's nodes, and the share of them sampled each round.
         recorder: where records, decisions and failures go (``strategies.ledger.Recorder``).
     """
 
@@ -97,7 +97,8 @@ class DiReDiStrategy(Strategy):
                  settings: RDSettings, policy: VerificationPolicy | None = None, *, presumed_data=None,
                  share_tutor1: bool = False, aggregation: str = "weighted",
                  aggregation_options: Mapping[str, Any] | None = None, redistill: str = "client",
-                 num_nodes: int = 1, seed: int = 0, recorder: Recorder | None = None) -> None:
+                 num_nodes: int = 1, fraction: float = 1.0, seed: int = 0,
+                 recorder: Recorder | None = None) -> None:
         if aggregation not in AGGREGATION_METHODS:
             raise ValueError(f"unknown aggregation {aggregation!r}; expected one of {', '.join(AGGREGATION_METHODS)}")
         if redistill not in ("client", "server"):
@@ -111,7 +112,7 @@ class DiReDiStrategy(Strategy):
         self.presumed_data = presumed_data
         self.share_tutor1, self.redistill = share_tutor1, redistill
         self.aggregation, self.aggregation_options = aggregation, dict(aggregation_options or {})
-        self.num_nodes, self.seed = num_nodes, seed
+        self.num_nodes, self.fraction, self.seed = num_nodes, fraction, seed
         self.recorder = recorder or Recorder(self.method)
         self.ledger: RoundLedger | None = None  # the round in progress
         self._accepted = 0  # accepted deltas of the round in progress
@@ -146,7 +147,7 @@ class DiReDiStrategy(Strategy):
                         grid: Grid) -> Iterable[Message]:
         """"train" to each sampled node. ``arrays`` is unused: the strategy holds its models."""
         ledger = self._open_round(server_round)
-        nodes = sampled_nodes(grid, self.num_nodes)
+        nodes = sampled_nodes(grid, self.num_nodes, self.fraction)
         cfg = self._config(config, server_round, "stored" if self.redistill == "client" else "received")
         tutors = {}  # record name -> the model it carries (full to a node's first message, then neck/head)
         if self.share_tutor1 and not self._client_edges_changed:

@@ -125,10 +125,14 @@ class Recorder:
             self.emit(record)
 
 
+def sample_count(num_nodes: int, fraction: float) -> int:
+    """How many of ``num_nodes`` nodes take part in a round: ``fraction`` of them, at least one."""
+    return max(1, int(round(fraction * num_nodes)))
+
+
 def sampled_nodes(grid: Grid, num_nodes: int, fraction: float = 1.0) -> list[int]:
     """``fraction`` of ``num_nodes`` nodes, sampled by Flower's ``sample_nodes`` (Python's
     ``random``, seeded by the server app) once that many are connected; sorted for a fixed order."""
-    count = max(1, int(round(fraction * num_nodes)))
-    nodes, _ = sample_nodes(grid, num_nodes, count)
+    nodes, _ = sample_nodes(grid, num_nodes, sample_count(num_nodes, fraction))
     return sorted(nodes)
 

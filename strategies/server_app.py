@@ -38,9 +38,10 @@ from protocol.wire import state_record
 from evaluation.metrics import run_summary
 from report.writer import SUMMARY, TUTOR_HISTORY, RunFolder, write_all
 from strategies.baselines import RecordingFedAvg, RecordingFedProx
+from distill.trainer import peak_rss_mb
 from strategies.centralised import CENTRALISED, run_centralised
 from strategies.diredi import DiReDiStrategy
-from strategies.ledger import Recorder
+from strategies.ledger import Recorder, sample_count
 from strategies.verify import Decision, VerificationPolicy
 
 log = logging.getLogger(__name__)
@@ -115,9 +116,12 @@ def make_strategy(method: str, session: Session, recorder: Recorder,
             copy.deepcopy(session.chain.tutor), copy.deepcopy(session.chain.edge), ws.validation_set(),
             ws.scenario.teacher_classes, config.rd_settings(), policy or default_policy(session),
             presumed_data=ws.chain_data().presumed_train, share_tutor1=config.tutor1 == "shared",
-            aggregation=config.aggregation, redistill=config.redistill, num_nodes=n, seed=config.seed,
-            recorder=recorder)
-    nodes = {"min_train_nodes": n, "min_evaluate_nodes": n, "min_available_nodes": n}
+            aggregation=config.aggregation, redistill=config.redistill, num_nodes=n, fraction=config.fraction,
+            seed=config.seed, recorder=recorder)
+    # Flower samples floor(fraction x n) nodes, at least min_train_nodes: the same count as DiReDi's.
+    # Every node gets the evaluate message; the recording mixin keeps those that trained.
+    nodes = {"fraction_train": config.fraction, "min_train_nodes": sample_count(n, config.fraction),
+             "fraction_evaluate": 1.0, "min_evaluate_nodes": n, "min_available_nodes": n}
     if method == "fedavg":
         return RecordingFedAvg(**nodes, recorder=recorder)
     if method == "fedprox":
@@ -194,6 +198,7 @@ def write_summary(session: Session, folder: RunFolder, wall_s: float) -> dict:
     specs = session.client_specs()
     summary = run_summary(folder.read_records(), specs, [s["private"] for s in specs], session.config.rounds,
                           wall_s, folder.read_json(TUTOR_HISTORY, []))
+    summary["driver_peak_rss_mb"] = peak_rss_mb()  # this process: the server, its models and the runtime
     folder.write_json(SUMMARY, summary)
     return summary
 

@@ -40,8 +40,8 @@ def cache(tmp_path_factory):
 
 
 def session_for(cache, **settings) -> Session:
-    return Session.open(resolve_run_config({"profile": "smoke", "num-clients": NUM_CLIENTS, "cache-dir": str(cache),
-                                            **settings}))
+    return Session.open(resolve_run_config({"profile": "smoke", "num-clients": NUM_CLIENTS, "rounds": 1,
+                                            "cache-dir": str(cache), **settings}))
 
 
 @pytest.fixture(scope="module")
@@ -146,7 +146,7 @@ def test_fedavg_runs_and_replies_carry_no_data(fedavg_run, setup):
 
 def comparable(record: dict) -> dict:
     """A record without what legitimately varies between runs (wall time, memory)."""
-    return {k: v for k, v in record.items() if k not in ("seconds", "peak_rss_mb")}
+    return {k: v for k, v in record.items() if k not in ("seconds", "peak_rss_mb", "round_wall_s")}
 
 
 def test_same_seed_same_numbers(diredi_run, setup):
@@ -210,9 +210,9 @@ def test_sim_run_and_the_flwr_server_app_give_the_same_records(cache, tmp_path, 
     from sim.run import main as cli_main
     from strategies.server_app import main as flwr_server_main
 
-    assert cli_main(["--profile", "smoke", "--clients", str(NUM_CLIENTS), "--methods", "diredi,fedavg",
+    assert cli_main(["--profile", "smoke", "--clients", str(NUM_CLIENTS), "--rounds", "1", "--methods", "diredi,fedavg",
                      "--cache", str(cache), "--out", str(tmp_path), "--name", "cli", "--quiet"]) == 0
-    run_config = flwr_run_config(**{"profile": "smoke", "methods": "diredi,fedavg", "cache-dir": str(cache),
+    run_config = flwr_run_config(**{"profile": "smoke", "rounds": 1, "methods": "diredi,fedavg", "cache-dir": str(cache),
                                     "out-dir": str(tmp_path), "name": "flwr"})
     context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=run_config)
     # flwr run . starts one SuperNode per client; here, the same simulation runtime sim.run uses.
@@ -282,3 +282,15 @@ def test_a_client_evaluates_each_edge_version_once(setup, monkeypatch):
     client_app._evaluate(chain.edge, workspace, 0, "after", "evaluate_after", context,
                          ConfigRecord({METHOD: "diredi"}))  # another method's state is its own
     assert len(calls) == 3
+
+
+def test_client_sampling_trains_evaluates_and_records_the_sampled_clients_only(cache, threads_one):
+    session = session_for(cache, **{"num-clients": 4, "fraction": 0.5})
+    sampled = {}
+    for method in ("diredi", "fedavg"):
+        result = run_federation(method, session, policy=ACCEPT_HONEST)
+        assert result.recorder.failures == []
+        sampled[method] = [r["client"] for r in result.records]
+        assert len(sampled[method]) == 2 and len(set(sampled[method])) == 2
+        for r in result.records:  # each sampled client was trained and its final edge evaluated
+            assert r["ap_after"] and set(r["ap_after"]) == set(r["ap_before"]) and r["bytes_up"] > 0

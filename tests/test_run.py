@@ -33,15 +33,15 @@ def test_resume_needs_an_existing_run(tmp_path, capsys):
 
 
 def test_local_and_oracle_run_end_to_end_and_resume(tmp_path, capsys):
-    argv = ["--profile", "smoke", "--clients", "2", "--methods", "local,oracle", "--out", str(tmp_path),
+    argv = ["--profile", "smoke", "--clients", "2", "--rounds", "2", "--methods", "local,oracle", "--out", str(tmp_path),
             "--name", "tiny", "--cache", str(tmp_path / "cache"), "--quiet"]
     assert main(argv) == 0
     folder = tmp_path / "tiny"
     for name in ("config.json", "rounds.jsonl", "results.md", "gain_forgetting.png", "round_curves.png"):
         assert (folder / name).stat().st_size > 0, name
     records = [json.loads(line) for line in (folder / "rounds.jsonl").read_text().splitlines()]
-    assert sorted((r["method"], r["client"]) for r in records) == [("local", 0), ("local", 1),
-                                                                  ("oracle", 0), ("oracle", 1)]
+    assert sorted((r["method"], r["round"], r["client"]) for r in records) == [
+        (method, rnd, client) for method in ("local", "oracle") for rnd in (1, 2) for client in (0, 1)]
     assert json.loads((folder / "done.json").read_text()) == ["local", "oracle"]
     assert "run folder:" in capsys.readouterr().out
     # --resume reuses both finished methods: same records, nothing retrained.
@@ -49,3 +49,46 @@ def test_local_and_oracle_run_end_to_end_and_resume(tmp_path, capsys):
     again = [json.loads(line) for line in (folder / "rounds.jsonl").read_text().splitlines()]
     assert again == records
     assert "reusing local, oracle" in capsys.readouterr().out
+
+
+def write_voc2007(devkit, broken: str) -> None:
+    """A minimal VOCdevkit/VOC2007: two tiny images, one valid annotation and one truncated one."""
+    from PIL import Image
+
+    voc = devkit / "VOC2007"
+    for sub in ("JPEGImages", "Annotations", "ImageSets/Main"):
+        (voc / sub).mkdir(parents=True)
+    for image_id in ("000001", broken):
+        Image.new("RGB", (16, 12), (10, 200, 30)).save(voc / "JPEGImages" / f"{image_id}.jpg")
+    (voc / "Annotations" / "000001.xml").write_text(
+        "<annotation><filename>000001.jpg</filename><size><width>16</width><height>12</height></size>"
+        "<object><name>cat</name><difficult>0</difficult><bndbox><xmin>1</xmin><ymin>1</ymin>"
+        "<xmax>8</xmax><ymax>8</ymax></bndbox></object></annotation>")
+    (voc / "Annotations" / f"{broken}.xml").write_text("<annotation><filename>00")  # cut off mid-file
+    (voc / "ImageSets" / "Main" / "trainval.txt").write_text(f"000001\n{broken}\n")
+
+
+def run_voc(voc_root, tmp_path, capsys) -> tuple[int, list[str]]:
+    """Runs the CLI on ``voc_root``; returns the exit code and stderr's lines."""
+    code = main(["--data", "voc", "--voc-root", str(voc_root), "--profile", "smoke", "--clients", "2",
+                 "--out", str(tmp_path / "runs"), "--name", "bad", "--cache", str(tmp_path / "cache"), "--quiet"])
+    return code, capsys.readouterr().err.splitlines()
+
+
+def test_malformed_voc_annotation_stops_with_one_line_naming_the_file(tmp_path, capsys):
+    write_voc2007(tmp_path / "VOCdevkit", broken="000002")
+    code, err = run_voc(tmp_path / "VOCdevkit", tmp_path, capsys)
+    assert code == 2
+    assert len(err) == 1 and err[0].startswith("python -m sim.run: error: "), err
+    assert "000002.xml" in err[0] and "malformed XML" in err[0]
+    assert "Traceback" not in err[0]
+    assert not (tmp_path / "runs" / "bad").exists()  # the run folder starts only after the data loaded
+
+
+def test_empty_voc_root_stops_with_one_line_naming_the_folder(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    code, err = run_voc(tmp_path / "empty", tmp_path, capsys)
+    assert code == 2
+    assert len(err) == 1 and str(tmp_path / "empty") in err[0], err
+    assert "no VOC2007/VOC2012 (JPEGImages + Annotations) found under" in err[0]
+    assert not (tmp_path / "runs" / "bad").exists()

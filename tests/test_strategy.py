@@ -417,8 +417,8 @@ def test_a_delta_travels_in_half_precision_and_is_verified_as_float32():
     from protocol.wire import pack_delta, unpack_delta
     from strategies.verify import structural_check
 
-    reference = {"head.w": torch.zeros(4, 3), "head.b": torch.zeros(4)}
-    delta = {"head.w": torch.randn(4, 3, generator=torch.Generator().manual_seed(0)) * 1e-3, "head.b": torch.ones(4)}
+    reference = {"head.w": torch.zeros(64, 32), "head.b": torch.zeros(64)}
+    delta = {"head.w": torch.randn(64, 32, generator=torch.Generator().manual_seed(0)) * 1e-3, "head.b": torch.ones(64)}
     half, full = pack_delta(delta, "float16"), pack_delta(delta, "float32")
     assert half.count_bytes() < 0.6 * full.count_bytes()
     back = unpack_delta(half)
@@ -426,6 +426,6 @@ def test_a_delta_travels_in_half_precision_and_is_verified_as_float32():
     assert all(torch.allclose(back[k], delta[k], rtol=1e-3, atol=1e-7) for k in delta)
     assert structural_check(back, reference) == (True, "structure ok")
     # a dtype that is no precision of a float delta is left for verification to reject
-    ints = unpack_delta(pack_delta({"head.w": torch.zeros(4, 3, dtype=torch.int32), "head.b": torch.zeros(4)}))
+    ints = unpack_delta(pack_delta({"head.w": torch.zeros(64, 32, dtype=torch.int32), "head.b": torch.zeros(64)}))
     ok, reason = structural_check(ints, reference)
     assert not ok and "dtype torch.int32" in reason

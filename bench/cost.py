@@ -1,0 +1,133 @@
+"""What a round costs: traffic per client, seconds per verified delta, seconds per round.
+
+    python -m bench.cost --threads 2                               # default run folder below
+    python -m bench.cost --run runs/<name> --out /tmp/cost.json
+
+* ``traffic`` and ``round_s`` are read from a finished run folder (``rounds.jsonl``): per client
+  per round, MB = 10^6 bytes; DiReDi's download in round 1 (the tutor's body travels once) and in
+  the later rounds (neck/head only) separately.
+* ``verify_s_per_delta`` is timed here on the manufacturer's validation set: a candidate tutor
+  (the tutor with a perturbed neck/head) evaluated as verification did before (the whole model on
+  every image) and as it does now (the body's features computed once per tutor,
+  ``evaluation.features.BodyFeatureCache``), median of ``--repeats``; the detections are checked
+  to be identical.
+
+Writes ``experiments/results/cost.json`` and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+from evaluation.ap import ap_by_name, predict
+from evaluation.features import BodyFeatureCache
+from models.parts import load_neck_head, neck_head
+from protocol.config import resolve_run_config
+from strategies.server_app import Session
+
+
+def traffic_and_rounds(folder: Path) -> dict:
+    records = [json.loads(line) for line in (folder / "rounds.jsonl").read_text().splitlines() if line]
+    by_method: dict[str, dict[int, list[dict]]] = defaultdict(lambda: defaultdict(list))
+    for r in records:
+        by_method[r["method"]][r["round"]].append(r)
+
+    def mean_mb(rows: list[dict], key: str) -> float:
+        return sum(r[key] for r in rows) / len(rows) / 1e6
+
+    traffic, round_s = {}, {}
+    for method, rounds in by_method.items():
+        if not any(r["bytes_up"] for rows in rounds.values() for r in rows):
+            continue  # local / oracle: no traffic
+        every = [r for rows in rounds.values() for r in rows]
+        later = [r for number, rows in rounds.items() if number > 1 for r in rows]
+        entry = {"up_mb": mean_mb(every, "bytes_up"), "down_mb": mean_mb(every, "bytes_down"),
+                 "down_mb_first": mean_mb(rounds[1], "bytes_down") if 1 in rounds else None,
+                 "down_mb_later": mean_mb(later, "bytes_down") if later else None}
+        traffic[method] = entry
+        walls = [rows[0]["round_wall_s"] for rows in rounds.values() if "round_wall_s" in rows[0]]
+        round_s[method] = sum(walls) / len(walls) if walls else None
+    return {"traffic": traffic, "round_s": round_s}
+
+
+def verify_seconds(session: Session, repeats: int) -> dict:
+    tutor, validation = session.chain.tutor, session.workspace.validation_set()
+    classes = session.workspace.scenario.teacher_classes
+    generator = torch.Generator().manual_seed(0)
+    delta = {k: 0.01 * torch.randn(v.shape, generator=generator) for k, v in neck_head(tutor).items()}
+
+    def candidate():
+        return load_neck_head(copy.deepcopy(tutor), {k: v + delta[k] for k, v in neck_head(tutor).items()})
+
+    def full():
+        predictions, targets = predict(candidate(), validation)
+        return ap_by_name(predictions, targets, classes)[0], predictions
+
+    start = time.perf_counter()
+    cache = BodyFeatureCache(tutor, validation)
+    build_s = time.perf_counter() - start
+
+    def cached():
+        predictions, targets = cache.predict(candidate())
+        return ap_by_name(predictions, targets, classes)[0], predictions
+
+    timings = {}
+    outputs = {}
+    for name, fn in (("before", full), ("after", cached)):
+        seconds = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            outputs[name] = fn()
+            seconds.append(time.perf_counter() - start)
+        timings[name] = statistics.median(seconds)
+    same = all(torch.equal(a[k], b[k]) for a, b in zip(outputs["before"][1], outputs["after"][1]) for k in a)
+    if not same or outputs["before"][0] != outputs["after"][0]:
+        raise SystemExit("cached-body verification gave other detections than the full model")
+    return {**timings, "speedup": timings["before"] / timings["after"], "feature_cache_build_s": build_s,
+            "feature_cache_mb": cache.nbytes / 1e6, "validation_images": len(validation)}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.cost", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run", type=Path, default=Path("experiments/results/default8"),
+                        help="a finished run folder (rounds.jsonl) to read traffic and round times from")
+    parser.add_argument("--profile", default="cpu")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", type=Path, default=Path("experiments/results/cost.json"))
+    args = parser.parse_args(argv)
+    if not (args.run / "rounds.jsonl").is_file():
+        parser.error(f"--run {args.run}: no rounds.jsonl there (run python -m sim.run first)")
+    torch.set_num_threads(args.threads)
+    session = Session.open(resolve_run_config({"profile": args.profile}))
+    result = {"command": f"python -m bench.cost --run {args.run} --profile {args.profile} --threads {args.threads}",
+              **traffic_and_rounds(args.run), "verify_s_per_delta": verify_seconds(session, args.repeats)}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2))
+
+    print("| method | up MB | down MB (round 1) | down MB (later rounds) | round s |")
+    print("|---|---|---|---|---|")
+    for method, t in result["traffic"].items():
+        later = "—" if t["down_mb_later"] is None else f"{t['down_mb_later']:.2f}"
+        round_s = result["round_s"].get(method)
+        print(f"| {method} | {t['up_mb']:.2f} | {t['down_mb_first']:.2f} | {later} | "
+              f"{'—' if round_s is None else f'{round_s:.0f}'} |")
+    v = result["verify_s_per_delta"]
+    print(f"\nverification per delta ({v['validation_images']} validation images): {v['before']:.2f} s whole model, "
+          f"{v['after']:.2f} s with the body's features cached ({v['speedup']:.1f}x; cache {v['feature_cache_mb']:.0f} MB, "
+          f"built in {v['feature_cache_build_s']:.1f} s)")
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
