@@ -10,6 +10,7 @@ Handlers (message type -> work; the wire format is ``protocol.wire``):
 * "train.distill": Distill C of its edge from the received (updated) tutor on its data; keeps the
   new edge in ``context.state``; replies metrics only (ap-after, seconds, memory).
 * "evaluate": AP of an edge on its test shard (the received one, or its stored one for DiReDi).
+* "query": its partition id, the stable identity seeded client sampling draws from.
 
 The client rebuilds its data and settings from the run configuration every message carries
 (``protocol.config.RunConfig.from_record``); replies hold weights and numbers, never images,
@@ -200,6 +201,13 @@ def distill(msg: Message, context: Context) -> Message:
     metrics.update({**_identity(ws, partition), f"{SECONDS}.distill_c": report.seconds, PEAK_RSS: peak_rss_mb(),
                     **loss_metrics("distill_c", report)})
     return _reply(msg, metrics)
+
+
+@app.query()
+def identify(msg: Message, context: Context) -> Message:
+    """The client's stable identity (its partition id): the server samples clients by it, so that a
+    seed names the same clients in every run (Flower's node ids change from run to run)."""
+    return _reply(msg, {PARTITION_ID: int(context.node_config["partition-id"])})
 
 
 @app.evaluate()

@@ -29,6 +29,7 @@ from torch import Tensor, nn
 TRAIN = MessageType.TRAIN
 DISTILL = f"{MessageType.TRAIN}.distill"
 EVALUATE = MessageType.EVALUATE
+QUERY = MessageType.QUERY  # "who are you": a client answers its partition id (seeded client sampling)
 
 # -- record names
 CONFIG, METRICS = "config", "metrics"

@@ -16,7 +16,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, FedProx
 
 from protocol.wire import DIRECT_WORK, METHOD, METRICS, WORK
-from strategies.ledger import Recorder, RoundLedger
+from strategies.ledger import ClientSampler, Recorder, RoundLedger
 
 
 class RecordingMixin:
@@ -24,8 +24,9 @@ class RecordingMixin:
 
     method = "direct"
 
-    def _init_recorder(self, recorder: Recorder | None) -> None:
+    def _init_recorder(self, recorder: Recorder | None, sampler: ClientSampler | None) -> None:
         self.recorder = recorder or Recorder(self.method)
+        self.sampler = sampler
         self.ledger: RoundLedger | None = None
 
     def _tag(self, config: ConfigRecord) -> ConfigRecord:
@@ -34,6 +35,8 @@ class RecordingMixin:
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
         self.ledger = RoundLedger(server_round)
+        if self.sampler is not None:  # the seeded sample: Flower's own sampling then takes all of it
+            grid = _OnlyNodes(grid, self.sampler.nodes(grid, server_round))
         return self.ledger.count_down(super().configure_train(server_round, arrays, self._tag(config), grid))
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
@@ -62,17 +65,32 @@ class RecordingMixin:
         return metrics
 
 
+class _OnlyNodes:
+    """A grid that shows only ``nodes`` (this round's sample) and passes everything else through."""
+
+    def __init__(self, grid: Grid, nodes: list[int]) -> None:
+        self._grid, self._nodes = grid, list(nodes)
+
+    def get_node_ids(self) -> list[int]:
+        return list(self._nodes)
+
+    def __getattr__(self, name: str):
+        return getattr(self._grid, name)
+
+
 class RecordingFedAvg(RecordingMixin, FedAvg):
     method = "fedavg"
 
-    def __init__(self, *args, recorder: Recorder | None = None, **kwargs) -> None:
+    def __init__(self, *args, recorder: Recorder | None = None, sampler: ClientSampler | None = None,
+                 **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self._init_recorder(recorder)
+        self._init_recorder(recorder, sampler)
 
 
 class RecordingFedProx(RecordingMixin, FedProx):
     method = "fedprox"
 
-    def __init__(self, *args, recorder: Recorder | None = None, **kwargs) -> None:
+    def __init__(self, *args, recorder: Recorder | None = None, sampler: ClientSampler | None = None,
+                 **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self._init_recorder(recorder)
+        self._init_recorder(recorder, sampler)

@@ -49,7 +49,7 @@ from protocol.wire import (AFTER, AP_AFTER, AP_BEFORE, BEFORE, CONFIG, DELTA, DI
                            SERVER_ROUND, TRAIN, TRAINED, TUTOR, TUTOR1, WORK, decode, encode, state_record, unpack_delta,
                            work_seed)
 from strategies.aggregate import AGGREGATION_METHODS, aggregate
-from strategies.ledger import Recorder, RoundLedger, sampled_nodes
+from strategies.ledger import ClientSampler, Recorder, RoundLedger
 from strategies.verify import Decision, VerificationPolicy, protected_check, safe_norm, structural_check
 
 log = logging.getLogger(__name__)
@@ -112,7 +112,8 @@ class DiReDiStrategy(Strategy):
         self.presumed_data = presumed_data
         self.share_tutor1, self.redistill = share_tutor1, redistill
         self.aggregation, self.aggregation_options = aggregation, dict(aggregation_options or {})
-        self.num_nodes, self.fraction, self.seed = num_nodes, fraction, seed
+        self.num_nodes, self.seed = num_nodes, seed
+        self.sampler = ClientSampler(num_nodes, fraction, seed)
         self.recorder = recorder or Recorder(self.method)
         self.ledger: RoundLedger | None = None  # the round in progress
         self._accepted = 0  # accepted deltas of the round in progress
@@ -147,7 +148,7 @@ class DiReDiStrategy(Strategy):
                         grid: Grid) -> Iterable[Message]:
         """"train" to each sampled node. ``arrays`` is unused: the strategy holds its models."""
         ledger = self._open_round(server_round)
-        nodes = sampled_nodes(grid, self.num_nodes, self.fraction)
+        nodes = self.sampler.nodes(grid, server_round)
         cfg = self._config(config, server_round, "stored" if self.redistill == "client" else "received")
         tutors = {}  # record name -> the model it carries (full to a node's first message, then neck/head)
         if self.share_tutor1 and not self._client_edges_changed:

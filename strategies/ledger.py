@@ -10,15 +10,17 @@ local and oracle (no clients, no messages) call ``Recorder.emit`` with records t
 from __future__ import annotations
 
 import logging
+import random
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-from flwr.app import Message
+from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
-from protocol.wire import METRICS, PARTITION_ID, content_bytes, record_from_metrics
+from protocol.wire import (CONFIG, METRICS, PARTITION_ID, QUERY, SERVER, content_bytes, record_from_metrics,
+                           work_seed)
 from strategies.verify import Decision
 
 log = logging.getLogger(__name__)
@@ -130,9 +132,39 @@ def sample_count(num_nodes: int, fraction: float) -> int:
     return max(1, int(round(fraction * num_nodes)))
 
 
-def sampled_nodes(grid: Grid, num_nodes: int, fraction: float = 1.0) -> list[int]:
-    """``fraction`` of ``num_nodes`` nodes, sampled by Flower's ``sample_nodes`` (Python's
-    ``random``, seeded by the server app) once that many are connected; sorted for a fixed order."""
-    nodes, _ = sample_nodes(grid, num_nodes, sample_count(num_nodes, fraction))
-    return sorted(nodes)
+class ClientSampler:
+    """Seeded client sampling by the clients' stable identities (their partition ids).
 
+    Flower's node ids are random in every run, so sampling node ids with a seeded generator would
+    pick other clients each run. With ``fraction`` < 1 the sampler asks every node once for its
+    identity ("query" message), then samples identities with ``random.Random(work_seed(seed,
+    round, SERVER))``: a seed names the same clients in every run and for every method.
+    """
+
+    def __init__(self, num_nodes: int, fraction: float = 1.0, seed: int = 0, timeout: float = 600.0) -> None:
+        self.num_nodes, self.fraction, self.seed, self.timeout = num_nodes, fraction, seed, timeout
+        self.count = sample_count(num_nodes, fraction)
+        self._identity: dict[int, int] = {}  # node id -> partition id
+
+    def nodes(self, grid: Grid, server_round: int) -> list[int]:
+        """This round's nodes, in partition order once identities are known."""
+        everyone, _ = sample_nodes(grid, self.num_nodes, self.num_nodes)  # waits until all are connected
+        if self.count >= len(everyone):
+            return sorted(everyone)
+        unknown = [node for node in everyone if node not in self._identity]
+        if unknown:
+            self._identify(grid, unknown)
+        partitions = sorted(self._identity[node] for node in everyone)
+        chosen = set(random.Random(work_seed(self.seed, server_round, SERVER)).sample(partitions, self.count))
+        return sorted((node for node in everyone if self._identity[node] in chosen), key=self._identity.get)
+
+    def _identify(self, grid: Grid, nodes: list[int]) -> None:
+        messages = [Message(content=RecordDict({CONFIG: ConfigRecord({})}), message_type=QUERY, dst_node_id=node)
+                    for node in nodes]
+        for reply in grid.send_and_receive(messages, timeout=self.timeout):
+            if reply.has_error():
+                raise RuntimeError(f"node {reply.metadata.src_node_id} did not say who it is: {reply.error.reason}")
+            self._identity[reply.metadata.src_node_id] = int(reply.content[METRICS][PARTITION_ID])
+        missing = [node for node in nodes if node not in self._identity]
+        if missing:
+            raise RuntimeError(f"{len(missing)} nodes did not answer the identity query within {self.timeout:.0f} s")

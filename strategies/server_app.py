@@ -41,7 +41,7 @@ from strategies.baselines import RecordingFedAvg, RecordingFedProx
 from distill.trainer import peak_rss_mb
 from strategies.centralised import CENTRALISED, run_centralised
 from strategies.diredi import DiReDiStrategy
-from strategies.ledger import Recorder, sample_count
+from strategies.ledger import ClientSampler, Recorder, sample_count
 from strategies.verify import Decision, VerificationPolicy
 
 log = logging.getLogger(__name__)
@@ -118,14 +118,16 @@ def make_strategy(method: str, session: Session, recorder: Recorder,
             presumed_data=ws.chain_data().presumed_train, share_tutor1=config.tutor1 == "shared",
             aggregation=config.aggregation, redistill=config.redistill, num_nodes=n, fraction=config.fraction,
             seed=config.seed, recorder=recorder)
-    # Flower samples floor(fraction x n) nodes, at least min_train_nodes: the same count as DiReDi's.
-    # Every node gets the evaluate message; the recording mixin keeps those that trained.
-    nodes = {"fraction_train": config.fraction, "min_train_nodes": sample_count(n, config.fraction),
-             "fraction_evaluate": 1.0, "min_evaluate_nodes": n, "min_available_nodes": n}
+    # The sampler picks this round's clients (seeded by their identities) and Flower's FedAvg trains
+    # all of them; the evaluate step goes to every node and the recording mixin keeps those that trained.
+    count = sample_count(n, config.fraction)
+    nodes = {"fraction_train": 1.0, "min_train_nodes": count, "min_available_nodes": count,
+             "fraction_evaluate": 1.0, "min_evaluate_nodes": n,
+             "sampler": ClientSampler(n, config.fraction, config.seed), "recorder": recorder}
     if method == "fedavg":
-        return RecordingFedAvg(**nodes, recorder=recorder)
+        return RecordingFedAvg(**nodes)
     if method == "fedprox":
-        return RecordingFedProx(**nodes, proximal_mu=config.fedprox_mu, recorder=recorder)
+        return RecordingFedProx(**nodes, proximal_mu=config.fedprox_mu)
     raise ValueError(f"{method!r} is not a federated method; expected one of {', '.join(FEDERATED)}")
 
 

@@ -294,3 +294,6 @@ def test_client_sampling_trains_evaluates_and_records_the_sampled_clients_only(c
         assert len(sampled[method]) == 2 and len(set(sampled[method])) == 2
         for r in result.records:  # each sampled client was trained and its final edge evaluated
             assert r["ap_after"] and set(r["ap_after"]) == set(r["ap_before"]) and r["bytes_up"] > 0
+    # sampled by the clients' identities: the same clients for each method although every
+    # simulation gives its nodes new random ids
+    assert sampled["diredi"] == sampled["fedavg"]
