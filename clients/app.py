@@ -38,7 +38,8 @@ from models.parts import part_of
 from protocol.config import RunConfig
 from protocol.wire import (AFTER, AP_AFTER, AP_BEFORE, ARRAYS, BEFORE, CONFIG, DELTA, DIRECT_WORK, DIREDI_WORK,
                            EDGE, EDGE_SOURCE, LOSSES, METHOD, METRICS, NUM_EXAMPLES, PARTITION_ID, PEAK_RSS,
-                           SECONDS, SERVER_ROUND, TRAINED, TUTOR, TUTOR1, WORK, decode, encode, pack_delta, state_record, work_seed)
+                           SECONDS, SERVER_ROUND, TRAINED, TUTOR, TUTOR1, WORK, decode, encode, pack_delta,
+                           state_record, top_k, work_seed)
 
 app = ClientApp()
 
@@ -172,11 +173,19 @@ def _train_diredi(msg: Message, context: Context) -> Message:
     tutor2, report = reverse_distill_tutor2(tutor if tutor is not None else tutor1, tutor1, edge,
                                             _dataset(ws, partition, "train"), settings, seed)
     delta = client_delta(tutor1, tutor2, settings)
+    sparse = run.delta_topk < 1
+    if sparse:  # error feedback: what last round's top-k left out is added to this round's delta
+        key = f"{config[METHOD]}.residual"
+        if key in context.state.array_records:
+            residual = context.state.array_records[key].to_torch_state_dict()
+            delta = {name: value + residual[name] for name, value in delta.items()}
+        delta, residual = top_k(delta, run.delta_topk)
+        context.state[key] = state_record(residual)
     metrics.update({**_identity(ws, partition), **encode(TRAINED, dict.fromkeys(ws.clients[partition].train_classes, 1)),
                     f"{SECONDS}.rd_tutor1": seconds_t1,
                     f"{SECONDS}.rd_tutor2": report.seconds, PEAK_RSS: peak_rss_mb(),
                     **loss_metrics("rd_tutor2", report)})
-    return _reply(msg, metrics, {DELTA: pack_delta(delta, run.delta_precision)})
+    return _reply(msg, metrics, {DELTA: pack_delta(delta, run.delta_precision, sparse=sparse)})
 
 
 def _train_direct(msg: Message, context: Context) -> Message:

@@ -1,6 +1,8 @@
-"""Does uploading the delta in half precision change what the tutor learns? One round of the
-default federation's deltas, merged as the server merges them, once from float32 and once from
-float16 deltas; both updated tutors scored on the manufacturer's validation set.
+"""Does uploading the delta in half precision, or only its largest entries, change what the tutor
+learns? One round of the default federation's deltas, merged as the server merges them, from
+float32 deltas, float16 deltas and float16 top-k deltas (10 % and 1 % of each tensor's entries,
+one round, so without the error feedback a client adds in later rounds); every updated tutor
+scored on the manufacturer's validation set.
 
     python -m experiments.delta_precision --threads 2
 
@@ -22,7 +24,7 @@ from distill.rd import updated_tutor
 from experiments.merge import round_one_deltas, score
 from models.parts import delta_norm
 from protocol.config import resolve_run_config
-from protocol.wire import pack_delta, unpack_delta
+from protocol.wire import pack_delta, top_k, unpack_delta
 from strategies.aggregate import aggregate
 from strategies.server_app import Session
 
@@ -42,16 +44,19 @@ def main(argv=None) -> int:
     deltas, weights, trained = round_one_deltas(session)
     options = {"client_classes": trained} if config.aggregation == "class_aware" else {}
     results, merged = {}, {}
-    for precision in ("float32", "float16"):
-        packed = [pack_delta(d, precision) for d in deltas]
-        received = [unpack_delta(p) for p in packed]
-        merged[precision] = aggregate(received, weights, config.aggregation, **options)
-        tutor = updated_tutor(session.chain.tutor, merged[precision], config.beta)
-        results[precision] = {"up_mb_per_client": sum(p.count_bytes() for p in packed) / len(packed) / 1e6,
-                              **score(tutor, session)}
-        print(f"{precision}: upload {results[precision]['up_mb_per_client']:.3f} MB, new-class AP "
-              f"{results[precision]['new_ap']:.2f}, presumed mAP {results[precision]['presumed_mAP']:.2f}, "
-              f"protected {results[precision]['protected_ap']:.2f}", flush=True)
+    shapes = {k: v.shape for k, v in deltas[0].items()}
+    for precision, keep in (("float32", 1.0), ("float16", 1.0), ("float16", 0.1), ("float16", 0.01)):
+        label = precision if keep == 1 else f"{precision}, top {keep:.0%}"
+        sent = deltas if keep == 1 else [top_k(d, keep)[0] for d in deltas]
+        packed = [pack_delta(d, precision, sparse=keep < 1) for d in sent]
+        received = [unpack_delta(p, shapes) for p in packed]
+        merged[label] = aggregate(received, weights, config.aggregation, **options)
+        tutor = updated_tutor(session.chain.tutor, merged[label], config.beta)
+        results[label] = {"up_mb_per_client": sum(p.count_bytes() for p in packed) / len(packed) / 1e6,
+                          **score(tutor, session)}
+        print(f"{label}: upload {results[label]['up_mb_per_client']:.3f} MB, new-class AP "
+              f"{results[label]['new_ap']:.2f}, presumed mAP {results[label]['presumed_mAP']:.2f}, "
+              f"protected {results[label]['protected_ap']:.2f}", flush=True)
     difference = {k: merged["float16"][k] - merged["float32"][k] for k in merged["float32"]}
     out = {"command": f"python -m experiments.delta_precision --profile {args.profile} --clients {args.clients}",
            "config": config.to_dict(), "results": results,

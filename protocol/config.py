@@ -59,9 +59,13 @@ class RunConfig:
     batch_size: int = 0  # batch of every client phase; 0: the profile's
     direct_iters: int = 0  # baselines' steps per round; 0: as many as a DiReDi client (2 x rd + redistill)
     delta_precision: str = "float16"  # the uploaded delta's dtype (experiments/results/delta_precision.json)
+    delta_topk: float = 1.0  # share of each delta tensor's largest entries uploaded (1: all; residual kept)
     norm_factor: float = 1.0  # verification: delta norm bound = norm_factor x the tutor's neck/head norm
     protected_tolerance: float = 0.05  # verification: largest AP drop allowed on a protected class
     noise_z: float = 3.0  # verification: ... or noise_z x the drop's bootstrap std, if larger (0: no bootstrap)
+    kept_tolerance: float = math.inf  # verification: largest mean AP drop over the presumed classes (inf: recorded only)
+    clip_norm: float = math.inf  # merge: accepted deltas clipped to this L2 norm (inf: no clipping)
+    weight_cap: float = 4.0  # merge: claimed weights capped at weight_cap x the round's median claim (inf: no cap)
     timeout_s: float = 0.0  # one round trip; 0: sized from the profile's step time
 
     # -- codec to and from Flower's ConfigRecord / run config -------------------------------------
@@ -97,6 +101,8 @@ class RunConfig:
             value = getattr(self, f.name)
             if isinstance(value, tuple):
                 value = list(value)
+            elif isinstance(value, float) and not math.isfinite(value):
+                value = str(value)  # "inf": JSON has no infinity (the results writer would make it null)
             elif f.name in ("scenario", "cache_dir", "voc_root") and value and Path(value).is_absolute():
                 path = Path(value)
                 value = str(path.relative_to(here)) if path.is_relative_to(here) else value
@@ -182,6 +188,8 @@ def resolve_run_config(raw: Mapping[str, Any] | RunConfig) -> RunConfig:
                       ("batch_size", 0), ("direct_iters", 0)):  # 0: "the profile's"
         if getattr(config, name) < low:
             raise ConfigError(_key(name), f"must be at least 1, got {getattr(config, name)}")
+    if not (math.isfinite(config.delta_topk) and 0 < config.delta_topk <= 1):
+        raise ConfigError("delta-topk", f"must be in (0, 1], got {config.delta_topk}")
     if not (math.isfinite(config.fraction) and 0 < config.fraction <= 1):
         raise ConfigError("fraction", f"must be in (0, 1], got {config.fraction}")
     if not (math.isfinite(config.beta) and config.beta > 0):
@@ -191,6 +199,13 @@ def resolve_run_config(raw: Mapping[str, Any] | RunConfig) -> RunConfig:
                         ("timeout_s", config.timeout_s)):
         if not (math.isfinite(value) and value >= 0):
             raise ConfigError(_key(name), f"must be a finite number >= 0, got {value}")
+    # inf switches each of these off; NaN is never a setting
+    if not config.kept_tolerance >= 0:
+        raise ConfigError("kept-tolerance", f"must be a number >= 0 (inf: never reject), got {config.kept_tolerance}")
+    if not config.clip_norm > 0:
+        raise ConfigError("clip-norm", f"must be a number > 0 (inf: no clipping), got {config.clip_norm}")
+    if not config.weight_cap >= 1:
+        raise ConfigError("weight-cap", f"must be a number >= 1 (inf: no cap), got {config.weight_cap}")
     choices = {"data": ("synth", "voc"), "tutor1": TUTOR1_MODES, "redistill": REDISTILL_SIDES,
                "delta_precision": DELTA_PRECISIONS}
     for name, allowed in choices.items():

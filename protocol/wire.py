@@ -69,19 +69,75 @@ def state_record(model_or_state: nn.Module | Mapping[str, Tensor]) -> ArrayRecor
 
 
 _LOW_PRECISION = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+SPARSE_INDEX, SPARSE_VALUES = "@index", "@values"  # "<tensor>@index" / "<tensor>@values": a sparse tensor
 
 
-def pack_delta(delta: Mapping[str, Tensor], precision: str = "float32") -> ArrayRecord:
-    """A client's delta as it travels: float tensors in ``precision`` ("float16" halves the upload)."""
+class MalformedDelta(ValueError):
+    """A received delta that cannot be read back into the tutor's neck/head tensors."""
+
+
+def top_k(delta: Mapping[str, Tensor], keep: float) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """Sparsification by magnitude: per tensor the ``keep`` share of entries with the largest
+    magnitude (at least one); returns (what is sent, with zeros elsewhere; the residual). The
+    client adds the residual to its next delta (error feedback), so nothing is lost for good."""
+    sent, residual = {}, {}
+    for name, value in delta.items():
+        flat = value.detach().flatten()
+        kept = torch.zeros_like(flat)
+        index = flat.abs().topk(max(1, math.ceil(keep * flat.numel()))).indices
+        kept[index] = flat[index]
+        sent[name], residual[name] = kept.view_as(value), value - kept.view_as(value)
+    return sent, residual
+
+
+def pack_delta(delta: Mapping[str, Tensor], precision: str = "float32", sparse: bool = False) -> ArrayRecord:
+    """A client's delta as it travels: float tensors in ``precision`` ("float16" halves the upload);
+    with ``sparse``, each tensor as the flat indices (int32) and values of its non-zero entries."""
     dtype = _LOW_PRECISION.get(precision, torch.float32)
-    return state_record({k: v.to(dtype) if v.is_floating_point() else v for k, v in delta.items()})
+    out = {}
+    for name, value in delta.items():
+        value = value.to(dtype) if value.is_floating_point() else value
+        if sparse:
+            index = value.flatten().nonzero().flatten()
+            out[name + SPARSE_INDEX], out[name + SPARSE_VALUES] = index.to(torch.int32), value.flatten()[index]
+        else:
+            out[name] = value
+    return state_record(out)
 
 
-def unpack_delta(record: ArrayRecord) -> dict[str, Tensor]:
-    """A received delta for verification and merging: half-precision tensors widened to float32;
-    any other dtype is left as it came, for ``strategies.verify.structural_check`` to judge."""
-    return {k: v.float() if v.dtype in _LOW_PRECISION.values() else v
-            for k, v in record.to_torch_state_dict().items()}
+def unpack_delta(record: ArrayRecord, shapes: Mapping[str, torch.Size] | None = None) -> dict[str, Tensor]:
+    """A received delta for verification and merging: half-precision tensors widened to float32,
+    sparse tensors scattered into zeros of the shape in ``shapes`` (the tutor's neck/head). Any
+    other dtype is left as it came, for ``strategies.verify.structural_check`` to judge; a sparse
+    pair that cannot be read raises ``MalformedDelta`` with the reason."""
+    arrays = record.to_torch_state_dict()
+    out = {}
+    for key, value in arrays.items():
+        if key.endswith(SPARSE_VALUES):
+            continue
+        if not key.endswith(SPARSE_INDEX):
+            out[key] = value.float() if value.dtype in _LOW_PRECISION.values() else value
+            continue
+        name = key[:-len(SPARSE_INDEX)]
+        values = arrays.get(name + SPARSE_VALUES)
+        if values is None:
+            raise MalformedDelta(f"{name}: indices without values")
+        if shapes is None or name not in shapes:
+            raise MalformedDelta(f"{name}: a sparse tensor that is not one of the tutor's neck/head")
+        numel = math.prod(shapes[name])
+        if value.dtype not in (torch.int32, torch.int64) or value.dim() != 1 or values.shape != value.shape:
+            raise MalformedDelta(f"{name}: {tuple(value.shape)} {value.dtype} indices for {tuple(values.shape)} values")
+        if len(value) and (int(value.min()) < 0 or int(value.max()) >= numel):
+            raise MalformedDelta(f"{name}: indices outside 0..{numel - 1}")
+        if not values.is_floating_point():
+            raise MalformedDelta(f"{name}: values of dtype {values.dtype}")
+        dense = torch.zeros(numel, dtype=torch.float32)
+        dense[value.long()] = values.float()
+        out[name] = dense.view(shapes[name])
+    orphans = [k for k in arrays if k.endswith(SPARSE_VALUES) and k[:-len(SPARSE_VALUES)] + SPARSE_INDEX not in arrays]
+    if orphans:
+        raise MalformedDelta(f"{orphans[0]}: values without indices")
+    return out
 
 
 # -- seeds: one scheme for every party and round ---------------------------------------------------

@@ -67,6 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("--redistill-iters", type=positive_int, help="Distill C steps per round (default: per profile)")
     add("--delta-precision", choices=DELTA_PRECISIONS, default=d.delta_precision,
         help=f"dtype of the uploaded neck/head delta (default {d.delta_precision})")
+    add("--delta-topk", type=float, default=d.delta_topk,
+        help="upload only this share of each delta tensor's largest entries; the rest is added to the "
+             "client's next delta (default 1: all)")
     add("--batch-size", type=positive_int, help="batch size of the clients' work (default: per profile)")
     add("--device", default=d.device,
         help="cpu | cuda | cuda:N | auto (default: cuda when available) for training the manufacturer "
@@ -88,7 +91,8 @@ def parse_args(argv=None) -> argparse.Namespace:
            "device": args.device,
            "cache-dir": str(args.cache), "tutor1": args.tutor1, "redistill": args.redistill,
            "aggregation": args.aggregation, "beta": args.beta, "rd-iters": args.rd_iters or 0,
-           "redistill-iters": args.redistill_iters or 0, "batch-size": args.batch_size or 0, "delta-precision": args.delta_precision}
+           "redistill-iters": args.redistill_iters or 0, "batch-size": args.batch_size or 0, "delta-precision": args.delta_precision,
+           "delta-topk": args.delta_topk}
     try:
         args.config = resolve_run_config(raw)
     except ConfigError as err:

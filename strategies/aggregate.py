@@ -12,12 +12,20 @@ verification step has already checked them against the tutor) and returns a new 
 * ``class_aware_merge``: the classification layer's per-class rows are averaged only over the
   clients that trained that class (so a class taught by one client is not divided by the number
   of clients); every other tensor goes through one of the rules above.
+
+Bounding one client's influence before any rule runs (the strategy applies both to accepted deltas):
+
+* ``clip_delta``: norm clipping (Sun et al. 2019, "Can you really backdoor federated learning?"):
+  a delta larger than ``max_norm`` is scaled down to it;
+* ``cap_weights``: no claimed weight (e.g. num-examples) above ``multiple`` x the round's median
+  claim, so one client cannot buy the weighted mean with a made-up count.
 """
 
 from __future__ import annotations
 
 import math
 import operator
+import statistics
 from collections.abc import Collection, Mapping, Sequence
 
 import numpy as np
@@ -25,6 +33,7 @@ import torch
 from flwr.serverapp.strategy.fedtrimmedavg import trim_mean
 from torch import Tensor
 
+from models.parts import delta_norm
 from protocol.config import AGGREGATION_METHODS
 
 Delta = Mapping[str, Tensor]
@@ -33,6 +42,44 @@ Delta = Mapping[str, Tensor]
 # location, so row c along dim 0 belongs to (VOC) class c and to no other.
 CLASS_ROW_PARAMS = ("head.classification_head.cls_logits.weight", "head.classification_head.cls_logits.bias")
 SHARED_METHODS = ("weighted", "trimmed", "ties")  # what class_aware_merge may use for the shared tensors
+
+
+def clip_delta(delta: Delta, max_norm: float = math.inf) -> tuple[dict[str, Tensor], float]:
+    """The delta scaled to global L2 norm at most ``max_norm``, and the factor it was scaled by.
+
+    Why: a boosted delta (a poisoned update multiplied up to outweigh the honest ones) keeps its
+    direction but not its size; clipping leaves honest deltas below the bound untouched. Returns
+    (clipped, factor) with factor = min(1, max_norm / norm): 1.0 (and the same tensors) when the
+    delta is within the bound, when ``max_norm`` is inf (clipping off) or when the delta is all zeros.
+    """
+    if not max_norm > 0:  # also rejects NaN
+        raise ValueError(f"max_norm must be > 0 (inf: no clipping), got {max_norm}")
+    norm = delta_norm(delta) if math.isfinite(max_norm) else 0.0
+    if norm <= max_norm:
+        return dict(delta), 1.0
+    factor = max_norm / norm
+    return {name: value * factor for name, value in delta.items()}, factor
+
+
+def cap_weights(weights: Sequence[float], multiple: float = 4.0) -> tuple[list[float], float]:
+    """Each claimed weight capped at ``multiple`` x the (low) median of the positive claims.
+
+    Why: weights are what clients say (their num-examples); unchecked, one client claiming 1e12
+    examples is the whole weighted mean. The median of the round's claims cannot be moved by one
+    liar among honest clients, so a cap at a few times it binds only on outliers: honest rounds,
+    whose claims lie within a few x of each other, are unchanged. The low median (the lower middle
+    value for an even count) keeps a liar from raising its own cap when it is one of two. Zero
+    claims are left out of the median (they do not count in the merge either), so they cannot pull
+    the cap to 0. Returns (capped, cap); cap is inf when ``multiple`` is inf (no cap) or when no
+    claim is positive.
+    """
+    if not multiple >= 1:  # also rejects NaN
+        raise ValueError(f"multiple must be >= 1 (inf: no cap), got {multiple}")
+    positive = [float(w) for w in weights if float(w) > 0]
+    if math.isinf(multiple) or not positive:
+        return [float(w) for w in weights], math.inf
+    cap = multiple * statistics.median_low(positive)
+    return [min(float(w), cap) for w in weights], cap
 
 
 def _check_deltas(deltas: Sequence[Delta]) -> list[str]:

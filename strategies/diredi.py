@@ -46,11 +46,12 @@ from evaluation.features import BodyFeatureCache, FeaturesTooLarge
 from models.parts import load_neck_head, neck_head, substitute
 from protocol.wire import (AFTER, AP_AFTER, AP_BEFORE, BEFORE, CONFIG, DELTA, DISTILL, DIREDI_WORK, EDGE,
                            EDGE_SOURCE, EVALUATE, METHOD, METRICS, NUM_EXAMPLES, PARTITION_ID, SERVER,
-                           SERVER_ROUND, TRAIN, TRAINED, TUTOR, TUTOR1, WORK, decode, encode, state_record, unpack_delta,
-                           work_seed)
-from strategies.aggregate import AGGREGATION_METHODS, aggregate
+                           SERVER_ROUND, TRAIN, TRAINED, TUTOR, TUTOR1, WORK, MalformedDelta, decode, encode,
+                           state_record, unpack_delta, work_seed)
+from strategies.aggregate import AGGREGATION_METHODS, aggregate, cap_weights, clip_delta
 from strategies.ledger import ClientSampler, Recorder, RoundLedger
-from strategies.verify import Decision, VerificationPolicy, protected_check, safe_norm, structural_check
+from strategies.verify import (Decision, VerificationPolicy, direction_check, kept_check, protected_check, safe_norm,
+                               structural_check)
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +90,9 @@ class DiReDiStrategy(Strategy):
         redistill: "client" (each client distils its own edge on its data) or "server".
         num_nodes, fraction: the federation's nodes, and the share of them sampled each round.
         recorder: where records, decisions and failures go (``strategies.ledger.Recorder``).
+        reference_fn: ``reference_fn(tutor)`` -> the server's own reference update for the direction
+            check (``strategies.verify.direction_check``), asked once per tutor version; None (the
+            default) or a None answer: no direction check (the decisions record NaN).
     """
 
     method = "diredi"
@@ -98,7 +102,8 @@ class DiReDiStrategy(Strategy):
                  share_tutor1: bool = False, aggregation: str = "weighted",
                  aggregation_options: Mapping[str, Any] | None = None, redistill: str = "client",
                  num_nodes: int = 1, fraction: float = 1.0, seed: int = 0,
-                 recorder: Recorder | None = None) -> None:
+                 recorder: Recorder | None = None,
+                 reference_fn: Callable[[nn.Module], Mapping[str, Tensor] | None] | None = None) -> None:
         if aggregation not in AGGREGATION_METHODS:
             raise ValueError(f"unknown aggregation {aggregation!r}; expected one of {', '.join(AGGREGATION_METHODS)}")
         if redistill not in ("client", "server"):
@@ -120,6 +125,8 @@ class DiReDiStrategy(Strategy):
         self._tutor_ap: dict[str, float] | None = None  # cache for the current tutor
         self._tutor_predictions: list[dict] = []  # its detections on the validation images
         self._validation_targets: list[dict] = []
+        self.reference_fn = reference_fn  # the direction check's reference (None: no check)
+        self._reference: Mapping[str, Tensor] | None | bool = False  # the current tutor's (False: not asked yet)
         # The tutor's frozen body's features of the validation images, computed once (False: too large)
         self._validation_features: BodyFeatureCache | None | bool = None
         self._nodes_with_edge: set[int] = set()  # nodes that keep their own edge (client re-distillation)
@@ -184,21 +191,36 @@ class DiReDiStrategy(Strategy):
         ok = self.recorder.split(replies, "train", server_round)
         if not self.recorder.tutor_history:
             self.recorder.tutor_history.append(self._tutor_summary(0))
-        accepted_deltas, weights, trained = [], [], []
+        decisions, accepted_deltas, accepted_decisions, trained = [], [], [], []
         for reply in ok:
             metrics = reply.content[METRICS]
             start = time.perf_counter()
-            delta = self._read_delta(reply)
+            try:
+                delta, problem = self._read_delta(reply), None
+            except MalformedDelta as err:  # e.g. sparse indices outside the tensor
+                delta, problem = None, str(err)
             decision = self.verify(delta, int(metrics[PARTITION_ID]), server_round,
-                                   weight=float(metrics.get(NUM_EXAMPLES, math.nan)))
+                                   weight=float(metrics.get(NUM_EXAMPLES, math.nan)), problem=problem)
             entry = ledger.count_up(reply)
             self._nodes_with_body.add(entry.node)  # it received the full tutor once and keeps the body
             entry.train, entry.decision, entry.verify_seconds = dict(metrics), decision, time.perf_counter() - start
-            self.recorder.decide(decision)
+            decisions.append(decision)
             if decision.accepted:
                 accepted_deltas.append(delta)
-                weights.append(decision.weight)
+                accepted_decisions.append(decision)
                 trained.append({CLASS_INDEX[name] for name in decode(metrics, TRAINED) if name in CLASS_INDEX})
+        # Bounded influence: each accepted delta clipped to the policy's norm, each claimed weight capped
+        # at a multiple of the round's median claim (strategies.aggregate); the decisions record both.
+        for i, decision in enumerate(accepted_decisions):
+            accepted_deltas[i], decision.clip_factor = clip_delta(accepted_deltas[i], self.policy.clip_norm)
+        weights, cap = cap_weights([d.weight for d in accepted_decisions], self.policy.weight_cap)
+        for decision, used in zip(accepted_decisions, weights):
+            decision.weight_used, decision.weight_cap = used, cap
+            if used < decision.weight:
+                log.warning("round %d client %d: claimed weight %.4g capped at %.4g", server_round,
+                            decision.client, decision.weight, used)
+        for decision in decisions:  # logged once complete (the verification log is written as it goes)
+            self.recorder.decide(decision)
         self._accepted = len(accepted_deltas)
         summary = MetricRecord({"received": len(ok), "accepted": len(accepted_deltas),
                                 "rejected": len(ok) - len(accepted_deltas)})
@@ -211,7 +233,7 @@ class DiReDiStrategy(Strategy):
             options["client_classes"] = trained
         merged = aggregate(accepted_deltas, weights, self.aggregation, **options)
         load_neck_head(self.tutor, substitute(neck_head(self.tutor), merged, self.settings.beta))
-        self._tutor_ap = None
+        self._tutor_ap, self._reference = None, False  # both belong to the tutor that was
         self.recorder.tutor_history.append(self._tutor_summary(server_round))  # the paper's "updated tutor", per round
         return state_record(self.tutor), summary
 
@@ -307,16 +329,24 @@ class DiReDiStrategy(Strategy):
     # -- verification -------------------------------------------------------------------------
 
     def verify(self, delta: Mapping[str, Tensor] | None, client: int, server_round: int,
-               weight: float = 1.0) -> Decision:
-        """Structure and norm first; then the candidate tutor's per-class validation AP."""
+               weight: float = 1.0, problem: str | None = None) -> Decision:
+        """Structure, norm and weight first (a malformed delta goes no further); then every other gate,
+        each recording its figure: the candidate tutor's per-class validation AP on the protected
+        classes and on average over the kept classes, and the direction (when there is a reference).
+        Accepted only when every gate passes; ``rejected_by`` names the gates that failed, the reason
+        says why."""
         if delta is None:
-            return Decision(client, server_round, False, "the reply holds no delta array record", weight=weight)
+            return Decision(client, server_round, False,
+                            f"structure: {problem or 'the reply holds no delta array record'}",
+                            weight=weight, rejected_by=["structure"])
         norm = safe_norm(delta)
         ok, reason = structural_check(delta, neck_head(self.tutor), self.policy.norm_bound)
-        if ok and not (math.isfinite(weight) and weight >= 0):
-            ok, reason = False, f"invalid aggregation weight {weight!r}"
         if not ok:
-            return Decision(client, server_round, False, reason, norm=norm, weight=weight)
+            return Decision(client, server_round, False, f"structure: {reason}", norm=norm, weight=weight,
+                            rejected_by=["structure"])
+        if not (math.isfinite(weight) and weight >= 0):
+            return Decision(client, server_round, False, f"invalid aggregation weight {weight!r}", norm=norm,
+                            weight=weight, rejected_by=["weight"])
         before = self.tutor_validation_ap()
         candidate = load_neck_head(copy.deepcopy(self.tutor), substitute(neck_head(self.tutor), delta, self.settings.beta))
         after, predictions = self._validate(candidate)
@@ -328,10 +358,28 @@ class DiReDiStrategy(Strategy):
                                     samples=self.policy.bootstrap_samples, seed=self.seed + server_round)
             noise = {c: std[CLASS_INDEX[c]] for c in self.policy.protected_classes}
         ok, reason, figures = protected_check(before, after, self.policy, noise)
-        return Decision(client, server_round, ok, reason, norm=norm, ap_before=figures["ap_before"],
+        outcomes = [("protected", ok, reason)]  # (gate, ok, reason) of every active gate after structure
+        kept_ok, kept_reason, kept = kept_check(before, after, self.policy)
+        if math.isfinite(self.policy.kept_tolerance):  # at inf the gate only records the drop
+            outcomes.append(("kept", kept_ok, kept_reason))
+        cosine, reference = math.nan, self.reference_delta()
+        if reference is not None:
+            ok, reason, cosine = direction_check(delta, reference, self.policy.min_cosine)
+            outcomes.append(("direction", ok, reason))
+        failed = [(gate, why) for gate, passed, why in outcomes if not passed]
+        reason = "; ".join(why for _, why in failed) if failed else "; ".join(why for _, _, why in outcomes)
+        return Decision(client, server_round, not failed, reason, norm=norm, ap_before=figures["ap_before"],
                         ap_after=figures["ap_after"], val_map_before=nan_mean(before.values()),
                         val_map_after=nan_mean(after.values()), weight=weight, noise=figures["noise"],
-                        tolerance=figures["tolerance"])
+                        tolerance=figures["tolerance"], rejected_by=[gate for gate, _ in failed],
+                        kept_drop=kept["mean_drop"], cosine=cosine)
+
+    def reference_delta(self) -> Mapping[str, Tensor] | None:
+        """The server's reference update for the current tutor (``reference_fn``; asked once per tutor
+        version, so once per round); None without ``reference_fn``."""
+        if self._reference is False:
+            self._reference = self.reference_fn(self.tutor) if self.reference_fn is not None else None
+        return self._reference
 
     def _validate(self, model: nn.Module) -> tuple[dict[str, float], list[dict]]:
         """Per-class AP of ``model`` on the manufacturer's validation set, and its detections.
@@ -363,11 +411,12 @@ class DiReDiStrategy(Strategy):
         ap = self.tutor_validation_ap()
         return {"round": server_round, "ap": dict(ap), "mAP": nan_mean(ap.values())}
 
-    @staticmethod
-    def _read_delta(reply: Message) -> dict[str, Tensor] | None:
+    def _read_delta(self, reply: Message) -> dict[str, Tensor] | None:
+        """The reply's delta in float32 (dense, whatever precision or sparsity it travelled in)."""
         if DELTA not in reply.content.array_records:
             return None
-        return unpack_delta(reply.content.array_records[DELTA])
+        shapes = {name: value.shape for name, value in neck_head(self.tutor).items()}
+        return unpack_delta(reply.content.array_records[DELTA], shapes)
 
     def _collect_after(self, server_round: int, replies: Iterable[Message], step: str) -> MetricRecord | None:
         ledger = self._open_round(server_round)

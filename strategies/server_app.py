@@ -99,11 +99,15 @@ class MethodResult:
 
 
 def default_policy(session: Session) -> VerificationPolicy:
-    """Protected classes from the scenario; norm bound = norm_factor x the tutor's own neck/head norm."""
-    return VerificationPolicy.relative_to(neck_head(session.chain.tutor), norm_factor=session.config.norm_factor,
-                                          protected_tolerance=session.config.protected_tolerance,
-                                          noise_z=session.config.noise_z,
-                                          protected_classes=tuple(session.workspace.scenario.protected_classes))
+    """Protected and kept (= presumed) classes from the scenario; norm bound = norm_factor x the tutor's
+    own neck/head norm; the kept tolerance and the merge-time bounds from the run configuration."""
+    config, scenario = session.config, session.workspace.scenario
+    return VerificationPolicy.relative_to(neck_head(session.chain.tutor), norm_factor=config.norm_factor,
+                                          protected_tolerance=config.protected_tolerance, noise_z=config.noise_z,
+                                          protected_classes=tuple(scenario.protected_classes),
+                                          kept_classes=tuple(scenario.presumed_classes),
+                                          kept_tolerance=config.kept_tolerance, clip_norm=config.clip_norm,
+                                          weight_cap=config.weight_cap)
 
 
 def make_strategy(method: str, session: Session, recorder: Recorder,

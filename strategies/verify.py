@@ -1,15 +1,24 @@
 """Verification rules for a client's neck/head delta (pure functions, no Flower).
 
-Two gates, in order:
+The gates:
 
 1. ``structural_check``: the delta has exactly the tutor's neck/head keys, shapes and dtypes, only
    finite values, and a global L2 norm within the policy's bound (a scaled or random update is
-   caught here without evaluating anything);
+   caught here without evaluating anything); a delta that fails it goes no further;
 2. ``protected_check``: the candidate tutor (tutor + beta * delta) evaluated per class on the
    manufacturer's validation set must not lose more than ``protected_tolerance`` AP (absolute AP
-   points: 0.05 = 5 points) on any protected class, compared with the current tutor.
+   points: 0.05 = 5 points) on any protected class, compared with the current tutor;
+3. ``kept_check``: the candidate's mean AP drop over the ``kept_classes`` (the presumed classes)
+   must not exceed ``kept_tolerance`` (default inf: recorded, never rejects);
+4. ``direction_check`` (FLTrust, Cao et al. 2021): the cosine between the delta and a reference
+   update the server computed itself must reach ``min_cosine``; only when the strategy has a
+   reference (off by default).
 
-Every outcome becomes a ``Decision`` with its reason and figures, so the verification log says why.
+Gates 2-4 all run on a well-formed delta and each records its figure, so the log shows how every
+gate scored honest and hostile deltas alike. Every outcome becomes a ``Decision`` with its reason,
+the gates that rejected it and their figures, so the verification log says why. The merge-time
+bounds on an accepted delta (``clip_norm``, ``weight_cap``: ``strategies.aggregate.clip_delta`` and
+``cap_weights``) are recorded in its Decision as well.
 """
 
 from __future__ import annotations
@@ -34,6 +43,18 @@ class VerificationPolicy:
     # chance alone produces is not evidence of harm.
     noise_z: float = 0.0
     bootstrap_samples: int = 200
+    # The candidate may lose at most kept_tolerance AP on average over these classes (inf: recorded only).
+    # A delta can stay within the protected tolerance on every protected class and still erode the rest.
+    kept_classes: tuple[str, ...] = ()
+    kept_tolerance: float = math.inf
+    # Direction check: least cosine with the server's reference update (used only when there is one).
+    # 0 is FLTrust's rule: an update pointing away from the reference is not trusted.
+    min_cosine: float = 0.0
+    # Bounded influence at merge time (strategies.aggregate): accepted deltas are clipped to this
+    # global L2 norm (inf: off) and each claimed weight is capped at weight_cap x the round's
+    # (low) median claimed weight (inf: off).
+    clip_norm: float = math.inf
+    weight_cap: float = 4.0
 
     def tolerance(self, noise: float = math.nan) -> float:
         """The largest drop allowed on a protected class whose measured drop has standard deviation ``noise``."""
@@ -65,6 +86,12 @@ class Decision:
     weight: float = math.nan  # aggregation weight the client claimed (e.g. num-examples)
     noise: dict[str, float] = field(default_factory=dict)  # protected classes: bootstrap std of the drop
     tolerance: dict[str, float] = field(default_factory=dict)  # protected classes: the drop allowed
+    rejected_by: list[str] = field(default_factory=list)  # the gates that failed (empty when accepted)
+    kept_drop: float = math.nan  # mean AP drop over the kept classes (NaN: not evaluated)
+    cosine: float = math.nan  # cosine with the server's reference update (NaN: no reference)
+    clip_factor: float = math.nan  # accepted: the factor its delta was scaled by before merging (1: not clipped)
+    weight_used: float = math.nan  # accepted: the weight the merge used, the claimed weight capped
+    weight_cap: float = math.nan  # accepted: the round's cap on claimed weights (inf: no cap)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -135,3 +162,60 @@ def protected_check(ap_before: Mapping[str, float], ap_after: Mapping[str, float
     if unchecked:
         reason += f" (not checkable, no validation positives: {', '.join(unchecked)})"
     return True, reason, figures
+
+
+def kept_check(ap_before: Mapping[str, float], ap_after: Mapping[str, float],
+               policy: VerificationPolicy) -> tuple[bool, str, dict]:
+    """Rejects when the mean AP drop over ``policy.kept_classes`` exceeds ``policy.kept_tolerance``.
+
+    Why a mean beside the protected gate: the protected gate looks at a few named classes, one by
+    one; a delta can stay inside its tolerance there and still wear every other presumed class down
+    a little. The mean over all kept classes catches that slow erosion, and averaging keeps one
+    noisy class from deciding alone. A class without a finite AP before (no validation positives)
+    is skipped; one that had an AP and has none after counts as an infinite drop (as in
+    ``protected_check``). Returns (ok, reason, figures) with figures = {"mean_drop", "drops"}
+    ({class: before - after} over the checked classes; mean_drop NaN when none could be checked).
+    """
+    drops = {}
+    for c in policy.kept_classes:
+        before, after = float(ap_before.get(c, math.nan)), float(ap_after.get(c, math.nan))
+        if math.isfinite(before):
+            drops[c] = before - after if math.isfinite(after) else math.inf
+    mean_drop = sum(drops.values()) / len(drops) if drops else math.nan
+    figures = {"mean_drop": mean_drop, "drops": drops}
+    if mean_drop > policy.kept_tolerance:  # False for NaN: nothing checkable rejects nothing
+        return False, (f"kept classes lost: mean AP drop {mean_drop:.3f} > {policy.kept_tolerance:.3f} "
+                       f"over {len(drops)} classes"), figures
+    if not policy.kept_classes:
+        return True, "no kept classes", figures
+    if not drops:
+        return True, "kept classes not checkable (no validation positives)", figures
+    return True, f"kept classes: mean AP drop {mean_drop:.3f} <= {policy.kept_tolerance:.3f}", figures
+
+
+def cosine_score(delta: Mapping[str, Tensor], reference: Mapping[str, Tensor]) -> float:
+    """Cosine similarity of two updates, each flattened over the tensors both hold.
+
+    FLTrust's trust score: an honest client's update points roughly the way the server's own update
+    on clean data does, a poisoned or sign-flipped one does not, whatever its size. 0.0 when either
+    side is all zeros or they share no tensor (no direction to compare); computed in float64.
+    """
+    shared = [name for name in reference if name in delta]
+    if not shared:
+        return 0.0
+    a = torch.cat([delta[name].detach().reshape(-1).double() for name in shared])
+    b = torch.cat([reference[name].detach().reshape(-1).double() for name in shared])
+    norm_a, norm_b = float(a.norm()), float(b.norm())
+    if norm_a == 0 or norm_b == 0:
+        return 0.0
+    return float(a @ b) / (norm_a * norm_b)
+
+
+def direction_check(delta: Mapping[str, Tensor], reference: Mapping[str, Tensor],
+                    min_cosine: float = 0.0) -> tuple[bool, str, float]:
+    """Rejects a delta whose cosine with the server's reference update is below ``min_cosine``
+    (or not a number). Returns (ok, reason, score)."""
+    score = cosine_score(delta, reference)
+    if not score >= min_cosine:
+        return False, f"direction: cosine {score:.3f} with the server's reference < {min_cosine:.3f}", score
+    return True, f"direction: cosine {score:.3f} >= {min_cosine:.3f}", score

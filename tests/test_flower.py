@@ -297,3 +297,17 @@ def test_client_sampling_trains_evaluates_and_records_the_sampled_clients_only(c
     # sampled by the clients' identities: the same clients for each method although every
     # simulation gives its nodes new random ids
     assert sampled["diredi"] == sampled["fedavg"]
+
+
+def test_a_top_k_delta_travels_sparse_and_is_merged(setup):
+    result, replies = run_captured("diredi", setup, policy=ACCEPT_HONEST, **{"delta-topk": 0.1})
+    _, chain, _ = setup
+    uploads = [r for step, r in replies if step == "train"]
+    assert len(uploads) == NUM_CLIENTS
+    for upload in uploads:
+        keys = set(upload.content.array_records["delta"].keys())
+        assert keys == {k + suffix for k in neck_head(chain.tutor) for suffix in ("@index", "@values")}
+    dense = sum(v.numel() * 2 for v in neck_head(chain.tutor).values())  # float16 bytes of the dense delta
+    assert all(r["bytes_up"] < 0.5 * dense for r in result.records)
+    assert all(r["accepted"] for r in result.records)
+    assert any(not torch.equal(v, result.tutor_state[k]) for k, v in neck_head(chain.tutor).items())

@@ -429,3 +429,218 @@ def test_a_delta_travels_in_half_precision_and_is_verified_as_float32():
     ints = unpack_delta(pack_delta({"head.w": torch.zeros(64, 32, dtype=torch.int32), "head.b": torch.zeros(64)}))
     ok, reason = structural_check(ints, reference)
     assert not ok and "dtype torch.int32" in reason
+
+
+# -- robust under attack: kept classes, direction, clipping, bounded influence ---------------------
+
+
+def test_kept_check_rejects_a_mean_drop_beyond_the_tolerance():
+    from strategies.verify import kept_check
+
+    policy = VerificationPolicy(kept_classes=("cat", "dog", "bus"), kept_tolerance=0.03)
+    before = {"cat": 0.50, "dog": 0.40, "bus": float("nan"), "person": 0.9}  # bus: no validation positives
+    ok, reason, figures = kept_check(before, {"cat": 0.48, "dog": 0.38, "person": 0.0}, policy)
+    assert ok and figures["mean_drop"] == pytest.approx(0.02), reason  # person is not a kept class
+    assert set(figures["drops"]) == {"cat", "dog"}
+    ok, reason, figures = kept_check(before, {"cat": 0.45, "dog": 0.37}, policy)  # each drop small, mean 0.04
+    assert not ok and "kept classes lost" in reason and figures["mean_drop"] == pytest.approx(0.04)
+    ok, _, figures = kept_check(before, {"cat": 0.50, "dog": float("nan")}, policy)  # dog lost its AP
+    assert not ok and figures["drops"]["dog"] == math.inf
+    # the default tolerance (inf) records the drop and never rejects
+    ok, _, figures = kept_check(before, {"cat": 0.0, "dog": 0.0}, VerificationPolicy(kept_classes=("cat", "dog")))
+    assert ok and figures["mean_drop"] == pytest.approx(0.45)
+    ok, reason, figures = kept_check({"bus": float("nan")}, {"bus": 0.0}, policy)
+    assert ok and "not checkable" in reason and math.isnan(figures["mean_drop"])
+
+
+def test_cosine_score_and_direction_check():
+    from strategies.verify import cosine_score, direction_check
+
+    g = torch.Generator().manual_seed(0)
+    reference = {"a": torch.randn(400, generator=g), "b": torch.randn(20, 30, generator=g)}
+    flipped = {k: -v for k, v in reference.items()}
+    assert cosine_score(reference, reference) == pytest.approx(1.0)
+    assert cosine_score({k: 3 * v for k, v in reference.items()}, reference) == pytest.approx(1.0)  # size-blind
+    assert cosine_score(flipped, reference) == pytest.approx(-1.0)
+    random_delta = {"a": torch.randn(400, generator=g), "b": torch.randn(20, 30, generator=g)}
+    assert abs(cosine_score(random_delta, reference)) < 0.15  # 1000 dims: std 1/sqrt(1000) ~ 0.03
+    assert cosine_score({k: torch.zeros_like(v) for k, v in reference.items()}, reference) == 0.0
+    assert cosine_score({"other": torch.ones(3)}, reference) == 0.0  # no shared tensor
+    assert cosine_score({"a": reference["a"]}, reference) == pytest.approx(1.0)  # over the shared keys only
+    assert direction_check(reference, reference, 0.0)[0]
+    ok, reason, score = direction_check(flipped, reference, min_cosine=0.0)
+    assert not ok and score == pytest.approx(-1.0) and reason.startswith("direction:")
+
+
+def test_clip_delta_scales_only_deltas_beyond_the_bound():
+    from strategies.aggregate import clip_delta
+
+    delta = {"a": t(3.0, 0.0), "b": t(4.0)}  # global norm 5
+    clipped, factor = clip_delta(delta, 1.0)
+    assert factor == pytest.approx(0.2)
+    assert torch.allclose(clipped["a"], t(0.6, 0.0)) and torch.allclose(clipped["b"], t(0.8))
+    assert torch.equal(delta["a"], t(3.0, 0.0))  # the input is not modified
+    same, factor = clip_delta(delta, 5.0)  # within the bound: untouched
+    assert factor == 1.0 and same["a"] is delta["a"]
+    assert clip_delta(delta, math.inf)[1] == 1.0  # the default: clipping off
+    assert clip_delta({"a": torch.zeros(2)}, 1.0)[1] == 1.0
+    with pytest.raises(ValueError, match="max_norm"):
+        clip_delta(delta, 0.0)
+
+
+def test_cap_weights_cuts_an_inflated_claim_to_a_multiple_of_the_median():
+    from strategies.aggregate import cap_weights
+
+    capped, cap = cap_weights([500, 480, 1e12], 4.0)
+    assert cap == 2000.0 and capped == [500.0, 480.0, 2000.0]
+    honest = [460.0, 600.0, 512.0, 530.0, 488.0, 575.0, 470.0, 599.0]  # the default run's range
+    assert cap_weights(honest, 4.0)[0] == honest  # does not bind on an honest round
+    capped, cap = cap_weights([500, 1e12], 4.0)  # a liar among two cannot raise its own cap (low median)
+    assert cap == 2000.0 and capped == [500.0, 2000.0]
+    capped, cap = cap_weights([0, 0, 500, 1e12, 480], 4.0)  # zero claims do not pull the cap down
+    assert cap == 2000.0 and capped == [0.0, 0.0, 500.0, 2000.0, 480.0]
+    assert cap_weights([500, 1e12], math.inf) == ([500.0, 1e12], math.inf)  # inf: no cap
+    with pytest.raises(ValueError, match="multiple"):
+        cap_weights([1.0], 0.5)
+
+
+def test_a_client_claiming_1e12_examples_no_longer_dominates_the_weighted_merge(trained_tutor):
+    import copy
+    import json
+
+    from report.writer import json_line
+
+    policy = VerificationPolicy(norm_bound=50.0, protected_tolerance=1.0, protected_classes=("person",),
+                                weight_cap=4.0)
+    strategy = DiReDiStrategy(copy.deepcopy(trained_tutor), build_model("smoke", "edge", seed=1), Squares(8, 1),
+                              ["person"], RDSettings.from_profile(get_profile("smoke")), policy,
+                              aggregation="weighted")
+    name = "backbone.fpn.inner_blocks.0.0.bias"
+    honest_a, honest_b, liar = (zeros_like_nh(strategy.tutor) for _ in range(3))
+    honest_a[name] += 1e-3
+    honest_b[name] += 2e-3
+    liar[name] -= 4e-3
+    before = neck_head(strategy.tutor)[name].clone()
+    _, metrics = strategy.aggregate_train(1, [reply(0, honest_a, num_examples=500),
+                                              reply(1, honest_b, num_examples=480),
+                                              reply(2, liar, num_examples=1e12)])
+    assert metrics["accepted"] == 3
+    moved = neck_head(strategy.tutor)[name] - before
+    expected = (500 * 1e-3 + 480 * 2e-3 + 2000 * -4e-3) / 2980  # the liar counts 4 x the median (500)
+    assert torch.allclose(moved, torch.full_like(moved, expected), atol=1e-7)
+    # uncapped it would have been the liar's delta (-4e-3); capped, its share is 2000 / 2980
+    assert (moved - (-4e-3)).abs().min() > 1e-3
+    decisions = {d.client: d for d in strategy.recorder.decisions}
+    assert decisions[2].weight == 1e12 and decisions[2].weight_used == 2000.0
+    assert decisions[0].weight_used == 500.0 and all(d.weight_cap == 2000.0 for d in decisions.values())
+    assert all(d.clip_factor == 1.0 for d in decisions.values())  # clipping off by default
+    assert all(math.isnan(d.cosine) for d in decisions.values())  # no reference: direction check skipped
+    line = json.loads(json_line(decisions[2].to_dict()))  # as verification.jsonl holds it
+    assert line["weight_used"] == 2000.0 and line["weight_cap"] == 2000.0 and line["rejected_by"] == []
+
+
+def test_strategy_clips_accepted_deltas_and_records_the_factor(trained_tutor):
+    import copy
+
+    policy = VerificationPolicy(norm_bound=50.0, protected_tolerance=1.0, protected_classes=("person",),
+                                clip_norm=1e-3)
+    strategy = DiReDiStrategy(copy.deepcopy(trained_tutor), build_model("smoke", "edge", seed=1), Squares(8, 1),
+                              ["person"], RDSettings.from_profile(get_profile("smoke")), policy,
+                              aggregation="weighted")
+    name = "backbone.fpn.inner_blocks.0.0.bias"
+    small, boosted = zeros_like_nh(strategy.tutor), zeros_like_nh(strategy.tutor)
+    small[name][0] = 5e-4
+    boosted[name][1] = 1e-2  # norm 1e-2: clipped to 1e-3
+    before = neck_head(strategy.tutor)[name].clone()
+    strategy.aggregate_train(1, [reply(0, small), reply(1, boosted)])  # equal weights
+    moved = neck_head(strategy.tutor)[name] - before
+    assert moved[0].item() == pytest.approx(2.5e-4, abs=1e-8) and moved[1].item() == pytest.approx(5e-4, abs=1e-8)
+    decisions = {d.client: d for d in strategy.recorder.decisions}
+    assert decisions[0].clip_factor == 1.0 and decisions[1].clip_factor == pytest.approx(0.1)
+
+
+def test_strategy_direction_and_kept_gates_name_themselves(trained_tutor):
+    """With a reference, a sign-flipped delta is rejected by the direction gate; with a finite kept
+    tolerance, a delta wearing down the kept classes is rejected by the kept gate; each decision
+    carries every gate's figure."""
+    import copy
+
+    reference = zeros_like_nh(trained_tutor)
+    reference["backbone.fpn.inner_blocks.0.0.bias"] += 1e-4
+    asked = []
+    policy = VerificationPolicy(norm_bound=50.0, protected_tolerance=1.0, protected_classes=("person",),
+                                kept_classes=("person",), kept_tolerance=0.05, min_cosine=0.0)
+    strategy = DiReDiStrategy(copy.deepcopy(trained_tutor), build_model("smoke", "edge", seed=1), Squares(32, 1),
+                              ["person"], RDSettings.from_profile(get_profile("smoke")), policy,
+                              reference_fn=lambda tutor: asked.append(tutor) or reference)
+    flipped = {k: -v for k, v in reference.items()}
+    erase = zeros_like_nh(strategy.tutor)
+    erase["head.classification_head.cls_logits.bias"][PERSON] = -30.0
+    erase["backbone.fpn.inner_blocks.0.0.bias"] += 1e-4  # points the reference's way: only the AP gate can tell
+    _, metrics = strategy.aggregate_train(1, [reply(0, reference), reply(1, flipped), reply(2, erase)])
+    assert len(asked) == 1  # one reference per tutor version
+    decisions = {d.client: d for d in strategy.recorder.decisions}
+    assert decisions[0].accepted and decisions[0].rejected_by == [] and decisions[0].cosine == pytest.approx(1.0)
+    assert not decisions[1].accepted and decisions[1].rejected_by == ["direction"]
+    assert decisions[1].cosine == pytest.approx(-1.0) and "direction: cosine -1.000" in decisions[1].reason
+    assert not decisions[2].accepted and decisions[2].rejected_by == ["kept"]  # protected tolerance is 1.0 here
+    assert decisions[2].kept_drop > 0.05 and "kept classes lost" in decisions[2].reason
+    assert metrics["accepted"] == 1
+    strategy.aggregate_train(2, [reply(0, reference)])
+    assert len(asked) == 2  # the tutor moved in round 1: a new reference for round 2
+
+
+def test_default_verification_records_the_kept_drop_without_rejecting(strategy):
+    """Kept classes with the default tolerance (inf): the mean drop is recorded, the verdict is the
+    protected gate's alone, and a malformed delta names the structure gate."""
+    import dataclasses
+
+    strategy.policy = dataclasses.replace(strategy.policy, kept_classes=("person",), protected_tolerance=1.0)
+    erase = zeros_like_nh(strategy.tutor)
+    erase["head.classification_head.cls_logits.bias"][PERSON] = -30.0
+    nan_delta = zeros_like_nh(strategy.tutor)
+    nan_delta["head.classification_head.cls_logits.bias"][0] = float("nan")
+    strategy.aggregate_train(1, [reply(0, erase), reply(1, nan_delta)])
+    decisions = {d.client: d for d in strategy.recorder.decisions}
+    assert decisions[0].accepted and decisions[0].kept_drop > 0.3 and "mean AP drop" not in decisions[0].reason
+    assert not decisions[1].accepted and decisions[1].rejected_by == ["structure"]
+    assert decisions[1].reason.startswith("structure:") and math.isnan(decisions[1].kept_drop)
+    assert math.isnan(decisions[1].weight_used)  # never merged
+
+
+def test_run_config_merge_defences_defaults_and_validation():
+    from protocol.config import ConfigError, RunConfig, resolve_run_config
+
+    config = RunConfig()
+    assert (config.weight_cap, config.kept_tolerance, config.clip_norm) == (4.0, math.inf, math.inf)
+    assert RunConfig.from_record(config.to_record()) == config
+    assert RunConfig.from_record(config.to_dict()) == config  # inf is written as "inf" and read back
+    for key, value in (("weight-cap", 0.5), ("weight-cap", float("nan")), ("clip-norm", 0.0),
+                       ("kept-tolerance", -0.01)):
+        with pytest.raises(ConfigError) as error:
+            resolve_run_config({key: value})
+        assert error.value.key == key
+
+
+def test_a_sparse_delta_is_merged_and_a_malformed_one_is_rejected_with_its_reason(strategy):
+    from flwr.app import ArrayRecord
+
+    from protocol.wire import pack_delta, top_k
+
+    small = {k: 1e-4 * torch.ones_like(v) for k, v in neck_head(strategy.tutor).items()}
+    small["head.classification_head.cls_logits.bias"][PERSON] = 1e-2  # the entry top-k must keep
+    sent, _ = top_k(small, 0.01)
+    good = reply(0, None)
+    good.content[DELTA] = pack_delta(sent, "float16", sparse=True)
+    bad = reply(1, None)
+    arrays = dict(pack_delta(sent, sparse=True).to_torch_state_dict())
+    name = "head.classification_head.cls_logits.bias"
+    arrays[name + "@index"] = arrays[name + "@index"] + 10_000  # outside the tensor
+    bad.content[DELTA] = ArrayRecord(arrays)
+    before = neck_head(strategy.tutor)[name][PERSON].item()
+    _, metrics = strategy.aggregate_train(1, [good, bad])
+    decisions = {d.client: d for d in strategy.recorder.decisions}
+    assert decisions[0].accepted and not decisions[1].accepted
+    assert "outside" in decisions[1].reason and decisions[1].rejected_by == ["structure"]
+    # the sparse delta was read back and applied: person's bias moved by about 1e-2 (float16)
+    assert neck_head(strategy.tutor)[name][PERSON].item() - before == pytest.approx(1e-2, rel=1e-3)
