@@ -62,9 +62,15 @@ class Phase:
     weight_decay: float = 1e-4
     hflip: bool = True
     seed: int = 0
+    # BatchNorm layers keep their running statistics (eval mode) while the weights train: a client's
+    # few hundred images in batches of 8 would otherwise replace the statistics the model was trained with.
+    freeze_norm: bool = False
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        out = asdict(self)
+        if not self.freeze_norm:  # added after the chain's cache keys were fixed: the default leaves them as they were
+            out.pop("freeze_norm")
+        return out
 
 
 @dataclass(frozen=True)
@@ -324,6 +330,10 @@ def train(student: nn.Module, dataset: Dataset, phase: Phase, teacher: nn.Module
     student.train()
     if "backbone" in phase.freeze:  # frozen BatchNorm statistics must not drift either
         part_modules(student)["backbone"].eval()
+    if phase.freeze_norm:
+        for module in student.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.eval()
 
     losses: list[float] = []
     det_losses: list[float] = []

@@ -37,8 +37,13 @@ def main(argv=None) -> int:
     parser.add_argument("--probe", type=int, nargs="+", default=[4, 2], help="clients whose Distill C is measured")
     parser.add_argument("--steps", type=int, nargs="+", default=[30, 90, 150])
     parser.add_argument("--lrs", type=float, nargs="+", default=[2e-3, 6e-3])
+    parser.add_argument("--ratios", type=float, nargs="+", default=[None],
+                        help="Distill C's distillation / detection loss ratio (default: the recipe's)")
+    parser.add_argument("--freeze-norm", nargs="+", choices=("no", "yes"), default=["no"],
+                        help="BatchNorm statistics re-estimated on the client's batches (no) or kept (yes)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=Path("experiments/results"))
+    parser.add_argument("--tag", default="", help="suffix of the output files (distill_c<tag>.json/.md)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
@@ -63,24 +68,33 @@ def main(argv=None) -> int:
         rows.append({"client": i, "phase": "updated tutor", "steps": 0, "lr": None, **score(new_tutor, spec.private)})
         for steps in args.steps:
             for lr in args.lrs:
-                s = replace(settings, redistill_iters=steps, lr=lr)
-                seed = work_seed(config.seed, 1, i)
-                distilled, _ = distill_c(edge, new_tutor, data, s, seed)
-                direct, _ = direct_training(edge, data, steps, s, seed)
-                for phase, model in (("Distill C", distilled), ("direct training", direct)):
-                    rows.append({"client": i, "phase": phase, "steps": steps, "lr": lr, **score(model, spec.private)})
-                    print(f"client {i} {phase:16s} {steps:4d} steps lr {lr:g}: new {rows[-1]['new_ap']:5.1f} "
-                          f"presumed {rows[-1]['presumed_mAP']:5.1f}", flush=True)
+                for freeze, ratio in ((f, r) for f in args.freeze_norm for r in args.ratios):
+                    s = replace(settings, redistill_iters=steps, lr=lr, client_freeze_norm=freeze == "yes",
+                                redistill_target_ratio=ratio or settings.redistill_target_ratio)
+                    seed = work_seed(config.seed, 1, i)
+                    distilled, _ = distill_c(edge, new_tutor, data, s, seed)
+                    direct, _ = direct_training(edge, data, steps, s, seed)
+                    for phase, model in (("Distill C", distilled), ("direct training", direct)):
+                        if phase == "direct training" and ratio is not None and ratio != args.ratios[0]:
+                            continue  # direct training has no distillation term: one row per setting is enough
+                        rows.append({"client": i, "phase": phase, "steps": steps, "lr": lr, "freeze_norm": freeze,
+                                     "ratio": s.redistill_target_ratio if phase == "Distill C" else None,
+                                     **score(model, spec.private)})
+                        print(f"client {i} {phase:16s} {steps:4d} steps lr {lr:g} BN kept {freeze} ratio "
+                              f"{rows[-1]['ratio']}: new "
+                              f"{rows[-1]['new_ap']:5.1f} presumed {rows[-1]['presumed_mAP']:5.1f}", flush=True)
     seconds = time.perf_counter() - start
     command = "python -m experiments.distill_c " + " ".join(argv if argv is not None else __import__("sys").argv[1:])
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "distill_c.json").write_text(json.dumps({"command": command, "seconds": seconds, "rows": rows}, indent=2))
+    (args.out / f"distill_c{args.tag}.json").write_text(json.dumps({"command": command, "seconds": seconds, "rows": rows}, indent=2))
     lines = [f"# Distill C budget after one federated round ({args.profile} profile)", "",
              f"`{command}` ({seconds:.0f} s). Edge on the manufacturer's validation set, AP in percent.", "",
-             "| client | phase | steps | lr | new classes | presumed mAP |", "|---|---|---|---|---|---|"]
+             "| client | phase | steps | lr | BN statistics kept | distill ratio | new classes | presumed mAP |",
+             "|---|---|---|---|---|---|---|---|"]
     lines += [f"| {r['client']} | {r['phase']} | {r['steps']} | {r['lr'] if r['lr'] is not None else '—'} | "
-              f"{r['new_ap']:.1f} | {r['presumed_mAP']:.1f} |" for r in rows]
-    (args.out / "distill_c.md").write_text("\n".join(lines) + "\n")
+              f"{r.get('freeze_norm', '—')} | {r.get('ratio') or '—'} | {r['new_ap']:.1f} | {r['presumed_mAP']:.1f} |"
+              for r in rows]
+    (args.out / f"distill_c{args.tag}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
 

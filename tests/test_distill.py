@@ -148,3 +148,21 @@ def test_teacher_detections_are_the_detectors_own_detections_above_the_threshold
         (expected[0]["boxes"][:, 3] > expected[0]["boxes"][:, 1] + 1)
     assert 0 < len(kept["boxes"]) < len(got[0]["boxes"])
     assert torch.allclose(kept["boxes"], expected[0]["boxes"][above], atol=1e-4)
+
+
+def test_freeze_norm_keeps_batchnorm_statistics_and_leaves_cache_keys_alone(ws):
+    def running_means(model):
+        return {n: b.clone() for n, b in model.named_buffers() if n.endswith("running_mean")}
+
+    data = Subset(ws.client_train(0), range(8))
+    for freeze in (False, True):
+        model = build_model("smoke", "edge", seed=0)
+        before = running_means(model)
+        train(model, data, Phase("t", iters=2, batch_size=4, lr=1e-3, optimizer="adamw", freeze_norm=freeze),
+              progress=False)
+        after = running_means(model)
+        unchanged = all(torch.equal(before[n], after[n]) for n in before)
+        assert unchanged == freeze and before  # kept only with freeze_norm (and there are BatchNorm layers)
+    # a phase at the default has the keys it had before the option existed (the chain's cache keys)
+    assert "freeze_norm" not in Phase("t", iters=1, batch_size=1).to_dict()
+    assert Phase("t", iters=1, batch_size=1, freeze_norm=True).to_dict()["freeze_norm"] is True
