@@ -112,6 +112,8 @@ def main(argv=None) -> int:
     result = {"command": f"python -m bench.cost --run {args.run} --profile {args.profile} --threads {args.threads}",
               **traffic_and_rounds(args.run), "verify_s_per_delta": verify_seconds(session, args.repeats)}
     args.out.parent.mkdir(parents=True, exist_ok=True)
+    if args.out.is_file():  # bench.scale's rows live in the same file: keep them
+        result = {**{k: v for k, v in json.loads(args.out.read_text()).items() if k == "scale"}, **result}
     args.out.write_text(json.dumps(result, indent=2))
 
     print("| method | up MB | down MB (round 1) | down MB (later rounds) | round s |")
