@@ -17,6 +17,7 @@ from collections.abc import Callable
 from typing import Any
 
 from flwr.app import Context
+from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
 from protocol.config import RunConfig
@@ -26,8 +27,11 @@ from strategies.verify import VerificationPolicy
 
 
 def simulate(config: RunConfig, server_main: Callable[[Grid, Context], Any], ray_address: str | None = None,
-             quiet: bool = True) -> None:
-    """Runs ``server_main(grid, context)`` as the ServerApp of a simulation with one node per client."""
+             quiet: bool = True, client_app: ClientApp | None = None, client_cpus: float = 1.0) -> None:
+    """Runs ``server_main(grid, context)`` as the ServerApp of a simulation with one node per client
+    running ``client_app`` (default: the project's, ``clients.app.app``; it must live in an importable
+    module, e.g. ``bench.byzantine.app``); ``client_cpus`` < 1 runs more client actors than cores
+    (for clients that mostly wait)."""
     from flwr.simulation import run_simulation  # imported late: importing flwr resets its logger
 
     import clients.app  # an importable module: Ray actors import it (and torch) by reference
@@ -49,9 +53,9 @@ def simulate(config: RunConfig, server_main: Callable[[Grid, Context], Any], ray
         init_args["address"] = ray_address  # Ray rejects num_cpus when joining a cluster
     else:
         init_args["num_cpus"] = os.cpu_count() or 1
-    backend_config = {"client_resources": {"num_cpus": 1, "num_gpus": 0.0}, "init_args": init_args}
+    backend_config = {"client_resources": {"num_cpus": client_cpus, "num_gpus": 0.0}, "init_args": init_args}
     with _quiet_flower(quiet):
-        run_simulation(server_app=app, client_app=clients.app.app, num_supernodes=config.num_clients,
+        run_simulation(server_app=app, client_app=client_app or clients.app.app, num_supernodes=config.num_clients,
                        backend_name="ray", backend_config=backend_config)
     if failure:
         raise RuntimeError(f"the server app failed: {failure[0]!r}") from failure[0]
