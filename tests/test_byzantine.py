@@ -1,0 +1,40 @@
+"""The adversarial benchmark's attacks (bench.byzantine.altered_delta) against the pure verification gates."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from bench.byzantine import ATTACKS, altered_delta
+from models.ladder import build_model
+from models.parts import delta_norm, neck_head
+from strategies.verify import cosine_score, structural_check
+
+
+def honest_delta():
+    tutor = build_model("smoke", "tutor", seed=0)
+    g = torch.Generator().manual_seed(0)
+    delta = {k: torch.randn(v.shape, generator=g) for k, v in neck_head(tutor).items()}
+    scale = 0.05 * delta_norm(neck_head(tutor)) / delta_norm(delta)  # honest deltas are small next to the tutor
+    return tutor, {k: scale * v for k, v in delta.items()}
+
+
+def test_each_attack_alters_the_delta_as_named():
+    tutor, delta = honest_delta()
+    reference = neck_head(tutor)
+    bound = delta_norm(reference)  # the default policy: the tutor's own neck/head norm
+    out = {attack: altered_delta(delta, attack, seed=1) for attack in ATTACKS}
+    # caught by structure: non-finite, wrong shape, a tensor that is not neck/head, too large
+    for attack, reason in (("nan", "non-finite"), ("wrong_shape", "shape"), ("extra_backbone", "not the tutor's"),
+                           ("scaled100", "exceeds the bound")):
+        ok, why = structural_check(out[attack], reference, bound)
+        assert not ok and reason in why, (attack, why)
+    # well-formed ones pass structure; their harm is for the other gates to find
+    for attack in ("sign_flip", "random", "absurd_weight"):
+        assert structural_check(out[attack], reference, bound)[0], attack
+    assert cosine_score(out["sign_flip"], delta) == -1.0 or math.isclose(cosine_score(out["sign_flip"], delta), -1.0)
+    assert math.isclose(delta_norm(out["random"]), delta_norm(delta), rel_tol=1e-5)
+    assert abs(cosine_score(out["random"], delta)) < 0.1
+    assert out["eraser"]["head.classification_head.cls_logits.bias"][14] == -30.0  # person
+    assert all(torch.equal(out["absurd_weight"][k], delta[k]) for k in delta)
