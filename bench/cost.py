@@ -1,7 +1,7 @@
 """What a round costs: traffic per client, seconds per verified delta, seconds per round.
 
     python -m bench.cost --threads 2                               # default run folder below
-    python -m bench.cost --run runs/<name> --out /tmp/cost.json
+    python -m bench.cost --run runs/<name> --out runs/<name>/cost.json
 
 * ``traffic`` and ``round_s`` are read from a finished run folder (``rounds.jsonl``): per client
   per round, MB = 10^6 bytes; DiReDi's download in round 1 (the tutor's body travels once) and in

@@ -1,6 +1,6 @@
 """The two methods without a federation: local training and the centralised oracle.
 
-* ``run_local``: each client trains its own edge on its own data; no server, no exchange (the
+* ``local_client``: each client trains its own edge on its own data; no server, no exchange (the
   paper's "Training" rows).
 * ``run_oracle``: an upper bound: one edge trained centrally on the union of every client's data,
   with the federation's total step budget (clients x steps per round), evaluated on every client.
@@ -57,12 +57,6 @@ def local_client(workspace: Workspace, edge: nn.Module, client: int, rounds: int
                                    {"direct training": report.seconds}, report.peak_rss_mb)
         ap_before = record["ap_after"]
         recorder.emit(record)
-
-
-def run_local(workspace: Workspace, edge: nn.Module, rounds: int, steps: int, settings: RDSettings,
-              seed: int, recorder: Recorder) -> None:
-    for client in range(len(workspace.clients)):
-        local_client(workspace, edge, client, rounds, steps, settings, seed, recorder)
 
 
 def run_oracle(workspace: Workspace, edge: nn.Module, rounds: int, steps: int, settings: RDSettings,
