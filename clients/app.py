@@ -12,6 +12,10 @@ Handlers (message type -> work; the wire format is ``protocol.wire``):
 * "evaluate": AP of an edge on its test shard (the received one, or its stored one for DiReDi).
 * "query": its partition id, the stable identity seeded client sampling draws from.
 
+When the configuration names a state folder (``STATE_DIR``), every handler also writes the client's
+state to disk after its work, and a client whose state is empty in a later round (a resumed run)
+loads it back first (``clients.store``).
+
 The client rebuilds its data and settings from the run configuration every message carries
 (``protocol.config.RunConfig.from_record``); replies hold weights and numbers, never images,
 boxes or labels.
@@ -19,6 +23,7 @@ boxes or labels.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import time
@@ -32,13 +37,14 @@ from data.workspace import Workspace
 from distill.rd import client_delta, direct_training, distill_c, reverse_distill_tutor1, reverse_distill_tutor2
 from distill.trainer import PhaseReport, peak_rss_mb
 from evaluation.ap import per_class_ap
+from clients.store import load_client_state, save_client_state
 from models.io import state_fingerprint
 from models.ladder import build_model
 from models.parts import part_of
 from protocol.config import RunConfig
 from protocol.wire import (AFTER, AP_AFTER, AP_BEFORE, ARRAYS, BEFORE, CONFIG, DELTA, DIRECT_WORK, DIREDI_WORK,
                            EDGE, EDGE_SOURCE, LOSSES, METHOD, METRICS, NUM_EXAMPLES, PARTITION_ID, PEAK_RSS,
-                           SECONDS, SERVER_ROUND, TRAINED, TUTOR, TUTOR1, WORK, decode, encode, pack_delta,
+                           SECONDS, SERVER_ROUND, STATE_DIR, TRAINED, TUTOR, TUTOR1, WORK, decode, encode, pack_delta,
                            state_record, top_k, work_seed)
 
 app = ClientApp()
@@ -145,10 +151,32 @@ def _identity(ws: Workspace, partition: int) -> dict[str, float]:
     return {PARTITION_ID: partition, NUM_EXAMPLES: len(_dataset(ws, partition, "train"))}
 
 
+def _persisted(handler):
+    """``handler`` with the client's state kept on disk when the configuration names a folder:
+    loaded first when this run's state is empty past round 1 (a resumed run), written after."""
+
+    @functools.wraps(handler)
+    def run(msg: Message, context: Context) -> Message:
+        config = msg.content[CONFIG]
+        if STATE_DIR not in config:
+            return handler(msg, context)
+        root, method = str(config[STATE_DIR]), str(config[METHOD])
+        partition, server_round = int(context.node_config["partition-id"]), int(config.get(SERVER_ROUND, 0))
+        if server_round > 1 and not any(key.startswith(f"{method}.") for key in context.state):
+            for key, record in (load_client_state(root, method, partition, server_round) or {}).items():
+                context.state[key] = record
+        reply = handler(msg, context)
+        save_client_state(context.state, root, method, partition, server_round)
+        return reply
+
+    return run
+
+
 # -- handlers --------------------------------------------------------------------------------------
 
 
 @app.train()
+@_persisted
 def train(msg: Message, context: Context) -> Message:
     work = msg.content[CONFIG][WORK]
     if work == DIREDI_WORK:
@@ -173,6 +201,19 @@ def _train_diredi(msg: Message, context: Context) -> Message:
     tutor2, report = reverse_distill_tutor2(tutor if tutor is not None else tutor1, tutor1, edge,
                                             _dataset(ws, partition, "train"), settings, seed)
     delta = client_delta(tutor1, tutor2, settings)
+    dp = {}
+    if math.isfinite(run.dp_clip) or run.dp_noise > 0:  # local DP (protocol.privacy; off: the delta untouched).
+        # Before top-k: the error-feedback residual below then holds parts of *noised* deltas (post-processing).
+        from protocol.privacy import DP_EPSILON, DP_PARTICIPATIONS, epsilon_spent, noise_generator, privatise
+
+        delta, dp = privatise(delta, run.dp_clip, run.dp_noise, noise_generator(seed))
+        dp_key = f"{config[METHOD]}.dp"  # this client's releases so far: its privacy budget
+        earlier = context.state.config_records.get(dp_key)
+        count = 1 + (int(earlier["participations"]) if earlier is not None else 0)
+        context.state[dp_key] = ConfigRecord({"participations": count})
+        dp[DP_PARTICIPATIONS] = count
+        if run.dp_noise > 0:
+            dp[DP_EPSILON] = epsilon_spent(run.dp_noise, count, run.dp_delta)
     sparse = run.delta_topk < 1
     if sparse:  # error feedback: what last round's top-k left out is added to this round's delta
         key = f"{config[METHOD]}.residual"
@@ -184,7 +225,7 @@ def _train_diredi(msg: Message, context: Context) -> Message:
     metrics.update({**_identity(ws, partition), **encode(TRAINED, dict.fromkeys(ws.clients[partition].train_classes, 1)),
                     f"{SECONDS}.rd_tutor1": seconds_t1,
                     f"{SECONDS}.rd_tutor2": report.seconds, PEAK_RSS: peak_rss_mb(),
-                    **loss_metrics("rd_tutor2", report)})
+                    **loss_metrics("rd_tutor2", report), **dp})
     return _reply(msg, metrics, {DELTA: pack_delta(delta, run.delta_precision, sparse=sparse)})
 
 
@@ -200,6 +241,7 @@ def _train_direct(msg: Message, context: Context) -> Message:
 
 
 @app.train("distill")
+@_persisted
 def distill(msg: Message, context: Context) -> Message:
     config, run, ws, partition, seed = _common(msg, context)
     edge = _edge(msg, context, ws, config)
@@ -220,6 +262,7 @@ def identify(msg: Message, context: Context) -> Message:
 
 
 @app.evaluate()
+@_persisted
 def evaluate(msg: Message, context: Context) -> Message:
     config, _, ws, partition, _ = _common(msg, context)
     if ARRAYS in msg.content.array_records:  # FedAvg / FedProx: the global edge

@@ -334,13 +334,22 @@ def _mean_round_seconds(records: Sequence[Mapping], method: str) -> float | None
     return sum(walls.values()) / len(walls) if walls else None
 
 
+def max_dp_epsilon(records: Iterable[Mapping], method: str) -> float | None:
+    """The largest epsilon a client of ``method`` reported spending (``record["dp"]["epsilon"]``,
+    clients with differential privacy on: ``protocol.privacy``); None when no record carries one."""
+    values = [float(r["dp"]["epsilon"]) for r in records if r["method"] == method
+              and isinstance(r.get("dp"), Mapping) and r["dp"].get("epsilon") is not None]
+    return max(values) if values else None
+
+
 def run_summary(records: Sequence[Mapping], specs: Any, all_private: Any, rounds: int, wall_s: float,
                 tutor_history: Sequence[Mapping] = ()) -> dict:
     """The run in one machine-readable dict (``summary.json``): per method the mean over clients of
     gain, forgetting (kept, protected), released, spread in percentage points, traffic in MB
     (10^6 bytes) per client per round, DiReDi's accepted / rejected client-rounds, how many
-    clients gained (gain > 0) and the mean wall seconds of a federated round (None for local and
-    oracle); the tutor's validation mAP per round (round 0 first)."""
+    clients gained (gain > 0), the mean wall seconds of a federated round (None for local and
+    oracle) and the largest epsilon a client spent (``dp_epsilon``, None without differential
+    privacy); the tutor's validation mAP per round (round 0 first)."""
     table = method_table(records, specs, all_private)
     methods = {}
     for row in method_means(table):
@@ -351,6 +360,7 @@ def run_summary(records: Sequence[Mapping], specs: Any, all_private: Any, rounds
             **points, "up_mb": row["bytes_up"] / 1e6, "down_mb": row["bytes_down"] / 1e6,
             "accepted": sum(r["accepted_rounds"] for r in rows), "rejected": sum(r["rejected_rounds"] for r in rows),
             "clients_with_gain": sum(1 for r in rows if not is_missing(r["gain"]) and r["gain"] > 0),
-            "round_s": _mean_round_seconds(records, row["method"])}
+            "round_s": _mean_round_seconds(records, row["method"]),
+            "dp_epsilon": max_dp_epsilon(records, row["method"])}
     return {"rounds": rounds, "wall_s": wall_s, "methods": methods,
             "tutor_val_map": [100 * float(entry["mAP"]) for entry in sorted(tutor_history, key=lambda e: e["round"])]}

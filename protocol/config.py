@@ -26,6 +26,13 @@ TUTOR1_MODES = ("shared", "per-client")
 AGGREGATION_METHODS = ("weighted", "trimmed", "ties", "class_aware")  # strategies.aggregate.aggregate
 REDISTILL_SIDES = ("client", "server")
 DELTA_PRECISIONS = ("float16", "float32")  # how a client's delta travels (the server reads either)
+DIRECTION_REFERENCES = ("peers", "server")  # the direction gate's reference (strategies.verify)
+
+
+# Fields added after runs were recorded: ``to_dict`` leaves them out while they hold their default, so
+# a run without them writes the config.json it wrote before they existed (and --resume, which
+# compares config.json's "run" with ``to_dict``, still accepts the older run folders).
+LATER_FIELDS = ("dp_clip", "dp_noise", "dp_delta")
 
 
 class ConfigError(ValueError):
@@ -64,9 +71,16 @@ class RunConfig:
     protected_tolerance: float = 0.05  # verification: largest AP drop allowed on a protected class
     noise_z: float = 3.0  # verification: ... or noise_z x the drop's bootstrap std, if larger (0: no bootstrap)
     kept_tolerance: float = math.inf  # verification: largest mean AP drop over the presumed classes (inf: recorded only)
+    direction_z: float = 4.0  # verification: cosine with the reference update >= direction_z / sqrt(d) (0: off)
+    direction_reference: str = "peers"  # verification: "peers" (median of the round's other deltas) | "server"
     clip_norm: float = math.inf  # merge: accepted deltas clipped to this L2 norm (inf: no clipping)
     weight_cap: float = 4.0  # merge: claimed weights capped at weight_cap x the round's median claim (inf: no cap)
     timeout_s: float = 0.0  # one round trip; 0: sized from the profile's step time
+    # local differential privacy of each client's delta (protocol.privacy; off by default): clip to L2
+    # norm dp_clip, add N(0, (dp_noise x dp_clip)^2) per coordinate; epsilon accounted at dp_delta
+    dp_clip: float = math.inf  # inf: no clipping
+    dp_noise: float = 0.0  # the noise multiplier sigma; 0: no noise (> 0 needs a finite dp_clip)
+    dp_delta: float = 1e-5  # the delta of the (epsilon, delta) clients report
 
     # -- codec to and from Flower's ConfigRecord / run config -------------------------------------
 
@@ -99,6 +113,8 @@ class RunConfig:
         out = {}
         for f in fields(self):
             value = getattr(self, f.name)
+            if f.name in LATER_FIELDS and value == f.default:
+                continue
             if isinstance(value, tuple):
                 value = list(value)
             elif isinstance(value, float) and not math.isfinite(value):
@@ -196,6 +212,7 @@ def resolve_run_config(raw: Mapping[str, Any] | RunConfig) -> RunConfig:
         raise ConfigError("beta", f"must be a finite number > 0, got {config.beta}")
     for name, value in (("fedprox_mu", config.fedprox_mu), ("norm_factor", config.norm_factor),
                         ("protected_tolerance", config.protected_tolerance), ("noise_z", config.noise_z),
+                        ("direction_z", config.direction_z),
                         ("timeout_s", config.timeout_s)):
         if not (math.isfinite(value) and value >= 0):
             raise ConfigError(_key(name), f"must be a finite number >= 0, got {value}")
@@ -206,8 +223,16 @@ def resolve_run_config(raw: Mapping[str, Any] | RunConfig) -> RunConfig:
         raise ConfigError("clip-norm", f"must be a number > 0 (inf: no clipping), got {config.clip_norm}")
     if not config.weight_cap >= 1:
         raise ConfigError("weight-cap", f"must be a number >= 1 (inf: no cap), got {config.weight_cap}")
+    if not config.dp_clip > 0:
+        raise ConfigError("dp-clip", f"must be a number > 0 (inf: no clipping), got {config.dp_clip}")
+    if not (math.isfinite(config.dp_noise) and config.dp_noise >= 0):
+        raise ConfigError("dp-noise", f"must be a finite number >= 0 (0: no noise), got {config.dp_noise}")
+    if config.dp_noise > 0 and not math.isfinite(config.dp_clip):
+        raise ConfigError("dp-noise", f"{config.dp_noise} needs a finite dp-clip (the noise std is dp-noise x dp-clip)")
+    if not 0 < config.dp_delta < 1:
+        raise ConfigError("dp-delta", f"must be in (0, 1), got {config.dp_delta}")
     choices = {"data": ("synth", "voc"), "tutor1": TUTOR1_MODES, "redistill": REDISTILL_SIDES,
-               "delta_precision": DELTA_PRECISIONS}
+               "delta_precision": DELTA_PRECISIONS, "direction_reference": DIRECTION_REFERENCES}
     for name, allowed in choices.items():
         if getattr(config, name) not in allowed:
             raise ConfigError(_key(name), f"{getattr(config, name)!r} is not one of {', '.join(allowed)}")

@@ -39,6 +39,7 @@ ARRAYS = "arrays"
 # -- config keys a message adds to the run configuration
 METHOD, WORK, SERVER_ROUND, EDGE_SOURCE = "method", "work", "server-round", "edge-source"
 DIREDI_WORK, DIRECT_WORK = "diredi", "direct"  # WORK: what a "train" message asks of a client
+STATE_DIR = "client-state-dir"  # where clients also keep their state on disk (resume; clients.store)
 
 # -- metric keys. MetricRecord takes numbers only, so per-class values travel as "<prefix>.<class>".
 AP_BEFORE, AP_AFTER = "ap-before", "ap-after"
@@ -171,8 +172,12 @@ def make_record(method: str, server_round: int, client: int, *, ap_before: Mappi
 def record_from_metrics(method: str, server_round: int, train_metrics: Mapping[str, Any],
                         after_metrics: Mapping[str, Any] | None, **fields) -> dict:
     """A record from a client's reply metrics: its "train" reply, and the reply of the step that
-    evaluated its final edge ("train.distill" or "evaluate"; None when there was none)."""
+    evaluated its final edge ("train.distill" or "evaluate"; None when there was none). With
+    differential privacy on, the record carries ``dp``: {epsilon, clip_factor, norm, participations}."""
     after_metrics = after_metrics or {}
+    dp = decode(train_metrics, "dp")  # differential privacy's figures (protocol.privacy), when it is on
+    if dp:
+        fields["dp"] = dp
     return make_record(
         method, server_round, int(train_metrics[PARTITION_ID]),
         ap_before=decode(train_metrics, AP_BEFORE), ap_after=decode(after_metrics, AP_AFTER),

@@ -26,6 +26,7 @@ import json
 import math
 import os
 import re
+import shutil
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -37,6 +38,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.patches import Patch, Rectangle  # noqa: E402
 
+from strategies.checkpoint import checkpoint_round  # noqa: E402
 from evaluation.metrics import (  # noqa: E402
     DETECTION_METRICS,
     is_missing,
@@ -173,12 +175,22 @@ class RunFolder:
             if folder.read_config().get("run") != run:
                 raise ValueError(f"{folder.path} was made with other settings; start a new run (or another name)")
             done = folder.read_done()
-        kept = [r for r in folder.read_records() if r["method"] in done] if done else []
-        folder.rounds_path.write_text("")  # rounds.jsonl: the finished methods' records, then the new ones
+        else:  # a new run: no earlier run's checkpoints or client state may leak into it
+            shutil.rmtree(folder.checkpoints_path, ignore_errors=True)
+            shutil.rmtree(folder.client_state_path, ignore_errors=True)
+
+        def kept_round(method: str, server_round: int) -> bool:
+            # a finished method's records, and an unfinished one's up to its last checkpointed round
+            return method in done or server_round <= checkpoint_round(folder.checkpoints_path, method)
+
+        kept = [r for r in folder.read_records() if kept_round(r["method"], r["round"])] if resume else []
+        decisions = [d for d in folder.read_verification() if kept_round("diredi", d["round"])] if resume else []
+        folder.rounds_path.write_text("")  # rounds.jsonl: the kept records, then the new ones
         for record in kept:
             folder.append_record(record)
-        if "diredi" not in done:
-            folder.verification_path.write_text("")
+        folder.verification_path.write_text("")
+        for decision in decisions:
+            folder.append_verification(decision)
         folder.write_done(done)
         folder.write_config({"run": run, **(details or {})})
         return folder
@@ -198,6 +210,22 @@ class RunFolder:
     @property
     def config_path(self) -> Path:
         return self.path / self.CONFIG
+
+    @property
+    def checkpoints_path(self) -> Path:
+        """Each unfinished federated method's server state after its last round (``strategies.checkpoint``)."""
+        return self.path / "checkpoints"
+
+    @property
+    def client_state_path(self) -> Path:
+        """The simulated clients' state on disk (``clients.store``)."""
+        return self.path / "client-state"
+
+    def forget_state(self, method: str) -> None:
+        """Drops a finished method's checkpoint and client state (a finished method is never resumed)."""
+        for suffix in (".json", ".safetensors"):
+            (self.checkpoints_path / f"{method}{suffix}").unlink(missing_ok=True)
+        shutil.rmtree(self.client_state_path / method, ignore_errors=True)
 
     @property
     def rounds_path(self) -> Path:
@@ -392,7 +420,31 @@ def results_markdown(records: Sequence[Mapping], specs: Any, all_private: Any,
     lines += methods_section(means)
     lines += clients_section(table)
     lines += cost_section(means)
+    lines += privacy_section(records)
     return "\n".join(lines)
+
+
+def privacy_section(records: Sequence[Mapping]) -> list[str]:
+    """Per method and client with differential privacy on: the epsilon it spent (after its last
+    round), its rounds, and how much clipping shrank its deltas on average. Empty when it is off."""
+    last: dict[tuple[str, int], Mapping] = {}
+    factors: dict[tuple[str, int], list[float]] = {}
+    for r in sorted_by_round([r for r in records if isinstance(r.get("dp"), Mapping) and r["dp"]]):
+        key = (r["method"], int(r["client"]))
+        last[key] = r
+        factors.setdefault(key, []).append(float(r["dp"].get("clip_factor", math.nan)))
+    if not last:
+        return []
+    rows = []
+    for (method, client), r in sorted(last.items()):
+        epsilon = r["dp"].get("epsilon")
+        rows.append([method, str(client), f"{int(r['dp'].get('participations', 0))}",
+                     f"{epsilon:.3g}" if epsilon is not None and math.isfinite(epsilon) else "inf (no noise)",
+                     f"{sum(factors[(method, client)]) / len(factors[(method, client)]):.2f}"])
+    return ["## Differential privacy", "",
+            "Each client's delta clipped and noised before upload (`protocol/privacy.py`); epsilon at the run's "
+            "`dp-delta`, from Opacus's RDP accountant over the rounds the client took part in.", "",
+            *markdown_table(["method", "client", "rounds", "epsilon spent", "mean clip factor"], rows), ""]
 
 
 # ----------------------------------------------------------------------------------------------

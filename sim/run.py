@@ -55,7 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("--name", help="run folder name (default: derived from the settings)")
     add("--cache", type=Path, default=Path(d.cache_dir), help="data and model cache")
     add("--ray-address", help="join an existing Ray cluster instead of starting one")
-    add("--resume", action="store_true", help="reuse the finished methods of an existing run folder")
+    add("--resume", action="store_true",
+        help="go on with an existing run folder: its finished methods are reused, an unfinished federated "
+             "method continues after its last checkpointed round")
     add("--aggregation", choices=AGGREGATION_METHODS, default=d.aggregation)
     add("--beta", type=float, default=d.beta, help="eq. (10): the tutor moves by beta x the merged delta "
         f"(default {d.beta})")
@@ -74,6 +76,13 @@ def build_parser() -> argparse.ArgumentParser:
     add("--device", default=d.device,
         help="cpu | cuda | cuda:N | auto (default: cuda when available) for training the manufacturer "
              "chain; the federation and the local/oracle baselines run on the CPU")
+    add("--dp-clip", type=float, default=d.dp_clip,
+        help="differential privacy: each client clips its delta to this L2 norm before upload (default inf: off)")
+    add("--dp-noise", type=float, default=d.dp_noise,
+        help="differential privacy: Gaussian noise of std dp-noise x dp-clip per delta coordinate, on the client "
+             "(default 0: off; needs --dp-clip); clients report the epsilon they spent")
+    add("--dp-delta", type=float, default=d.dp_delta,
+        help=f"differential privacy: the delta of the (epsilon, delta) clients report (default {d.dp_delta:g})")
     add("--quiet", action="store_true", help="no progress bars")
     return parser
 
@@ -92,7 +101,8 @@ def parse_args(argv=None) -> argparse.Namespace:
            "cache-dir": str(args.cache), "tutor1": args.tutor1, "redistill": args.redistill,
            "aggregation": args.aggregation, "beta": args.beta, "rd-iters": args.rd_iters or 0,
            "redistill-iters": args.redistill_iters or 0, "batch-size": args.batch_size or 0, "delta-precision": args.delta_precision,
-           "delta-topk": args.delta_topk}
+           "delta-topk": args.delta_topk, "dp-clip": args.dp_clip, "dp-noise": args.dp_noise,
+           "dp-delta": args.dp_delta}
     try:
         args.config = resolve_run_config(raw)
     except ConfigError as err:
@@ -162,7 +172,11 @@ def run(args: argparse.Namespace, argv=None) -> int:
         return 2
     done = folder.read_done()  # (non-empty only with --resume)
     if args.resume:
-        print(f"resuming {folder.path}: reusing {', '.join(done) or 'nothing'}", flush=True)
+        from strategies.checkpoint import checkpoint_round
+
+        partial = {m: checkpoint_round(folder.checkpoints_path, m) for m in config.methods if m not in done}
+        print(f"resuming {folder.path}: reusing {', '.join(done) or 'nothing'}"
+              + "".join(f"; {m} from round {r + 1}" for m, r in partial.items() if r), flush=True)
 
     todo = [m for m in config.methods if m not in done]
     from strategies.ledger import sample_count
@@ -170,7 +184,7 @@ def run(args: argparse.Namespace, argv=None) -> int:
     per_round = {m: sample_count(config.num_clients, config.fraction) if m in config.federated_methods
                  else config.num_clients for m in todo}
     bar = tqdm(total=config.rounds * sum(per_round.values()), desc="client rounds", disable=args.quiet,
-               dynamic_ncols=True)
+               dynamic_ncols=True, initial=sum(1 for r in folder.read_records() if r["method"] in todo))
 
     def on_record(record: dict) -> None:
         bar.set_postfix_str(f"{record['method']} r{record['round']} c{record['client']}")
@@ -181,7 +195,8 @@ def run(args: argparse.Namespace, argv=None) -> int:
     if federated:
         from sim.federation import simulate
 
-        simulate(config, lambda grid, _: run_methods(session, grid, folder, federated, report=False, **progress),
+        simulate(config, lambda grid, _: run_methods(session, grid, folder, federated, report=False, client_state=True,
+                                                     **progress),
                  ray_address=args.ray_address)
     # local and oracle after the simulation has ended: Flower's runtime keeps polling while it
     # lives, and on 2 cores that halves their training speed (measured: 145 s vs 79 s for local).

@@ -40,7 +40,7 @@ from flwr.serverapp.strategy import Result, Strategy
 from torch import Tensor, nn
 
 from data.voc import CLASS_INDEX
-from distill.rd import RDSettings, distill_c, reverse_distill_tutor1
+from distill.rd import RDSettings, client_delta, distill_c, reverse_distill_tutor1, reverse_distill_tutor2
 from evaluation.ap import ap_by_name, bootstrap_ap_drop, nan_mean, predict
 from evaluation.features import BodyFeatureCache, FeaturesTooLarge
 from models.parts import load_neck_head, neck_head, substitute
@@ -49,11 +49,27 @@ from protocol.wire import (AFTER, AP_AFTER, AP_BEFORE, BEFORE, CONFIG, DELTA, DI
                            SERVER_ROUND, TRAIN, TRAINED, TUTOR, TUTOR1, WORK, MalformedDelta, decode, encode,
                            state_record, unpack_delta, work_seed)
 from strategies.aggregate import AGGREGATION_METHODS, aggregate, cap_weights, clip_delta
+from strategies.checkpoint import prefixed, unprefixed
 from strategies.ledger import ClientSampler, Recorder, RoundLedger
-from strategies.verify import (Decision, VerificationPolicy, direction_check, kept_check, protected_check, safe_norm,
-                               structural_check)
+from strategies.verify import (Decision, VerificationPolicy, direction_check, kept_check, peer_reference,
+                               protected_check, safe_norm, structural_check)
 
 log = logging.getLogger(__name__)
+
+
+def server_reference_update(tutor: nn.Module, edge: nn.Module, presumed_data, settings: RDSettings, seed: int,
+                            tutor1: nn.Module | None = None) -> dict[str, Tensor]:
+    """FLTrust's root-data update for the direction check: the server runs a client's RD round on
+    its own public presumed data (Tutor 1 from ``edge``, unless the round's shared ``tutor1`` is given,
+    then Tutor 2) and returns the neck/head delta a client would send (eq. 9).
+
+    An honest client's delta carries the same distillation toward the edge on the kept classes plus
+    its own classes, so it points partly along this update; a sign-flipped delta points against it
+    and a random one nowhere (``experiments/results/direction.md``)."""
+    if tutor1 is None:
+        tutor1, _ = reverse_distill_tutor1(tutor, edge, presumed_data, settings, seed=seed)
+    tutor2, _ = reverse_distill_tutor2(tutor, tutor1, edge, presumed_data, settings, seed=seed)
+    return client_delta(tutor1, tutor2, settings)
 
 
 class _TutorRecords:
@@ -91,8 +107,10 @@ class DiReDiStrategy(Strategy):
         num_nodes, fraction: the federation's nodes, and the share of them sampled each round.
         recorder: where records, decisions and failures go (``strategies.ledger.Recorder``).
         reference_fn: ``reference_fn(tutor)`` -> the server's own reference update for the direction
-            check (``strategies.verify.direction_check``), asked once per tutor version; None (the
-            default) or a None answer: no direction check (the decisions record NaN).
+            check (``strategies.verify.direction_check``), asked once per tutor version. None (the
+            default): the policy's ``direction_reference`` decides: "peers" (``peer_reference``),
+            "server" (``server_reference_update`` on ``presumed_data``), "" no direction check (the
+            decisions record NaN).
     """
 
     method = "diredi"
@@ -108,8 +126,10 @@ class DiReDiStrategy(Strategy):
             raise ValueError(f"unknown aggregation {aggregation!r}; expected one of {', '.join(AGGREGATION_METHODS)}")
         if redistill not in ("client", "server"):
             raise ValueError(f"redistill must be 'client' or 'server', got {redistill!r}")
-        if (share_tutor1 or redistill == "server") and presumed_data is None:
-            raise ValueError("share_tutor1 and redistill='server' need the manufacturer's presumed_data")
+        if (share_tutor1 or redistill == "server" or (policy and policy.direction_reference == "server")) \
+                and presumed_data is None:
+            raise ValueError("share_tutor1, redistill='server' and a server reference need the manufacturer's "
+                             "presumed_data")
         self.tutor, self.edge = tutor.eval(), edge.eval()
         self.validation_data, self.validation_classes = validation_data, list(validation_classes)
         self.settings = settings
@@ -127,10 +147,14 @@ class DiReDiStrategy(Strategy):
         self._validation_targets: list[dict] = []
         self.reference_fn = reference_fn  # the direction check's reference (None: no check)
         self._reference: Mapping[str, Tensor] | None | bool = False  # the current tutor's (False: not asked yet)
+        self._shared_tutor1: tuple[int, nn.Module] | None = None  # (round, the server's Tutor 1 of that round)
         # The tutor's frozen body's features of the validation images, computed once (False: too large)
         self._validation_features: BodyFeatureCache | None | bool = None
         self._nodes_with_edge: set[int] = set()  # nodes that keep their own edge (client re-distillation)
         self._nodes_with_body: set[int] = set()  # nodes that hold the tutor's backbone body (it never changes)
+        self._partition_of: dict[int, int] = {}  # node id -> partition id, from the replies
+        self._restored_partitions: dict[str, list[int]] | None = None  # a checkpoint's, until mapped to nodes
+        self.checkpoint_fn: Callable[[int, dict[str, Tensor], dict], Any] | None = None  # called after each round
         # Tutor 1 emulates the edge it is computed from: one shared Tutor 1 serves while every client
         # still holds the server's edge; once clients have re-distilled their own, each computes its own.
         self._client_edges_changed = False
@@ -155,6 +179,8 @@ class DiReDiStrategy(Strategy):
                         grid: Grid) -> Iterable[Message]:
         """"train" to each sampled node. ``arrays`` is unused: the strategy holds its models."""
         ledger = self._open_round(server_round)
+        if self._restored_partitions is not None:  # resumed: node ids are new in every run, partitions are not
+            self._map_restored_partitions(self.sampler.identities(grid))
         nodes = self.sampler.nodes(grid, server_round)
         cfg = self._config(config, server_round, "stored" if self.redistill == "client" else "received")
         tutors = {}  # record name -> the model it carries (full to a node's first message, then neck/head)
@@ -162,6 +188,7 @@ class DiReDiStrategy(Strategy):
             start = time.perf_counter()
             tutor1, _ = reverse_distill_tutor1(self.tutor, self.edge, self.presumed_data, self.settings,
                                                seed=work_seed(self.seed, server_round, SERVER))
+            self._shared_tutor1 = (server_round, tutor1)  # the server's reference update starts from it too
             # One Tutor 1 serves every client: its cost is shared among them in the records.
             ledger.server_seconds["server_tutor1"] = (time.perf_counter() - start) / len(nodes)
             tutors[TUTOR1] = tutor1
@@ -192,17 +219,24 @@ class DiReDiStrategy(Strategy):
         if not self.recorder.tutor_history:
             self.recorder.tutor_history.append(self._tutor_summary(0))
         decisions, accepted_deltas, accepted_decisions, trained = [], [], [], []
+        read, read_seconds = [], []
         for reply in ok:
-            metrics = reply.content[METRICS]
             start = time.perf_counter()
             try:
-                delta, problem = self._read_delta(reply), None
+                read.append((self._read_delta(reply), None))
             except MalformedDelta as err:  # e.g. sparse indices outside the tensor
-                delta, problem = None, str(err)
+                read.append((None, str(err)))
+            read_seconds.append(time.perf_counter() - start)
+        references = self._references(server_round, [delta for delta, _ in read])  # before any verify_seconds
+        for reply, (delta, problem), reference, seconds in zip(ok, read, references, read_seconds):
+            metrics = reply.content[METRICS]
+            start = time.perf_counter() - seconds
             decision = self.verify(delta, int(metrics[PARTITION_ID]), server_round,
-                                   weight=float(metrics.get(NUM_EXAMPLES, math.nan)), problem=problem)
+                                   weight=float(metrics.get(NUM_EXAMPLES, math.nan)), problem=problem,
+                                   reference=reference)
             entry = ledger.count_up(reply)
             self._nodes_with_body.add(entry.node)  # it received the full tutor once and keeps the body
+            self._partition_of[entry.node] = int(metrics[PARTITION_ID])
             entry.train, entry.decision, entry.verify_seconds = dict(metrics), decision, time.perf_counter() - start
             decisions.append(decision)
             if decision.accepted:
@@ -304,14 +338,15 @@ class DiReDiStrategy(Strategy):
 
     def start(self, grid: Grid, initial_arrays: ArrayRecord | None = None, num_rounds: int = 1,
               timeout: float = 3600, train_config: ConfigRecord | None = None,
-              evaluate_config: ConfigRecord | None = None, evaluate_fn=None) -> Result:
-        """Runs ``num_rounds`` DiReDi rounds. ``initial_arrays`` is ignored (the strategy holds the
-        tutor and edge); ``train_config`` holds the run configuration every client needs;
-        ``timeout`` bounds each round trip (RD, then Distill C)."""
+              evaluate_config: ConfigRecord | None = None, evaluate_fn=None, start_round: int = 1) -> Result:
+        """Runs DiReDi rounds ``start_round`` .. ``num_rounds`` (``start_round`` > 1 after ``restore``).
+        ``initial_arrays`` is ignored (the strategy holds the tutor and edge); ``train_config`` holds
+        the run configuration every client needs; ``timeout`` bounds each round trip (RD, then
+        Distill C). After each round, ``checkpoint_fn(round, *self.checkpoint())`` when set."""
         self.summary()
         config = train_config if train_config is not None else ConfigRecord()
         result = Result(arrays=state_record(self.tutor))
-        for server_round in range(1, num_rounds + 1):
+        for server_round in range(start_round, num_rounds + 1):
             log.info("DiReDi round %d/%d", server_round, num_rounds)
             messages = self.configure_train(server_round, result.arrays, config, grid)
             replies = list(grid.send_and_receive(messages, timeout=timeout))
@@ -324,17 +359,49 @@ class DiReDiStrategy(Strategy):
             result.train_metrics_clientapp[server_round] = summary
             self.redistill_edges(server_round, grid, config, timeout)
             self.recorder.close_round(self.ledger)
+            if self.checkpoint_fn is not None:
+                self.checkpoint_fn(server_round, *self.checkpoint())
         return result
+
+    # -- checkpoint and resume ----------------------------------------------------------------
+
+    def checkpoint(self) -> tuple[dict[str, Tensor], dict]:
+        """The state the next round needs (``strategies.checkpoint``): tutor and edge, which clients
+        (by partition) hold the tutor's body and an edge of their own, and the tutor's history."""
+        def partitions(nodes: set[int]) -> list[int]:
+            return sorted(self._partition_of[n] for n in nodes)
+
+        meta = {"partitions_with_body": partitions(self._nodes_with_body),
+                "partitions_with_edge": partitions(self._nodes_with_edge),
+                "client_edges_changed": self._client_edges_changed, "tutor_history": self.recorder.tutor_history}
+        return {**prefixed("tutor", self.tutor.state_dict()), **prefixed("edge", self.edge.state_dict())}, meta
+
+    def restore(self, tensors: Mapping[str, Tensor], meta: Mapping[str, Any]) -> None:
+        """Back to a ``checkpoint``; the next ``configure_train`` maps its partitions to this run's nodes."""
+        self.tutor.load_state_dict(unprefixed("tutor", tensors))
+        self.edge.load_state_dict(unprefixed("edge", tensors))
+        self._restored_partitions = {k: list(meta[k]) for k in ("partitions_with_body", "partitions_with_edge")}
+        self._client_edges_changed = bool(meta["client_edges_changed"])
+        self.recorder.tutor_history = list(meta["tutor_history"])
+        self._tutor_ap, self._reference, self._validation_features = None, False, None
+
+    def _map_restored_partitions(self, identities: Mapping[int, int]) -> None:
+        self._partition_of.update(identities)
+        holders = self._restored_partitions
+        self._nodes_with_body = {n for n, p in identities.items() if p in holders["partitions_with_body"]}
+        self._nodes_with_edge = {n for n, p in identities.items() if p in holders["partitions_with_edge"]}
+        self._restored_partitions = None
 
     # -- verification -------------------------------------------------------------------------
 
     def verify(self, delta: Mapping[str, Tensor] | None, client: int, server_round: int,
-               weight: float = 1.0, problem: str | None = None) -> Decision:
+               weight: float = 1.0, problem: str | None = None,
+               reference: Mapping[str, Tensor] | None | bool = False) -> Decision:
         """Structure, norm and weight first (a malformed delta goes no further); then every other gate,
         each recording its figure: the candidate tutor's per-class validation AP on the protected
-        classes and on average over the kept classes, and the direction (when there is a reference).
-        Accepted only when every gate passes; ``rejected_by`` names the gates that failed, the reason
-        says why."""
+        classes and on average over the kept classes, and the direction (when there is a reference:
+        ``reference``, or when it is False, the server's own, ``reference_delta``). Accepted only when
+        every gate passes; ``rejected_by`` names the gates that failed, the reason says why."""
         if delta is None:
             return Decision(client, server_round, False,
                             f"structure: {problem or 'the reply holds no delta array record'}",
@@ -362,7 +429,9 @@ class DiReDiStrategy(Strategy):
         kept_ok, kept_reason, kept = kept_check(before, after, self.policy)
         if math.isfinite(self.policy.kept_tolerance):  # at inf the gate only records the drop
             outcomes.append(("kept", kept_ok, kept_reason))
-        cosine, reference = math.nan, self.reference_delta()
+        cosine = math.nan
+        if reference is False:
+            reference = self.reference_delta(server_round)
         if reference is not None:
             ok, reason, cosine = direction_check(delta, reference, self.policy.min_cosine)
             outcomes.append(("direction", ok, reason))
@@ -374,11 +443,39 @@ class DiReDiStrategy(Strategy):
                         tolerance=figures["tolerance"], rejected_by=[gate for gate, _ in failed],
                         kept_drop=kept["mean_drop"], cosine=cosine)
 
-    def reference_delta(self) -> Mapping[str, Tensor] | None:
-        """The server's reference update for the current tutor (``reference_fn``; asked once per tutor
-        version, so once per round); None without ``reference_fn``."""
+    def _references(self, server_round: int, deltas: list[Mapping[str, Tensor] | None]) -> list:
+        """Each delta's direction reference: with ``policy.direction_reference == "peers"`` (and no
+        ``reference_fn``) the median of the round's other well-formed deltas (None for a malformed
+        delta, or with fewer than 2 peers: no check), else the server's reference for all."""
+        if self.reference_fn is not None or self.policy.direction_reference != "peers":
+            reference = self.reference_delta(server_round)
+            return [reference] * len(deltas)
+        shapes = neck_head(self.tutor)
+        well_formed = [i for i, d in enumerate(deltas)
+                       if d is not None and structural_check(d, shapes, self.policy.norm_bound)[0]]
+        peers = [deltas[i] for i in well_formed]
+        references: list = [None] * len(deltas)
+        for position, i in enumerate(well_formed):
+            references[i] = peer_reference(peers, position)
+        return references
+
+    def reference_delta(self, server_round: int = 0) -> Mapping[str, Tensor] | None:
+        """The server's reference update for the current tutor (computed once per tutor version, so
+        once per round): ``reference_fn``'s, else with ``policy.direction_reference == "server"`` the
+        server's own (``server_reference_update``, its seconds shared among the round's clients in
+        the records); None when neither."""
         if self._reference is False:
-            self._reference = self.reference_fn(self.tutor) if self.reference_fn is not None else None
+            if self.reference_fn is not None:
+                self._reference = self.reference_fn(self.tutor)
+            elif self.policy.direction_reference == "server":
+                start = time.perf_counter()
+                tutor1 = self._shared_tutor1[1] if self._shared_tutor1 and self._shared_tutor1[0] == server_round else None
+                self._reference = server_reference_update(self.tutor, self.edge, self.presumed_data, self.settings,
+                                                          work_seed(self.seed, server_round, SERVER), tutor1)
+                if self.ledger is not None and self.ledger.clients:
+                    self.ledger.server_seconds["server_reference"] = (time.perf_counter() - start) / len(self.ledger.clients)
+            else:
+                self._reference = None
         return self._reference
 
     def _validate(self, model: nn.Module) -> tuple[dict[str, float], list[dict]]:
@@ -420,10 +517,15 @@ class DiReDiStrategy(Strategy):
 
     def _collect_after(self, server_round: int, replies: Iterable[Message], step: str) -> MetricRecord | None:
         ledger = self._open_round(server_round)
+        replies = list(replies)
         ok = self.recorder.split(replies, step, server_round)
         for reply in ok:
             if reply.metadata.src_node_id not in ledger.clients:
                 continue
             entry = ledger.count_up(reply)
             entry.after, entry.redistilled = dict(reply.content[METRICS]), True
+        answered = {reply.metadata.src_node_id for reply in replies}
+        for entry in ledger.trained:  # a node whose reply never came (past the timeout) is a failure too
+            if entry.after is None and entry.node not in answered:
+                self.recorder.fail(server_round, step, entry.node, "no reply within the round's timeout")
         return MetricRecord({"replies": len(ok)})

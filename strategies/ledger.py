@@ -86,13 +86,15 @@ class Recorder:
         ok = []
         for reply in replies:
             if reply.has_error():
-                failure = {"round": server_round, "step": step, "node": reply.metadata.src_node_id,
-                           "reason": reply.error.reason}
-                log.error("round %d %s: node %d failed: %s", server_round, step, failure["node"], failure["reason"])
-                self.failures.append(failure)
+                self.fail(server_round, step, reply.metadata.src_node_id, reply.error.reason)
             else:
                 ok.append(reply)
         return sorted(ok, key=lambda m: int(m.content[METRICS][PARTITION_ID]))
+
+    def fail(self, server_round: int, step: str, node: int, reason: str) -> None:
+        """Logs and keeps one client failure: an error reply, or no reply in time."""
+        log.error("round %d %s: node %d failed: %s", server_round, step, node, reason)
+        self.failures.append({"round": server_round, "step": step, "node": node, "reason": reason})
 
     def failure_reasons(self, server_round: int) -> str:
         return "; ".join(f["reason"] for f in self.failures if f["round"] == server_round)
@@ -157,6 +159,14 @@ class ClientSampler:
         partitions = sorted(self._identity[node] for node in everyone)
         chosen = set(random.Random(work_seed(self.seed, server_round, SERVER)).sample(partitions, self.count))
         return sorted((node for node in everyone if self._identity[node] in chosen), key=self._identity.get)
+
+    def identities(self, grid: Grid) -> dict[int, int]:
+        """Node id -> partition id of every node (asking the nodes not identified yet)."""
+        everyone, _ = sample_nodes(grid, self.num_nodes, self.num_nodes)
+        unknown = [node for node in everyone if node not in self._identity]
+        if unknown:
+            self._identify(grid, unknown)
+        return {node: self._identity[node] for node in everyone}
 
     def _identify(self, grid: Grid, nodes: list[int]) -> None:
         messages = [Message(content=RecordDict({CONFIG: ConfigRecord({})}), message_type=QUERY, dst_node_id=node)

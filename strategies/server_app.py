@@ -34,7 +34,8 @@ from distill.chain import Chain
 from evaluation.ap import per_class_ap
 from models.parts import neck_head
 from protocol.config import FEDERATED, RunConfig, resolve_run_config
-from protocol.wire import state_record
+from protocol.wire import STATE_DIR, state_record
+from strategies.checkpoint import load_checkpoint, save_checkpoint
 from evaluation.metrics import run_summary
 from report.writer import SUMMARY, TUTOR_HISTORY, RunFolder, write_all
 from strategies.baselines import RecordingFedAvg, RecordingFedProx
@@ -100,13 +101,16 @@ class MethodResult:
 
 def default_policy(session: Session) -> VerificationPolicy:
     """Protected and kept (= presumed) classes from the scenario; norm bound = norm_factor x the tutor's
-    own neck/head norm; the kept tolerance and the merge-time bounds from the run configuration."""
+    own neck/head norm; the direction check (direction_z, direction_reference);
+    the kept tolerance and the merge-time bounds from the run configuration."""
     config, scenario = session.config, session.workspace.scenario
     return VerificationPolicy.relative_to(neck_head(session.chain.tutor), norm_factor=config.norm_factor,
                                           protected_tolerance=config.protected_tolerance, noise_z=config.noise_z,
                                           protected_classes=tuple(scenario.protected_classes),
                                           kept_classes=tuple(scenario.presumed_classes),
-                                          kept_tolerance=config.kept_tolerance, clip_norm=config.clip_norm,
+                                          kept_tolerance=config.kept_tolerance, direction_z=config.direction_z,
+                                          direction_reference=config.direction_reference,
+                                          clip_norm=config.clip_norm,
                                           weight_cap=config.weight_cap)
 
 
@@ -136,8 +140,14 @@ def make_strategy(method: str, session: Session, recorder: Recorder,
 
 
 def run_method(method: str, session: Session, grid: Grid | None, recorder: Recorder | None = None,
-               policy: VerificationPolicy | None = None) -> MethodResult:
-    """Runs every round of ``method``; federated methods need the ``grid``."""
+               policy: VerificationPolicy | None = None, folder: RunFolder | None = None,
+               client_state: bool = False) -> MethodResult:
+    """Runs every round of ``method``; federated methods need the ``grid``.
+
+    With a run ``folder``, a federated method checkpoints its server state after every round and
+    starts from the folder's checkpoint when there is one (``strategies.checkpoint``); with
+    ``client_state`` the clients also keep their state in the folder (``clients.store``: simulated
+    clients share this machine's disk)."""
     config = session.config
     recorder = recorder or Recorder(method)
     random.seed(config.seed)  # Flower samples nodes with Python's random
@@ -150,9 +160,25 @@ def run_method(method: str, session: Session, grid: Grid | None, recorder: Recor
         raise ValueError(f"{method} is a federated method: it needs a Flower grid")
     strategy = make_strategy(method, session, recorder, policy)
     run_config = ConfigRecord(config.to_record())
-    result = strategy.start(grid=grid, initial_arrays=state_record(session.chain.edge), num_rounds=config.rounds,
+    initial, rounds_done = state_record(session.chain.edge), 0
+    if folder is not None:
+        if client_state:
+            run_config[STATE_DIR] = str(folder.client_state_path)
+        saved = load_checkpoint(folder.checkpoints_path, method)  # also sets the RNGs back
+        if saved is not None:
+            rounds_done, tensors, meta = saved
+            log.warning("%s: resuming after round %d of %d (checkpoint)", method, rounds_done, config.rounds)
+            if isinstance(strategy, DiReDiStrategy):
+                strategy.restore(tensors, meta)
+            else:
+                initial, strategy.round_offset = strategy.restored_arrays(tensors), rounds_done
+        strategy.checkpoint_fn = lambda r, tensors, meta: save_checkpoint(folder.checkpoints_path, method, r,
+                                                                          tensors, meta)
+    options = {"start_round": rounds_done + 1} if isinstance(strategy, DiReDiStrategy) else {}
+    result = strategy.start(grid=grid, initial_arrays=initial,
+                            num_rounds=config.rounds - (0 if options else rounds_done),
                             timeout=config.timeout_s, train_config=run_config,
-                            evaluate_config=ConfigRecord(dict(run_config)))
+                            evaluate_config=ConfigRecord(dict(run_config)), **options)
     seconds = time.perf_counter() - start
     if isinstance(strategy, DiReDiStrategy):
         return MethodResult(method, recorder, seconds, tutor_state=_clone(strategy.tutor.state_dict()),
@@ -166,10 +192,12 @@ def _clone(state) -> dict[str, Tensor]:
 
 def run_methods(session: Session, grid: Grid | None, folder: RunFolder, methods: list[str] | None = None,
                 on_record: Callable[[dict], None] | None = None,
-                on_method: Callable[[str], None] | None = None, report: bool = True) -> list[dict]:
+                on_method: Callable[[str], None] | None = None, report: bool = True,
+                client_state: bool = False) -> list[dict]:
     """Runs ``methods`` (default: the configuration's) that the folder does not list as done,
-    appending records and decisions to it as they arrive; with ``report``, writes results.md and
-    the plots over every record in the folder. Returns the folder's records."""
+    appending records and decisions to it as they arrive, each federated method from its last
+    checkpointed round (``run_method``); with ``report``, writes results.md and the plots over
+    every record in the folder. Returns the folder's records."""
     def recorder_for(method: str) -> Recorder:
         return Recorder(method, on_record=lambda r: (folder.append_record(r), on_record and on_record(r)),
                         on_decision=lambda d: folder.append_verification(d.to_dict()))
@@ -180,12 +208,13 @@ def run_methods(session: Session, grid: Grid | None, folder: RunFolder, methods:
         if on_method is not None:
             on_method(method)
         recorder = recorder_for(method)
-        result = run_method(method, session, grid, recorder)
+        result = run_method(method, session, grid, recorder, folder=folder, client_state=client_state)
         for failure in result.recorder.failures:
             log.warning("%s: client failure: %s", method, failure)
         if recorder.tutor_history:
             folder.write_json(TUTOR_HISTORY, recorder.tutor_history)
         folder.write_done([*done, method])
+        folder.forget_state(method)
     centralised = [m for m in todo if m in CENTRALISED]
     if centralised:  # local and oracle side by side (one process per core)
         if on_method is not None:
@@ -226,7 +255,8 @@ def main(grid: Grid, context: Context) -> None:
     config = resolve_run_config(raw)
     session = Session.open(config)
     folder = RunFolder.start(Path(out_dir) / (name or config.run_name()), config.to_dict(), session.details())
-    records = run_methods(session, grid, folder, on_method=lambda m: log.warning("--- %s ---", m))
+    # client_state: each client keeps its state under this folder on its own disk (clients.store)
+    records = run_methods(session, grid, folder, on_method=lambda m: log.warning("--- %s ---", m), client_state=True)
     write_summary(session, folder, time.perf_counter() - start)
     log.warning("%d records written to %s", len(records), folder.path)
 

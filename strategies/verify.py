@@ -10,9 +10,17 @@ The gates:
    points: 0.05 = 5 points) on any protected class, compared with the current tutor;
 3. ``kept_check``: the candidate's mean AP drop over the ``kept_classes`` (the presumed classes)
    must not exceed ``kept_tolerance`` (default inf: recorded, never rejects);
-4. ``direction_check`` (FLTrust, Cao et al. 2021): the cosine between the delta and a reference
-   update the server computed itself must reach ``min_cosine``; only when the strategy has a
-   reference (off by default).
+4. ``direction_check``: the cosine between the delta and a reference update must reach
+   ``min_cosine``. The reference (``direction_reference``) is either "peers", the coordinate-wise
+   median of the round's other well-formed deltas (``peer_reference``; the default), or "server",
+   the server's own RD update on its public presumed data (FLTrust, Cao et al. 2021;
+   ``strategies.diredi.server_reference_update``). The default threshold is ``chance_cosine``: what
+   a random direction does not reach by chance. Measured (``experiments/results/direction.md``):
+   honest deltas score 0.14-0.38 against their peers in rounds 1 and 2, sign-flipped ones as much
+   below zero, random ones at most 0.006 against a threshold of 0.007; against the server's update,
+   honest deltas score 0.09-0.26 in round 1 but down to 0.004 in round 2 (each client's Tutor 1
+   then follows its own re-distilled edge, which the server does not have), so "server" is not
+   the default.
 
 Gates 2-4 all run on a well-formed delta and each records its figure, so the log shows how every
 gate scored honest and hostile deltas alike. Every outcome becomes a ``Decision`` with its reason,
@@ -24,13 +32,16 @@ bounds on an accepted delta (``clip_norm``, ``weight_cap``: ``strategies.aggrega
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import Tensor
 
 from models.parts import delta_norm
+
+
+DIRECTION_REFERENCES = ("peers", "server")
 
 
 @dataclass(frozen=True)
@@ -47,9 +58,11 @@ class VerificationPolicy:
     # A delta can stay within the protected tolerance on every protected class and still erode the rest.
     kept_classes: tuple[str, ...] = ()
     kept_tolerance: float = math.inf
-    # Direction check: least cosine with the server's reference update (used only when there is one).
-    # 0 is FLTrust's rule: an update pointing away from the reference is not trusted.
+    # Direction check against a reference update: "" (none, unless the strategy is given a
+    # reference_fn), "peers" or "server" (see the module doc). 0 is FLTrust's rule: an update
+    # pointing away from the reference is not trusted; relative_to(direction_z=z) sets chance_cosine.
     min_cosine: float = 0.0
+    direction_reference: str = ""
     # Bounded influence at merge time (strategies.aggregate): accepted deltas are clipped to this
     # global L2 norm (inf: off) and each claimed weight is capped at weight_cap x the round's
     # (low) median claimed weight (inf: off).
@@ -63,10 +76,18 @@ class VerificationPolicy:
         return self.protected_tolerance
 
     @classmethod
-    def relative_to(cls, reference_nh: Mapping[str, Tensor], norm_factor: float = 1.0,
-                    **fields) -> "VerificationPolicy":
+    def relative_to(cls, reference_nh: Mapping[str, Tensor], norm_factor: float = 1.0, direction_z: float = 0.0,
+                    direction_reference: str = "peers", **fields) -> "VerificationPolicy":
         """A policy whose norm bound is ``norm_factor`` times the norm of the tutor's own neck/head:
-        an update larger than the weights it changes is not a plausible fine-tuning delta."""
+        an update larger than the weights it changes is not a plausible fine-tuning delta. With
+        ``direction_z`` > 0 the direction check runs against ``direction_reference`` and needs a
+        cosine of at least ``chance_cosine`` over the neck/head's weights."""
+        if direction_z > 0:
+            if direction_reference not in DIRECTION_REFERENCES:
+                raise ValueError(f"direction_reference must be one of {', '.join(DIRECTION_REFERENCES)}, "
+                                 f"got {direction_reference!r}")
+            dimensions = sum(v.numel() for v in reference_nh.values())
+            fields.update(direction_reference=direction_reference, min_cosine=chance_cosine(dimensions, direction_z))
         return cls(norm_bound=norm_factor * delta_norm(reference_nh), **fields)
 
 
@@ -88,7 +109,7 @@ class Decision:
     tolerance: dict[str, float] = field(default_factory=dict)  # protected classes: the drop allowed
     rejected_by: list[str] = field(default_factory=list)  # the gates that failed (empty when accepted)
     kept_drop: float = math.nan  # mean AP drop over the kept classes (NaN: not evaluated)
-    cosine: float = math.nan  # cosine with the server's reference update (NaN: no reference)
+    cosine: float = math.nan  # cosine with the direction gate's reference update (NaN: no reference)
     clip_factor: float = math.nan  # accepted: the factor its delta was scaled by before merging (1: not clipped)
     weight_used: float = math.nan  # accepted: the weight the merge used, the claimed weight capped
     weight_cap: float = math.nan  # accepted: the round's cap on claimed weights (inf: no cap)
@@ -211,11 +232,41 @@ def cosine_score(delta: Mapping[str, Tensor], reference: Mapping[str, Tensor]) -
     return float(a @ b) / (norm_a * norm_b)
 
 
+def peer_reference(deltas: Sequence[Mapping[str, Tensor]], leave_out: int, min_peers: int = 2
+                   ) -> dict[str, Tensor] | None:
+    """The coordinate-wise median of ``deltas`` without the one at ``leave_out``; None with fewer
+    than ``min_peers`` others.
+
+    Why the median of the others: clients who learn different classes still share much of their
+    update (the same distillation toward the edge on the kept classes), so an honest delta points
+    along its peers' median while a sign-flipped one points against it and a random one nowhere.
+    Leaving the delta out keeps it from voting for itself; the median keeps a minority of hostile
+    deltas, however large, from steering the reference.
+    """
+    others = [d for i, d in enumerate(deltas) if i != leave_out]
+    if len(others) < min_peers:
+        return None
+    return {name: torch.stack([d[name].float() for d in others]).median(dim=0).values for name in deltas[leave_out]}
+
+
+def chance_cosine(dimensions: int, z: float) -> float:
+    """``z / sqrt(dimensions)``: a cosine a random direction exceeds only with the normal tail's
+    chance at ``z`` (z = 4: about 3e-5).
+
+    Why: the cosine of a uniformly random direction in d dimensions with any fixed vector has mean 0
+    and standard deviation 1/sqrt(d). A threshold at z of those separates "points somewhere along the
+    reference" from "no direction at all" without being tuned to any client's delta.
+    """
+    if dimensions < 1:
+        raise ValueError(f"dimensions must be at least 1, got {dimensions}")
+    return z / math.sqrt(dimensions)
+
+
 def direction_check(delta: Mapping[str, Tensor], reference: Mapping[str, Tensor],
                     min_cosine: float = 0.0) -> tuple[bool, str, float]:
-    """Rejects a delta whose cosine with the server's reference update is below ``min_cosine``
-    (or not a number). Returns (ok, reason, score)."""
+    """Rejects a delta whose cosine with the reference update (its peers' or the server's) is below
+    ``min_cosine`` (or not a number). Returns (ok, reason, score)."""
     score = cosine_score(delta, reference)
     if not score >= min_cosine:
-        return False, f"direction: cosine {score:.3f} with the server's reference < {min_cosine:.3f}", score
+        return False, f"direction: cosine {score:.3f} with the reference < {min_cosine:.3f}", score
     return True, f"direction: cosine {score:.3f} >= {min_cosine:.3f}", score

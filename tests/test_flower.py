@@ -210,8 +210,10 @@ def test_sim_run_and_the_flwr_server_app_give_the_same_records(cache, tmp_path, 
     from sim.run import main as cli_main
     from strategies.server_app import main as flwr_server_main
 
+    # Run names of one length: the clients' state folder (in the run folder) travels in the config, and
+    # its bytes are counted.
     assert cli_main(["--profile", "smoke", "--clients", str(NUM_CLIENTS), "--rounds", "1", "--methods", "diredi,fedavg",
-                     "--cache", str(cache), "--out", str(tmp_path), "--name", "cli", "--quiet"]) == 0
+                     "--cache", str(cache), "--out", str(tmp_path), "--name", "cli_", "--quiet"]) == 0
     run_config = flwr_run_config(**{"profile": "smoke", "rounds": 1, "methods": "diredi,fedavg", "cache-dir": str(cache),
                                     "out-dir": str(tmp_path), "name": "flwr"})
     context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=run_config)
@@ -222,11 +224,11 @@ def test_sim_run_and_the_flwr_server_app_give_the_same_records(cache, tmp_path, 
         lines = (tmp_path / name / "rounds.jsonl").read_text().splitlines()
         return [comparable(json.loads(line)) for line in lines]
 
-    cli, flwr = records("cli"), records("flwr")
+    cli, flwr = records("cli_"), records("flwr")
     assert [(r["method"], r["client"]) for r in cli] == [("diredi", 0), ("diredi", 1), ("fedavg", 0), ("fedavg", 1)]
     assert flwr == cli
     assert json.loads((tmp_path / "flwr" / "config.json").read_text())["run"] == \
-        json.loads((tmp_path / "cli" / "config.json").read_text())["run"]
+        json.loads((tmp_path / "cli_" / "config.json").read_text())["run"]
 
 
 def test_two_rounds_keep_each_clients_edge_and_tutor1_follows_it(setup):

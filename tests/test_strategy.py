@@ -644,3 +644,98 @@ def test_a_sparse_delta_is_merged_and_a_malformed_one_is_rejected_with_its_reaso
     assert "outside" in decisions[1].reason and decisions[1].rejected_by == ["structure"]
     # the sparse delta was read back and applied: person's bias moved by about 1e-2 (float16)
     assert neck_head(strategy.tutor)[name][PERSON].item() - before == pytest.approx(1e-2, rel=1e-3)
+
+
+def test_chance_cosine_bounds_random_directions():
+    """z / sqrt(d): random directions in d dimensions stay under it (z = 4: about 3e-5 each side),
+    and the policy built with direction_z sets it and asks for the server's own reference."""
+    from strategies.verify import chance_cosine, cosine_score
+
+    d = 20_000
+    bound = chance_cosine(d, 4.0)
+    assert bound == pytest.approx(4.0 / math.sqrt(d))
+    generator = torch.Generator().manual_seed(0)
+    fixed = {"w": torch.randn(d, generator=generator)}
+    scores = [cosine_score({"w": torch.randn(d, generator=generator)}, fixed) for _ in range(200)]
+    assert max(abs(s) for s in scores) < bound
+    assert 0.5 / math.sqrt(d) < float(torch.tensor(scores).std()) < 1.5 / math.sqrt(d)
+    with pytest.raises(ValueError):
+        chance_cosine(0, 4.0)
+    nh = {"a": torch.ones(10, 10), "b": torch.ones(44)}
+    policy = VerificationPolicy.relative_to(nh, direction_z=4.0)
+    assert policy.direction_reference == "peers" and policy.min_cosine == pytest.approx(4.0 / math.sqrt(144))
+    off = VerificationPolicy.relative_to(nh)
+    assert off.direction_reference == "" and off.min_cosine == 0.0
+    with pytest.raises(ValueError, match="direction_reference"):
+        VerificationPolicy.relative_to(nh, direction_z=4.0, direction_reference="oracle")
+
+
+def test_server_reference_update_rejects_a_sign_flip_and_passes_its_own_direction(trained_tutor):
+    """With the "server" reference and no reference_fn, the strategy computes its own update on its
+    presumed data once per tutor version: the update itself passes the direction gate, its sign flip
+    and a random delta of the same norm do not."""
+    import copy
+
+    from strategies.diredi import server_reference_update
+
+    settings = RDSettings.from_profile(get_profile("smoke"))
+    presumed, edge = Squares(16, 3), build_model("smoke", "edge", seed=1)
+    nh = neck_head(trained_tutor)
+    policy = VerificationPolicy.relative_to(nh, norm_factor=1.0, direction_z=4.0, direction_reference="server",
+                                            protected_tolerance=1.0, protected_classes=("person",))
+    strategy = DiReDiStrategy(copy.deepcopy(trained_tutor), edge, Squares(16, 1), ["person"], settings, policy,
+                              presumed_data=presumed, aggregation="weighted")
+    own = server_reference_update(trained_tutor, edge, presumed, settings, seed=5)
+    assert set(own) == set(nh) and any(float(v.abs().max()) > 0 for v in own.values())
+    reference = strategy.reference_delta(1)
+    assert strategy.reference_delta(1) is reference  # computed once per tutor version
+    generator = torch.Generator().manual_seed(1)
+    random = {k: torch.randn(v.shape, generator=generator) for k, v in reference.items()}
+    scale = math.sqrt(sum(float(v.pow(2).sum()) for v in reference.values()) /
+                      sum(float(v.pow(2).sum()) for v in random.values()))
+    random = {k: v * scale for k, v in random.items()}
+    flipped = {k: -v for k, v in reference.items()}
+    strategy.aggregate_train(1, [reply(0, dict(reference)), reply(1, flipped), reply(2, random)])
+    decisions = {d.client: d for d in strategy.recorder.decisions}
+    assert decisions[0].accepted and decisions[0].cosine == pytest.approx(1.0)
+    assert decisions[1].rejected_by == ["direction"] and decisions[2].rejected_by == ["direction"]
+    assert abs(decisions[2].cosine) < policy.min_cosine
+    with pytest.raises(ValueError, match="presumed_data"):
+        DiReDiStrategy(copy.deepcopy(trained_tutor), edge, Squares(16, 1), ["person"], settings, policy)
+
+
+def test_peer_reference_is_the_median_of_the_others():
+    from strategies.verify import peer_reference
+
+    deltas = [{"w": torch.tensor([1.0, 10.0])}, {"w": torch.tensor([2.0, -5.0])}, {"w": torch.tensor([3.0, 0.0])},
+              {"w": torch.tensor([100.0, 1.0])}]
+    assert torch.equal(peer_reference(deltas, 3)["w"], torch.tensor([2.0, 0.0]))  # 100 does not vote for itself
+    assert torch.equal(peer_reference(deltas, 0)["w"], torch.tensor([3.0, 0.0]))  # a large outlier moves it little
+    assert peer_reference(deltas[:2], 0) is None  # one peer is no consensus
+
+
+def test_peer_direction_gate_keeps_out_a_sign_flip_and_random_deltas_of_a_minority(trained_tutor):
+    """Six deltas sharing a direction (plus their own parts), one sign-flipped, one random with the
+    same norm: the peers' median rejects the two by direction and accepts the six; a malformed delta
+    takes no part in the others' references."""
+    import copy
+
+    nh = neck_head(trained_tutor)
+    policy = VerificationPolicy.relative_to(nh, norm_factor=1.0, direction_z=4.0, protected_tolerance=1.0,
+                                            protected_classes=("person",))
+    strategy = DiReDiStrategy(copy.deepcopy(trained_tutor), build_model("smoke", "edge", seed=1), Squares(16, 1),
+                              ["person"], RDSettings.from_profile(get_profile("smoke")), policy, aggregation="weighted")
+    generator = torch.Generator().manual_seed(2)
+    shared = {k: 1e-4 * torch.randn(v.shape, generator=generator) for k, v in nh.items()}
+    honest = [{k: v + 1e-4 * torch.randn(v.shape, generator=generator) for k, v in shared.items()} for _ in range(6)]
+    flipped = {k: -v for k, v in honest[0].items()}
+    random = {k: 1.41e-4 * torch.randn(v.shape, generator=generator) for k, v in shared.items()}
+    nan_delta = {k: v.clone() for k, v in honest[1].items()}
+    nan_delta["head.classification_head.cls_logits.bias"][0] = float("nan")
+    replies = [reply(i, d) for i, d in enumerate([*honest, flipped, random, nan_delta])]
+    strategy.aggregate_train(1, replies)
+    decisions = {d.client: d for d in strategy.recorder.decisions}
+    assert all(decisions[i].accepted and decisions[i].cosine > 0.3 for i in range(6))
+    assert decisions[6].rejected_by == ["direction"] and decisions[6].cosine < -0.3
+    assert decisions[7].rejected_by == ["direction"] and abs(decisions[7].cosine) < policy.min_cosine
+    assert decisions[8].rejected_by == ["structure"]

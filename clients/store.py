@@ -1,0 +1,102 @@
+"""A client's state on disk, so that a run killed between rounds can resume where it stopped.
+
+A DiReDi client keeps things between rounds that the server never sees: its own re-distilled edge,
+the tutor's backbone body (sent once), its top-k residual. Flower keeps them in ``context.state``,
+which lives as long as the simulation does. With a state folder in the run configuration
+(``STATE_DIR``, set by ``sim.run``), each client also writes its state after every message it
+handles, one file per round it took part in:
+
+    <state dir>/<method>/client-<partition>/round-<r>.state   its records after round r
+    <state dir>/<method>/bodies/<fingerprint>.state           a tutor body, stored once for all
+
+A resumed run starts with empty ``context.state``; a client then loads the newest file of a round
+before the current one (a round the server checkpointed: the files of the round that was cut short
+are newer and ignored). The body is the same 44 MB for every client, so it is kept once per body
+(by the hash of its weights) and referenced by the client files. Every file is written to a
+temporary name first and renamed, so a killed run never leaves half a file.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import uuid
+from pathlib import Path
+
+from flwr.app import ArrayRecord, ConfigRecord, RecordDict
+from flwr.common import serde
+
+from models.io import state_fingerprint
+
+BODY_SUFFIX = ".tutor-body"  # context.state keys of the tutor's backbone body (``clients.app._tutor``)
+_BODY_REF = "body-fingerprint"
+_ROUND_FILE = re.compile(r"round-(\d+)\.state")
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.{uuid.uuid4().hex}.partial")  # unique: clients write side by side
+    partial.write_bytes(data)
+    os.replace(partial, path)
+
+
+def _encode(records: RecordDict) -> bytes:
+    return serde.recorddict_to_proto(records).SerializeToString()
+
+
+def _decode(data: bytes) -> RecordDict:
+    proto = serde.ProtoRecordDict()
+    proto.ParseFromString(data)
+    return serde.recorddict_from_proto(proto)
+
+
+def _client_dir(root: Path, method: str, partition: int) -> Path:
+    return Path(root) / method / f"client-{partition}"
+
+
+def _rounds(folder: Path) -> list[int]:
+    if not folder.is_dir():
+        return []
+    return sorted(int(m.group(1)) for p in folder.iterdir() if (m := _ROUND_FILE.fullmatch(p.name)))
+
+
+def save_client_state(state: RecordDict, root: Path, method: str, partition: int, server_round: int) -> Path:
+    """Writes ``state``'s records of ``method`` (keys "<method>.*") as the client's state after
+    ``server_round``; keeps that file and the newest one of an earlier round (the round a resume
+    may go back to), deletes older ones."""
+    prefix = f"{method}."
+    mine = RecordDict()
+    for key, record in state.items():
+        if not key.startswith(prefix):
+            continue
+        if key.endswith(BODY_SUFFIX) and isinstance(record, ArrayRecord):
+            fingerprint = state_fingerprint(record.to_torch_state_dict())
+            body = Path(root) / method / "bodies" / f"{fingerprint}.state"
+            if not body.exists():
+                _write_atomic(body, _encode(RecordDict({"body": record})))
+            mine[key] = ConfigRecord({_BODY_REF: fingerprint})
+        else:
+            mine[key] = record
+    folder = _client_dir(root, method, partition)
+    path = folder / f"round-{server_round}.state"
+    _write_atomic(path, _encode(mine))
+    earlier = [r for r in _rounds(folder) if r < server_round]
+    for old in earlier[:-1]:
+        (folder / f"round-{old}.state").unlink(missing_ok=True)
+    return path
+
+
+def load_client_state(root: Path, method: str, partition: int, before_round: int) -> RecordDict | None:
+    """The client's records of ``method`` after the newest round before ``before_round`` it wrote
+    (None when there is none), with its tutor body put back in place."""
+    folder = _client_dir(root, method, partition)
+    rounds = [r for r in _rounds(folder) if r < before_round]
+    if not rounds:
+        return None
+    records = _decode((folder / f"round-{rounds[-1]}.state").read_bytes())
+    for key in list(records):
+        record = records[key]
+        if key.endswith(BODY_SUFFIX) and isinstance(record, ConfigRecord):
+            body = Path(root) / method / "bodies" / f"{record[_BODY_REF]}.state"
+            records[key] = _decode(body.read_bytes())["body"]
+    return records
