@@ -23,7 +23,7 @@ from typing import Any, Mapping
 METHODS = ("diredi", "fedavg", "fedprox", "local", "oracle")  # the order of every table and plot
 FEDERATED = ("diredi", "fedavg", "fedprox")  # the methods that run on Flower; local and oracle need no clients
 TUTOR1_MODES = ("shared", "per-client")
-AGGREGATION_METHODS = ("weighted", "trimmed", "ties", "class_aware")  # strategies.aggregate.aggregate
+AGGREGATION_METHODS = ("weighted", "trimmed", "ties", "krum", "class_aware")  # strategies.aggregate.aggregate
 REDISTILL_SIDES = ("client", "server")
 DELTA_PRECISIONS = ("float16", "float32")  # how a client's delta travels (the server reads either)
 DIRECTION_REFERENCES = ("peers", "server")  # the direction gate's reference (strategies.verify)

@@ -9,6 +9,8 @@ verification step has already checked them against the tutor) and returns a new 
 * ``ties_merge``: TIES-merging (Yadav et al. 2023): trim each delta to its largest-magnitude
   entries, elect one sign per coordinate, average only the entries agreeing with it, so clients
   pulling a weight in opposite directions do not cancel into noise.
+* ``multi_krum``: Multi-Krum (Blanchard et al. 2017, with Flower's ``select_multikrum``): keep the
+  deltas closest to their nearest neighbours, average those; a few far-off (hostile) deltas are left out whole.
 * ``class_aware_merge``: the classification layer's per-class rows are averaged only over the
   clients that trained that class (so a class taught by one client is not divided by the number
   of clients); every other tensor goes through one of the rules above.
@@ -30,7 +32,9 @@ from collections.abc import Collection, Mapping, Sequence
 
 import numpy as np
 import torch
+from flwr.app import ArrayRecord, RecordDict
 from flwr.serverapp.strategy.fedtrimmedavg import trim_mean
+from flwr.serverapp.strategy.multikrum import select_multikrum
 from torch import Tensor
 
 from models.parts import delta_norm
@@ -41,7 +45,7 @@ Delta = Mapping[str, Tensor]
 # The FCOS classification layer: weight [num_classes, C, 3, 3], bias [num_classes], one anchor per
 # location, so row c along dim 0 belongs to (VOC) class c and to no other.
 CLASS_ROW_PARAMS = ("head.classification_head.cls_logits.weight", "head.classification_head.cls_logits.bias")
-SHARED_METHODS = ("weighted", "trimmed", "ties")  # what class_aware_merge may use for the shared tensors
+SHARED_METHODS = ("weighted", "trimmed", "ties", "krum")  # what class_aware_merge may use for the shared tensors
 
 
 def clip_delta(delta: Delta, max_norm: float = math.inf) -> tuple[dict[str, Tensor], float]:
@@ -127,6 +131,34 @@ def trimmed_mean(deltas: Sequence[Delta], trim_fraction: float = 0.2) -> dict[st
         stacked = torch.stack([d[name].detach().cpu() for d in deltas]).numpy()
         out[name] = torch.from_numpy(np.asarray(trim_mean(stacked, trim_fraction), dtype=stacked.dtype))
     return out
+
+
+def multi_krum(deltas: Sequence[Delta], weights: Sequence[float] | None = None, num_malicious: int | None = None,
+               num_selected: int | None = None) -> dict[str, Tensor]:
+    """Multi-Krum: score each delta by the summed squared distance to its n - f - 2 nearest others
+    (f = ``num_malicious``; default the most Krum tolerates, the largest f with n > 2f + 2), keep
+    the ``num_selected`` lowest scores (default n - f; 1 is plain Krum) and return their weighted mean.
+
+    Why: a hostile delta far from every honest one scores high and is left out whole, where a mean
+    would take a share of it. It fits the shared neck/head tensors, which every client moves
+    alike; on the class rows, clients that learn different classes are far apart by design (use
+    it as ``class_aware_merge``'s shared rule).
+    """
+    keys = _check_deltas(deltas)
+    n = len(deltas)
+    if num_malicious is None:
+        num_malicious = max(0, (n - 3) // 2)
+    if not 0 <= num_malicious < n:
+        raise ValueError(f"num_malicious must lie in [0, {n}), got {num_malicious}")
+    count = n - num_malicious if num_selected is None else num_selected
+    if not 1 <= count <= n:
+        raise ValueError(f"num_selected must lie in [1, {n}], got {count}")
+    contents = [RecordDict({"delta": ArrayRecord({k: d[k].detach().cpu().contiguous() for k in keys})})
+                for d in deltas]
+    selected = select_multikrum(contents, num_malicious, count)
+    chosen = [i for i, content in enumerate(contents) if any(content is s for s in selected)]
+    kept_weights = None if weights is None else [weights[i] for i in chosen]
+    return weighted_mean([deltas[i] for i in chosen], kept_weights)
 
 
 def _top_magnitude_mask(delta: Delta, keep_fraction: float) -> dict[str, Tensor]:
@@ -246,7 +278,8 @@ def class_aware_merge(deltas: Sequence[Delta], weights: Sequence[float] | None,
 def aggregate(deltas: Sequence[Delta], weights: Sequence[float] | None, method: str = "weighted",
               **options) -> dict[str, Tensor]:
     """Dispatches to one rule by name: "weighted" | "trimmed" (trim_fraction) | "ties" (keep_fraction)
-    | "class_aware" (client_classes, required; shared, scale and the shared rule's options).
+    | "krum" (num_malicious, num_selected) | "class_aware" (client_classes, required; shared, scale
+    and the shared rule's options).
 
     ``weights`` are ignored by "trimmed" (a rank statistic has no natural weighting).
     """
@@ -256,6 +289,8 @@ def aggregate(deltas: Sequence[Delta], weights: Sequence[float] | None, method: 
         return trimmed_mean(deltas, **options)
     if method == "ties":
         return ties_merge(deltas, weights, **options)
+    if method == "krum":
+        return multi_krum(deltas, weights, **options)
     if method == "class_aware":
         if "client_classes" not in options:
             raise ValueError("aggregation method 'class_aware' needs client_classes: "

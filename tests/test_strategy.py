@@ -739,3 +739,22 @@ def test_peer_direction_gate_keeps_out_a_sign_flip_and_random_deltas_of_a_minori
     assert decisions[6].rejected_by == ["direction"] and decisions[6].cosine < -0.3
     assert decisions[7].rejected_by == ["direction"] and abs(decisions[7].cosine) < policy.min_cosine
     assert decisions[8].rejected_by == ["structure"]
+
+
+def test_multi_krum_leaves_out_the_far_off_deltas_whole():
+    from strategies.aggregate import multi_krum
+
+    honest = [{"w": torch.tensor([1.0 + 0.1 * i, 2.0])} for i in range(5)]
+    hostile = [{"w": torch.tensor([50.0, -40.0])}, {"w": torch.tensor([-60.0, 30.0])}]
+    merged = multi_krum([*honest, *hostile], num_malicious=2)  # keeps 5: the honest ones
+    assert torch.allclose(merged["w"], torch.tensor([1.2, 2.0]))
+    krum = multi_krum([*honest, *hostile], num_malicious=2, num_selected=1)  # plain Krum: the most central
+    assert torch.allclose(krum["w"], torch.tensor([1.2, 2.0]))
+    weighted = multi_krum([*honest, *hostile], [1, 1, 1, 1, 6, 100, 100], num_malicious=2)
+    assert torch.allclose(weighted["w"], torch.tensor([(1.0 + 1.1 + 1.2 + 1.3 + 6 * 1.4) / 10, 2.0]))
+    assert torch.allclose(aggregate([*honest, *hostile], None, "krum")["w"], merged["w"])  # default f: (7-3)//2
+    with pytest.raises(ValueError, match="num_malicious"):
+        multi_krum(honest, num_malicious=5)
+    classes = [{0}, {0}, {1}, {1}, {1}]
+    shared_krum = aggregate(honest, None, "class_aware", client_classes=classes, shared="krum")
+    assert set(shared_krum) == {"w"}
