@@ -7,12 +7,15 @@
   per round, MB = 10^6 bytes; DiReDi's download in round 1 (the tutor's body travels once) and in
   the later rounds (neck/head only) separately.
 * ``verify_s_per_delta`` is timed here on the manufacturer's validation set: a candidate tutor
-  (the tutor with a perturbed neck/head) evaluated as verification did before (the whole model on
-  every image) and as it does now (the body's features computed once per tutor,
-  ``evaluation.features.BodyFeatureCache``), median of ``--repeats``; the detections are checked
-  to be identical.
+  (the tutor with a perturbed neck/head, a deep copy as ``DiReDiStrategy.verify`` makes it) and its
+  per-class AP (``ap_by_name``), with the whole model on every image ("before") and with the body's
+  features computed once per tutor ("after", ``evaluation.features.BodyFeatureCache``), the two
+  interleaved, median of ``--repeats``; the detections are checked to be identical.
+  ``verify_call_s``: one whole ``DiReDiStrategy.verify`` call per delta with the run's default
+  policy (structure, norm, AP, the bootstrap noise of the protected classes, the kept classes).
 
-Writes ``experiments/results/cost.json`` and prints a table.
+Writes ``experiments/results/cost.json`` (keeping the keys other benches write there, e.g. ``scale``
+and ``feature_reuse``) and prints a table.
 """
 
 from __future__ import annotations
@@ -31,7 +34,8 @@ from evaluation.ap import ap_by_name, predict
 from evaluation.features import BodyFeatureCache
 from models.parts import load_neck_head, neck_head
 from protocol.config import resolve_run_config
-from strategies.server_app import Session
+from strategies.ledger import Recorder
+from strategies.server_app import Session, make_strategy
 
 
 def traffic_and_rounds(folder: Path) -> dict:
@@ -79,20 +83,31 @@ def verify_seconds(session: Session, repeats: int) -> dict:
         predictions, targets = cache.predict(candidate())
         return ap_by_name(predictions, targets, classes)[0], predictions
 
-    timings = {}
-    outputs = {}
-    for name, fn in (("before", full), ("after", cached)):
-        seconds = []
-        for _ in range(repeats):
+    seconds, outputs = {"before": [], "after": []}, {}
+    for _ in range(repeats):  # interleaved, so that a change in the machine's load hits both alike
+        for name, fn in (("before", full), ("after", cached)):
             start = time.perf_counter()
             outputs[name] = fn()
-            seconds.append(time.perf_counter() - start)
-        timings[name] = statistics.median(seconds)
+            seconds[name].append(time.perf_counter() - start)
+    timings = {name: statistics.median(values) for name, values in seconds.items()}
     same = all(torch.equal(a[k], b[k]) for a, b in zip(outputs["before"][1], outputs["after"][1]) for k in a)
-    if not same or outputs["before"][0] != outputs["after"][0]:
+    if not same or len(outputs["before"][1]) != len(outputs["after"][1]) or outputs["before"][0] != outputs["after"][0]:
         raise SystemExit("cached-body verification gave other detections than the full model")
     return {**timings, "speedup": timings["before"] / timings["after"], "feature_cache_build_s": build_s,
-            "feature_cache_mb": cache.nbytes / 1e6, "validation_images": len(validation)}
+            "feature_cache_mb": cache.nbytes / 1e6, "validation_images": len(validation),
+            "verify_call_s": verify_call_seconds(session, delta, repeats)}
+
+
+def verify_call_seconds(session: Session, delta: dict, repeats: int) -> float:
+    """Median seconds of one ``DiReDiStrategy.verify`` call (the run's default policy), caches built."""
+    strategy = make_strategy("diredi", session, Recorder("diredi"))
+    strategy.verify(delta, 0, 1)  # builds the tutor's validation AP and the body's features
+    seconds = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        strategy.verify(delta, 0, 1)
+        seconds.append(time.perf_counter() - start)
+    return statistics.median(seconds)
 
 
 def main(argv=None) -> int:
@@ -101,7 +116,9 @@ def main(argv=None) -> int:
     parser.add_argument("--run", type=Path, default=Path("experiments/results/default8"),
                         help="a finished run folder (rounds.jsonl) to read traffic and round times from")
     parser.add_argument("--profile", default="cpu")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (1: comparable on a shared machine; more threads than free cores "
+                             "slows torch down many times over)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", type=Path, default=Path("experiments/results/cost.json"))
     args = parser.parse_args(argv)
@@ -109,11 +126,12 @@ def main(argv=None) -> int:
         parser.error(f"--run {args.run}: no rounds.jsonl there (run python -m sim.run first)")
     torch.set_num_threads(args.threads)
     session = Session.open(resolve_run_config({"profile": args.profile}))
-    result = {"command": f"python -m bench.cost --run {args.run} --profile {args.profile} --threads {args.threads}",
+    result = {"command": f"python -m bench.cost --run {args.run} --profile {args.profile} --threads {args.threads} "
+                         f"--repeats {args.repeats}",
               **traffic_and_rounds(args.run), "verify_s_per_delta": verify_seconds(session, args.repeats)}
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    if args.out.is_file():  # bench.scale's rows live in the same file: keep them
-        result = {**{k: v for k, v in json.loads(args.out.read_text()).items() if k == "scale"}, **result}
+    if args.out.is_file():  # other benches' keys live in the same file (bench.scale, bench.feature_reuse): keep them
+        result = {**json.loads(args.out.read_text()), **result}
     args.out.write_text(json.dumps(result, indent=2))
 
     print("| method | up MB | down MB (round 1) | down MB (later rounds) | round s |")
@@ -126,7 +144,7 @@ def main(argv=None) -> int:
     v = result["verify_s_per_delta"]
     print(f"\nverification per delta ({v['validation_images']} validation images): {v['before']:.2f} s whole model, "
           f"{v['after']:.2f} s with the body's features cached ({v['speedup']:.1f}x; cache {v['feature_cache_mb']:.0f} MB, "
-          f"built in {v['feature_cache_build_s']:.1f} s)")
+          f"built in {v['feature_cache_build_s']:.1f} s); a whole DiReDiStrategy.verify call {v['verify_call_s']:.2f} s")
     print(f"wrote {args.out}")
     return 0
 

@@ -135,32 +135,70 @@ def match_detections(
     Returns ``(scores, outcomes)`` in descending score order (stable for ties), where each
     outcome is TRUE_POSITIVE, FALSE_POSITIVE or IGNORED (best match is a difficult object).
     """
+    rows = {image_id: row for row, image_id in enumerate(ground_truths)}
+    gt_boxes, gt_difficult, gt_count = _pad_ground_truths(list(ground_truths.values()))
+    images = np.array([rows.get(image_id, -1) for image_id, _, _ in detections], dtype=np.int64)
     scores = np.array([float(score) for _, score, _ in detections], dtype=np.float64)
-    order = np.argsort(-scores, kind="stable")
-    matched = {
-        image_id: np.zeros(len(np.asarray(diff).reshape(-1)), dtype=bool)
-        for image_id, (_, diff) in ground_truths.items()
-    }
-    outcomes = np.empty(len(order), dtype=np.int64)
-    for rank, index in enumerate(order):
-        image_id, _, box = detections[index]
-        outcomes[rank] = FALSE_POSITIVE
-        if image_id not in ground_truths:
-            continue
-        gt_boxes, gt_difficult = ground_truths[image_id]
-        gt_boxes = np.asarray(gt_boxes, dtype=np.float64).reshape(-1, 4)
-        if len(gt_boxes) == 0:
-            continue
-        ious = voc_iou(np.asarray(box), gt_boxes, plus_one=plus_one)
-        best = int(np.argmax(ious))
-        if not ious[best] > iou_thresh:
-            continue
-        if bool(np.asarray(gt_difficult, dtype=bool).reshape(-1)[best]):
-            outcomes[rank] = IGNORED
-        elif not matched[image_id][best]:
-            matched[image_id][best] = True
-            outcomes[rank] = TRUE_POSITIVE
+    boxes = np.array([np.asarray(box, dtype=np.float64).reshape(4) for _, _, box in detections],
+                     dtype=np.float64).reshape(-1, 4)
+    order, outcomes = _match_arrays(images, scores, boxes, gt_boxes, gt_difficult, gt_count, iou_thresh, plus_one)
     return scores[order], outcomes
+
+
+def _pad_ground_truths(per_image: Sequence[tuple]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``[(boxes [K_i, 4], difficult [K_i])]`` -> boxes [M, K, 4], difficult [M, K], counts [M] (K = max K_i;
+    rows past an image's count are padding)."""
+    counts = np.array([len(np.asarray(diff).reshape(-1)) for _, diff in per_image], dtype=np.int64)
+    width = int(counts.max()) if len(counts) else 0
+    boxes = np.zeros((len(per_image), width, 4), dtype=np.float64)
+    difficult = np.zeros((len(per_image), width), dtype=bool)
+    for row, (b, d) in enumerate(per_image):
+        boxes[row, :counts[row]] = np.asarray(b, dtype=np.float64).reshape(-1, 4)
+        difficult[row, :counts[row]] = np.asarray(d, dtype=bool).reshape(-1)
+    return boxes, difficult, counts
+
+
+def _match_arrays(images: np.ndarray, scores: np.ndarray, boxes: np.ndarray, gt_boxes: np.ndarray,
+                  gt_difficult: np.ndarray, gt_count: np.ndarray, iou_thresh: float,
+                  plus_one: bool) -> tuple[np.ndarray, np.ndarray]:
+    """``match_detections`` on arrays, all detections at once: (ranking order [D], outcomes [D] in that order).
+
+    images [D]: each detection's row of the ground-truth arrays (-1: its image has none); scores [D];
+    boxes [D, 4]; gt_boxes [M, K, 4], gt_difficult [M, K], gt_count [M] (``_pad_ground_truths``).
+    The greedy loop's outcome, without the loop: a detection's best ground truth (first maximum IoU,
+    from ``voc_iou``'s formula element by element) does not depend on the others; a detection above the
+    threshold whose best is not difficult is a true positive exactly when it is the first such
+    detection of that ground truth in the ranking, since only those mark a ground truth matched.
+    """
+    order = np.argsort(-scores, kind="stable")
+    outcomes = np.full(len(order), FALSE_POSITIVE, dtype=np.int64)
+    if len(order) == 0 or gt_boxes.shape[1] == 0:
+        return order, outcomes
+    rows = images[order]
+    has_gt = rows >= 0
+    rows = np.where(has_gt, rows, 0)
+    has_gt &= gt_count[rows] > 0
+    det = boxes[order][:, None, :]  # [D, 1, 4] against [D, K, 4]
+    gts = gt_boxes[rows]
+    inter_w = np.maximum(box_extent(np.maximum(det[..., 0], gts[..., 0]), np.minimum(det[..., 2], gts[..., 2]),
+                                    plus_one), 0.0)
+    inter_h = np.maximum(box_extent(np.maximum(det[..., 1], gts[..., 1]), np.minimum(det[..., 3], gts[..., 3]),
+                                    plus_one), 0.0)
+    intersection = inter_w * inter_h
+    area_det = box_extent(det[..., 0], det[..., 2], plus_one) * box_extent(det[..., 1], det[..., 3], plus_one)
+    area_gts = box_extent(gts[..., 0], gts[..., 2], plus_one) * box_extent(gts[..., 1], gts[..., 3], plus_one)
+    union = area_det + area_gts - intersection
+    ious = np.where(union > 0, intersection / np.where(union > 0, union, 1.0), 0.0)
+    # Padding never wins the argmax: voc_iou's figures are >= 0 (a NaN box gives 0, not NaN).
+    ious[np.arange(gts.shape[1])[None, :] >= gt_count[rows][:, None]] = -1.0
+    best = np.argmax(ious, axis=1)
+    above = has_gt & (ious[np.arange(len(order)), best] > iou_thresh)
+    difficult = gt_difficult[rows, best]
+    outcomes[above & difficult] = IGNORED
+    candidates = np.nonzero(above & ~difficult)[0]  # in ranking order
+    _, first = np.unique(rows[candidates] * gt_boxes.shape[1] + best[candidates], return_index=True)
+    outcomes[candidates[first]] = TRUE_POSITIVE
+    return order, outcomes
 
 
 def precision_recall_curve(outcomes: np.ndarray, npos: int) -> tuple[np.ndarray, np.ndarray]:
@@ -194,6 +232,12 @@ def class_ap(
     """
     npos = count_positives(ground_truths)
     scores, outcomes = match_detections(detections, ground_truths, iou_thresh, plus_one)
+    return _ap_and_counts(scores, outcomes, npos, use_07_metric, score_thresh)
+
+
+def _ap_and_counts(scores: np.ndarray, outcomes: np.ndarray, npos: int, use_07_metric: bool,
+                   score_thresh: float | None) -> tuple[float, dict]:
+    """``class_ap``'s result from ranked scores and outcomes (``match_detections``)."""
     if npos == 0:
         ap = math.nan
     else:
@@ -292,6 +336,60 @@ def _image_key(target: Mapping, index: int) -> Hashable:
     return image_id
 
 
+def _flatten(predictions: Sequence[Mapping], targets: Sequence[Mapping], unique_ids: bool = True) -> tuple[dict, dict]:
+    """Every detection and every ground truth of a data set as flat arrays, in image order and, within
+    an image, in the order given: detections {image [D], scores [D] float64, boxes [D, 4] float64,
+    labels [D]} and ground truths {image [G], boxes [G, 4], labels [G], difficult [G]}. With
+    ``unique_ids``, raises on a repeated image_id."""
+    seen_keys: set = set()
+    det = {"image": [], "scores": [], "boxes": [], "labels": []}
+    gt = {"image": [], "boxes": [], "labels": [], "difficult": []}
+    for index, (prediction, target) in enumerate(zip(predictions, targets)):
+        if unique_ids:
+            key = _image_key(target, index)
+            if key in seen_keys:
+                raise ValueError(f"duplicate image_id {key!r}")
+            seen_keys.add(key)
+        labels = _to_numpy(target["labels"], np.int64)
+        gt["image"].append(np.full(len(labels), index, dtype=np.int64))
+        gt["boxes"].append(_to_numpy(target["boxes"], np.float64, (4,)))
+        gt["labels"].append(labels)
+        gt["difficult"].append(_to_numpy(target["difficult"], bool) if "difficult" in target
+                               else np.zeros(len(labels), dtype=bool))
+        scores = _to_numpy(prediction["scores"], np.float64)
+        det["image"].append(np.full(len(scores), index, dtype=np.int64))
+        det["scores"].append(scores)
+        det["boxes"].append(_to_numpy(prediction["boxes"], np.float64, (4,)))
+        det["labels"].append(_to_numpy(prediction["labels"], np.int64))
+    empty = {"image": np.zeros(0, np.int64), "scores": np.zeros(0), "boxes": np.zeros((0, 4)),
+             "labels": np.zeros(0, np.int64), "difficult": np.zeros(0, bool)}
+    return ({k: np.concatenate(v) if v else empty[k] for k, v in det.items()},
+            {k: np.concatenate(v) if v else empty[k] for k, v in gt.items()})
+
+
+def _class_outcomes(det: dict, gt: dict, num_images: int, class_id: int, iou_thresh: float,
+                    plus_one: bool) -> tuple[np.ndarray, np.ndarray, int]:
+    """One class's VOC matching over ``_flatten``'s arrays: (ranking order of the class's detections,
+    their outcomes in that order, the class's number of positives)."""
+    mine = gt["labels"] == class_id
+    images, difficult = gt["image"][mine], gt["difficult"][mine]
+    # Each image holding the class is a row of the padded ground truths, its objects in target order.
+    with_gt, first, counts = np.unique(images, return_index=True, return_counts=True)
+    row_of_image = np.full(num_images, -1, dtype=np.int64)
+    row_of_image[with_gt] = np.arange(len(with_gt))
+    rows = row_of_image[images]
+    column = np.arange(len(images)) - first[rows]
+    width = int(counts.max()) if len(counts) else 0
+    gt_boxes = np.zeros((len(with_gt), width, 4), dtype=np.float64)
+    gt_difficult = np.zeros((len(with_gt), width), dtype=bool)
+    gt_boxes[rows, column] = gt["boxes"][mine]
+    gt_difficult[rows, column] = difficult
+    ours = det["labels"] == class_id
+    order, outcomes = _match_arrays(row_of_image[det["image"][ours]], det["scores"][ours], det["boxes"][ours],
+                                    gt_boxes, gt_difficult, counts.astype(np.int64), iou_thresh, plus_one)
+    return order, outcomes, int(np.count_nonzero(~difficult))
+
+
 def evaluate_detections(
     predictions: Sequence[Mapping],
     targets: Sequence[Mapping],
@@ -312,46 +410,14 @@ def evaluate_detections(
     if len(predictions) != len(targets):
         raise ValueError(f"{len(predictions)} predictions but {len(targets)} targets")
     class_ids = [int(c) for c in class_ids]
-    detections: dict[int, list] = {c: [] for c in class_ids}
-    ground_truths: dict[int, dict] = {c: {} for c in class_ids}
-    seen_keys: set = set()
-
-    for index, (prediction, target) in enumerate(zip(predictions, targets)):
-        key = _image_key(target, index)
-        if key in seen_keys:
-            raise ValueError(f"duplicate image_id {key!r}")
-        seen_keys.add(key)
-
-        gt_boxes = _to_numpy(target["boxes"], np.float64, (4,))
-        gt_labels = _to_numpy(target["labels"], np.int64)
-        if "difficult" in target:
-            gt_difficult = _to_numpy(target["difficult"], bool)
-        else:
-            gt_difficult = np.zeros(len(gt_labels), dtype=bool)
-        for c in class_ids:
-            mine = gt_labels == c
-            if np.any(mine):
-                ground_truths[c][key] = (gt_boxes[mine], gt_difficult[mine])
-
-        boxes = _to_numpy(prediction["boxes"], np.float64, (4,))
-        scores = _to_numpy(prediction["scores"], np.float64)
-        labels = _to_numpy(prediction["labels"], np.int64)
-        for box, score, label in zip(boxes, scores, labels):
-            if int(label) in detections:
-                detections[int(label)].append((key, float(score), box))
-
+    det, gt = _flatten(predictions, targets)
     ap: dict[int, float] = {}
     npos: dict[int, int] = {}
     tp_total = fp_total = 0
     for c in class_ids:
-        ap[c], counts = class_ap(
-            detections[c],
-            ground_truths[c],
-            iou_thresh=iou_thresh,
-            use_07_metric=use_07_metric,
-            score_thresh=score_thresh,
-            plus_one=plus_one,
-        )
+        order, outcomes, positives = _class_outcomes(det, gt, len(targets), c, iou_thresh, plus_one)
+        ap[c], counts = _ap_and_counts(det["scores"][det["labels"] == c][order], outcomes, positives,
+                                       use_07_metric, score_thresh)
         npos[c] = counts["npos"]
         tp_total += counts["tp"]
         fp_total += counts["fp"]
@@ -478,28 +544,15 @@ def ap_by_name(predictions: Sequence[Mapping], targets: Sequence[Mapping],
     return ap, {k: float(v) for k, v in summary.items()}
 
 
-def _ranked_outcomes(predictions: Sequence[Mapping], targets: Sequence[Mapping], class_id: int,
+def _ranked_outcomes(det: dict, gt: dict, num_images: int, class_id: int,
                      iou_thresh: float = 0.5) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """One class's detections over a data set, ranked by score: (image index, outcome) of each
-    kept (not ignored) detection, and each image's number of positives. VOC matching is greedy
-    within an image in score order, so a detection's outcome does not depend on the other images."""
-    detections, ground_truths = [], {}
-    positives = np.zeros(len(targets), dtype=np.int64)
-    for index, (prediction, target) in enumerate(zip(predictions, targets)):
-        labels = _to_numpy(target["labels"], np.int64)
-        mine = labels == class_id
-        if np.any(mine):
-            difficult = (_to_numpy(target["difficult"], bool) if "difficult" in target
-                         else np.zeros(len(labels), dtype=bool))[mine]
-            ground_truths[index] = (_to_numpy(target["boxes"], np.float64, (4,))[mine], difficult)
-            positives[index] = np.count_nonzero(~difficult)
-        boxes = _to_numpy(prediction["boxes"], np.float64, (4,))
-        scores = _to_numpy(prediction["scores"], np.float64)
-        detections += [(index, float(score), box) for box, score, label
-                        in zip(boxes, scores, _to_numpy(prediction["labels"], np.int64)) if int(label) == class_id]
-    _, outcomes = match_detections(detections, ground_truths, iou_thresh, plus_one=False)
-    order = np.argsort(-np.array([d[1] for d in detections], dtype=np.float64), kind="stable")
-    images = np.array([detections[i][0] for i in order], dtype=np.int64)
+    """One class's detections over a data set (``_flatten``'s arrays), ranked by score: (image index,
+    outcome) of each kept (not ignored) detection, and each image's number of positives. VOC matching
+    is greedy within an image in score order, so a detection's outcome does not depend on the other images."""
+    order, outcomes, _ = _class_outcomes(det, gt, num_images, class_id, iou_thresh, plus_one=False)
+    images = det["image"][det["labels"] == class_id][order]
+    mine = (gt["labels"] == class_id) & ~gt["difficult"]
+    positives = np.bincount(gt["image"][mine], minlength=num_images).astype(np.int64)
     kept = outcomes != IGNORED
     return images[kept], outcomes[kept], positives
 
@@ -525,7 +578,8 @@ def bootstrap_ap_drop(before: Sequence[Mapping], after: Sequence[Mapping], targe
         raise ValueError(f"{len(before)}, {len(after)} and {len(targets)} predictions/targets: not aligned")
     rng = np.random.default_rng(seed)
     n = len(targets)
-    ranked = {int(c): (_ranked_outcomes(before, targets, int(c)), _ranked_outcomes(after, targets, int(c)))
+    (det_before, gt), (det_after, _) = _flatten(before, targets, False), _flatten(after, targets, False)
+    ranked = {int(c): (_ranked_outcomes(det_before, gt, n, int(c)), _ranked_outcomes(det_after, gt, n, int(c)))
               for c in class_ids}
     drops: dict[int, list[float]] = {c: [] for c in ranked}
     for _ in range(samples):

@@ -159,7 +159,7 @@ def test_class_aware_merge_rejects_bad_inputs():
         class_aware_merge(deltas, weights, [{-1}, {1}, {1}])
     with pytest.raises(ValueError, match=r"client_classes\[1\] must hold integer class indices"):
         class_aware_merge(deltas, weights, [{0}, {0.5}, {1}])
-    with pytest.raises(ValueError, match="shared must be one of weighted, trimmed, ties, got 'class_aware'"):
+    with pytest.raises(ValueError, match="shared must be one of weighted, trimmed, ties, krum, got 'class_aware'"):
         class_aware_merge(deltas, weights, classes, shared="class_aware")
     with pytest.raises(ValueError, match="2 weights for 3 deltas"):
         class_aware_merge(deltas, [1, 1], classes)
