@@ -90,6 +90,16 @@ def second_round(session: Session, deltas: list[dict], generator: torch.Generato
     return cosines(second, server, generator, randoms)
 
 
+def cosine_table(rows: list[dict]) -> list[str]:
+    lines = ["| client | norm | server: honest | server: sign flip | server: random max abs | peers: honest | "
+             "peers: sign flip | peers: random max abs |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        s, p = r["server"], r["peers"]
+        lines.append(f"| {r['client']} | {r['norm']:.3f} | {s['honest']:.4f} | {s['sign_flip']:.4f} | "
+                     f"{s['random_max_abs']:.4f} | {p['honest']:.4f} | {p['sign_flip']:.4f} | {p['random_max_abs']:.4f} |")
+    return lines
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m experiments.direction", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -120,21 +130,10 @@ def main(argv=None) -> int:
     (args.out / "direction.json").write_text(json.dumps(out, indent=2))
     lines = [f"# Direction gate: cosine with each reference (round 1, {args.clients} clients)", "",
              f"`{out['command']}`; d = {dims} neck/head weights, chance bound 4/sqrt(d) = {out['chance_bound_z4']:.4f}.", "",
-             "| client | norm | server: honest | server: sign flip | server: random max abs | peers: honest | "
-             "peers: sign flip | peers: random max abs |", "|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        s, p = r["server"], r["peers"]
-        lines.append(f"| {r['client']} | {r['norm']:.3f} | {s['honest']:.4f} | {s['sign_flip']:.4f} | "
-                     f"{s['random_max_abs']:.4f} | {p['honest']:.4f} | {p['sign_flip']:.4f} | {p['random_max_abs']:.4f} |")
+             *cosine_table(rows)]
     if round2:
         lines += ["", "Round 2 (the tutor merged from round 1, each client's edge re-distilled from it, each client's own "
-                  "Tutor 1; the server's reference from its own edge):", "",
-                  "| client | norm | server: honest | server: sign flip | server: random max abs | peers: honest | "
-                  "peers: sign flip | peers: random max abs |", "|---|---|---|---|---|---|---|---|"]
-        for r in round2:
-            s, p = r["server"], r["peers"]
-            lines.append(f"| {r['client']} | {r['norm']:.3f} | {s['honest']:.4f} | {s['sign_flip']:.4f} | "
-                         f"{s['random_max_abs']:.4f} | {p['honest']:.4f} | {p['sign_flip']:.4f} | {p['random_max_abs']:.4f} |")
+                  "Tutor 1; the server's reference from its own edge):", "", *cosine_table(round2)]
     (args.out / "direction.md").write_text("\n".join(lines) + "\n")
     print(f"wrote {args.out / 'direction.json'}")
     return 0
