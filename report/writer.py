@@ -226,6 +226,9 @@ class RunFolder:
         for suffix in (".json", ".safetensors"):
             (self.checkpoints_path / f"{method}{suffix}").unlink(missing_ok=True)
         shutil.rmtree(self.client_state_path / method, ignore_errors=True)
+        for folder in (self.checkpoints_path, self.client_state_path):
+            if folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()
 
     @property
     def rounds_path(self) -> Path:
