@@ -33,15 +33,16 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 from torch import nn
 
+from clients.store import load_client_state, save_client_state
 from data.workspace import Workspace
 from distill.rd import client_delta, direct_training, distill_c, reverse_distill_tutor1, reverse_distill_tutor2
 from distill.trainer import PhaseReport, peak_rss_mb
 from evaluation.ap import per_class_ap
-from clients.store import load_client_state, save_client_state
 from models.io import state_fingerprint
 from models.ladder import build_model
 from models.parts import part_of
 from protocol.config import RunConfig
+from protocol.privacy import DP_EPSILON, DP_PARTICIPATIONS, epsilon_spent, is_on, noise_generator, privatise
 from protocol.wire import (AFTER, AP_AFTER, AP_BEFORE, ARRAYS, BEFORE, CONFIG, DELTA, DIRECT_WORK, DIREDI_WORK,
                            EDGE, EDGE_SOURCE, LOSSES, METHOD, METRICS, NUM_EXAMPLES, PARTITION_ID, PEAK_RSS,
                            SECONDS, SERVER_ROUND, STATE_DIR, TRAINED, TUTOR, TUTOR1, WORK, decode, encode, pack_delta,
@@ -202,10 +203,8 @@ def _train_diredi(msg: Message, context: Context) -> Message:
                                             _dataset(ws, partition, "train"), settings, seed)
     delta = client_delta(tutor1, tutor2, settings)
     dp = {}
-    if math.isfinite(run.dp_clip) or run.dp_noise > 0:  # local DP (protocol.privacy; off: the delta untouched).
+    if is_on(run.dp_clip, run.dp_noise):  # local DP (protocol.privacy; off: the delta untouched).
         # Before top-k: the error-feedback residual below then holds parts of *noised* deltas (post-processing).
-        from protocol.privacy import DP_EPSILON, DP_PARTICIPATIONS, epsilon_spent, noise_generator, privatise
-
         delta, dp = privatise(delta, run.dp_clip, run.dp_noise, noise_generator(seed))
         dp_key = f"{config[METHOD]}.dp"  # this client's releases so far: its privacy budget
         earlier = context.state.config_records.get(dp_key)

@@ -38,7 +38,8 @@ from pathlib import Path
 
 import torch
 
-from protocol.privacy import epsilon_spent, global_norm, noise_generator, privatise
+from models.parts import delta_norm
+from protocol.privacy import epsilon_spent, noise_generator, privatise
 
 
 def significant(value: float, digits: int = 2) -> float:
@@ -97,7 +98,7 @@ def offline_round_one(session, clip: float, noises: list[float]) -> list[dict]:
         merged = aggregate(sent, weights, config.aggregation, **options)
         figures = score(updated_tutor(session.chain.tutor, merged, config.beta), session)
         rows.append({"clip": "inf" if noise is None else clip, "noise": 0.0 if noise is None else noise,
-                     "sent_norm_median": statistics.median(global_norm(d) for d in sent),
+                     "sent_norm_median": statistics.median(delta_norm(d) for d in sent),
                      **{k: figures[k] for k in ("new_ap", "presumed_mAP", "protected_ap")}})
         print(f"offline sigma {noise}: new-class AP {figures['new_ap']:.1f}, presumed mAP "
               f"{figures['presumed_mAP']:.1f}, protected {figures['protected_ap']:.1f}", flush=True)

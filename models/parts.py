@@ -8,6 +8,8 @@ Everything here is a pure function on name -> tensor mappings (state dicts), wit
 
 from __future__ import annotations
 
+import math
+
 from collections.abc import Mapping
 
 import torch
@@ -129,3 +131,20 @@ def inherit_neck_head(student: nn.Module, teacher: nn.Module | Mapping[str, Tens
 def delta_norm(delta: Mapping[str, Tensor]) -> float:
     """Global L2 norm of a delta (all tensors flattened together)."""
     return float(torch.sqrt(sum((t.double() ** 2).sum() for t in delta.values())))
+
+
+def clip_delta(delta: Delta, max_norm: float = math.inf) -> tuple[dict[str, Tensor], float]:
+    """The delta scaled to global L2 norm at most ``max_norm``, and the factor it was scaled by.
+
+    Why: a boosted delta (a poisoned update multiplied up to outweigh the honest ones) keeps its
+    direction but not its size; clipping leaves honest deltas below the bound untouched. Returns
+    (clipped, factor) with factor = min(1, max_norm / norm): 1.0 (and the same tensors) when the
+    delta is within the bound, when ``max_norm`` is inf (clipping off) or when the delta is all zeros.
+    """
+    if not max_norm > 0:  # also rejects NaN
+        raise ValueError(f"max_norm must be > 0 (inf: no clipping), got {max_norm}")
+    norm = delta_norm(delta) if math.isfinite(max_norm) else 0.0
+    if norm <= max_norm:
+        return dict(delta), 1.0
+    factor = max_norm / norm
+    return {name: value * factor for name, value in delta.items()}, factor

@@ -33,6 +33,8 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
+from models.parts import clip_delta, delta_norm
+
 DP = "dp"  # reply metrics "dp.<name>": what a client reports about its privatised delta
 DP_EPSILON = f"{DP}.epsilon"  # epsilon spent so far by this client at the run's dp-delta (noise > 0 only)
 DP_CLIP_FACTOR = f"{DP}.clip_factor"  # min(1, C / ||delta||) of this round's delta
@@ -53,25 +55,13 @@ def is_on(max_norm: float, noise_multiplier: float) -> bool:
     return math.isfinite(max_norm) or noise_multiplier > 0
 
 
-def global_norm(delta: Mapping[str, Tensor]) -> float:
-    """L2 norm of all floating-point tensors of ``delta`` flattened together (in float64)."""
-    return math.sqrt(sum(float((t.detach().double() ** 2).sum()) for t in delta.values() if t.is_floating_point()))
-
-
 def clip_to_norm(delta: Mapping[str, Tensor], max_norm: float) -> tuple[dict[str, Tensor], float]:
-    """The delta scaled down to global L2 norm ``max_norm`` if it is longer (all floating-point
-    tensors together, as one vector; other tensors pass unchanged); returns (clipped, factor) with
-    factor = min(1, max_norm / norm). With ``max_norm`` = inf, or a delta already within it, the
-    tensors are returned as they are (the same objects, factor 1.0)."""
-    if not max_norm > 0:
-        raise ValueError(f"max_norm must be > 0 (inf: no clipping), got {max_norm}")
-    norm = global_norm(delta)
+    """``models.parts.clip_delta`` (the clipping the server's merge may apply as well), refusing a
+    delta whose norm is not finite: no bound can clip it."""
+    norm = delta_norm(delta)
     if not math.isfinite(norm):
         raise ValueError(f"the delta's norm is {norm}: it cannot be clipped")
-    if norm <= max_norm:  # includes max_norm = inf
-        return dict(delta), 1.0
-    factor = max_norm / norm
-    return {k: v * factor if v.is_floating_point() else v for k, v in delta.items()}, factor
+    return clip_delta(delta, max_norm)
 
 
 def gaussian_noise(delta: Mapping[str, Tensor], std: float, generator: torch.Generator) -> dict[str, Tensor]:
@@ -129,7 +119,7 @@ def privatise(delta: Mapping[str, Tensor], max_norm: float, noise_multiplier: fl
         return dict(delta), {}
     if noise_multiplier > 0 and not math.isfinite(max_norm):
         raise ValueError("noise needs a finite clip norm: its std is noise_multiplier x max_norm")
-    norm = global_norm(delta)
+    norm = delta_norm(delta)
     clipped, factor = clip_to_norm(delta, max_norm)
     if noise_multiplier > 0:
         if generator is None:

@@ -37,7 +37,7 @@ from flwr.serverapp.strategy.fedtrimmedavg import trim_mean
 from flwr.serverapp.strategy.multikrum import select_multikrum
 from torch import Tensor
 
-from models.parts import delta_norm
+from models.parts import clip_delta, delta_norm  # noqa: F401 (clip_delta lives beside delta_norm; the merge bounds it)
 from protocol.config import AGGREGATION_METHODS
 
 Delta = Mapping[str, Tensor]
@@ -46,23 +46,6 @@ Delta = Mapping[str, Tensor]
 # location, so row c along dim 0 belongs to (VOC) class c and to no other.
 CLASS_ROW_PARAMS = ("head.classification_head.cls_logits.weight", "head.classification_head.cls_logits.bias")
 SHARED_METHODS = ("weighted", "trimmed", "ties", "krum")  # what class_aware_merge may use for the shared tensors
-
-
-def clip_delta(delta: Delta, max_norm: float = math.inf) -> tuple[dict[str, Tensor], float]:
-    """The delta scaled to global L2 norm at most ``max_norm``, and the factor it was scaled by.
-
-    Why: a boosted delta (a poisoned update multiplied up to outweigh the honest ones) keeps its
-    direction but not its size; clipping leaves honest deltas below the bound untouched. Returns
-    (clipped, factor) with factor = min(1, max_norm / norm): 1.0 (and the same tensors) when the
-    delta is within the bound, when ``max_norm`` is inf (clipping off) or when the delta is all zeros.
-    """
-    if not max_norm > 0:  # also rejects NaN
-        raise ValueError(f"max_norm must be > 0 (inf: no clipping), got {max_norm}")
-    norm = delta_norm(delta) if math.isfinite(max_norm) else 0.0
-    if norm <= max_norm:
-        return dict(delta), 1.0
-    factor = max_norm / norm
-    return {name: value * factor for name, value in delta.items()}, factor
 
 
 def cap_weights(weights: Sequence[float], multiple: float = 4.0) -> tuple[list[float], float]:

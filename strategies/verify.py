@@ -25,7 +25,7 @@ The gates:
 Gates 2-4 all run on a well-formed delta and each records its figure, so the log shows how every
 gate scored honest and hostile deltas alike. Every outcome becomes a ``Decision`` with its reason,
 the gates that rejected it and their figures, so the verification log says why. The merge-time
-bounds on an accepted delta (``clip_norm``, ``weight_cap``: ``strategies.aggregate.clip_delta`` and
+bounds on an accepted delta (``clip_norm``, ``weight_cap``: ``models.parts.clip_delta`` and
 ``cap_weights``) are recorded in its Decision as well.
 """
 
