@@ -27,6 +27,7 @@ import functools
 import math
 import os
 import time
+from collections import OrderedDict
 
 import torch  # imported here so ArrayRecord's torch conversions work inside Ray actors: it checks sys.modules only
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -50,17 +51,25 @@ from protocol.wire import (AFTER, AP_AFTER, AP_BEFORE, ARRAYS, BEFORE, CONFIG, D
 
 app = ClientApp()
 
-_DATASETS: dict[tuple[int, int, str], object] = {}
+# Decoded images of the most recent partitions this process served (least recently used dropped first).
+# One partition's three shards hold about 60 MB of uint8 images in the cpu profile; an actor serves many
+# partitions over a run, so an unbounded cache grew by that much per partition (up to 2.2 GB per actor
+# at 128 clients). Decoding a shard again costs under a millisecond per image.
+CACHED_PARTITIONS = 1
+_DATASETS: OrderedDict[tuple[int, int], dict[str, object]] = OrderedDict()
 
 
 def _dataset(workspace: Workspace, partition: int, kind: str):
-    # Kept per process so decoded images stay cached across rounds (VOCDetection caches uint8);
-    # workspaces are memoised, so their identity is a stable key.
-    key = (id(workspace), partition, kind)
-    if key not in _DATASETS:
-        _DATASETS[key] = {"presumed": workspace.client_presumed, "train": workspace.client_train,
-                          "test": workspace.client_test}[kind](partition)
-    return _DATASETS[key]
+    # Workspaces are memoised, so their identity is a stable key.
+    key = (id(workspace), partition)
+    shards = _DATASETS.setdefault(key, {})
+    _DATASETS.move_to_end(key)
+    while len(_DATASETS) > CACHED_PARTITIONS:
+        _DATASETS.popitem(last=False)
+    if kind not in shards:
+        shards[kind] = {"presumed": workspace.client_presumed, "train": workspace.client_train,
+                        "test": workspace.client_test}[kind](partition)
+    return shards[kind]
 
 
 def _set_threads() -> None:

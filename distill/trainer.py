@@ -23,6 +23,7 @@ import math
 import resource
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -129,6 +130,17 @@ class PhaseReport:
     def summary(self) -> dict:
         out = {k: v for k, v in asdict(self).items() if k not in ("losses", "det_losses", "distill_losses")}
         return {**out, **self.balance()}
+
+
+@contextmanager
+def torch_threads(n: int):
+    """Runs the block with ``n`` torch intra-op threads, then restores the previous count."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def peak_rss_mb() -> float:

@@ -41,8 +41,10 @@ from torch import Tensor, nn
 
 from data.voc import CLASS_INDEX
 from distill.rd import RDSettings, client_delta, distill_c, reverse_distill_tutor1, reverse_distill_tutor2
+from distill.trainer import torch_threads
 from evaluation.ap import ap_by_name, bootstrap_ap_drop, nan_mean, predict
 from evaluation.features import BodyFeatureCache, FeaturesTooLarge
+from models.io import state_fingerprint
 from models.parts import load_neck_head, neck_head, substitute
 from protocol.wire import (AFTER, AP_AFTER, AP_BEFORE, BEFORE, CONFIG, DELTA, DISTILL, DIREDI_WORK, EDGE,
                            EDGE_SOURCE, EVALUATE, METHOD, METRICS, NUM_EXAMPLES, PARTITION_ID, SERVER,
@@ -50,11 +52,17 @@ from protocol.wire import (AFTER, AP_AFTER, AP_BEFORE, BEFORE, CONFIG, DELTA, DI
                            state_record, unpack_delta, work_seed)
 from strategies.aggregate import AGGREGATION_METHODS, aggregate, cap_weights, clip_delta
 from strategies.checkpoint import prefixed, unprefixed
+from strategies.exchange import exchange
 from strategies.ledger import ClientSampler, Recorder, RoundLedger
 from strategies.verify import (Decision, VerificationPolicy, direction_check, kept_check, peer_reference,
                                protected_check, safe_norm, structural_check)
 
 log = logging.getLogger(__name__)
+
+# Every validation (the tutor's, each candidate's) runs on one torch thread: it runs beside the client
+# actors, which hold every core (``strategies.exchange``), and a fixed thread count keeps its figures
+# bit-identical however the replies' arrival interleaves with it (CPU reductions split by thread count).
+VALIDATION_THREADS = 1
 
 
 def server_reference_update(tutor: nn.Module, edge: nn.Module, presumed_data, settings: RDSettings, seed: int,
@@ -144,6 +152,10 @@ class DiReDiStrategy(Strategy):
         self._accepted = 0  # accepted deltas of the round in progress
         self._tutor_ap: dict[str, float] | None = None  # cache for the current tutor
         self._tutor_predictions: list[dict] = []  # its detections on the validation images
+        # Candidate tutors evaluated for the current tutor: delta fingerprint -> (AP, detections).
+        self._candidates: dict[str, tuple[dict[str, float], list[dict]]] = {}
+        self._screen_seconds: dict[int, float] = {}  # node -> seconds its candidate took on arrival
+        self._summary_due: int | None = None  # the round whose updated tutor is still to be recorded
         self._validation_targets: list[dict] = []
         self.reference_fn = reference_fn  # the direction check's reference (None: no check)
         self._reference: Mapping[str, Tensor] | None | bool = False  # the current tutor's (False: not asked yet)
@@ -237,7 +249,8 @@ class DiReDiStrategy(Strategy):
             entry = ledger.count_up(reply)
             self._nodes_with_body.add(entry.node)  # it received the full tutor once and keeps the body
             self._partition_of[entry.node] = int(metrics[PARTITION_ID])
-            entry.train, entry.decision, entry.verify_seconds = dict(metrics), decision, time.perf_counter() - start
+            seconds = time.perf_counter() - start + self._screen_seconds.pop(entry.node, 0.0)
+            entry.train, entry.decision, entry.verify_seconds = dict(metrics), decision, seconds
             decisions.append(decision)
             if decision.accepted:
                 accepted_deltas.append(delta)
@@ -267,8 +280,10 @@ class DiReDiStrategy(Strategy):
             options["client_classes"] = trained
         merged = aggregate(accepted_deltas, weights, self.aggregation, **options)
         load_neck_head(self.tutor, substitute(neck_head(self.tutor), merged, self.settings.beta))
-        self._tutor_ap, self._reference = None, False  # both belong to the tutor that was
-        self.recorder.tutor_history.append(self._tutor_summary(server_round))  # the paper's "updated tutor", per round
+        self._tutor_ap, self._reference, self._candidates = None, False, {}  # all belong to the tutor that was
+        # The paper's "updated tutor", per round: evaluated by ``record_tutor``, which ``start`` runs
+        # while the clients re-distil (nothing in this round needs it before).
+        self._summary_due = server_round
         return state_record(self.tutor), summary
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
@@ -322,7 +337,7 @@ class DiReDiStrategy(Strategy):
                                **encode(AFTER, decode(entry.train, BEFORE))}
             return
         if self.redistill == "client":
-            replies = grid.send_and_receive(self.configure_distill(server_round, config), timeout=timeout)
+            replies = exchange(grid, self.configure_distill(server_round, config), timeout, meanwhile=self.record_tutor)
             self.aggregate_distill(server_round, replies)
             self._client_edges_changed = True
         else:
@@ -348,8 +363,12 @@ class DiReDiStrategy(Strategy):
         result = Result(arrays=state_record(self.tutor))
         for server_round in range(start_round, num_rounds + 1):
             log.info("DiReDi round %d/%d", server_round, num_rounds)
+            # The tutor's own validation AP: in round 1 with the body's features of the validation images,
+            # built here while no client works (later rounds: done while the clients re-distilled).
+            self.tutor_validation_ap()
             messages = self.configure_train(server_round, result.arrays, config, grid)
-            replies = list(grid.send_and_receive(messages, timeout=timeout))
+            # While the clients train, each delta's candidate tutor is evaluated as its reply arrives.
+            replies = exchange(grid, messages, timeout, on_reply=self.screen)
             arrays, summary = self.aggregate_train(server_round, replies)
             if not self.ledger.trained:
                 raise RuntimeError(f"round {server_round}: no client returned a delta ({len(replies)} replies "
@@ -358,6 +377,7 @@ class DiReDiStrategy(Strategy):
                 result.arrays = arrays
             result.train_metrics_clientapp[server_round] = summary
             self.redistill_edges(server_round, grid, config, timeout)
+            self.record_tutor()
             self.recorder.close_round(self.ledger)
             if self.checkpoint_fn is not None:
                 self.checkpoint_fn(server_round, *self.checkpoint())
@@ -383,7 +403,7 @@ class DiReDiStrategy(Strategy):
         self._restored_partitions = {k: list(meta[k]) for k in ("partitions_with_body", "partitions_with_edge")}
         self._client_edges_changed = bool(meta["client_edges_changed"])
         self.recorder.tutor_history = list(meta["tutor_history"])
-        self._tutor_ap, self._reference, self._validation_features = None, False, None
+        self._tutor_ap, self._reference, self._validation_features, self._candidates = None, False, None, {}
 
     def _map_restored_partitions(self, identities: Mapping[int, int]) -> None:
         self._partition_of.update(identities)
@@ -415,12 +435,7 @@ class DiReDiStrategy(Strategy):
             return Decision(client, server_round, False, f"invalid aggregation weight {weight!r}", norm=norm,
                             weight=weight, rejected_by=["weight"])
         before = self.tutor_validation_ap()
-        # The candidate shares the tutor's frozen body (eq. 10 changes only neck/head): no 44 MB copy per delta.
-        body = self.tutor.backbone.body
-        shared = {id(t): t for t in (*body.parameters(), *body.buffers())}
-        candidate = load_neck_head(copy.deepcopy(self.tutor, shared),
-                                   substitute(neck_head(self.tutor), delta, self.settings.beta))
-        after, predictions = self._validate(candidate)
+        after, predictions = self.candidate_ap(delta)
         noise = {}
         if self.policy.noise_z > 0 and self.policy.protected_classes:
             # How much the candidate's drop on each protected class moves by chance on these images.
@@ -446,6 +461,43 @@ class DiReDiStrategy(Strategy):
                         val_map_after=nan_mean(after.values()), weight=weight, noise=figures["noise"],
                         tolerance=figures["tolerance"], rejected_by=[gate for gate, _ in failed],
                         kept_drop=kept["mean_drop"], cosine=cosine)
+
+    def candidate_ap(self, delta: Mapping[str, Tensor]) -> tuple[dict[str, float], list[dict]]:
+        """Validation AP and detections of the candidate tutor eq. 10 makes of ``delta``; each delta is
+        evaluated once per tutor version (``screen`` may have done it while other clients trained)."""
+        key = state_fingerprint(delta)
+        if key not in self._candidates:
+            # The candidate shares the tutor's frozen body (eq. 10 changes only neck/head): no 44 MB copy.
+            body = self.tutor.backbone.body
+            shared = {id(t): t for t in (*body.parameters(), *body.buffers())}
+            candidate = load_neck_head(copy.deepcopy(self.tutor, shared),
+                                       substitute(neck_head(self.tutor), delta, self.settings.beta))
+            self._candidates[key] = self._validate(candidate)
+        return self._candidates[key]
+
+    def screen(self, reply: Message, outstanding: int = 0) -> None:
+        """The costly part of verifying a reply, done as soon as it arrives (``strategies.exchange``):
+        its candidate tutor's validation AP. Nothing is decided here: ``aggregate_train`` verifies every
+        reply in full (the direction check needs all of the round's deltas) and finds this work done. A
+        reply that cannot be read or fails the structure check is left to it to reject with its reason."""
+        if reply.has_error():
+            return
+        start = time.perf_counter()
+        try:
+            delta = self._read_delta(reply)
+        except MalformedDelta:
+            return
+        if delta is None or not structural_check(delta, neck_head(self.tutor), self.policy.norm_bound)[0]:
+            return
+        self.tutor_validation_ap()
+        self.candidate_ap(delta)
+        self._screen_seconds[reply.metadata.src_node_id] = time.perf_counter() - start
+
+    def record_tutor(self) -> None:
+        """Appends the updated tutor's validation AP to its history, once per round (see aggregate_train)."""
+        if self._summary_due is not None:
+            self.recorder.tutor_history.append(self._tutor_summary(self._summary_due))
+            self._summary_due = None
 
     def _references(self, server_round: int, deltas: list[Mapping[str, Tensor] | None]) -> list:
         """Each delta's direction reference: with ``policy.direction_reference == "peers"`` (and no
@@ -485,7 +537,8 @@ class DiReDiStrategy(Strategy):
     def _validate(self, model: nn.Module) -> tuple[dict[str, float], list[dict]]:
         """Per-class AP of ``model`` on the manufacturer's validation set, and its detections.
 
-        Candidates differ from the tutor only in neck/head, so the body's features are computed once."""
+        Candidates differ from the tutor only in neck/head, so the body's features are computed once
+        (at the server's thread count: ``start`` builds them before round 1's clients start)."""
         if self._validation_features is None:
             try:
                 self._validation_features = BodyFeatureCache(self.tutor, self.validation_data)
@@ -494,10 +547,11 @@ class DiReDiStrategy(Strategy):
             except FeaturesTooLarge as too_large:
                 log.info("validation features not cached (%s): every candidate runs its body", too_large)
                 self._validation_features = False
-        if self._validation_features:
-            predictions, self._validation_targets = self._validation_features.predict(model)
-        else:
-            predictions, self._validation_targets = predict(model, self.validation_data)
+        with torch_threads(VALIDATION_THREADS):
+            if self._validation_features:
+                predictions, self._validation_targets = self._validation_features.predict(model)
+            else:
+                predictions, self._validation_targets = predict(model, self.validation_data)
         return ap_by_name(predictions, self._validation_targets, self.validation_classes)[0], predictions
 
     def tutor_validation_ap(self) -> dict[str, float]:

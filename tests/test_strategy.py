@@ -758,3 +758,54 @@ def test_multi_krum_leaves_out_the_far_off_deltas_whole():
     classes = [{0}, {0}, {1}, {1}, {1}]
     shared_krum = aggregate(honest, None, "class_aware", client_classes=classes, shared="krum")
     assert set(shared_krum) == {"w"}
+
+
+def test_screening_on_arrival_leaves_the_decisions_as_they_were_and_evaluates_each_candidate_once(trained_tutor):
+    import copy
+
+    erase = zeros_like_nh(trained_tutor)
+    erase["head.classification_head.cls_logits.bias"][PERSON] = -30.0
+    harmless = zeros_like_nh(trained_tutor)
+    harmless["backbone.fpn.inner_blocks.0.0.bias"] += 1e-4
+    nan_delta = zeros_like_nh(trained_tutor)
+    nan_delta["head.classification_head.cls_logits.bias"][0] = float("nan")
+
+    def replies():
+        return [reply(0, erase), reply(1, harmless), reply(2, nan_delta), reply(3, None)]
+
+    policy = VerificationPolicy(norm_bound=50.0, protected_tolerance=0.05, protected_classes=("person",))
+
+    def fresh():
+        return DiReDiStrategy(copy.deepcopy(trained_tutor), build_model("smoke", "edge", seed=1), Squares(32, 1),
+                              ["person"], RDSettings.from_profile(get_profile("smoke")), policy)
+
+    plain = fresh()
+    plain.aggregate_train(1, replies())
+    screened = fresh()
+    evaluated = []
+    validate = screened._validate
+    screened._validate = lambda model: evaluated.append(model) or validate(model)
+    arrived = replies()
+    for i, message in enumerate(arrived):  # as strategies.exchange hands them over
+        screened.screen(message, outstanding=len(arrived) - 1 - i)
+    assert len(evaluated) == 3  # the tutor and the two well-formed candidates; NaN and no delta skipped
+    screened.aggregate_train(1, arrived)
+    assert len(evaluated) == 3  # aggregate_train found the candidates done
+    keep = ("client", "accepted", "reason", "ap_before", "ap_after", "rejected_by")
+    assert [{k: d.to_dict()[k] for k in keep} for d in screened.recorder.decisions] == \
+           [{k: d.to_dict()[k] for k in keep} for d in plain.recorder.decisions]
+    for name, value in screened.tutor.state_dict().items():
+        assert torch.equal(value, plain.tutor.state_dict()[name]), name
+    assert not screened._candidates  # they belonged to the tutor before the merge
+
+
+def test_the_updated_tutor_is_recorded_once_per_round(strategy):
+    harmless = zeros_like_nh(strategy.tutor)
+    harmless["backbone.fpn.inner_blocks.0.0.bias"] += 1e-4
+    strategy.aggregate_train(1, [reply(0, harmless)])
+    assert [entry["round"] for entry in strategy.recorder.tutor_history] == [0]  # round 1's is due
+    strategy.record_tutor()
+    strategy.record_tutor()
+    history = strategy.recorder.tutor_history
+    assert [entry["round"] for entry in history] == [0, 1]
+    assert history[1]["ap"] == strategy.tutor_validation_ap()
