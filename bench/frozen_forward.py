@@ -1,0 +1,149 @@
+"""Where a client's step goes, and what a faster frozen tutor forward would give.
+
+    python -m bench.frozen_forward --threads 1
+
+A Distill C step runs the (frozen) tutor forward and trains the edge; a direct-training step only
+trains the edge, so at equal client steps DiReDi's client work is dearer by the tutor's forward. This
+times, on one real batch of client 0 of the run in ``--run`` (one thread, as a client actor):
+
+* ``distill_c_step_ms``: one Distill C step split into data, transform, tutor forward (no grad), edge
+  forward, detection loss, distillation loss, backward, optimiser step (median of ``--steps``);
+* ``tutor_forward_ms``: the tutor's neck features by ways of running a frozen network for inference:
+  eager (what the project runs), BatchNorm folded into the convolutions (``torch.fx`` fuse),
+  channels-last memory layout, both, and TorchScript ``freeze`` + ``optimize_for_inference``; with
+  each the largest absolute difference from eager (none is bit-identical, so each would change the
+  trained weights by rounding and the run's figures within noise).
+
+Writes the key ``frozen_forward`` of ``experiments/results/cost.json`` (other keys kept).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from torch.fx.experimental.optimization import fuse
+
+import distill.trainer as trainer
+from distill.fgd import make_distill_loss
+from distill.rd import distill_c_phase
+from models.ladder import STRIDES, detection_losses, neck_features
+from protocol.config import resolve_run_config
+from strategies.server_app import Session
+
+
+def median_ms(fn, repeats: int) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return 1000 * statistics.median(times)
+
+
+def distill_c_step_ms(tutor, edge, dataset, settings, steps: int) -> dict[str, float]:
+    """Milliseconds per part of a Distill C step (the trainer's own step, taken apart)."""
+    phase = distill_c_phase(settings, seed=0)
+    student = copy.deepcopy(edge).train()
+    distiller = make_distill_loss(phase.distill_loss, student.backbone.out_channels, tutor.backbone.out_channels,
+                                  len(STRIDES), phase.fgd, phase.pkd_weight)
+    params = list(student.parameters()) + list(distiller.parameters())
+    optimizer = trainer.make_optimizer(params, phase)
+    generator = torch.Generator().manual_seed(0)
+    batches = trainer.infinite_batches(dataset, phase.batch_size, generator)
+    parts: dict[str, list[float]] = {}
+
+    def lap(name: str, since: float) -> float:
+        now = time.perf_counter()
+        parts.setdefault(name, []).append(now - since)
+        return now
+
+    for _ in range(steps + 3):  # the first 3 warm up
+        t = time.perf_counter()
+        images, targets = trainer._prepare(next(batches), phase, generator)
+        t = lap("data", t)
+        image_list, targets = student.transform(images, targets)
+        t = lap("transform", t)
+        with torch.no_grad():
+            teacher_feats = neck_features(tutor, image_list.tensors)
+        t = lap("tutor_forward", t)
+        feats = neck_features(student, image_list.tensors)
+        t = lap("edge_forward", t)
+        det = sum(detection_losses(student, image_list, targets, feats).values())
+        t = lap("detection_loss", t)
+        raw = distiller(feats, teacher_feats, [x["boxes"] for x in targets], STRIDES)["distill"]
+        t = lap("distillation_loss", t)
+        optimizer.zero_grad(set_to_none=True)
+        (det + raw).backward()
+        t = lap("backward", t)
+        torch.nn.utils.clip_grad_norm_(params, max_norm=phase.clip_norm)
+        optimizer.step()
+        lap("optimiser_step", t)
+    out = {name: 1000 * statistics.median(values[3:]) for name, values in parts.items()}
+    out["total"] = sum(out.values())
+    return out
+
+
+def tutor_forward_ms(tutor, images: torch.Tensor, repeats: int) -> dict[str, dict[str, float]]:
+    """The tutor's neck features, eager and by four inference-only ways, with their deviation."""
+    backbone = tutor.backbone.eval()
+    channels_last = images.contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        reference = list(backbone(images).values())
+        fused = fuse(copy.deepcopy(backbone))
+        last = copy.deepcopy(backbone).to(memory_format=torch.channels_last)
+        fused_last = fuse(copy.deepcopy(backbone)).to(memory_format=torch.channels_last)
+        scripted = torch.jit.optimize_for_inference(torch.jit.freeze(
+            torch.jit.trace(copy.deepcopy(backbone), images, strict=False)))
+        ways = {"eager": (backbone, images), "bn_folded": (fused, images), "channels_last": (last, channels_last),
+                "bn_folded_channels_last": (fused_last, channels_last),
+                "torchscript_optimize_for_inference": (scripted, images)}
+        out = {}
+        for name, (module, x) in ways.items():
+            features = list(module(x).values())
+            out[name] = {"ms": median_ms(lambda m=module, x=x: m(x), repeats),
+                         "max_abs_diff": max(float((a - b).abs().max()) for a, b in zip(reference, features))}
+    return out
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.frozen_forward", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run", type=Path, default=Path("experiments/results/default8"),
+                        help="a run folder whose config.json names the scenario and settings")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--steps", type=int, default=20, help="Distill C steps timed")
+    parser.add_argument("--repeats", type=int, default=15, help="timed forwards per way")
+    parser.add_argument("--out", type=Path, default=Path("experiments/results/cost.json"))
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    run = json.loads((args.run / "config.json").read_text())["run"]
+    config = resolve_run_config({k: run[k] for k in ("profile", "scenario", "num_clients", "seed", "rd_iters",
+                                                     "redistill_iters", "batch_size", "tutor1", "redistill")})
+    session = Session.open(config)
+    tutor, edge = session.chain.tutor.eval(), session.chain.edge
+    dataset = session.workspace.client_train(0)
+    settings = config.rd_settings()
+    images = tutor.transform([dataset[i][0] for i in range(settings.batch_size)], None)[0].tensors
+    result = {"command": f"python -m bench.frozen_forward --run {args.run} --threads {args.threads} "
+                         f"--steps {args.steps} --repeats {args.repeats}",
+              "batch": list(images.shape),
+              "distill_c_step_ms": distill_c_step_ms(tutor, edge, dataset, settings, args.steps),
+              "tutor_forward_ms": tutor_forward_ms(tutor, images, args.repeats)}
+    out = json.loads(args.out.read_text()) if args.out.is_file() else {}
+    out["frozen_forward"] = result
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(out, indent=2))
+    print(json.dumps(result, indent=1))
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
