@@ -8,6 +8,8 @@ times, on one real batch of client 0 of the run in ``--run`` (one thread, as a c
 
 * ``distill_c_step_ms``: one Distill C step split into data, transform, tutor forward (no grad), edge
   forward, detection loss, distillation loss, backward, optimiser step (median of ``--steps``);
+* ``distill_c_s``: a client's whole Distill C with the tutor's body eager and scripted for inference
+  (the fastest way below), to see how much of the isolated gain survives inside the training loop;
 * ``tutor_forward_ms``: the tutor's neck features by ways of running a frozen network for inference:
   eager (what the project runs), BatchNorm folded into the convolutions (``torch.fx`` fuse),
   channels-last memory layout, both, and TorchScript ``freeze`` + ``optimize_for_inference``; with
@@ -31,7 +33,7 @@ from torch.fx.experimental.optimization import fuse
 
 import distill.trainer as trainer
 from distill.fgd import make_distill_loss
-from distill.rd import distill_c_phase
+from distill.rd import distill_c, distill_c_phase
 from models.ladder import STRIDES, detection_losses, neck_features
 from protocol.config import resolve_run_config
 from strategies.server_app import Session
@@ -99,8 +101,7 @@ def tutor_forward_ms(tutor, images: torch.Tensor, repeats: int) -> dict[str, dic
         fused = fuse(copy.deepcopy(backbone))
         last = copy.deepcopy(backbone).to(memory_format=torch.channels_last)
         fused_last = fuse(copy.deepcopy(backbone)).to(memory_format=torch.channels_last)
-        scripted = torch.jit.optimize_for_inference(torch.jit.freeze(
-            torch.jit.trace(copy.deepcopy(backbone), images, strict=False)))
+        scripted = scripted_body(backbone, images)
         ways = {"eager": (backbone, images), "bn_folded": (fused, images), "channels_last": (last, channels_last),
                 "bn_folded_channels_last": (fused_last, channels_last),
                 "torchscript_optimize_for_inference": (scripted, images)}
@@ -112,6 +113,30 @@ def tutor_forward_ms(tutor, images: torch.Tensor, repeats: int) -> dict[str, dic
     return out
 
 
+def scripted_body(body, images: torch.Tensor):
+    with torch.no_grad():
+        return torch.jit.optimize_for_inference(torch.jit.freeze(torch.jit.trace(copy.deepcopy(body).eval(), images,
+                                                                                 strict=False)))
+
+
+def distill_c_seconds(tutor, edge, dataset, settings, images: torch.Tensor, repeats: int) -> dict:
+    """Seconds of one client's whole Distill C (the run's steps) with the tutor's body eager and
+    scripted for inference, interleaved ``repeats`` times; and whether the trained edges are equal."""
+    scripted = copy.deepcopy(tutor)
+    scripted.backbone.body = scripted_body(tutor.backbone.body, images)
+    seconds: dict[str, list[float]] = {"eager": [], "torchscript_optimize_for_inference": []}
+    edges = {}
+    for _ in range(repeats):
+        for name, teacher in (("eager", tutor), ("torchscript_optimize_for_inference", scripted)):
+            start = time.perf_counter()
+            edges[name], _ = distill_c(edge, teacher, dataset, settings, seed=0)
+            seconds[name].append(time.perf_counter() - start)
+    same = all(torch.equal(a, b) for a, b in zip(edges["eager"].state_dict().values(),
+                                                  edges["torchscript_optimize_for_inference"].state_dict().values()))
+    return {"steps": settings.redistill_iters, **{name: statistics.median(v) for name, v in seconds.items()},
+            "trained_edges_identical": same}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.frozen_forward", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -120,6 +145,7 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--steps", type=int, default=20, help="Distill C steps timed")
     parser.add_argument("--repeats", type=int, default=15, help="timed forwards per way")
+    parser.add_argument("--loop-repeats", type=int, default=2, help="whole Distill C runs per way, interleaved")
     parser.add_argument("--out", type=Path, default=Path("experiments/results/cost.json"))
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -132,10 +158,11 @@ def main(argv=None) -> int:
     settings = config.rd_settings()
     images = tutor.transform([dataset[i][0] for i in range(settings.batch_size)], None)[0].tensors
     result = {"command": f"python -m bench.frozen_forward --run {args.run} --threads {args.threads} "
-                         f"--steps {args.steps} --repeats {args.repeats}",
+                         f"--steps {args.steps} --repeats {args.repeats} --loop-repeats {args.loop_repeats}",
               "batch": list(images.shape),
               "distill_c_step_ms": distill_c_step_ms(tutor, edge, dataset, settings, args.steps),
-              "tutor_forward_ms": tutor_forward_ms(tutor, images, args.repeats)}
+              "tutor_forward_ms": tutor_forward_ms(tutor, images, args.repeats),
+              "distill_c_s": distill_c_seconds(tutor, edge, dataset, settings, images, args.loop_repeats)}
     out = json.loads(args.out.read_text()) if args.out.is_file() else {}
     out["frozen_forward"] = result
     args.out.parent.mkdir(parents=True, exist_ok=True)

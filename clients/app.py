@@ -36,7 +36,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 from torch import nn
 
-from clients.store import load_client_state, save_client_state
+from clients.store import is_body_reference, load_client_state, read_body, save_client_state, store_body
 from data.workspace import Workspace
 from distill.rd import client_delta, direct_training, distill_c, reverse_distill_tutor1, reverse_distill_tutor2
 from distill.trainer import PhaseReport, peak_rss_mb
@@ -123,11 +123,17 @@ def _tutor(msg: Message, context: Context, workspace: Workspace, config: ConfigR
     neck/head, joined to the backbone body this client kept (eq. 10 never changes the body)."""
     model = build_model(workspace.profile, "tutor")
     received = msg.content.array_records[name].to_torch_state_dict()
-    key = f"{config[METHOD]}.tutor-body"
+    method, root = str(config[METHOD]), config.get(STATE_DIR)
+    key = f"{method}.tutor-body"
     if set(received) == set(model.state_dict()):
-        context.state[key] = state_record({k: v for k, v in received.items() if part_of(k) == "backbone"})
+        body = state_record({k: v for k, v in received.items() if part_of(k) == "backbone"})
+        # With a state folder the body is kept on the client's disk and context.state holds a reference
+        # (clients.store: Flower ships context.state with every message).
+        context.state[key] = store_body(root, method, body) if root else body
     elif key in context.state.array_records:
         received = {**context.state.array_records[key].to_torch_state_dict(), **received}
+    elif root and is_body_reference(context.state.config_records.get(key)):
+        received = {**read_body(root, method, context.state.config_records[key]), **received}
     else:
         raise ValueError(f"{name!r} holds only neck/head weights and this client holds no tutor backbone")
     model.load_state_dict(received)

@@ -17,7 +17,7 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
-from clients.store import load_client_state, save_client_state
+from clients.store import is_body_reference, load_client_state, read_body, save_client_state
 from models.io import CorruptWeights
 from strategies.checkpoint import checkpoint_round, load_checkpoint, save_checkpoint
 
@@ -56,7 +56,11 @@ def test_client_state_keeps_the_round_a_resume_goes_back_to_and_stores_the_body_
     back = load_client_state(tmp_path, "diredi", 3, before_round=4)  # round 4 was cut short: back to 2
     assert set(back) == {"diredi.tutor-body", "diredi.edge"}  # only this method's records
     assert torch.equal(back["diredi.edge"].to_torch_state_dict()["w"], torch.full((2,), 2.0))
-    assert torch.equal(back["diredi.tutor-body"].to_torch_state_dict()["backbone.body.w"], torch.ones(3))
+    assert is_body_reference(back["diredi.tutor-body"])  # the body stays on disk, referenced
+    assert torch.equal(read_body(tmp_path, "diredi", back["diredi.tutor-body"])["backbone.body.w"], torch.ones(3))
+    assert save_client_state(back, tmp_path, "diredi", 3, 5).is_file()  # a reference is saved as it is
+    again = load_client_state(tmp_path, "diredi", 3, before_round=6)
+    assert dict(again["diredi.tutor-body"]) == dict(back["diredi.tutor-body"])
     assert load_client_state(tmp_path, "diredi", 3, before_round=2) is None
     assert load_client_state(tmp_path, "diredi", 7, before_round=9) is None
 
