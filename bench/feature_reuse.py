@@ -31,13 +31,12 @@ import json
 import statistics
 import time
 from collections import OrderedDict
-from pathlib import Path
 
 import torch
 
 import distill.trainer as trainer
+from bench.run_folder import add_run_arguments, open_run, write_cost_key
 from distill.rd import distill_c_phase, tutor1_phase, tutor2_phase
-from protocol.config import resolve_run_config
 from protocol.wire import work_seed
 from strategies.server_app import Session
 
@@ -175,18 +174,13 @@ def run_chain(session: Session, config, partition: int, server_round: int, cache
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.feature_reuse", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--run", type=Path, default=Path("experiments/results/default8"),
-                        help="a run folder whose config.json names the scenario and settings")
+    add_run_arguments(parser)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=2, help="end-to-end runs with and without the cache, interleaved")
     parser.add_argument("--client", type=int, default=0, help="the client run end to end")
-    parser.add_argument("--out", type=Path, default=Path("experiments/results/cost.json"))
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    run = json.loads((args.run / "config.json").read_text())["run"]
-    config = resolve_run_config({k: run[k] for k in ("profile", "scenario", "num_clients", "seed", "rd_iters",
-                                                     "redistill_iters", "batch_size", "tutor1", "redistill")})
-    session = Session.open(config)
+    config, session, run = open_run(args.run)
     ws, tutor = session.workspace, session.chain.tutor
     rounds = sorted({1, 2} & set(range(1, int(run.get("rounds", 2)) + 1)))
 
@@ -248,10 +242,7 @@ def main(argv=None) -> int:
         "per_round": per_round,
         "end_to_end": end_to_end,
     }
-    out = json.loads(args.out.read_text()) if args.out.is_file() else {}
-    out["feature_reuse"] = result
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(out, indent=2))
+    write_cost_key(args.out, "feature_reuse", result)
     print(json.dumps({k: result[k] for k in ("body", "per_round", "end_to_end")}, indent=1))
     print(f"wrote {args.out}")
     return 0

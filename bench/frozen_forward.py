@@ -26,17 +26,15 @@ import copy
 import json
 import statistics
 import time
-from pathlib import Path
 
 import torch
 from torch.fx.experimental.optimization import fuse
 
 import distill.trainer as trainer
+from bench.run_folder import add_run_arguments, open_run, write_cost_key
 from distill.fgd import make_distill_loss
 from distill.rd import distill_c, distill_c_phase
 from models.ladder import STRIDES, detection_losses, neck_features
-from protocol.config import resolve_run_config
-from strategies.server_app import Session
 
 
 def median_ms(fn, repeats: int) -> float:
@@ -140,19 +138,14 @@ def distill_c_seconds(tutor, edge, dataset, settings, images: torch.Tensor, repe
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.frozen_forward", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--run", type=Path, default=Path("experiments/results/default8"),
-                        help="a run folder whose config.json names the scenario and settings")
+    add_run_arguments(parser)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--steps", type=int, default=20, help="Distill C steps timed")
     parser.add_argument("--repeats", type=int, default=15, help="timed forwards per way")
     parser.add_argument("--loop-repeats", type=int, default=2, help="whole Distill C runs per way, interleaved")
-    parser.add_argument("--out", type=Path, default=Path("experiments/results/cost.json"))
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    run = json.loads((args.run / "config.json").read_text())["run"]
-    config = resolve_run_config({k: run[k] for k in ("profile", "scenario", "num_clients", "seed", "rd_iters",
-                                                     "redistill_iters", "batch_size", "tutor1", "redistill")})
-    session = Session.open(config)
+    config, session, run = open_run(args.run)
     tutor, edge = session.chain.tutor.eval(), session.chain.edge
     dataset = session.workspace.client_train(0)
     settings = config.rd_settings()
@@ -163,10 +156,7 @@ def main(argv=None) -> int:
               "distill_c_step_ms": distill_c_step_ms(tutor, edge, dataset, settings, args.steps),
               "tutor_forward_ms": tutor_forward_ms(tutor, images, args.repeats),
               "distill_c_s": distill_c_seconds(tutor, edge, dataset, settings, images, args.loop_repeats)}
-    out = json.loads(args.out.read_text()) if args.out.is_file() else {}
-    out["frozen_forward"] = result
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(out, indent=2))
+    write_cost_key(args.out, "frozen_forward", result)
     print(json.dumps(result, indent=1))
     print(f"wrote {args.out}")
     return 0

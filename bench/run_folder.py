@@ -1,0 +1,43 @@
+"""What the benches that replay a finished run share: its settings, and the one cost file they fill.
+
+    parser = argparse.ArgumentParser(...); add_run_arguments(parser)
+    config, session = open_run(args.run)        # the run's scenario and client settings, its chain
+    write_cost_key(args.out, "feature_reuse", result)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from protocol.config import RunConfig, resolve_run_config
+from strategies.server_app import Session
+
+DEFAULT_RUN = Path("experiments/results/default8")
+COST_FILE = Path("experiments/results/cost.json")
+# What a client's work depends on; the rest of a run's configuration (methods, rounds, ...) does not matter here.
+CLIENT_KEYS = ("profile", "scenario", "num_clients", "seed", "rd_iters", "redistill_iters", "batch_size", "tutor1",
+               "redistill")
+
+
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--run`` (the run folder replayed) and ``--out`` (the cost file)."""
+    parser.add_argument("--run", type=Path, default=DEFAULT_RUN,
+                        help="a run folder whose config.json names the scenario and settings")
+    parser.add_argument("--out", type=Path, default=COST_FILE)
+
+
+def open_run(folder: Path) -> tuple[RunConfig, Session, dict]:
+    """The run's configuration (its client settings), the server's session for it and config.json's "run"."""
+    run = json.loads((folder / "config.json").read_text())["run"]
+    config = resolve_run_config({key: run[key] for key in CLIENT_KEYS})
+    return config, Session.open(config), run
+
+
+def write_cost_key(out: Path, key: str, result: dict) -> None:
+    """Sets ``key`` of the cost file to ``result``, keeping what other benches wrote there."""
+    merged = json.loads(out.read_text()) if out.is_file() else {}
+    merged[key] = result
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(merged, indent=2))
