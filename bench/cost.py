@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from bench.run_folder import COST_FILE, DEFAULT_RUN, write_cost_keys
 from evaluation.ap import ap_by_name, predict
 from evaluation.features import BodyFeatureCache
 from models.parts import load_neck_head, neck_head
@@ -114,14 +115,14 @@ def verify_call_seconds(session: Session, delta: dict, repeats: int) -> float:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.cost", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--run", type=Path, default=Path("experiments/results/default8"),
+    parser.add_argument("--run", type=Path, default=DEFAULT_RUN,
                         help="a finished run folder (rounds.jsonl) to read traffic and round times from")
     parser.add_argument("--profile", default="cpu")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (1: comparable on a shared machine; more threads than free cores "
                              "slows torch down many times over)")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--out", type=Path, default=Path("experiments/results/cost.json"))
+    parser.add_argument("--out", type=Path, default=COST_FILE)
     args = parser.parse_args(argv)
     if not (args.run / "rounds.jsonl").is_file():
         parser.error(f"--run {args.run}: no rounds.jsonl there (run python -m sim.run first)")
@@ -130,10 +131,7 @@ def main(argv=None) -> int:
     result = {"command": f"python -m bench.cost --run {args.run} --profile {args.profile} --threads {args.threads} "
                          f"--repeats {args.repeats}",
               **traffic_and_rounds(args.run), "verify_s_per_delta": verify_seconds(session, args.repeats)}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    if args.out.is_file():  # other benches' keys live in the same file (bench.scale, bench.feature_reuse): keep them
-        result = {**json.loads(args.out.read_text()), **result}
-    args.out.write_text(json.dumps(result, indent=2))
+    write_cost_keys(args.out, result)
 
     print("| method | up MB | down MB (round 1) | down MB (later rounds) | round s |")
     print("|---|---|---|---|---|")

@@ -35,7 +35,7 @@ from collections import OrderedDict
 import torch
 
 import distill.trainer as trainer
-from bench.run_folder import add_run_arguments, open_run, write_cost_key
+from bench.run_folder import add_run_arguments, open_run, write_cost_keys
 from distill.rd import distill_c_phase, tutor1_phase, tutor2_phase
 from protocol.wire import work_seed
 from strategies.server_app import Session
@@ -242,7 +242,7 @@ def main(argv=None) -> int:
         "per_round": per_round,
         "end_to_end": end_to_end,
     }
-    write_cost_key(args.out, "feature_reuse", result)
+    write_cost_keys(args.out, {"feature_reuse": result})
     print(json.dumps({k: result[k] for k in ("body", "per_round", "end_to_end")}, indent=1))
     print(f"wrote {args.out}")
     return 0

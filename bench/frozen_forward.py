@@ -31,7 +31,7 @@ import torch
 from torch.fx.experimental.optimization import fuse
 
 import distill.trainer as trainer
-from bench.run_folder import add_run_arguments, open_run, write_cost_key
+from bench.run_folder import add_run_arguments, open_run, write_cost_keys
 from distill.fgd import make_distill_loss
 from distill.rd import distill_c, distill_c_phase
 from models.ladder import STRIDES, detection_losses, neck_features
@@ -156,7 +156,7 @@ def main(argv=None) -> int:
               "distill_c_step_ms": distill_c_step_ms(tutor, edge, dataset, settings, args.steps),
               "tutor_forward_ms": tutor_forward_ms(tutor, images, args.repeats),
               "distill_c_s": distill_c_seconds(tutor, edge, dataset, settings, images, args.loop_repeats)}
-    write_cost_key(args.out, "frozen_forward", result)
+    write_cost_keys(args.out, {"frozen_forward": result})
     print(json.dumps(result, indent=1))
     print(f"wrote {args.out}")
     return 0

@@ -1,8 +1,8 @@
-"""What the benches that replay a finished run share: its settings, and the one cost file they fill.
+"""What the cost benches share: a finished run's settings, and the one cost file they all fill.
 
     parser = argparse.ArgumentParser(...); add_run_arguments(parser)
-    config, session = open_run(args.run)        # the run's scenario and client settings, its chain
-    write_cost_key(args.out, "feature_reuse", result)
+    config, session, run = open_run(args.run)   # the run's scenario and client settings, its chain
+    write_cost_keys(args.out, {"feature_reuse": result})
 """
 
 from __future__ import annotations
@@ -11,8 +11,6 @@ import argparse
 import json
 from pathlib import Path
 
-from protocol.config import RunConfig, resolve_run_config
-from strategies.server_app import Session
 
 DEFAULT_RUN = Path("experiments/results/default8")
 COST_FILE = Path("experiments/results/cost.json")
@@ -28,16 +26,21 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, default=COST_FILE)
 
 
-def open_run(folder: Path) -> tuple[RunConfig, Session, dict]:
-    """The run's configuration (its client settings), the server's session for it and config.json's "run"."""
+def open_run(folder: Path):
+    """The run's configuration (its client settings), the server's session for it and config.json's "run"
+    (imported here: bench.scale uses this module without loading torch)."""
+    from protocol.config import resolve_run_config
+    from strategies.server_app import Session
+
     run = json.loads((folder / "config.json").read_text())["run"]
     config = resolve_run_config({key: run[key] for key in CLIENT_KEYS})
     return config, Session.open(config), run
 
 
-def write_cost_key(out: Path, key: str, result: dict) -> None:
-    """Sets ``key`` of the cost file to ``result``, keeping what other benches wrote there."""
+def write_cost_keys(out: Path, values: dict) -> None:
+    """Sets these keys of the cost file, keeping what other benches wrote there (bench.cost, bench.scale,
+    bench.feature_reuse and bench.frozen_forward each fill their own keys of cost.json)."""
     merged = json.loads(out.read_text()) if out.is_file() else {}
-    merged[key] = result
+    merged.update(values)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(merged, indent=2))

@@ -22,6 +22,8 @@ import sys
 import time
 from pathlib import Path
 
+from bench.run_folder import COST_FILE, write_cost_keys
+
 
 def measure(folder: Path) -> dict:
     records = [json.loads(line) for line in (folder / "rounds.jsonl").read_text().splitlines() if line]
@@ -81,17 +83,14 @@ def main(argv=None) -> int:
             print(f"| {row['clients']} | {method} | {m['sampled']:.0f} | {m['round_s']:.0f} | "
                   f"{m['s_per_sampled_client']:.1f} | {m['peak_rss_actor_mb']:.0f} | {row['driver_peak_rss_mb']:.0f} | "
                   f"{m['up_mb']:.2f} | {m['down_mb']:.2f} |")
-    cost = args.out.parent / "cost.json"  # bench.cost's file holds the scale rows too
-    if cost.is_file():
-        merged = json.loads(cost.read_text())
-        merged["scale"] = [{"clients": row["clients"], "finished": row["finished"],
-                            **({"sampled": row["methods"]["diredi"]["sampled"],
-                                "s_per_sampled_client": row["methods"]["diredi"]["s_per_sampled_client"],
-                                "peak_rss_actor_mb": max(m["peak_rss_actor_mb"] for m in row["methods"].values()),
-                                "driver_peak_rss_mb": row["driver_peak_rss_mb"],
-                                "per_method": row["methods"]} if row["finished"] and "diredi" in row["methods"] else {})}
-                           for row in rows]
-        cost.write_text(json.dumps(merged, indent=2))
+    scale = [{"clients": row["clients"], "finished": row["finished"],
+              **({"sampled": row["methods"]["diredi"]["sampled"],
+                  "s_per_sampled_client": row["methods"]["diredi"]["s_per_sampled_client"],
+                  "peak_rss_actor_mb": max(m["peak_rss_actor_mb"] for m in row["methods"].values()),
+                  "driver_peak_rss_mb": row["driver_peak_rss_mb"],
+                  "per_method": row["methods"]} if row["finished"] and "diredi" in row["methods"] else {})}
+             for row in rows]
+    write_cost_keys(args.out.parent / COST_FILE.name, {"scale": scale})  # bench.cost's file holds the scale rows too
     print(f"wrote {args.out}")
     return 0 if all(row["finished"] for row in rows) else 1
 

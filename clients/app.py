@@ -188,7 +188,7 @@ def _libc():
 _LIBC = _libc()
 
 
-def _persisted(handler):
+def _handler(handler):
     """``handler`` with the client's state kept on disk when the configuration names a folder
     (loaded first when this run's state is empty past round 1, a resumed run; written after), and
     the memory the message left behind released at its end (``_release_memory``)."""
@@ -221,7 +221,7 @@ def _with_state(handler, msg: Message, context: Context) -> Message:
 
 
 @app.train()
-@_persisted
+@_handler
 def train(msg: Message, context: Context) -> Message:
     work = msg.content[CONFIG][WORK]
     if work == DIREDI_WORK:
@@ -284,7 +284,7 @@ def _train_direct(msg: Message, context: Context) -> Message:
 
 
 @app.train("distill")
-@_persisted
+@_handler
 def distill(msg: Message, context: Context) -> Message:
     config, run, ws, partition, seed = _common(msg, context)
     edge = _edge(msg, context, ws, config)
@@ -305,7 +305,7 @@ def identify(msg: Message, context: Context) -> Message:
 
 
 @app.evaluate()
-@_persisted
+@_handler
 def evaluate(msg: Message, context: Context) -> Message:
     config, _, ws, partition, _ = _common(msg, context)
     if ARRAYS in msg.content.array_records:  # FedAvg / FedProx: the global edge

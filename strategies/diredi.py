@@ -475,7 +475,7 @@ class DiReDiStrategy(Strategy):
             self._candidates[key] = self._validate(candidate)
         return self._candidates[key]
 
-    def screen(self, reply: Message, outstanding: int = 0) -> None:
+    def screen(self, reply: Message) -> None:
         """The costly part of verifying a reply, done as soon as it arrives (``strategies.exchange``):
         its candidate tutor's validation AP. Nothing is decided here: ``aggregate_train`` verifies every
         reply in full (the direction check needs all of the round's deltas) and finds this work done. A

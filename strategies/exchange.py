@@ -4,8 +4,8 @@
 
 * ``meanwhile()`` runs once, right after the messages are pushed, while the clients work: server work
   that does not need their replies (e.g. the tutor's own validation AP);
-* ``on_reply(reply, outstanding)`` runs on each reply as it arrives, while ``outstanding`` others are
-  still out (e.g. evaluating a delta's candidate tutor while other clients still train).
+* ``on_reply(reply)`` runs on each reply as it arrives (e.g. evaluating a delta's candidate tutor while
+  other clients still train).
 
 Without hooks this is ``send_and_receive``: push, then pull until every reply is in or ``timeout``
 seconds have passed; replies come back in arrival order. Both hooks run in the ServerApp's thread
@@ -25,7 +25,7 @@ PULL_INTERVAL_S = 0.1  # as Flower's in-memory grid
 
 def exchange(grid: Grid, messages: Iterable[Message], timeout: float,
              meanwhile: Callable[[], None] | None = None,
-             on_reply: Callable[[Message, int], None] | None = None) -> list[Message]:
+             on_reply: Callable[[Message], None] | None = None) -> list[Message]:
     """Pushes ``messages``, runs ``meanwhile``, then pulls replies until all are in or ``timeout``
     (seconds from the push) has passed, calling ``on_reply`` on each; returns the replies."""
     end = time.monotonic() + timeout
@@ -39,7 +39,7 @@ def exchange(grid: Grid, messages: Iterable[Message], timeout: float,
         replies.extend(pulled)
         for reply in pulled:
             if on_reply is not None:
-                on_reply(reply, len(waiting))
+                on_reply(reply)
         if waiting and not pulled:
             time.sleep(PULL_INTERVAL_S)
     return replies

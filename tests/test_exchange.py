@@ -24,11 +24,11 @@ class ScriptedGrid:
         return [SimpleNamespace(metadata=SimpleNamespace(reply_to_message_id=i), name=f"reply to {i}") for i in ready]
 
 
-def test_exchange_runs_meanwhile_first_and_hands_over_each_reply_with_what_is_still_out():
+def test_exchange_runs_meanwhile_first_and_hands_over_each_reply_as_it_is_pulled():
     grid, events = ScriptedGrid([0, 2, 0, 1, 1]), []
     replies = exchange(grid, ["a", "b", "c", "d"], timeout=30, meanwhile=lambda: events.append("meanwhile"),
-                       on_reply=lambda reply, outstanding: events.append((reply.name, outstanding)))
-    assert events == ["meanwhile", ("reply to m0", 2), ("reply to m1", 2), ("reply to m2", 1), ("reply to m3", 0)]
+                       on_reply=lambda reply: events.append((reply.name, grid.pulls)))
+    assert events == ["meanwhile", ("reply to m0", 2), ("reply to m1", 2), ("reply to m2", 4), ("reply to m3", 5)]
     assert [r.name for r in replies] == ["reply to m0", "reply to m1", "reply to m2", "reply to m3"]
     assert grid.pulls == 5  # it stops pulling once every reply is in
 

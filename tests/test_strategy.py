@@ -786,8 +786,8 @@ def test_screening_on_arrival_leaves_the_decisions_as_they_were_and_evaluates_ea
     validate = screened._validate
     screened._validate = lambda model: evaluated.append(model) or validate(model)
     arrived = replies()
-    for i, message in enumerate(arrived):  # as strategies.exchange hands them over
-        screened.screen(message, outstanding=len(arrived) - 1 - i)
+    for message in arrived:  # as strategies.exchange hands them over
+        screened.screen(message)
     assert len(evaluated) == 3  # the tutor and the two well-formed candidates; NaN and no delta skipped
     screened.aggregate_train(1, arrived)
     assert len(evaluated) == 3  # aggregate_train found the candidates done
