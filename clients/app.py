@@ -42,7 +42,7 @@ from distill.rd import client_delta, direct_training, distill_c, reverse_distill
 from distill.trainer import PhaseReport, peak_rss_mb
 from evaluation.ap import per_class_ap
 from models.io import state_fingerprint
-from models.ladder import build_model
+from models.ladder import build_to_load
 from models.parts import part_of
 from protocol.config import RunConfig
 from protocol.privacy import DP_EPSILON, DP_PARTICIPATIONS, epsilon_spent, is_on, noise_generator, privatise
@@ -82,9 +82,7 @@ def _set_threads() -> None:
 
 
 def _model(workspace: Workspace, role: str, record: ArrayRecord) -> nn.Module:
-    model = build_model(workspace.profile, role)
-    model.load_state_dict(record.to_torch_state_dict())
-    return model.eval()
+    return build_to_load(workspace.profile, role, record.to_torch_state_dict()).eval()
 
 
 def _evaluate(edge: nn.Module, workspace: Workspace, partition: int, when: str, phase: str,
@@ -121,11 +119,10 @@ def _reply(msg: Message, metrics: dict, arrays: dict[str, ArrayRecord] | None = 
 def _tutor(msg: Message, context: Context, workspace: Workspace, config: ConfigRecord, name: str) -> nn.Module:
     """The tutor (or Tutor 1) under ``name``: full weights the first time, afterwards only its
     neck/head, joined to the backbone body this client kept (eq. 10 never changes the body)."""
-    model = build_model(workspace.profile, "tutor")
     received = msg.content.array_records[name].to_torch_state_dict()
     method, root = str(config[METHOD]), config.get(STATE_DIR)
     key = f"{method}.tutor-body"
-    if set(received) == set(model.state_dict()):
+    if any(part_of(k) == "backbone" for k in received):  # the whole tutor (strict loading checks it)
         body = state_record({k: v for k, v in received.items() if part_of(k) == "backbone"})
         # With a state folder the body is kept on the client's disk and context.state holds a reference
         # (clients.store: Flower ships context.state with every message).
@@ -136,8 +133,7 @@ def _tutor(msg: Message, context: Context, workspace: Workspace, config: ConfigR
         received = {**read_body(root, method, context.state.config_records[key]), **received}
     else:
         raise ValueError(f"{name!r} holds only neck/head weights and this client holds no tutor backbone")
-    model.load_state_dict(received)
-    return model.eval()
+    return build_to_load(workspace.profile, "tutor", received).eval()
 
 
 def _edge_key(config: ConfigRecord) -> str:

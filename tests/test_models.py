@@ -4,7 +4,10 @@ import pytest
 import torch
 
 from models.io import CorruptWeights, load_weights, save_weights
-from models.ladder import PROFILES, ROLES, build_model, detection_losses, get_profile, neck_features
+from torch import nn
+
+from models.ladder import (PROFILES, ROLES, MaxPoolChannelsLast, build_model, build_to_load, detection_losses,
+                          get_profile, neck_features)
 from models.parts import (ArchitectureMismatch, knowledge_delta, load_neck_head, neck_head, part_of,
                           split_parameters, substitute)
 
@@ -56,6 +59,32 @@ def test_build_is_seeded_and_unknown_names_fail():
         get_profile("huge")
     with pytest.raises(ValueError, match="unknown model role"):
         build_model("smoke", "student")
+
+
+def test_fast_stem_pool_gives_the_same_values_and_gradients():
+    # ReLU zeros make tied windows: the case where two pooling kernels could disagree.
+    x = torch.relu(torch.randn(2, 8, 17, 16, generator=torch.Generator().manual_seed(0)))
+    fast, plain = MaxPoolChannelsLast(3, 2, 1), nn.MaxPool2d(3, 2, 1)
+    with torch.no_grad():  # the channels-last path
+        out = fast(x)
+        assert out.is_contiguous() and torch.equal(out, plain(x))
+    a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
+    fast(a).square().sum().backward()
+    plain(b).square().sum().backward()
+    assert torch.equal(a.grad, b.grad)
+    body = build_model("cpu", "tutor").backbone.body  # a ResNet body: its stem uses it
+    assert isinstance(body.maxpool, MaxPoolChannelsLast)
+
+
+@pytest.mark.parametrize("role", ROLES)
+def test_build_to_load_equals_build_then_load(role):
+    reference = build_model("smoke", role, seed=3).eval()
+    loaded = build_to_load("smoke", role, reference.state_dict()).eval()
+    images = [torch.rand(3, 64, 64, generator=torch.Generator().manual_seed(1))]
+    with torch.no_grad():
+        assert all(torch.equal(a, b) for a, b in zip(reference(images)[0].values(), loaded(images)[0].values()))
+    with pytest.raises(RuntimeError, match="Missing key"):  # a partial state is refused, not left random
+        build_to_load("smoke", role, neck_head(reference))
 
 
 def test_delta_substitution_round_trip():
