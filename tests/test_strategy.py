@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import time
+from unittest import mock
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ from torch.utils.data import Dataset
 
 from distill.rd import RDSettings
 from distill.trainer import Phase, train
+from evaluation.ap import bootstrap_ap_drop
 from models.ladder import build_model, get_profile
 from models.parts import neck_head
 from strategies.aggregate import (CLASS_ROW_PARAMS, aggregate, class_aware_merge, ties_merge, trimmed_mean,
@@ -773,7 +775,8 @@ def test_screening_on_arrival_leaves_the_decisions_as_they_were_and_evaluates_ea
     def replies():
         return [reply(0, erase), reply(1, harmless), reply(2, nan_delta), reply(3, None)]
 
-    policy = VerificationPolicy(norm_bound=50.0, protected_tolerance=0.05, protected_classes=("person",))
+    policy = VerificationPolicy(norm_bound=50.0, protected_tolerance=0.05, protected_classes=("person",),
+                                noise_z=3.0, bootstrap_samples=20)
 
     def fresh():
         return DiReDiStrategy(copy.deepcopy(trained_tutor), build_model("smoke", "edge", seed=1), Squares(32, 1),
@@ -782,21 +785,25 @@ def test_screening_on_arrival_leaves_the_decisions_as_they_were_and_evaluates_ea
     plain = fresh()
     plain.aggregate_train(1, replies())
     screened = fresh()
-    evaluated = []
+    screened._open_round(1)  # configure_train opens the round before the replies come
+    evaluated, bootstraps = [], []
     validate = screened._validate
     screened._validate = lambda model: evaluated.append(model) or validate(model)
-    arrived = replies()
-    for message in arrived:  # as strategies.exchange hands them over
-        screened.screen(message)
-    assert len(evaluated) == 3  # the tutor and the two well-formed candidates; NaN and no delta skipped
-    screened.aggregate_train(1, arrived)
-    assert len(evaluated) == 3  # aggregate_train found the candidates done
-    keep = ("client", "accepted", "reason", "ap_before", "ap_after", "rejected_by")
+    with mock.patch("strategies.diredi.bootstrap_ap_drop",
+                    side_effect=lambda *a, **k: bootstraps.append(1) or bootstrap_ap_drop(*a, **k)):
+        arrived = replies()
+        for message in arrived:  # as strategies.exchange hands them over
+            screened.screen(message)
+        assert len(evaluated) == 3  # the tutor and the two well-formed candidates; NaN and no delta skipped
+        assert len(bootstraps) == 2  # the noise of each well-formed candidate's drop, on arrival too
+        screened.aggregate_train(1, arrived)
+    assert len(evaluated) == 3 and len(bootstraps) == 2  # aggregate_train found both done
+    keep = ("client", "accepted", "reason", "ap_before", "ap_after", "rejected_by", "noise", "tolerance")
     assert [{k: d.to_dict()[k] for k in keep} for d in screened.recorder.decisions] == \
            [{k: d.to_dict()[k] for k in keep} for d in plain.recorder.decisions]
     for name, value in screened.tutor.state_dict().items():
         assert torch.equal(value, plain.tutor.state_dict()[name]), name
-    assert not screened._candidates  # they belonged to the tutor before the merge
+    assert not screened._candidates and not screened._noise  # they belonged to the tutor before the merge
 
 
 def test_the_updated_tutor_is_recorded_once_per_round(strategy):
