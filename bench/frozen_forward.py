@@ -8,13 +8,16 @@ times, on one real batch of client 0 of the run in ``--run`` (one thread, as a c
 
 * ``distill_c_step_ms``: one Distill C step split into data, transform, tutor forward (no grad), edge
   forward, detection loss, distillation loss, backward, optimiser step (median of ``--steps``);
-* ``distill_c_s``: a client's whole Distill C with the tutor's body eager and scripted for inference
-  (the fastest way below), to see how much of the isolated gain survives inside the training loop;
+* ``distill_c_s``: a client's whole Distill C with the tutor's body as the project runs it, with the
+  ResNet stem's max pool on torch's NCHW kernel (as before ``models.ladder.MaxPoolChannelsLast``) and
+  scripted for inference (the fastest way below), to see how much of each isolated gain survives
+  inside the training loop, and whether the trained edge stays the same bits;
 * ``tutor_forward_ms``: the tutor's neck features by ways of running a frozen network for inference:
-  eager (what the project runs), BatchNorm folded into the convolutions (``torch.fx`` fuse),
-  channels-last memory layout, both, and TorchScript ``freeze`` + ``optimize_for_inference``; with
-  each the largest absolute difference from eager (none is bit-identical, so each would change the
-  trained weights by rounding and the run's figures within noise).
+  eager (what the project runs: the stem's max pool computed in channels-last layout, exact), eager
+  with the NCHW max pool (what it ran before), BatchNorm folded into the convolutions (``torch.fx``
+  fuse), channels-last memory layout, both, and TorchScript ``freeze`` + ``optimize_for_inference``
+  (deprecated since torch 2.9); with each the largest absolute difference from eager (only the NCHW
+  pool is bit-identical; each other way would change the trained weights by rounding).
 
 Writes the key ``frozen_forward`` of ``experiments/results/cost.json`` (other keys kept).
 """
@@ -28,13 +31,14 @@ import statistics
 import time
 
 import torch
+from torch import nn
 from torch.fx.experimental.optimization import fuse
 
 import distill.trainer as trainer
 from bench.run_folder import add_run_arguments, open_run, write_cost_keys
 from distill.fgd import make_distill_loss
 from distill.rd import distill_c, distill_c_phase
-from models.ladder import STRIDES, detection_losses, neck_features
+from models.ladder import STRIDES, MaxPoolChannelsLast, detection_losses, neck_features
 
 
 def median_ms(fn, repeats: int) -> float:
@@ -90,19 +94,41 @@ def distill_c_step_ms(tutor, edge, dataset, settings, steps: int) -> dict[str, f
     return out
 
 
+class _PoolAsLeaf(torch.fx.Tracer):
+    """Traces a body for ``fuse`` with the stem's max pool as one call (its layout choice branches)."""
+
+    def is_leaf_module(self, module, name) -> bool:
+        return isinstance(module, MaxPoolChannelsLast) or super().is_leaf_module(module, name)
+
+
+def folded(module):
+    """A copy of ``module`` with every BatchNorm folded into the convolution before it."""
+    module = copy.deepcopy(module)
+    return fuse(torch.fx.GraphModule(module, _PoolAsLeaf().trace(module)), no_trace=True)
+
+
+def with_nchw_pool(model):
+    """A copy of ``model`` whose ResNet stem pools with torch's own (NCHW) max-pool kernel."""
+    model = copy.deepcopy(model)
+    for module in model.modules():
+        for name, child in module.named_children():
+            if isinstance(child, MaxPoolChannelsLast):
+                setattr(module, name, nn.MaxPool2d(child.kernel_size, child.stride, child.padding,
+                                                   child.dilation, child.return_indices, child.ceil_mode))
+    return model
+
+
 def tutor_forward_ms(tutor, images: torch.Tensor, repeats: int) -> dict[str, dict[str, float]]:
-    """The tutor's neck features, eager and by four inference-only ways, with their deviation."""
+    """The tutor's neck features, eager and by five other ways, with their deviation."""
     backbone = tutor.backbone.eval()
     channels_last = images.contiguous(memory_format=torch.channels_last)
     with torch.no_grad():
         reference = list(backbone(images).values())
-        fused = fuse(copy.deepcopy(backbone))
         last = copy.deepcopy(backbone).to(memory_format=torch.channels_last)
-        fused_last = fuse(copy.deepcopy(backbone)).to(memory_format=torch.channels_last)
-        scripted = scripted_body(backbone, images)
-        ways = {"eager": (backbone, images), "bn_folded": (fused, images), "channels_last": (last, channels_last),
-                "bn_folded_channels_last": (fused_last, channels_last),
-                "torchscript_optimize_for_inference": (scripted, images)}
+        ways = {"eager": (backbone, images), "eager_nchw_pool": (with_nchw_pool(backbone), images),
+                "bn_folded": (folded(backbone), images), "channels_last": (last, channels_last),
+                "bn_folded_channels_last": (folded(backbone).to(memory_format=torch.channels_last), channels_last),
+                "torchscript_optimize_for_inference": (scripted_body(backbone, images), images)}
         out = {}
         for name, (module, x) in ways.items():
             features = list(module(x).values())
@@ -118,21 +144,25 @@ def scripted_body(body, images: torch.Tensor):
 
 
 def distill_c_seconds(tutor, edge, dataset, settings, images: torch.Tensor, repeats: int) -> dict:
-    """Seconds of one client's whole Distill C (the run's steps) with the tutor's body eager and
-    scripted for inference, interleaved ``repeats`` times; and whether the trained edges are equal."""
+    """Seconds of one client's whole Distill C (the run's steps) with the tutor's body as the project
+    runs it, with the NCHW stem pool and scripted for inference, interleaved ``repeats`` times; and
+    whether each trained edge equals the project's."""
     scripted = copy.deepcopy(tutor)
     scripted.backbone.body = scripted_body(tutor.backbone.body, images)
-    seconds: dict[str, list[float]] = {"eager": [], "torchscript_optimize_for_inference": []}
+    teachers = {"eager": tutor, "eager_nchw_pool": with_nchw_pool(tutor),
+                "torchscript_optimize_for_inference": scripted}
+    seconds: dict[str, list[float]] = {name: [] for name in teachers}
     edges = {}
     for _ in range(repeats):
-        for name, teacher in (("eager", tutor), ("torchscript_optimize_for_inference", scripted)):
+        for name, teacher in teachers.items():
             start = time.perf_counter()
             edges[name], _ = distill_c(edge, teacher, dataset, settings, seed=0)
             seconds[name].append(time.perf_counter() - start)
-    same = all(torch.equal(a, b) for a, b in zip(edges["eager"].state_dict().values(),
-                                                  edges["torchscript_optimize_for_inference"].state_dict().values()))
+    same = {name: all(torch.equal(a, b) for a, b in zip(edges["eager"].state_dict().values(),
+                                                         edges[name].state_dict().values()))
+            for name in teachers if name != "eager"}
     return {"steps": settings.redistill_iters, **{name: statistics.median(v) for name, v in seconds.items()},
-            "trained_edges_identical": same}
+            "trained_edge_identical_to_eager": same}
 
 
 def main(argv=None) -> int:

@@ -36,8 +36,10 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 from torch import nn
 
-from clients.store import is_body_reference, load_client_state, read_body, save_client_state, store_body
+from clients.store import (is_body_reference, load_client_state, read_body, save_body_memo, save_client_state,
+                           store_body, take_body_memo)
 from data.workspace import Workspace
+from distill.body_memo import BodyMemo
 from distill.rd import client_delta, direct_training, distill_c, reverse_distill_tutor1, reverse_distill_tutor2
 from distill.trainer import PhaseReport, peak_rss_mb
 from evaluation.ap import per_class_ap
@@ -239,8 +241,14 @@ def _train_diredi(msg: Message, context: Context) -> Message:
     else:
         tutor1, report = reverse_distill_tutor1(tutor, edge, _dataset(ws, partition, "presumed"), settings, seed)
         seconds_t1 = report.seconds
+    # With a state folder, Tutor 2's body outputs wait on the client's disk for its Distill C, whose
+    # first batches are Tutor 2's (distill.body_memo); the body is Tutor 1's, the tutor's.
+    root, method = config.get(STATE_DIR), str(config[METHOD])
+    memo = BodyMemo.for_model(tutor1) if root else None
     tutor2, report = reverse_distill_tutor2(tutor if tutor is not None else tutor1, tutor1, edge,
-                                            _dataset(ws, partition, "train"), settings, seed)
+                                            _dataset(ws, partition, "train"), settings, seed, body_memo=memo)
+    if memo is not None:
+        save_body_memo(root, method, partition, memo)
     delta = client_delta(tutor1, tutor2, settings)
     dp = {}
     if is_on(run.dp_clip, run.dp_noise):  # local DP (protocol.privacy; off: the delta untouched).
@@ -285,7 +293,10 @@ def distill(msg: Message, context: Context) -> Message:
     config, run, ws, partition, seed = _common(msg, context)
     edge = _edge(msg, context, ws, config)
     tutor = _tutor(msg, context, ws, config, TUTOR)
-    new_edge, report = distill_c(edge, tutor, _dataset(ws, partition, "train"), run.rd_settings(), seed)
+    root = config.get(STATE_DIR)
+    memo = take_body_memo(root, str(config[METHOD]), partition) if root else None
+    new_edge, report = distill_c(edge, tutor, _dataset(ws, partition, "train"), run.rd_settings(), seed,
+                                 body_memo=memo)
     context.state[_edge_key(config)] = state_record(new_edge)
     metrics = _evaluate(new_edge, ws, partition, AFTER, "evaluate_after", context, config)
     metrics.update({**_identity(ws, partition), f"{SECONDS}.distill_c": report.seconds, PEAK_RSS: peak_rss_mb(),

@@ -8,6 +8,9 @@ handles, one file per round it took part in:
 
     <state dir>/<method>/client-<partition>/round-<r>.state   its records after round r
     <state dir>/<method>/bodies/<fingerprint>.state           a tutor body, stored once for all
+    <state dir>/<method>/client-<partition>/body-memo.safetensors
+                                                              Tutor 2's body outputs, from its "train"
+                                                              message to its "train.distill" message
 
 A resumed run starts with empty ``context.state``; a client then loads the newest file of a round
 before the current one (a round the server checkpointed: the files of the round that was cut short
@@ -28,7 +31,10 @@ from pathlib import Path
 
 from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 from flwr.common import serde
+from safetensors import safe_open
+from safetensors.torch import save as safetensors_bytes
 
+from distill.body_memo import BodyMemo
 from models.io import state_fingerprint
 
 BODY_SUFFIX = ".tutor-body"  # context.state keys of the tutor's backbone body (``clients.app._tutor``)
@@ -92,6 +98,30 @@ def read_body(root: Path, method: str, reference: ConfigRecord) -> dict:
         _BODIES.clear()
         _BODIES[fingerprint] = _decode(_body_path(root, method, fingerprint).read_bytes())["body"].to_torch_state_dict()
     return _BODIES[fingerprint]
+
+
+def _memo_path(root: Path, method: str, partition: int) -> Path:
+    return _client_dir(root, method, partition) / "body-memo.safetensors"
+
+
+def save_body_memo(root: Path, method: str, partition: int, memo: BodyMemo) -> None:
+    """Keeps Tutor 2's body outputs (22 MB in the cpu profile) on the client's disk until its Distill C
+    (``take_body_memo``): held in memory, an actor would carry one per client it trained in the round."""
+    data = safetensors_bytes(memo.to_tensors(), metadata={"body_key": memo.body_key})
+    _write_atomic(_memo_path(root, method, partition), data)
+
+
+def take_body_memo(root: Path, method: str, partition: int) -> BodyMemo | None:
+    """The body outputs ``save_body_memo`` kept for this client (the file is removed), or None. One left
+    from an earlier round is still right: its outputs are found by their input's bytes and body."""
+    path = _memo_path(root, method, partition)
+    if not path.exists():
+        return None
+    with safe_open(str(path), framework="pt") as f:
+        body_key = f.metadata()["body_key"]
+        tensors = {name: f.get_tensor(name) for name in f.keys()}
+    path.unlink()
+    return BodyMemo.from_tensors(body_key, tensors)
 
 
 def save_client_state(state: RecordDict, root: Path, method: str, partition: int, server_round: int) -> Path:

@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, replace
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
+from distill.body_memo import BodyMemo
 from distill.fgd import FGDConfig
 from distill.trainer import KDRecipe, Phase, PhaseReport, train
 from models.ladder import Profile
@@ -114,10 +115,13 @@ def reverse_distill_tutor1(tutor: nn.Module, edge: nn.Module, presumed: Dataset,
 
 
 def reverse_distill_tutor2(tutor: nn.Module, tutor1: nn.Module, edge: nn.Module, client_data: Dataset,
-                           settings: RDSettings, seed: int, progress: bool = False) -> tuple[nn.Module, PhaseReport]:
-    """Tutor 2: learns from the edge on the client's kept presumed + private data, with its labels."""
+                           settings: RDSettings, seed: int, progress: bool = False,
+                           body_memo: BodyMemo | None = None) -> tuple[nn.Module, PhaseReport]:
+    """Tutor 2: learns from the edge on the client's kept presumed + private data, with its labels.
+    ``body_memo`` (recording) keeps its frozen body's outputs for Distill C, which draws the same batches."""
     t2 = _tutor_copy(tutor1 if settings.t2_from_t1 else tutor, settings)
-    return t2, train(t2, client_data, tutor2_phase(settings, seed), teacher=edge, progress=progress)
+    return t2, train(t2, client_data, tutor2_phase(settings, seed), teacher=edge, progress=progress,
+                     body_memo=body_memo)
 
 
 def tutor1_phase(settings: RDSettings, seed: int) -> Phase:
@@ -141,21 +145,28 @@ def updated_tutor(tutor: nn.Module, delta: dict[str, Tensor], beta: float) -> nn
 
 
 def distill_c(edge: nn.Module, tutor: nn.Module, client_data: Dataset, settings: RDSettings, seed: int,
-              progress: bool = False) -> tuple[nn.Module, PhaseReport]:
+              progress: bool = False, body_memo: BodyMemo | None = None) -> tuple[nn.Module, PhaseReport]:
     """Re-distillation: a copy of the deployed edge fine-tuned from the (updated) tutor on the client's
     kept public + private images: the tutor's distillation loss plus the detector's loss on the
-    client's labels (or, with ``redistill_targets="teacher"``, on the tutor's detections)."""
+    client's labels (or, with ``redistill_targets="teacher"``, on the tutor's detections).
+    ``body_memo``: Tutor 2's body outputs (the same body), served for the batches both phases draw."""
     student = copy.deepcopy(edge)
-    return student, train(student, client_data, distill_c_phase(settings, seed), teacher=tutor, progress=progress)
+    return student, train(student, client_data, distill_c_phase(settings, seed), teacher=tutor, progress=progress,
+                          body_memo=body_memo)
 
 
 def distill_c_phase(settings: RDSettings, seed: int) -> Phase:
-    """Distill C's phase (``distill_c``): the tutor's distillation loss plus the detector's loss."""
+    """Distill C's phase (``distill_c``): the tutor's distillation loss plus the detector's loss.
+
+    It draws the client's data in Tutor 2's order (the same seed, the same batch size and flips), so
+    its first ``rd_iters`` batches are Tutor 2's and the frozen body's outputs of them are computed once
+    (``distill.body_memo``): 12 of Distill C's 36 tutor body passes in the cpu profile. Its own order
+    (seed + 2) until the cost issue; which order it draws moves the figures only as another seed would."""
     return Phase("Distill C", iters=settings.redistill_iters, batch_size=settings.batch_size, lr=settings.lr,
                  optimizer=settings.optimizer, targets=settings.redistill_targets,
                  distill_loss=settings.redistill_distill_loss, balance=settings.redistill_balance,
                  target_ratio=settings.redistill_target_ratio, fgd=FGDConfig(temp=settings.redistill_temp),
-                 freeze_norm=settings.client_freeze_norm, seed=seed + 2)
+                 freeze_norm=settings.client_freeze_norm, seed=tutor2_phase(settings, seed).seed)
 
 
 def direct_training(edge: nn.Module, client_data: Dataset, iters: int, settings: RDSettings, seed: int,

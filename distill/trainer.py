@@ -26,6 +26,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
@@ -36,6 +37,9 @@ from distill.fgd import FGDConfig, make_distill_loss
 from models.io import save_weights
 from models.ladder import STRIDES, detection_losses, neck_features
 from models.parts import part_modules
+
+if TYPE_CHECKING:
+    from distill.body_memo import BodyMemo
 
 
 @dataclass
@@ -306,7 +310,7 @@ def set_frozen(model: nn.Module, parts: tuple[str, ...]) -> None:
 
 def train(student: nn.Module, dataset: Dataset, phase: Phase, teacher: nn.Module | None = None,
           reference: dict[str, Tensor] | None = None, checkpoint: str | Path | None = None,
-          progress: bool = True) -> PhaseReport:
+          progress: bool = True, body_memo: BodyMemo | None = None) -> PhaseReport:
     """Trains ``student`` in place for ``phase.iters`` steps; returns timing, memory and losses.
 
     Runs on the student's device (a teacher elsewhere is moved there; batches are moved per step).
@@ -316,6 +320,9 @@ def train(student: nn.Module, dataset: Dataset, phase: Phase, teacher: nn.Module
         teacher: the distillation source (any ladder model with the same strides), or None.
         reference: FedProx reference weights (name -> tensor), needed when ``phase.proximal_mu > 0``.
         checkpoint: where to save the trained student (safetensors), if given.
+        body_memo: frozen backbone-body outputs shared with another phase (``distill.body_memo``), used
+            for the model whose body it holds when that body is frozen here (the teacher, or a student
+            with ``"backbone"`` in ``phase.freeze``).
     """
     use_distill = teacher is not None and phase.distill_weight > 0
     if phase.targets == "teacher" and teacher is None:
@@ -336,6 +343,12 @@ def train(student: nn.Module, dataset: Dataset, phase: Phase, teacher: nn.Module
                                       teacher.backbone.out_channels, len(STRIDES), phase.fgd,
                                       phase.pkd_weight).to(device)
         teacher.eval()
+    frozen_bodies = ([student] if "backbone" in phase.freeze else []) + ([teacher] if teacher is not None else [])
+    memo_model = next((m for m in frozen_bodies if body_memo is not None and body_memo.serves(m)), None)
+
+    def features(model: nn.Module, x: Tensor) -> list[Tensor]:
+        return body_memo.neck_features(model, x) if model is memo_model else neck_features(model, x)
+
     params = [p for p in student.parameters() if p.requires_grad] + (list(distiller.parameters()) if distiller else [])
     optimizer = make_optimizer(params, phase)
 
@@ -363,10 +376,10 @@ def train(student: nn.Module, dataset: Dataset, phase: Phase, teacher: nn.Module
         teacher_feats = None
         if teacher is not None and (distiller is not None or phase.targets == "teacher"):
             with torch.no_grad():  # computed once, used for pseudo labels and for distillation
-                teacher_feats = neck_features(teacher, image_list.tensors)
+                teacher_feats = features(teacher, image_list.tensors)
         if phase.targets == "teacher":
             targets = teacher_detections(teacher, image_list, phase.pseudo_thresh, teacher_feats)
-        feats = neck_features(student, image_list.tensors)
+        feats = features(student, image_list.tensors)
         det = sum(detection_losses(student, image_list, targets, feats).values())
         raw, weight = None, 1.0
         if distiller is not None:

@@ -1,5 +1,6 @@
 """The trainer (direct / KD / RD), the cached manufacturer chain and one client's RD pipeline."""
 
+import copy
 import logging
 
 import pytest
@@ -8,6 +9,8 @@ from torch.utils.data import Subset
 
 from distill.rd import (RDSettings, client_delta, distill_c, reverse_distill_tutor1, reverse_distill_tutor2,
                         updated_tutor)
+from clients.store import save_body_memo, take_body_memo
+from distill.body_memo import BodyMemo
 from distill.chain import cached_stage
 from distill.trainer import Phase, train
 from models.ladder import build_model, detection_losses, get_profile, neck_features
@@ -166,3 +169,43 @@ def test_freeze_norm_keeps_batchnorm_statistics_and_leaves_cache_keys_alone(ws):
     # a phase at the default has the keys it had before the option existed (the chain's cache keys)
     assert "freeze_norm" not in Phase("t", iters=1, batch_size=1).to_dict()
     assert Phase("t", iters=1, batch_size=1, freeze_norm=True).to_dict()["freeze_norm"] is True
+
+
+def test_body_memo_serves_distill_c_tutor_2s_batches_with_the_same_results(ws, tmp_path):
+    chain = ws.chain(progress=False)
+    settings = RDSettings.from_profile(get_profile("smoke"))
+    data = ws.client_train(0)
+    t1, _ = reverse_distill_tutor1(chain.tutor, chain.edge, ws.client_presumed(0), settings, seed=0)
+    memo = BodyMemo.for_model(t1)
+    t2, _ = reverse_distill_tutor2(chain.tutor, t1, chain.edge, data, settings, seed=0, body_memo=memo)
+    plain_t2, _ = reverse_distill_tutor2(chain.tutor, t1, chain.edge, data, settings, seed=0)
+    assert all(torch.equal(a, b) for a, b in zip(t2.state_dict().values(), plain_t2.state_dict().values()))
+    assert len(memo.outputs) == settings.rd_iters  # one entry per Tutor 2 batch
+    # Between the client's two messages the memo waits on its disk.
+    save_body_memo(tmp_path, "diredi", 0, memo)
+    kept = take_body_memo(tmp_path, "diredi", 0)
+    assert take_body_memo(tmp_path, "diredi", 0) is None  # taken: the file is gone
+    assert kept.body_key == memo.body_key and not kept.recording
+    new = updated_tutor(chain.tutor, client_delta(t1, t2, settings), settings.beta)  # same body, new neck/head
+    edge_memo, _ = distill_c(chain.edge, new, data, settings, seed=0, body_memo=kept)
+    edge_plain, _ = distill_c(chain.edge, new, data, settings, seed=0)
+    assert kept.hits == min(settings.rd_iters, settings.redistill_iters)  # Distill C starts with Tutor 2's batches
+    assert all(torch.equal(a, b) for a, b in zip(edge_memo.state_dict().values(), edge_plain.state_dict().values()))
+    assert len(kept.outputs) == settings.rd_iters  # reading only: Distill C's own batches are not kept
+
+
+def test_body_memo_refuses_another_body_and_notices_in_place_writes(ws):
+    chain = ws.chain(progress=False)
+    settings = RDSettings.from_profile(get_profile("smoke"))
+    data, tutor = ws.client_train(0), copy.deepcopy(chain.tutor)
+    memo = BodyMemo.for_model(tutor)
+    reverse_distill_tutor2(tutor, tutor, chain.edge, data, settings, seed=0, body_memo=memo)
+    memo.recording = False
+    assert memo.serves(tutor) and not memo.serves(chain.teacher)
+    with torch.no_grad():
+        next(tutor.backbone.body.parameters()).add_(1e-3)  # the same tensor objects, written in place
+    assert not memo.serves(tutor)
+    edge_memo, _ = distill_c(chain.edge, tutor, data, settings, seed=0, body_memo=memo)
+    edge_plain, _ = distill_c(chain.edge, tutor, data, settings, seed=0)
+    assert memo.hits == 0  # its batches are Distill C's, but they came from the body before the write
+    assert all(torch.equal(a, b) for a, b in zip(edge_memo.state_dict().values(), edge_plain.state_dict().values()))

@@ -1,0 +1,119 @@
+"""How much CPU work a round is, per method, before any scheduling: what the round-cost ratio would be
+if both methods kept every core busy all round.
+
+    python -m bench.round_work --run experiments/results/default8 --threads 1
+
+A simulated round runs the clients (two Ray actors on the two cores) and the server's own work on the
+same machine, so its wall time is at least its CPU work divided by the cores. This times, on one
+thread in one process (CPU seconds, ``time.process_time``), the work of a steady round (round 2 on:
+every client computes its own Tutor 1) with the run's settings and scenario:
+
+* ``client_s``: one client's round, per part. DiReDi: RD Tutor 1 on the presumed data, RD Tutor 2 on
+  the client's data, the delta, Distill C from the tutor, the re-distilled edge's evaluation on the
+  client's test shard. FedAvg: direct training of as many steps (``rd_iters`` x 2 + ``redistill_iters``
+  = ``direct_iters``) and the trained edge's evaluation. Averaged over ``--clients`` clients.
+* ``server_s``: the server's per round. DiReDi: each delta's verification (its candidate tutor's
+  validation AP and the noise of its protected-class drops, ``DiReDiStrategy.verify`` on this
+  client's real delta) times the clients, and the updated tutor's evaluation (``record_tutor``).
+  FedAvg: its weighted mean of the clients' edges, times nothing here (under a tenth of a second).
+* ``work_ratio``: (clients x DiReDi client + DiReDi server) / (clients x FedAvg client): the ratio of
+  the round walls if both rounds were packed onto the cores without a gap.
+
+Writes the key ``round_work`` of ``experiments/results/cost.json`` (other keys kept) and prints it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+from bench.run_folder import add_run_arguments, open_run, write_cost_keys
+from distill.rd import client_delta, direct_training, distill_c, reverse_distill_tutor1, reverse_distill_tutor2
+from evaluation.ap import per_class_ap
+from protocol.wire import work_seed
+from strategies.ledger import Recorder
+from strategies.server_app import make_strategy
+
+
+def cpu_seconds(fn):
+    """``fn()``'s result and the CPU seconds it took."""
+    start = time.process_time()
+    out = fn()
+    return out, time.process_time() - start
+
+
+def client_round(session, config, partition: int, server_round: int) -> tuple[dict, dict, dict]:
+    """One client's DiReDi and FedAvg work of a round (CPU seconds per part), and its delta."""
+    ws, settings = session.workspace, config.rd_settings()
+    tutor, edge = session.chain.tutor, session.chain.edge
+    seed = work_seed(config.seed, server_round, partition)
+    presumed, train, test = ws.client_presumed(partition), ws.client_train(partition), ws.client_test(partition)
+    classes = ws.eval_classes()
+    diredi, fedavg = {}, {}
+    (tutor1, _), diredi["rd_tutor1"] = cpu_seconds(lambda: reverse_distill_tutor1(tutor, edge, presumed, settings, seed))
+    (tutor2, _), diredi["rd_tutor2"] = cpu_seconds(
+        lambda: reverse_distill_tutor2(tutor, tutor1, edge, train, settings, seed))
+    delta, diredi["delta"] = cpu_seconds(lambda: client_delta(tutor1, tutor2, settings))
+    (new_edge, _), diredi["distill_c"] = cpu_seconds(lambda: distill_c(edge, tutor, train, settings, seed))
+    _, diredi["evaluate"] = cpu_seconds(lambda: per_class_ap(new_edge, test, classes))
+    steps = 2 * settings.rd_iters + settings.redistill_iters
+    (trained, _), fedavg["direct_training"] = cpu_seconds(
+        lambda: direct_training(edge, train, steps, settings, seed))
+    _, fedavg["evaluate"] = cpu_seconds(lambda: per_class_ap(trained, test, classes))
+    return diredi, fedavg, delta
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.round_work", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_run_arguments(parser)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (a client actor has 1)")
+    parser.add_argument("--clients", type=int, default=2, help="clients timed (their mean is used)")
+    args = parser.parse_args(argv)
+    if args.threads < 1 or args.clients < 1:
+        parser.error("--threads and --clients must be at least 1")
+    torch.set_num_threads(args.threads)
+    config, session, run = open_run(args.run)
+    if args.clients > config.num_clients:
+        parser.error(f"--clients {args.clients}: the run has {config.num_clients} clients")
+    strategy = make_strategy("diredi", session, Recorder("diredi"))
+    strategy._open_round(2)
+    _, features_s = cpu_seconds(strategy.tutor_validation_ap)  # once per run (validation features, tutor AP)
+    parts: dict[str, dict[str, list[float]]] = {"diredi": {}, "fedavg": {}, "server": {}}
+    for partition in range(args.clients):
+        diredi, fedavg, delta = client_round(session, config, partition, server_round=2)
+        _, verify_s = cpu_seconds(lambda: strategy.verify(delta, partition, 2))
+        for method, timed in (("diredi", diredi), ("fedavg", fedavg), ("server", {"verify_per_delta": verify_s})):
+            for name, seconds in timed.items():
+                parts[method].setdefault(name, []).append(seconds)
+        print(f"client {partition}: DiReDi {sum(diredi.values()):.1f} s, FedAvg {sum(fedavg.values()):.1f} s, "
+              f"verification {verify_s:.2f} s", flush=True)
+    _, tutor_eval_s = cpu_seconds(lambda: strategy._validate(strategy.tutor))  # record_tutor's evaluation
+    mean = {method: {name: statistics.mean(v) for name, v in timed.items()} for method, timed in parts.items()}
+    n = config.num_clients
+    client = {method: sum(mean[method].values()) for method in ("diredi", "fedavg")}
+    server = n * mean["server"]["verify_per_delta"] + tutor_eval_s
+    result = {
+        "command": f"python -m bench.round_work --run {args.run} --threads {args.threads} --clients {args.clients}",
+        "clients_per_round": n, "threads": args.threads,
+        "client_s": {method: {**mean[method], "total": client[method]} for method in ("diredi", "fedavg")},
+        "client_ratio": client["diredi"] / client["fedavg"],
+        "server_s": {"diredi": {"verify_per_delta": mean["server"]["verify_per_delta"],
+                                "updated_tutor_evaluation": tutor_eval_s, "total": server},
+                     "once_per_run": {"validation_features_and_tutor_ap": features_s}},
+        "work_s": {"diredi": n * client["diredi"] + server, "fedavg": n * client["fedavg"]},
+    }
+    result["work_ratio"] = result["work_s"]["diredi"] / result["work_s"]["fedavg"]
+    write_cost_keys(args.out, {"round_work": result})
+    print(json.dumps(result, indent=1))
+    print(f"client work {result['client_ratio']:.2f}x, round work with the server's {result['work_ratio']:.2f}x; "
+          f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
