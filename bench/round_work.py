@@ -9,8 +9,8 @@ thread in one process (CPU seconds, ``time.process_time``), the work of a steady
 every client computes its own Tutor 1) with the run's settings and scenario:
 
 * ``client_s``: one client's round, per part. DiReDi: RD Tutor 1 on the presumed data, RD Tutor 2 on
-  the client's data, the delta, Distill C from the tutor, the re-distilled edge's evaluation on the
-  client's test shard. FedAvg: direct training of as many steps (``rd_iters`` x 2 + ``redistill_iters``
+  the client's data, the delta, Distill C from the tutor (with Tutor 2's body outputs, as a client
+  has them: ``distill.body_memo``), the re-distilled edge's evaluation on the client's test shard. FedAvg: direct training of as many steps (``rd_iters`` x 2 + ``redistill_iters``
   = ``direct_iters``) and the trained edge's evaluation. Averaged over ``--clients`` clients.
 * ``server_s``: the server's per round. DiReDi: each delta's verification (its candidate tutor's
   validation AP and the noise of its protected-class drops, ``DiReDiStrategy.verify`` on this
@@ -18,6 +18,9 @@ every client computes its own Tutor 1) with the run's settings and scenario:
   FedAvg: its weighted mean of the clients' edges, times nothing here (under a tenth of a second).
 * ``work_ratio``: (clients x DiReDi client + DiReDi server) / (clients x FedAvg client): the ratio of
   the round walls if both rounds were packed onto the cores without a gap.
+
+Not counted, for either method: what every message costs besides its phases (building the models,
+saving the client's state, releasing memory; a few tenths of a second) and Flower's messaging.
 
 Writes the key ``round_work`` of ``experiments/results/cost.json`` (other keys kept) and prints it.
 """
@@ -32,6 +35,7 @@ import time
 import torch
 
 from bench.run_folder import add_run_arguments, open_run, write_cost_keys
+from distill.body_memo import BodyMemo
 from distill.rd import client_delta, direct_training, distill_c, reverse_distill_tutor1, reverse_distill_tutor2
 from evaluation.ap import per_class_ap
 from protocol.wire import work_seed
@@ -55,10 +59,13 @@ def client_round(session, config, partition: int, server_round: int) -> tuple[di
     classes = ws.eval_classes()
     diredi, fedavg = {}, {}
     (tutor1, _), diredi["rd_tutor1"] = cpu_seconds(lambda: reverse_distill_tutor1(tutor, edge, presumed, settings, seed))
+    memo = BodyMemo.for_model(tutor1)  # as the client: Tutor 2's body outputs, read by Distill C
     (tutor2, _), diredi["rd_tutor2"] = cpu_seconds(
-        lambda: reverse_distill_tutor2(tutor, tutor1, edge, train, settings, seed))
+        lambda: reverse_distill_tutor2(tutor, tutor1, edge, train, settings, seed, body_memo=memo))
     delta, diredi["delta"] = cpu_seconds(lambda: client_delta(tutor1, tutor2, settings))
-    (new_edge, _), diredi["distill_c"] = cpu_seconds(lambda: distill_c(edge, tutor, train, settings, seed))
+    memo.recording = False
+    (new_edge, _), diredi["distill_c"] = cpu_seconds(
+        lambda: distill_c(edge, tutor, train, settings, seed, body_memo=memo))
     _, diredi["evaluate"] = cpu_seconds(lambda: per_class_ap(new_edge, test, classes))
     steps = 2 * settings.rd_iters + settings.redistill_iters
     (trained, _), fedavg["direct_training"] = cpu_seconds(
