@@ -21,7 +21,7 @@ from collections import OrderedDict
 import torch
 from torch import Tensor, nn
 
-from evaluation.features import body_fingerprint
+from models.io import body_fingerprint
 
 
 _LAST_BODY: tuple[list[tuple[weakref.ref, int]], str] | None = None  # (its tensors, their versions), fingerprint

@@ -35,16 +35,11 @@ from torchvision.models.detection.transform import resize_boxes
 from torchvision.ops import boxes as box_ops
 
 from data.voc import collate_detection
-from models.io import state_fingerprint
+from models.io import body_fingerprint
 
 # torchvision.ops.batched_nms runs one NMS per class above this many box coordinates on the CPU
 # (torchvision 0.29, _batched_nms_vanilla) and the offset-coordinates NMS below it.
 _VANILLA_NMS_ABOVE = 4000
-
-
-def body_fingerprint(model: nn.Module) -> str:
-    """A hash of the backbone body's weights and buffers: which body the cached features came from."""
-    return state_fingerprint(model.backbone.body.state_dict())
 
 
 def _bits(t: Tensor) -> Tensor:

@@ -68,3 +68,8 @@ def state_fingerprint(state: Mapping[str, Tensor]) -> str:
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()
+
+
+def body_fingerprint(model: nn.Module) -> str:
+    """A hash of a detector's backbone body's weights and buffers: which body cached outputs came from."""
+    return state_fingerprint(model.backbone.body.state_dict())
