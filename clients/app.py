@@ -242,9 +242,10 @@ def _train_diredi(msg: Message, context: Context) -> Message:
         tutor1, report = reverse_distill_tutor1(tutor, edge, _dataset(ws, partition, "presumed"), settings, seed)
         seconds_t1 = report.seconds
     # With a state folder, Tutor 2's body outputs wait on the client's disk for its Distill C, whose
-    # first batches are Tutor 2's (distill.body_memo); the body is Tutor 1's, the tutor's.
+    # first batches are Tutor 2's (distill.body_memo); the body is Tutor 1's, the tutor's. Not when the
+    # server re-distils: nothing would read them.
     root, method = config.get(STATE_DIR), str(config[METHOD])
-    memo = BodyMemo.for_model(tutor1) if root else None
+    memo = BodyMemo.for_model(tutor1) if root and run.redistill == "client" else None
     tutor2, report = reverse_distill_tutor2(tutor if tutor is not None else tutor1, tutor1, edge,
                                             _dataset(ws, partition, "train"), settings, seed, body_memo=memo)
     if memo is not None:
