@@ -175,12 +175,10 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.feature_reuse", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_run_arguments(parser)
-    parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=2, help="end-to-end runs with and without the cache, interleaved")
     parser.add_argument("--client", type=int, default=0, help="the client run end to end")
     args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    config, session, run = open_run(args.run)
+    config, session, run = open_run(args.run, args.threads)
     ws, tutor = session.workspace, session.chain.tutor
     rounds = sorted({1, 2} & set(range(1, int(run.get("rounds", 2)) + 1)))
 

@@ -169,13 +169,11 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.frozen_forward", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_run_arguments(parser)
-    parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--steps", type=int, default=20, help="Distill C steps timed")
     parser.add_argument("--repeats", type=int, default=15, help="timed forwards per way")
     parser.add_argument("--loop-repeats", type=int, default=2, help="whole Distill C runs per way, interleaved")
     args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    config, session, run = open_run(args.run)
+    config, session, run = open_run(args.run, args.threads)
     tutor, edge = session.chain.tutor.eval(), session.chain.edge
     dataset = session.workspace.client_train(0)
     settings = config.rd_settings()

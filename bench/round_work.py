@@ -32,8 +32,6 @@ import json
 import statistics
 import time
 
-import torch
-
 from bench.run_folder import add_run_arguments, open_run, write_cost_keys
 from distill.body_memo import BodyMemo
 from distill.rd import client_delta, direct_training, distill_c, reverse_distill_tutor1, reverse_distill_tutor2
@@ -78,13 +76,11 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.round_work", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_run_arguments(parser)
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (a client actor has 1)")
     parser.add_argument("--clients", type=int, default=2, help="clients timed (their mean is used)")
     args = parser.parse_args(argv)
-    if args.threads < 1 or args.clients < 1:
-        parser.error("--threads and --clients must be at least 1")
-    torch.set_num_threads(args.threads)
-    config, session, run = open_run(args.run)
+    if args.clients < 1:
+        parser.error("--clients must be at least 1")
+    config, session, run = open_run(args.run, args.threads)
     if args.clients > config.num_clients:
         parser.error(f"--clients {args.clients}: the run has {config.num_clients} clients")
     strategy = make_strategy("diredi", session, Recorder("diredi"))

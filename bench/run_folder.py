@@ -1,7 +1,7 @@
 """What the cost benches share: a finished run's settings, and the one cost file they all fill.
 
     parser = argparse.ArgumentParser(...); add_run_arguments(parser)
-    config, session, run = open_run(args.run)   # the run's scenario and client settings, its chain
+    config, session, run = open_run(args.run, args.threads)   # the run's client settings, its chain
     write_cost_keys(args.out, {"feature_reuse": result})
 """
 
@@ -19,18 +19,32 @@ CLIENT_KEYS = ("profile", "scenario", "num_clients", "seed", "rd_iters", "redist
                "redistill")
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--run`` (the run folder replayed) and ``--out`` (the cost file)."""
+    """``--run`` (the run folder replayed), ``--out`` (the cost file) and ``--threads``."""
     parser.add_argument("--run", type=Path, default=DEFAULT_RUN,
                         help="a run folder whose config.json names the scenario and settings")
     parser.add_argument("--out", type=Path, default=COST_FILE)
+    parser.add_argument("--threads", type=_positive_int, default=1, help="torch threads (a client actor has 1)")
 
 
-def open_run(folder: Path):
-    """The run's configuration (its client settings), the server's session for it and config.json's "run"
-    (imported here: bench.scale uses this module without loading torch)."""
+def open_run(folder: Path, threads: int | None = None):
+    """The run's configuration (its client settings), the server's session for it and config.json's "run",
+    with torch on ``threads`` threads when given (imported here: bench.scale uses this module without
+    loading torch)."""
+    import torch
+
     from protocol.config import resolve_run_config
     from strategies.server_app import Session
+
+    if threads is not None:
+        torch.set_num_threads(threads)
 
     run = json.loads((folder / "config.json").read_text())["run"]
     config = resolve_run_config({key: run[key] for key in CLIENT_KEYS})
@@ -39,7 +53,7 @@ def open_run(folder: Path):
 
 def write_cost_keys(out: Path, values: dict) -> None:
     """Sets these keys of the cost file, keeping what other benches wrote there (bench.cost, bench.scale,
-    bench.feature_reuse and bench.frozen_forward each fill their own keys of cost.json)."""
+    bench.feature_reuse, bench.frozen_forward and bench.round_work each fill their own keys of cost.json)."""
     merged = json.loads(out.read_text()) if out.is_file() else {}
     merged.update(values)
     out.parent.mkdir(parents=True, exist_ok=True)

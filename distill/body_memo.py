@@ -15,34 +15,12 @@ batch of 8 at 128 px holds 1.8 MB of body outputs in the cpu profile; Tutor 2's 
 from __future__ import annotations
 
 import hashlib
-import weakref
 from collections import OrderedDict
 
 import torch
 from torch import Tensor, nn
 
 from models.io import body_fingerprint
-
-
-_LAST_BODY: tuple[list[tuple[weakref.ref, int]], str] | None = None  # (its tensors, their versions), fingerprint
-
-
-def body_key(model: nn.Module) -> str:
-    """``body_fingerprint(model)``, remembered for the last body asked about: Tutor 2's copy shares
-    Tutor 1's body tensors (``distill.rd._tutor_copy``), and hashing 44 MB takes 0.05 s. The body is
-    the same when it holds the very same tensor objects (weak references: nothing is kept alive) and
-    none was written in place since (their version counters)."""
-    global _LAST_BODY
-    body = model.backbone.body
-    tensors = [*body.parameters(), *body.buffers()]
-    if _LAST_BODY is not None:
-        held, fingerprint = _LAST_BODY
-        if len(held) == len(tensors) and all(ref() is t and t._version == version
-                                             for t, (ref, version) in zip(tensors, held)):
-            return fingerprint
-    fingerprint = body_fingerprint(model)
-    _LAST_BODY = ([(weakref.ref(t), t._version) for t in tensors], fingerprint)
-    return fingerprint
 
 
 def input_key(x: Tensor) -> str:
@@ -65,11 +43,11 @@ class BodyMemo:
 
     @classmethod
     def for_model(cls, model: nn.Module, recording: bool = True) -> "BodyMemo":
-        return cls(body_key(model), recording)
+        return cls(body_fingerprint(model), recording)
 
     def serves(self, model: nn.Module) -> bool:
         """Whether ``model``'s body is the one these outputs came from."""
-        return body_key(model) == self.body_key
+        return body_fingerprint(model) == self.body_key
 
     def body_outputs(self, model: nn.Module, x: Tensor) -> OrderedDict[str, Tensor]:
         """``model.backbone.body(x)`` (no gradient: the body is frozen), from the memo when it holds x."""
@@ -87,10 +65,6 @@ class BodyMemo:
         """``models.ladder.neck_features(model, x)`` with the body's outputs from ``body_outputs``."""
         return list(model.backbone.fpn(self.body_outputs(model, x)).values())
 
-    @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for out in self.outputs.values() for t in out.values())
-
     # -- to and from a flat tensor dict (clients.store keeps it between a client's two messages) --
 
     def to_tensors(self) -> dict[str, Tensor]:
@@ -99,9 +73,7 @@ class BodyMemo:
     @classmethod
     def from_tensors(cls, body_key: str, tensors: dict[str, Tensor], recording: bool = False) -> "BodyMemo":
         memo = cls(body_key, recording)
-        for name in sorted(tensors):  # levels in order: "0", "1", "2"
-            key, level = name.rsplit("|", 1)
+        for name in sorted(tensors, key=lambda n: (n.rsplit("|", 1)[0], int(n.rsplit("|", 1)[1]))):
+            key, level = name.rsplit("|", 1)  # the body's levels in order: "0", "1", "2"
             memo.outputs.setdefault(key, OrderedDict())[level] = tensors[name]
-        for key, out in memo.outputs.items():
-            memo.outputs[key] = OrderedDict(sorted(out.items(), key=lambda item: int(item[0])))
         return memo
