@@ -159,7 +159,7 @@ def _common(msg: Message, context: Context):
     config = msg.content[CONFIG]
     run = RunConfig.from_record(config)
     partition = int(context.node_config["partition-id"])
-    seed = work_seed(run.seed, int(config.get(SERVER_ROUND, 0)), partition)
+    seed = work_seed(run.training_seed, int(config.get(SERVER_ROUND, 0)), partition)
     return config, run, run.workspace(), partition, seed
 
 

@@ -20,8 +20,14 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Mapping
 
-METHODS = ("diredi", "fedavg", "fedprox", "local", "oracle")  # the order of every table and plot
-FEDERATED = ("diredi", "fedavg", "fedprox")  # the methods that run on Flower; local and oracle need no clients
+# Every method, in the order of every table and plot. fedavgm / fedadam: Flower's FedAvgM (server
+# momentum) and FedAdam; fedavg_ls: FedAvg whose clients train only the class scores their labels hold
+# (label-skew aware); fedavg_ft: FedAvg's global edge fine-tuned on each client's data before it is
+# evaluated (personalised FedAvg, "FedAvg+FT").
+METHODS = ("diredi", "fedavg", "fedprox", "fedavgm", "fedadam", "fedavg_ls", "fedavg_ft", "local", "oracle")
+DEFAULT_METHODS = ("diredi", "fedavg", "fedprox", "local", "oracle")  # sim.run's default: 10 minutes warm
+FEDERATED = ("diredi", "fedavg", "fedprox", "fedavgm", "fedadam", "fedavg_ls", "fedavg_ft")  # run on Flower
+DIRECT_FEDERATED = FEDERATED[1:]  # the federated methods whose clients train the edge on their labels
 TUTOR1_MODES = ("shared", "per-client")
 AGGREGATION_METHODS = ("weighted", "trimmed", "ties", "krum", "class_aware")  # strategies.aggregate.aggregate
 REDISTILL_SIDES = ("client", "server")
@@ -32,7 +38,8 @@ DIRECTION_REFERENCES = ("peers", "server")  # the direction gate's reference (st
 # Fields added after runs were recorded: ``to_dict`` leaves them out while they hold their default, so
 # a run without them writes the config.json it wrote before they existed (and --resume, which
 # compares config.json's "run" with ``to_dict``, still accepts the older run folders).
-LATER_FIELDS = ("dp_clip", "dp_noise", "dp_delta")
+LATER_FIELDS = ("dp_clip", "dp_noise", "dp_delta", "replicate", "direct_lr", "server_momentum", "fedadam_eta",
+                "fedadam_tau")
 
 
 class ConfigError(ValueError):
@@ -52,8 +59,11 @@ class RunConfig:
     num_clients: int = 8  # under `flwr run`, 0 means as many as the federation has nodes
     fraction: float = 1.0  # share of the clients sampled per round (seeded), every federated method
     rounds: int = 2  # the warm default run (5 methods, 8 clients, cpu profile) within 10 minutes on 2 cores
-    methods: tuple[str, ...] = METHODS
-    seed: int = 0
+    methods: tuple[str, ...] = DEFAULT_METHODS
+    seed: int = 0  # the data: shards and the manufacturer chain (and, with replicate 0, the training seeds)
+    # A study's replicate: changes every training seed, the clients' data order and the client sampling,
+    # never the data, shards or manufacturer chain (``training_seed``). 0: the training seeds are ``seed``.
+    replicate: int = 0
     device: str = "auto"  # where the manufacturer chain trains; the federation runs on the CPU
     cache_dir: str = ".cache"
     tutor1: str = "shared"  # Tutor 1 computed once per round on the server, or on every client
@@ -61,6 +71,10 @@ class RunConfig:
     aggregation: str = "class_aware"  # AGGREGATION_METHODS; default chosen in experiments/results/merge.md
     beta: float = 1.0  # eq. (10): the tutor moves by beta x the merged delta (the merge scale)
     fedprox_mu: float = 0.01
+    direct_lr: float = 0.0  # client lr of the federated direct-training baselines; 0: the profile's lr
+    server_momentum: float = 0.9  # fedavgm: Flower's FedAvgM server momentum (server lr 1)
+    fedadam_eta: float = 1e-3  # fedadam: Flower's FedAdam server learning rate
+    fedadam_tau: float = 1e-3  # fedadam: its adaptivity (Reddi et al. 2021)
     rd_iters: int = 0  # RD steps per tutor per round; 0: the profile's round budget
     redistill_iters: int = 0  # Distill C steps per round; 0: the profile's
     batch_size: int = 0  # batch of every client phase; 0: the profile's
@@ -128,6 +142,13 @@ class RunConfig:
     # -- what the configuration implies ---------------------------------------------------------
 
     @property
+    def training_seed(self) -> int:
+        """The seed of every training, data order and client sample of the run: ``seed`` for replicate 0;
+        each replicate adds a multiple of 1,000,003, which is 3 mod 10, so ``protocol.wire.work_seed``'s
+        seeds (round x 100,000 + party x 10) of two replicates never coincide."""
+        return self.seed + 1_000_003 * self.replicate
+
+    @property
     def federated_methods(self) -> tuple[str, ...]:
         return tuple(m for m in self.methods if m in FEDERATED)
 
@@ -154,7 +175,7 @@ class RunConfig:
     def run_name(self) -> str:
         sampled = f"-f{self.fraction:g}" if self.fraction < 1 else ""
         return (f"{Path(self.scenario).stem}-{self.profile}-{self.data}-c{self.num_clients}{sampled}"
-                f"-r{self.rounds}-s{self.seed}")
+                f"-r{self.rounds}-s{self.seed}" + (f"-rep{self.replicate}" if self.replicate else ""))
 
 
 def _key(name: str) -> str:
@@ -201,9 +222,9 @@ def resolve_run_config(raw: Mapping[str, Any] | RunConfig) -> RunConfig:
         raise ConfigError("methods", f"unknown {unknown_methods or 'empty list'}; choose from {','.join(METHODS)}")
     methods = tuple(m for m in METHODS if m in methods)  # one order everywhere
     for name, low in (("num_clients", 1), ("rounds", 1), ("rd_iters", 0), ("redistill_iters", 0),
-                      ("batch_size", 0), ("direct_iters", 0)):  # 0: "the profile's"
+                      ("batch_size", 0), ("direct_iters", 0), ("replicate", 0)):  # 0: "the profile's"
         if getattr(config, name) < low:
-            raise ConfigError(_key(name), f"must be at least 1, got {getattr(config, name)}")
+            raise ConfigError(_key(name), f"must be at least {low}, got {getattr(config, name)}")
     if not (math.isfinite(config.delta_topk) and 0 < config.delta_topk <= 1):
         raise ConfigError("delta-topk", f"must be in (0, 1], got {config.delta_topk}")
     if not (math.isfinite(config.fraction) and 0 < config.fraction <= 1):
@@ -211,6 +232,8 @@ def resolve_run_config(raw: Mapping[str, Any] | RunConfig) -> RunConfig:
     if not (math.isfinite(config.beta) and config.beta > 0):
         raise ConfigError("beta", f"must be a finite number > 0, got {config.beta}")
     for name, value in (("fedprox_mu", config.fedprox_mu), ("norm_factor", config.norm_factor),
+                        ("direct_lr", config.direct_lr), ("server_momentum", config.server_momentum),
+                        ("fedadam_eta", config.fedadam_eta), ("fedadam_tau", config.fedadam_tau),
                         ("protected_tolerance", config.protected_tolerance), ("noise_z", config.noise_z),
                         ("direction_z", config.direction_z),
                         ("timeout_s", config.timeout_s)):

@@ -45,12 +45,16 @@ def build_parser() -> argparse.ArgumentParser:
     add("--rounds", type=int, default=d.rounds, help=f"federated rounds (default {d.rounds})")
     add("--fraction", type=float, default=d.fraction,
         help="share of the clients sampled each round by every federated method, seeded (default 1.0)")
-    add("--methods", default=",".join(d.methods), help=f"comma-separated subset of {','.join(METHODS)} (default: all)")
+    add("--methods", default=",".join(d.methods),
+        help=f"comma-separated subset of {','.join(METHODS)} (default: {','.join(d.methods)})")
     add("--scenario", default=d.scenario, help="scenario name in data/scenarios/ or a YAML path")
     add("--data", choices=("synth", "voc"), default=d.data)
     add("--voc-root", type=Path, help="VOCdevkit or VOC20xx folder (with --data voc)")
     add("--profile", choices=tuple(PROFILES), default=d.profile)
-    add("--seed", type=int, default=d.seed)
+    add("--seed", type=int, default=d.seed, help="the data: shards and the manufacturer chain (default 0)")
+    add("--replicate", type=int, default=d.replicate,
+        help="a study's replicate: other training seeds, data order and client sampling on the same data, "
+             "shards and chain (default 0: the training seeds are --seed)")
     add("--out", type=Path, default=Path("runs"), help="parent folder of run folders")
     add("--name", help="run folder name (default: derived from the settings)")
     add("--cache", type=Path, default=Path(d.cache_dir), help="data and model cache")
@@ -67,6 +71,11 @@ def build_parser() -> argparse.ArgumentParser:
              "client holds the server's edge (shared, default), or always on every client")
     add("--rd-iters", type=positive_int, help="RD steps per tutor per round (default: per profile)")
     add("--redistill-iters", type=positive_int, help="Distill C steps per round (default: per profile)")
+    add("--direct-iters", type=positive_int,
+        help="steps per round of every direct-training client (baselines; default: as many as a DiReDi client)")
+    add("--direct-lr", type=float, default=d.direct_lr,
+        help="client lr of the federated direct-training baselines (default 0: the profile's)")
+    add("--fedprox-mu", type=float, default=d.fedprox_mu, help=f"FedProx's mu (default {d.fedprox_mu:g})")
     add("--delta-precision", choices=DELTA_PRECISIONS, default=d.delta_precision,
         help=f"dtype of the uploaded neck/head delta (default {d.delta_precision})")
     add("--delta-topk", type=float, default=d.delta_topk,
@@ -97,7 +106,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     raw = {"profile": args.profile, "scenario": args.scenario, "data": args.data,
            "voc-root": str(args.voc_root) if args.voc_root else "", "num-clients": args.clients,
            "rounds": args.rounds, "fraction": args.fraction, "methods": args.methods, "seed": args.seed,
-           "device": args.device,
+           "replicate": args.replicate, "direct-iters": args.direct_iters or 0, "direct-lr": args.direct_lr,
+           "fedprox-mu": args.fedprox_mu, "device": args.device,
            "cache-dir": str(args.cache), "tutor1": args.tutor1, "redistill": args.redistill,
            "aggregation": args.aggregation, "beta": args.beta, "rd-iters": args.rd_iters or 0,
            "redistill-iters": args.redistill_iters or 0, "batch-size": args.batch_size or 0, "delta-precision": args.delta_precision,
@@ -149,7 +159,7 @@ def run(args: argparse.Namespace, argv=None) -> int:
     from report.writer import RunFolder
     from strategies.server_app import Session, run_methods, write_summary
 
-    torch.manual_seed(config.seed)
+    torch.manual_seed(config.training_seed)
     # One torch thread per core that is not busy elsewhere: more threads than free cores slow torch
     # down many times over (measured here). While Ray's client actors run, each uses one thread.
     torch.set_num_threads(max(1, min(torch.get_num_threads(), os.cpu_count() or 1)))

@@ -82,11 +82,11 @@ def _job(config: RunConfig, method: str, client: int | None) -> list[dict]:
     import torch
 
     torch.set_num_threads(1)
-    torch.manual_seed(config.seed)
+    torch.manual_seed(config.training_seed)
     workspace = config.workspace()
     edge = workspace.chain(progress=False).edge.cpu()
     recorder = Recorder(method)
-    args = (config.rounds, config.direct_iters, config.rd_settings(), config.seed, recorder)
+    args = (config.rounds, config.direct_iters, config.rd_settings(), config.training_seed, recorder)
     if method == "local":
         local_client(workspace, edge, client, *args)
     else:

@@ -125,13 +125,13 @@ def make_strategy(method: str, session: Session, recorder: Recorder,
             ws.scenario.teacher_classes, config.rd_settings(), policy or default_policy(session),
             presumed_data=ws.chain_data().presumed_train, share_tutor1=config.tutor1 == "shared",
             aggregation=config.aggregation, redistill=config.redistill, num_nodes=n, fraction=config.fraction,
-            seed=config.seed, recorder=recorder)
+            seed=config.training_seed, recorder=recorder)
     # The sampler picks this round's clients (seeded by their identities) and Flower's FedAvg trains
     # all of them; the evaluate step goes to every node and the recording mixin keeps those that trained.
     count = sample_count(n, config.fraction)
     nodes = {"fraction_train": 1.0, "min_train_nodes": count, "min_available_nodes": count,
              "fraction_evaluate": 1.0, "min_evaluate_nodes": n,
-             "sampler": ClientSampler(n, config.fraction, config.seed), "recorder": recorder}
+             "sampler": ClientSampler(n, config.fraction, config.training_seed), "recorder": recorder}
     if method == "fedavg":
         return RecordingFedAvg(**nodes)
     if method == "fedprox":
@@ -150,8 +150,8 @@ def run_method(method: str, session: Session, grid: Grid | None, recorder: Recor
     clients share this machine's disk)."""
     config = session.config
     recorder = recorder or Recorder(method)
-    random.seed(config.seed)  # Flower samples nodes with Python's random
-    torch.manual_seed(config.seed)
+    random.seed(config.training_seed)  # Flower samples nodes with Python's random
+    torch.manual_seed(config.training_seed)
     start = time.perf_counter()
     if method in CENTRALISED:
         run_centralised(config, {method: recorder}, len(session.workspace.clients))
