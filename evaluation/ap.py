@@ -286,6 +286,8 @@ class EvalResult:
     tp: int = 0
     fp: int = 0
     npos: dict[int, int] = field(default_factory=dict)
+    class_tp: dict[int, int] = field(default_factory=dict)  # per class, at the score threshold
+    class_fp: dict[int, int] = field(default_factory=dict)
 
     def to_dict(self, class_names: Sequence[str] | Mapping[int, str] | None = None) -> dict[str, Any]:
         """JSON-friendly dict; NaN becomes None.  ``class_names`` maps a class id to its name
@@ -414,11 +416,13 @@ def evaluate_detections(
     ap: dict[int, float] = {}
     npos: dict[int, int] = {}
     tp_total = fp_total = 0
+    class_tp: dict[int, int] = {}
+    class_fp: dict[int, int] = {}
     for c in class_ids:
         order, outcomes, positives = _class_outcomes(det, gt, len(targets), c, iou_thresh, plus_one)
         ap[c], counts = _ap_and_counts(det["scores"][det["labels"] == c][order], outcomes, positives,
                                        use_07_metric, score_thresh)
-        npos[c] = counts["npos"]
+        npos[c], class_tp[c], class_fp[c] = counts["npos"], counts["tp"], counts["fp"]
         tp_total += counts["tp"]
         fp_total += counts["fp"]
 
@@ -432,6 +436,8 @@ def evaluate_detections(
         tp=tp_total,
         fp=fp_total,
         npos=npos,
+        class_tp=class_tp,
+        class_fp=class_fp,
     )
 
 
@@ -526,8 +532,15 @@ def evaluate_model(
     )
 
 
+# Per-class counts at the operating point travel in the summary as "<count>.<class>" (flat numbers:
+# Flower's MetricRecord holds nothing else); ``evaluation.metrics.operating_point`` reads them back.
+OP_COUNTS = ("tp", "fp", "npos")
+
+
 def per_class_ap(model, dataset, class_names: Iterable[str], batch_size: int = 16) -> tuple[dict[str, float], dict[str, float]]:
-    """AP per VOC class name of ``model`` on ``dataset``, and {precision, recall, f1, mAP} (eq. 11)."""
+    """AP per VOC class name of ``model`` on ``dataset``, and {precision, recall, f1, mAP} (eq. 11)
+    with each class's true / false positives at the score threshold and its positives
+    ("tp.<class>", "fp.<class>", "npos.<class>")."""
     return ap_by_name(*predict(model, dataset, batch_size), class_names)
 
 
@@ -541,6 +554,8 @@ def ap_by_name(predictions: Sequence[Mapping], targets: Sequence[Mapping],
                                  score_thresh=MODEL_SCORE_THRESH, plus_one=False)
     ap = {name: float(result.ap[CLASS_INDEX[name]]) for name in names}
     summary = {"precision": result.precision, "recall": result.recall, "f1": result.f1, "mAP": result.mAP}
+    for count, values in zip(OP_COUNTS, (result.class_tp, result.class_fp, result.npos)):
+        summary.update({f"{count}.{name}": values[CLASS_INDEX[name]] for name in names})
     return ap, {k: float(v) for k, v in summary.items()}
 
 

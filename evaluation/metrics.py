@@ -189,6 +189,28 @@ def record_after_metric(record: Mapping, key: str) -> float:
     return NAN if is_missing(value) else float(value)
 
 
+def operating_point(summary: Mapping | None, classes: Iterable[str]) -> dict[str, float]:
+    """Precision, recall and F1 (eq. 11) at the deployment score threshold, micro-averaged over
+    ``classes``, from an evaluation summary's per-class counts ("tp.<class>", "fp.<class>",
+    "npos.<class>": ``evaluation.ap.per_class_ap``). Classes the summary does not count, or without
+    positives, are left out; NaN everywhere when none is left (or the summary has no counts)."""
+    summary = summary or {}
+    tp = fp = npos = 0.0
+    counted = False
+    for name in classes:
+        keys = (f"tp.{name}", f"fp.{name}", f"npos.{name}")
+        if not all(k in summary and not is_missing(summary[k]) for k in keys) or float(summary[keys[2]]) <= 0:
+            continue
+        counted = True
+        tp, fp, npos = tp + float(summary[keys[0]]), fp + float(summary[keys[1]]), npos + float(summary[keys[2]])
+    if not counted:
+        return {"precision": NAN, "recall": NAN, "f1": NAN}
+    precision = tp / (tp + fp) if tp + fp > 0 else 0.0
+    recall = tp / npos
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall > 0 else 0.0
+    return {"precision": precision, "recall": recall, "f1": f1}
+
+
 def sum_seconds_per_phase(records: Iterable[Mapping]) -> dict[str, float]:
     """Seconds per phase summed over records (phases sorted by name)."""
     totals: dict[str, float] = {}

@@ -161,7 +161,9 @@ def make_record(method: str, server_round: int, client: int, *, ap_before: Mappi
                 ap_after: Mapping[str, float], after: Mapping[str, float], seconds: Mapping[str, float],
                 peak_rss_mb: float, losses: Mapping[str, float] | None = None, num_examples: int = 0,
                 bytes_up: int = 0, bytes_down: int = 0, accepted: bool | None = None, **fields) -> dict:
-    """One record. ``after``: {precision, recall, f1, mAP} of the evaluation that gave ``ap_after``;
+    """One record. ``after``: {precision, recall, f1, mAP} of the evaluation that gave ``ap_after``, with
+    each class's counts at the operating point ("tp.<class>", "fp.<class>", "npos.<class>"); ``before``
+    (in ``fields``, when known): the same of the evaluation that gave ``ap_before``;
     ``accepted``: DiReDi's verdict on the client's delta (None for methods without one)."""
     return {"method": method, "round": server_round, "client": client, "ap_before": dict(ap_before),
             "ap_after": dict(ap_after), "after": dict(after), "seconds": dict(seconds),
@@ -181,7 +183,7 @@ def record_from_metrics(method: str, server_round: int, train_metrics: Mapping[s
     return make_record(
         method, server_round, int(train_metrics[PARTITION_ID]),
         ap_before=decode(train_metrics, AP_BEFORE), ap_after=decode(after_metrics, AP_AFTER),
-        after=decode(after_metrics, AFTER),
+        after=decode(after_metrics, AFTER), before=decode(train_metrics, BEFORE),
         seconds=decode(train_metrics, SECONDS) | decode(after_metrics, SECONDS),
         losses=decode(train_metrics, LOSSES) | decode(after_metrics, LOSSES),
         peak_rss_mb=max((float(m[PEAK_RSS]) for m in (train_metrics, after_metrics)

@@ -35,27 +35,31 @@ from strategies.ledger import Recorder
 CENTRALISED = ("local", "oracle")
 
 
+Evaluation = tuple[dict[str, float], dict[str, float]]  # per_class_ap's (AP per class, summary)
+
+
 def _evaluated_record(method: str, server_round: int, client: int, trained: nn.Module, workspace: Workspace,
-                      ap_before: dict[str, float], seconds: dict[str, float], peak_rss_mb: float) -> dict:
-    ap_after, after = per_class_ap(trained, workspace.client_test(client), workspace.eval_classes())
-    return make_record(method, server_round, client, ap_before=ap_before, ap_after=ap_after, after=after,
-                       seconds=seconds, peak_rss_mb=peak_rss_mb, num_examples=len(workspace.client_train(client)))
+                      before: Evaluation, seconds: dict[str, float], peak_rss_mb: float) -> dict:
+    ap_after, after = _evaluate(trained, workspace, client)
+    return make_record(method, server_round, client, ap_before=before[0], ap_after=ap_after, after=after,
+                       before=before[1], seconds=seconds, peak_rss_mb=peak_rss_mb,
+                       num_examples=len(workspace.client_train(client)))
 
 
-def _ap(model: nn.Module, workspace: Workspace, client: int) -> dict[str, float]:
-    return per_class_ap(model, workspace.client_test(client), workspace.eval_classes())[0]
+def _evaluate(model: nn.Module, workspace: Workspace, client: int) -> Evaluation:
+    return per_class_ap(model, workspace.client_test(client), workspace.eval_classes())
 
 
 def local_client(workspace: Workspace, edge: nn.Module, client: int, rounds: int, steps: int,
                  settings: RDSettings, seed: int, recorder: Recorder) -> None:
     """One client's local training, round after round, from the manufacturer's edge."""
-    model, ap_before = copy.deepcopy(edge), _ap(edge, workspace, client)
+    model, before = copy.deepcopy(edge), _evaluate(edge, workspace, client)
     for r in range(1, rounds + 1):
         model, report = direct_training(model, workspace.client_train(client), steps, settings,
                                         seed=work_seed(seed, r, client))
-        record = _evaluated_record("local", r, client, model, workspace, ap_before,
+        record = _evaluated_record("local", r, client, model, workspace, before,
                                    {"direct training": report.seconds}, report.peak_rss_mb)
-        ap_before = record["ap_after"]
+        before = record["ap_after"], record["after"]
         recorder.emit(record)
 
 
@@ -64,13 +68,13 @@ def run_oracle(workspace: Workspace, edge: nn.Module, rounds: int, steps: int, s
     n = len(workspace.clients)
     union = ConcatDataset([workspace.client_train(i) for i in range(n)])
     model = copy.deepcopy(edge)
-    before = {client: _ap(edge, workspace, client) for client in range(n)}
+    before = {client: _evaluate(edge, workspace, client) for client in range(n)}
     for r in range(1, rounds + 1):
         model, report = direct_training(model, union, steps * n, settings, seed=work_seed(seed, r, SERVER))
         for client in range(n):
             record = _evaluated_record("oracle", r, client, model, workspace, before[client],
                                        {"central training": report.seconds / n}, report.peak_rss_mb)
-            before[client] = record["ap_after"]
+            before[client] = record["ap_after"], record["after"]
             recorder.emit(record)
 
 
