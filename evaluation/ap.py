@@ -605,3 +605,30 @@ def bootstrap_ap_drop(before: Sequence[Mapping], after: Sequence[Mapping], targe
                 drops[c].append(_resampled_ap(images_b, outcomes_b, copies, npos)
                                 - _resampled_ap(images_a, outcomes_a, copies, npos))
     return {c: float(np.std(values, ddof=1)) if len(values) > 1 else math.nan for c, values in drops.items()}
+
+
+def bootstrap_mean_ap_change(before: Sequence[Mapping], after: Sequence[Mapping], targets: Sequence[Mapping],
+                             class_ids: Sequence[int], samples: int = 200, seed: int = 0) -> float:
+    """Standard deviation of the mean over ``class_ids`` of AP(after) - AP(before) over ``samples``
+    paired bootstrap resamples of the images (``bootstrap_ap_drop``'s resampling, one resample shared by
+    every class): how much a client's knowledge gain, measured on this image set, moves by chance.
+    A class without positives in a resample is left out of that resample's mean."""
+    if not (len(before) == len(after) == len(targets)):
+        raise ValueError(f"{len(before)}, {len(after)} and {len(targets)} predictions/targets: not aligned")
+    rng = np.random.default_rng(seed)
+    n = len(targets)
+    (det_before, gt), (det_after, _) = _flatten(before, targets, False), _flatten(after, targets, False)
+    ranked = [(_ranked_outcomes(det_before, gt, n, int(c)), _ranked_outcomes(det_after, gt, n, int(c)))
+              for c in class_ids]
+    means = []
+    for _ in range(samples):
+        copies = np.bincount(rng.integers(0, n, size=n), minlength=n)
+        changes = []
+        for (images_b, outcomes_b, positives), (images_a, outcomes_a, _) in ranked:
+            npos = int(copies @ positives)
+            if npos > 0:
+                changes.append(_resampled_ap(images_a, outcomes_a, copies, npos)
+                               - _resampled_ap(images_b, outcomes_b, copies, npos))
+        if changes:
+            means.append(float(np.mean(changes)))
+    return float(np.std(means, ddof=1)) if len(means) > 1 else math.nan

@@ -1,0 +1,194 @@
+"""The comparison study: every method, R rounds, S replicates, one scenario and one manufacturer chain.
+
+    python -m experiments.compare                                 # 20 rounds x replicates 0 1 2, every method
+    python -m experiments.compare --replicates 1                  # one replicate (a part that fits a session)
+    python -m experiments.compare --summarise-only                # combine what the run folders hold
+
+Each replicate is its own resumable run of ``python -m sim.run`` (``--replicate k``: other training
+seeds, data order and client sampling on the same data, shards and chain) in
+``<out>/runs/rep<k>/``; a replicate whose folder exists is continued with ``--resume`` (finished
+methods are reused, an unfinished one goes on after its last checkpointed round). The chain and the
+shards are fingerprinted in ``<out>/chain.json`` by the first replicate; a later replicate on other
+weights or shards stops with one line, so a study never mixes two chains.
+
+The baselines' settings (FedAvg's client lr and local steps, FedProx's mu) come from
+``experiments/results/baseline_grid.json`` (``experiments.baseline_grid``, chosen on the
+manufacturer's validation set) unless ``--no-grid``. At the end (and with ``--summarise-only``) the
+run folders are combined (``report.study``) into ``<out>/compare.json``, ``compare.md`` and the
+plots; ``<out>/study.json`` keeps each invocation's command and wall seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from protocol.config import METHODS
+
+OUT = Path("experiments/results/compare")
+GRID = Path("experiments/results/baseline_grid.json")
+POLL_S = 30.0
+
+
+def grid_settings(path: Path) -> dict[str, float]:
+    """sim.run flags of the chosen baseline settings, or {} when the grid has not been run."""
+    if not path.exists():
+        return {}
+    chosen = json.loads(path.read_text())["chosen"]
+    return {"--direct-lr": chosen["lr"], "--direct-iters": chosen["steps"], "--fedprox-mu": chosen["mu"]}
+
+
+def replicate_command(args: argparse.Namespace, replicate: int, settings: dict) -> list[str]:
+    folder = args.out / "runs" / f"rep{replicate}"
+    command = [sys.executable, "-m", "sim.run", "--profile", args.profile, "--scenario", args.scenario,
+               "--clients", str(args.clients), "--rounds", str(args.rounds), "--methods", ",".join(args.methods),
+               "--replicate", str(replicate), "--out", str(args.out / "runs"), "--name", f"rep{replicate}",
+               "--cache", args.cache, "--quiet"]
+    for flag, value in settings.items():
+        command += [flag, f"{value:g}" if isinstance(value, float) else str(value)]
+    if (folder / "config.json").exists():
+        command.append("--resume")
+    return command
+
+
+def fingerprints(args: argparse.Namespace) -> dict[str, str]:
+    """Hashes of the manufacturer's weights and of every shard: what all replicates must share."""
+    from data.workspace import records_fingerprint
+    from models.io import state_fingerprint
+    from protocol.config import resolve_run_config
+
+    config = resolve_run_config({"profile": args.profile, "scenario": args.scenario, "num-clients": args.clients,
+                                 "cache-dir": args.cache})
+    ws = config.workspace()
+    chain = ws.chain(progress=True)
+    shards = ws.shards
+    out = {role: state_fingerprint(getattr(chain, role).state_dict()) for role in ("teacher", "tutor", "edge")}
+    out["manufacturer_shards"] = records_fingerprint(shards.teacher_train + shards.presumed_train
+                                                     + shards.manufacturer_val)
+    out["client_shards"] = records_fingerprint([r for c in shards.clients for r in c.public + c.private + c.test])
+    return out
+
+
+def check_chain(args: argparse.Namespace) -> None:
+    """Writes the chain's fingerprints on first use; stops when they differ from the study's."""
+    path, now = args.out / "chain.json", fingerprints(args)
+    if not path.exists():
+        args.out.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(now, indent=1))
+        return
+    before = json.loads(path.read_text())
+    changed = [k for k in before if before[k] != now.get(k)]
+    if changed:
+        raise SystemExit(f"python -m experiments.compare: error: the manufacturer chain or shards differ from the "
+                         f"study's ({', '.join(changed)} in {path}); rebuild the chain at the thread count its "
+                         f"manifests record, or start a new study with --out")
+
+
+def records_done(args: argparse.Namespace) -> int:
+    total = 0
+    for replicate in args.replicates:
+        path = args.out / "runs" / f"rep{replicate}" / "rounds.jsonl"
+        if path.exists():
+            with path.open() as f:
+                total += sum(1 for _ in f)
+    return total
+
+
+def report_progress(args: argparse.Namespace, total: int, start: float, first: int, stop: threading.Event) -> None:
+    """A line every POLL_S: client-rounds recorded over the whole study, rate and ETA."""
+    while not stop.wait(POLL_S):
+        done = records_done(args)
+        elapsed = time.perf_counter() - start
+        rate = (done - first) / elapsed if done > first else 0.0
+        eta = (total - done) / rate if rate > 0 else float("nan")
+        print(f"study: {done}/{total} client-rounds ({100 * done / total:.0f} %), {elapsed / 60:.1f} min, "
+              f"ETA {eta / 60:.0f} min", flush=True)
+
+
+def summarise(args: argparse.Namespace, command: str | None, wall_s: float | None) -> dict:
+    from report.study import summarise_run_folders, write_study
+
+    folders = [p for p in sorted((args.out / "runs").glob("rep*")) if (p / "rounds.jsonl").exists()]
+    if not folders:
+        raise SystemExit(f"python -m experiments.compare: error: no run folder with records under {args.out / 'runs'}")
+    summary = summarise_run_folders(folders)
+    write_study(summary, args.out, command=command, wall_s=wall_s)
+    return summary
+
+
+def log_invocation(args: argparse.Namespace, command: str, wall_s: float) -> None:
+    path = args.out / "study.json"
+    log = json.loads(path.read_text()) if path.exists() else {"invocations": []}
+    log["invocations"].append({"command": command, "wall_s": round(wall_s, 1), "replicates": args.replicates,
+                               "finished": time.strftime("%Y-%m-%d %H:%M:%S")})
+    log["wall_s_total"] = round(sum(i["wall_s"] for i in log["invocations"]), 1)
+    path.write_text(json.dumps(log, indent=1))
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m experiments.compare", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=20)
+    parser.add_argument("--replicates", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--profile", default="cpu")
+    parser.add_argument("--scenario", default="default8")
+    parser.add_argument("--cache", default=".cache")
+    parser.add_argument("--out", type=Path, default=OUT)
+    parser.add_argument("--grid", type=Path, default=GRID, help="the baseline grid's JSON (chosen settings)")
+    parser.add_argument("--no-grid", action="store_true", help="the baselines at the default settings")
+    parser.add_argument("--summarise-only", action="store_true", help="combine the run folders; run nothing")
+    args = parser.parse_args(argv)
+    if args.rounds < 1 or args.clients < 1:
+        parser.error("--rounds and --clients must be at least 1")
+    if min(args.replicates) < 0 or len(set(args.replicates)) != len(args.replicates):
+        parser.error("--replicates must be distinct numbers >= 0")
+    args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in args.methods if m not in METHODS]
+    if unknown or not args.methods:
+        parser.error(f"--methods: unknown {unknown or 'empty list'}; choose from {','.join(METHODS)}")
+    if "diredi" not in args.methods:
+        parser.error("--methods must include diredi: the study compares it with the others")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    command = "python -m experiments.compare " + " ".join(sys.argv[1:] if argv is None else argv)
+    if args.summarise_only:
+        summarise(args, command, None)
+        print(f"written: {args.out / 'compare.json'}, {args.out / 'compare.md'}")
+        return 0
+    start = time.perf_counter()
+    check_chain(args)
+    settings = {} if args.no_grid else grid_settings(args.grid)
+    print(f"baseline settings: {settings or 'defaults'}", flush=True)
+    total = len(args.replicates) * args.rounds * args.clients * len(args.methods)
+    stop = threading.Event()
+    ticker = threading.Thread(target=report_progress, args=(args, total, start, records_done(args), stop), daemon=True)
+    ticker.start()
+    try:
+        for replicate in args.replicates:
+            cmd = replicate_command(args, replicate, settings)
+            print(f"replicate {replicate}: {' '.join(cmd[1:])}", flush=True)
+            code = subprocess.call(cmd)
+            if code != 0:
+                print(f"python -m experiments.compare: error: replicate {replicate} stopped with exit code {code}; "
+                      f"run the same command again to resume it", file=sys.stderr)
+                return code
+    finally:
+        stop.set()
+        log_invocation(args, command, time.perf_counter() - start)
+    summarise(args, command, json.loads((args.out / "study.json").read_text())["wall_s_total"])
+    print(f"written: {args.out / 'compare.json'}, {args.out / 'compare.md'} ({time.perf_counter() - start:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

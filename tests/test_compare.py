@@ -1,0 +1,87 @@
+"""The comparison study's pieces: replicates, the baseline grid (validation data only), shard noise."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from data.workspace import Workspace
+from evaluation.ap import bootstrap_ap_drop, bootstrap_mean_ap_change
+from protocol.config import ConfigError, resolve_run_config
+from protocol.wire import work_seed
+
+
+def test_a_replicate_changes_training_seeds_not_data():
+    base = resolve_run_config({"profile": "smoke", "num-clients": 2})
+    other = resolve_run_config({"profile": "smoke", "num-clients": 2, "replicate": 2})
+    assert base.training_seed == base.seed == 0
+    assert other.training_seed != base.training_seed and other.seed == base.seed
+    assert other.run_name() != base.run_name() and other.run_name().endswith("-rep2")
+    # replicate 0 writes the config.json it wrote before replicates existed (old run folders resume)
+    assert "replicate" not in base.to_dict() and other.to_dict()["replicate"] == 2
+    seeds = {work_seed(resolve_run_config({"profile": "smoke", "replicate": k}).training_seed, r, p)
+             for k in range(3) for r in range(1, 21) for p in range(-1, 8)}
+    assert len(seeds) == 3 * 20 * 9  # no two replicates share a party's seed in any round
+    with pytest.raises(ConfigError, match="replicate"):
+        resolve_run_config({"profile": "smoke", "replicate": -1})
+
+
+def _detections(scores_by_image, labels, boxes):
+    return [{"boxes": torch.tensor(b, dtype=torch.float32).reshape(-1, 4), "scores": torch.tensor(s),
+             "labels": torch.tensor(lab, dtype=torch.int64)} for s, lab, b in zip(scores_by_image, labels, boxes)]
+
+
+def test_bootstrap_of_a_mean_change_is_the_class_drop_noise_for_one_class():
+    rng = np.random.default_rng(0)
+    targets, before, after = [], [], []
+    for i in range(40):
+        box = [10.0, 10.0, 50.0, 50.0]
+        targets.append({"boxes": torch.tensor([box]), "labels": torch.tensor([3]),
+                        "difficult": torch.tensor([False]), "image_id": str(i)})
+        hit, miss = box, [60.0, 60.0, 90.0, 90.0]
+        before.append(_detections([[float(rng.random())]], [[3]], [hit if rng.random() < 0.5 else miss])[0])
+        after.append(_detections([[float(rng.random())]], [[3]], [hit if rng.random() < 0.8 else miss])[0])
+    one = bootstrap_mean_ap_change(before, after, targets, [3], samples=100, seed=1)
+    drop = bootstrap_ap_drop(before, after, targets, [3], samples=100, seed=1)[3]
+    assert one == pytest.approx(drop) and one > 0
+    assert bootstrap_mean_ap_change(before, before, targets, [3], samples=50) == 0.0
+
+
+@pytest.fixture(scope="module")
+def smoke_cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("compare-cache")
+
+
+def test_the_baseline_grid_reads_no_test_shard(smoke_cache, monkeypatch):
+    from experiments import baseline_grid
+
+    def no_test_shard(self, i):
+        raise AssertionError(f"the baseline grid read client {i}'s test shard")
+
+    monkeypatch.setattr(Workspace, "client_test", no_test_shard)
+    config = resolve_run_config({"profile": "smoke", "num-clients": 2, "cache-dir": str(smoke_cache)})
+    points = baseline_grid.run_grid(config, [(2e-3, 2, 0.0), (1e-3, 2, 0.0), (2e-3, 2, 0.01)], rounds=1, workers=1)
+    assert [p["mu"] for p in points] == [0.0, 0.0, 0.01]
+    assert all(np.isfinite(p["mAP"]) and len(p["per_round"]) == 1 for p in points)
+    chosen = baseline_grid.choose(points)
+    best = max(p["mAP"] for p in points)
+    assert chosen["mAP"] >= best - baseline_grid.TIE_POINTS
+
+
+def test_choose_prefers_fewer_steps_within_the_tie():
+    from experiments.baseline_grid import choose
+
+    points = [{"lr": 2e-3, "steps": 120, "mAP": 30.3}, {"lr": 4e-3, "steps": 60, "mAP": 30.0},
+              {"lr": 1e-3, "steps": 60, "mAP": 25.0}]
+    assert choose(points)["steps"] == 60 and choose(points)["lr"] == 4e-3
+    assert choose([*points, {"lr": 1e-3, "steps": 30, "mAP": 31.0}])["steps"] == 30
+
+
+def test_weighted_average_is_fedavgs_rule():
+    from experiments.baseline_grid import weighted_average
+
+    a = {"w": torch.tensor([1.0, 3.0]), "n": torch.tensor(2)}
+    b = {"w": torch.tensor([3.0, 7.0]), "n": torch.tensor(4)}
+    out = weighted_average([a, b], [1, 3])
+    assert torch.allclose(out["w"], torch.tensor([2.5, 6.0])) and out["n"].dtype == torch.int64 and int(out["n"]) == 4
