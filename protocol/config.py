@@ -24,9 +24,10 @@ from typing import Any, Mapping
 # momentum) and FedAdam; fedavg_ls: FedAvg whose clients train only the class scores their labels hold
 # (label-skew aware); fedavg_ft: FedAvg's global edge fine-tuned on each client's data before it is
 # evaluated (personalised FedAvg, "FedAvg+FT").
-METHODS = ("diredi", "fedavg", "fedprox", "fedavgm", "fedadam", "fedavg_ls", "fedavg_ft", "local", "oracle")
+# (The FedAvg family first: a study run in parts finishes the methods its verdicts compare first.)
+METHODS = ("diredi", "fedavg", "fedavg_ls", "fedavg_ft", "fedprox", "fedavgm", "fedadam", "local", "oracle")
 DEFAULT_METHODS = ("diredi", "fedavg", "fedprox", "local", "oracle")  # sim.run's default: 10 minutes warm
-FEDERATED = ("diredi", "fedavg", "fedprox", "fedavgm", "fedadam", "fedavg_ls", "fedavg_ft")  # run on Flower
+FEDERATED = ("diredi", "fedavg", "fedavg_ls", "fedavg_ft", "fedprox", "fedavgm", "fedadam")  # run on Flower
 DIRECT_FEDERATED = FEDERATED[1:]  # the federated methods whose clients train the edge on their labels
 TUTOR1_MODES = ("shared", "per-client")
 AGGREGATION_METHODS = ("weighted", "trimmed", "ties", "krum", "class_aware")  # strategies.aggregate.aggregate
