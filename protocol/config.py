@@ -79,7 +79,9 @@ class RunConfig:
     rd_iters: int = 0  # RD steps per tutor per round; 0: the profile's round budget
     redistill_iters: int = 0  # Distill C steps per round; 0: the profile's
     batch_size: int = 0  # batch of every client phase; 0: the profile's
-    direct_iters: int = 0  # baselines' steps per round; 0: as many as a DiReDi client (2 x rd + redistill)
+    # steps per round of the federated direct-training baselines' clients (FedAvg family, FedProx); 0: as
+    # many as a DiReDi client (2 x rd + redistill). local and oracle always take a DiReDi client's steps.
+    direct_iters: int = 0
     delta_precision: str = "float16"  # the uploaded delta's dtype (experiments/results/delta_precision.json)
     delta_topk: float = 1.0  # share of each delta tensor's largest entries uploaded (1: all; residual kept)
     norm_factor: float = 1.0  # verification: delta norm bound = norm_factor x the tutor's neck/head norm
@@ -148,6 +150,12 @@ class RunConfig:
         each replicate adds a multiple of 1,000,003, which is 3 mod 10, so ``protocol.wire.work_seed``'s
         seeds (round x 100,000 + party x 10) of two replicates never coincide."""
         return self.seed + 1_000_003 * self.replicate
+
+    @property
+    def diredi_client_steps(self) -> int:
+        """A DiReDi client's training steps per round (two RD tutors and Distill C): the budget of the
+        local and oracle baselines (per client), so that they compare at equal client steps."""
+        return 2 * self.rd_iters + self.redistill_iters
 
     @property
     def federated_methods(self) -> tuple[str, ...]:

@@ -72,7 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--rd-iters", type=positive_int, help="RD steps per tutor per round (default: per profile)")
     add("--redistill-iters", type=positive_int, help="Distill C steps per round (default: per profile)")
     add("--direct-iters", type=positive_int,
-        help="steps per round of every direct-training client (baselines; default: as many as a DiReDi client)")
+        help="steps per round of the federated direct-training baselines' clients (default: as many as a DiReDi "
+             "client; local and oracle always take that many)")
     add("--direct-lr", type=float, default=d.direct_lr,
         help="client lr of the federated direct-training baselines (default 0: the profile's)")
     add("--fedprox-mu", type=float, default=d.fedprox_mu, help=f"FedProx's mu (default {d.fedprox_mu:g})")

@@ -5,7 +5,8 @@
 * ``run_oracle``: an upper bound: one edge trained centrally on the union of every client's data,
   with the federation's total step budget (clients x steps per round), evaluated on every client.
 
-Both take as many steps per round as a DiReDi client (``RunConfig.direct_iters``), use the same
+Both take as many steps per round as a DiReDi client (``RunConfig.diredi_client_steps``, whatever
+the federated baselines' ``direct_iters``), use the same
 seeds (``protocol.wire.work_seed``) and emit records through the same ``Recorder``.
 
 ``run_centralised`` runs their independent pieces (one job per local client, one for the oracle)
@@ -90,7 +91,7 @@ def _job(config: RunConfig, method: str, client: int | None) -> list[dict]:
     workspace = config.workspace()
     edge = workspace.chain(progress=False).edge.cpu()
     recorder = Recorder(method)
-    args = (config.rounds, config.direct_iters, config.rd_settings(), config.training_seed, recorder)
+    args = (config.rounds, config.diredi_client_steps, config.rd_settings(), config.training_seed, recorder)
     if method == "local":
         local_client(workspace, edge, client, *args)
     else:
