@@ -170,11 +170,26 @@ def distill_c_phase(settings: RDSettings, seed: int) -> Phase:
 
 
 def direct_training(edge: nn.Module, client_data: Dataset, iters: int, settings: RDSettings, seed: int,
-                    proximal_mu: float = 0.0, progress: bool = False) -> tuple[nn.Module, PhaseReport]:
-    """The baseline: a copy of the edge trained on the client's labels (the paper's "Training" rows)."""
+                    proximal_mu: float = 0.0, progress: bool = False,
+                    trained_classes: tuple[int, ...] | None = None) -> tuple[nn.Module, PhaseReport]:
+    """The baseline: a copy of the edge trained on the client's labels (the paper's "Training" rows).
+
+    ``trained_classes`` (label indices, ``data.voc.CLASS_INDEX``): only these classes' scores train, the
+    other classes' are neither pushed up nor down (``distill.trainer.ClassMask``; fedavg_ls)."""
     student = copy.deepcopy(edge)
     reference = {n: p.detach().clone() for n, p in edge.named_parameters()} if proximal_mu > 0 else None
     phase = Phase("direct training", iters=iters, batch_size=settings.batch_size, lr=settings.lr,
                   optimizer=settings.optimizer, proximal_mu=proximal_mu, freeze_norm=settings.client_freeze_norm,
-                  seed=seed + 3)
+                  seed=seed + 3, trained_classes=tuple(trained_classes) if trained_classes is not None else None)
     return student, train(student, client_data, phase, reference=reference, progress=progress)
+
+
+def fine_tune(edge: nn.Module, client_data: Dataset, settings: RDSettings, seed: int,
+              progress: bool = False) -> tuple[nn.Module, PhaseReport]:
+    """FedAvg+FT (fedavg_ft): a copy of the received global edge trained on the client's labels for as
+    many steps as Distill C (``settings.redistill_iters``) at the profile's lr, in its own data order
+    (seed + 4: not the order of the round's direct training, seed + 3)."""
+    student = copy.deepcopy(edge)
+    phase = Phase("fine-tune", iters=settings.redistill_iters, batch_size=settings.batch_size, lr=settings.lr,
+                  optimizer=settings.optimizer, freeze_norm=settings.client_freeze_norm, seed=seed + 4)
+    return student, train(student, client_data, phase, progress=progress)

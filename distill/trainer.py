@@ -70,11 +70,18 @@ class Phase:
     # BatchNorm layers keep their running statistics (eval mode) while the weights train: a client's
     # few hundred images in batches of 8 would otherwise replace the statistics the model was trained with.
     freeze_norm: bool = False
+    # Label-skew-aware training (fedavg_ls): the model's label indices (``data.voc.CLASS_INDEX``, the
+    # classification layer's rows) whose class scores train; every other class's score gets no gradient
+    # and its rows of the classification layer stay as they were (``ClassMask``). None: every class trains.
+    trained_classes: tuple[int, ...] | None = None
 
     def to_dict(self) -> dict:
         out = asdict(self)
-        if not self.freeze_norm:  # added after the chain's cache keys were fixed: the default leaves them as they were
+        # added after the chain's cache keys were fixed: their defaults leave the keys as they were
+        if not self.freeze_norm:
             out.pop("freeze_norm")
+        if self.trained_classes is None:
+            out.pop("trained_classes")
         return out
 
 
@@ -298,6 +305,46 @@ def make_optimizer(params: list[nn.Parameter], phase: Phase) -> torch.optim.Opti
     raise ValueError(f"phase {phase.name}: unknown optimizer {phase.optimizer!r}; expected 'sgd' or 'adamw'")
 
 
+class ClassMask:
+    """Trains only the class scores of ``classes`` (label indices) of an FCOS model, while installed.
+
+    A forward hook on ``model.head.classification_head`` (its output: logits [N, sum HWA, K], column k =
+    label k, as torchvision's FCOS loss and post-processing index them) returns
+    ``torch.where(mask, logits, logits.detach())``: the other classes' logits still enter the loss (the
+    focal loss sees every score) but pass no gradient back, to the classification layer or to anything
+    below it, so they are neither pushed up nor down. Their rows of the classification layer
+    (``cls_logits`` weight and bias) then get zero gradient; ``after_step`` also puts those rows back as
+    they were, because decoupled weight decay (AdamW, and SGD's decay term) would shrink them anyway.
+    ``remove`` takes the hook off.
+    """
+
+    def __init__(self, model: nn.Module, classes: tuple[int, ...]) -> None:
+        head = model.head.classification_head
+        self.layer = head.cls_logits
+        num_classes = self.layer.out_channels // head.num_anchors
+        if head.num_anchors != 1:
+            raise ValueError("ClassMask expects one anchor per location (FCOS): logits rows are classes")
+        bad = [c for c in classes if not 0 <= int(c) < num_classes]
+        if bad or not classes:
+            raise ValueError(f"trained classes {list(classes)} are not label indices 0..{num_classes - 1}")
+        self.trained = torch.zeros(num_classes, dtype=torch.bool, device=self.layer.weight.device)
+        self.trained[list(classes)] = True
+        self.others = (~self.trained).nonzero().flatten()
+        self.kept = {name: p.detach()[self.others].clone() for name, p in self.layer.named_parameters()}
+        self.handle = head.register_forward_hook(self._hook)
+
+    def _hook(self, module: nn.Module, inputs, logits: Tensor) -> Tensor:
+        return torch.where(self.trained, logits, logits.detach())
+
+    @torch.no_grad()
+    def after_step(self) -> None:
+        for name, p in self.layer.named_parameters():
+            p[self.others] = self.kept[name]
+
+    def remove(self) -> None:
+        self.handle.remove()
+
+
 def set_frozen(model: nn.Module, parts: tuple[str, ...]) -> None:
     modules = part_modules(model)
     unknown = set(parts) - set(modules)
@@ -360,6 +407,7 @@ def train(student: nn.Module, dataset: Dataset, phase: Phase, teacher: nn.Module
             if isinstance(module, nn.modules.batchnorm._BatchNorm):
                 module.eval()
 
+    class_mask = ClassMask(student, phase.trained_classes) if phase.trained_classes is not None else None
     losses: list[float] = []
     det_losses: list[float] = []
     distill_losses: list[float] = []
@@ -369,41 +417,47 @@ def train(student: nn.Module, dataset: Dataset, phase: Phase, teacher: nn.Module
     batches = infinite_batches(dataset, phase.batch_size, generator)
     bar = tqdm(range(phase.iters), desc=phase.name, disable=not progress, leave=False, dynamic_ncols=True)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, phase))
-    for step in bar:
-        images, targets = _prepare(next(batches), phase, generator)
-        images, targets = to_device(images, targets, device)
-        image_list, targets = student.transform(images, targets)
-        teacher_feats = None
-        if teacher is not None and (distiller is not None or phase.targets == "teacher"):
-            with torch.no_grad():  # computed once, used for pseudo labels and for distillation
-                teacher_feats = features(teacher, image_list.tensors)
-        if phase.targets == "teacher":
-            targets = teacher_detections(teacher, image_list, phase.pseudo_thresh, teacher_feats)
-        feats = features(student, image_list.tensors)
-        det = sum(detection_losses(student, image_list, targets, feats).values())
-        raw, weight = None, 1.0
-        if distiller is not None:
-            boxes = [t["boxes"] for t in targets]
-            raw = distiller(feats, teacher_feats, boxes, STRIDES)["distill"]
-            weight = balance.update(float(det.detach()), float(raw.detach()))
-            distill_losses.append(float(phase.distill_weight * weight * raw.detach()))
-        loss = combined_loss(det, raw, phase.label_weight, phase.distill_weight, weight)
-        det_losses.append(float(det.detach()))
-        if phase.proximal_mu > 0:
-            loss = loss + phase.proximal_mu * proximal_term(student, reference)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"phase {phase.name}: loss became {loss.item()} at step {step}")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, max_norm=phase.clip_norm)
-        optimizer.step()
-        schedule.step()
-        losses.append(float(loss.detach()))
-        if step % 10 == 0:
-            post = {"det": f"{det_losses[-1]:.3f}"}
-            if distill_losses:
-                post["distill"] = f"{distill_losses[-1]:.3f}"
-            bar.set_postfix(post)
+    try:
+        for step in bar:
+            images, targets = _prepare(next(batches), phase, generator)
+            images, targets = to_device(images, targets, device)
+            image_list, targets = student.transform(images, targets)
+            teacher_feats = None
+            if teacher is not None and (distiller is not None or phase.targets == "teacher"):
+                with torch.no_grad():  # computed once, used for pseudo labels and for distillation
+                    teacher_feats = features(teacher, image_list.tensors)
+            if phase.targets == "teacher":
+                targets = teacher_detections(teacher, image_list, phase.pseudo_thresh, teacher_feats)
+            feats = features(student, image_list.tensors)
+            det = sum(detection_losses(student, image_list, targets, feats).values())
+            raw, weight = None, 1.0
+            if distiller is not None:
+                boxes = [t["boxes"] for t in targets]
+                raw = distiller(feats, teacher_feats, boxes, STRIDES)["distill"]
+                weight = balance.update(float(det.detach()), float(raw.detach()))
+                distill_losses.append(float(phase.distill_weight * weight * raw.detach()))
+            loss = combined_loss(det, raw, phase.label_weight, phase.distill_weight, weight)
+            det_losses.append(float(det.detach()))
+            if phase.proximal_mu > 0:
+                loss = loss + phase.proximal_mu * proximal_term(student, reference)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"phase {phase.name}: loss became {loss.item()} at step {step}")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, max_norm=phase.clip_norm)
+            optimizer.step()
+            if class_mask is not None:
+                class_mask.after_step()
+            schedule.step()
+            losses.append(float(loss.detach()))
+            if step % 10 == 0:
+                post = {"det": f"{det_losses[-1]:.3f}"}
+                if distill_losses:
+                    post["distill"] = f"{distill_losses[-1]:.3f}"
+                bar.set_postfix(post)
+    finally:
+        if class_mask is not None:
+            class_mask.remove()
     seconds = time.perf_counter() - start
     set_frozen(student, ())  # leave every parameter trainable again for whoever uses it next
     student.eval()
