@@ -1,0 +1,361 @@
+"""A study's report: ``compare.json``, ``compare.md`` and its plots, from the run folders of its replicates.
+
+    python -m report.study runs/study-r0 runs/study-r1 runs/study-r2 --out runs/study
+
+Every number comes from ``evaluation.study.summarise_study`` (means over clients and replicates with
+95% nested bootstrap intervals, paired verdicts DiReDi vs baselines). Plots, one question each:
+
+    curves_round.png        gain / forgetting (kept) / spread per round, one line and band per method
+    curves_mb.png           the same against the cumulative traffic per client (MB up + down)
+    curves_compute.png      the same against the cumulative client compute (s, evaluation excluded)
+    clients_last_round.png  per client, gain at the last round per method, with error bars
+    tutor_progress.png      DiReDi's tutor per-class validation AP per round (when a run has tutor.json)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, never a display
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from evaluation.metrics import is_missing, method_sort_key  # noqa: E402
+from evaluation.study import summarise_study, verdict_rounds  # noqa: E402
+from report.writer import (  # noqa: E402
+    MISSING_CELL,
+    TUTOR_HISTORY,
+    RunFolder,
+    markdown_table,
+    method_colour,
+    save_figure,
+    to_jsonable,
+)
+
+# x axis of `plot_curves`: (per-round key, label)
+CURVE_X = {
+    "round": (None, "round"),
+    "mb": ("mb_cum", "cumulative traffic per client, up + down (MB)"),
+    "compute": ("client_s_cum", "cumulative client compute per client (s, evaluation excluded)"),
+}
+CURVE_PANELS = (
+    ("gain", "Knowledge gain on private (new) classes (higher is better)"),
+    ("forgetting_kept", "Unintended forgetting of kept classes (lower is better)"),
+    ("spread", "Knowledge spread to other clients' classes (higher is better)"),
+)
+# compare.md's per-method table: (key, label, format)
+TABLE_ROWS = (
+    ("gain", "gain (pp)", "points"),
+    ("forgetting_kept", "forgetting, kept (pp)", "plain"),
+    ("forgetting_protected", "forgetting, protected (pp)", "plain"),
+    ("bwt_kept", "backward transfer, kept (pp)", "points"),
+    ("released", "released (pp)", "points"),
+    ("spread", "spread (pp)", "points"),
+    ("map", "mAP (%)", "plain"),
+    ("recall_new", "recall, new classes @0.5 (%)", "plain"),
+    ("f1_new", "F1, new classes @0.5 (%)", "plain"),
+    ("mb_cum", "traffic per client, cumulative (MB)", "mb"),
+    ("client_s_cum", "client compute, cumulative (s)", "seconds"),
+)
+UNITS = {"mb_cum": "mb", "client_s_cum": "seconds", "forgetting_kept": "points", "forgetting_protected": "points",
+         "recall_new": "points"}
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading
+# ----------------------------------------------------------------------------------------------
+
+
+def read_replicate(path: str | os.PathLike) -> tuple[int, list[dict], list[dict], list[dict]]:
+    """(replicate id, records, client specs, tutor history) of one run folder; the replicate id is
+    config.json's run -> replicate (0 when absent)."""
+    path = Path(path)
+    if not (path / RunFolder.ROUNDS).exists():
+        raise FileNotFoundError(f"{path} holds no run (no {RunFolder.ROUNDS})")
+    folder = RunFolder(path)
+    config = folder.read_config() if folder.config_path.exists() else {}
+    replicate = int((config.get("run") or {}).get("replicate", 0) or 0)
+    return replicate, folder.read_records(), list(config.get("client_specs") or []), \
+        list(folder.read_json(TUTOR_HISTORY, []) or [])
+
+
+def summarise_run_folders(paths: Sequence[str | os.PathLike], samples: int = 2000, seed: int = 0) -> dict:
+    """`evaluation.study.summarise_study` over run folders, one replicate each (``runs`` lists them)."""
+    replicates = [read_replicate(p) for p in paths]
+    summary = summarise_study(replicates, samples=samples, seed=seed)
+    summary["runs"] = [Path(p).name for p in paths]
+    return summary
+
+
+# ----------------------------------------------------------------------------------------------
+# Plots
+# ----------------------------------------------------------------------------------------------
+
+
+def _value(x: Any) -> float:
+    return np.nan if is_missing(x) else float(x)
+
+
+def _interval(entry: Any) -> tuple[float, float, float]:
+    """(mean, lo, hi) of an interval entry; NaN where missing."""
+    if not isinstance(entry, Mapping):
+        return np.nan, np.nan, np.nan
+    ci = entry.get("ci95") or [None, None]
+    return _value(entry.get("mean")), _value(ci[0]), _value(ci[1])
+
+
+def replicates_note(summary: Mapping) -> str:
+    seeds = len(summary.get("seeds") or [])
+    if seeds <= 1:
+        return "one replicate: bands are 95% bootstrap intervals over clients only"
+    return f"{seeds} replicates: bands are 95% nested bootstrap intervals (replicates, then clients)"
+
+
+def plot_curves(summary: Mapping, x: str, path: str | os.PathLike) -> Path:
+    """Gain, forgetting (kept) and spread, mean over clients and replicates with its 95% band, one line
+    per method, against the round (``x="round"``), the cumulative MB per client (``"mb"``) or the
+    cumulative client compute seconds (``"compute"``)."""
+    if x not in CURVE_X:
+        raise ValueError(f"x must be one of {sorted(CURVE_X)}, not {x!r}")
+    x_key, x_label = CURVE_X[x]
+    methods = sorted(summary.get("methods") or {}, key=method_sort_key)
+    figure, axes = plt.subplots(len(CURVE_PANELS), 1, figsize=(7.5, 9.5), sharex=True)
+    for method in methods:
+        entries = summary["methods"][method].get("per_round") or []
+        xs = np.array([e["round"] if x_key is None else _value(e.get(x_key)) for e in entries], dtype=float)
+        colour = method_colour(method, methods)
+        label = f"{method} (no traffic: at 0)" if x == "mb" and len(xs) and np.all(xs == 0) else method
+        for axis, (key, _) in zip(axes, CURVE_PANELS):
+            mean, lo, hi = (np.array(v, dtype=float) for v in zip(*[_interval(e.get(key)) for e in entries])) \
+                if entries else (np.array([]),) * 3
+            axis.plot(xs, mean, marker="o", markersize=3.5, linewidth=1.6, color=colour, label=label)
+            axis.fill_between(xs, lo, hi, color=colour, alpha=0.15, linewidth=0)
+    rounds = sorted({e["round"] for m in methods for e in summary["methods"][m].get("per_round") or []})
+    for axis, (_, title) in zip(axes, CURVE_PANELS):
+        axis.set_title(title, fontsize=10.5)
+        axis.set_ylabel("percentage points")
+        axis.axhline(0.0, color="black", linewidth=0.8, zorder=0)
+        axis.grid(alpha=0.3)
+    if x_key is None and rounds and len(rounds) <= 20:
+        axes[-1].set_xticks(rounds)
+    axes[-1].set_xlabel(x_label)
+    handles, labels = axes[0].get_legend_handles_labels()
+    figure.legend(handles, labels, loc="lower center", ncol=min(len(labels), 5) or 1, frameon=False,
+                  bbox_to_anchor=(0.5, -0.005))
+    figure.suptitle(f"Mean over clients ({replicates_note(summary)})", fontsize=9.5)
+    figure.tight_layout(rect=(0, 0.035 * (1 + (len(labels) - 1) // 5), 1, 1))
+    return save_figure(figure, path)
+
+
+def plot_tutor(summary: Mapping, path: str | os.PathLike) -> Path | None:
+    """DiReDi's tutor on the manufacturer's validation set: per-class AP and mAP per round (round 0 =
+    the original tutor) with 95% bands over replicates; None (nothing written) without tutor data."""
+    tutor = sorted(summary.get("tutor") or [], key=lambda e: e["round"])
+    if not tutor:
+        return None
+    rounds = np.array([e["round"] for e in tutor], dtype=float)
+    classes: list[str] = []
+    for entry in tutor:
+        classes += [name for name in entry.get("ap") or {} if name not in classes]
+    colours = matplotlib.colormaps["tab20"]
+    figure, axis = plt.subplots(figsize=(7.5, 4.8))
+    for index, name in enumerate(classes):
+        mean, lo, hi = (np.array(v) for v in zip(*[_interval((e.get("ap") or {}).get(name)) for e in tutor]))
+        colour = colours(index % 20)
+        axis.plot(rounds, mean, marker="o", markersize=3, linewidth=1.1, color=colour, label=name)
+        axis.fill_between(rounds, lo, hi, color=colour, alpha=0.12, linewidth=0)
+    mean, lo, hi = (np.array(v) for v in zip(*[_interval(e.get("mAP")) for e in tutor]))
+    axis.plot(rounds, mean, color="black", linewidth=2.5, marker="s", label="mAP")
+    axis.fill_between(rounds, lo, hi, color="black", alpha=0.15, linewidth=0)
+    axis.set_title("Tutor on the manufacturer's validation set, per round (round 0 = original)", fontsize=10.5)
+    axis.set_xlabel("round")
+    axis.set_ylabel("AP (%)")
+    if len(rounds) <= 21:
+        axis.set_xticks(rounds)
+    axis.grid(alpha=0.3)
+    axis.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False, fontsize=7.5,
+                ncol=2 if len(classes) > 14 else 1)
+    seeds = len(summary.get("seeds") or [])
+    figure.text(0.01, 0.0, f"bands: 95% bootstrap over {seeds} replicate(s)" if seeds > 1 else "one replicate: no band",
+                fontsize=8, color="dimgrey")
+    figure.tight_layout()
+    return save_figure(figure, path)
+
+
+def plot_last_round_clients(summary: Mapping, path: str | os.PathLike, key: str = "gain") -> Path:
+    """Per client, one bar per method: the metric (default knowledge gain) at the method's last round,
+    mean over replicates with its 95% interval as an error bar ("n/a" where undefined)."""
+    methods = sorted(summary.get("methods") or {}, key=method_sort_key)
+    clients = sorted({row["client"] for m in methods for row in summary["methods"][m].get("last_round_clients") or []})
+    width = 0.8 / max(len(methods), 1)
+    figure, axis = plt.subplots(figsize=(max(7.5, 1.2 + 0.95 * len(clients)), 4.6))
+    for index, method in enumerate(methods):
+        rows = {row["client"]: row for row in summary["methods"][method].get("last_round_clients") or []}
+        offsets = np.arange(len(clients)) + (index - (len(methods) - 1) / 2) * width
+        mean, lo, hi = (np.array(v, dtype=float) for v in zip(*[_interval(rows.get(c, {}).get(key)) for c in clients])) \
+            if clients else (np.array([]),) * 3
+        heights = np.nan_to_num(mean, nan=0.0)
+        below, above = np.nan_to_num(mean - lo, nan=0.0), np.nan_to_num(hi - mean, nan=0.0)
+        axis.bar(offsets, heights, width=width, color=method_colour(method, methods), label=method,
+                 yerr=np.clip([below, above], 0, None), error_kw={"elinewidth": 0.9, "capsize": 1.5, "ecolor": "black"})
+        for x, value in zip(offsets, mean):
+            if np.isnan(value):
+                axis.text(x, 0, "n/a", ha="center", va="bottom", fontsize=6, rotation=90, color="grey")
+    axis.axhline(0.0, color="black", linewidth=0.8, zorder=0)
+    axis.set_xticks(np.arange(len(clients)), [f"client {c}" for c in clients])
+    axis.set_ylabel("AP change (percentage points)")
+    last = summary.get("rounds")
+    seeds = len(summary.get("seeds") or [])
+    bars = f"error bars: 95% interval over {seeds} replicates" if seeds > 1 else "one replicate: no error bars"
+    what = "Knowledge gain" if key == "gain" else key
+    axis.set_title(f"{what} per client after round {last} ({bars})", fontsize=10)
+    axis.grid(axis="y", alpha=0.3)
+    axis.legend(title="method", loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    figure.tight_layout()
+    return save_figure(figure, path)
+
+
+# ----------------------------------------------------------------------------------------------
+# Markdown
+# ----------------------------------------------------------------------------------------------
+
+
+def format_number(value: Any, kind: str) -> str:
+    """One number: "points" signed with one decimal, "plain" one decimal, "mb" two, "seconds" one."""
+    if is_missing(value):
+        return MISSING_CELL
+    value = float(value)
+    if kind == "points":
+        rounded = round(value, 1) + 0.0
+        return "0.0" if rounded == 0 else f"{rounded:+.1f}"
+    if kind == "mb":
+        return f"{value:.2f}"
+    return f"{round(value, 1) + 0.0:.1f}"
+
+
+def format_ci(ci: Any, kind: str) -> str:
+    """ "[lo, hi]"; a dash when the interval is missing."""
+    if ci is None or len(ci) != 2 or any(is_missing(v) for v in ci):
+        return MISSING_CELL
+    return f"[{format_number(ci[0], kind)}, {format_number(ci[1], kind)}]"
+
+
+def format_interval(mean: Any, ci: Any, kind: str) -> str:
+    """ "mean [lo, hi]"; just the mean when the interval is missing."""
+    text, interval = format_number(mean, kind), format_ci(ci, kind)
+    return text if interval == MISSING_CELL or text == MISSING_CELL else f"{text} {interval}"
+
+
+def entry_cell(entry: Mapping, key: str, kind: str) -> str:
+    value = entry.get(key)
+    if isinstance(value, Mapping):
+        return format_interval(value.get("mean"), value.get("ci95"), kind)
+    return format_interval(value, entry.get(f"{key}_ci95"), kind)
+
+
+def study_markdown(summary: Mapping, command: str | None = None, wall_s: float | None = None) -> str:
+    """compare.md: the verdict table first, then per method a table of mean [95% interval] of each
+    metric at rounds 2, 10 and R; the command and the wall time when given."""
+    seeds = summary.get("seeds") or []
+    lines = ["# Study: methods compared over replicates", ""]
+    lines += [f"Rounds: {summary.get('rounds')}; replicates (seeds): {', '.join(map(str, seeds)) or MISSING_CELL}; "
+              f"clients: {summary.get('clients')}.", ""]
+    lines += ["Means over clients and replicates; [lo, hi] is a 95% nested bootstrap interval (replicates, then "
+              "clients within each; `evaluation/study.py`). With few replicates it understates the spread between "
+              "replicates a little; with one replicate it is over clients only. pp = percentage points of AP; "
+              "recall / F1 at the deployment score threshold 0.5, in percent; traffic and compute cumulative per "
+              "client (compute without evaluation).", ""]
+    verdicts = summary.get("verdicts") or []
+    lines += ["## Verdicts (DiReDi - baseline)", ""]
+    if verdicts:
+        rows = []
+        for v in verdicts:
+            kind = UNITS.get(v["metric"], "points")
+            rows.append([v["claim"], str(v["round"]), format_number(v["diff"], kind), format_ci(v.get("ci95"), kind),
+                         f"**{v['verdict']}**" if v["verdict"] != "cannot tell" else v["verdict"]])
+        lines += markdown_table(["claim", "round", "diff", "95% CI", "verdict"], rows)
+        lines += ["", "yes: the whole interval of the difference is on the claim's side of 0; no: the whole "
+                  "interval is on the other side; cannot tell: it holds 0.", ""]
+    else:
+        lines += ["No verdicts: DiReDi and a baseline (fedavg, fedavg_ls, fedavg_ft, local) are not both in the study.",
+                  ""]
+    rounds_wanted = verdict_rounds(int(summary.get("rounds") or 0))
+    for method in sorted(summary.get("methods") or {}, key=method_sort_key):
+        entries = {e["round"]: e for e in summary["methods"][method].get("per_round") or []}
+        shown = [r for r in rounds_wanted if r in entries]
+        if not shown:
+            continue
+        lines += [f"## {method}", ""]
+        counts = [f"round {r}: {entries[r].get('replicates')}" for r in shown]
+        lines += [f"Replicates per round ({'; '.join(counts)}).", ""]
+        rows = [[label] + [entry_cell(entries[r], key, kind) for r in shown] for key, label, kind in TABLE_ROWS]
+        lines += markdown_table(["metric"] + [f"round {r}" for r in shown], rows) + [""]
+    if command:
+        lines += ["## Command", "", "```", command, "```", ""]
+    if wall_s is not None and not is_missing(wall_s):
+        lines += [f"Wall time: {float(wall_s):.0f} s ({float(wall_s) / 3600:.2f} h).", ""]
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------
+# Everything on disk
+# ----------------------------------------------------------------------------------------------
+
+
+def write_curves(summary: Mapping, folder: str | os.PathLike) -> dict[str, Path]:
+    """curves_round.png, curves_mb.png and curves_compute.png in ``folder``."""
+    folder = Path(folder)
+    return {f"curves_{x}": plot_curves(summary, x, folder / f"curves_{x}.png") for x in ("round", "mb", "compute")}
+
+
+def write_study(summary: Mapping, out_dir: str | os.PathLike, command: str | None = None,
+                wall_s: float | None = None) -> dict[str, Path]:
+    """compare.json (NaN as null), compare.md and the plots in ``out_dir``; returns {name: path}."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written: dict[str, Path] = {}
+    compare = dict(summary)
+    if command:
+        compare["command"] = command
+    if wall_s is not None:
+        compare["wall_s"] = wall_s
+    path = out / "compare.json"
+    path.write_text(json.dumps(to_jsonable(compare), allow_nan=False, ensure_ascii=False, indent=2) + "\n",
+                    encoding="utf-8")
+    written["compare_json"] = path
+    path = out / "compare.md"
+    path.write_text(study_markdown(summary, command, wall_s), encoding="utf-8")
+    written["compare_md"] = path
+    written.update(write_curves(summary, out))
+    written["clients_last_round"] = plot_last_round_clients(summary, out / "clients_last_round.png")
+    tutor = plot_tutor(summary, out / "tutor_progress.png")
+    if tutor is not None:
+        written["tutor_progress"] = tutor
+    return written
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Path]:
+    parser = argparse.ArgumentParser(description="Compare methods over the run folders of a study's replicates.")
+    parser.add_argument("runs", nargs="+", help="run folders, one per replicate")
+    parser.add_argument("--out", required=True, help="folder for compare.json, compare.md and the plots")
+    parser.add_argument("--samples", type=int, default=2000, help="bootstrap samples")
+    parser.add_argument("--command", default=None, help="the command that ran the study (written into compare.md)")
+    parser.add_argument("--wall-s", type=float, default=None, help="the study's wall time in seconds")
+    args = parser.parse_args(argv)
+    start = time.perf_counter()
+    summary = summarise_run_folders(args.runs, samples=args.samples)
+    written = write_study(summary, args.out, args.command, args.wall_s)
+    print(f"{len(written)} files in {args.out} ({time.perf_counter() - start:.1f} s)")
+    return written
+
+
+if __name__ == "__main__":
+    main()

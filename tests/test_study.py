@@ -1,0 +1,288 @@
+"""Tests for evaluation/study.py (nested bootstrap, per-round client values, the study summary) and
+report/study.py (compare.json, compare.md, plots)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from evaluation.study import (
+    client_round_values,
+    nested_bootstrap_ci,
+    paired_difference,
+    summarise_study,
+    verdict,
+)
+from report.study import study_markdown, summarise_run_folders, write_study
+from report.writer import TUTOR_HISTORY, RunFolder
+
+NAN = float("nan")
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+SAMPLES = 400  # enough for the checks below, fast
+
+
+# ----------------------------------------------------------------------------------------------
+# Intervals
+# ----------------------------------------------------------------------------------------------
+
+
+def test_constant_table_gives_a_zero_width_interval_at_the_constant():
+    result = nested_bootstrap_ci(np.full((3, 4), 0.25), samples=SAMPLES)
+    assert result["mean"] == pytest.approx(0.25)
+    assert result["ci95"][0] == result["ci95"][1] == result["mean"]
+    assert (result["n_seeds"], result["n_clients"]) == (3, 4)
+
+
+def test_interval_brackets_the_mean_and_stays_within_the_values():
+    table = np.array([[1.0, 2.0, 3.0], [2.0, 3.0, 4.0], [0.0, 1.0, 5.0]])
+    result = nested_bootstrap_ci(table, samples=SAMPLES)
+    lo, hi = result["ci95"]
+    assert result["mean"] == pytest.approx(table.mean())
+    assert table.min() <= lo < result["mean"] < hi <= table.max()
+    wider = nested_bootstrap_ci(table, samples=SAMPLES, level=0.99)["ci95"]
+    assert wider[0] <= lo and wider[1] >= hi
+
+
+def test_large_shift_is_a_yes_and_identical_methods_cannot_tell():
+    rng = np.random.default_rng(1)
+    b = rng.normal(0.0, 1.0, size=(3, 8))
+    a = b + 10.0 + rng.normal(0.0, 1.0, size=(3, 8))
+    diff = paired_difference(a, b, samples=SAMPLES)
+    assert diff["ci95"][0] > 0 and diff["mean"] == pytest.approx(np.mean(a - b))
+    assert verdict(diff, higher_is_better=True) == "yes"
+    assert verdict(diff, higher_is_better=False) == "no"  # "A lower than B": all of it on the worse side
+    same = paired_difference(b, b, samples=SAMPLES)
+    assert same["mean"] == 0.0 and same["ci95"] == [0.0, 0.0]
+    assert verdict(same, True) == verdict(same, False) == "cannot tell"
+
+
+def test_verdict_reads_the_interval():
+    assert verdict([0.1, 2.0], True) == "yes"
+    assert verdict([-2.0, -0.1], True) == "no"
+    assert verdict([-2.0, -0.1], False) == "yes"
+    assert verdict([0.1, 2.0], False) == "no"
+    assert verdict([-1.0, 1.0], True) == "cannot tell"
+    assert verdict([0.0, 1.0], True) == "cannot tell"  # 0 is inside
+    assert verdict([NAN, NAN], True) == "cannot tell"
+    assert verdict({"ci95": [1.0, 2.0]}, True) == "yes"
+
+
+def test_nans_are_skipped_and_all_nan_is_nan():
+    table = np.array([[1.0, NAN, 3.0], [NAN, NAN, 3.0]])
+    result = nested_bootstrap_ci(table, samples=SAMPLES)
+    assert result["mean"] == pytest.approx((1 + 3 + 3) / 3)
+    assert 1.0 <= result["ci95"][0] <= result["ci95"][1] <= 3.0
+    assert (result["n_seeds"], result["n_clients"]) == (2, 2)
+    empty = nested_bootstrap_ci([[NAN, NAN], [NAN, None]], samples=SAMPLES)
+    assert math.isnan(empty["mean"]) and all(math.isnan(v) for v in empty["ci95"])
+    assert (empty["n_seeds"], empty["n_clients"]) == (0, 0)
+    # paired: NaN where either side is NaN
+    diff = paired_difference([[1.0, NAN]], [[0.5, 2.0]], samples=SAMPLES)
+    assert diff["mean"] == pytest.approx(0.5) and diff["n_clients"] == 1
+
+
+def test_same_seed_same_interval_other_seed_other_draws():
+    table = np.random.default_rng(0).normal(size=(4, 6))
+    first = nested_bootstrap_ci(table, samples=SAMPLES, seed=7)
+    assert nested_bootstrap_ci(table, samples=SAMPLES, seed=7) == first
+    assert nested_bootstrap_ci(table, samples=SAMPLES, seed=8)["ci95"] != first["ci95"]
+
+
+def test_one_replicate_or_one_client_works():
+    clients_only = nested_bootstrap_ci([[1.0, 2.0, 3.0, 4.0]], samples=SAMPLES)  # S = 1: over clients
+    assert clients_only["n_seeds"] == 1 and clients_only["ci95"][0] < 2.5 < clients_only["ci95"][1]
+    replicates_only = nested_bootstrap_ci([1.0, 2.0, 3.0], samples=SAMPLES)  # 1-D: S replicates, C = 1
+    assert replicates_only["n_seeds"] == 3 and replicates_only["n_clients"] == 1
+    assert replicates_only["ci95"][0] < 2.0 < replicates_only["ci95"][1]
+    single = nested_bootstrap_ci([[0.5]], samples=SAMPLES)
+    assert single["mean"] == single["ci95"][0] == single["ci95"][1] == 0.5
+
+
+def test_replicate_stage_widens_the_interval_when_replicates_differ():
+    # Replicate means 0 and 10, no spread within: the client-only view of one replicate has no width,
+    # the nested one spans the replicates.
+    table = np.array([[0.0] * 4, [10.0] * 4])
+    result = nested_bootstrap_ci(table, samples=SAMPLES)
+    assert result["ci95"] == [0.0, 10.0]
+    assert nested_bootstrap_ci(table[:1], samples=SAMPLES)["ci95"] == [0.0, 0.0]
+
+
+# ----------------------------------------------------------------------------------------------
+# Per round and client
+# ----------------------------------------------------------------------------------------------
+
+
+SPEC = {"client": 0, "private": ["cat"], "kept": ["car", "bus"], "dropped": ["horse"], "protected": ["car"]}
+
+
+def counts(tp, fp, npos, name):
+    return {f"tp.{name}": tp, f"fp.{name}": fp, f"npos.{name}": npos}
+
+
+def hand_records():
+    """One client, two rounds: cat learned, car dips then partly recovers, bus steady."""
+    start = {"car": 0.60, "bus": 0.50, "horse": 0.40, "cat": 0.00, "dog": 0.10}
+    after1 = {"car": 0.40, "bus": 0.50, "horse": 0.30, "cat": 0.30, "dog": 0.20}
+    after2 = {"car": 0.50, "bus": 0.50, "horse": 0.20, "cat": 0.50, "dog": 0.30}
+    before = {**counts(8, 2, 10, "car"), **counts(5, 5, 10, "bus"), **counts(0, 0, 4, "cat")}
+    return [
+        {"method": "diredi", "round": 2, "client": 0, "ap_before": after1, "ap_after": after2,
+         "bytes_up": 1_000_000, "bytes_down": 3_000_000, "seconds": {"rd_tutor1": 4.0, "evaluate": 100.0},
+         "after": {**counts(6, 4, 10, "car"), **counts(5, 5, 10, "bus"), **counts(3, 1, 4, "cat")}},
+        {"method": "diredi", "round": 1, "client": 0, "ap_before": start, "ap_after": after1, "before": before,
+         "bytes_up": 500_000, "bytes_down": 1_500_000,
+         "seconds": {"rd_tutor1": 2.0, "distill_c": 1.0, "evaluate_before": 50.0, "evaluate": 60.0},
+         "after": {**counts(4, 1, 10, "car"), **counts(5, 5, 10, "bus"), **counts(1, 0, 4, "cat")}},
+    ]
+
+
+def test_client_round_values_on_hand_made_records():
+    values = client_round_values(hand_records(), [SPEC], [["cat"], ["dog"]])
+    assert list(values) == ["diredi"] and list(values["diredi"]) == [1, 2]
+    one, two = values["diredi"][1][0], values["diredi"][2][0]
+    assert one["gain"] == pytest.approx(30.0) and two["gain"] == pytest.approx(50.0)
+    # backward transfer over kept (car, bus): ((0.4-0.6)+0)/2, then ((0.5-0.6)+0)/2
+    assert one["bwt_kept"] == pytest.approx(-10.0) and two["bwt_kept"] == pytest.approx(-5.0)
+    assert two["bwt_protected"] == pytest.approx(-10.0)
+    # Chaudhry: car's best earlier 0.6 minus now 0.5 = 0.1, bus 0: mean 5 pp; protected (car) 10 pp
+    assert two["forgetting_kept"] == pytest.approx(5.0) and two["forgetting_protected"] == pytest.approx(10.0)
+    assert two["released"] == pytest.approx(-20.0) and two["spread"] == pytest.approx(20.0)
+    assert two["map"] == pytest.approx(100 * (0.5 + 0.5 + 0.2 + 0.5 + 0.3) / 5)
+    assert one["mb_cum"] == pytest.approx(2.0) and two["mb_cum"] == pytest.approx(6.0)
+    assert one["client_s_cum"] == pytest.approx(3.0) and two["client_s_cum"] == pytest.approx(7.0)  # no evaluation
+    assert one["recall_new"] == pytest.approx(25.0) and two["recall_new"] == pytest.approx(75.0)
+    assert two["f1_new"] == pytest.approx(75.0)  # precision 3/4, recall 3/4
+    # kept recall: start (8+5)/20, after round 2 (6+5)/20
+    assert two["recall_kept"] == pytest.approx(55.0)
+    assert two["recall_kept_drop"] == pytest.approx(65.0 - 55.0)
+
+
+def test_client_round_values_without_counts_or_specs_gives_nan():
+    record = dict(hand_records()[1])
+    del record["after"], record["before"]
+    values = client_round_values([record], [], [])["diredi"][1][0]
+    assert all(math.isnan(values[k]) for k in ("gain", "recall_new", "recall_kept_drop", "bwt_kept"))
+    assert values["mb_cum"] == pytest.approx(2.0) and not math.isnan(values["map"])
+
+
+# ----------------------------------------------------------------------------------------------
+# A study end to end
+# ----------------------------------------------------------------------------------------------
+
+
+STUDY_METHODS = ("diredi", "fedavg", "local")
+STUDY_SPECS = [
+    {"client": 0, "private": ["cat"], "kept": ["car", "bus"], "dropped": ["horse"], "protected": ["car"]},
+    {"client": 1, "private": ["dog"], "kept": ["car", "bus", "horse"], "dropped": [], "protected": ["car"]},
+]
+
+
+def synthetic_replicate(replicate, rounds=2):
+    """Records of 3 methods x 2 clients; diredi gains most, local sends nothing."""
+    records = []
+    rng = np.random.default_rng(replicate)
+    for m, method in enumerate(STUDY_METHODS):
+        for client in range(2):
+            ap = {"car": 0.6, "bus": 0.5, "horse": 0.4, "cat": 0.0, "dog": 0.05, "cow": NAN}
+            for round_number in range(1, rounds + 1):
+                step = (0.15 if method == "diredi" else 0.05) + 0.01 * rng.random()
+                after = {k: v if math.isnan(v) else min(1.0, v + (step if k in ("cat", "dog") else -0.01 * m))
+                         for k, v in ap.items()}
+                records.append({
+                    "method": method, "round": round_number, "client": client, "ap_before": dict(ap),
+                    "ap_after": after, "bytes_up": 0 if method == "local" else 2_000_000 * (m + 1),
+                    "bytes_down": 0 if method == "local" else 4_000_000,
+                    "seconds": {"direct training" if m else "rd_tutor1": 3.0 + m, "evaluate": 1.0},
+                    "peak_rss_mb": 100.0, "accepted": True if method == "diredi" else None,
+                    "after": {"precision": 0.5, "recall": 0.5, "f1": 0.5, **counts(2 + m, 1, 5, "cat"),
+                              **counts(3, 1, 5, "dog"), **counts(4, 1, 6, "car")}})
+                ap = after
+    tutor = [{"round": r, "ap": {"car": 0.6 + 0.01 * r, "cat": 0.1 * r + 0.01 * replicate}, "mAP": 0.4 + 0.02 * r}
+             for r in range(rounds + 1)]
+    return records, tutor
+
+
+def write_run_folder(path, replicate):
+    records, tutor = synthetic_replicate(replicate)
+    folder = RunFolder(path)
+    folder.write_config({"run": {"replicate": replicate, "rounds": 2, "methods": list(STUDY_METHODS)},
+                         "client_specs": STUDY_SPECS})
+    for record in records:
+        folder.append_record(record)
+    folder.write_json(TUTOR_HISTORY, tutor)
+    return folder
+
+
+def test_study_from_run_folders_writes_compare_json_md_and_plots(tmp_path):
+    paths = [write_run_folder(tmp_path / f"r{r}", r).path for r in (0, 1)]
+    summary = summarise_run_folders(paths, samples=200)
+    written = write_study(summary, tmp_path / "study", command="python -m sim.study ...", wall_s=12.0)
+    assert set(written) == {"compare_json", "compare_md", "curves_round", "curves_mb", "curves_compute",
+                            "clients_last_round", "tutor_progress"}
+    for name, path in written.items():
+        assert path.stat().st_size > 0
+        if path.suffix == ".png":
+            assert path.read_bytes()[:8] == PNG_SIGNATURE
+
+    compare = json.loads(written["compare_json"].read_text())  # strict JSON (NaN written as null)
+    assert compare["rounds"] == 2 and compare["seeds"] == [0, 1] and compare["clients"] == 2
+    assert list(compare["methods"]) == list(STUDY_METHODS)
+    diredi = compare["methods"]["diredi"]
+    assert [e["round"] for e in diredi["per_round"]] == [1, 2]
+    entry = diredi["per_round"][-1]
+    for key in ("gain", "forgetting_kept", "forgetting_protected", "bwt_kept", "bwt_protected", "released",
+                "spread", "map", "recall_new", "f1_new", "recall_kept", "f1_kept"):
+        assert set(entry[key]) >= {"mean", "ci95"} and len(entry[key]["ci95"]) == 2
+    assert isinstance(entry["mb_cum"], float) and len(entry["mb_cum_ci95"]) == 2
+    assert entry["mb_cum"] == pytest.approx(2 * 6.0) and entry["client_s_cum"] == pytest.approx(2 * 3.0)
+    assert entry["released"]["n_clients"] == 1  # client 1 drops nothing
+    assert compare["methods"]["local"]["per_round"][-1]["mb_cum"] == 0.0
+    assert [row["client"] for row in diredi["last_round_clients"]] == [0, 1]
+    assert set(diredi["last_round_clients"][0]["gain"]) >= {"mean", "ci95"}
+    assert [t["round"] for t in compare["tutor"]] == [0, 1, 2]
+    assert set(compare["tutor"][1]["ap"]) == {"car", "cat"} and "ci95" in compare["tutor"][1]["mAP"]
+
+    verdicts = compare["verdicts"]
+    assert {v["baseline"] for v in verdicts} == {"fedavg", "local"} and {v["round"] for v in verdicts} == {2}
+    assert not any(v["baseline"] == "local" and v["metric"] == "mb_cum" for v in verdicts)
+    assert len(verdicts) == 6 + 5
+    for v in verdicts:
+        assert set(v) >= {"claim", "metric", "baseline", "round", "diff", "ci95", "verdict"}
+    by_claim = {(v["baseline"], v["metric"]): v for v in verdicts}
+    assert by_claim[("fedavg", "gain")]["verdict"] == "yes"  # diredi gains 0.3 vs 0.1 in every cell
+    assert by_claim[("fedavg", "mb_cum")]["verdict"] == "yes"  # 12 MB vs 16 MB
+    assert by_claim[("fedavg", "mb_cum")]["diff"] == pytest.approx(-4.0)
+    assert by_claim[("local", "gain")]["claim"] == "DiReDi gains more than local"
+
+    text = written["compare_md"].read_text()
+    assert text.index("## Verdicts") < text.index("## diredi") < text.index("## fedavg")
+    assert "DiReDi gains more than fedavg" in text and "python -m sim.study" in text and "Wall time" in text
+
+
+def test_study_with_missing_rounds_and_no_tutor(tmp_path):
+    full, _ = synthetic_replicate(0, rounds=3)
+    short, _ = synthetic_replicate(1, rounds=3)
+    short = [r for r in short if not (r["method"] == "fedavg" and r["round"] == 3)]  # replicate 1's fedavg stopped
+    summary = summarise_study([(0, full, STUDY_SPECS, []), (1, short, STUDY_SPECS, [])], samples=100)
+    assert summary["rounds"] == 3 and summary["tutor"] == []
+    assert summary["methods"]["fedavg"]["replicates_per_round"] == {"1": 2, "2": 2, "3": 1}
+    assert {v["round"] for v in summary["verdicts"]} == {2, 3}
+    last = [v for v in summary["verdicts"] if v["round"] == 3 and v["baseline"] == "fedavg"]
+    assert all(v["n_seeds"] == 1 for v in last)  # paired on the replicate both have
+    written = write_study(summary, tmp_path / "out")
+    assert "tutor_progress" not in written and (tmp_path / "out" / "curves_mb.png").stat().st_size > 0
+    assert "round 3: 1" in study_markdown(summary)
+
+
+def test_write_all_adds_the_three_curves(tmp_path):
+    from report.writer import write_all
+
+    records, tutor = synthetic_replicate(0)
+    folder = RunFolder(tmp_path / "run")
+    folder.write_json(TUTOR_HISTORY, tutor)
+    write_all(folder, records, STUDY_SPECS, [s["private"] for s in STUDY_SPECS])
+    for name in ("curves_round.png", "curves_mb.png", "curves_compute.png", "round_curves.png", "results.md"):
+        assert (folder.path / name).stat().st_size > 0
