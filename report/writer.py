@@ -666,9 +666,9 @@ def file_safe(name: str) -> str:
 def write_all(run_folder: RunFolder | str | os.PathLike, records: Sequence[Mapping], specs: Any,
               all_private: Any, stage_rows: Mapping[str, Mapping] | None = None) -> dict[str, Path]:
     """Write results.md and every plot into the run folder; returns {name: path} with names
-    ``results``, ``gain_forgetting``, ``round_curves``, ``heatmap_<method>`` (and ``tutor_progress``).
-    Also writes ``curves_round.png``, ``curves_mb.png`` and ``curves_compute.png`` (``report.study``:
-    gain, forgetting and spread per round, per MB and per compute second, bands over clients)."""
+    ``results``, ``gain_forgetting``, ``round_curves``, ``heatmap_<method>``, ``curves_round``,
+    ``curves_mb``, ``curves_compute`` (``report.study``: gain, forgetting and spread per round, per MB
+    and per client compute second, bands over clients) and ``tutor_progress`` when there is a tutor."""
     folder = run_folder.path if isinstance(run_folder, RunFolder) else Path(run_folder)
     folder.mkdir(parents=True, exist_ok=True)
     written: dict[str, Path] = {}
@@ -685,10 +685,9 @@ def write_all(run_folder: RunFolder | str | os.PathLike, records: Sequence[Mappi
     history = RunFolder(folder).read_json(TUTOR_HISTORY)
     if history:
         written["tutor_progress"] = plot_tutor_progress(history, folder / "tutor_progress.png")
-    # The run's own rounds as a one-replicate study (bands over clients only): curves_round.png,
-    # curves_mb.png, curves_compute.png. Not in the returned names, which stay the ones above.
+    # The run's own rounds as a one-replicate study (bands over clients only), as the study draws them.
     from report.study import write_curves  # report.study imports this module
     from evaluation.study import summarise_study
 
-    write_curves(summarise_study([(0, records, specs, history or [], all_private)]), folder)
+    written.update(write_curves(summarise_study([(0, records, specs, history or [], all_private)]), folder))
     return written

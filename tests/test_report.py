@@ -152,7 +152,8 @@ def test_write_all_writes_results_and_pngs(tmp_path):
         folder.append_record(record)
     written = write_all(folder, folder.read_records(), specs, all_private,
                         stage_rows={"Original edge": {"mAP": 0.44}})
-    expected = {"results", "gain_forgetting", "round_curves"} | {f"heatmap_{m}" for m in METHODS}
+    expected = ({"results", "gain_forgetting", "round_curves", "curves_round", "curves_mb", "curves_compute"}
+                | {f"heatmap_{m}" for m in METHODS})
     assert set(written) == expected
     for name, path in written.items():
         assert path.parent == folder.path and path.stat().st_size > 0
