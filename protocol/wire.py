@@ -6,8 +6,9 @@ Neither ``clients/`` nor ``strategies/`` imports the other; both import this mod
 A message's content is a RecordDict:
 
     "config"   ConfigRecord: the run configuration (``protocol.config.RunConfig.to_record``)
-               + "method" (diredi | fedavg | fedprox), "work" (diredi | direct), "server-round",
-               "edge-source" (stored | received); FedProx adds Flower's "proximal-mu"
+               + "method" (diredi | fedavg | fedprox | fedavgm | ...), "work" (diredi | direct),
+               "server-round", "edge-source" (stored | received); FedProx adds Flower's "proximal-mu";
+               fedavg_ls adds "own-classes", fedavg_ft "fine-tune" (below)
     "metrics"  MetricRecord (replies): numbers only, keys below
     "tutor" | "tutor1" | "edge" | "delta" | "arrays"   ArrayRecords: state dicts ("tutor" and
                "tutor1" in full only to a node that holds no tutor body yet, afterwards neck/head
@@ -40,6 +41,9 @@ ARRAYS = "arrays"
 METHOD, WORK, SERVER_ROUND, EDGE_SOURCE = "method", "work", "server-round", "edge-source"
 DIREDI_WORK, DIRECT_WORK = "diredi", "direct"  # WORK: what a "train" message asks of a client
 STATE_DIR = "client-state-dir"  # where clients also keep their state on disk (resume; clients.store)
+# Switches of the direct-training baselines (value 1), in both their train and evaluate messages:
+OWN_CLASSES = "own-classes"  # fedavg_ls: train only the class scores of the classes the client's labels hold
+FINE_TUNE = "fine-tune"  # fedavg_ft: fine-tune the received edge on the client's data, deploy and evaluate that
 
 # -- metric keys. MetricRecord takes numbers only, so per-class values travel as "<prefix>.<class>".
 AP_BEFORE, AP_AFTER = "ap-before", "ap-after"
@@ -149,8 +153,8 @@ SERVER = -1  # the "partition" of work the server does itself (shared Tutor 1, s
 def work_seed(seed: int, server_round: int, party: int) -> int:
     """Seed of one party's work in one round: ``party`` is a partition id, or ``SERVER``.
 
-    The RD functions add offsets 0-3 to it (tutor 1, tutor 2, Distill C, direct training), hence
-    the gap of 10 between parties."""
+    The RD functions add offsets 0-4 to it (tutor 1, tutor 2, Distill C, direct training, FedAvg+FT's
+    fine-tuning), hence the gap of 10 between parties."""
     return seed + 100_000 * server_round + 10 * party
 
 

@@ -1,4 +1,4 @@
-"""Flower's own FedAvg and FedProx, recording each client's numbers for the report.
+"""Flower's own FedAvg, FedProx, FedAvgM and FedAdam, recording each client's numbers for the report.
 
 The global model is the full edge; clients train it directly on their labels (``clients/app.py``,
 work "direct"). These subclasses wrap Flower's four round hooks to fill a ``RoundLedger`` (bytes
@@ -7,9 +7,16 @@ reply's AP of the aggregated edge) and close it through the same ``Recorder`` as
 Aggregation itself is Flower's, untouched; replies reach it in partition order, so the float sums
 do not depend on which client answered first.
 
+Two more methods are a ``RecordingFedAvg`` under another name whose messages carry a switch for the
+clients (``protocol.wire``): fedavg_ls (``OWN_CLASSES``: each client trains only its own classes'
+scores) and fedavg_ft (``FINE_TUNE``: each client fine-tunes the global edge before evaluating it).
+FedAvgM and FedAdam step the model's parameters only (``ParameterStep``).
+
 Resume: Flower's ``Strategy.start`` always counts rounds from 1. A resumed strategy is started for
 the remaining rounds from the checkpointed global model with ``round_offset`` = the rounds already
 done, and every hook adds the offset, so clients, records and seeds see the true round numbers.
+FedAvgM's momentum and FedAdam's moments are checkpointed with the global model and restored
+(``restore_server_state``), so a resumed run steps as an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -17,9 +24,12 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg, FedProx
+from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedProx
+from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
 from torch import Tensor
 
@@ -33,7 +43,11 @@ class RecordingMixin:
 
     method = "direct"
 
-    def _init_recorder(self, recorder: Recorder | None, sampler: ClientSampler | None) -> None:
+    def _init_recorder(self, recorder: Recorder | None, sampler: ClientSampler | None, method: str | None = None,
+                       client_config: Mapping[str, int | float] | None = None) -> None:
+        if method is not None:
+            self.method = method
+        self.client_config = dict(client_config or {})  # added to every message's config (clients' switches)
         self.recorder = recorder or Recorder(self.method)
         self.sampler = sampler
         self.ledger: RoundLedger | None = None
@@ -42,7 +56,7 @@ class RecordingMixin:
         self._arrays: ArrayRecord | None = None  # the global model after this round's aggregation
 
     def _tag(self, config: ConfigRecord) -> ConfigRecord:
-        return ConfigRecord({**dict(config), METHOD: self.method, WORK: DIRECT_WORK})
+        return ConfigRecord({**dict(config), METHOD: self.method, WORK: DIRECT_WORK, **self.client_config})
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
@@ -86,13 +100,21 @@ class RecordingMixin:
         return metrics
 
     def checkpoint(self) -> tuple[dict[str, Tensor], dict]:
-        """The global model after the round (``strategies.checkpoint``)."""
-        return prefixed("global", self._arrays.to_torch_state_dict()), {}
+        """The global model after the round and the server optimiser's state (``strategies.checkpoint``)."""
+        state = {k: torch.from_numpy(np.array(v)) for k, v in self.server_state().items()}
+        return {**prefixed("global", self._arrays.to_torch_state_dict()), **prefixed("server", state)}, {}
+
+    def server_state(self) -> dict[str, np.ndarray]:
+        """The server optimiser's state after the round (FedAvg and FedProx have none)."""
+        return {}
 
     @staticmethod
     def restored_arrays(tensors: Mapping[str, Tensor]) -> ArrayRecord:
         """The global model a checkpoint holds, to start the remaining rounds from."""
         return ArrayRecord(unprefixed("global", tensors))
+
+    def restore_server_state(self, tensors: Mapping[str, Tensor]) -> None:
+        """The server optimiser's state a checkpoint holds (FedAvg and FedProx have none)."""
 
 
 class _OnlyNodes:
@@ -108,13 +130,92 @@ class _OnlyNodes:
         return getattr(self._grid, name)
 
 
+class _View:
+    """A reply whose content shows only ``keys`` of its arrays (and all its metrics); errors pass unchanged."""
+
+    def __init__(self, reply: Message, keys: Iterable[str]) -> None:
+        self._reply = reply
+        if not reply.has_error():
+            self.content = RecordDict({name: ArrayRecord({k: record[k] for k in keys if k in record})
+                                       if isinstance(record, ArrayRecord) else record
+                                       for name, record in reply.content.items()})
+
+    def __getattr__(self, name: str):
+        return getattr(self._reply, name)
+
+
+class ParameterStep:
+    """FedAvgM's / FedAdam's server step on the model's parameters; its BatchNorm buffers averaged as FedAvg does.
+
+    The edge's state dict holds BatchNorm buffers besides its parameters: running_mean / running_var
+    (float32) and num_batches_tracked (int64). Flower's server optimisers step every array they get,
+    which breaks the statistics: FedAvgM's momentum carries them past the clients' values (clients that
+    each re-estimate a running_var at ``target`` end round 2 at ``target - 0.9 x (start - target)``,
+    negative once the clients' variance is under about half the manufacturer's: NaN in every later
+    forward pass; ``tests/test_baselines.py`` shows it), and FedAdam moves each by about eta per round
+    whatever the clients measured (a variance going from 1 to 0.3 would take hundreds of rounds at eta 1e-3).
+
+    So the strategy's step sees the parameters only (``parameter_keys``: the edge's ``named_parameters``)
+    and the new global model's buffers are FedAvg's weighted average of the clients' (Flower's
+    ``aggregate_arrayrecords``, which averages num_batches_tracked into float64 as FedAvg leaves it; the
+    clients load it back into int64). Flower's step is otherwise untouched: this class sits between
+    ``RecordingMixin`` and the Flower strategy in the bases, shows the strategy each reply with its
+    parameters only (``_View``) and trims the model the strategy keeps as its current one
+    (``current_arrays``: FedOpt's every round, FedAvgM's first) to the parameters, in ``parameter_keys``
+    order (FedAvgM pairs arrays by position). FedAdam's step comes out in float64 (its bias-corrected
+    rate is a numpy float64); it is cast back to the clients' dtype, so the global model travels as
+    FedAvg's does.
+
+    The subclasses' ``server_state`` / ``restore_server_state`` give the optimiser's state (FedAvgM's
+    momentum, FedAdam's first and second moments) to the checkpoint after every round and take it back
+    on resume, so a resumed run steps as an uninterrupted one.
+    """
+
+    def _init_parameters(self, parameter_keys: Iterable[str]) -> None:
+        self.parameter_keys = tuple(parameter_keys)
+        if not self.parameter_keys:
+            raise ValueError(f"{type(self).__name__} needs the model's parameter names (parameter_keys)")
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        messages = super().configure_train(server_round, arrays, config, grid)  # the whole edge to the clients
+        current, keys = self.current_arrays, self.parameter_keys  # what the strategy has just taken as its model
+        if isinstance(current, ArrayRecord):
+            self.current_arrays = ArrayRecord({k: current[k] for k in keys})
+        elif current is not None:
+            self.current_arrays = {k: current[k] for k in keys}
+        return messages
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]):
+        replies = list(replies)
+        ok = [r for r in replies if not r.has_error()]
+        stepped, metrics = super().aggregate_train(server_round, [_View(r, self.parameter_keys) for r in replies])
+        if stepped is None or not ok:
+            return stepped, metrics
+        sent = ok[0].content[self.arrayrecord_key]
+        buffers = [k for k in sent.keys() if k not in stepped]
+        averaged = aggregate_arrayrecords([_View(r, buffers).content for r in ok], self.weighted_by_key)
+        arrays = {}
+        for key in sent.keys():  # the clients' order
+            if key in stepped:
+                value = stepped[key].numpy()
+                arrays[key] = Array(np.asarray(value, dtype=np.dtype(sent[key].dtype)))
+            else:
+                arrays[key] = averaged[key]
+        return ArrayRecord(arrays), metrics
+
+
 class RecordingFedAvg(RecordingMixin, FedAvg):
+    """Flower's FedAvg; also fedavg_ls and fedavg_ft under their ``method`` name, with the clients'
+    switch in ``client_config`` (``strategies.server_app.make_strategy``)."""
+
     method = "fedavg"
 
     def __init__(self, *args, recorder: Recorder | None = None, sampler: ClientSampler | None = None,
+                 method: str | None = None, client_config: Mapping[str, int | float] | None = None,
                  **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self._init_recorder(recorder, sampler)
+        self._init_recorder(recorder, sampler, method, client_config)
 
 
 class RecordingFedProx(RecordingMixin, FedProx):
@@ -124,3 +225,49 @@ class RecordingFedProx(RecordingMixin, FedProx):
                  **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self._init_recorder(recorder, sampler)
+
+
+class RecordingFedAvgM(RecordingMixin, ParameterStep, FedAvgM):
+    """Flower's FedAvgM (server momentum) on the parameters; buffers as FedAvg (``ParameterStep``).
+    Its momentum (one array per parameter) is checkpointed as "server.momentum.<name>"."""
+
+    method = "fedavgm"
+
+    def __init__(self, *args, parameter_keys: Iterable[str] = (), recorder: Recorder | None = None,
+                 sampler: ClientSampler | None = None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._init_recorder(recorder, sampler)
+        self._init_parameters(parameter_keys)
+
+    def server_state(self) -> dict[str, np.ndarray]:
+        if self.momentum_vector is None:
+            return {}
+        return {f"momentum.{k}": v for k, v in zip(self.parameter_keys, self.momentum_vector, strict=True)}
+
+    def restore_server_state(self, tensors: Mapping[str, Tensor]) -> None:
+        state = unprefixed("server.momentum", tensors)
+        if state:
+            self.momentum_vector = [state[k].numpy() for k in self.parameter_keys]
+
+
+class RecordingFedAdam(RecordingMixin, ParameterStep, FedAdam):
+    """Flower's FedAdam on the parameters; buffers as FedAvg (``ParameterStep``). Its first and second
+    moments are checkpointed as "server.m.<name>" and "server.v.<name>"."""
+
+    method = "fedadam"
+
+    def __init__(self, *args, parameter_keys: Iterable[str] = (), recorder: Recorder | None = None,
+                 sampler: ClientSampler | None = None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._init_recorder(recorder, sampler)
+        self._init_parameters(parameter_keys)
+
+    def server_state(self) -> dict[str, np.ndarray]:
+        return {**{f"m.{k}": v for k, v in (self.m_t or {}).items()},
+                **{f"v.{k}": v for k, v in (self.v_t or {}).items()}}
+
+    def restore_server_state(self, tensors: Mapping[str, Tensor]) -> None:
+        m, v = unprefixed("server.m", tensors), unprefixed("server.v", tensors)
+        if m and v:
+            self.m_t = {k: m[k].numpy() for k in self.parameter_keys}
+            self.v_t = {k: v[k].numpy() for k in self.parameter_keys}

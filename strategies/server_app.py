@@ -8,8 +8,8 @@ Two entry points, one path:
   ``main`` resolves the same configuration from ``context.run_config`` with the same function
   (``protocol.config.resolve_run_config``) and calls the same ``run_methods``.
 
-``run_methods`` runs each method with ``run_method`` (a Flower strategy on the grid for diredi,
-fedavg and fedprox; in-process for local and oracle), appends every record and verification
+``run_methods`` runs each method with ``run_method`` (a Flower strategy on the grid for diredi and
+the FedAvg family; in-process for local and oracle), appends every record and verification
 decision to the run folder as it arrives, and writes the report at the end.
 """
 
@@ -34,11 +34,11 @@ from distill.chain import Chain
 from evaluation.ap import per_class_ap
 from models.parts import neck_head
 from protocol.config import FEDERATED, RunConfig, resolve_run_config
-from protocol.wire import STATE_DIR, state_record
+from protocol.wire import FINE_TUNE, OWN_CLASSES, STATE_DIR, state_record
 from strategies.checkpoint import load_checkpoint, save_checkpoint
 from evaluation.metrics import run_summary
 from report.writer import SUMMARY, TUTOR_HISTORY, RunFolder, write_all
-from strategies.baselines import RecordingFedAvg, RecordingFedProx
+from strategies.baselines import RecordingFedAdam, RecordingFedAvg, RecordingFedAvgM, RecordingFedProx
 from distill.trainer import peak_rss_mb
 from strategies.centralised import CENTRALISED, run_centralised
 from strategies.diredi import DiReDiStrategy
@@ -136,6 +136,18 @@ def make_strategy(method: str, session: Session, recorder: Recorder,
         return RecordingFedAvg(**nodes)
     if method == "fedprox":
         return RecordingFedProx(**nodes, proximal_mu=config.fedprox_mu)
+    if method == "fedavg_ls":  # FedAvg; each client trains only its own classes' scores
+        return RecordingFedAvg(**nodes, method=method, client_config={OWN_CLASSES: 1})
+    if method == "fedavg_ft":  # FedAvg; each client fine-tunes the global edge before evaluating it
+        return RecordingFedAvg(**nodes, method=method, client_config={FINE_TUNE: 1})
+    # Server optimisers: they step the edge's parameters, its BatchNorm buffers are averaged (ParameterStep)
+    parameters = [name for name, _ in session.chain.edge.named_parameters()]
+    if method == "fedavgm":
+        return RecordingFedAvgM(**nodes, parameter_keys=parameters, server_learning_rate=1.0,
+                                server_momentum=config.server_momentum)
+    if method == "fedadam":  # eta_l: the clients' lr (Flower only reports it)
+        return RecordingFedAdam(**nodes, parameter_keys=parameters, eta=config.fedadam_eta,
+                                eta_l=config.direct_lr or config.rd_settings().lr, tau=config.fedadam_tau)
     raise ValueError(f"{method!r} is not a federated method; expected one of {', '.join(FEDERATED)}")
 
 
@@ -172,6 +184,7 @@ def run_method(method: str, session: Session, grid: Grid | None, recorder: Recor
                 strategy.restore(tensors, meta)
             else:
                 initial, strategy.round_offset = strategy.restored_arrays(tensors), rounds_done
+                strategy.restore_server_state(tensors)  # FedAvgM's momentum, FedAdam's moments
         strategy.checkpoint_fn = lambda r, tensors, meta: save_checkpoint(folder.checkpoints_path, method, r,
                                                                           tensors, meta)
     options = {"start_round": rounds_done + 1} if isinstance(strategy, DiReDiStrategy) else {}
