@@ -5,11 +5,16 @@ Handlers (message type -> work; the wire format is ``protocol.wire``):
 * "train", work "diredi": AP of its edge on its test shard (ap-before); RD Tutor 1 (unless a
   shared Tutor 1 came in) and Tutor 2 on its own shards; replies ONLY the neck/head delta + metrics.
   A tutor arrives in full once; the client keeps its backbone body, later tutors are neck/head only.
-* "train", work "direct" (FedAvg / FedProx): ap-before of the received edge; trains it on its
-  labels (with FedProx's proximal term when the message holds "proximal-mu"); replies the edge + metrics.
+* "train", work "direct" (the FedAvg family): ap-before of the received edge (fedavg_ft: of the edge
+  it deployed, below); trains it on its labels at ``run.direct_lr`` (0: the profile's lr), with
+  FedProx's proximal term when the message holds "proximal-mu", only its own classes' scores when it
+  holds "own-classes" (fedavg_ls); replies the edge + metrics.
 * "train.distill": Distill C of its edge from the received (updated) tutor on its data; keeps the
   new edge in ``context.state``; replies metrics only (ap-after, seconds, memory).
 * "evaluate": AP of an edge on its test shard (the received one, or its stored one for DiReDi).
+  With "fine-tune" (fedavg_ft) the received global edge is first fine-tuned on the client's data
+  (``distill.rd.fine_tune``, as many steps as Distill C); the fine-tuned edge is the one the client
+  deploys: it is evaluated, and its evaluation is kept in ``context.state`` as the next round's "before".
 * "query": its partition id, the stable identity seeded client sampling draws from.
 
 When the configuration names a state folder (``STATE_DIR``), every handler also writes the client's
@@ -30,6 +35,7 @@ import math
 import os
 import time
 from collections import OrderedDict
+from dataclasses import replace
 
 import torch  # imported here so ArrayRecord's torch conversions work inside Ray actors: it checks sys.modules only
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -38,9 +44,11 @@ from torch import nn
 
 from clients.store import (is_body_reference, load_client_state, read_body, save_body_memo, save_client_state,
                            store_body, take_body_memo)
+from data.voc import CLASS_INDEX
 from data.workspace import Workspace
 from distill.body_memo import BodyMemo
-from distill.rd import client_delta, direct_training, distill_c, reverse_distill_tutor1, reverse_distill_tutor2
+from distill.rd import (client_delta, direct_training, distill_c, fine_tune, reverse_distill_tutor1,
+                        reverse_distill_tutor2)
 from distill.trainer import PhaseReport, peak_rss_mb
 from evaluation.ap import per_class_ap
 from models.io import state_fingerprint
@@ -49,9 +57,9 @@ from models.parts import part_of
 from protocol.config import RunConfig
 from protocol.privacy import DP_EPSILON, DP_PARTICIPATIONS, epsilon_spent, is_on, noise_generator, privatise
 from protocol.wire import (AFTER, AP_AFTER, AP_BEFORE, ARRAYS, BEFORE, CONFIG, DELTA, DIRECT_WORK, DIREDI_WORK,
-                           EDGE, EDGE_SOURCE, LOSSES, METHOD, METRICS, NUM_EXAMPLES, PARTITION_ID, PEAK_RSS,
-                           SECONDS, SERVER_ROUND, STATE_DIR, TRAINED, TUTOR, TUTOR1, WORK, decode, encode, pack_delta,
-                           state_record, top_k, work_seed)
+                           EDGE, EDGE_SOURCE, FINE_TUNE, LOSSES, METHOD, METRICS, NUM_EXAMPLES, OWN_CLASSES,
+                           PARTITION_ID, PEAK_RSS, SECONDS, SERVER_ROUND, STATE_DIR, TRAINED, TUTOR, TUTOR1, WORK,
+                           decode, encode, pack_delta, state_record, top_k, work_seed)
 
 app = ClientApp()
 
@@ -97,13 +105,23 @@ def _evaluate(edge: nn.Module, workspace: Workspace, partition: int, when: str, 
     start = time.perf_counter()
     key, fingerprint = f"{config[METHOD]}.evaluated", state_fingerprint(edge.state_dict())
     last = context.state.config_records.get(key)
-    if last is not None and last["fingerprint"] == fingerprint:
-        ap, summary = decode(last, "ap"), decode(last, "summary")
-    else:
+    if last is None or last["fingerprint"] != fingerprint:
         ap, summary = per_class_ap(edge, _dataset(workspace, partition, "test"), workspace.eval_classes())
-        context.state[key] = ConfigRecord({"fingerprint": fingerprint, **encode("ap", ap), **encode("summary", summary)})
+        last = context.state[key] = ConfigRecord({"fingerprint": fingerprint, **encode("ap", ap),
+                                                  **encode("summary", summary)})
+    return _evaluation_metrics(last, when, phase, time.perf_counter() - start)
+
+
+def _evaluation_metrics(record: ConfigRecord, when: str, phase: str, seconds: float) -> dict[str, float]:
+    """ap-<when>.<class>, <when>.<summary> and seconds.<phase> of an evaluation ``_evaluate`` kept."""
     ap_prefix = AP_BEFORE if when == BEFORE else AP_AFTER
-    return {**encode(ap_prefix, ap), **encode(when, summary), f"{SECONDS}.{phase}": time.perf_counter() - start}
+    return {**encode(ap_prefix, decode(record, "ap")), **encode(when, decode(record, "summary")),
+            f"{SECONDS}.{phase}": seconds}
+
+
+def _deployed_key(config: ConfigRecord) -> str:
+    """fedavg_ft: the evaluation of the edge the client deployed (its fine-tuned edge of its last round)."""
+    return f"{config[METHOD]}.deployed"
 
 
 def loss_metrics(phase: str, report: PhaseReport) -> dict[str, float]:
@@ -280,9 +298,18 @@ def _train_diredi(msg: Message, context: Context) -> Message:
 def _train_direct(msg: Message, context: Context) -> Message:
     config, run, ws, partition, seed = _common(msg, context)
     edge = _model(ws, "edge", msg.content.array_records[ARRAYS])
-    metrics = _evaluate(edge, ws, partition, BEFORE, "evaluate_before", context, config)
-    trained, report = direct_training(edge, _dataset(ws, partition, "train"), run.direct_iters, run.rd_settings(),
-                                      seed, proximal_mu=float(config.get("proximal-mu", 0.0)))
+    deployed = context.state.config_records.get(_deployed_key(config))
+    if deployed is not None and int(config.get(SERVER_ROUND, 0)) > 1:
+        # fedavg_ft: the client's own fine-tuned edge of its last round is deployed, not the received one
+        metrics = _evaluation_metrics(deployed, BEFORE, "evaluate_before", 0.0)
+    else:  # round 1: the manufacturer's edge
+        metrics = _evaluate(edge, ws, partition, BEFORE, "evaluate_before", context, config)
+    settings = run.rd_settings()
+    if run.direct_lr > 0:
+        settings = replace(settings, lr=run.direct_lr)
+    own = tuple(CLASS_INDEX[c] for c in ws.clients[partition].train_classes) if config.get(OWN_CLASSES) else None
+    trained, report = direct_training(edge, _dataset(ws, partition, "train"), run.direct_iters, settings,
+                                      seed, proximal_mu=float(config.get("proximal-mu", 0.0)), trained_classes=own)
     metrics.update({**_identity(ws, partition), f"{SECONDS}.direct_training": report.seconds,
                     PEAK_RSS: peak_rss_mb(), **loss_metrics("direct_training", report)})
     return _reply(msg, metrics, {ARRAYS: state_record(trained)})
@@ -315,11 +342,18 @@ def identify(msg: Message, context: Context) -> Message:
 @app.evaluate()
 @_handler
 def evaluate(msg: Message, context: Context) -> Message:
-    config, _, ws, partition, _ = _common(msg, context)
-    if ARRAYS in msg.content.array_records:  # FedAvg / FedProx: the global edge
+    config, run, ws, partition, seed = _common(msg, context)
+    extra = {}
+    if ARRAYS in msg.content.array_records:  # the FedAvg family: the global edge
         edge = _model(ws, "edge", msg.content.array_records[ARRAYS])
     else:
         edge = _edge(msg, context, ws, config)
+    if config.get(FINE_TUNE):  # fedavg_ft: the client deploys the global edge fine-tuned on its own data
+        edge, report = fine_tune(edge, _dataset(ws, partition, "train"), run.rd_settings(), seed)
+        extra = {f"{SECONDS}.fine_tune": report.seconds, **loss_metrics("fine_tune", report)}
     metrics = _evaluate(edge, ws, partition, AFTER, "evaluate_after", context, config)
-    metrics.update({**_identity(ws, partition), PEAK_RSS: peak_rss_mb()})
+    if config.get(FINE_TUNE):  # the fine-tuned edge's evaluation, the next round's "before"
+        evaluated = context.state.config_records[f"{config[METHOD]}.evaluated"]
+        context.state[_deployed_key(config)] = ConfigRecord(dict(evaluated))
+    metrics.update({**_identity(ws, partition), **extra, PEAK_RSS: peak_rss_mb()})
     return _reply(msg, metrics)

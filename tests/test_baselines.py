@@ -4,12 +4,12 @@
 * ``make_strategy`` builds each with the configured hyperparameters;
 * FedAvgM / FedAdam step only the parameters and keep the BatchNorm buffers as FedAvg averages them,
   and their server-optimiser state survives a checkpoint (fake replies, no Flower runtime);
+* a fedavg_ft client deploys its fine-tuned edge: the next round's "before" (handlers called directly);
 * one smoke Flower simulation of all four methods (2 clients, 1 round).
 """
 
 from __future__ import annotations
 
-import copy
 import math
 import time
 
@@ -94,3 +94,305 @@ def test_label_skew_training_leaves_the_other_classes_rows_unchanged(ws):
     # the rest of the model trains as usual
     assert not torch.equal(masked.state_dict()["head.regression_head.bbox_reg.weight"],
                            before["head.regression_head.bbox_reg.weight"])
+
+
+# -- (c) make_strategy builds each new method with the configured hyperparameters --------------------
+
+
+def fake_session(**settings):
+    """make_strategy reads the configuration and the manufacturer's edge only (no data, no training)."""
+    from types import SimpleNamespace
+
+    from strategies.server_app import Session
+
+    config = resolve_run_config({"profile": "smoke", "num-clients": 2, "rounds": 1, **settings})
+    return Session(config, None, SimpleNamespace(edge=build_model("smoke", "edge", seed=0)))
+
+
+def test_make_strategy_builds_each_new_method_with_its_settings():
+    from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM
+
+    from protocol.wire import FINE_TUNE, OWN_CLASSES
+    from strategies.baselines import RecordingFedAdam, RecordingFedAvg, RecordingFedAvgM
+    from strategies.ledger import Recorder
+    from strategies.server_app import make_strategy
+
+    session = fake_session(**{"server-momentum": 0.8, "fedadam-eta": 0.02, "fedadam-tau": 0.005,
+                              "direct-lr": 0.004})
+    built = {m: make_strategy(m, session, Recorder(m)) for m in NEW}
+    m = built["fedavgm"]
+    assert isinstance(m, RecordingFedAvgM) and isinstance(m, FedAvgM)
+    assert (m.server_momentum, m.server_learning_rate, m.server_opt) == (0.8, 1.0, True)
+    a = built["fedadam"]
+    assert isinstance(a, RecordingFedAdam) and isinstance(a, FedAdam)
+    assert (a.eta, a.tau, a.eta_l, a.beta_1, a.beta_2) == (0.02, 0.005, 0.004, 0.9, 0.99)  # Flower's betas
+    edge = session.chain.edge
+    for strategy in (m, a):  # the server step sees the parameters, not the BatchNorm buffers
+        assert strategy.parameter_keys == tuple(name for name, _ in edge.named_parameters())
+    for method, switch in (("fedavg_ls", OWN_CLASSES), ("fedavg_ft", FINE_TUNE)):
+        s = built[method]
+        assert type(s) is RecordingFedAvg and isinstance(s, FedAvg) and s.method == method
+        assert s.client_config == {switch: 1} and s.recorder.method == method
+        assert dict(s._tag(ConfigRecord({})))[switch] == 1
+    for method, s in built.items():
+        assert s.method == method and s.sampler is not None
+    # without direct-lr FedAdam reports the profile's lr as the clients'
+    assert make_strategy("fedadam", fake_session(), Recorder("fedadam")).eta_l == \
+        fake_session().config.rd_settings().lr
+
+
+# -- FedAvgM / FedAdam: parameters stepped, buffers averaged, state checkpointed (no Flower runtime) ---
+
+
+@pytest.fixture
+def no_runtime(monkeypatch):
+    """Flower's messages read the run id of the process they are built in; no run here."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for name, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
+        monkeypatch.setattr(TaskIdentity, name, value)
+
+
+class Nodes:
+    """A grid stand-in: Flower's FedAvg samples from get_node_ids (no messages are sent here)."""
+
+    def get_node_ids(self):
+        return [101, 102]
+
+
+def client_states(global_state: dict, server_round: int) -> list[tuple[dict, int]]:
+    """Two clients' trained edges: parameters moved a little, every running_var re-estimated at 0.3 x
+    the manufacturer's (a client's smaller variance), num_batches_tracked counted on."""
+    out = []
+    for partition, examples in ((0, 30), (1, 10)):
+        g = torch.Generator().manual_seed(100 * server_round + partition)
+        state = {}
+        for key, value in global_state.items():
+            if key.endswith("running_var"):
+                state[key] = 0.3 * value
+            elif key.endswith("num_batches_tracked"):
+                state[key] = value + 7
+            elif key.endswith("running_mean"):
+                state[key] = value + 0.1 * (partition + 1)
+            else:
+                state[key] = value + 0.01 * torch.randn(value.shape, generator=g)
+        out.append((state, examples))
+    return out
+
+
+def replies_to(messages: list[Message], states: list[tuple[dict, int]]) -> list[Message]:
+    replies = []
+    for partition, (message, (state, examples)) in enumerate(zip(messages, states)):
+        metadata = Metadata(run_id=1, message_id="", src_node_id=message.metadata.dst_node_id, dst_node_id=0,
+                            reply_to_message_id="instruction", group_id="1", created_at=time.time(), ttl=600.0,
+                            message_type="train")
+        content = RecordDict({ARRAYS: ArrayRecord({k: v.clone() for k, v in state.items()}),
+                              METRICS: MetricRecord({PARTITION_ID: partition, NUM_EXAMPLES: examples})})
+        replies.append(Message(content=content, metadata=metadata))
+    return replies
+
+
+def one_round(strategy, server_round: int, arrays: ArrayRecord, manufacturer: dict) -> ArrayRecord:
+    """Flower's round ``server_round`` (a resumed strategy adds its ``round_offset``)."""
+    messages = list(strategy.configure_train(server_round, arrays, ConfigRecord({}), Nodes()))
+    assert all(set(m.content[ARRAYS].keys()) == set(manufacturer) for m in messages)  # the whole edge goes out
+    states = client_states(manufacturer, server_round + getattr(strategy, "round_offset", 0))
+    out, _ = strategy.aggregate_train(server_round, replies_to(messages, states))
+    return out
+
+
+def fedavg_average(states: list[tuple[dict, int]], key: str) -> np.ndarray:
+    total = sum(n for _, n in states)
+    return sum(s[key].numpy() * (n / total) for s, n in states)
+
+
+@pytest.mark.parametrize("method", ["fedavgm", "fedadam"])
+def test_server_optimisers_step_parameters_and_average_buffers(method, no_runtime):
+    from strategies.ledger import Recorder
+    from strategies.server_app import make_strategy
+
+    session = fake_session()
+    manufacturer = {k: v.clone() for k, v in session.chain.edge.state_dict().items()}
+    params = {name for name, _ in session.chain.edge.named_parameters()}
+    buffers = [k for k in manufacturer if k not in params]
+    assert any(k.endswith("running_var") for k in buffers) and any(k.endswith("num_batches_tracked") for k in buffers)
+    strategy = make_strategy(method, session, Recorder(method))
+    arrays, previous = ArrayRecord(manufacturer), manufacturer
+    for server_round in (1, 2, 3):
+        out = one_round(strategy, server_round, arrays, manufacturer)
+        states = client_states(manufacturer, server_round)
+        assert list(out.keys()) == list(manufacturer)  # every array, in the model's order
+        state = out.to_torch_state_dict()
+        for key in buffers:  # FedAvg's weighted average, whatever the server optimiser does
+            assert np.array_equal(state[key].numpy(), fedavg_average(states, key)), key
+            if key.endswith("running_var"):
+                assert (state[key] > 0).all()
+        for key in params:  # stepped by the server optimiser, kept in the clients' dtype
+            assert state[key].dtype == manufacturer[key].dtype
+            assert not torch.equal(state[key], previous[key])
+            if method == "fedadam":  # Adam moves each parameter by about eta per round
+                assert (state[key] - previous[key]).abs().max() < 3 * strategy.eta
+        if method == "fedavgm" and server_round == 1:  # momentum starts as the first pseudo-gradient
+            for key in params:
+                assert np.allclose(state[key].numpy(), fedavg_average(states, key), atol=1e-6)
+        arrays, previous = out, state
+    # Flower's FedAvgM stepping the buffers too would end round 2 with a negative running_var
+    if method == "fedavgm":
+        from flwr.serverapp.strategy import FedAvgM
+
+        raw = FedAvgM(server_momentum=0.9, min_train_nodes=2, min_available_nodes=2)
+        arrays = ArrayRecord(manufacturer)
+        for server_round in (1, 2):
+            messages = list(raw.configure_train(server_round, arrays, ConfigRecord({}), Nodes()))
+            arrays, _ = raw.aggregate_train(server_round,
+                                            replies_to(messages, client_states(manufacturer, server_round)))
+        var = next(k for k in buffers if k.endswith("running_var"))
+        assert (arrays[var].numpy() < 0).any()
+
+
+@pytest.mark.parametrize("method", ["fedavgm", "fedadam"])
+def test_a_resumed_server_optimiser_steps_as_an_uninterrupted_one(method, no_runtime):
+    """Round 2 from a checkpoint after round 1 (global model + server state, through safetensors)
+    gives the arrays the uninterrupted strategy gives."""
+    from models.io import read_weights, save_weights
+    from strategies.ledger import Recorder
+    from strategies.server_app import make_strategy
+
+    session = fake_session()
+    manufacturer = {k: v.clone() for k, v in session.chain.edge.state_dict().items()}
+    through = make_strategy(method, session, Recorder(method))
+    after_1 = one_round(through, 1, ArrayRecord(manufacturer), manufacturer)
+    expected = one_round(through, 2, after_1, manufacturer).to_torch_state_dict()
+
+    first = make_strategy(method, session, Recorder(method))
+    one_round(first, 1, ArrayRecord(manufacturer), manufacturer)
+    tensors, _ = first.checkpoint()
+    assert any(k.startswith("server.") for k in tensors)
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as folder:
+        tensors = read_weights(save_weights(tensors, Path(folder) / "checkpoint.safetensors"))
+    resumed = make_strategy(method, session, Recorder(method))
+    resumed.round_offset = 1
+    resumed.restore_server_state(tensors)
+    got = one_round(resumed, 1, resumed.restored_arrays(tensors), manufacturer).to_torch_state_dict()
+    assert list(got) == list(expected)
+    for key, value in expected.items():
+        assert torch.equal(got[key], value), key
+
+
+# -- fedavg_ft's client: it deploys its fine-tuned edge, the next round's "before" (no Flower runtime) ---
+
+
+def client_message(config: dict, server_round: int, edge_state: dict, message_type: str) -> Message:
+    from protocol.wire import CONFIG, SERVER_ROUND
+
+    content = RecordDict({ARRAYS: ArrayRecord({k: v.clone() for k, v in edge_state.items()}),
+                          CONFIG: ConfigRecord({**config, SERVER_ROUND: server_round})})
+    return Message(content=content, message_type=message_type, dst_node_id=1)
+
+
+def weights_sum(model) -> float:
+    return float(sum(p.detach().double().sum() for p in model.parameters()))
+
+
+@pytest.fixture
+def client_threads(monkeypatch):
+    """The client handlers set torch's thread count from OMP_NUM_THREADS (a Ray actor's 1): here 1 as
+    well, and the suite's count restored afterwards."""
+    threads = torch.get_num_threads()
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_a_fedavg_ft_client_deploys_its_fine_tuned_edge(cache, tmp_path, no_runtime, client_threads, monkeypatch):
+    """Round 1: "before" is the received (manufacturer's) edge, "after" the fine-tuned global edge; round
+    2's "before" is that fine-tuned edge, also for a client whose state comes back from disk (resume).
+    Which edge was evaluated shows in the figures: the evaluation here reports the sum of its weights."""
+    from flwr.app import Context
+
+    import clients.app as client_app
+    from protocol.wire import (AFTER, AP_AFTER, AP_BEFORE, BEFORE, DIRECT_WORK, FINE_TUNE, METHOD, SECONDS,
+                               STATE_DIR, WORK, decode)
+
+    monkeypatch.setattr(client_app, "per_class_ap",
+                        lambda model, data, classes: ({c: weights_sum(model) for c in classes},
+                                                      {"mAP": weights_sum(model)}))
+    run = resolve_run_config({"profile": "smoke", "num-clients": 2, "rounds": 2, "cache-dir": str(cache)})
+    config = {**run.to_record(), METHOD: "fedavg_ft", WORK: DIRECT_WORK, FINE_TUNE: 1, STATE_DIR: str(tmp_path)}
+    manufacturer, global_1, global_2 = (build_model("smoke", "edge", seed=s) for s in (0, 1, 2))
+
+    def context() -> Context:
+        return Context(run_id=1, node_id=1, node_config={"partition-id": 0}, state=RecordDict(), run_config={})
+
+    first = context()
+    trained = client_app.train(client_message(config, 1, manufacturer.state_dict(), "train"), first).content[METRICS]
+    assert decode(trained, BEFORE) == {"mAP": weights_sum(manufacturer)}  # round 1: the received edge
+    evaluated = client_app.evaluate(client_message(config, 1, global_1.state_dict(), "evaluate"), first)
+    evaluated = evaluated.content[METRICS]
+    assert evaluated[f"{SECONDS}.fine_tune"] > 0
+    fine_tuned = decode(evaluated, AFTER)["mAP"]
+    assert fine_tuned != weights_sum(global_1)  # the global edge fine-tuned, then evaluated
+    fresh = context()  # a resumed client: its state comes back from the state folder
+    for ctx in (first, fresh):
+        again = client_app.train(client_message(config, 2, global_2.state_dict(), "train"), ctx).content[METRICS]
+        assert decode(again, BEFORE) == {"mAP": fine_tuned}  # not the received global edge
+        assert decode(again, AP_BEFORE) == decode(evaluated, AP_AFTER)
+
+
+# -- (b) the four methods through real Flower + Ray: one simulation, 2 clients, 1 round ---------------
+
+
+@pytest.fixture(scope="module")
+def threads_one():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the server's share of the work is tiny; leave the cores to the clients
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_the_four_baselines_run_on_flower(cache, threads_one):
+    from sim.federation import simulate
+    from strategies.ledger import Recorder
+    from strategies.server_app import Session, run_method
+    from tests.test_flower import check_records
+
+    session = Session.open(resolve_run_config({"profile": "smoke", "num-clients": 2, "rounds": 1,
+                                               "cache-dir": str(cache), "methods": ",".join(NEW)}))
+    results, seconds = {}, {}
+
+    def server(grid, _):
+        for method in NEW:
+            start = time.perf_counter()
+            results[method] = run_method(method, session, grid, Recorder(method))
+            seconds[method] = time.perf_counter() - start
+
+    simulate(session.config, server)
+    print({m: round(s, 1) for m, s in seconds.items()})
+    edge = session.chain.edge.state_dict()
+    for method in NEW:
+        result = results[method]
+        check_records(result, method, session.workspace)  # one record per client, as FedAvg's
+        for record in result.records:
+            assert record["ap_after"] and all(math.isfinite(v) or math.isnan(v) for v in record["ap_after"].values())
+            assert any(math.isfinite(v) for v in record["ap_after"].values())
+            assert "direct_training" in record["seconds"] and record["accepted"] is None
+            assert ("fine_tune" in record["seconds"]) == (method == "fedavg_ft")
+        assert set(result.edge_state) == set(edge)
+        assert all(torch.isfinite(v.float()).all() for v in result.edge_state.values())
+    for record in results["fedavg_ft"].records:
+        assert record["seconds"]["fine_tune"] > 0 and "fine_tune.det" in record["losses"]
+    # fedavg_ft's clients train as FedAvg's, and FedAvgM's first step is FedAvg's average (its momentum
+    # starts as the first pseudo-gradient): after one round both hold the same global edge
+    for key, value in results["fedavg_ft"].edge_state.items():
+        assert torch.allclose(results["fedavgm"].edge_state[key].to(value.dtype), value, atol=1e-6), key
+    # fedavg_ls: the classes no client holds keep the manufacturer's classification rows (FedAvg moves them)
+    held = {CLASS_INDEX[c] for spec in session.workspace.clients for c in spec.train_classes}
+    nobody = [c for c in range(len(CLASS_INDEX)) if c not in held]
+    assert nobody
+    for suffix in ("weight", "bias"):
+        key = f"{CLS}.{suffix}"
+        assert torch.allclose(results["fedavg_ls"].edge_state[key][nobody], edge[key][nobody], atol=1e-7)
+        assert not torch.allclose(results["fedavg_ft"].edge_state[key][nobody], edge[key][nobody], atol=1e-7)
