@@ -85,3 +85,19 @@ def test_weighted_average_is_fedavgs_rule():
     b = {"w": torch.tensor([3.0, 7.0]), "n": torch.tensor(4)}
     out = weighted_average([a, b], [1, 3])
     assert torch.allclose(out["w"], torch.tensor([2.5, 6.0])) and out["n"].dtype == torch.int64 and int(out["n"]) == 4
+
+
+def test_the_fedavg_skew_diagnosis_runs_on_validation_data_only(smoke_cache, monkeypatch):
+    from experiments import fedavg_skew
+
+    def no_test_shard(self, i):
+        raise AssertionError(f"the diagnosis read client {i}'s test shard")
+
+    monkeypatch.setattr(Workspace, "client_test", no_test_shard)
+    config = resolve_run_config({"profile": "smoke", "num-clients": 2, "cache-dir": str(smoke_cache),
+                                 "rd-iters": 1, "redistill-iters": 1})
+    for aware in (False, True):
+        rows = fedavg_skew.run(config, rounds=1, label_skew_aware=aware)
+        new = {c for spec in config.workspace().clients for c in spec.private}
+        assert {row["class"] for row in rows} == new
+        assert all(0.0 <= row["score_global"] <= 1.0 and row["holders"] >= 1 for row in rows)
