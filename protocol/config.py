@@ -74,7 +74,10 @@ class RunConfig:
     fedprox_mu: float = 0.01
     direct_lr: float = 0.0  # client lr of the federated direct-training baselines; 0: the profile's lr
     server_momentum: float = 0.9  # fedavgm: Flower's FedAvgM server momentum (server lr 1)
-    fedadam_eta: float = 1e-3  # fedadam: Flower's FedAdam server learning rate
+    # fedadam: Flower's FedAdam server learning rate. Adam's normalised step moves each parameter by about
+    # eta per round; one client's 60 steps move a parameter by 6.6e-3 on average (measured on client 0
+    # from the manufacturer's edge), so 3e-3 moves the global edge about as far as FedAvg's mean. Not tuned.
+    fedadam_eta: float = 3e-3
     fedadam_tau: float = 1e-3  # fedadam: its adaptivity (Reddi et al. 2021)
     rd_iters: int = 0  # RD steps per tutor per round; 0: the profile's round budget
     redistill_iters: int = 0  # Distill C steps per round; 0: the profile's
