@@ -35,23 +35,24 @@ from protocol.wire import work_seed
 SCORE_FLOOR = 1e-3
 
 
-def object_scores(model, dataset, class_id: int) -> list[float]:
-    """Per non-difficult object of ``class_id``: the best score of a class detection covering it."""
+def object_scores(model, dataset, class_ids) -> dict[int, list[float]]:
+    """Per class, per non-difficult object of it: the best score of a detection of that class covering it."""
     low = copy.deepcopy(model).eval()
     low.score_thresh = SCORE_FLOOR
     predictions, targets = predict(low, dataset)
-    scores = []
+    scores: dict[int, list[float]] = {c: [] for c in class_ids}
     for det, target in zip(predictions, targets):
-        gt = target["boxes"][(target["labels"] == class_id) & ~target["difficult"]]
-        if len(gt) == 0:
-            continue
-        mine = det["labels"] == class_id
-        if not mine.any():
-            scores += [0.0] * len(gt)
-            continue
-        overlap = box_iou(gt, det["boxes"][mine]) > 0.5
-        best = torch.where(overlap, det["scores"][mine].unsqueeze(0), torch.zeros(1)).max(dim=1).values
-        scores += best.tolist()
+        for c in class_ids:
+            gt = target["boxes"][(target["labels"] == c) & ~target["difficult"]]
+            if len(gt) == 0:
+                continue
+            mine = det["labels"] == c
+            if not mine.any():
+                scores[c] += [0.0] * len(gt)
+                continue
+            overlap = box_iou(gt, det["boxes"][mine]) > 0.5
+            best = torch.where(overlap, det["scores"][mine].unsqueeze(0), torch.zeros(1)).max(dim=1).values
+            scores[c] += best.tolist()
     return scores
 
 
@@ -76,15 +77,17 @@ def run(config, rounds: int, label_skew_aware: bool) -> list[dict]:
             trained.append(model)
         edge.load_state_dict(weighted_average([m.state_dict() for m in trained], [len(d) for d in data]))
         ap, _ = per_class_ap(edge, val, new)
+        ids = [CLASS_INDEX[c] for c in new]
+        per_client = [object_scores(model, val, ids) for model in trained]
+        global_scores = object_scores(edge, val, ids)
         for c in new:
             holders = [i for i, spec in enumerate(ws.clients) if c in spec.train_classes]
             others = [i for i in range(len(ws.clients)) if i not in holders]
-            per_client = {i: mean(object_scores(trained[i], val, CLASS_INDEX[c])) for i in range(len(trained))}
+            k = CLASS_INDEX[c]
             out.append({"round": r, "class": c, "holders": len(holders), "others": len(others),
-                        "score_holders": mean(per_client[i] for i in holders),
-                        "score_others": mean(per_client[i] for i in others),
-                        "score_global": mean(object_scores(edge, val, CLASS_INDEX[c])),
-                        "ap_global": 100 * ap[c]})
+                        "score_holders": mean(mean(per_client[i][k]) for i in holders),
+                        "score_others": mean(mean(per_client[i][k]) for i in others),
+                        "score_global": mean(global_scores[k]), "ap_global": 100 * ap[c]})
             print(json.dumps({"label_skew_aware": label_skew_aware, **out[-1]}), flush=True)
     return out
 
