@@ -10,8 +10,10 @@ after every round on the manufacturer's validation set: mAP over every class the
 evaluates (presumed and the clients' new ones). A client's test shard is never read (a test
 replaces ``Workspace.client_test`` with one that fails and runs the grid).
 
-The choice: the best validation mAP after the last round; a tie within 0.5 points goes to fewer
-steps (less client compute), then to the lower learning rate. Writes ``baseline_grid.json`` (every
+The choice: among the points with at most a DiReDi client's steps per round (``--max-steps``,
+default 2 x RD + Distill C = 60: the baselines are tuned at DiReDi's client compute, the study's
+curves against compute show what more buys), the best validation mAP after the last round; a tie
+within 0.5 points goes to fewer steps, then to the lower learning rate. Writes ``baseline_grid.json`` (every
 point, per round, with the command) and ``baseline_grid.md``; ``experiments.compare`` reads the
 chosen settings from the JSON.
 """
@@ -91,8 +93,12 @@ def run_point(config: RunConfig, lr: float, steps: int, mu: float, rounds: int) 
             "seconds": time.perf_counter() - start}
 
 
-def choose(points: list[dict]) -> dict:
-    """The best final validation mAP; within ``TIE_POINTS`` of it, fewer steps, then the lower lr."""
+def choose(points: list[dict], max_steps: int | None = None) -> dict:
+    """The best final validation mAP of the points with at most ``max_steps``; within ``TIE_POINTS`` of
+    it, fewer steps, then the lower lr."""
+    points = [p for p in points if max_steps is None or p["steps"] <= max_steps]
+    if not points:
+        raise ValueError(f"no grid point with at most {max_steps} steps")
     best = max(p["mAP"] for p in points)
     near = [p for p in points if p["mAP"] >= best - TIE_POINTS]
     return min(near, key=lambda p: (p["steps"], p["lr"], -p["mAP"]))
@@ -122,7 +128,8 @@ def grid_markdown(result: dict) -> str:
             lines.append(f"| {part} | {p['lr']:g} | {p['steps']} | {p['mu']:g} | {p['mAP']:.1f} | {p['new_mAP']:.1f} | "
                          f"{p['presumed_mAP']:.1f} | {p['seconds']:.0f} |")
     c = result["chosen"]
-    lines += ["", f"Chosen: FedAvg lr {c['lr']:g}, {c['steps']} local steps; FedProx mu {c['mu']:g}."]
+    lines += ["", f"Chosen among points with at most {result['max_steps']} local steps (a DiReDi client's per round): "
+                  f"FedAvg lr {c['lr']:g}, {c['steps']} local steps; FedProx mu {c['mu']:g}."]
     return "\n".join(lines) + "\n"
 
 
@@ -135,6 +142,8 @@ def main(argv=None) -> int:
     parser.add_argument("--lrs", type=float, nargs="+", default=[1e-3, 2e-3, 4e-3])
     parser.add_argument("--steps", type=int, nargs="+", default=[30, 60, 120])
     parser.add_argument("--mus", type=float, nargs="+", default=[0.001, 0.01, 0.1])
+    parser.add_argument("--max-steps", type=int, help="choose among points with at most this many steps "
+                        "(default: a DiReDi client's steps per round)")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--cache", default=".cache")
     parser.add_argument("--out", type=Path, default=RESULTS)
@@ -146,15 +155,16 @@ def main(argv=None) -> int:
         parser.error("--lrs and --mus must be > 0, --steps at least 1")
     config = resolve_run_config({"profile": args.profile, "num-clients": args.clients, "cache-dir": args.cache})
     config.workspace().chain(progress=True)  # built once here, not in every worker
+    max_steps = args.max_steps or config.diredi_client_steps
     start = time.perf_counter()
     fedavg = run_grid(config, [(lr, steps, 0.0) for steps in args.steps for lr in args.lrs], args.rounds, args.workers)
-    best = choose(fedavg)
+    best = choose(fedavg, max_steps)
     fedprox = run_grid(config, [(best["lr"], best["steps"], mu) for mu in args.mus], args.rounds, args.workers)
     best_prox = max(fedprox, key=lambda p: p["mAP"])
     result = {"command": "python -m experiments.baseline_grid " + " ".join(sys.argv[1:] if argv is None else argv),
               "rounds": args.rounds, "clients": args.clients, "scored_on": "manufacturer validation set",
               "fedavg": {"points": fedavg}, "fedprox": {"points": fedprox},
-              "chosen": {"lr": best["lr"], "steps": best["steps"], "mu": best_prox["mu"]},
+              "chosen": {"lr": best["lr"], "steps": best["steps"], "mu": best_prox["mu"]}, "max_steps": max_steps,
               "wall_s": time.perf_counter() - start, "torch_threads_per_worker": 1}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "baseline_grid.json").write_text(json.dumps(result, indent=1))

@@ -76,6 +76,9 @@ def test_choose_prefers_fewer_steps_within_the_tie():
               {"lr": 1e-3, "steps": 60, "mAP": 25.0}]
     assert choose(points)["steps"] == 60 and choose(points)["lr"] == 4e-3
     assert choose([*points, {"lr": 1e-3, "steps": 30, "mAP": 31.0}])["steps"] == 30
+    assert choose([*points, {"lr": 1e-3, "steps": 240, "mAP": 40.0}], max_steps=120)["steps"] == 60
+    with pytest.raises(ValueError):
+        choose(points, max_steps=10)
 
 
 def test_weighted_average_is_fedavgs_rule():
@@ -101,3 +104,33 @@ def test_the_fedavg_skew_diagnosis_runs_on_validation_data_only(smoke_cache, mon
         new = {c for spec in config.workspace().clients for c in spec.private}
         assert {row["class"] for row in rows} == new
         assert all(0.0 <= row["score_global"] <= 1.0 and row["holders"] >= 1 for row in rows)
+
+
+def test_a_smoke_study_of_two_replicates_writes_the_json_and_the_plots(smoke_cache, tmp_path):
+    from experiments import compare
+
+    out = tmp_path / "study"
+    common = ["--profile", "smoke", "--clients", "2", "--rounds", "2", "--methods", "diredi,fedavg,local",
+              "--cache", str(smoke_cache), "--out", str(out), "--no-grid"]
+    assert compare.main([*common, "--replicates", "0"]) == 0
+    assert compare.main([*common, "--replicates", "1"]) == 0  # a study run in parts, one replicate each
+    result = json.loads((out / "compare.json").read_text())
+    assert result["rounds"] == 2 and result["seeds"] == [0, 1]
+    assert set(result["methods"]) == {"diredi", "fedavg", "local"}
+    entry = result["methods"]["diredi"]["per_round"][-1]
+    for key in ("gain", "forgetting_kept", "forgetting_protected", "bwt_kept", "spread"):
+        assert len(entry[key]["ci95"]) == 2
+    assert {"mb_cum", "client_s_cum"} <= set(entry)
+    assert {v["verdict"] for v in result["verdicts"]} <= {"yes", "no", "cannot tell"}
+    assert {v["baseline"] for v in result["verdicts"]} == {"fedavg", "local"}
+    for name in ("compare.md", "curves_round.png", "curves_mb.png", "curves_compute.png", "clients_last_round.png"):
+        assert (out / name).stat().st_size > 0, name
+    assert len(json.loads((out / "study.json").read_text())["invocations"]) == 2
+    # the two replicates share data and chain, but not their training: their records differ
+    recs = [(out / "runs" / f"rep{k}" / "rounds.jsonl").read_text() for k in (0, 1)]
+    assert recs[0] != recs[1]
+    # a different chain is refused
+    chain = json.loads((out / "chain.json").read_text())
+    (out / "chain.json").write_text(json.dumps({**chain, "edge": "0" * 40}))
+    with pytest.raises(SystemExit, match="chain or shards differ"):
+        compare.main([*common, "--replicates", "2"])
