@@ -110,19 +110,19 @@ def test_a_smoke_study_of_two_replicates_writes_the_json_and_the_plots(smoke_cac
     from experiments import compare
 
     out = tmp_path / "study"
-    common = ["--profile", "smoke", "--clients", "2", "--rounds", "2", "--methods", "diredi,fedavg,local",
+    common = ["--profile", "smoke", "--clients", "2", "--rounds", "2", "--methods", "diredi,local",
               "--cache", str(smoke_cache), "--out", str(out), "--no-grid"]
     assert compare.main([*common, "--replicates", "0"]) == 0
     assert compare.main([*common, "--replicates", "1"]) == 0  # a study run in parts, one replicate each
     result = json.loads((out / "compare.json").read_text())
     assert result["rounds"] == 2 and result["seeds"] == [0, 1]
-    assert set(result["methods"]) == {"diredi", "fedavg", "local"}
+    assert set(result["methods"]) == {"diredi", "local"}
     entry = result["methods"]["diredi"]["per_round"][-1]
     for key in ("gain", "forgetting_kept", "forgetting_protected", "bwt_kept", "spread"):
         assert len(entry[key]["ci95"]) == 2
     assert {"mb_cum", "client_s_cum"} <= set(entry)
     assert {v["verdict"] for v in result["verdicts"]} <= {"yes", "no", "cannot tell"}
-    assert {v["baseline"] for v in result["verdicts"]} == {"fedavg", "local"}
+    assert {v["baseline"] for v in result["verdicts"]} == {"local"}
     for name in ("compare.md", "curves_round.png", "curves_mb.png", "curves_compute.png", "clients_last_round.png"):
         assert (out / name).stat().st_size > 0, name
     assert len(json.loads((out / "study.json").read_text())["invocations"]) == 2
