@@ -9,7 +9,9 @@ For every new class c, on the manufacturer's validation set (no client test data
 round: the score the models give c's objects (per object, the best class-c score of a detection
 overlapping it at IoU > 0.5, with the detector's score floor lowered to 0.001; 0 when there is
 none), averaged over c's objects, for the client models whose labels hold c, the client models
-whose labels do not, and the averaged global model; and the global model's AP on c. Writes
+whose labels do not, and the averaged global model; the same models' classification bias of c (the
+logit every location starts from: its change from the round's start is how far a client pushed the
+class up or down everywhere); and the global model's AP on c. Writes
 ``fedavg_skew.json`` and ``fedavg_skew.md``.
 """
 
@@ -56,6 +58,10 @@ def object_scores(model, dataset, class_ids) -> dict[int, list[float]]:
     return scores
 
 
+def class_bias(model, class_id: int) -> float:
+    return float(model.head.classification_head.cls_logits.bias[class_id])
+
+
 def mean(values) -> float:
     values = list(values)
     return sum(values) / len(values) if values else float("nan")
@@ -69,6 +75,7 @@ def run(config, rounds: int, label_skew_aware: bool) -> list[dict]:
     data = [ws.client_train(i) for i in range(len(ws.clients))]
     out = []
     for r in range(1, rounds + 1):
+        start_bias = {c: class_bias(edge, CLASS_INDEX[c]) for c in new}
         trained = []
         for i, spec in enumerate(ws.clients):
             classes = [CLASS_INDEX[c] for c in spec.train_classes] if label_skew_aware else None
@@ -87,7 +94,11 @@ def run(config, rounds: int, label_skew_aware: bool) -> list[dict]:
             out.append({"round": r, "class": c, "holders": len(holders), "others": len(others),
                         "score_holders": mean(mean(per_client[i][k]) for i in holders),
                         "score_others": mean(mean(per_client[i][k]) for i in others),
-                        "score_global": mean(global_scores[k]), "ap_global": 100 * ap[c]})
+                        "score_global": mean(global_scores[k]), "ap_global": 100 * ap[c],
+                        "bias_start": start_bias[c],
+                        "bias_change_holders": mean(class_bias(trained[i], k) - start_bias[c] for i in holders),
+                        "bias_change_others": mean(class_bias(trained[i], k) - start_bias[c] for i in others),
+                        "bias_change_global": class_bias(edge, k) - start_bias[c]})
             print(json.dumps({"label_skew_aware": label_skew_aware, **out[-1]}), flush=True)
     return out
 
@@ -117,13 +128,14 @@ def main(argv=None) -> int:
              f"`{result['command']}` ({result['wall_s']:.0f} s). Manufacturer's validation set; per new class, the mean "
              "over its objects of the best class score of a detection covering it (0-1; the detector keeps "
              "detections from 0.05, a deployment threshold is 0.5).\n",
-             "| FedAvg clients | round | class | clients holding it | their models | the other clients' models | "
-             "global model | global AP |", "|---|---|---|---|---|---|---|---|"]
+             "| FedAvg clients | round | class | clients holding it | score: their models | the others' | global | "
+             "bias change: their models | the others' | global | global AP |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name in ("fedavg", "fedavg_ls"):
         for row in result[name]:
             lines.append(f"| {'plain' if name == 'fedavg' else 'label-skew aware'} | {row['round']} | {row['class']} | "
                          f"{row['holders']}/{row['holders'] + row['others']} | {row['score_holders']:.3f} | "
-                         f"{row['score_others']:.3f} | {row['score_global']:.3f} | {row['ap_global']:.1f} |")
+                         f"{row['score_others']:.3f} | {row['score_global']:.3f} | {row['bias_change_holders']:+.3f} | "
+                         f"{row['bias_change_others']:+.3f} | {row['bias_change_global']:+.3f} | {row['ap_global']:.1f} |")
     (args.out / "fedavg_skew.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
