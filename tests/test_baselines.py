@@ -345,14 +345,6 @@ def test_a_fedavg_ft_client_deploys_its_fine_tuned_edge(cache, tmp_path, no_runt
 # -- (b) the four methods through real Flower + Ray: one simulation, 2 clients, 1 round ---------------
 
 
-@pytest.fixture(scope="module")
-def threads_one():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the server's share of the work is tiny; leave the cores to the clients
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_the_four_baselines_run_on_flower(cache, threads_one):
     from sim.federation import simulate
     from strategies.ledger import Recorder

@@ -27,14 +27,6 @@ FORBIDDEN_WORDS = ("image", "box", "label", "target", "pixel")
 
 
 @pytest.fixture(scope="module")
-def threads_one():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the server's share of the work is tiny; leave the cores to the clients
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
 def cache(tmp_path_factory):
     return tmp_path_factory.mktemp("flower-cache")
 
