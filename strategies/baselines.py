@@ -227,17 +227,21 @@ class RecordingFedProx(RecordingMixin, FedProx):
         self._init_recorder(recorder, sampler)
 
 
-class RecordingFedAvgM(RecordingMixin, ParameterStep, FedAvgM):
-    """Flower's FedAvgM (server momentum) on the parameters; buffers as FedAvg (``ParameterStep``).
-    Its momentum (one array per parameter) is checkpointed as "server.momentum.<name>"."""
-
-    method = "fedavgm"
+class _RecordingParameterStep(RecordingMixin, ParameterStep):
+    """The constructor FedAvgM's and FedAdam's recording subclasses share (Flower's strategy comes next)."""
 
     def __init__(self, *args, parameter_keys: Iterable[str] = (), recorder: Recorder | None = None,
                  sampler: ClientSampler | None = None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self._init_recorder(recorder, sampler)
         self._init_parameters(parameter_keys)
+
+
+class RecordingFedAvgM(_RecordingParameterStep, FedAvgM):
+    """Flower's FedAvgM (server momentum) on the parameters; buffers as FedAvg (``ParameterStep``).
+    Its momentum (one array per parameter) is checkpointed as "server.momentum.<name>"."""
+
+    method = "fedavgm"
 
     def server_state(self) -> dict[str, np.ndarray]:
         if self.momentum_vector is None:
@@ -250,17 +254,11 @@ class RecordingFedAvgM(RecordingMixin, ParameterStep, FedAvgM):
             self.momentum_vector = [state[k].numpy() for k in self.parameter_keys]
 
 
-class RecordingFedAdam(RecordingMixin, ParameterStep, FedAdam):
+class RecordingFedAdam(_RecordingParameterStep, FedAdam):
     """Flower's FedAdam on the parameters; buffers as FedAvg (``ParameterStep``). Its first and second
     moments are checkpointed as "server.m.<name>" and "server.v.<name>"."""
 
     method = "fedadam"
-
-    def __init__(self, *args, parameter_keys: Iterable[str] = (), recorder: Recorder | None = None,
-                 sampler: ClientSampler | None = None, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self._init_recorder(recorder, sampler)
-        self._init_parameters(parameter_keys)
 
     def server_state(self) -> dict[str, np.ndarray]:
         return {**{f"m.{k}": v for k, v in (self.m_t or {}).items()},
