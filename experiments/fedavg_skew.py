@@ -59,7 +59,7 @@ def object_scores(model, dataset, class_ids) -> dict[int, list[float]]:
 
 
 def class_bias(model, class_id: int) -> float:
-    return float(model.head.classification_head.cls_logits.bias[class_id])
+    return float(model.head.classification_head.cls_logits.bias[class_id].detach())
 
 
 def mean(values) -> float:
