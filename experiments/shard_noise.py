@@ -32,9 +32,9 @@ from protocol.wire import work_seed
 TARGET_SD = 2.0  # percentage points: the study issue's bound on one client's gain noise
 
 
-def client_noise(ws, edge, client: int, steps: int, seed: int, samples: int) -> dict:
+def client_noise(ws, edge, client: int, steps: int, settings, seed: int, samples: int) -> dict:
     spec, test = ws.clients[client], ws.client_test(client)
-    trained, _ = direct_training(edge, ws.client_train(client), steps, ws_settings(ws), seed=work_seed(seed, 1, client))
+    trained, _ = direct_training(edge, ws.client_train(client), steps, settings, seed=work_seed(seed, 1, client))
     before, targets = predict(edge, test)
     after, _ = predict(trained, test)
     row = {"client": client, "name": spec.name, "test_images": len(test)}
@@ -46,12 +46,6 @@ def client_noise(ws, edge, client: int, steps: int, seed: int, samples: int) -> 
         row[f"{key}_sd"] = sd
         row[f"{key}_images_for_{TARGET_SD:g}pt"] = math.ceil(len(test) * (sd / TARGET_SD) ** 2)
     return row
-
-
-def ws_settings(ws):
-    from distill.rd import RDSettings
-
-    return RDSettings.from_profile(ws.profile)
 
 
 def main(argv=None) -> int:
@@ -74,7 +68,8 @@ def main(argv=None) -> int:
     edge = ws.chain(progress=True).edge.cpu().eval()
     rows = []
     for client in range(len(ws.clients)):
-        rows.append(client_noise(ws, edge, client, args.steps, config.training_seed, args.samples))
+        rows.append(client_noise(ws, edge, client, args.steps, config.rd_settings(), config.training_seed,
+                                 args.samples))
         print(json.dumps(rows[-1]), flush=True)
     result = {"command": "python -m experiments.shard_noise " + " ".join(sys.argv[1:] if argv is None else argv),
               "steps": args.steps, "samples": args.samples, "target_sd": TARGET_SD, "clients": rows,

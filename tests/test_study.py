@@ -74,7 +74,10 @@ def test_nans_are_skipped_and_all_nan_is_nan():
     table = np.array([[1.0, NAN, 3.0], [NAN, NAN, 3.0]])
     result = nested_bootstrap_ci(table, samples=SAMPLES)
     assert result["mean"] == pytest.approx((1 + 3 + 3) / 3)
-    assert 1.0 <= result["ci95"][0] <= result["ci95"][1] <= 3.0
+    assert result["ci95"][0] < result["mean"] < result["ci95"][1]
+    # NaN cells are left out of every resample, not counted as 0: finite cells all 5 give exactly [5, 5]
+    fives = nested_bootstrap_ci(np.array([[5.0, NAN, 5.0], [NAN, NAN, 5.0]]), samples=SAMPLES)
+    assert fives["ci95"] == [5.0, 5.0]
     assert (result["n_seeds"], result["n_clients"]) == (2, 2)
     empty = nested_bootstrap_ci([[NAN, NAN], [NAN, None]], samples=SAMPLES)
     assert math.isnan(empty["mean"]) and all(math.isnan(v) for v in empty["ci95"])
