@@ -21,6 +21,12 @@ When the configuration names a state folder (``STATE_DIR``), every handler also 
 state to disk after its work, and a client whose state is empty in a later round (a resumed run)
 loads it back first (``clients.store``).
 
+Where a client's files live: the run configuration's paths are the server's. A SuperNode of a
+deployment names its own in its node config (``node_run_config``, ``node_state_dir``): ``cache-dir``
+(the synthetic data is generated there, the same images for a seed on every machine), ``data-root``
+(its VOC folder, with ``--data voc``) and ``state-dir``. Without them (the simulation, whose clients
+share the server's disk) the run configuration's paths are used.
+
 The client rebuilds its data and settings from the run configuration every message carries
 (``protocol.config.RunConfig.from_record``); replies hold weights and numbers, never images,
 boxes or labels.
@@ -35,7 +41,9 @@ import math
 import os
 import time
 from collections import OrderedDict
+from collections.abc import Mapping
 from dataclasses import replace
+from pathlib import Path
 
 import torch  # imported here so ArrayRecord's torch conversions work inside Ray actors: it checks sys.modules only
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -44,7 +52,7 @@ from torch import nn
 
 from clients.store import (is_body_reference, load_client_state, read_body, save_body_memo, save_client_state,
                            store_body, take_body_memo)
-from data.voc import CLASS_INDEX
+from data.voc import CLASS_INDEX, DataError
 from data.workspace import Workspace
 from distill.body_memo import BodyMemo
 from distill.rd import (client_delta, direct_training, distill_c, fine_tune, reverse_distill_tutor1,
@@ -89,6 +97,37 @@ def _set_threads() -> None:
     threads = os.environ.get("OMP_NUM_THREADS")
     if threads and threads.isdigit() and int(threads) > 0 and torch.get_num_threads() != int(threads):
         torch.set_num_threads(int(threads))
+
+
+# Node-config keys of a SuperNode's own folders (``flower-supernode --node-config``).
+NODE_CACHE_DIR, NODE_DATA_ROOT, NODE_STATE_DIR = "cache-dir", "data-root", "state-dir"
+
+
+def node_run_config(run: RunConfig, node_config: Mapping) -> RunConfig:
+    """The run as this node sees it: its own cache folder and VOC folder from its node config, the
+    run configuration's (the server's) where it names none. A VOC folder that is not there stops the
+    client with one line naming it (synthetic data is generated into the cache when missing)."""
+    changes = {}
+    if node_config.get(NODE_CACHE_DIR):
+        changes["cache_dir"] = str(Path(str(node_config[NODE_CACHE_DIR])).expanduser().resolve())
+    if node_config.get(NODE_DATA_ROOT):
+        changes["voc_root"] = str(Path(str(node_config[NODE_DATA_ROOT])).expanduser().resolve())
+    run = replace(run, **changes)
+    if run.data == "voc" and not Path(run.voc_root).is_dir():
+        raise DataError(f"node {node_config.get('partition-id', '?')}: no VOC data at {run.voc_root!r}; "
+                        f"give this SuperNode --node-config \"{NODE_DATA_ROOT}='PATH'\"")
+    return run
+
+
+def node_state_dir(config: Mapping, node_config: Mapping) -> str | None:
+    """Where this client keeps its state, when the server asks clients to keep it (``STATE_DIR``): the
+    node's ``state-dir``/<run folder name> when its node config names one, else the server's folder."""
+    server = config.get(STATE_DIR)
+    if server is None:
+        return None
+    if node_config.get(NODE_STATE_DIR):
+        return str(Path(str(node_config[NODE_STATE_DIR])).expanduser().resolve() / Path(str(server)).parent.name)
+    return str(server)
 
 
 def _model(workspace: Workspace, role: str, record: ArrayRecord) -> nn.Module:
@@ -140,7 +179,7 @@ def _tutor(msg: Message, context: Context, workspace: Workspace, config: ConfigR
     """The tutor (or Tutor 1) under ``name``: full weights the first time, afterwards only its
     neck/head, joined to the backbone body this client kept (eq. 10 never changes the body)."""
     received = msg.content.array_records[name].to_torch_state_dict()
-    method, root = str(config[METHOD]), config.get(STATE_DIR)
+    method, root = str(config[METHOD]), node_state_dir(config, context.node_config)
     key = f"{method}.tutor-body"
     if any(part_of(k) == "backbone" for k in received):  # the whole tutor (strict loading checks it)
         body = state_record({k: v for k, v in received.items() if part_of(k) == "backbone"})
@@ -175,7 +214,7 @@ def _edge(msg: Message, context: Context, workspace: Workspace, config: ConfigRe
 def _common(msg: Message, context: Context):
     _set_threads()
     config = msg.content[CONFIG]
-    run = RunConfig.from_record(config)
+    run = node_run_config(RunConfig.from_record(config), context.node_config)
     partition = int(context.node_config["partition-id"])
     seed = work_seed(run.training_seed, int(config.get(SERVER_ROUND, 0)), partition)
     return config, run, run.workspace(), partition, seed
@@ -221,9 +260,10 @@ def _handler(handler):
 
 def _with_state(handler, msg: Message, context: Context) -> Message:
     config = msg.content[CONFIG]
-    if STATE_DIR not in config:
+    root = node_state_dir(config, context.node_config)
+    if root is None:
         return handler(msg, context)
-    root, method = str(config[STATE_DIR]), str(config[METHOD])
+    method = str(config[METHOD])
     partition, server_round = int(context.node_config["partition-id"]), int(config.get(SERVER_ROUND, 0))
     if server_round > 1 and not any(key.startswith(f"{method}.") for key in context.state):
         for key, record in (load_client_state(root, method, partition, server_round) or {}).items():
@@ -262,7 +302,7 @@ def _train_diredi(msg: Message, context: Context) -> Message:
     # With a state folder, Tutor 2's body outputs wait on the client's disk for its Distill C, whose
     # first batches are Tutor 2's (distill.body_memo); the body is Tutor 1's, the tutor's. Not when the
     # server re-distils: nothing would read them.
-    root, method = config.get(STATE_DIR), str(config[METHOD])
+    root, method = node_state_dir(config, context.node_config), str(config[METHOD])
     memo = BodyMemo.for_model(tutor1) if root and run.redistill == "client" else None
     tutor2, report = reverse_distill_tutor2(tutor if tutor is not None else tutor1, tutor1, edge,
                                             _dataset(ws, partition, "train"), settings, seed, body_memo=memo)
@@ -321,7 +361,7 @@ def distill(msg: Message, context: Context) -> Message:
     config, run, ws, partition, seed = _common(msg, context)
     edge = _edge(msg, context, ws, config)
     tutor = _tutor(msg, context, ws, config, TUTOR)
-    root = config.get(STATE_DIR)
+    root = node_state_dir(config, context.node_config)
     memo = take_body_memo(root, str(config[METHOD]), partition) if root else None
     new_edge, report = distill_c(edge, tutor, _dataset(ws, partition, "train"), run.rd_settings(), seed,
                                  body_memo=memo)

@@ -105,12 +105,17 @@ class RunConfig:
     # -- codec to and from Flower's ConfigRecord / run config -------------------------------------
 
     def to_record(self) -> dict[str, Any]:
-        """ConfigRecord values (empty strings are left out: Flower cannot count their bytes)."""
+        """ConfigRecord values (empty strings are left out: Flower cannot count their bytes). A scenario
+        shipped with the app goes by its name: each client reads its own copy, never the server's path."""
+        from data.scenario import SCENARIO_DIR
+
         out = {}
         for f in fields(self):
             value = getattr(self, f.name)
             if isinstance(value, tuple):
                 value = ",".join(value)
+            if f.name == "scenario" and Path(value).parent == SCENARIO_DIR.resolve():
+                value = Path(value).stem
             if value != "":
                 out[_key(f.name)] = value
         return out

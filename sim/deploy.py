@@ -1,0 +1,285 @@
+"""A local deployment: Flower's Deployment Runtime with a SuperLink and N SuperNodes on this machine.
+
+    python -m sim.deploy --nodes 2 --run-config "profile='smoke' rounds=2 methods='diredi,fedavg'"
+    python -m sim.deploy --nodes 8                                # the default run, deployed
+
+What a real deployment does on several machines, done here with one process per role:
+
+1. ``flower-superlink --insecure`` (the server side; it starts the ServerApp when a run arrives);
+2. one ``flower-supernode`` per client, each with its own partition and its own folders in its node
+   config (``partition-id``, ``num-partitions``, ``cache-dir``, ``state-dir``): a node generates the
+   synthetic data into its own cache and keeps its state in its own folder, and reads nothing from
+   the server's (``clients.app.node_run_config``);
+3. a Flower configuration entry for that SuperLink (in ``<home>/cli/config.toml``, ``FLWR_HOME``: the
+   user's own ``~/.flwr`` is left alone), then ``flwr run <app> local --stream``, whose log lines are
+   streamed here.
+
+Every process it started (and their children: SuperExec, ServerApp and ClientApp processes) is
+stopped at the end, also on Ctrl-C, a failure or ``--timeout``. The run folder is
+``<out>/<name>`` as with ``python -m sim.run``; ``<home>`` keeps each process's log.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+PROG = "python -m sim.deploy"
+APP_DIR = Path(__file__).resolve().parent.parent  # the Flower app: this project (pyproject.toml)
+# Run-config keys the launcher sets itself: the node count, and absolute paths (the ServerApp runs in a
+# process of its own, whose working directory is not this one).
+LAUNCHER_KEYS = ("num-clients", "out-dir", "name", "cache-dir")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def node_config(partition: int, nodes: int, folder: Path) -> str:
+    """A SuperNode's ``--node-config``: its partition and its own folders."""
+    return (f"partition-id={partition} num-partitions={nodes} cache-dir='{folder / 'cache'}' "
+            f"state-dir='{folder / 'state'}'")
+
+
+def flower_config(superlink: str) -> str:
+    """The Flower configuration file's entry for the local SuperLink (``flwr run . local``)."""
+    return f'[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = "{superlink}"\ninsecure = true\n'
+
+
+def parse_run_config(text: str) -> dict[str, str]:
+    """``k=v k2='v 2'`` -> {k: v}; values stay TOML text (``flwr run`` parses them)."""
+    out = {}
+    for item in shlex.split(text, posix=False):
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--run-config: {item!r} is not key=value")
+        out[key] = value
+    return out
+
+
+def run_config_text(overrides: dict[str, str], nodes: int, out: Path, name: str, cache: Path) -> str:
+    values = {**overrides, "num-clients": str(nodes), "out-dir": f"'{out}'", "name": f"'{name}'",
+              "cache-dir": f"'{cache}'"}
+    return " ".join(f"{k}={v}" for k, v in values.items())
+
+
+class Processes:
+    """The processes this launcher started, each in its own process group (its children with it), all
+    stopped by ``stop``: SIGTERM to every group, SIGKILL to what is left after ``grace_s``."""
+
+    def __init__(self) -> None:
+        self.started: list[tuple[str, subprocess.Popen]] = []
+
+    def start(self, name: str, command: list[str], log: Path | None, env: dict[str, str],
+              cwd: Path | None = None) -> subprocess.Popen:
+        out = open(log, "wb") if log is not None else subprocess.PIPE
+        proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=cwd,
+                                start_new_session=True)
+        self.started.append((name, proc))
+        return proc
+
+    def failed(self) -> str | None:
+        """The name and exit code of a started process that ended while it should run."""
+        for name, proc in self.started:
+            if proc.poll() is not None and name != "flwr run":
+                return f"{name} exited with code {proc.returncode}"
+        return None
+
+    def stop(self, grace_s: float = 10.0) -> list[int]:
+        """Stops every started process and every descendant (Flower detaches SuperExec into a session
+        of its own, so process groups alone miss it); returns the pids it signalled."""
+        pids = {proc.pid for _, proc in self.started if proc.poll() is None}
+        for _, proc in self.started:
+            pids |= descendants(proc.pid)
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            for pid in pids:
+                try:
+                    os.kill(pid, sig)
+                except ProcessLookupError:
+                    pass
+            deadline = time.monotonic() + grace_s
+            for _, proc in self.started:
+                try:
+                    proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    pass
+            while time.monotonic() < deadline and any(alive(pid) for pid in pids):
+                time.sleep(0.1)
+            if not any(alive(pid) for pid in pids):
+                break
+        return sorted(pids)
+
+
+def descendants(pid: int) -> set[int]:
+    """Every process below ``pid`` (Linux /proc; elsewhere none)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = entry.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(entry.parent.name))
+    found, todo = set(), [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            if child not in found:
+                found.add(child)
+                todo.append(child)
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    stat = Path(f"/proc/{pid}/stat")
+    try:  # a zombie has ended; only its parent's wait is missing
+        return stat.read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def wait_for_port(port: int, timeout_s: float, processes: Processes) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        if (problem := processes.failed()) is not None:
+            raise RuntimeError(problem)
+        time.sleep(0.2)
+    raise TimeoutError(f"nothing listens on port {port} after {timeout_s:.0f} s")
+
+
+def deploy(nodes: int, overrides: dict[str, str], home: Path, out: Path, name: str, cache: Path,
+           timeout_s: float, threads: int = 1, warm: bool = True, server_threads: int | None = None,
+           echo=print) -> int:
+    """Starts the SuperLink and ``nodes`` SuperNodes, runs the app with ``flwr run``, streams its log
+    through ``echo``, stops everything; returns ``flwr run``'s exit code. ``warm``: each node's
+    ClientApp processes are forks of a process with torch imported (``sim.warm_exec``), else Flower's
+    own SuperExec starts a fresh ``flwr-clientapp`` per message. ``threads``: each client's torch
+    threads (the simulation's actors use 1); ``server_threads``: the ServerApp's (None: torch's default,
+    as ``sim.run``'s driver). Thread counts change the last bits of a float sum, so a comparison with
+    a simulation needs both equal."""
+    home, out, cache = home.resolve(), out.resolve(), cache.resolve()
+    home.mkdir(parents=True, exist_ok=True)
+    bin_dir = Path(sys.executable).parent
+    processes = Processes()
+    # Clients train with as many torch threads as the simulation's actors (Ray sets OMP_NUM_THREADS=1),
+    # the server with as many as the simulation's driver: both runtimes compute the same numbers.
+    # SuperExec looks for new tasks every second by default; a message waits for that poll
+    base_env = {**os.environ, "PYTHONUNBUFFERED": "1", "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.1",
+                "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}  # Flower starts its own commands
+
+    def env(role: str) -> dict[str, str]:
+        (home / role / "flwr").mkdir(parents=True, exist_ok=True)
+        count = threads if role.startswith("node") else server_threads if role == "superlink" else None
+        threads_env = {"OMP_NUM_THREADS": str(count)} if count else {}
+        return {**base_env, **threads_env, "FLWR_HOME": str(home / role / "flwr")}  # each role its own Flower home
+
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def interrupted(signum, _frame):
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    for sig in previous:
+        signal.signal(sig, interrupted)
+    try:
+        port = free_port()
+        superlink = f"127.0.0.1:{port}"
+        # --disable-runtime-dependency-installation: the ServerApp runs in this environment (else the
+        # SuperLink builds a fresh one per run with `uv sync`: 42 s here, and a download elsewhere)
+        processes.start("superlink", [str(bin_dir / "flower-superlink"), "--insecure", "--host", "127.0.0.1",
+                                      "--port", str(port), "--disable-runtime-dependency-installation"],
+                        home / "superlink.log", env("superlink"), cwd=home)
+        wait_for_port(port, 60, processes)
+        for i in range(nodes):
+            folder, runtime_port = home / f"node-{i}", free_port()
+            node_env = env(f"node-{i}")
+            node = processes.start(f"supernode {i}", [str(bin_dir / "flower-supernode"), "--insecure", "--superlink",
+                                                      superlink, "--port", str(runtime_port),
+                                                      "--node-config", node_config(i, nodes, folder),
+                                                      "--isolation", "process" if warm else "subprocess"],
+                                   folder / "supernode.log", node_env, cwd=folder)
+            if warm:  # the node's ClientApp processes are forks of one that imported torch (sim.warm_exec)
+                processes.start(f"warm exec {i}", [sys.executable, "-m", "sim.warm_exec", "--insecure",
+                                                   "--runtime-api-address", f"127.0.0.1:{runtime_port}",
+                                                   "--parent-pid", str(node.pid)],
+                                folder / "exec.log", {**node_env, "PYTHONPATH": str(APP_DIR)}, cwd=folder)
+        cli_env = env("cli")
+        (home / "cli" / "flwr" / "config.toml").write_text(flower_config(superlink))
+        command = [str(bin_dir / "flwr"), "run", str(APP_DIR), "local", "--stream",
+                   "--run-config", run_config_text(overrides, nodes, out, name, cache)]
+        echo(f"{PROG}: superlink {superlink}, {nodes} supernodes; {' '.join(shlex.quote(c) for c in command)}")
+        run = processes.start("flwr run", command, None, cli_env)
+        deadline = time.monotonic() + timeout_s
+        timer = threading.Timer(timeout_s, lambda: os.killpg(run.pid, signal.SIGTERM))
+        timer.daemon = True
+        timer.start()
+        for line in run.stdout:  # the run's streamed log, until the run ends
+            echo(line.decode(errors="replace").rstrip())
+        code = run.wait()
+        timer.cancel()
+        if time.monotonic() > deadline:
+            echo(f"{PROG}: stopped after --timeout {timeout_s:.0f} s")
+            return 124
+        if (problem := processes.failed()) is not None:
+            echo(f"{PROG}: {problem} (log in {home})")
+            return code or 1
+        return code
+    finally:
+        processes.stop()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--nodes", type=int, default=8, help="SuperNodes (= clients; default 8)")
+    parser.add_argument("--run-config", default="",
+                        help="run-config overrides as for flwr run, e.g. \"profile='smoke' rounds=2\"")
+    parser.add_argument("--home", type=Path, default=Path("runs/deploy"),
+                        help="the processes' folders and logs (node-<i>/ holds a node's cache and state)")
+    parser.add_argument("--out", type=Path, default=Path("runs"), help="parent folder of run folders")
+    parser.add_argument("--name", default="", help="run folder name (default: derived from the settings)")
+    parser.add_argument("--cache", type=Path, default=Path(".cache"),
+                        help="the server's data and model cache (the manufacturer chain)")
+    parser.add_argument("--timeout", type=float, default=6 * 3600, help="seconds before everything is stopped")
+    parser.add_argument("--cold", action="store_true",
+                        help="Flower's own SuperExec: a fresh flwr-clientapp process per message (slower; "
+                             "default: forks of a process with torch imported, sim.warm_exec)")
+    args = parser.parse_args(argv)
+    if args.nodes < 1:
+        parser.error(f"--nodes must be at least 1, got {args.nodes}")
+    try:
+        overrides = parse_run_config(args.run_config)
+    except ValueError as err:
+        parser.error(str(err))
+    taken = sorted(set(overrides) & set(LAUNCHER_KEYS))
+    if taken:
+        parser.error(f"--run-config: {', '.join(taken)} are set by the launcher (--nodes, --out, --name, --cache)")
+    try:
+        return deploy(args.nodes, overrides, args.home, args.out, args.name, args.cache, args.timeout,
+                      warm=not args.cold)
+    except KeyboardInterrupt as err:
+        print(f"{PROG}: interrupted ({err or 'SIGINT'}); every process it started is stopped", file=sys.stderr)
+        return 130
+    except (RuntimeError, TimeoutError) as err:
+        print(f"{PROG}: error: {err}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
