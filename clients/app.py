@@ -24,8 +24,10 @@ loads it back first (``clients.store``).
 Where a client's files live: the run configuration's paths are the server's. A SuperNode of a
 deployment names its own in its node config (``node_run_config``, ``node_state_dir``): ``cache-dir``
 (the synthetic data is generated there, the same images for a seed on every machine), ``data-root``
-(its VOC folder, with ``--data voc``) and ``state-dir``. Without them (the simulation, whose clients
-share the server's disk) the run configuration's paths are used.
+(its VOC folder, with ``--data voc``) and ``state-dir``; a machine of a Ray cluster names them in
+its environment (``DIREDI_CACHE_DIR``, ...). Without them (the simulation on one machine, whose
+clients share the server's disk) the run configuration's paths are used. Every reply names the
+machine (and Ray node) it came from (``where``).
 
 The client rebuilds its data and settings from the run configuration every message carries
 (``protocol.config.RunConfig.from_record``); replies hold weights and numbers, never images,
@@ -39,6 +41,8 @@ import functools
 import gc
 import math
 import os
+import socket
+import sys
 import time
 from collections import OrderedDict
 from collections.abc import Mapping
@@ -66,7 +70,7 @@ from protocol.config import RunConfig
 from protocol.privacy import DP_EPSILON, DP_PARTICIPATIONS, epsilon_spent, is_on, noise_generator, privatise
 from protocol.wire import (AFTER, AP_AFTER, AP_BEFORE, ARRAYS, BEFORE, CONFIG, DELTA, DIRECT_WORK, DIREDI_WORK,
                            EDGE, EDGE_SOURCE, FINE_TUNE, LOSSES, METHOD, METRICS, NUM_EXAMPLES, OWN_CLASSES,
-                           PARTITION_ID, PEAK_RSS, SECONDS, SERVER_ROUND, STATE_DIR, TRAINED, TUTOR, TUTOR1, WORK,
+                           PARTITION_ID, PEAK_RSS, SECONDS, SERVER_ROUND, STATE_DIR, TRAINED, TUTOR, TUTOR1, WHERE, WORK,
                            decode, encode, pack_delta, state_record, top_k, work_seed)
 
 app = ClientApp()
@@ -99,19 +103,28 @@ def _set_threads() -> None:
         torch.set_num_threads(int(threads))
 
 
-# Node-config keys of a SuperNode's own folders (``flower-supernode --node-config``).
+# Node-config keys of a SuperNode's own folders (``flower-supernode --node-config``), and the
+# environment variables that name them on a machine of a Ray cluster (``ray start`` passes its
+# environment to the client actors it runs; Flower's simulation gives them no node config of their own).
 NODE_CACHE_DIR, NODE_DATA_ROOT, NODE_STATE_DIR = "cache-dir", "data-root", "state-dir"
+NODE_ENV = {NODE_CACHE_DIR: "DIREDI_CACHE_DIR", NODE_DATA_ROOT: "DIREDI_DATA_ROOT", NODE_STATE_DIR: "DIREDI_STATE_DIR"}
 
 
-def node_run_config(run: RunConfig, node_config: Mapping) -> RunConfig:
-    """The run as this node sees it: its own cache folder and VOC folder from its node config, the
-    run configuration's (the server's) where it names none. A VOC folder that is not there stops the
+def node_folder(key: str, node_config: Mapping, environ: Mapping = os.environ) -> Path | None:
+    """This node's own folder ``key``: from its node config, else its environment, else None."""
+    value = node_config.get(key) or environ.get(NODE_ENV[key])
+    return Path(str(value)).expanduser().resolve() if value else None
+
+
+def node_run_config(run: RunConfig, node_config: Mapping, environ: Mapping = os.environ) -> RunConfig:
+    """The run as this node sees it: its own cache folder and VOC folder (``node_folder``), the run
+    configuration's (the server's) where it names none. A VOC folder that is not there stops the
     client with one line naming it (synthetic data is generated into the cache when missing)."""
     changes = {}
-    if node_config.get(NODE_CACHE_DIR):
-        changes["cache_dir"] = str(Path(str(node_config[NODE_CACHE_DIR])).expanduser().resolve())
-    if node_config.get(NODE_DATA_ROOT):
-        changes["voc_root"] = str(Path(str(node_config[NODE_DATA_ROOT])).expanduser().resolve())
+    if (cache := node_folder(NODE_CACHE_DIR, node_config, environ)) is not None:
+        changes["cache_dir"] = str(cache)
+    if (voc := node_folder(NODE_DATA_ROOT, node_config, environ)) is not None:
+        changes["voc_root"] = str(voc)
     run = replace(run, **changes)
     if run.data == "voc" and not Path(run.voc_root).is_dir():
         raise DataError(f"node {node_config.get('partition-id', '?')}: no VOC data at {run.voc_root!r}; "
@@ -119,15 +132,23 @@ def node_run_config(run: RunConfig, node_config: Mapping) -> RunConfig:
     return run
 
 
-def node_state_dir(config: Mapping, node_config: Mapping) -> str | None:
+def node_state_dir(config: Mapping, node_config: Mapping, environ: Mapping = os.environ) -> str | None:
     """Where this client keeps its state, when the server asks clients to keep it (``STATE_DIR``): the
-    node's ``state-dir``/<run folder name> when its node config names one, else the server's folder."""
+    node's own ``state-dir``/<run folder name> (``node_folder``), else the server's folder."""
     server = config.get(STATE_DIR)
     if server is None:
         return None
-    if node_config.get(NODE_STATE_DIR):
-        return str(Path(str(node_config[NODE_STATE_DIR])).expanduser().resolve() / Path(str(server)).parent.name)
+    if (own := node_folder(NODE_STATE_DIR, node_config, environ)) is not None:
+        return str(own / Path(str(server)).parent.name)
     return str(server)
+
+
+def where() -> ConfigRecord:
+    """The machine this client runs on, and its Ray node when it is a Ray actor (records keep both)."""
+    ray_node = ""
+    if "ray" in sys.modules and sys.modules["ray"].is_initialized():
+        ray_node = sys.modules["ray"].get_runtime_context().get_node_id()
+    return ConfigRecord({"host": socket.gethostname(), "ray-node": ray_node})
 
 
 def _model(workspace: Workspace, role: str, record: ArrayRecord) -> nn.Module:
@@ -171,7 +192,7 @@ def loss_metrics(phase: str, report: PhaseReport) -> dict[str, float]:
 
 
 def _reply(msg: Message, metrics: dict, arrays: dict[str, ArrayRecord] | None = None) -> Message:
-    content = RecordDict({**(arrays or {}), METRICS: MetricRecord(metrics)})
+    content = RecordDict({**(arrays or {}), METRICS: MetricRecord(metrics), WHERE: where()})
     return Message(content=content, reply_to=msg)
 
 

@@ -19,7 +19,7 @@ from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
-from protocol.wire import (CONFIG, METRICS, PARTITION_ID, QUERY, SERVER, content_bytes, record_from_metrics,
+from protocol.wire import (CONFIG, METRICS, PARTITION_ID, QUERY, SERVER, WHERE, content_bytes, record_from_metrics,
                            work_seed)
 from strategies.verify import Decision
 
@@ -38,6 +38,7 @@ class ClientRound:
     decision: Decision | None = None  # DiReDi's verification of its delta
     verify_seconds: float = 0.0
     redistilled: bool = False  # DiReDi: its edge was re-distilled from an updated tutor
+    where: dict | None = None  # the machine (and Ray node) its replies came from (``clients.app.where``)
 
 
 @dataclass
@@ -59,6 +60,8 @@ class RoundLedger:
     def count_up(self, reply: Message) -> ClientRound:
         entry = self.client(reply.metadata.src_node_id)
         entry.bytes_up += content_bytes(reply.content)
+        if WHERE in reply.content.config_records:
+            entry.where = dict(reply.content.config_records[WHERE])
         return entry
 
     @property
@@ -126,6 +129,8 @@ class Recorder:
             if entry.decision is not None:
                 record["seconds"]["server_verify"] = entry.verify_seconds
             record["round_wall_s"] = self.round_seconds[ledger.server_round]
+            if entry.where is not None:
+                record["where"] = entry.where
             self.emit(record)
 
 

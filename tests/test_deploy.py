@@ -73,7 +73,7 @@ def _processes_under(home: Path) -> list[int]:
 
 
 def comparable(record: dict) -> dict:
-    return {k: v for k, v in record.items() if k not in ("seconds", "peak_rss_mb", "round_wall_s")}
+    return {k: v for k, v in record.items() if k not in ("seconds", "peak_rss_mb", "round_wall_s", "where")}
 
 
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="process checks read /proc (Linux)")
@@ -105,3 +105,35 @@ def test_a_local_deployment_gives_the_simulations_records_and_leaves_no_process(
     assert not (tmp_path / "dep" / "run" / "client-state").exists()  # nothing on the server's disk
     assert not _processes_under(home.resolve())
     assert os.environ.get("FLWR_HOME") is None  # the user's Flower home untouched
+
+
+def test_a_two_node_ray_cluster_runs_clients_on_both_nodes_with_their_own_folders(tmp_path, threads_one):
+    """The simulation joins a Ray cluster of two nodes (one CPU each, so one client actor each); each
+    node names its own cache in its environment (``DIREDI_CACHE_DIR``): the records are the
+    single-node run's, and say which node each client ran on."""
+    from ray.cluster_utils import Cluster
+
+    from sim.run import main as sim_main
+
+    cache = tmp_path / "server-cache"
+    settings = ["--profile", "smoke", "--clients", "2", "--rounds", "2", "--methods", "diredi,fedavg",
+                "--cache", str(cache), "--name", "run", "--quiet"]
+    assert sim_main([*settings, "--out", str(tmp_path / "one")]) == 0
+    node_caches = [tmp_path / "head-cache", tmp_path / "worker-cache"]
+    cluster = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 1, "env_vars": {"DIREDI_CACHE_DIR": str(node_caches[0])}})
+    try:
+        cluster.add_node(num_cpus=1, env_vars={"DIREDI_CACHE_DIR": str(node_caches[1])})
+        assert sim_main([*settings, "--out", str(tmp_path / "two"), "--ray-address", cluster.address]) == 0
+    finally:
+        cluster.shutdown()
+
+    def records(side: str) -> list[dict]:
+        return [json.loads(line) for line in (tmp_path / side / "run" / "rounds.jsonl").read_text().splitlines()]
+
+    one, two = records("one"), records("two")
+    assert [comparable(r) for r in two] == [comparable(r) for r in one]
+    assert len({r["where"]["ray-node"] for r in two}) == 2  # client actors on both nodes
+    assert len({r["where"]["ray-node"] for r in one}) == 1
+    for folder in node_caches:  # each node generated the data into its own cache
+        assert any((folder / "data").iterdir())

@@ -14,6 +14,7 @@ import torch
 from models.ladder import NUM_CLASSES
 from models.parts import neck_head
 from protocol.config import resolve_run_config
+from protocol.wire import WHERE
 from sim.federation import run_federation
 from strategies.ledger import Recorder
 from strategies.server_app import Session
@@ -87,7 +88,10 @@ def check_reply_is_weights_and_numbers(content, allowed_array_keys: set[str] | N
     for name, record in content.array_records.items():
         assert allowed_array_keys is not None, f"unexpected array record {name!r}"
         assert set(record.keys()) == allowed_array_keys
-    for records in (content.metric_records, content.config_records):
+    where = content.config_records.get(WHERE)  # the one text a reply holds: the client's machine
+    assert where is not None and set(where) == {"host", "ray-node"}
+    assert all(isinstance(v, str) and len(v) <= 256 for v in where.values())
+    for records in (content.metric_records, {k: v for k, v in content.config_records.items() if k != WHERE}):
         for record in records.values():
             for key, value in record.items():
                 assert not any(word in key.lower() for word in FORBIDDEN_WORDS), key
@@ -137,8 +141,8 @@ def test_fedavg_runs_and_replies_carry_no_data(fedavg_run, setup):
 
 
 def comparable(record: dict) -> dict:
-    """A record without what legitimately varies between runs (wall time, memory)."""
-    return {k: v for k, v in record.items() if k not in ("seconds", "peak_rss_mb", "round_wall_s")}
+    """A record without what legitimately varies between runs (wall time, memory, the machine)."""
+    return {k: v for k, v in record.items() if k not in ("seconds", "peak_rss_mb", "round_wall_s", "where")}
 
 
 def test_same_seed_same_numbers(diredi_run, setup):
