@@ -261,6 +261,23 @@ def entry_cell(entry: Mapping, key: str, kind: str) -> str:
     return format_interval(value, entry.get(f"{key}_ci95"), kind)
 
 
+def verdict_grid(summary: Mapping) -> list[str]:
+    """The verdicts as one row per claim and baseline, the verdict rounds as columns (the README's
+    table): "diff [lo, hi] verdict" per cell."""
+    verdicts = summary.get("verdicts") or []
+    rounds = sorted({v["round"] for v in verdicts})
+    cells: dict[tuple[str, str], dict[int, str]] = {}
+    for v in verdicts:
+        kind = UNITS.get(v["metric"], "points")
+        claim = v["claim"].replace("DiReDi ", "", 1).replace(f" than {v['baseline']}", " than B", 1)
+        verdict = f"**{v['verdict']}**" if v["verdict"] != "cannot tell" else v["verdict"]
+        text = f"{format_number(v['diff'], kind)} {format_ci(v.get('ci95'), kind)} {verdict}"
+        cells.setdefault((claim, v["baseline"]), {})[v["round"]] = text
+    rows = [[claim, baseline] + [by_round.get(r, MISSING_CELL) for r in rounds]
+            for (claim, baseline), by_round in cells.items()]
+    return markdown_table(["claim (B = baseline)", "B"] + [f"round {r}" for r in rounds], rows)
+
+
 def study_markdown(summary: Mapping, command: str | None = None, wall_s: float | None = None) -> str:
     """compare.md: the verdict table first, then per method a table of mean [95% interval] of each
     metric at rounds 2, 10 and R; the command and the wall time when given."""
@@ -281,9 +298,10 @@ def study_markdown(summary: Mapping, command: str | None = None, wall_s: float |
             kind = UNITS.get(v["metric"], "points")
             rows.append([v["claim"], str(v["round"]), format_number(v["diff"], kind), format_ci(v.get("ci95"), kind),
                          f"**{v['verdict']}**" if v["verdict"] != "cannot tell" else v["verdict"]])
-        lines += markdown_table(["claim", "round", "diff", "95% CI", "verdict"], rows)
+        lines += verdict_grid(summary)
         lines += ["", "yes: the whole interval of the difference is on the claim's side of 0; no: the whole "
-                  "interval is on the other side; cannot tell: it holds 0.", ""]
+                  "interval is on the other side; cannot tell: it holds 0. The same, one row per verdict:", ""]
+        lines += markdown_table(["claim", "round", "diff", "95% CI", "verdict"], rows) + [""]
     else:
         lines += ["No verdicts: DiReDi and a baseline (fedavg, fedavg_ls, fedavg_ft, local) are not both in the study.",
                   ""]

@@ -79,12 +79,16 @@ class Processes:
 
     def __init__(self) -> None:
         self.started: list[tuple[str, subprocess.Popen]] = []
+        self.logs: list = []
 
     def start(self, name: str, command: list[str], log: Path | None, env: dict[str, str],
               cwd: Path | None = None) -> subprocess.Popen:
-        out = open(log, "wb") if log is not None else subprocess.PIPE
-        proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=cwd,
-                                start_new_session=True)
+        """``command`` in a session of its own, its output into ``log`` (None: a pipe to read)."""
+        if log is not None:
+            log.parent.mkdir(parents=True, exist_ok=True)
+            self.logs.append(open(log, "wb"))
+        proc = subprocess.Popen(command, stdout=self.logs[-1] if log is not None else subprocess.PIPE,
+                                stderr=subprocess.STDOUT, env=env, cwd=cwd, start_new_session=True)
         self.started.append((name, proc))
         return proc
 
@@ -117,6 +121,8 @@ class Processes:
                 time.sleep(0.1)
             if not any(alive(pid) for pid in pids):
                 break
+        for log in self.logs:
+            log.close()
         return sorted(pids)
 
 
