@@ -144,11 +144,12 @@ def node_state_dir(config: Mapping, node_config: Mapping, environ: Mapping = os.
 
 
 def where() -> ConfigRecord:
-    """The machine this client runs on, and its Ray node when it is a Ray actor (records keep both)."""
-    ray_node = ""
+    """The machine this client runs on, and its Ray node when it is a Ray actor (records keep both;
+    no empty strings: Flower cannot count their bytes)."""
+    found = {"host": socket.gethostname() or "unknown"}
     if "ray" in sys.modules and sys.modules["ray"].is_initialized():
-        ray_node = sys.modules["ray"].get_runtime_context().get_node_id()
-    return ConfigRecord({"host": socket.gethostname(), "ray-node": ray_node})
+        found["ray-node"] = sys.modules["ray"].get_runtime_context().get_node_id()
+    return ConfigRecord(found)
 
 
 def _model(workspace: Workspace, role: str, record: ArrayRecord) -> nn.Module:

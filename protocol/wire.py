@@ -65,8 +65,9 @@ def decode(metrics: Mapping[str, Any], prefix: str) -> dict[str, float]:
 
 
 def content_bytes(content: RecordDict) -> int:
-    """Payload size of a message: array bytes (numpy serialised) + metric and config values + keys."""
-    return sum(len(name) + record.count_bytes() for name, record in content.items())
+    """Payload size of a message: array bytes (numpy serialised) + metric and config values + keys;
+    not ``WHERE``, the simulation's note of where a client ran (no client of the method sends it)."""
+    return sum(len(name) + record.count_bytes() for name, record in content.items() if name != WHERE)
 
 
 def state_record(model_or_state: nn.Module | Mapping[str, Tensor]) -> ArrayRecord:

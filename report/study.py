@@ -267,11 +267,19 @@ def verdict_grid(summary: Mapping) -> list[str]:
     verdicts = summary.get("verdicts") or []
     rounds = sorted({v["round"] for v in verdicts})
     cells: dict[tuple[str, str], dict[int, str]] = {}
+    unit = {"mb": " (MB)", "seconds": " (s)"}
+
+    def signed(value: Any, kind: str) -> str:  # a difference: always signed
+        text = format_number(value, kind)
+        return text if text.startswith(("+", "-")) or text in ("0.0", MISSING_CELL) else f"+{text}"
+
     for v in verdicts:
         kind = UNITS.get(v["metric"], "points")
-        claim = v["claim"].replace("DiReDi ", "", 1).replace(f" than {v['baseline']}", " than B", 1)
+        claim = v["claim"].replace("DiReDi ", "", 1).replace(f" than {v['baseline']}", " than B", 1) + unit.get(kind, "")
         verdict = f"**{v['verdict']}**" if v["verdict"] != "cannot tell" else v["verdict"]
-        text = f"{format_number(v['diff'], kind)} {format_ci(v.get('ci95'), kind)} {verdict}"
+        ci = v.get("ci95")
+        interval = f"[{signed(ci[0], kind)}, {signed(ci[1], kind)}]" if ci and len(ci) == 2 else MISSING_CELL
+        text = f"{signed(v['diff'], kind)} {interval} {verdict}"
         cells.setdefault((claim, v["baseline"]), {})[v["round"]] = text
     rows = [[claim, baseline] + [by_round.get(r, MISSING_CELL) for r in rounds]
             for (claim, baseline), by_round in cells.items()]

@@ -22,7 +22,9 @@ stopped at the end, also on Ctrl-C, a failure or ``--timeout``. The run folder i
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import re
 import shlex
 import signal
 import socket
@@ -168,6 +170,17 @@ def wait_for_port(port: int, timeout_s: float, processes: Processes) -> None:
     raise TimeoutError(f"nothing listens on port {port} after {timeout_s:.0f} s")
 
 
+def run_status(bin_dir: Path, run_id: str, env: dict[str, str]) -> str:
+    """The SuperLink's status of run ``run_id`` ("finished:completed", "finished:failed", ...)."""
+    listed = subprocess.run([str(bin_dir / "flwr"), "ls", "local", "--run-id", run_id, "--format", "json"],
+                            capture_output=True, text=True, env=env, timeout=60)
+    try:
+        runs = json.loads(listed.stdout).get("runs") or []
+        return str(runs[0]["status"]) if runs else "unknown"
+    except (ValueError, KeyError, AttributeError):
+        return f"unknown ({' '.join(listed.stdout.split())[:200]})"
+
+
 def deploy(nodes: int, overrides: dict[str, str], home: Path, out: Path, name: str, cache: Path,
            timeout_s: float, threads: int = 1, warm: bool = True, server_threads: int | None = None,
            echo=print) -> int:
@@ -228,13 +241,16 @@ def deploy(nodes: int, overrides: dict[str, str], home: Path, out: Path, name: s
         command = [str(bin_dir / "flwr"), "run", str(APP_DIR), "local", "--stream",
                    "--run-config", run_config_text(overrides, nodes, out, name, cache)]
         echo(f"{PROG}: superlink {superlink}, {nodes} supernodes; {' '.join(shlex.quote(c) for c in command)}")
-        run = processes.start("flwr run", command, None, cli_env)
+        run, started = processes.start("flwr run", command, None, cli_env), time.monotonic()
         deadline = time.monotonic() + timeout_s
         timer = threading.Timer(timeout_s, lambda: os.killpg(run.pid, signal.SIGTERM))
         timer.daemon = True
         timer.start()
-        for line in run.stdout:  # the run's streamed log, until the run ends
-            echo(line.decode(errors="replace").rstrip())
+        run_id = None
+        for raw in run.stdout:  # the run's streamed log, until the run ends
+            line = raw.decode(errors="replace").rstrip()
+            run_id = run_id or (m.group(1) if (m := re.search(r"started run (\d+)", line)) else None)
+            echo(f"[{time.monotonic() - started:6.1f} s] {line}")  # seconds since `flwr run` started
         code = run.wait()
         timer.cancel()
         if time.monotonic() > deadline:
@@ -243,8 +259,15 @@ def deploy(nodes: int, overrides: dict[str, str], home: Path, out: Path, name: s
         if (problem := processes.failed()) is not None:
             echo(f"{PROG}: {problem} (log in {home})")
             return code or 1
+        if code == 0 and run_id is not None:  # `flwr run --stream` exits 0 when the ServerApp failed
+            status = run_status(bin_dir, run_id, cli_env)
+            if "completed" not in status:
+                echo(f"{PROG}: the run ended {status!r} (the ServerApp's log is above)")
+                return 1
         return code
     finally:
+        for sig in previous:  # a second Ctrl-C must not cut the clean-up short
+            signal.signal(sig, signal.SIG_IGN)
         processes.stop()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
