@@ -182,12 +182,10 @@ def run_status(bin_dir: Path, run_id: str, env: dict[str, str]) -> str:
 
 
 def deploy(nodes: int, overrides: dict[str, str], home: Path, out: Path, name: str, cache: Path,
-           timeout_s: float, threads: int = 1, warm: bool = True, server_threads: int | None = None,
-           echo=print) -> int:
+           timeout_s: float, threads: int = 1, server_threads: int | None = None, echo=print) -> int:
     """Starts the SuperLink and ``nodes`` SuperNodes, runs the app with ``flwr run``, streams its log
-    through ``echo``, stops everything; returns ``flwr run``'s exit code. ``warm``: each node's
-    ClientApp processes are forks of a process with torch imported (``sim.warm_exec``), else Flower's
-    own SuperExec starts a fresh ``flwr-clientapp`` per message. ``threads``: each client's torch
+    through ``echo``, stops everything; returns ``flwr run``'s exit code (1 when the run failed).
+    ``threads``: each client's torch
     threads (the simulation's actors use 1); ``server_threads``: the ServerApp's (None: torch's default,
     as ``sim.run``'s driver). Thread counts change the last bits of a float sum, so a comparison with
     a simulation needs both equal."""
@@ -225,17 +223,10 @@ def deploy(nodes: int, overrides: dict[str, str], home: Path, out: Path, name: s
         wait_for_port(port, 60, processes)
         for i in range(nodes):
             folder, runtime_port = home / f"node-{i}", free_port()
-            node_env = env(f"node-{i}")
-            node = processes.start(f"supernode {i}", [str(bin_dir / "flower-supernode"), "--insecure", "--superlink",
-                                                      superlink, "--port", str(runtime_port),
-                                                      "--node-config", node_config(i, nodes, folder),
-                                                      "--isolation", "process" if warm else "subprocess"],
-                                   folder / "supernode.log", node_env, cwd=folder)
-            if warm:  # the node's ClientApp processes are forks of one that imported torch (sim.warm_exec)
-                processes.start(f"warm exec {i}", [sys.executable, "-m", "sim.warm_exec", "--insecure",
-                                                   "--runtime-api-address", f"127.0.0.1:{runtime_port}",
-                                                   "--parent-pid", str(node.pid)],
-                                folder / "exec.log", {**node_env, "PYTHONPATH": str(APP_DIR)}, cwd=folder)
+            processes.start(f"supernode {i}", [str(bin_dir / "flower-supernode"), "--insecure", "--superlink",
+                                               superlink, "--port", str(runtime_port),
+                                               "--node-config", node_config(i, nodes, folder)],
+                            folder / "supernode.log", env(f"node-{i}"), cwd=folder)
         cli_env = env("cli")
         (home / "cli" / "flwr" / "config.toml").write_text(flower_config(superlink))
         command = [str(bin_dir / "flwr"), "run", str(APP_DIR), "local", "--stream",
@@ -286,9 +277,6 @@ def main(argv=None) -> int:
     parser.add_argument("--cache", type=Path, default=Path(".cache"),
                         help="the server's data and model cache (the manufacturer chain)")
     parser.add_argument("--timeout", type=float, default=6 * 3600, help="seconds before everything is stopped")
-    parser.add_argument("--cold", action="store_true",
-                        help="Flower's own SuperExec: a fresh flwr-clientapp process per message (slower; "
-                             "default: forks of a process with torch imported, sim.warm_exec)")
     args = parser.parse_args(argv)
     if args.nodes < 1:
         parser.error(f"--nodes must be at least 1, got {args.nodes}")
@@ -300,8 +288,7 @@ def main(argv=None) -> int:
     if taken:
         parser.error(f"--run-config: {', '.join(taken)} are set by the launcher (--nodes, --out, --name, --cache)")
     try:
-        return deploy(args.nodes, overrides, args.home, args.out, args.name, args.cache, args.timeout,
-                      warm=not args.cold)
+        return deploy(args.nodes, overrides, args.home, args.out, args.name, args.cache, args.timeout)
     except KeyboardInterrupt as err:
         print(f"{PROG}: interrupted ({err or 'SIGINT'}); every process it started is stopped", file=sys.stderr)
         return 130

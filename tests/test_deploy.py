@@ -1,5 +1,5 @@
 """Beyond one simulated machine: SuperNodes with their own folders (``clients.app.node_run_config``),
-the local deployment launcher (``sim.deploy``) and its warm SuperExec (``sim.warm_exec``)."""
+the local deployment launcher (``sim.deploy``) and a two-node Ray cluster."""
 
 from __future__ import annotations
 
