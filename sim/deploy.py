@@ -69,6 +69,31 @@ def parse_run_config(text: str) -> dict[str, str]:
     return out
 
 
+def check_run_config(overrides: dict[str, str], nodes: int, cache: Path) -> None:
+    """Raises ValueError (one line) for what ``flwr run`` would reject or the ServerApp would fail on:
+    a key the app does not declare, a value that is not TOML, a setting ``resolve_run_config`` refuses."""
+    import tomllib
+
+    from protocol.config import ConfigError, resolve_run_config
+
+    declared = tomllib.loads((APP_DIR / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+    unknown = sorted(set(overrides) - set(declared))
+    if unknown:
+        raise ValueError(f"--run-config: unknown key {', '.join(unknown)}; the keys are those of "
+                         "[tool.flwr.app.config] in pyproject.toml")
+    values = {}
+    for key, text in overrides.items():
+        try:
+            values[key] = tomllib.loads(f"v = {text}")["v"]
+        except tomllib.TOMLDecodeError:
+            raise ValueError(f"--run-config: {key}={text} is not a TOML value (quote strings: {key}='...')") from None
+    raw = {k: v for k, v in {**declared, **values}.items() if k not in ("out-dir", "name")}
+    try:
+        resolve_run_config({**raw, "num-clients": nodes, "cache-dir": str(cache)})
+    except ConfigError as err:
+        raise ValueError(f"--run-config: {err}") from None
+
+
 def run_config_text(overrides: dict[str, str], nodes: int, out: Path, name: str, cache: Path) -> str:
     values = {**overrides, "num-clients": str(nodes), "out-dir": f"'{out}'", "name": f"'{name}'",
               "cache-dir": f"'{cache}'"}
@@ -287,6 +312,10 @@ def main(argv=None) -> int:
     taken = sorted(set(overrides) & set(LAUNCHER_KEYS))
     if taken:
         parser.error(f"--run-config: {', '.join(taken)} are set by the launcher (--nodes, --out, --name, --cache)")
+    try:
+        check_run_config(overrides, args.nodes, args.cache)
+    except ValueError as err:
+        parser.error(str(err))
     try:
         return deploy(args.nodes, overrides, args.home, args.out, args.name, args.cache, args.timeout)
     except KeyboardInterrupt as err:

@@ -60,6 +60,24 @@ def test_launcher_arguments():
         "partition-id=1 num-partitions=2 cache-dir='/n/node-1/cache' state-dir='/n/node-1/state'"
 
 
+@pytest.mark.parametrize("text, message", [
+    ("roundz=2", "unknown key roundz"),
+    ("profile=smoke", "profile=smoke is not a TOML value"),
+    ("rounds=0", "rounds"),
+    ("nodes=2 out-dir='x'", None),  # set by the launcher: refused by main, before any check
+])
+def test_bad_launcher_input_stops_with_one_line_before_any_process(text, message, capsys):
+    from sim.deploy import main
+
+    with pytest.raises(SystemExit) as done:
+        main(["--nodes", "2", "--run-config", text, "--home", "/nonexistent/never-made"])
+    assert done.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("python -m sim.deploy: error: --run-config:")
+    assert message is None or message in err
+    assert not Path("/nonexistent/never-made").exists()
+
+
 def _processes_under(home: Path) -> list[int]:
     """Processes whose Flower home lies under ``home`` (every process the launcher started has one)."""
     found = []
