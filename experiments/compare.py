@@ -105,9 +105,10 @@ def report_progress(args: argparse.Namespace, total: int, start: float, first: i
         done = records_done(args)
         elapsed = time.perf_counter() - start
         rate = (done - first) / elapsed if done > first else 0.0
-        eta = (total - done) / rate if rate > 0 else float("nan")
-        print(f"study: {done}/{total} client-rounds ({100 * done / total:.0f} %), {elapsed / 60:.1f} min, "
-              f"ETA {eta / 60:.0f} min", flush=True)
+        # No ETA until this invocation has recorded something: a resumed study has no rate yet.
+        eta = f"ETA {(total - done) / rate / 60:.0f} min" if rate > 0 else "ETA after the first record"
+        print(f"study: {done}/{total} client-rounds ({100 * done / total:.0f} %), {elapsed / 60:.1f} min, {eta}",
+              flush=True)
 
 
 def summarise(args: argparse.Namespace, command: str | None, wall_s: float | None) -> dict:
