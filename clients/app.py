@@ -63,6 +63,7 @@ from distill.rd import (client_delta, direct_training, distill_c, fine_tune, rev
                         reverse_distill_tutor2)
 from distill.trainer import PhaseReport, peak_rss_mb
 from evaluation.ap import per_class_ap
+from models.compute import computing, current_compute
 from models.io import state_fingerprint
 from models.ladder import build_to_load
 from models.parts import part_of
@@ -144,9 +145,10 @@ def node_state_dir(config: Mapping, node_config: Mapping, environ: Mapping = os.
 
 
 def where() -> ConfigRecord:
-    """The machine this client runs on, and its Ray node when it is a Ray actor (records keep both;
-    no empty strings: Flower cannot count their bytes)."""
-    found = {"host": socket.gethostname() or "unknown"}
+    """The machine this client runs on, its Ray node when it is a Ray actor, and the precision its
+    models computed in ("auto" resolved on this machine; records keep all three; no empty strings:
+    Flower cannot count their bytes)."""
+    found = {"host": socket.gethostname() or "unknown", "precision": current_compute().precision}
     if "ray" in sys.modules and sys.modules["ray"].is_initialized():
         found["ray-node"] = sys.modules["ray"].get_runtime_context().get_node_id()
     return ConfigRecord(found)
@@ -267,13 +269,15 @@ _LIBC = _libc()
 
 def _handler(handler):
     """``handler`` with the client's state kept on disk when the configuration names a folder
-    (loaded first when this run's state is empty past round 1, a resumed run; written after), and
-    the memory the message left behind released at its end (``_release_memory``)."""
+    (loaded first when this run's state is empty past round 1, a resumed run; written after), its
+    models computing as the configuration says (``models.compute``), and the memory the message left
+    behind released at its end (``_release_memory``)."""
 
     @functools.wraps(handler)
     def run(msg: Message, context: Context) -> Message:
         try:
-            return _with_state(handler, msg, context)
+            with computing(RunConfig.from_record(msg.content[CONFIG]).compute()):
+                return _with_state(handler, msg, context)
         finally:
             _release_memory()
 

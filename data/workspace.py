@@ -16,6 +16,7 @@ from torch.utils.data import ConcatDataset, Dataset
 
 from distill.chain import Chain, ChainData, manufacturer_chain
 from distill.trainer import resolve_device
+from models.compute import FLOAT32, Compute
 from models.ladder import Profile, get_profile
 from data.scenario import ClientSpec, Scenario, Shards, load_scenario, make_shards, select_clients
 from data.synth import ensure_synthetic_voc
@@ -45,6 +46,7 @@ class Workspace:
     cache_dir: Path
     data: str = "synth"  # "synth" (generated into cache_dir/data) or "voc" (read from data_root)
     device: str = "cpu"  # where models train and evaluate (see distill.trainer.resolve_device)
+    compute: Compute = FLOAT32  # how the models compute (models.compute), the chain's training included
 
     def dataset(self, records: list[VOCRecord], classes) -> VOCDetection:
         return VOCDetection(records, classes=sorted(classes), image_size=self.profile.image_size)
@@ -62,7 +64,7 @@ class Workspace:
         s = self.scenario
         return manufacturer_chain(self.profile, self.chain_data(), s.teacher_classes, s.presumed_classes,
                                   self.seed, self.cache_dir / "chain", progress=progress, stop_after=stop_after,
-                                  device=self.device)
+                                  device=self.device, compute=self.compute)
 
     def validation_set(self) -> VOCDetection:
         """The manufacturer's own validation images (never a client's), over the teacher classes."""
@@ -94,7 +96,8 @@ class Workspace:
 
 def prepare(profile: str | Profile, scenario: str | Path, num_clients: int | None = None, seed: int = 0,
             data: str = "synth", voc_root: str | Path | None = None,
-            cache_dir: str | Path = DEFAULT_CACHE, device: str | None = "cpu") -> Workspace:
+            cache_dir: str | Path = DEFAULT_CACHE, device: str | None = "cpu",
+            compute: Compute = FLOAT32) -> Workspace:
     """Generates (or reuses) the data, loads the scenario and cuts the shards."""
     profile = get_profile(profile) if isinstance(profile, str) else profile
     scen = load_scenario(scenario)
@@ -114,13 +117,13 @@ def prepare(profile: str | Profile, scenario: str | Path, num_clients: int | Non
     clients = select_clients(scen, num_clients if num_clients is not None else len(scen.clients))
     shards = make_shards(records, scen, seed, num_clients=len(clients))
     return Workspace(profile, scen, clients, records, shards, root, seed, cache_dir, data,
-                     str(resolve_device(device)))
+                     str(resolve_device(device)), compute)
 
 
 @functools.lru_cache(maxsize=4)
 def cached_workspace(profile: str, scenario: str, num_clients: int, seed: int, data: str, voc_root: str,
-                     cache_dir: str, device: str) -> Workspace:
+                     cache_dir: str, device: str, compute: Compute = FLOAT32) -> Workspace:
     """``prepare`` memoised per process: a Ray actor serves several partitions from one workspace
     (data is read-only; per-client state lives in Flower's ``context.state``)."""
     return prepare(profile, scenario, num_clients=num_clients, seed=seed, data=data, voc_root=voc_root or None,
-                   cache_dir=cache_dir, device=device)
+                   cache_dir=cache_dir, device=device, compute=compute)

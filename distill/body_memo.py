@@ -6,9 +6,10 @@ so Distill C's first ``rd_iters`` batches are Tutor 2's and the body would compu
 twice. ``BodyMemo`` keeps them: Tutor 2 records the body's outputs per batch, Distill C looks each of
 its batches up and runs the body only on a miss.
 
-A batch is found by the bytes of its input, the body's weights (``body_key``) and the thread count, so
-a hit returns exactly what the body would compute (its forward is deterministic for the same input
-bits, weights and threads: BatchNorm in eval mode, no dropout): reusing it changes no figure. A
+A batch is found by the bytes of its input, the body's weights (``body_key``), the thread count and the
+compute setting (``models.compute``), so a hit returns exactly what the body would compute (its forward
+is deterministic for the same input bits, weights, threads and setting: BatchNorm in eval mode, no
+dropout): reusing it changes no figure. A
 batch of 8 at 128 px holds 1.8 MB of body outputs in the cpu profile; Tutor 2's 12 batches 22 MB.
 """
 
@@ -20,13 +21,17 @@ from collections import OrderedDict
 import torch
 from torch import Tensor, nn
 
+from models.compute import current_compute
 from models.io import body_fingerprint
 
 
 def input_key(x: Tensor) -> str:
-    """The memo key of an input batch: its shape, dtype, bytes and the torch thread count."""
+    """The memo key of an input batch: its shape, dtype, bytes, the torch thread count and the compute
+    setting (``models.compute``: the body's precision and layout change its outputs)."""
     digest = hashlib.sha1(x.detach().cpu().contiguous().numpy().tobytes())
-    return f"{tuple(x.shape)}:{x.dtype}:{torch.get_num_threads()}:{digest.hexdigest()}"
+    compute = current_compute()
+    return (f"{tuple(x.shape)}:{x.dtype}:{torch.get_num_threads()}:{compute.precision}:{compute.layout}:"
+            f"{digest.hexdigest()}")
 
 
 class BodyMemo:

@@ -19,6 +19,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from distill.trainer import KDRecipe, Phase, PhaseReport, train
+from models.compute import FLOAT32, Compute, computing
 from models.io import CorruptWeights, file_sha256, load_weights, save_weights
 from models.ladder import Profile, build_model
 from models.parts import inherit_neck_head
@@ -123,17 +124,31 @@ def student_start(profile: Profile, role: str, seed: int, teacher: nn.Module | N
 def manufacturer_chain(profile: Profile, data: ChainData, teacher_classes: list[str],
                        presumed_classes: list[str], seed: int, cache_dir: str | Path,
                        progress: bool = True, recipe: KDRecipe | None = None,
-                       stop_after: str | None = None, device: str | torch.device = "cpu") -> Chain:
+                       stop_after: str | None = None, device: str | torch.device = "cpu",
+                       compute: Compute = FLOAT32) -> Chain:
     """Teacher trained on the teacher classes; tutor (Distill A) and edge (Distill B) on the presumed ones.
 
     Each stage's key holds only what determines it (its architecture, data, classes, seed, phase and
     the key of the stage it learns from), so changing Distill B does not retrain the teacher.
     ``stop_after="teacher"`` builds (or loads) only the teacher; the other models are then None.
+    ``compute``: how the stages train (``models.compute``, "auto" resolved for ``device``); part of
+    every stage's key unless it is the float32 default.
     """
+    with computing(compute, str(device)) as resolved:
+        return _chain(profile, data, teacher_classes, presumed_classes, seed, cache_dir, progress, recipe,
+                      stop_after, device, resolved)
+
+
+def _chain(profile: Profile, data: ChainData, teacher_classes: list[str], presumed_classes: list[str], seed: int,
+           cache_dir: str | Path, progress: bool, recipe: KDRecipe | None, stop_after: str | None,
+           device: str | torch.device, compute: Compute) -> Chain:
+    """``manufacturer_chain`` under its resolved compute setting."""
     recipe = recipe if recipe is not None else KDRecipe()
     phases = chain_phases(profile, seed, recipe)
     base = {"image_size": profile.image_size, "anchor_sizes": profile.anchor_sizes, "data": data.fingerprint,
             "seed": seed}
+    if not compute.is_default:  # added after the keys were fixed: the default leaves them as they were
+        base["compute"] = compute.to_dict()
     stages: dict[str, StageResult] = {}
 
     stages["teacher"] = cached_stage(

@@ -35,6 +35,7 @@ from torchvision.models.detection.transform import resize_boxes
 from torchvision.ops import boxes as box_ops
 
 from data.voc import collate_detection
+from models.compute import current_compute
 from models.io import body_fingerprint
 
 # torchvision.ops.batched_nms runs one NMS per class above this many box coordinates on the CPU
@@ -137,6 +138,7 @@ class BodyFeatureCache:
 
     def __init__(self, model: nn.Module, dataset, batch_size: int = 16, max_bytes: int = 2 * 10**9) -> None:
         self.fingerprint = body_fingerprint(model)
+        self.compute = current_compute()  # the body's outputs depend on its precision and layout
         # The body's own tensors (no copy) and their version counters: an in-place change shows.
         self._body = {k: v.detach() for k, v in model.backbone.body.state_dict().items()}
         self._versions = {k: v._version for k, v in self._body.items()}
@@ -199,6 +201,8 @@ class BodyFeatureCache:
         """``evaluation.ap.predict(model, dataset)`` for a model with the cached body."""
         if not self.same_body(model):
             raise ValueError("this model's backbone body differs from the one the features were computed with")
+        if current_compute() != self.compute:
+            raise ValueError(f"the features were computed with {self.compute}, this model runs with {current_compute()}")
         predictions: list[dict] = []
         was_training = model.training
         model.eval()

@@ -11,6 +11,7 @@ may be loaded with ``models.io.load_weights``.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -21,7 +22,10 @@ from torchvision.models.detection import FCOS
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.models.detection.fcos import FCOSHead
+from torchvision.models._utils import IntermediateLayerGetter
 from torchvision.ops.feature_pyramid_network import ExtraFPNBlock
+
+from models.compute import current_compute
 
 NUM_CLASSES = 20  # the VOC label space; every model predicts all 20 classes
 ROLES = ("teacher", "tutor", "edge")
@@ -163,7 +167,34 @@ class MaxPoolChannelsLast(nn.MaxPool2d):
     def forward(self, x: Tensor) -> Tensor:
         if x.device.type != "cpu" or x.dim() != 4 or (x.requires_grad and torch.is_grad_enabled()):
             return super().forward(x)
+        if x.is_contiguous(memory_format=torch.channels_last):  # already the fast layout: keep it
+            return super().forward(x)
         return super().forward(x.contiguous(memory_format=torch.channels_last)).contiguous()
+
+
+class LadderBody(IntermediateLayerGetter):
+    """The backbone body (``backbone.body``): torchvision's ``IntermediateLayerGetter`` run under the
+    current ``models.compute`` setting. Same modules and state-dict keys; with the default setting
+    (float32, NCHW) its forward is the getter's, unchanged.
+
+    ``bfloat16_pays``: whether this body runs in bfloat16 when the setting asks for it (ResNet bodies;
+    not MobileNetV2, see ``models.compute``). Its outputs are float32 either way.
+    """
+
+    def __init__(self, model: nn.Module, return_layers: dict[str, str], bfloat16_pays: bool) -> None:
+        super().__init__(model, return_layers)
+        self.bfloat16_pays = bfloat16_pays
+
+    def forward(self, x: Tensor) -> OrderedDict[str, Tensor]:
+        compute = current_compute()
+        if compute.layout == "channels-last" and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        dtype = compute.body_dtype if self.bfloat16_pays else None
+        if dtype is None:
+            return super().forward(x)
+        with torch.autocast(x.device.type, dtype=dtype):
+            out = super().forward(x)
+        return OrderedDict((name, t.float()) for name, t in out.items())
 
 
 def _fast_stem_pool(pool: nn.MaxPool2d) -> MaxPoolChannelsLast:
@@ -219,6 +250,7 @@ def build_model(profile: Profile | str, role: str, num_classes: int = NUM_CLASSE
     body, return_layers, channels = _body_and_channels(spec)
     backbone = BackboneWithFPN(body, return_layers, channels, spec.fpn_channels,
                                extra_blocks=NoExtraLevels())
+    backbone.body = LadderBody(body, return_layers, bfloat16_pays=spec.body in _RESNETS)
     anchors = AnchorGenerator(tuple((a,) for a in profile.anchor_sizes), ((1.0,),) * 3)
     head = FCOSHead(spec.fpn_channels, num_anchors=1, num_classes=num_classes, num_convs=spec.head_convs)
     model = FCOS(backbone, num_classes, min_size=profile.image_size, max_size=profile.image_size,

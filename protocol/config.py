@@ -40,7 +40,7 @@ DIRECTION_REFERENCES = ("peers", "server")  # the direction gate's reference (st
 # a run without them writes the config.json it wrote before they existed (and --resume, which
 # compares config.json's "run" with ``to_dict``, still accepts the older run folders).
 LATER_FIELDS = ("dp_clip", "dp_noise", "dp_delta", "replicate", "direct_lr", "server_momentum", "fedadam_eta",
-                "fedadam_tau")
+                "fedadam_tau", "precision", "layout")
 
 
 class ConfigError(ValueError):
@@ -66,6 +66,11 @@ class RunConfig:
     # never the data, shards or manufacturer chain (``training_seed``). 0: the training seeds are ``seed``.
     replicate: int = 0
     device: str = "auto"  # where the manufacturer chain trains; the federation runs on the CPU
+    # How the models compute, chain included (models.compute): the ResNet bodies' precision
+    # (float32 | bfloat16 | auto: bfloat16 where the machine has it) and the tensor layout
+    # (nchw | channels-last). Weights, deltas, losses and AP are float32 whatever these are.
+    precision: str = "float32"
+    layout: str = "nchw"
     cache_dir: str = ".cache"
     tutor1: str = "shared"  # Tutor 1 computed once per round on the server, or on every client
     redistill: str = "client"  # Distill C on each client (its own edge) or once on the server
@@ -182,12 +187,18 @@ class RunConfig:
                                        redistill_iters=self.redistill_iters, batch_size=self.batch_size,
                                        beta=self.beta)
 
+    def compute(self):
+        """How the models compute (``models.compute.Compute``; "auto" is resolved where it runs)."""
+        from models.compute import Compute
+
+        return Compute(self.precision, self.layout)
+
     def workspace(self, num_clients: int | None = None):
         """Data, scenario and shards (``data.workspace.Workspace``), memoised per process."""
         from data.workspace import cached_workspace
 
         return cached_workspace(self.profile, self.scenario, num_clients or self.num_clients, self.seed,
-                                self.data, self.voc_root, self.cache_dir, self.device)
+                                self.data, self.voc_root, self.cache_dir, self.device, self.compute())
 
     def run_name(self) -> str:
         sampled = f"-f{self.fraction:g}" if self.fraction < 1 else ""
@@ -271,8 +282,11 @@ def resolve_run_config(raw: Mapping[str, Any] | RunConfig) -> RunConfig:
         raise ConfigError("dp-noise", f"{config.dp_noise} needs a finite dp-clip (the noise std is dp-noise x dp-clip)")
     if not 0 < config.dp_delta < 1:
         raise ConfigError("dp-delta", f"must be in (0, 1), got {config.dp_delta}")
+    from models.compute import LAYOUTS, PRECISIONS
+
     choices = {"data": ("synth", "voc"), "tutor1": TUTOR1_MODES, "redistill": REDISTILL_SIDES,
-               "delta_precision": DELTA_PRECISIONS, "direction_reference": DIRECTION_REFERENCES}
+               "delta_precision": DELTA_PRECISIONS, "direction_reference": DIRECTION_REFERENCES,
+               "precision": PRECISIONS, "layout": LAYOUTS}
     for name, allowed in choices.items():
         if getattr(config, name) not in allowed:
             raise ConfigError(_key(name), f"{getattr(config, name)!r} is not one of {', '.join(allowed)}")

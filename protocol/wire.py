@@ -34,7 +34,7 @@ QUERY = MessageType.QUERY  # "who are you": a client answers its partition id (s
 
 # -- record names
 CONFIG, METRICS = "config", "metrics"
-WHERE = "where"  # a reply's ConfigRecord naming the machine (and Ray node) the client ran on
+WHERE = "where"  # a reply's ConfigRecord: the machine (and Ray node) the client ran on, its models' precision
 EDGE, TUTOR, TUTOR1, DELTA = "edge", "tutor", "tutor1", "delta"
 ARRAYS = "arrays"
 

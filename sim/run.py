@@ -19,6 +19,7 @@ import sys
 import time
 from pathlib import Path
 
+from models.compute import LAYOUTS, PRECISIONS
 from models.ladder import PROFILES
 from protocol.config import AGGREGATION_METHODS, DELTA_PRECISIONS, METHODS, REDISTILL_SIDES, TUTOR1_MODES, RunConfig
 
@@ -86,6 +87,11 @@ def build_parser() -> argparse.ArgumentParser:
     add("--device", default=d.device,
         help="cpu | cuda | cuda:N | auto (default: cuda when available) for training the manufacturer "
              "chain; the federation and the local/oracle baselines run on the CPU")
+    add("--precision", choices=PRECISIONS, default=d.precision,
+        help="the ResNet bodies' arithmetic, chain included: bfloat16 (autocast) | float32 | auto (bfloat16 where "
+             f"the CPU has AVX-512 BF16 or AMX); weights, deltas and AP stay float32 (default {d.precision})")
+    add("--layout", choices=LAYOUTS, default=d.layout,
+        help=f"tensor layout of every model's convolutions (default {d.layout})")
     add("--dp-clip", type=float, default=d.dp_clip,
         help="differential privacy: each client clips its delta to this L2 norm before upload (default inf: off)")
     add("--dp-noise", type=float, default=d.dp_noise,
@@ -113,7 +119,7 @@ def parse_args(argv=None) -> argparse.Namespace:
            "aggregation": args.aggregation, "beta": args.beta, "rd-iters": args.rd_iters or 0,
            "redistill-iters": args.redistill_iters or 0, "batch-size": args.batch_size or 0, "delta-precision": args.delta_precision,
            "delta-topk": args.delta_topk, "dp-clip": args.dp_clip, "dp-noise": args.dp_noise,
-           "dp-delta": args.dp_delta}
+           "dp-delta": args.dp_delta, "precision": args.precision, "layout": args.layout}
     try:
         args.config = resolve_run_config(raw)
     except ConfigError as err:

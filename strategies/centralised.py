@@ -29,6 +29,7 @@ from torch.utils.data import ConcatDataset
 from data.workspace import Workspace
 from distill.rd import RDSettings, direct_training
 from evaluation.ap import per_class_ap
+from models.compute import computing
 from protocol.config import RunConfig
 from protocol.wire import SERVER, make_record, work_seed
 from strategies.ledger import Recorder
@@ -92,10 +93,11 @@ def _job(config: RunConfig, method: str, client: int | None) -> list[dict]:
     edge = workspace.chain(progress=False).edge.cpu()
     recorder = Recorder(method)
     args = (config.rounds, config.diredi_client_steps, config.rd_settings(), config.training_seed, recorder)
-    if method == "local":
-        local_client(workspace, edge, client, *args)
-    else:
-        run_oracle(workspace, edge, *args)
+    with computing(config.compute()):
+        if method == "local":
+            local_client(workspace, edge, client, *args)
+        else:
+            run_oracle(workspace, edge, *args)
     return recorder.records
 
 

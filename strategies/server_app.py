@@ -32,6 +32,7 @@ from torch import Tensor
 from data.workspace import Workspace
 from distill.chain import Chain
 from evaluation.ap import per_class_ap
+from models.compute import computing
 from models.parts import neck_head
 from protocol.config import FEDERATED, RunConfig, resolve_run_config
 from protocol.wire import FINE_TUNE, OWN_CLASSES, STATE_DIR, state_record
@@ -79,10 +80,11 @@ class Session:
         """The manufacturer's models on its own validation set (Table III's first rows)."""
         s, ws = self.workspace.scenario, self.workspace
         rows = {}
-        for label, model, classes in [("Large (teacher)", self.chain.teacher, s.teacher_classes),
-                                      ("Tutor after Distill A", self.chain.tutor, s.presumed_classes),
-                                      ("Edge after Distill B", self.chain.edge, s.presumed_classes)]:
-            _, rows[label] = per_class_ap(model, ws.dataset(ws.shards.manufacturer_val, classes), classes)
+        with computing(self.config.compute()):
+            for label, model, classes in [("Large (teacher)", self.chain.teacher, s.teacher_classes),
+                                          ("Tutor after Distill A", self.chain.tutor, s.presumed_classes),
+                                          ("Edge after Distill B", self.chain.edge, s.presumed_classes)]:
+                _, rows[label] = per_class_ap(model, ws.dataset(ws.shards.manufacturer_val, classes), classes)
         return rows
 
 
@@ -160,16 +162,21 @@ def run_method(method: str, session: Session, grid: Grid | None, recorder: Recor
     starts from the folder's checkpoint when there is one (``strategies.checkpoint``); with
     ``client_state`` the clients also keep their state in the folder (``clients.store``: simulated
     clients share this machine's disk)."""
+    if method not in CENTRALISED and grid is None:
+        raise ValueError(f"{method} is a federated method: it needs a Flower grid")
+    with computing(session.config.compute()):  # the server's verification and evaluation
+        return _run_method(method, session, grid, recorder or Recorder(method), policy, folder, client_state)
+
+
+def _run_method(method: str, session: Session, grid: Grid | None, recorder: Recorder,
+                policy: VerificationPolicy | None, folder: RunFolder | None, client_state: bool) -> MethodResult:
     config = session.config
-    recorder = recorder or Recorder(method)
     random.seed(config.training_seed)  # Flower samples nodes with Python's random
     torch.manual_seed(config.training_seed)
     start = time.perf_counter()
     if method in CENTRALISED:
         run_centralised(config, {method: recorder}, len(session.workspace.clients))
         return MethodResult(method, recorder, time.perf_counter() - start)
-    if grid is None:
-        raise ValueError(f"{method} is a federated method: it needs a Flower grid")
     strategy = make_strategy(method, session, recorder, policy)
     run_config = ConfigRecord(config.to_record())
     initial, rounds_done = state_record(session.chain.edge), 0

@@ -89,7 +89,8 @@ def check_reply_is_weights_and_numbers(content, allowed_array_keys: set[str] | N
         assert allowed_array_keys is not None, f"unexpected array record {name!r}"
         assert set(record.keys()) == allowed_array_keys
     where = content.config_records.get(WHERE)  # the one text a reply holds: the client's machine
-    assert where is not None and set(where) == {"host", "ray-node"}  # a simulation's client is a Ray actor
+    assert where is not None and set(where) == {"host", "ray-node", "precision"}  # a simulation's client is a Ray actor
+    assert where["precision"] == "float32"  # the default: no bfloat16 anywhere
     assert all(isinstance(v, str) and len(v) <= 256 for v in where.values())
     for records in (content.metric_records, {k: v for k, v in content.config_records.items() if k != WHERE}):
         for record in records.values():

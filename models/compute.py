@@ -1,0 +1,106 @@
+"""How the detectors' arithmetic runs: the backbone body's precision and its tensor layout.
+
+Both are settings of execution, not of the model. They change no weight's dtype: parameters,
+gradients, optimiser state, losses, deltas, verification and AP stay float32 whatever is set; only
+the body's convolutions run in bfloat16 under ``torch.autocast`` (``models.ladder.LadderBody``),
+and their outputs are float32 again before the neck.
+
+* ``precision``: "float32" | "bfloat16" | "auto". bfloat16 applies to the bodies where it pays: the
+  ResNet bodies (dense 3x3 convolutions, which oneDNN runs in bfloat16 on CPUs with AVX-512 BF16 or
+  AMX). MobileNetV2's depthwise convolutions have no faster bfloat16 kernel there (an edge training
+  step took longer in bfloat16 than in float32, ``python -m bench.step_time``), so the edge's body
+  stays float32. "auto": bfloat16 where the CPU (or a CUDA device) supports it, else float32.
+* ``channels_last``: the body's input is made channels-last (NHWC), so every convolution, norm and
+  pooling after it runs in that layout (oneDNN's preferred one on the CPU).
+
+The setting is a context, like ``torch.autocast`` itself and the thread count: a run enters it once
+(``computing``) around the work that must honour it, and every model forward inside picks it up.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import functools
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+PRECISIONS = ("float32", "bfloat16", "auto")
+LAYOUTS = ("nchw", "channels-last")
+
+
+@dataclass(frozen=True)
+class Compute:
+    precision: str = "float32"  # PRECISIONS; "auto" is resolved per process (``resolved``)
+    layout: str = "nchw"  # LAYOUTS
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision {self.precision!r} is not one of {', '.join(PRECISIONS)}")
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"layout {self.layout!r} is not one of {', '.join(LAYOUTS)}")
+
+    @property
+    def is_default(self) -> bool:
+        return self == FLOAT32
+
+    def resolved(self, device: str = "cpu") -> "Compute":
+        """The same setting with "auto" replaced by what this machine supports."""
+        if self.precision != "auto":
+            return self
+        return Compute("bfloat16" if supports_bfloat16(device) else "float32", self.layout)
+
+    @property
+    def body_dtype(self) -> torch.dtype | None:
+        """The autocast dtype of a body that has fast bfloat16 kernels (None: float32 as stored)."""
+        if self.precision == "auto":
+            raise ValueError("resolve precision 'auto' first (Compute.resolved)")
+        return torch.bfloat16 if self.precision == "bfloat16" else None
+
+    def to_dict(self) -> dict:
+        return {"precision": self.precision, "layout": self.layout}
+
+
+FLOAT32 = Compute()
+_current: contextvars.ContextVar[Compute] = contextvars.ContextVar("compute", default=FLOAT32)
+
+
+def current_compute() -> Compute:
+    """The setting the models run under here (``FLOAT32`` outside any ``computing`` block)."""
+    return _current.get()
+
+
+@contextmanager
+def computing(compute: Compute, device: str = "cpu"):
+    """Runs the block with ``compute`` ("auto" resolved for ``device``), then restores the previous one."""
+    token = _current.set(compute.resolved(device))
+    try:
+        yield _current.get()
+    finally:
+        _current.reset(token)
+
+
+def supports_bfloat16(device: str = "cpu") -> bool:
+    """Whether ``device`` has native bfloat16 arithmetic: a CUDA device that reports it, or a CPU with
+    AVX-512 BF16 or AMX (read from torch's CPU probe, else from /proc/cpuinfo's flags)."""
+    if str(device).startswith("cuda"):
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    return _cpu_has_bfloat16()
+
+
+@functools.cache
+def _cpu_has_bfloat16() -> bool:
+    probes = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    probes = [p for p in probes if p is not None]
+    if probes:
+        return any(p() for p in probes)
+    cpuinfo = Path("/proc/cpuinfo")
+    if not cpuinfo.exists():
+        return False
+    flags = set()
+    for line in cpuinfo.read_text().splitlines():
+        if line.startswith("flags"):
+            flags.update(line.split(":", 1)[1].split())
+    return bool(flags & {"avx512_bf16", "amx_bf16"})
