@@ -30,12 +30,14 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 
 from bench.run_folder import add_run_arguments, open_run, write_cost_keys
 from distill.body_memo import BodyMemo
 from distill.rd import client_delta, direct_training, distill_c, reverse_distill_tutor1, reverse_distill_tutor2
 from evaluation.ap import per_class_ap
+from models.compute import Compute, computing
 from protocol.wire import work_seed
 from strategies.ledger import Recorder
 from strategies.server_app import make_strategy
@@ -72,37 +74,38 @@ def client_round(session, config, partition: int, server_round: int) -> tuple[di
     return diredi, fedavg, delta
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.round_work", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_run_arguments(parser)
-    parser.add_argument("--clients", type=int, default=2, help="clients timed (their mean is used)")
-    args = parser.parse_args(argv)
-    if args.clients < 1:
-        parser.error("--clients must be at least 1")
-    config, session, run = open_run(args.run, args.threads)
-    if args.clients > config.num_clients:
-        parser.error(f"--clients {args.clients}: the run has {config.num_clients} clients")
-    strategy = make_strategy("diredi", session, Recorder("diredi"))
-    strategy._open_round(2)
-    _, features_s = cpu_seconds(strategy.tutor_validation_ap)  # once per run (validation features, tutor AP)
-    parts: dict[str, dict[str, list[float]]] = {"diredi": {}, "fedavg": {}, "server": {}}
-    for partition in range(args.clients):
-        diredi, fedavg, delta = client_round(session, config, partition, server_round=2)
-        _, verify_s = cpu_seconds(lambda: strategy.verify(delta, partition, 2))
-        for method, timed in (("diredi", diredi), ("fedavg", fedavg), ("server", {"verify_per_delta": verify_s})):
-            for name, seconds in timed.items():
-                parts[method].setdefault(name, []).append(seconds)
-        print(f"client {partition}: DiReDi {sum(diredi.values()):.1f} s, FedAvg {sum(fedavg.values()):.1f} s, "
-              f"verification {verify_s:.2f} s", flush=True)
-    _, tutor_eval_s = cpu_seconds(lambda: strategy._validate(strategy.tutor))  # record_tutor's evaluation
+def parse_setting(text: str) -> Compute:
+    """"precision:layout" (e.g. "bfloat16:channels-last") -> a compute setting."""
+    precision, _, layout = text.partition(":")
+    try:
+        return Compute(precision, layout or "nchw")
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def measure(session, config, setting: Compute, clients: int) -> dict:
+    """The round's work under one compute setting: per-part client seconds (mean over ``clients``) and
+    the server's."""
+    with computing(setting) as resolved:
+        strategy = make_strategy("diredi", session, Recorder("diredi"))
+        strategy._open_round(2)
+        _, features_s = cpu_seconds(strategy.tutor_validation_ap)  # once per run (validation features, tutor AP)
+        parts: dict[str, dict[str, list[float]]] = {"diredi": {}, "fedavg": {}, "server": {}}
+        for partition in range(clients):
+            diredi, fedavg, delta = client_round(session, config, partition, server_round=2)
+            _, verify_s = cpu_seconds(lambda: strategy.verify(delta, partition, 2))
+            for method, timed in (("diredi", diredi), ("fedavg", fedavg), ("server", {"verify_per_delta": verify_s})):
+                for name, seconds in timed.items():
+                    parts[method].setdefault(name, []).append(seconds)
+            print(f"{resolved.precision}/{resolved.layout} client {partition}: DiReDi {sum(diredi.values()):.1f} s, "
+                  f"FedAvg {sum(fedavg.values()):.1f} s, verification {verify_s:.2f} s", flush=True)
+        _, tutor_eval_s = cpu_seconds(lambda: strategy._validate(strategy.tutor))  # record_tutor's evaluation
     mean = {method: {name: statistics.mean(v) for name, v in timed.items()} for method, timed in parts.items()}
     n = config.num_clients
     client = {method: sum(mean[method].values()) for method in ("diredi", "fedavg")}
     server = n * mean["server"]["verify_per_delta"] + tutor_eval_s
     result = {
-        "command": f"python -m bench.round_work --run {args.run} --threads {args.threads} --clients {args.clients}",
-        "clients_per_round": n, "threads": args.threads,
+        "compute": resolved.to_dict(), "clients_per_round": n,
         "client_s": {method: {**mean[method], "total": client[method]} for method in ("diredi", "fedavg")},
         "client_ratio": client["diredi"] / client["fedavg"],
         "server_s": {"diredi": {"verify_per_delta": mean["server"]["verify_per_delta"],
@@ -111,10 +114,44 @@ def main(argv=None) -> int:
         "work_s": {"diredi": n * client["diredi"] + server, "fedavg": n * client["fedavg"]},
     }
     result["work_ratio"] = result["work_s"]["diredi"] / result["work_s"]["fedavg"]
-    write_cost_keys(args.out, {"round_work": result})
-    print(json.dumps(result, indent=1))
-    print(f"client work {result['client_ratio']:.2f}x, round work with the server's {result['work_ratio']:.2f}x; "
-          f"wrote {args.out}")
+    return result
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.round_work", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_run_arguments(parser)
+    parser.add_argument("--clients", type=int, default=2, help="clients timed (their mean is used)")
+    parser.add_argument("--settings", type=lambda text: [parse_setting(t) for t in text.split(",") if t],
+                        default=[Compute()],
+                        help="compute settings timed, precision:layout, comma-separated (default float32:nchw); "
+                             "with two or more, the speed-up of each over the first is written too")
+    args = parser.parse_args(argv)
+    if args.clients < 1:
+        parser.error("--clients must be at least 1")
+    config, session, run = open_run(args.run, args.threads)
+    if args.clients > config.num_clients:
+        parser.error(f"--clients {args.clients}: the run has {config.num_clients} clients")
+    command = " ".join(["python -m bench.round_work", *(sys.argv[1:] if argv is None else argv)])
+    results = [measure(session, config, setting, args.clients) for setting in args.settings]
+    keys = {"round_work": {"command": command, "threads": args.threads, **results[0]}}
+    if len(results) > 1:
+        base = results[0]
+        keys["speedup"] = {"command": command, "threads": args.threads, "baseline": base["compute"], "settings": [
+            {"compute": r["compute"],
+             "fedavg_client": base["client_s"]["fedavg"]["total"] / r["client_s"]["fedavg"]["total"],
+             "diredi_client": base["client_s"]["diredi"]["total"] / r["client_s"]["diredi"]["total"],
+             "diredi_round_work": base["work_s"]["diredi"] / r["work_s"]["diredi"],
+             "client_s": r["client_s"], "server_s": r["server_s"]} for r in results[1:]]}
+    write_cost_keys(args.out, keys)
+    print(json.dumps(keys, indent=1))
+    for r in results:
+        print(f"{r['compute']}: client work {r['client_ratio']:.2f}x, round work with the server's "
+              f"{r['work_ratio']:.2f}x")
+    for r in keys.get("speedup", {}).get("settings", []):
+        print(f"{r['compute']} over {keys['speedup']['baseline']}: FedAvg client {r['fedavg_client']:.2f}x, "
+              f"DiReDi client {r['diredi_client']:.2f}x, DiReDi round work {r['diredi_round_work']:.2f}x")
+    print(f"wrote {args.out}")
     return 0
 
 

@@ -130,3 +130,16 @@ def test_bad_settings_are_refused_before_work():
         resolve_run_config({"layout": "nhwc"})
     with pytest.raises(ValueError, match="precision"):
         Compute("half")
+
+
+def test_flops_count_a_grouped_convolutions_backward_as_twice_its_forward():
+    from bench.flops import count_flops
+
+    for groups in (1, 4, 64):
+        conv = nn.Conv2d(64, 64, 3, padding=1, groups=groups)
+        x = torch.rand(2, 64, 16, 16, requires_grad=True)
+        forward = 2 * 2 * 16 * 16 * 64 * (64 // groups) * 9  # 2 FLOPs per multiply-add
+        assert count_flops(lambda: conv(x)) == forward
+        assert count_flops(lambda: conv(x).sum().backward()) == 3 * forward  # + input and weight gradients
+        x.requires_grad_(False)  # the first layer: no input gradient
+        assert count_flops(lambda: conv(x).sum().backward()) == 2 * forward
