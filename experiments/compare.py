@@ -3,6 +3,7 @@
     python -m experiments.compare                                 # 20 rounds x replicates 0 1 2, every method
     python -m experiments.compare --replicates 1                  # one replicate (a part that fits a session)
     python -m experiments.compare --summarise-only                # combine what the run folders hold
+    python -m experiments.compare --precision bfloat16 --out DIR  # the same study in bfloat16 (its own chain)
 
 Each replicate is its own resumable run of ``python -m sim.run`` (``--replicate k``: other training
 seeds, data order and client sampling on the same data, shards and chain) in
@@ -28,6 +29,7 @@ import threading
 import time
 from pathlib import Path
 
+from models.compute import LAYOUTS, PRECISIONS
 from protocol.config import METHODS
 
 OUT = Path("experiments/results/compare")
@@ -49,6 +51,8 @@ def replicate_command(args: argparse.Namespace, replicate: int, settings: dict) 
                "--clients", str(args.clients), "--rounds", str(args.rounds), "--methods", ",".join(args.methods),
                "--replicate", str(replicate), "--out", str(args.out / "runs"), "--name", f"rep{replicate}",
                "--cache", args.cache, "--quiet"]
+    if args.precision != "float32" or args.layout != "nchw":  # the float32 study's commands stay as they were
+        command += ["--precision", args.precision, "--layout", args.layout]
     for flag, value in settings.items():
         command += [flag, f"{value:g}" if isinstance(value, float) else str(value)]
     if (folder / "config.json").exists():
@@ -63,7 +67,7 @@ def fingerprints(args: argparse.Namespace) -> dict[str, str]:
     from protocol.config import resolve_run_config
 
     config = resolve_run_config({"profile": args.profile, "scenario": args.scenario, "num-clients": args.clients,
-                                 "cache-dir": args.cache})
+                                 "cache-dir": args.cache, "precision": args.precision, "layout": args.layout})
     ws = config.workspace()
     chain = ws.chain(progress=True)
     shards = ws.shards
@@ -142,6 +146,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--scenario", default="default8")
     parser.add_argument("--cache", default=".cache")
     parser.add_argument("--out", type=Path, default=OUT)
+    parser.add_argument("--precision", choices=PRECISIONS, default="float32",
+                        help="sim.run's --precision for every replicate, chain included (default float32)")
+    parser.add_argument("--layout", choices=LAYOUTS, default="nchw", help="sim.run's --layout (default nchw)")
     parser.add_argument("--grid", type=Path, default=GRID, help="the baseline grid's JSON (chosen settings)")
     parser.add_argument("--no-grid", action="store_true", help="the baselines at the default settings")
     parser.add_argument("--summarise-only", action="store_true", help="combine the run folders; run nothing")
