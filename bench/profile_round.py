@@ -17,7 +17,8 @@ own Tutor 1) on one thread under ``torch.profiler`` and sorts each part's time i
   FCOS's target assignment loops, AP matching.
 
 Operators are counted by their own time (not their children's), so the categories add up to the
-part's time. Writes the key ``profile_round`` of ``experiments/results/cost.json`` (other keys kept).
+part's time. Writes the setting's entry of the key ``profile_round`` of ``experiments/results/cost.json``
+(other settings and keys kept).
 """
 
 from __future__ import annotations
@@ -121,10 +122,11 @@ def main(argv=None) -> int:
     for name, s in parts.items():
         print(f"| {name} | {s['wall']:.2f} | " + " | ".join(f"{s[c]:.2f}" for c in CATEGORIES) + " |")
     command = " ".join(["python -m bench.profile_round", *(sys.argv[1:] if argv is None else argv)])
-    write_cost_keys(args.out, {"profile_round": {"command": command, "client": args.client, "threads": args.threads,
-                                                 "compute": resolved.to_dict(),
-                                                 "seconds": {k: {c: round(v, 3) for c, v in s.items()}
-                                                             for k, s in parts.items()}}})
+    profiles = json.loads(args.out.read_text()).get("profile_round", {}) if args.out.is_file() else {}
+    profiles[f"{resolved.precision}/{resolved.layout}"] = {  # one entry per setting, others kept
+        "command": command, "client": args.client, "threads": args.threads, "compute": resolved.to_dict(),
+        "seconds": {k: {c: round(v, 3) for c, v in s.items()} for k, s in parts.items()}}
+    write_cost_keys(args.out, {"profile_round": profiles})
     print(f"wrote {args.out}")
     return 0
 
