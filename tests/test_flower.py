@@ -169,6 +169,12 @@ def test_shared_tutor1_and_server_redistillation(setup):
     assert set(result.edge_state) == set(chain.edge.state_dict())  # the server's re-distilled edge
 
 
+def test_the_compute_setting_reaches_every_client(setup):
+    result, replies = run_captured("fedavg", setup, precision="bfloat16", layout="channels-last")
+    check_records(result, "fedavg", setup[0])
+    assert replies and all(reply.content.config_records[WHERE]["precision"] == "bfloat16" for _, reply in replies)
+
+
 # -- both entry points run the same experiment -------------------------------------------------------
 
 
