@@ -1,39 +1,70 @@
-"""Build (or reuse) the manufacturer chain of a profile and print each stage's time and memory.
+"""Build (or reuse) the manufacturer chain of a profile; print each stage's time and memory and each
+model's mAP on the manufacturer's validation set.
 
     python -m bench.chain --profile cpu
+    python -m bench.chain --profile cpu --threads 2 --precision bfloat16 --layout channels-last --out FILE
 
-A second call reuses the cache and prints how long loading took.
+A second call reuses the cache and prints how long loading took. ``--precision`` / ``--layout``
+(``models.compute``) train and evaluate the chain that way: another cached chain than float32's.
 """
 
 import argparse
 import json
 import logging
+import sys
 import time
+from pathlib import Path
 
 import torch
 
 from data.workspace import prepare
+from evaluation.ap import per_class_ap
+from models.compute import LAYOUTS, PRECISIONS, Compute, computing
+
+
+def validation_map(ws, chain) -> dict[str, float]:
+    """Each model's mAP (percent) on the manufacturer's validation set, over the classes it was trained on."""
+    s = ws.scenario
+    rows = {}
+    for role, classes in (("teacher", s.teacher_classes), ("tutor", s.presumed_classes), ("edge", s.presumed_classes)):
+        _, summary = per_class_ap(getattr(chain, role), ws.dataset(ws.shards.manufacturer_val, classes), classes)
+        rows[role] = round(100 * summary["mAP"], 2)
+    return rows
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--profile", default="cpu")
     parser.add_argument("--scenario", default="default8")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--device", default="auto", help="cpu | cuda | auto (cuda when available)")
+    parser.add_argument("--precision", choices=PRECISIONS, default="float32")
+    parser.add_argument("--layout", choices=LAYOUTS, default="nchw")
     parser.add_argument("--stop-after", choices=["teacher"], help="build only the teacher")
+    parser.add_argument("--out", type=Path, help="also write the stages' reports and mAPs to this JSON file")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     torch.set_num_threads(args.threads)
+    compute = Compute(args.precision, args.layout)
     start = time.perf_counter()
-    ws = prepare(args.profile, args.scenario, seed=args.seed, device=args.device)
+    ws = prepare(args.profile, args.scenario, seed=args.seed, device=args.device, compute=compute)
     print(f"data ready in {time.perf_counter() - start:.1f} s: {json.dumps(ws.shards.sizes())}")
     start = time.perf_counter()
     chain = ws.chain(progress=False, stop_after=args.stop_after)
-    print(f"chain ready in {time.perf_counter() - start:.1f} s")
+    seconds = time.perf_counter() - start
+    print(f"chain ready in {seconds:.1f} s")
     for name, report in chain.reports().items():
         print(name, json.dumps(report))
+    result = {"command": " ".join(["python -m bench.chain", *(sys.argv[1:] if argv is None else argv)]),
+              "threads": args.threads, "chain_s": round(seconds, 1), "stages": chain.reports()}
+    if args.stop_after is None:
+        with computing(compute) as resolved:
+            result["compute"], result["validation_map"] = resolved.to_dict(), validation_map(ws, chain)
+        print(f"validation mAP ({resolved.precision}, {resolved.layout}): {json.dumps(result['validation_map'])}")
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=1, default=str))
     return 0
 
 
