@@ -30,12 +30,9 @@ import time
 
 from torch.profiler import ProfilerActivity, profile
 
+from bench.round_work import client_round
 from bench.run_folder import add_run_arguments, open_run, write_cost_keys
-from distill.body_memo import BodyMemo
-from distill.rd import client_delta, direct_training, distill_c, reverse_distill_tutor1, reverse_distill_tutor2
-from evaluation.ap import per_class_ap
 from models.compute import Compute, computing
-from protocol.wire import work_seed
 
 CATEGORIES = ("convolution", "norm", "activation", "upsample", "optimizer", "nms", "other torch", "python and data")
 _BY_NAME = (("convolution", ("conv",)), ("norm", ("batch_norm", "group_norm")),
@@ -75,27 +72,12 @@ def profiled(fn):
 
 
 def client_parts(session, config, partition: int, server_round: int = 2) -> dict[str, dict[str, float]]:
-    ws, settings = session.workspace, config.rd_settings()
-    tutor, edge = session.chain.tutor, session.chain.edge
-    seed = work_seed(config.training_seed, server_round, partition)
-    presumed, train, test = ws.client_presumed(partition), ws.client_train(partition), ws.client_test(partition)
-    classes = ws.eval_classes()
-    parts = {}
-    (tutor1, _), parts["diredi: RD tutor 1"] = profiled(lambda: reverse_distill_tutor1(tutor, edge, presumed,
-                                                                                       settings, seed))
-    memo = BodyMemo.for_model(tutor1)
-    (tutor2, _), parts["diredi: RD tutor 2"] = profiled(
-        lambda: reverse_distill_tutor2(tutor, tutor1, edge, train, settings, seed, body_memo=memo))
-    client_delta(tutor1, tutor2, settings)
-    memo.recording = False
-    (new_edge, _), parts["diredi: Distill C"] = profiled(lambda: distill_c(edge, tutor, train, settings, seed,
-                                                                          body_memo=memo))
-    _, parts["diredi: evaluation"] = profiled(lambda: per_class_ap(new_edge, test, classes))
-    steps = 2 * settings.rd_iters + settings.redistill_iters
-    (trained, _), parts["fedavg: direct training"] = profiled(lambda: direct_training(edge, train, steps,
-                                                                                      settings, seed))
-    _, parts["fedavg: evaluation"] = profiled(lambda: per_class_ap(trained, test, classes))
-    return parts
+    """``bench.round_work.client_round`` with each part under the profiler (the delta, a subtraction, left out)."""
+    diredi, fedavg, _ = client_round(session, config, partition, server_round, timer=profiled)
+    names = {"rd_tutor1": "RD tutor 1", "rd_tutor2": "RD tutor 2", "distill_c": "Distill C", "evaluate": "evaluation",
+             "direct_training": "direct training"}
+    return {**{f"diredi: {names[k]}": v for k, v in diredi.items() if k != "delta"},
+            **{f"fedavg: {names[k]}": v for k, v in fedavg.items()}}
 
 
 def main(argv=None) -> int:

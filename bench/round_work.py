@@ -50,27 +50,26 @@ def cpu_seconds(fn):
     return out, time.process_time() - start
 
 
-def client_round(session, config, partition: int, server_round: int) -> tuple[dict, dict, dict]:
-    """One client's DiReDi and FedAvg work of a round (CPU seconds per part), and its delta."""
+def client_round(session, config, partition: int, server_round: int, timer=cpu_seconds) -> tuple[dict, dict, dict]:
+    """One client's DiReDi and FedAvg work of a round, each part run through ``timer`` (``fn -> (result,
+    measurement)``; default: CPU seconds), the measurements per part, and the client's delta."""
     ws, settings = session.workspace, config.rd_settings()
     tutor, edge = session.chain.tutor, session.chain.edge
     seed = work_seed(config.seed, server_round, partition)
     presumed, train, test = ws.client_presumed(partition), ws.client_train(partition), ws.client_test(partition)
     classes = ws.eval_classes()
     diredi, fedavg = {}, {}
-    (tutor1, _), diredi["rd_tutor1"] = cpu_seconds(lambda: reverse_distill_tutor1(tutor, edge, presumed, settings, seed))
+    (tutor1, _), diredi["rd_tutor1"] = timer(lambda: reverse_distill_tutor1(tutor, edge, presumed, settings, seed))
     memo = BodyMemo.for_model(tutor1)  # as the client: Tutor 2's body outputs, read by Distill C
-    (tutor2, _), diredi["rd_tutor2"] = cpu_seconds(
+    (tutor2, _), diredi["rd_tutor2"] = timer(
         lambda: reverse_distill_tutor2(tutor, tutor1, edge, train, settings, seed, body_memo=memo))
-    delta, diredi["delta"] = cpu_seconds(lambda: client_delta(tutor1, tutor2, settings))
+    delta, diredi["delta"] = timer(lambda: client_delta(tutor1, tutor2, settings))
     memo.recording = False
-    (new_edge, _), diredi["distill_c"] = cpu_seconds(
-        lambda: distill_c(edge, tutor, train, settings, seed, body_memo=memo))
-    _, diredi["evaluate"] = cpu_seconds(lambda: per_class_ap(new_edge, test, classes))
+    (new_edge, _), diredi["distill_c"] = timer(lambda: distill_c(edge, tutor, train, settings, seed, body_memo=memo))
+    _, diredi["evaluate"] = timer(lambda: per_class_ap(new_edge, test, classes))
     steps = 2 * settings.rd_iters + settings.redistill_iters
-    (trained, _), fedavg["direct_training"] = cpu_seconds(
-        lambda: direct_training(edge, train, steps, settings, seed))
-    _, fedavg["evaluate"] = cpu_seconds(lambda: per_class_ap(trained, test, classes))
+    (trained, _), fedavg["direct_training"] = timer(lambda: direct_training(edge, train, steps, settings, seed))
+    _, fedavg["evaluate"] = timer(lambda: per_class_ap(trained, test, classes))
     return diredi, fedavg, delta
 
 
