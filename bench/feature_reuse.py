@@ -14,6 +14,9 @@ measures, on the run's scenario and settings:
   pairs a cache would hold (Tutor 1 and Tutor 2's) and its MB;
 * ``body``: CPU seconds of the tutor body per batch size (a step whose batch is partly cached runs the
   body on the rest), and whether a sub-batch gives the same bits as the whole batch;
+* ``across_rounds``: the same draws over ``--horizon`` rounds (the study's 20), with a cache that a
+  client would keep on its disk from round to round (every phase stores what it computes; the body
+  never changes, eq. 10): per round, the share of the body's images it would serve and its size;
 * ``end_to_end``: one client's Tutor 1, Tutor 2 and Distill C run with and without such a cache
   (the cache is patched into ``distill.trainer`` here only, to measure it; the project does not use
   it): identical losses and weights, CPU seconds, the cache's MB.
@@ -29,6 +32,7 @@ import argparse
 import copy
 import json
 import statistics
+import sys
 import time
 from collections import OrderedDict
 
@@ -97,6 +101,29 @@ def reuse_counts(phases) -> dict:
         if name != "distill_c":  # the last phase: nothing after it would read what it stores
             seen.update(key for step in steps for key in step)
     out["cached_pairs"] = len(seen)
+    return out
+
+
+def across_rounds(config, session: Session, horizon: int, per_image_mb: float, body_s: dict, full: int) -> dict:
+    """Per round 1..horizon (mean over clients): the share of the tutor body's images a cache kept from
+    round to round would serve, its pairs and MB at the round's end, and the body CPU seconds it would
+    save (a partly cached batch runs the body on the rest, never on one image alone)."""
+    clients = len(session.workspace.clients)
+    seen: list[set] = [set() for _ in range(clients)]
+    out = {}
+    for server_round in range(1, horizon + 1):
+        drawn = served = 0
+        saved = 0.0
+        for partition in range(clients):
+            for _, ids, phase in client_phases(config, session, partition, server_round):
+                for step in draws(ids, phase):
+                    missing = sum(key not in seen[partition] for key in step)
+                    drawn, served = drawn + len(step), served + len(step) - missing
+                    saved += body_s[full] - (body_s[max(missing, 2)] if missing else 0.0)
+                    seen[partition].update(step)
+        pairs = sum(len(s) for s in seen) / clients
+        out[str(server_round)] = {"served_share": served / drawn, "cached_pairs_mean": pairs,
+                                  "cache_mb_mean": pairs * per_image_mb, "est_cpu_s_saved_per_client": saved / clients}
     return out
 
 
@@ -177,7 +204,11 @@ def main(argv=None) -> int:
     add_run_arguments(parser)
     parser.add_argument("--repeats", type=int, default=2, help="end-to-end runs with and without the cache, interleaved")
     parser.add_argument("--client", type=int, default=0, help="the client run end to end")
+    parser.add_argument("--horizon", type=int, default=20, help="rounds of the across-rounds count (the study's 20)")
+    parser.add_argument("--skip-end-to-end", action="store_true", help="only count draws and time the body")
     args = parser.parse_args(argv)
+    if args.horizon < 1:
+        parser.error("--horizon must be at least 1")
     config, session, run = open_run(args.run, args.threads)
     ws, tutor = session.workspace, session.chain.tutor
     rounds = sorted({1, 2} & set(range(1, int(run.get("rounds", 2)) + 1)))
@@ -212,8 +243,10 @@ def main(argv=None) -> int:
             "est_cpu_s_saved_per_client": sum(r["est_cpu_s_saved"] for r in rows) / len(rows),
             "body_cpu_s_per_client": sum(body_s[full] * (r[n]["images"] // full) for r in rows for n in names) / len(rows)}
 
+    horizon = across_rounds(config, session, args.horizon, per_image_mb, body_s, len(images))
+
     end_to_end = {}
-    for server_round in rounds:
+    for server_round in ([] if args.skip_end_to_end else rounds):
         runs = {"without": [], "with": []}
         for _ in range(args.repeats):  # interleaved: the machine's load hits both alike
             runs["without"].append(run_chain(session, config, args.client, server_round, None))
@@ -229,7 +262,7 @@ def main(argv=None) -> int:
 
     shards = ws.shards.sizes()["clients"]
     result = {
-        "command": f"python -m bench.feature_reuse --run {args.run} --threads {args.threads} --repeats {args.repeats}",
+        "command": " ".join(["python -m bench.feature_reuse", *(sys.argv[1:] if argv is None else argv)]),
         "steps": {"rd_per_tutor": config.rd_iters, "distill_c": config.redistill_iters,
                   "batch_size": config.rd_settings().batch_size},
         "shard_images": {"presumed": [c["public"] for c in shards.values()],
@@ -238,10 +271,23 @@ def main(argv=None) -> int:
                  "sub_batch_same_bits": {str(n): v for n, v in sorted(same_bits.items())},
                  "mb_per_image": per_image_mb},
         "per_round": per_round,
+        "across_rounds": horizon,
         "end_to_end": end_to_end,
     }
+    if args.skip_end_to_end and args.out.exists():  # keep the end-to-end figures of the last full run
+        earlier = json.loads(args.out.read_text()).get("feature_reuse", {})
+        if earlier.get("end_to_end"):
+            result["end_to_end"] = earlier["end_to_end"]
+            result["end_to_end_command"] = earlier.get("end_to_end_command", earlier.get("command"))
+    else:
+        result["end_to_end_command"] = result["command"]
     write_cost_keys(args.out, {"feature_reuse": result})
     print(json.dumps({k: result[k] for k in ("body", "per_round", "end_to_end")}, indent=1))
+    for r in (1, 2, 5, 10, args.horizon):
+        if str(r) in horizon:
+            h = horizon[str(r)]
+            print(f"across rounds, round {r}: {100 * h['served_share']:.0f} % of body images served, "
+                  f"cache {h['cache_mb_mean']:.0f} MB per client, ~{h['est_cpu_s_saved_per_client']:.1f} CPU s saved per client")
     print(f"wrote {args.out}")
     return 0
 

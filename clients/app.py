@@ -54,8 +54,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 from torch import nn
 
-from clients.store import (is_body_reference, load_client_state, read_body, save_body_memo, save_client_state,
-                           store_body, take_body_memo)
+from clients.store import (is_body_reference, load_client_state, open_body_cache, read_body, save_body_memo,
+                           save_body_outputs, save_client_state, store_body, take_body_memo)
 from data.voc import CLASS_INDEX, DataError
 from data.workspace import Workspace
 from distill.body_memo import BodyMemo
@@ -64,12 +64,12 @@ from distill.rd import (client_delta, direct_training, distill_c, fine_tune, rev
 from distill.trainer import PhaseReport, peak_rss_mb
 from evaluation.ap import per_class_ap
 from models.compute import computing, current_compute
-from models.io import state_fingerprint
+from models.io import body_fingerprint, state_fingerprint
 from models.ladder import build_to_load
 from models.parts import part_of
 from protocol.config import RunConfig
 from protocol.privacy import DP_EPSILON, DP_PARTICIPATIONS, epsilon_spent, is_on, noise_generator, privatise
-from protocol.wire import (AFTER, AP_AFTER, AP_BEFORE, ARRAYS, BEFORE, CONFIG, DELTA, DIRECT_WORK, DIREDI_WORK,
+from protocol.wire import (AFTER, AP_AFTER, AP_BEFORE, ARRAYS, BEFORE, BODY, CONFIG, DELTA, DIRECT_WORK, DIREDI_WORK,
                            EDGE, EDGE_SOURCE, FINE_TUNE, LOSSES, METHOD, METRICS, NUM_EXAMPLES, OWN_CLASSES,
                            PARTITION_ID, PEAK_RSS, SECONDS, SERVER_ROUND, STATE_DIR, TRAINED, TUTOR, TUTOR1, WHERE, WORK,
                            decode, encode, pack_delta, state_record, top_k, work_seed)
@@ -192,6 +192,14 @@ def loss_metrics(phase: str, report: PhaseReport) -> dict[str, float]:
     b = report.balance()
     values = {"det": b["det_loss_end"], "distill": b["distill_loss_end"], "ratio": b["loss_ratio_end"]}
     return {f"{LOSSES}.{phase}.{k}": float(v) for k, v in values.items() if math.isfinite(v)}
+
+
+def body_metrics(phase: str, memo: BodyMemo | None) -> dict[str, float]:
+    """How many of the phase's tutor-body inputs the memo served and how many the body ran on
+    (``distill.body_memo``; nothing without a memo)."""
+    if memo is None:
+        return {}
+    return encode(BODY, {f"{phase}.served": memo.images_served, f"{phase}.computed": memo.images_computed})
 
 
 def _reply(msg: Message, metrics: dict, arrays: dict[str, ArrayRecord] | None = None) -> Message:
@@ -320,20 +328,30 @@ def _train_diredi(msg: Message, context: Context) -> Message:
     metrics = _evaluate(edge, ws, partition, BEFORE, "evaluate_before", context, config)
     arrays = msg.content.array_records
     tutor = _tutor(msg, context, ws, config, TUTOR) if TUTOR in arrays else None
-    if TUTOR1 in arrays:  # the server's shared Tutor 1
-        tutor1, seconds_t1 = _tutor(msg, context, ws, config, TUTOR1), 0.0
-    else:
-        tutor1, report = reverse_distill_tutor1(tutor, edge, _dataset(ws, partition, "presumed"), settings, seed)
-        seconds_t1 = report.seconds
-    # With a state folder, Tutor 2's body outputs wait on the client's disk for its Distill C, whose
-    # first batches are Tutor 2's (distill.body_memo); the body is Tutor 1's, the tutor's. Not when the
-    # server re-distils: nothing would read them.
     root, method = node_state_dir(config, context.node_config), str(config[METHOD])
-    memo = BodyMemo.for_model(tutor1) if root and run.redistill == "client" else None
+    # The tutor body's outputs per image (distill.body_memo), with a state folder: kept for the whole run
+    # on the client's disk (body_cache "run": Tutor 1, Tutor 2 and Distill C read and add to it), or
+    # Tutor 2's only, waiting for this round's Distill C, whose first batches are Tutor 2's (not when
+    # the server re-distils: nothing would read them).
+    cache = root is not None and run.body_cache == "run"
+    shared_t1 = _tutor(msg, context, ws, config, TUTOR1) if TUTOR1 in arrays else None  # the server's
+    body_key = body_fingerprint(tutor if tutor is not None else shared_t1) if root else ""
+    memo = open_body_cache(root, method, partition, body_key) if cache else None
+    if shared_t1 is not None:
+        tutor1, seconds_t1 = shared_t1, 0.0
+    else:
+        tutor1, report = reverse_distill_tutor1(tutor, edge, _dataset(ws, partition, "presumed"), settings, seed,
+                                                body_memo=memo)
+        seconds_t1 = report.seconds
+    if memo is None and root and run.redistill == "client":
+        memo = BodyMemo(body_key)
     tutor2, report = reverse_distill_tutor2(tutor if tutor is not None else tutor1, tutor1, edge,
                                             _dataset(ws, partition, "train"), settings, seed, body_memo=memo)
-    if memo is not None:
+    if cache:
+        save_body_outputs(root, method, partition, memo)
+    elif memo is not None:
         save_body_memo(root, method, partition, memo)
+    body = body_metrics("rd", memo)
     delta = client_delta(tutor1, tutor2, settings)
     dp = {}
     if is_on(run.dp_clip, run.dp_noise):  # local DP (protocol.privacy; off: the delta untouched).
@@ -357,7 +375,7 @@ def _train_diredi(msg: Message, context: Context) -> Message:
     metrics.update({**_identity(ws, partition), **encode(TRAINED, dict.fromkeys(ws.clients[partition].train_classes, 1)),
                     f"{SECONDS}.rd_tutor1": seconds_t1,
                     f"{SECONDS}.rd_tutor2": report.seconds, PEAK_RSS: peak_rss_mb(),
-                    **loss_metrics("rd_tutor2", report), **dp})
+                    **loss_metrics("rd_tutor2", report), **body, **dp})
     return _reply(msg, metrics, {DELTA: pack_delta(delta, run.delta_precision, sparse=sparse)})
 
 
@@ -387,14 +405,20 @@ def distill(msg: Message, context: Context) -> Message:
     config, run, ws, partition, seed = _common(msg, context)
     edge = _edge(msg, context, ws, config)
     tutor = _tutor(msg, context, ws, config, TUTOR)
-    root = node_state_dir(config, context.node_config)
-    memo = take_body_memo(root, str(config[METHOD]), partition) if root else None
+    root, method = node_state_dir(config, context.node_config), str(config[METHOD])
+    cache = root is not None and run.body_cache == "run"  # distill.body_memo; clients.store
+    if cache:
+        memo = open_body_cache(root, method, partition, body_fingerprint(tutor))
+    else:
+        memo = take_body_memo(root, method, partition) if root else None
     new_edge, report = distill_c(edge, tutor, _dataset(ws, partition, "train"), run.rd_settings(), seed,
                                  body_memo=memo)
+    if cache:
+        save_body_outputs(root, method, partition, memo)
     context.state[_edge_key(config)] = state_record(new_edge)
     metrics = _evaluate(new_edge, ws, partition, AFTER, "evaluate_after", context, config)
     metrics.update({**_identity(ws, partition), f"{SECONDS}.distill_c": report.seconds, PEAK_RSS: peak_rss_mb(),
-                    **loss_metrics("distill_c", report)})
+                    **loss_metrics("distill_c", report), **body_metrics("distill_c", memo)})
     return _reply(msg, metrics)
 
 

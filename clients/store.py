@@ -11,6 +11,9 @@ handles, one file per round it took part in:
     <state dir>/<method>/client-<partition>/body-memo.safetensors
                                                               Tutor 2's body outputs, from its "train"
                                                               message to its "train.distill" message
+    <state dir>/<method>/client-<partition>/body-cache/*.safetensors
+                                                              with ``body_cache="run"``: the tutor body's
+                                                              outputs of every message, one file each
 
 A resumed run starts with empty ``context.state``; a client then loads the newest file of a round
 before the current one (a round the server checkpointed: the files of the round that was cut short
@@ -27,6 +30,7 @@ from __future__ import annotations
 import os
 import re
 import uuid
+from collections import OrderedDict
 from pathlib import Path
 
 from flwr.app import ArrayRecord, ConfigRecord, RecordDict
@@ -34,7 +38,7 @@ from flwr.common import serde
 from safetensors import safe_open
 from safetensors.torch import save as safetensors_bytes
 
-from distill.body_memo import BodyMemo
+from distill.body_memo import BodyMemo, split_name
 from models.io import state_fingerprint
 
 BODY_SUFFIX = ".tutor-body"  # context.state keys of the tutor's backbone body (``clients.app._tutor``)
@@ -122,6 +126,44 @@ def take_body_memo(root: Path, method: str, partition: int) -> BodyMemo | None:
         tensors = {name: f.get_tensor(name) for name in f.keys()}
     path.unlink()
     return BodyMemo.from_tensors(body_key, tensors)
+
+
+def _cache_dir(root: Path, method: str, partition: int) -> Path:
+    return _client_dir(root, method, partition) / "body-cache"
+
+
+def save_body_outputs(root: Path, method: str, partition: int, memo: BodyMemo) -> None:
+    """Adds what ``memo`` recorded in this message to the client's body cache (``body_cache="run"``), as
+    a file of its own: nothing written earlier is rewritten."""
+    if memo.outputs:
+        data = safetensors_bytes(memo.to_tensors(), metadata={"body_key": memo.body_key})
+        _write_atomic(_cache_dir(root, method, partition) / f"{uuid.uuid4().hex}.safetensors", data)
+
+
+def open_body_cache(root: Path, method: str, partition: int, body_key: str) -> BodyMemo:
+    """A recording memo for the body ``body_key`` that also serves what earlier messages of this client
+    saved (``save_body_outputs``). Files are read lazily, one image's tensors when asked, so an actor
+    holds only the images it uses; files of another body are deleted (the tutor's body changed)."""
+    index: dict[str, list[tuple[object, str]]] = {}
+    folder = _cache_dir(root, method, partition)
+    for path in sorted(folder.glob("*.safetensors")) if folder.is_dir() else []:
+        handle = safe_open(str(path), framework="pt")
+        if handle.metadata().get("body_key") != body_key:
+            del handle
+            path.unlink()
+            continue
+        for name in handle.keys():
+            index.setdefault(split_name(name)[0], []).append((handle, name))
+
+    def earlier(key: str):
+        entries = index.get(key)
+        if not entries:
+            return None
+        first = entries[0][0]  # one file holds all of an image's levels
+        return OrderedDict((split_name(name)[1], handle.get_tensor(name))
+                           for handle, name in sorted(entries, key=lambda e: split_name(e[1])) if handle is first)
+
+    return BodyMemo(body_key, recording=True, earlier=earlier)
 
 
 def save_client_state(state: RecordDict, root: Path, method: str, partition: int, server_round: int) -> Path:

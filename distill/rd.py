@@ -107,11 +107,13 @@ def _rd_phase(name: str, settings: RDSettings, label_weight: float, seed: int) -
 
 
 def reverse_distill_tutor1(tutor: nn.Module, edge: nn.Module, presumed: Dataset, settings: RDSettings,
-                           seed: int, progress: bool = False) -> tuple[nn.Module, PhaseReport]:
+                           seed: int, progress: bool = False,
+                           body_memo: BodyMemo | None = None) -> tuple[nn.Module, PhaseReport]:
     """Tutor 1: a copy of the tutor that learns from the edge on presumed data (it shares the tutor's
-    frozen body, ``_tutor_copy``)."""
+    frozen body, ``_tutor_copy``). ``body_memo``: that body's outputs kept across rounds, if any."""
     t1 = _tutor_copy(tutor, settings)
-    return t1, train(t1, presumed, tutor1_phase(settings, seed), teacher=edge, progress=progress)
+    return t1, train(t1, presumed, tutor1_phase(settings, seed), teacher=edge, progress=progress,
+                     body_memo=body_memo)
 
 
 def reverse_distill_tutor2(tutor: nn.Module, tutor1: nn.Module, edge: nn.Module, client_data: Dataset,

@@ -34,13 +34,14 @@ AGGREGATION_METHODS = ("weighted", "trimmed", "ties", "krum", "class_aware")  # 
 REDISTILL_SIDES = ("client", "server")
 DELTA_PRECISIONS = ("float16", "float32")  # how a client's delta travels (the server reads either)
 DIRECTION_REFERENCES = ("peers", "server")  # the direction gate's reference (strategies.verify)
+BODY_CACHES = ("round", "run")  # how long a client keeps the tutor body's outputs (distill.body_memo)
 
 
 # Fields added after runs were recorded: ``to_dict`` leaves them out while they hold their default, so
 # a run without them writes the config.json it wrote before they existed (and --resume, which
 # compares config.json's "run" with ``to_dict``, still accepts the older run folders).
 LATER_FIELDS = ("dp_clip", "dp_noise", "dp_delta", "replicate", "direct_lr", "server_momentum", "fedadam_eta",
-                "fedadam_tau", "precision", "layout")
+                "fedadam_tau", "precision", "layout", "body_cache")
 
 
 class ConfigError(ValueError):
@@ -71,6 +72,10 @@ class RunConfig:
     # (nchw | channels-last). Weights, deltas, losses and AP are float32 whatever these are.
     precision: str = "float32"
     layout: str = "nchw"
+    # How long a DiReDi client with a state folder keeps its tutor body's outputs per image
+    # (distill.body_memo): "round" (Tutor 2's, for its Distill C) | "run" (every phase's, on its disk
+    # from round to round). The same figures either way; "run" costs disk and saves body passes.
+    body_cache: str = "round"
     cache_dir: str = ".cache"
     tutor1: str = "shared"  # Tutor 1 computed once per round on the server, or on every client
     redistill: str = "client"  # Distill C on each client (its own edge) or once on the server
@@ -286,7 +291,7 @@ def resolve_run_config(raw: Mapping[str, Any] | RunConfig) -> RunConfig:
 
     choices = {"data": ("synth", "voc"), "tutor1": TUTOR1_MODES, "redistill": REDISTILL_SIDES,
                "delta_precision": DELTA_PRECISIONS, "direction_reference": DIRECTION_REFERENCES,
-               "precision": PRECISIONS, "layout": LAYOUTS}
+               "precision": PRECISIONS, "layout": LAYOUTS, "body_cache": BODY_CACHES}
     for name, allowed in choices.items():
         if getattr(config, name) not in allowed:
             raise ConfigError(_key(name), f"{getattr(config, name)!r} is not one of {', '.join(allowed)}")

@@ -50,6 +50,7 @@ FINE_TUNE = "fine-tune"  # fedavg_ft: fine-tune the received edge on the client'
 AP_BEFORE, AP_AFTER = "ap-before", "ap-after"
 BEFORE, AFTER = "before", "after"  # "<before|after>.<precision|recall|f1|mAP>" of the same evaluations
 SECONDS = "seconds"  # "seconds.<phase>"
+BODY = "body"  # "body.<phase>.served" / ".computed": the tutor body's inputs served by the memo or run
 TRAINED = "trained"  # "trained.<class>" = 1: the classes a client's labels hold (class-aware merging)
 LOSSES = "losses"  # "losses.<phase>.<det|distill|ratio>": each phase's balance at its end
 PARTITION_ID, NUM_EXAMPLES, PEAK_RSS = "partition-id", "num-examples", "peak-rss-mb"
@@ -186,6 +187,9 @@ def record_from_metrics(method: str, server_round: int, train_metrics: Mapping[s
     dp = decode(train_metrics, "dp")  # differential privacy's figures (protocol.privacy), when it is on
     if dp:
         fields["dp"] = dp
+    body = decode(train_metrics, BODY) | decode(after_metrics, BODY)  # distill.body_memo, with a state folder
+    if body:
+        fields["body_memo"] = {key: int(value) for key, value in body.items()}
     return make_record(
         method, server_round, int(train_metrics[PARTITION_ID]),
         ap_before=decode(train_metrics, AP_BEFORE), ap_after=decode(after_metrics, AP_AFTER),

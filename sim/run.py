@@ -21,7 +21,7 @@ from pathlib import Path
 
 from models.compute import LAYOUTS, PRECISIONS
 from models.ladder import PROFILES
-from protocol.config import AGGREGATION_METHODS, DELTA_PRECISIONS, METHODS, REDISTILL_SIDES, TUTOR1_MODES, RunConfig
+from protocol.config import AGGREGATION_METHODS, BODY_CACHES, DELTA_PRECISIONS, METHODS, REDISTILL_SIDES, TUTOR1_MODES, RunConfig
 
 log = logging.getLogger("sim.run")
 DEFAULTS = RunConfig()
@@ -92,6 +92,10 @@ def build_parser() -> argparse.ArgumentParser:
              f"the CPU has AVX-512 BF16 or AMX); weights, deltas and AP stay float32 (default {d.precision})")
     add("--layout", choices=LAYOUTS, default=d.layout,
         help=f"tensor layout of every model's convolutions (default {d.layout})")
+    add("--body-cache", choices=BODY_CACHES, default=d.body_cache,
+        help="how long a DiReDi client keeps its tutor body's outputs per image: round (Tutor 2's, for its "
+             "Distill C) | run (on its disk from round to round: fewer body passes, about 0.23 MB per image "
+             f"and flip in the cpu profile); the same figures either way (default {d.body_cache})")
     add("--dp-clip", type=float, default=d.dp_clip,
         help="differential privacy: each client clips its delta to this L2 norm before upload (default inf: off)")
     add("--dp-noise", type=float, default=d.dp_noise,
@@ -119,7 +123,8 @@ def parse_args(argv=None) -> argparse.Namespace:
            "aggregation": args.aggregation, "beta": args.beta, "rd-iters": args.rd_iters or 0,
            "redistill-iters": args.redistill_iters or 0, "batch-size": args.batch_size or 0, "delta-precision": args.delta_precision,
            "delta-topk": args.delta_topk, "dp-clip": args.dp_clip, "dp-noise": args.dp_noise,
-           "dp-delta": args.dp_delta, "precision": args.precision, "layout": args.layout}
+           "dp-delta": args.dp_delta, "precision": args.precision, "layout": args.layout,
+           "body-cache": args.body_cache}
     try:
         args.config = resolve_run_config(raw)
     except ConfigError as err:

@@ -316,3 +316,34 @@ def test_a_top_k_delta_travels_sparse_and_is_merged(setup):
     assert all(r["bytes_up"] < 0.5 * dense for r in result.records)
     assert all(r["accepted"] for r in result.records)
     assert any(not torch.equal(v, result.tutor_state[k]) for k, v in neck_head(chain.tutor).items())
+
+
+def test_a_run_long_body_cache_serves_later_rounds_with_the_same_records(cache, tmp_path, threads_one):
+    """``--body-cache run``: every DiReDi client keeps its tutor body's outputs on its disk from round to
+    round (distill.body_memo); round 2 finds round 1's images there, and every learning figure is the
+    one of the default (``round``: Tutor 2's outputs for the round's Distill C only)."""
+    import json
+
+    from sim.run import main as cli_main
+
+    common = ["--profile", "smoke", "--clients", str(NUM_CLIENTS), "--rounds", "2", "--methods", "diredi",
+              "--tutor1", "per-client", "--cache", str(cache), "--out", str(tmp_path), "--quiet"]
+    assert cli_main([*common, "--name", "round"]) == 0
+    assert cli_main([*common, "--name", "run__", "--body-cache", "run"]) == 0
+
+    def records(name: str) -> list[dict]:
+        return [json.loads(line) for line in (tmp_path / name / "rounds.jsonl").read_text().splitlines()]
+
+    # the same figures; only the config's bytes ("body-cache") and the memo's counts differ
+    differ = ("bytes_up", "bytes_down", "body_memo")
+    by_round, by_run = records("round"), records("run__")
+    assert [{k: v for k, v in comparable(r).items() if k not in differ} for r in by_run] == \
+        [{k: v for k, v in comparable(r).items() if k not in differ} for r in by_round]
+    for r_round, r_run in zip(by_round, by_run):
+        drawn = r_run["body_memo"]["rd.served"] + r_run["body_memo"]["rd.computed"]
+        if r_run["round"] == 1:
+            assert r_run["body_memo"]["rd.served"] < drawn
+        else:  # round 2 finds round 1's images; the default keeps nothing across rounds
+            assert r_run["body_memo"]["rd.served"] > r_round["body_memo"]["rd.served"]
+        assert r_run["body_memo"]["distill_c.served"] >= r_round["body_memo"]["distill_c.served"] > 0
+    assert not (tmp_path / "run__" / "client-state").exists()  # a finished method's cache is deleted
