@@ -19,6 +19,11 @@ every client computes its own Tutor 1) with the run's settings and scenario:
 * ``work_ratio``: (clients x DiReDi client + DiReDi server) / (clients x FedAvg client): the ratio of
   the round walls if both rounds were packed onto the cores without a gap.
 
+``--body-cache run`` also times each DiReDi client's round with the tutor body's outputs of every
+(image, flip) pair of its data already in its memo, as ``--body-cache run`` has them in a late round
+(``bench.feature_reuse``: 96 % of the body's images by round 10, all by round 20), interleaved with the
+round without them; it writes ``body_cache`` (the filling itself is not timed).
+
 Not counted, for either method: what every message costs besides its phases (building the models,
 saving the client's state, releasing memory; a few tenths of a second) and Flower's messaging.
 
@@ -50,27 +55,76 @@ def cpu_seconds(fn):
     return out, time.process_time() - start
 
 
-def client_round(session, config, partition: int, server_round: int, timer=cpu_seconds) -> tuple[dict, dict, dict]:
+def client_round(session, config, partition: int, server_round: int, timer=cpu_seconds,
+                 run_memo: BodyMemo | None = None, fedavg_too: bool = True) -> tuple[dict, dict, dict]:
     """One client's DiReDi and FedAvg work of a round, each part run through ``timer`` (``fn -> (result,
-    measurement)``; default: CPU seconds), the measurements per part, and the client's delta."""
+    measurement)``; default: CPU seconds), the measurements per part, and the client's delta.
+    ``run_memo``: a run-long memo of the tutor body's outputs (``--body-cache run``) that every DiReDi
+    phase reads and adds to; without it, the default's (Tutor 2's outputs, read by Distill C)."""
     ws, settings = session.workspace, config.rd_settings()
     tutor, edge = session.chain.tutor, session.chain.edge
     seed = work_seed(config.seed, server_round, partition)
     presumed, train, test = ws.client_presumed(partition), ws.client_train(partition), ws.client_test(partition)
     classes = ws.eval_classes()
     diredi, fedavg = {}, {}
-    (tutor1, _), diredi["rd_tutor1"] = timer(lambda: reverse_distill_tutor1(tutor, edge, presumed, settings, seed))
-    memo = BodyMemo.for_model(tutor1)  # as the client: Tutor 2's body outputs, read by Distill C
+    (tutor1, _), diredi["rd_tutor1"] = timer(
+        lambda: reverse_distill_tutor1(tutor, edge, presumed, settings, seed, body_memo=run_memo))
+    memo = run_memo or BodyMemo.for_model(tutor1)  # as the client: Tutor 2's body outputs, read by Distill C
     (tutor2, _), diredi["rd_tutor2"] = timer(
         lambda: reverse_distill_tutor2(tutor, tutor1, edge, train, settings, seed, body_memo=memo))
     delta, diredi["delta"] = timer(lambda: client_delta(tutor1, tutor2, settings))
-    memo.recording = False
+    memo.recording = run_memo is not None
     (new_edge, _), diredi["distill_c"] = timer(lambda: distill_c(edge, tutor, train, settings, seed, body_memo=memo))
     _, diredi["evaluate"] = timer(lambda: per_class_ap(new_edge, test, classes))
+    if not fedavg_too:
+        return diredi, fedavg, delta
     steps = 2 * settings.rd_iters + settings.redistill_iters
     (trained, _), fedavg["direct_training"] = timer(lambda: direct_training(edge, train, steps, settings, seed))
     _, fedavg["evaluate"] = timer(lambda: per_class_ap(trained, test, classes))
     return diredi, fedavg, delta
+
+
+def filled_memo(tutor, datasets, batch_size: int) -> BodyMemo:
+    """A memo holding the tutor body's outputs of every (image, flip) pair of ``datasets``, each computed
+    in a batch of ``batch_size`` (what a client's run-long cache holds in a late round)."""
+    memo = BodyMemo.for_model(tutor)
+    tutor.eval()
+    for dataset in datasets:
+        for flip in (False, True):
+            images = [dataset[i][0] for i in range(len(dataset))]
+            images = [image.flip(-1) for image in images] if flip else images
+            for start in range(0, len(images), batch_size):
+                chunk = images[start:start + batch_size]
+                if len(chunk) == 1:  # a batch of one is never kept (distill.body_memo)
+                    chunk = images[start - 1:start + 1]
+                memo.body_outputs(tutor, tutor.transform(chunk, None)[0].tensors)
+    return memo
+
+
+def measure_body_cache(session, config, clients: int) -> dict:
+    """Per client, the DiReDi round with the default memo and with a filled run-long memo, interleaved."""
+    ws, settings = session.workspace, config.rd_settings()
+    rows = []
+    for partition in range(clients):
+        without, _, _ = client_round(session, config, partition, 2, fedavg_too=False)
+        memo = filled_memo(session.chain.tutor, [ws.client_presumed(partition), ws.client_train(partition)],
+                           settings.batch_size)
+        memo.images_served = memo.images_computed = 0
+        held = len(memo.outputs)
+        per_image_mb = sum(t.numel() * t.element_size() for t in next(iter(memo.outputs.values())).values()) / 1e6
+        with_cache, _, _ = client_round(session, config, partition, 2, run_memo=memo, fedavg_too=False)
+        rows.append({"client": partition, "without": without, "with": with_cache, "images_held": held,
+                     "cache_mb": held * per_image_mb,
+                     "images_served": memo.images_served, "images_computed": memo.images_computed})
+        print(f"client {partition}: DiReDi {sum(without.values()):.1f} s -> {sum(with_cache.values()):.1f} s with "
+              f"the run-long body cache ({memo.images_served} body images served, {memo.images_computed} run)",
+              flush=True)
+    mean = {side: {name: statistics.mean(r[side][name] for r in rows) for name in rows[0][side]}
+            for side in ("without", "with")}
+    totals = {side: sum(parts.values()) for side, parts in mean.items()}
+    return {"clients": rows, "client_s": {side: {**mean[side], "total": totals[side]} for side in mean},
+            "diredi_client_speedup": totals["without"] / totals["with"],
+            "cache_mb_mean": statistics.mean(r["cache_mb"] for r in rows)}
 
 
 def parse_setting(text: str) -> Compute:
@@ -125,6 +179,8 @@ def main(argv=None) -> int:
                         default=[Compute()],
                         help="compute settings timed, precision:layout, comma-separated (default float32:nchw); "
                              "with two or more, the speed-up of each over the first is written too")
+    parser.add_argument("--body-cache", choices=("round", "run"), default="round",
+                        help="run: also time DiReDi's client round with a filled run-long body cache (body_cache)")
     args = parser.parse_args(argv)
     if args.clients < 1:
         parser.error("--clients must be at least 1")
@@ -132,6 +188,14 @@ def main(argv=None) -> int:
     if args.clients > config.num_clients:
         parser.error(f"--clients {args.clients}: the run has {config.num_clients} clients")
     command = " ".join(["python -m bench.round_work", *(sys.argv[1:] if argv is None else argv)])
+    if args.body_cache == "run":
+        with computing(args.settings[0]):
+            result = measure_body_cache(session, config, args.clients)
+        write_cost_keys(args.out, {"body_cache": {"command": command, "threads": args.threads, **result}})
+        print(f"DiReDi client round: {result['client_s']['without']['total']:.2f} -> "
+              f"{result['client_s']['with']['total']:.2f} CPU s ({result['diredi_client_speedup']:.2f}x)")
+        print(f"wrote {args.out}")
+        return 0
     results = [measure(session, config, setting, args.clients) for setting in args.settings]
     keys = {"round_work": {"command": command, "threads": args.threads, **results[0]}}
     if len(results) > 1:
