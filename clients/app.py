@@ -411,8 +411,9 @@ def distill(msg: Message, context: Context) -> Message:
         memo = open_body_cache(root, method, partition, body_fingerprint(tutor))
     else:
         memo = take_body_memo(root, method, partition) if root else None
+    kept = tuple(CLASS_INDEX[c] for c in ws.clients[partition].kept)  # soft targets, when switched on
     new_edge, report = distill_c(edge, tutor, _dataset(ws, partition, "train"), run.rd_settings(), seed,
-                                 body_memo=memo)
+                                 body_memo=memo, kept_classes=kept)
     if cache:
         save_body_outputs(root, method, partition, memo)
     context.state[_edge_key(config)] = state_record(new_edge)

@@ -70,6 +70,9 @@ class RDSettings:
     # Distill C and direct training on a client: BatchNorm keeps the edge's running statistics
     # (distill.trainer.Phase.freeze_norm) instead of re-estimating them from the client's small batches.
     client_freeze_norm: bool = False
+    # Distill C: weight of the tutor's class scores on the client's kept presumed classes as soft targets
+    # (distill.scores), which FGD's feature terms leave untouched. 0: off (the paper's Distill C).
+    redistill_score_weight: float = 0.0
 
     @classmethod
     def from_profile(cls, profile: Profile, **overrides) -> "RDSettings":
@@ -147,17 +150,20 @@ def updated_tutor(tutor: nn.Module, delta: dict[str, Tensor], beta: float) -> nn
 
 
 def distill_c(edge: nn.Module, tutor: nn.Module, client_data: Dataset, settings: RDSettings, seed: int,
-              progress: bool = False, body_memo: BodyMemo | None = None) -> tuple[nn.Module, PhaseReport]:
+              progress: bool = False, body_memo: BodyMemo | None = None,
+              kept_classes: tuple[int, ...] = ()) -> tuple[nn.Module, PhaseReport]:
     """Re-distillation: a copy of the deployed edge fine-tuned from the (updated) tutor on the client's
     kept public + private images: the tutor's distillation loss plus the detector's loss on the
     client's labels (or, with ``redistill_targets="teacher"``, on the tutor's detections).
-    ``body_memo``: Tutor 2's body outputs (the same body), served for the batches both phases draw."""
+    ``body_memo``: Tutor 2's body outputs (the same body), served for the batches both phases draw.
+    ``kept_classes``: the client's kept presumed classes (label indices), whose tutor scores are soft
+    targets when ``settings.redistill_score_weight`` > 0."""
     student = copy.deepcopy(edge)
-    return student, train(student, client_data, distill_c_phase(settings, seed), teacher=tutor, progress=progress,
-                          body_memo=body_memo)
+    return student, train(student, client_data, distill_c_phase(settings, seed, kept_classes), teacher=tutor,
+                          progress=progress, body_memo=body_memo)
 
 
-def distill_c_phase(settings: RDSettings, seed: int) -> Phase:
+def distill_c_phase(settings: RDSettings, seed: int, kept_classes: tuple[int, ...] = ()) -> Phase:
     """Distill C's phase (``distill_c``): the tutor's distillation loss plus the detector's loss.
 
     It draws the client's data in Tutor 2's order (the same seed, the same batch size and flips), so
@@ -168,7 +174,9 @@ def distill_c_phase(settings: RDSettings, seed: int) -> Phase:
                  optimizer=settings.optimizer, targets=settings.redistill_targets,
                  distill_loss=settings.redistill_distill_loss, balance=settings.redistill_balance,
                  target_ratio=settings.redistill_target_ratio, fgd=FGDConfig(temp=settings.redistill_temp),
-                 freeze_norm=settings.client_freeze_norm, seed=tutor2_phase(settings, seed).seed)
+                 freeze_norm=settings.client_freeze_norm, seed=tutor2_phase(settings, seed).seed,
+                 score_weight=settings.redistill_score_weight if kept_classes else 0.0,
+                 score_classes=tuple(kept_classes) if settings.redistill_score_weight else ())
 
 
 def direct_training(edge: nn.Module, client_data: Dataset, iters: int, settings: RDSettings, seed: int,

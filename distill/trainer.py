@@ -34,6 +34,7 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from distill.fgd import FGDConfig, make_distill_loss
+from distill.scores import class_score_distillation
 from models.io import save_weights
 from models.ladder import STRIDES, detection_losses, neck_features
 from models.parts import part_modules
@@ -74,6 +75,10 @@ class Phase:
     # classification layer's rows) whose class scores train; every other class's score gets no gradient
     # and its rows of the classification layer stay as they were (``ClassMask``). None: every class trains.
     trained_classes: tuple[int, ...] | None = None
+    # Soft targets of the teacher's class scores (``distill.scores``) on these label indices, added to
+    # the loss with this weight (needs a teacher with the student's strides). 0: off.
+    score_weight: float = 0.0
+    score_classes: tuple[int, ...] = ()
 
     def to_dict(self) -> dict:
         out = asdict(self)
@@ -82,6 +87,9 @@ class Phase:
             out.pop("freeze_norm")
         if self.trained_classes is None:
             out.pop("trained_classes")
+        if not self.score_weight:
+            out.pop("score_weight")
+            out.pop("score_classes")
         return out
 
 
@@ -122,6 +130,7 @@ class PhaseReport:
     det_losses: list[float] = field(default_factory=list)  # unweighted detection loss per step
     distill_losses: list[float] = field(default_factory=list)  # distillation term as in the loss
     device: str = "cpu"
+    score_losses: list[float] = field(default_factory=list)  # class-score distillation, unweighted
 
     def _head_tail(self, values: list[float]) -> tuple[float, float]:
         """Mean of the first and of the last 10% of steps (NaN when empty)."""
@@ -376,6 +385,9 @@ def train(student: nn.Module, dataset: Dataset, phase: Phase, teacher: nn.Module
         raise ValueError(f"phase {phase.name}: targets='teacher' needs a teacher model")
     if phase.proximal_mu > 0 and reference is None:
         raise ValueError(f"phase {phase.name}: proximal_mu > 0 needs reference weights")
+    use_scores = phase.score_weight > 0
+    if use_scores and (teacher is None or not phase.score_classes):
+        raise ValueError(f"phase {phase.name}: score_weight > 0 needs a teacher and score_classes")
     device = model_device(student)
     if teacher is not None:
         teacher.to(device)
@@ -408,6 +420,8 @@ def train(student: nn.Module, dataset: Dataset, phase: Phase, teacher: nn.Module
                 module.eval()
 
     class_mask = ClassMask(student, phase.trained_classes) if phase.trained_classes is not None else None
+    score_classes = torch.tensor(phase.score_classes, dtype=torch.long, device=device)
+    score_losses: list[float] = []
     losses: list[float] = []
     det_losses: list[float] = []
     distill_losses: list[float] = []
@@ -423,13 +437,14 @@ def train(student: nn.Module, dataset: Dataset, phase: Phase, teacher: nn.Module
             images, targets = to_device(images, targets, device)
             image_list, targets = student.transform(images, targets)
             teacher_feats = None
-            if teacher is not None and (distiller is not None or phase.targets == "teacher"):
+            if teacher is not None and (distiller is not None or phase.targets == "teacher" or use_scores):
                 with torch.no_grad():  # computed once, used for pseudo labels and for distillation
                     teacher_feats = features(teacher, image_list.tensors)
             if phase.targets == "teacher":
                 targets = teacher_detections(teacher, image_list, phase.pseudo_thresh, teacher_feats)
             feats = features(student, image_list.tensors)
-            det = sum(detection_losses(student, image_list, targets, feats).values())
+            head_outputs = student.head(feats)
+            det = sum(detection_losses(student, image_list, targets, feats, head_outputs).values())
             raw, weight = None, 1.0
             if distiller is not None:
                 boxes = [t["boxes"] for t in targets]
@@ -438,6 +453,12 @@ def train(student: nn.Module, dataset: Dataset, phase: Phase, teacher: nn.Module
                 distill_losses.append(float(phase.distill_weight * weight * raw.detach()))
             loss = combined_loss(det, raw, phase.label_weight, phase.distill_weight, weight)
             det_losses.append(float(det.detach()))
+            if use_scores:
+                with torch.no_grad():
+                    teacher_logits = teacher.head(teacher_feats)["cls_logits"]
+                score = class_score_distillation(head_outputs["cls_logits"], teacher_logits, score_classes)
+                score_losses.append(float(score.detach()))
+                loss = loss + phase.score_weight * score
             if phase.proximal_mu > 0:
                 loss = loss + phase.proximal_mu * proximal_term(student, reference)
             if not torch.isfinite(loss):
@@ -466,7 +487,7 @@ def train(student: nn.Module, dataset: Dataset, phase: Phase, teacher: nn.Module
         name=phase.name, iters=phase.iters, seconds=seconds, peak_rss_mb=peak_rss_mb(),
         peak_cuda_mb=torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else 0.0,
         first_loss=losses[0] if losses else float("nan"), last_loss=sum(tail) / len(tail), losses=losses,
-        det_losses=det_losses, distill_losses=distill_losses, device=str(device))
+        det_losses=det_losses, distill_losses=distill_losses, device=str(device), score_losses=score_losses)
     if checkpoint is not None:
         save_weights(student, checkpoint, metadata={"phase": phase.name})
     return report

@@ -286,13 +286,14 @@ def neck_features(model: FCOS, batched_images: Tensor) -> list[Tensor]:
     return list(model.backbone(batched_images).values())
 
 
-def detection_losses(model: FCOS, image_list, targets: list[dict], features: list[Tensor]) -> dict[str, Tensor]:
+def detection_losses(model: FCOS, image_list, targets: list[dict], features: list[Tensor],
+                     head_outputs: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
     """FCOS training losses (classification, bbox_regression, bbox_ctrness) from given features.
 
     Same computation as ``FCOS.forward`` in training mode, split out so a distillation step can
-    reuse the neck features it already computed.
+    reuse the neck features it already computed (and the head's outputs, when it has them).
     """
-    head_outputs = model.head(features)
+    head_outputs = model.head(features) if head_outputs is None else head_outputs
     anchors = model.anchor_generator(image_list, features)
     num_anchors_per_level = [f.size(2) * f.size(3) for f in features]
     return model.compute_loss(targets, head_outputs, anchors, num_anchors_per_level)

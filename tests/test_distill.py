@@ -285,3 +285,50 @@ def test_a_run_long_body_cache_serves_later_rounds_and_changes_no_weight(ws, tmp
     assert len(files) >= 2
     open_body_cache(tmp_path, "diredi", 0, "another body")  # the tutor's body changed: stale files go
     assert not any(folder.iterdir())
+
+
+def test_class_score_distillation_is_zero_at_the_teacher_and_pulls_only_the_chosen_classes():
+    from distill.scores import class_score_distillation
+
+    torch.manual_seed(0)
+    teacher = torch.randn(2, 30, 5)
+    classes = torch.tensor([1, 3])
+    assert float(class_score_distillation(teacher, teacher, classes)) == pytest.approx(0.0, abs=1e-5)
+    student = torch.randn(2, 30, 5, requires_grad=True)
+    loss = class_score_distillation(student, teacher, classes)
+    loss.backward()
+    assert float(loss) > 0
+    assert student.grad[..., [0, 2, 4]].abs().sum() == 0 and student.grad[..., [1, 3]].abs().sum() > 0
+    # the gradient moves each chosen score toward the teacher's
+    moved = torch.sigmoid(student - 0.5 * student.grad)[..., classes] - torch.sigmoid(teacher)[..., classes]
+    assert moved.abs().sum() < (torch.sigmoid(student) - torch.sigmoid(teacher))[..., classes].abs().sum()
+
+
+def test_distill_c_with_score_targets_keeps_the_tutors_scores_closer(ws):
+    """Distill C with the tutor's class scores on the kept classes as soft targets ends nearer the
+    tutor's scores on them than without; off by default (the same edge as before the option)."""
+    from dataclasses import replace
+
+    from data.voc import CLASS_INDEX
+    from distill.scores import class_score_distillation
+
+    chain = ws.chain(progress=False)
+    settings = RDSettings.from_profile(get_profile("smoke"))
+    data, spec = ws.client_train(0), ws.clients[0]
+    kept = tuple(CLASS_INDEX[c] for c in spec.kept)
+    plain, _ = distill_c(chain.edge, chain.tutor, data, settings, seed=0)
+    off, _ = distill_c(chain.edge, chain.tutor, data, settings, seed=0, kept_classes=kept)  # weight 0: off
+    assert all(torch.equal(a, b) for a, b in zip(plain.state_dict().values(), off.state_dict().values()))
+    scored, report = distill_c(chain.edge, chain.tutor, data, replace(settings, redistill_score_weight=4.0), seed=0,
+                               kept_classes=kept)
+    assert len(report.score_losses) == settings.redistill_iters
+
+    def score_gap(model):
+        images = [data[i][0] for i in range(8)]
+        with torch.no_grad():
+            x = model.transform(images, None)[0].tensors
+            s = model.head(neck_features(model, x))["cls_logits"]
+            t = chain.tutor.head(neck_features(chain.tutor, x))["cls_logits"]
+        return float(class_score_distillation(s, t, torch.tensor(kept)))
+
+    assert score_gap(scored) < score_gap(plain)
