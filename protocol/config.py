@@ -41,7 +41,7 @@ BODY_CACHES = ("round", "run")  # how long a client keeps the tutor body's outpu
 # a run without them writes the config.json it wrote before they existed (and --resume, which
 # compares config.json's "run" with ``to_dict``, still accepts the older run folders).
 LATER_FIELDS = ("dp_clip", "dp_noise", "dp_delta", "replicate", "direct_lr", "server_momentum", "fedadam_eta",
-                "fedadam_tau", "precision", "layout", "body_cache")
+                "fedadam_tau", "precision", "layout", "body_cache", "redistill_score_weight")
 
 
 class ConfigError(ValueError):
@@ -91,6 +91,9 @@ class RunConfig:
     fedadam_tau: float = 1e-3  # fedadam: its adaptivity (Reddi et al. 2021)
     rd_iters: int = 0  # RD steps per tutor per round; 0: the profile's round budget
     redistill_iters: int = 0  # Distill C steps per round; 0: the profile's
+    # a client's Distill C: weight of the tutor's class scores on its kept presumed classes as soft
+    # targets (distill.scores; experiments/results/edge_protection.md). 0: off, the paper's Distill C.
+    redistill_score_weight: float = 0.0
     batch_size: int = 0  # batch of every client phase; 0: the profile's
     # steps per round of the federated direct-training baselines' clients (FedAvg family, FedProx); 0: as
     # many as a DiReDi client (2 x rd + redistill). local and oracle always take a DiReDi client's steps.
@@ -190,7 +193,7 @@ class RunConfig:
 
         return RDSettings.from_profile(self.get_profile(), rd_iters=self.rd_iters,
                                        redistill_iters=self.redistill_iters, batch_size=self.batch_size,
-                                       beta=self.beta)
+                                       beta=self.beta, redistill_score_weight=self.redistill_score_weight)
 
     def compute(self):
         """How the models compute (``models.compute.Compute``; "auto" is resolved where it runs)."""
@@ -268,7 +271,7 @@ def resolve_run_config(raw: Mapping[str, Any] | RunConfig) -> RunConfig:
                         ("direct_lr", config.direct_lr), ("server_momentum", config.server_momentum),
                         ("fedadam_eta", config.fedadam_eta), ("fedadam_tau", config.fedadam_tau),
                         ("protected_tolerance", config.protected_tolerance), ("noise_z", config.noise_z),
-                        ("direction_z", config.direction_z),
+                        ("direction_z", config.direction_z), ("redistill_score_weight", config.redistill_score_weight),
                         ("timeout_s", config.timeout_s)):
         if not (math.isfinite(value) and value >= 0):
             raise ConfigError(_key(name), f"must be a finite number >= 0, got {value}")

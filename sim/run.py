@@ -92,6 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
              f"the CPU has AVX-512 BF16 or AMX); weights, deltas and AP stay float32 (default {d.precision})")
     add("--layout", choices=LAYOUTS, default=d.layout,
         help=f"tensor layout of every model's convolutions (default {d.layout})")
+    add("--redistill-score-weight", type=float, default=d.redistill_score_weight,
+        help="a client's Distill C also learns the tutor's class scores on its kept presumed classes, with this "
+             f"weight (0: off, the paper's Distill C; default {d.redistill_score_weight:g})")
     add("--body-cache", choices=BODY_CACHES, default=d.body_cache,
         help="how long a DiReDi client keeps its tutor body's outputs per image: round (Tutor 2's, for its "
              "Distill C) | run (on its disk from round to round: fewer body passes, about 0.23 MB per image "
@@ -124,7 +127,7 @@ def parse_args(argv=None) -> argparse.Namespace:
            "redistill-iters": args.redistill_iters or 0, "batch-size": args.batch_size or 0, "delta-precision": args.delta_precision,
            "delta-topk": args.delta_topk, "dp-clip": args.dp_clip, "dp-noise": args.dp_noise,
            "dp-delta": args.dp_delta, "precision": args.precision, "layout": args.layout,
-           "body-cache": args.body_cache}
+           "body-cache": args.body_cache, "redistill-score-weight": args.redistill_score_weight}
     try:
         args.config = resolve_run_config(raw)
     except ConfigError as err:
