@@ -1,0 +1,98 @@
+"""A DiReDi variant against the study, replicate by replicate: does a lever change the study's figures?
+
+    python -m experiments.variant --variant experiments/results/edge_protection_runs/w4-rep0 \
+        --name "score weight 4" --out experiments/results/edge_protection_study
+
+A variant run is ``sim.run`` with the study's settings (``experiments.compare``) for DiReDi alone plus
+the lever, one run folder per replicate, named ``...-rep<k>``. Each is paired with the study's run of
+the same replicate (``experiments/results/compare/runs/rep<k>``: the same training seeds, data order and
+clients), and the variant's DiReDi is compared with the study's DiReDi and local training at rounds 2,
+10 and the last: the difference per client, with a 95% nested bootstrap interval over the replicates
+given and their clients (``evaluation.study``), and "yes / no / cannot tell" for "the variant is better".
+Writes ``<out>.json`` and ``<out>.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from evaluation.study import client_round_values, paired_difference, verdict
+from report.study import read_replicate
+
+METRICS = {  # metric -> higher is better
+    "gain": True, "forgetting_kept": False, "forgetting_protected": False, "bwt_protected": True,
+    "recall_new": True, "client_s_cum": False,
+}
+STUDY = Path("experiments/results/compare/runs")
+
+
+def replicate_of(folder: Path) -> int:
+    match = re.search(r"rep(\d+)$", folder.name)
+    if match is None:
+        raise SystemExit(f"python -m experiments.variant: error: {folder} is not named ...-rep<k>")
+    return int(match.group(1))
+
+
+def values(folder: Path, method: str) -> dict[int, dict[int, dict]]:
+    """round -> client -> metrics of ``method`` in a run folder."""
+    _, records, specs, _ = read_replicate(folder)
+    all_private = [list(s.get("private") or []) for s in specs]  # as the study reads a replicate
+    per_method = client_round_values([r for r in records if r["method"] == method], specs, all_private)
+    if method not in per_method:
+        raise SystemExit(f"python -m experiments.variant: error: {folder} has no {method} records")
+    return per_method[method]
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m experiments.variant", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--variant", type=Path, nargs="+", required=True, help="the variant's run folders, ...-rep<k>")
+    parser.add_argument("--name", required=True, help="the variant's name in the tables")
+    parser.add_argument("--study", type=Path, default=STUDY, help="the study's run folders (rep<k>)")
+    parser.add_argument("--out", type=Path, required=True, help="output path without suffix")
+    args = parser.parse_args(argv)
+    pairs = []
+    for folder in args.variant:
+        k = replicate_of(folder)
+        if not (args.study / f"rep{k}" / "rounds.jsonl").exists():
+            raise SystemExit(f"python -m experiments.variant: error: no study run rep{k} under {args.study}")
+        pairs.append((k, values(folder, "diredi"), values(args.study / f"rep{k}", "diredi"),
+                      values(args.study / f"rep{k}", "local")))
+    last = min(max(v) for _, v, _, _ in pairs)
+    rounds = [r for r in (2, 10, last) if r <= last]
+    rows = []
+    for baseline, index in (("diredi", 2), ("local", 3)):
+        for metric, higher in METRICS.items():
+            for r in rounds:
+                clients = sorted(set.intersection(*[set(p[1][r]) & set(p[index][r]) for p in pairs]))
+                a = [[p[1][r][c][metric] for c in clients] for p in pairs]
+                b = [[p[index][r][c][metric] for c in clients] for p in pairs]
+                mean_a, mean_b = float(np.nanmean(a)), float(np.nanmean(b))
+                diff = paired_difference(a, b)
+                rows.append({"baseline": baseline, "metric": metric, "round": r, "variant": mean_a, "base": mean_b,
+                             "diff": diff["mean"], "ci95": diff["ci95"], "verdict": verdict(diff, higher)})
+    command = " ".join(["python -m experiments.variant", *(sys.argv[1:] if argv is None else argv)])
+    result = {"command": command, "variant": args.name, "replicates": [p[0] for p in pairs],
+              "runs": [str(f) for f in args.variant], "rows": rows}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.with_suffix(".json").write_text(json.dumps(result, indent=2))
+    lines = [f"# {args.name} against the study (replicates {', '.join(str(p[0]) for p in pairs)})", "",
+             f"`{command}`. Per client, paired by replicate and client with the study's run of the same "
+             "replicate; 95% nested bootstrap interval; verdict: is the variant better.", "",
+             "| against | metric | round | variant | baseline | difference | 95% CI | variant better? |",
+             "|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['baseline']} | {r['metric']} | {r['round']} | {r['variant']:.1f} | {r['base']:.1f} | "
+              f"{r['diff']:+.1f} | [{r['ci95'][0]:+.1f}, {r['ci95'][1]:+.1f}] | {r['verdict']} |" for r in rows]
+    args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
