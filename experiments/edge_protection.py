@@ -59,6 +59,7 @@ def main(argv=None) -> int:
     parser.add_argument("--direct", action=argparse.BooleanOptionalAction, default=True,
                         help="also direct training (local) at a DiReDi client's steps")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--cache", type=Path, default=Path(".cache"), help="the chain and data cache")
     parser.add_argument("--out", type=Path, default=Path("experiments/results"))
     parser.add_argument("--tag", default="", help="suffix of the output files")
     args = parser.parse_args(argv)
@@ -68,7 +69,7 @@ def main(argv=None) -> int:
         parser.error(f"--probe: clients are 0..{args.clients - 1}")
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
-    config = resolve_run_config({"profile": args.profile, "num-clients": args.clients})
+    config = resolve_run_config({"profile": args.profile, "num-clients": args.clients, "cache-dir": str(args.cache)})
     session = Session.open(config)
     ws, settings = session.workspace, config.rd_settings()
     edge = session.chain.edge

@@ -289,3 +289,59 @@ def test_write_all_adds_the_three_curves(tmp_path):
     write_all(folder, records, STUDY_SPECS, [s["private"] for s in STUDY_SPECS])
     for name in ("curves_round.png", "curves_mb.png", "curves_compute.png", "round_curves.png", "results.md"):
         assert (folder.path / name).stat().st_size > 0
+
+
+def test_a_variant_is_paired_with_the_study_run_of_its_replicate(tmp_path):
+    """experiments.variant: a copy of the study's own replicate 0 differs from it by nothing; a copy whose
+    DiReDi edge lost 10 points of `person` after round 1 forgets more, and the verdict says "no"."""
+    import json
+    import shutil
+    from pathlib import Path
+
+    from experiments.variant import main
+
+    source = Path(__file__).resolve().parents[1] / "experiments" / "results" / "compare" / "runs" / "rep0"
+    study = tmp_path / "study"
+    (study / "rep0").mkdir(parents=True)
+    keep = [line for line in (source / "rounds.jsonl").read_text().splitlines()
+            if json.loads(line)["method"] in ("diredi", "local")]
+    for folder in (study / "rep0", tmp_path / "same-rep0", tmp_path / "worse-rep0"):
+        folder.mkdir(exist_ok=True)
+        shutil.copy(source / "config.json", folder / "config.json")
+        (folder / "rounds.jsonl").write_text("\n".join(keep) + "\n")
+    worse = []
+    for line in keep:
+        record = json.loads(line)
+        if record["method"] == "diredi" and record["round"] >= 2:
+            record["ap_after"]["person"] = max(0.0, record["ap_after"]["person"] - 0.10)
+        worse.append(json.dumps(record))
+    (tmp_path / "worse-rep0" / "rounds.jsonl").write_text("\n".join(worse) + "\n")
+
+    def rows(name: str) -> dict:
+        out = tmp_path / name
+        assert main(["--variant", str(tmp_path / f"{name}-rep0"), "--name", name, "--study", str(study),
+                     "--out", str(out)]) == 0
+        return {(r["baseline"], r["metric"], r["round"]): r for r in json.loads(out.with_suffix(".json").read_text())["rows"]}
+
+    same = rows("same")
+    assert all(r["diff"] == 0 and r["verdict"] == "cannot tell" for k, r in same.items() if k[0] == "diredi")
+    worse_rows = rows("worse")
+    protected = worse_rows[("diredi", "forgetting_protected", 20)]
+    assert protected["diff"] > 5 and protected["verdict"] == "no"
+    assert worse_rows[("diredi", "gain", 20)]["diff"] == 0  # person is no new class
+
+
+def test_edge_protection_scores_every_lever_after_every_round(tmp_path, threads_one):
+    import json
+
+    from experiments.edge_protection import main
+
+    assert main(["--profile", "smoke", "--clients", "2", "--probe", "1", "--rounds", "2", "--score-weights", "0", "2",
+                 "--threads", "1", "--cache", str(tmp_path / "cache"), "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "edge_protection.json").read_text())
+    levers = {"score weight 0", "score weight 2", "direct training"}
+    assert {(r["lever"], r["round"]) for r in result["rows"]} == {(lever, r) for lever in levers for r in (0, 1, 2)}
+    assert set(result["mean"]) == levers and (tmp_path / "edge_protection.md").exists()
+    # every lever starts from the same manufacturer's edge
+    rows = {(r["lever"], r["round"]): r for r in result["rows"]}
+    assert rows[("score weight 0", 0)] == {**rows[("score weight 2", 0)], "lever": "score weight 0"}
