@@ -17,9 +17,9 @@ measures, on the run's scenario and settings:
 * ``across_rounds``: the same draws over ``--horizon`` rounds (the study's 20), with a cache that a
   client would keep on its disk from round to round (every phase stores what it computes; the body
   never changes, eq. 10): per round, the share of the body's images it would serve and its size;
-* ``end_to_end``: one client's Tutor 1, Tutor 2 and Distill C run with and without such a cache
-  (the cache is patched into ``distill.trainer`` here only, to measure it; the project does not use
-  it): identical losses and weights, CPU seconds, the cache's MB.
+* ``end_to_end``: one client's Tutor 1, Tutor 2 and Distill C run with and without a within-round
+  cache of the RD phases' images (``distill.body_memo``, the project's own): identical losses and
+  weights, CPU seconds, the cache's MB.
 
 CPU seconds (``time.process_time``) rather than wall seconds: on a shared machine they move much
 less with other people's load. Writes the key ``feature_reuse`` of ``experiments/results/cost.json``
@@ -34,12 +34,12 @@ import json
 import statistics
 import sys
 import time
-from collections import OrderedDict
 
 import torch
 
 import distill.trainer as trainer
 from bench.run_folder import add_run_arguments, open_run, write_cost_keys
+from distill.body_memo import BodyMemo
 from distill.rd import distill_c_phase, tutor1_phase, tutor2_phase
 from protocol.wire import work_seed
 from strategies.server_app import Session
@@ -145,57 +145,29 @@ def body_seconds(tutor, images: torch.Tensor, repeats: int) -> tuple[dict, dict]
     return seconds, same
 
 
-def run_chain(session: Session, config, partition: int, server_round: int, cache: dict | None) -> dict:
-    """One client's round (Tutor 1 if it computes one, Tutor 2, Distill C) with the tutor body's
-    features served from ``cache`` ((image id, flip) -> per-level features) when given, else run."""
+def run_chain(session: Session, config, partition: int, server_round: int, cached: bool) -> dict:
+    """One client's round (Tutor 1 if it computes one, Tutor 2, Distill C), with ``cached`` the tutor
+    body's outputs kept per image by the RD phases and served to all three (``distill.body_memo``)."""
     chain, ws, settings = session.chain, session.workspace, config.rd_settings()
-    keys: list = []
-    state = {"owner": None, "store": True}
-    prepare, neck_features = trainer._prepare, trainer.neck_features
-
-    def keyed_prepare(batch, phase, generator):
-        images, targets = prepare(batch, phase, generator)
-        keys[:] = [(t["image_id"], not torch.equal(image, original))
-                   for image, t, (original, _) in zip(images, [t for _, t in batch], batch)]
-        return images, targets
-
-    def cached_neck(model, x):
-        if model is not state["owner"] or cache is None:
-            return neck_features(model, x)
-        missing = [i for i, key in enumerate(keys) if key not in cache]
-        if len(missing) == 1 and len(keys) > 1:  # a batch of one runs other kernels (other bits): add a neighbour
-            missing = sorted({missing[0], (missing[0] + 1) % len(keys)})
-        computed = model.backbone.body(x[missing]) if missing else None
-        rows = {i: {k: v[j] for k, v in computed.items()} for j, i in enumerate(missing)} if missing else {}
-        if state["store"]:
-            for i, row in rows.items():
-                cache.setdefault(keys[i], {k: v.detach().clone() for k, v in row.items()})
-        rows = [rows[i] if i in rows else cache[key] for i, key in enumerate(keys)]
-        body = OrderedDict((k, torch.stack([r[k] for r in rows])) for k in rows[0])
-        return list(model.backbone.fpn(body).values())
-
-    trainer._prepare, trainer.neck_features = keyed_prepare, cached_neck
-    try:
-        start = time.process_time()
-        losses, seed = {}, work_seed(config.seed, server_round, partition)
-        tutor1 = copy.deepcopy(chain.tutor)
-        if not (config.tutor1 == "shared" and server_round == 1):
-            state["owner"] = tutor1
-            losses["rd_tutor1"] = trainer.train(tutor1, ws.client_presumed(partition), tutor1_phase(settings, seed),
-                                                teacher=chain.edge, progress=False).losses
-        tutor2 = copy.deepcopy(tutor1)
-        state["owner"] = tutor2
-        losses["rd_tutor2"] = trainer.train(tutor2, ws.client_train(partition), tutor2_phase(settings, seed),
-                                            teacher=chain.edge, progress=False).losses
-        edge, teacher = copy.deepcopy(chain.edge), copy.deepcopy(chain.tutor)
-        state["owner"], state["store"] = teacher, False
-        losses["distill_c"] = trainer.train(edge, ws.client_train(partition), distill_c_phase(settings, seed),
-                                            teacher=teacher, progress=False).losses
-        cpu_s = time.process_time() - start
-    finally:
-        trainer._prepare, trainer.neck_features = prepare, neck_features
+    memo = BodyMemo.for_model(chain.tutor) if cached else None
+    start = time.process_time()
+    losses, seed = {}, work_seed(config.seed, server_round, partition)
+    tutor1 = copy.deepcopy(chain.tutor)
+    if not (config.tutor1 == "shared" and server_round == 1):
+        losses["rd_tutor1"] = trainer.train(tutor1, ws.client_presumed(partition), tutor1_phase(settings, seed),
+                                            teacher=chain.edge, progress=False, body_memo=memo).losses
+    tutor2 = copy.deepcopy(tutor1)
+    losses["rd_tutor2"] = trainer.train(tutor2, ws.client_train(partition), tutor2_phase(settings, seed),
+                                        teacher=chain.edge, progress=False, body_memo=memo).losses
+    if memo is not None:
+        memo.recording = False  # the last phase: nothing after it would read what it stores
+    edge = copy.deepcopy(chain.edge)
+    losses["distill_c"] = trainer.train(edge, ws.client_train(partition), distill_c_phase(settings, seed),
+                                        teacher=copy.deepcopy(chain.tutor), progress=False, body_memo=memo).losses
+    cpu_s = time.process_time() - start
     return {"cpu_s": cpu_s, "losses": losses, "weights": {"tutor2": tutor2.state_dict(), "edge": edge.state_dict()},
-            "cache_mb": sum(v.numel() * v.element_size() for e in (cache or {}).values() for v in e.values()) / 1e6}
+            "cache_mb": sum(v.numel() * v.element_size() for e in (memo.outputs.values() if memo else [])
+                            for v in e.values()) / 1e6}
 
 
 def main(argv=None) -> int:
@@ -249,8 +221,8 @@ def main(argv=None) -> int:
     for server_round in ([] if args.skip_end_to_end else rounds):
         runs = {"without": [], "with": []}
         for _ in range(args.repeats):  # interleaved: the machine's load hits both alike
-            runs["without"].append(run_chain(session, config, args.client, server_round, None))
-            runs["with"].append(run_chain(session, config, args.client, server_round, {}))
+            runs["without"].append(run_chain(session, config, args.client, server_round, False))
+            runs["with"].append(run_chain(session, config, args.client, server_round, True))
         a, b = runs["without"][0], runs["with"][0]
         identical = a["losses"] == b["losses"] and all(
             torch.equal(a["weights"][m][k], b["weights"][m][k]) for m in a["weights"] for k in a["weights"][m])

@@ -144,7 +144,7 @@ def open_body_cache(root: Path, method: str, partition: int, body_key: str) -> B
     """A recording memo for the body ``body_key`` that also serves what earlier messages of this client
     saved (``save_body_outputs``). Files are read lazily, one image's tensors when asked, so an actor
     holds only the images it uses; files of another body are deleted (the tutor's body changed)."""
-    index: dict[str, list[tuple[object, str]]] = {}
+    index: dict[str, tuple[object, list[str]]] = {}  # image key -> (its file, its levels)
     folder = _cache_dir(root, method, partition)
     for path in sorted(folder.glob("*.safetensors")) if folder.is_dir() else []:
         handle = safe_open(str(path), framework="pt")
@@ -153,15 +153,14 @@ def open_body_cache(root: Path, method: str, partition: int, body_key: str) -> B
             path.unlink()
             continue
         for name in handle.keys():
-            index.setdefault(split_name(name)[0], []).append((handle, name))
+            key, level = split_name(name)
+            index.setdefault(key, (handle, []))[1].append(level)
 
     def earlier(key: str):
-        entries = index.get(key)
-        if not entries:
+        if key not in index:
             return None
-        first = entries[0][0]  # one file holds all of an image's levels
-        return OrderedDict((split_name(name)[1], handle.get_tensor(name))
-                           for handle, name in sorted(entries, key=lambda e: split_name(e[1])) if handle is first)
+        handle, levels = index[key]
+        return OrderedDict((level, handle.get_tensor(f"{key}|{level}")) for level in sorted(levels))
 
     return BodyMemo(body_key, recording=True, earlier=earlier)
 
