@@ -10,7 +10,11 @@ Handlers (message type -> work; the wire format is ``protocol.wire``):
   FedProx's proximal term when the message holds "proximal-mu", only its own classes' scores when it
   holds "own-classes" (fedavg_ls); replies the edge + metrics.
 * "train.distill": Distill C of its edge from the received (updated) tutor on its data; keeps the
-  new edge in ``context.state``; replies metrics only (ap-after, seconds, memory).
+  new edge in ``context.state``; replies metrics only (ap-after, seconds, memory). With the edge check
+  (``run.edge_check``) it keeps the new edge as a candidate, replies it with the metrics, and waits for
+  the manufacturer's verdict.
+* "evaluate" with "deploy-edge" (the edge check's verdict): 1 deploys the candidate, 0 keeps the edge
+  deployed before; then the AP of the deployed edge on its test shard (ap-after).
 * "evaluate": AP of an edge on its test shard (the received one, or its stored one for DiReDi).
   With "fine-tune" (fedavg_ft) the received global edge is first fine-tuned on the client's data
   (``distill.rd.fine_tune``, as many steps as Distill C); the fine-tuned edge is the one the client
@@ -69,7 +73,7 @@ from models.ladder import build_to_load
 from models.parts import part_of
 from protocol.config import RunConfig
 from protocol.privacy import DP_EPSILON, DP_PARTICIPATIONS, epsilon_spent, is_on, noise_generator, privatise
-from protocol.wire import (AFTER, AP_AFTER, AP_BEFORE, ARRAYS, BEFORE, BODY, CONFIG, DELTA, DIRECT_WORK, DIREDI_WORK,
+from protocol.wire import (AFTER, AP_AFTER, AP_BEFORE, ARRAYS, BEFORE, BODY, CONFIG, DELTA, DEPLOY_EDGE, DIRECT_WORK, DIREDI_WORK,
                            EDGE, EDGE_SOURCE, FINE_TUNE, LOSSES, METHOD, METRICS, NUM_EXAMPLES, OWN_CLASSES,
                            PARTITION_ID, PEAK_RSS, SECONDS, SERVER_ROUND, STATE_DIR, TRAINED, TUTOR, TUTOR1, WHERE, WORK,
                            decode, encode, pack_delta, state_record, top_k, work_seed)
@@ -229,6 +233,21 @@ def _tutor(msg: Message, context: Context, workspace: Workspace, config: ConfigR
 
 def _edge_key(config: ConfigRecord) -> str:
     return f"{config[METHOD]}.{EDGE}"  # per method: one simulation may run several methods
+
+
+def _candidate_key(config: ConfigRecord) -> str:
+    return f"{config[METHOD]}.edge-candidate"  # a re-distilled edge awaiting the edge check's verdict
+
+
+def _deploy(context: Context, config: ConfigRecord) -> None:
+    """The edge check's verdict: deploys the candidate edge (1) or drops it and keeps the edge deployed
+    before (0)."""
+    candidate = _candidate_key(config)
+    if candidate not in context.state.array_records:
+        raise ValueError("a deploy verdict came but this client holds no re-distilled edge awaiting it")
+    if int(config[DEPLOY_EDGE]):
+        context.state[_edge_key(config)] = context.state.array_records[candidate]
+    del context.state[candidate]
 
 
 def _edge(msg: Message, context: Context, workspace: Workspace, config: ConfigRecord) -> nn.Module:
@@ -416,10 +435,13 @@ def distill(msg: Message, context: Context) -> Message:
                                  body_memo=memo, kept_classes=kept)
     if cache:
         save_body_outputs(root, method, partition, memo)
+    metrics = {**_identity(ws, partition), f"{SECONDS}.distill_c": report.seconds, PEAK_RSS: peak_rss_mb(),
+               **loss_metrics("distill_c", report), **body_metrics("distill_c", memo)}
+    if run.edge_check == "on":  # the manufacturer checks the new edge first ("evaluate" with its verdict)
+        context.state[_candidate_key(config)] = state_record(new_edge)
+        return _reply(msg, metrics, {EDGE: context.state[_candidate_key(config)]})
     context.state[_edge_key(config)] = state_record(new_edge)
-    metrics = _evaluate(new_edge, ws, partition, AFTER, "evaluate_after", context, config)
-    metrics.update({**_identity(ws, partition), f"{SECONDS}.distill_c": report.seconds, PEAK_RSS: peak_rss_mb(),
-                    **loss_metrics("distill_c", report), **body_metrics("distill_c", memo)})
+    metrics.update(_evaluate(new_edge, ws, partition, AFTER, "evaluate_after", context, config))
     return _reply(msg, metrics)
 
 
@@ -438,6 +460,8 @@ def evaluate(msg: Message, context: Context) -> Message:
     if ARRAYS in msg.content.array_records:  # the FedAvg family: the global edge
         edge = _model(ws, "edge", msg.content.array_records[ARRAYS])
     else:
+        if DEPLOY_EDGE in config:  # DiReDi's edge check: deploy the re-distilled edge, or keep the earlier one
+            _deploy(context, config)
         edge = _edge(msg, context, ws, config)
     if config.get(FINE_TUNE):  # fedavg_ft: the client deploys the global edge fine-tuned on its own data
         edge, report = fine_tune(edge, _dataset(ws, partition, "train"), run.rd_settings(), seed)

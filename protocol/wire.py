@@ -45,6 +45,9 @@ STATE_DIR = "client-state-dir"  # where clients also keep their state on disk (r
 # Switches of the direct-training baselines (value 1), in both their train and evaluate messages:
 OWN_CLASSES = "own-classes"  # fedavg_ls: train only the class scores of the classes the client's labels hold
 FINE_TUNE = "fine-tune"  # fedavg_ft: fine-tune the received edge on the client's data, deploy and evaluate that
+# DiReDi with the edge check: the manufacturer's verdict on a client's re-distilled edge (1: deploy it,
+# 0: keep the edge deployed before), in the "evaluate" message that follows "train.distill"
+DEPLOY_EDGE = "deploy-edge"
 
 # -- metric keys. MetricRecord takes numbers only, so per-class values travel as "<prefix>.<class>".
 AP_BEFORE, AP_AFTER = "ap-before", "ap-after"
@@ -53,6 +56,9 @@ SECONDS = "seconds"  # "seconds.<phase>"
 BODY = "body"  # "body.<phase>.served" / ".computed": the tutor body's inputs served by the memo or run
 TRAINED = "trained"  # "trained.<class>" = 1: the classes a client's labels hold (class-aware merging)
 LOSSES = "losses"  # "losses.<phase>.<det|distill|ratio>": each phase's balance at its end
+# "edge-check.<deployed|ap-reference.<class>|ap-candidate.<class>|noise.<class>|tolerance.<class>|seconds>":
+# the manufacturer's check of a re-distilled edge on its validation set (added by the server)
+EDGE_CHECK = "edge-check"
 PARTITION_ID, NUM_EXAMPLES, PEAK_RSS = "partition-id", "num-examples", "peak-rss-mb"
 
 
@@ -190,6 +196,9 @@ def record_from_metrics(method: str, server_round: int, train_metrics: Mapping[s
     body = decode(train_metrics, BODY) | decode(after_metrics, BODY)  # distill.body_memo, with a state folder
     if body:
         fields["body_memo"] = {key: int(value) for key, value in body.items()}
+    check = decode(after_metrics, EDGE_CHECK)  # the edge check, when it is on
+    if check:
+        fields["edge_check"] = check
     return make_record(
         method, server_round, int(train_metrics[PARTITION_ID]),
         ap_before=decode(train_metrics, AP_BEFORE), ap_after=decode(after_metrics, AP_AFTER),

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from models.compute import LAYOUTS, PRECISIONS
 from models.ladder import PROFILES
-from protocol.config import AGGREGATION_METHODS, BODY_CACHES, DELTA_PRECISIONS, METHODS, REDISTILL_SIDES, TUTOR1_MODES, RunConfig
+from protocol.config import AGGREGATION_METHODS, BODY_CACHES, DELTA_PRECISIONS, EDGE_CHECKS, METHODS, REDISTILL_SIDES, TUTOR1_MODES, RunConfig
 
 log = logging.getLogger("sim.run")
 DEFAULTS = RunConfig()
@@ -95,6 +95,10 @@ def build_parser() -> argparse.ArgumentParser:
     add("--redistill-score-weight", type=float, default=d.redistill_score_weight,
         help="a client's Distill C also learns the tutor's class scores on its kept presumed classes, with this "
              f"weight (0: off, the paper's Distill C; default {d.redistill_score_weight:g})")
+    add("--edge-check", choices=EDGE_CHECKS, default=d.edge_check,
+        help="on: the manufacturer checks each client's re-distilled edge on its validation set and the client "
+             "deploys it only if its protected classes stay within the verification's tolerance of the "
+             f"manufacturer's edge, else keeps its earlier edge (DiReDi; default {d.edge_check})")
     add("--body-cache", choices=BODY_CACHES, default=d.body_cache,
         help="how long a DiReDi client keeps its tutor body's outputs per image: round (Tutor 2's, for its "
              "Distill C) | run (on its disk from round to round: fewer body passes, about 0.23 MB per image "
@@ -127,7 +131,8 @@ def parse_args(argv=None) -> argparse.Namespace:
            "redistill-iters": args.redistill_iters or 0, "batch-size": args.batch_size or 0, "delta-precision": args.delta_precision,
            "delta-topk": args.delta_topk, "dp-clip": args.dp_clip, "dp-noise": args.dp_noise,
            "dp-delta": args.dp_delta, "precision": args.precision, "layout": args.layout,
-           "body-cache": args.body_cache, "redistill-score-weight": args.redistill_score_weight}
+           "body-cache": args.body_cache, "redistill-score-weight": args.redistill_score_weight,
+           "edge-check": args.edge_check}
     try:
         args.config = resolve_run_config(raw)
     except ConfigError as err:

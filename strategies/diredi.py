@@ -32,6 +32,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
@@ -46,16 +47,16 @@ from evaluation.ap import ap_by_name, bootstrap_ap_drop, nan_mean, predict
 from evaluation.features import BodyFeatureCache, FeaturesTooLarge
 from models.io import state_fingerprint
 from models.parts import load_neck_head, neck_head, substitute
-from protocol.wire import (AFTER, AP_AFTER, AP_BEFORE, BEFORE, CONFIG, DELTA, DISTILL, DIREDI_WORK, EDGE,
-                           EDGE_SOURCE, EVALUATE, METHOD, METRICS, NUM_EXAMPLES, PARTITION_ID, SERVER,
+from protocol.wire import (AFTER, AP_AFTER, AP_BEFORE, BEFORE, CONFIG, DELTA, DEPLOY_EDGE, DISTILL, DIREDI_WORK,
+                           EDGE, EDGE_CHECK, EDGE_SOURCE, EVALUATE, METHOD, METRICS, NUM_EXAMPLES, PARTITION_ID, SERVER,
                            SERVER_ROUND, TRAIN, TRAINED, TUTOR, TUTOR1, WORK, MalformedDelta, decode, encode,
                            state_record, unpack_delta, work_seed)
 from strategies.aggregate import AGGREGATION_METHODS, aggregate, cap_weights, clip_delta
 from strategies.checkpoint import prefixed, unprefixed
 from strategies.exchange import exchange
 from strategies.ledger import ClientSampler, Recorder, RoundLedger
-from strategies.verify import (Decision, VerificationPolicy, direction_check, kept_check, peer_reference,
-                               protected_check, safe_norm, structural_check)
+from strategies.verify import (Decision, VerificationPolicy, deploy_check, direction_check, kept_check,
+                               peer_reference, protected_check, safe_norm, structural_check)
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +104,25 @@ class _TutorRecords:
         return self._full
 
 
+@dataclass
+class EdgeVerdict:
+    """The manufacturer's verdict on one client's re-distilled edge (``DiReDiStrategy.check_edge``)."""
+
+    deploy: bool
+    reason: str
+    figures: dict  # strategies.verify.deploy_check's: {"ap_before" (the reference), "ap_after", "noise", "tolerance"}
+    val_map: float = math.nan  # the candidate edge's validation mAP over the manufacturer's classes
+    seconds: float = 0.0
+
+    def metrics(self) -> dict[str, float]:
+        """"edge-check.*" metrics for the client's record (finite values only)."""
+        out = {"deployed": float(self.deploy), "seconds": self.seconds, "val-map": self.val_map}
+        for name, key in (("ap_before", "ap-reference"), ("ap_after", "ap-candidate"), ("noise", "noise"),
+                          ("tolerance", "tolerance")):
+            out.update({f"{key}.{c}": v for c, v in self.figures.get(name, {}).items()})
+        return {k: v for k, v in encode(EDGE_CHECK, out).items() if math.isfinite(v)}
+
+
 class DiReDiStrategy(Strategy):
     """Holds the tutor and the edge; verifies, merges and re-distils (see the module docstring).
 
@@ -116,6 +136,10 @@ class DiReDiStrategy(Strategy):
             ``redistill="server"``.
         aggregation, aggregation_options: "weighted" | "trimmed" | "ties" and their options.
         redistill: "client" (each client distils its own edge on its data) or "server".
+        edge_check: with client re-distillation, each client's re-distilled edge comes back (the
+            edge's 1.7 MB in the cpu profile) and is deployed only when its protected classes' AP on the
+            validation set stays within the policy's tolerance of the manufacturer's edge
+            (``check_edge``); otherwise the client keeps the edge it deployed before.
         num_nodes, fraction: the federation's nodes, and the share of them sampled each round.
         recorder: where records, decisions and failures go (``strategies.ledger.Recorder``).
         reference_fn: ``reference_fn(tutor)`` -> the server's own reference update for the direction
@@ -131,13 +155,15 @@ class DiReDiStrategy(Strategy):
                  settings: RDSettings, policy: VerificationPolicy | None = None, *, presumed_data=None,
                  share_tutor1: bool = False, aggregation: str = "weighted",
                  aggregation_options: Mapping[str, Any] | None = None, redistill: str = "client",
-                 num_nodes: int = 1, fraction: float = 1.0, seed: int = 0,
+                 edge_check: bool = False, num_nodes: int = 1, fraction: float = 1.0, seed: int = 0,
                  recorder: Recorder | None = None,
                  reference_fn: Callable[[nn.Module], Mapping[str, Tensor] | None] | None = None) -> None:
         if aggregation not in AGGREGATION_METHODS:
             raise ValueError(f"unknown aggregation {aggregation!r}; expected one of {', '.join(AGGREGATION_METHODS)}")
         if redistill not in ("client", "server"):
             raise ValueError(f"redistill must be 'client' or 'server', got {redistill!r}")
+        if edge_check and redistill != "client":
+            raise ValueError("edge_check checks the edges clients re-distil: it needs redistill='client'")
         if (share_tutor1 or redistill == "server" or (policy and policy.direction_reference == "server")) \
                 and presumed_data is None:
             raise ValueError("share_tutor1, redistill='server' and a server reference need the manufacturer's "
@@ -147,7 +173,7 @@ class DiReDiStrategy(Strategy):
         self.settings = settings
         self.policy = policy or VerificationPolicy()
         self.presumed_data = presumed_data
-        self.share_tutor1, self.redistill = share_tutor1, redistill
+        self.share_tutor1, self.redistill, self.edge_check = share_tutor1, redistill, edge_check
         self.aggregation, self.aggregation_options = aggregation, dict(aggregation_options or {})
         self.num_nodes, self.seed = num_nodes, seed
         self.sampler = ClientSampler(num_nodes, fraction, seed)
@@ -175,6 +201,10 @@ class DiReDiStrategy(Strategy):
         # Tutor 1 emulates the edge it is computed from: one shared Tutor 1 serves while every client
         # still holds the server's edge; once clients have re-distilled their own, each computes its own.
         self._client_edges_changed = False
+        # The edge check: the manufacturer's edge's validation AP and detections (its reference), and
+        # this round's verdict on each client's re-distilled edge (node -> EdgeVerdict)
+        self._edge_reference: tuple[dict[str, float], list[dict]] | None = None
+        self._edge_verdicts: dict[int, EdgeVerdict] = {}
 
     # -- Flower hooks ---------------------------------------------------------------------------
 
@@ -342,8 +372,14 @@ class DiReDiStrategy(Strategy):
                                **encode(AFTER, decode(entry.train, BEFORE))}
             return
         if self.redistill == "client":
-            replies = exchange(grid, self.configure_distill(server_round, config), timeout, meanwhile=self.record_tutor)
+            self._edge_verdicts = {}
+            replies = exchange(grid, self.configure_distill(server_round, config), timeout, meanwhile=self.record_tutor,
+                               on_reply=self.check_edge if self.edge_check else None)
             self.aggregate_distill(server_round, replies)
+            if self.edge_check:  # each client deploys its new edge or keeps its earlier one, then evaluates it
+                messages = self.configure_deploy(server_round, config)
+                self._collect_after(server_round, exchange(grid, messages, timeout), "deploy",
+                                    expected={m.metadata.dst_node_id for m in messages})
             self._client_edges_changed = True
         else:
             start = time.perf_counter()
@@ -353,6 +389,72 @@ class DiReDiStrategy(Strategy):
             ledger.server_seconds["server_distill_c"] = (time.perf_counter() - start) / len(trained)
             messages = self.configure_evaluate(server_round, ArrayRecord(), config, grid)
             self.aggregate_evaluate(server_round, grid.send_and_receive(messages, timeout=timeout))
+
+    # -- the edge check: the manufacturer's gate before a client deploys its re-distilled edge ------
+
+    def edge_reference(self) -> tuple[dict[str, float], list[dict]]:
+        """The manufacturer's edge's validation AP and detections, the edge check's reference (computed
+        once: with client re-distillation the server's edge never changes)."""
+        if self._edge_reference is None:
+            self._edge_reference = self._validate_edge(self.edge)
+        return self._edge_reference
+
+    def _validate_edge(self, edge: nn.Module) -> tuple[dict[str, float], list[dict]]:
+        with torch_threads(VALIDATION_THREADS):
+            predictions, self._validation_targets = predict(edge, self.validation_data)
+        return ap_by_name(predictions, self._validation_targets, self.validation_classes)[0], predictions
+
+    def _received_edge(self, reply: Message) -> nn.Module:
+        """The edge in a "train.distill" reply, in the manufacturer's edge's architecture (strict loading:
+        a missing, extra or misshapen tensor raises)."""
+        if EDGE not in reply.content.array_records:
+            raise KeyError("the reply holds no edge")
+        candidate = copy.deepcopy(self.edge)
+        candidate.load_state_dict(reply.content.array_records[EDGE].to_torch_state_dict(), strict=True)
+        return candidate.eval()
+
+    def check_edge(self, reply: Message) -> None:
+        """On a "train.distill" reply's arrival (while other clients still distil): its edge's
+        validation AP against the manufacturer's edge on the protected classes (``deploy_check``), with
+        the drop's bootstrap noise as the tutor's check uses it. The verdict waits for ``configure_deploy``."""
+        if reply.has_error():
+            return
+        node, start = reply.metadata.src_node_id, time.perf_counter()
+        try:
+            candidate = self._received_edge(reply)
+        except (KeyError, RuntimeError, ValueError) as problem:
+            self._edge_verdicts[node] = EdgeVerdict(False, f"edge not readable: {problem}", {})
+            return
+        reference_ap, reference_predictions = self.edge_reference()
+        ap, predictions = self._validate_edge(candidate)
+        noise = {}
+        if self.policy.noise_z > 0 and self.policy.protected_classes:
+            ids = [CLASS_INDEX[c] for c in self.policy.protected_classes]
+            server_round = self.ledger.server_round if self.ledger is not None else 0
+            std = bootstrap_ap_drop(reference_predictions, predictions, self._validation_targets, ids,
+                                    samples=self.policy.bootstrap_samples, seed=self.seed + server_round)
+            noise = {c: std[CLASS_INDEX[c]] for c in self.policy.protected_classes}
+        ok, reason, figures = deploy_check(reference_ap, ap, self.policy, noise)
+        self._edge_verdicts[node] = EdgeVerdict(ok, reason, figures, nan_mean(ap.values()),
+                                                time.perf_counter() - start)
+
+    def configure_deploy(self, server_round: int, config: ConfigRecord) -> list[Message]:
+        """"evaluate" with the verdict (``DEPLOY_EDGE`` 1 or 0) to every node whose "train.distill" reply
+        came; the verdict's figures join the node's record. A node whose reply held no readable edge
+        keeps its earlier edge."""
+        ledger = self._open_round(server_round)
+        messages = []
+        for entry in ledger.trained:
+            if not entry.redistilled:
+                continue
+            verdict = self._edge_verdicts.pop(entry.node, None) or EdgeVerdict(False, "no edge came back", {})
+            log.log(logging.INFO if verdict.deploy else logging.WARNING, "round %d client %s: edge %s (%s)",
+                    server_round, entry.train[PARTITION_ID], "deployed" if verdict.deploy else "KEPT AS BEFORE",
+                    verdict.reason)
+            entry.after = {**(entry.after or {}), **verdict.metrics()}
+            cfg = ConfigRecord({**dict(self._config(config, server_round, "stored")), DEPLOY_EDGE: int(verdict.deploy)})
+            messages.append(Message(content=RecordDict({CONFIG: cfg}), message_type=EVALUATE, dst_node_id=entry.node))
+        return ledger.count_down(messages)
 
     # -- the round loop -----------------------------------------------------------------------
 
@@ -592,7 +694,10 @@ class DiReDiStrategy(Strategy):
         shapes = {name: value.shape for name, value in neck_head(self.tutor).items()}
         return unpack_delta(reply.content.array_records[DELTA], shapes)
 
-    def _collect_after(self, server_round: int, replies: Iterable[Message], step: str) -> MetricRecord | None:
+    def _collect_after(self, server_round: int, replies: Iterable[Message], step: str,
+                       expected: set[int] | None = None) -> MetricRecord | None:
+        """Each reply's metrics join its node's "after" (the deploy step's to those of its Distill C);
+        ``expected``: the nodes asked in this step (None: those without "after" yet)."""
         ledger = self._open_round(server_round)
         replies = list(replies)
         ok = self.recorder.split(replies, step, server_round)
@@ -600,9 +705,10 @@ class DiReDiStrategy(Strategy):
             if reply.metadata.src_node_id not in ledger.clients:
                 continue
             entry = ledger.count_up(reply)
-            entry.after, entry.redistilled = dict(reply.content[METRICS]), True
+            entry.after, entry.redistilled = {**(entry.after or {}), **dict(reply.content[METRICS])}, True
         answered = {reply.metadata.src_node_id for reply in replies}
         for entry in ledger.trained:  # a node whose reply never came (past the timeout) is a failure too
-            if entry.after is None and entry.node not in answered:
+            asked = entry.after is None if expected is None else entry.node in expected
+            if asked and entry.node not in answered:
                 self.recorder.fail(server_round, step, entry.node, "no reply within the round's timeout")
         return MetricRecord({"replies": len(ok)})

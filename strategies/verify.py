@@ -185,6 +185,18 @@ def protected_check(ap_before: Mapping[str, float], ap_after: Mapping[str, float
     return True, reason, figures
 
 
+def deploy_check(reference_ap: Mapping[str, float], candidate_ap: Mapping[str, float],
+                 policy: VerificationPolicy, noise: Mapping[str, float] | None = None) -> tuple[bool, str, dict]:
+    """The edge check: a client's re-distilled edge may be deployed when no protected class's validation
+    AP lies more than ``policy.tolerance(noise[class])`` below the manufacturer's edge's.
+
+    The same gate and tolerance as the tutor's protected check, with one difference: the reference is
+    the manufacturer's own edge, not the edge the client deployed last round, so small drops cannot add
+    up round after round. Returns ``protected_check``'s (ok, reason, figures); "ap_before" is the
+    reference's AP, "ap_after" the candidate's."""
+    return protected_check(reference_ap, candidate_ap, policy, noise)
+
+
 def kept_check(ap_before: Mapping[str, float], ap_after: Mapping[str, float],
                policy: VerificationPolicy) -> tuple[bool, str, dict]:
     """Rejects when the mean AP drop over ``policy.kept_classes`` exceeds ``policy.kept_tolerance``.

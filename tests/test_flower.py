@@ -347,3 +347,41 @@ def test_a_run_long_body_cache_serves_later_rounds_with_the_same_records(cache, 
             assert r_run["body_memo"]["rd.served"] > r_round["body_memo"]["rd.served"]
         assert r_run["body_memo"]["distill_c.served"] >= r_round["body_memo"]["distill_c.served"] > 0
     assert not (tmp_path / "run__" / "client-state").exists()  # a finished method's cache is deleted
+
+
+def test_the_edge_check_sends_each_edge_up_and_a_kept_edge_stays_deployed(setup, monkeypatch):
+    """With the edge check each client's re-distilled edge travels up and is deployed only on the
+    manufacturer's word; here client 0 is told to keep its edge (the manufacturer's, in round 1), so its
+    evaluation after the round is the one before. The gate itself is tested in test_strategy.py."""
+    from dataclasses import replace
+
+    from protocol.wire import METRICS, PARTITION_ID
+    from strategies.diredi import DiReDiStrategy
+
+    check = DiReDiStrategy.check_edge
+
+    def keep_client_0(self, reply):
+        check(self, reply)
+        node = reply.metadata.src_node_id
+        if int(reply.content[METRICS][PARTITION_ID]) == 0 and node in self._edge_verdicts:
+            self._edge_verdicts[node] = replace(self._edge_verdicts[node], deploy=False, reason="told to keep")
+
+    monkeypatch.setattr(DiReDiStrategy, "check_edge", keep_client_0)
+    result, replies = run_captured("diredi", setup, policy=ACCEPT_HONEST, tutor1="per-client", edge_check="on")
+    assert result.recorder.failures == []
+    by_client = {r["client"]: r for r in result.records}
+    kept, deployed = by_client[0], by_client[1]
+    assert kept["edge_check"]["deployed"] == 0 and deployed["edge_check"]["deployed"] == 1
+    assert kept["ap_after"] == kept["ap_before"]  # the manufacturer's edge, still deployed
+    assert deployed["ap_after"] != deployed["ap_before"]
+    # every client's check ran on the validation set: the reference is the manufacturer's edge's person AP
+    assert kept["edge_check"]["ap-reference.person"] == deployed["edge_check"]["ap-reference.person"]
+    assert deployed["edge_check"]["ap-candidate.person"] >= 0
+    _, chain, _ = setup
+    edge_bytes = sum(t.numel() * t.element_size() for t in chain.edge.state_dict().values())
+    distill_replies = [r for step, r in replies if step == "distill"]
+    assert len(distill_replies) == NUM_CLIENTS and all("edge" in r.content.array_records for r in distill_replies)
+    for r in distill_replies:
+        check_reply_is_weights_and_numbers(r.content, set(chain.edge.state_dict()))
+    assert all(record["bytes_up"] > edge_bytes for record in result.records)
+    assert sorted(step for step, _ in replies).count("deploy") == NUM_CLIENTS

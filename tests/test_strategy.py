@@ -21,7 +21,7 @@ from strategies.aggregate import (CLASS_ROW_PARAMS, aggregate, class_aware_merge
                                   weighted_mean)
 from protocol.wire import DELTA, METRICS, NUM_EXAMPLES, PARTITION_ID, TRAINED, decode, encode
 from strategies.diredi import DiReDiStrategy
-from strategies.verify import Decision, VerificationPolicy, protected_check, structural_check
+from strategies.verify import Decision, VerificationPolicy, deploy_check, protected_check, structural_check
 
 PERSON = 14  # VOC index of the protected class used below
 
@@ -816,3 +816,79 @@ def test_the_updated_tutor_is_recorded_once_per_round(strategy):
     history = strategy.recorder.tutor_history
     assert [entry["round"] for entry in history] == [0, 1]
     assert history[1]["ap"] == strategy.tutor_validation_ap()
+
+
+# -- the edge check: the manufacturer's gate before a client deploys its re-distilled edge ------------
+
+
+@pytest.fixture(scope="module")
+def trained_edge():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        edge = build_model("smoke", "edge", seed=1)
+        train(edge, Squares(64, 0), Phase("person", iters=80, batch_size=8, lr=0.01, warmup_iters=5), progress=False)
+        yield edge.eval()
+    finally:
+        torch.set_num_threads(threads)
+
+
+def edge_reply(partition: int, edge: dict | None) -> Message:
+    """A "train.distill" reply of node 100 + partition holding ``edge`` (its state dict) or no edge."""
+    message = reply(partition, None)
+    if edge is not None:
+        message.content["edge"] = ArrayRecord({k: v.clone() for k, v in edge.items()})
+    return message
+
+
+def test_deploy_check_bounds_the_drop_from_the_manufacturers_edge():
+    policy = VerificationPolicy(protected_tolerance=0.05, protected_classes=("person",), noise_z=0.0)
+    assert deploy_check({"person": 0.60}, {"person": 0.56}, policy)[0]
+    ok, reason, figures = deploy_check({"person": 0.60}, {"person": 0.50}, policy)
+    assert not ok and "person" in reason and figures["ap_before"] == {"person": 0.60}
+    # a noisy validation set widens the tolerance to noise_z x the drop's bootstrap std, as for the tutor
+    noisy = VerificationPolicy(protected_tolerance=0.05, protected_classes=("person",), noise_z=3.0)
+    assert deploy_check({"person": 0.60}, {"person": 0.50}, noisy, {"person": 0.04})[0]
+    assert not deploy_check({"person": 0.60}, {"person": float("nan")}, noisy, {"person": 0.04})[0]
+
+
+def test_the_edge_check_deploys_an_honest_edge_and_keeps_the_earlier_one_otherwise(trained_tutor, trained_edge,
+                                                                                     monkeypatch):
+    import copy
+
+    from flwr.app import ConfigRecord
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for name, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):  # messages are made outside a run
+        monkeypatch.setattr(TaskIdentity, name, value)
+
+    from protocol.wire import DEPLOY_EDGE, EDGE_CHECK
+
+    policy = VerificationPolicy(norm_bound=50.0, protected_tolerance=0.05, protected_classes=("person",),
+                                noise_z=3.0, bootstrap_samples=20)
+    strategy = DiReDiStrategy(copy.deepcopy(trained_tutor), copy.deepcopy(trained_edge), Squares(32, 1), ["person"],
+                              RDSettings.from_profile(get_profile("smoke")), policy, edge_check=True)
+    reference, _ = strategy.edge_reference()
+    assert reference["person"] > 0.3  # else "erased" below proves nothing
+    same = trained_edge.state_dict()
+    erased = {k: v.clone() for k, v in same.items()}
+    erased["head.classification_head.cls_logits.bias"][PERSON] = -30.0  # person never scores again
+    misshapen = {**same, "head.classification_head.cls_logits.bias": torch.zeros(3)}
+    replies = [edge_reply(0, same), edge_reply(1, erased), edge_reply(2, misshapen), edge_reply(3, None)]
+    ledger = strategy._open_round(1)
+    for message in replies:  # as the replies to "train.distill" arrive
+        strategy.check_edge(message)
+        entry = ledger.client(message.metadata.src_node_id)
+        entry.train, entry.after, entry.redistilled = {PARTITION_ID: message.content[METRICS][PARTITION_ID]}, {}, True
+    messages = strategy.configure_deploy(1, ConfigRecord({}))
+    verdicts = {m.metadata.dst_node_id - 100: m.content["config"][DEPLOY_EDGE] for m in messages}
+    assert verdicts == {0: 1, 1: 0, 2: 0, 3: 0}
+    figures = {c: decode(ledger.clients[100 + c].after, EDGE_CHECK) for c in range(4)}
+    assert figures[0]["deployed"] == 1 and figures[0]["ap-candidate.person"] == figures[0]["ap-reference.person"]
+    assert figures[1]["deployed"] == 0 and figures[1]["ap-candidate.person"] < reference["person"] - 0.05
+    assert figures[1]["tolerance.person"] >= 0.05
+    assert figures[2] == {"deployed": 0.0, "seconds": 0.0} and figures[3] == figures[2]  # unreadable, absent
+    with pytest.raises(ValueError, match="redistill='client'"):
+        DiReDiStrategy(copy.deepcopy(trained_tutor), copy.deepcopy(trained_edge), Squares(32, 1), ["person"],
+                       RDSettings.from_profile(get_profile("smoke")), policy, edge_check=True, redistill="server",
+                       presumed_data=Squares(8, 2))
