@@ -9,6 +9,9 @@ the same replicate (``experiments/results/compare/runs/rep<k>``: the same traini
 clients), and the variant's DiReDi is compared with the study's DiReDi and local training at rounds 2,
 10 and the last: the difference per client, with a 95% nested bootstrap interval over the replicates
 given and their clients (``evaluation.study``), and "yes / no / cannot tell" for "the variant is better".
+Beside the verdicts, the protected classes' path along the run (``protected_path``: how far a client's
+deployed edge moves on them from round to round on its test shard, its worst round and its last against
+where it started) and, for a run with the edge check, how many re-distilled edges were deployed.
 Writes ``<out>.json`` and ``<out>.md``.
 """
 
@@ -49,6 +52,31 @@ def values(folder: Path, method: str) -> dict[int, dict[int, dict]]:
     return per_method[method]
 
 
+def protected_path(folder: Path, method: str) -> dict[str, float]:
+    """The protected classes' AP on each client's test shard along the run, in AP points, mean over
+    clients and protected classes: "step" the mean absolute change from one round to the next, "worst"
+    the lowest round minus the start (the edge before round 1), "last" the last round minus the start;
+    with edge check records, "deployed" the share of re-distilled edges deployed (kept: the rest)."""
+    _, records, specs, _ = read_replicate(folder)
+    protected = {int(s["client"]): list(s.get("protected") or []) for s in specs}
+    steps, worst, last, deployed = [], [], [], []
+    for client, classes in protected.items():
+        mine = sorted((r for r in records if r["method"] == method and r["client"] == client), key=lambda r: r["round"])
+        for c in classes:
+            path = [100 * mine[0]["ap_before"][c]] + [100 * r["ap_after"][c] for r in mine] if mine else []
+            path = [v for v in path if np.isfinite(v)]
+            if len(path) < 2:
+                continue
+            steps.append(float(np.mean(np.abs(np.diff(path)))))
+            worst.append(min(path[1:]) - path[0])
+            last.append(path[-1] - path[0])
+        deployed += [r["edge_check"]["deployed"] for r in mine if "edge_check" in r]
+    out = {"step": float(np.mean(steps)), "worst": float(np.mean(worst)), "last": float(np.mean(last))}
+    if deployed:
+        out["deployed"] = float(np.mean(deployed))
+    return out
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m experiments.variant", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -77,9 +105,14 @@ def main(argv=None) -> int:
                 diff = paired_difference(a, b)
                 rows.append({"baseline": baseline, "metric": metric, "round": r, "variant": mean_a, "base": mean_b,
                              "diff": diff["mean"], "ci95": diff["ci95"], "verdict": verdict(diff, higher)})
+    paths = {args.name: [protected_path(f, "diredi") for f in args.variant]}
+    for method in ("diredi", "local"):
+        paths[f"study {method}"] = [protected_path(args.study / f"rep{p[0]}", method) for p in pairs]
+    path_rows = [{"run": name, **{k: float(np.mean([v[k] for v in values])) for k in values[0]}}
+                 for name, values in paths.items()]
     command = " ".join(["python -m experiments.variant", *(sys.argv[1:] if argv is None else argv)])
     result = {"command": command, "variant": args.name, "replicates": [p[0] for p in pairs],
-              "runs": [str(f) for f in args.variant], "rows": rows}
+              "runs": [str(f) for f in args.variant], "rows": rows, "protected_path": path_rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(result, indent=2))
     lines = [f"# {args.name} against the study (replicates {', '.join(str(p[0]) for p in pairs)})", "",
@@ -89,6 +122,12 @@ def main(argv=None) -> int:
              "|---|---|---|---|---|---|---|---|"]
     lines += [f"| {r['baseline']} | {r['metric']} | {r['round']} | {r['variant']:.1f} | {r['base']:.1f} | "
               f"{r['diff']:+.1f} | [{r['ci95'][0]:+.1f}, {r['ci95'][1]:+.1f}] | {r['verdict']} |" for r in rows]
+    lines += ["", "The protected classes along the run (`protected_path`; AP points on the clients' test shards, mean "
+              "over replicates, clients and protected classes; deployed: share of re-distilled edges deployed):", "",
+              "| run | round-to-round change | worst round - start | last round - start | deployed |",
+              "|---|---|---|---|---|"]
+    lines += [f"| {r['run']} | {r['step']:.1f} | {r['worst']:+.1f} | {r['last']:+.1f} | "
+              f"{format(r['deployed'], '.0%') if 'deployed' in r else '-'} |" for r in path_rows]
     args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0

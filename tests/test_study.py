@@ -329,6 +329,10 @@ def test_a_variant_is_paired_with_the_study_run_of_its_replicate(tmp_path):
     protected = worse_rows[("diredi", "forgetting_protected", 20)]
     assert protected["diff"] > 5 and protected["verdict"] == "no"
     assert worse_rows[("diredi", "gain", 20)]["diff"] == 0  # person is no new class
+    path = {r["run"]: r for r in json.loads((tmp_path / "worse.json").read_text())["protected_path"]}
+    # rounds 2.. lost 10 points (less where person was below 0.1): the worst and the last round show it
+    assert path["worse"]["last"] - path["study diredi"]["last"] == pytest.approx(-10, abs=1.5)
+    assert path["worse"]["worst"] < path["study diredi"]["worst"] - 5 and "deployed" not in path["worse"]
 
 
 def test_edge_protection_scores_every_lever_after_every_round(tmp_path, threads_one):
