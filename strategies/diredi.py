@@ -14,7 +14,10 @@ One round (``DiReDiStrategy.start``):
    (``strategies.aggregate``) and the tutor moves by beta * merged delta (eq. 10);
 4. re-distillation (Distill C) from the updated tutor: ``redistill="client"`` sends "train.distill"
    (each client distils its own edge on its own data and keeps it); ``redistill="server"`` distils
-   one edge on the server from public presumed data and sends it out with "evaluate";
+   one edge on the server from public presumed data and sends it out with "evaluate"; with the edge
+   check (client re-distillation), each "train.distill" reply carries the client's new edge, the server
+   evaluates it on the validation set as it arrives (``check_edge``) and an "evaluate" message tells the
+   client to deploy it or to keep its earlier edge (``configure_deploy``);
 5. one record per client (``strategies.ledger.Recorder``): AP of its edge on its test shard before
    the round and after Distill C, bytes, seconds per phase, memory, and the verification verdict.
 
