@@ -9,7 +9,9 @@ the same replicate (``experiments/results/compare/runs/rep<k>``: the same traini
 clients), and the variant's DiReDi is compared with the study's DiReDi and local training at rounds 2,
 10 and the last: the difference per client, with a 95% nested bootstrap interval over the replicates
 given and their clients (``evaluation.study``), and "yes / no / cannot tell" for "the variant is better".
-Beside the verdicts, the protected classes' path along the run (``protected_path``: how far a client's
+``--baseline`` pairs with other DiReDi runs instead (e.g. the study's DiReDi rerun on a machine whose
+manufacturer chain differs from the study's: a CPU of another make computes other bits); local training
+is then compared only where those runs hold it. Beside the verdicts, the protected classes' path along the run (``protected_path``: how far a client's
 deployed edge moves on them from round to round on its test shard, its worst round and its last against
 where it started) and, for a run with the edge check, how many re-distilled edges were deployed.
 Writes ``<out>.json`` and ``<out>.md``.
@@ -52,6 +54,12 @@ def values(folder: Path, method: str) -> dict[int, dict[int, dict]]:
     return per_method[method]
 
 
+def optional_values(folder: Path, method: str) -> dict[int, dict[int, dict]] | None:
+    """``values``, or None when the run folder holds no records of ``method``."""
+    _, records, _, _ = read_replicate(folder)
+    return values(folder, method) if any(r["method"] == method for r in records) else None
+
+
 def protected_path(folder: Path, method: str) -> dict[str, float]:
     """The protected classes' AP on each client's test shard along the run, in AP points, mean over
     clients and protected classes: "step" the mean absolute change from one round to the next, "worst"
@@ -83,19 +91,28 @@ def main(argv=None) -> int:
     parser.add_argument("--variant", type=Path, nargs="+", required=True, help="the variant's run folders, ...-rep<k>")
     parser.add_argument("--name", required=True, help="the variant's name in the tables")
     parser.add_argument("--study", type=Path, default=STUDY, help="the study's run folders (rep<k>)")
+    parser.add_argument("--baseline", type=Path, nargs="+",
+                        help="DiReDi runs to pair with instead of the study's, ...-rep<k> (e.g. made on another "
+                             "machine's manufacturer chain than the study's); local training is compared where "
+                             "they hold it")
     parser.add_argument("--out", type=Path, required=True, help="output path without suffix")
     args = parser.parse_args(argv)
-    pairs = []
+    baselines = {replicate_of(f): f for f in args.baseline or []}
+    pairs, base_folders = [], {}
     for folder in args.variant:
         k = replicate_of(folder)
-        if not (args.study / f"rep{k}" / "rounds.jsonl").exists():
-            raise SystemExit(f"python -m experiments.variant: error: no study run rep{k} under {args.study}")
-        pairs.append((k, values(folder, "diredi"), values(args.study / f"rep{k}", "diredi"),
-                      values(args.study / f"rep{k}", "local")))
+        base = baselines.get(k) if args.baseline else args.study / f"rep{k}"
+        if base is None or not (base / "rounds.jsonl").exists():
+            raise SystemExit(f"python -m experiments.variant: error: no baseline run of replicate {k} "
+                             f"({'--baseline' if args.baseline else args.study})")
+        base_folders[k] = base
+        pairs.append((k, values(folder, "diredi"), values(base, "diredi"), optional_values(base, "local")))
     last = min(max(v) for _, v, _, _ in pairs)
-    rounds = [r for r in (2, 10, last) if r <= last]
+    rounds = sorted({r for r in (2, 10, last) if r <= last})
     rows = []
     for baseline, index in (("diredi", 2), ("local", 3)):
+        if any(p[index] is None for p in pairs):
+            continue
         for metric, higher in METRICS.items():
             for r in rounds:
                 clients = sorted(set.intersection(*[set(p[1][r]) & set(p[index][r]) for p in pairs]))
@@ -107,7 +124,8 @@ def main(argv=None) -> int:
                              "diff": diff["mean"], "ci95": diff["ci95"], "verdict": verdict(diff, higher)})
     paths = {args.name: [protected_path(f, "diredi") for f in args.variant]}
     for method in ("diredi", "local"):
-        paths[f"study {method}"] = [protected_path(args.study / f"rep{p[0]}", method) for p in pairs]
+        if all(p[3 if method == "local" else 2] is not None for p in pairs):
+            paths[f"baseline {method}"] = [protected_path(base_folders[p[0]], method) for p in pairs]
     path_rows = [{"run": name, **{k: float(np.mean([v[k] for v in values])) for k in values[0]}}
                  for name, values in paths.items()]
     command = " ".join(["python -m experiments.variant", *(sys.argv[1:] if argv is None else argv)])
@@ -116,8 +134,9 @@ def main(argv=None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(result, indent=2))
     lines = [f"# {args.name} against the study (replicates {', '.join(str(p[0]) for p in pairs)})", "",
-             f"`{command}`. Per client, paired by replicate and client with the study's run of the same "
-             "replicate; 95% nested bootstrap interval; verdict: is the variant better.", "",
+             f"`{command}`. Per client, paired by replicate and client with the baseline's run of the same "
+             "replicate (the study's unless --baseline names others); 95% nested bootstrap interval; verdict: "
+             "is the variant better.", "",
              "| against | metric | round | variant | baseline | difference | 95% CI | variant better? |",
              "|---|---|---|---|---|---|---|---|"]
     lines += [f"| {r['baseline']} | {r['metric']} | {r['round']} | {r['variant']:.1f} | {r['base']:.1f} | "

@@ -331,8 +331,19 @@ def test_a_variant_is_paired_with_the_study_run_of_its_replicate(tmp_path):
     assert worse_rows[("diredi", "gain", 20)]["diff"] == 0  # person is no new class
     path = {r["run"]: r for r in json.loads((tmp_path / "worse.json").read_text())["protected_path"]}
     # rounds 2.. lost 10 points (less where person was below 0.1): the worst and the last round show it
-    assert path["worse"]["last"] - path["study diredi"]["last"] == pytest.approx(-10, abs=1.5)
-    assert path["worse"]["worst"] < path["study diredi"]["worst"] - 5 and "deployed" not in path["worse"]
+    assert path["worse"]["last"] - path["baseline diredi"]["last"] == pytest.approx(-10, abs=1.5)
+    assert path["worse"]["worst"] < path["baseline diredi"]["worst"] - 5 and "deployed" not in path["worse"]
+    # --baseline: other DiReDi runs (here without local training) instead of the study's
+    (tmp_path / "base-rep0").mkdir()
+    shutil.copy(source / "config.json", tmp_path / "base-rep0" / "config.json")
+    (tmp_path / "base-rep0" / "rounds.jsonl").write_text(
+        "\n".join(line for line in keep if json.loads(line)["method"] == "diredi") + "\n")
+    assert main(["--variant", str(tmp_path / "worse-rep0"), "--name", "worse", "--baseline", str(tmp_path / "base-rep0"),
+                 "--out", str(tmp_path / "against-base")]) == 0
+    against = json.loads((tmp_path / "against-base.json").read_text())
+    assert {r["baseline"] for r in against["rows"]} == {"diredi"}
+    assert [r for r in against["rows"] if r["baseline"] == "diredi"] == \
+           [r for r in json.loads((tmp_path / "worse.json").read_text())["rows"] if r["baseline"] == "diredi"]
 
 
 def test_edge_protection_scores_every_lever_after_every_round(tmp_path, threads_one):
