@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import shlex
 import sys
 from pathlib import Path
 
@@ -128,12 +129,13 @@ def main(argv=None) -> int:
             paths[f"baseline {method}"] = [protected_path(base_folders[p[0]], method) for p in pairs]
     path_rows = [{"run": name, **{k: float(np.mean([v[k] for v in values])) for k in values[0]}}
                  for name, values in paths.items()]
-    command = " ".join(["python -m experiments.variant", *(sys.argv[1:] if argv is None else argv)])
+    command = shlex.join(["python", "-m", "experiments.variant", *(sys.argv[1:] if argv is None else argv)])
     result = {"command": command, "variant": args.name, "replicates": [p[0] for p in pairs],
               "runs": [str(f) for f in args.variant], "rows": rows, "protected_path": path_rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(result, indent=2))
-    lines = [f"# {args.name} against the study (replicates {', '.join(str(p[0]) for p in pairs)})", "",
+    against = "its baseline runs" if args.baseline else "the study"
+    lines = [f"# {args.name} against {against} (replicates {', '.join(str(p[0]) for p in pairs)})", "",
              f"`{command}`. Per client, paired by replicate and client with the baseline's run of the same "
              "replicate (the study's unless --baseline names others); 95% nested bootstrap interval; verdict: "
              "is the variant better.", "",
