@@ -179,6 +179,25 @@ def distill_c_phase(settings: RDSettings, seed: int, kept_classes: tuple[int, ..
                  score_classes=tuple(kept_classes) if settings.redistill_score_weight else ())
 
 
+def spread_distill(edge: nn.Module, tutor: nn.Module, images: Dataset, settings: RDSettings, seed: int,
+                   classes: tuple[int, ...], score_weight: float = 4.0,
+                   progress: bool = False) -> tuple[nn.Module, PhaseReport]:
+    """Spread: a copy of the server's edge distilled from the updated tutor on the manufacturer's images,
+    with the tutor as the only teacher (the images' labels are not used).
+
+    The manufacturer's presumed data holds no object of a class a client added, so Distill C on it
+    (``redistill="server"``) teaches the edge that such objects are background. Here the images are the
+    manufacturer's teacher-class images (they show those objects) and the targets are the tutor's:
+    its detections above ``settings``' pseudo-label threshold for the detector's loss, its neck features
+    (FGD, as Distill C) and its class scores on ``classes`` (label indices; ``distill.scores``) with
+    ``score_weight``. The scores carry what the tutor learned below the pseudo-label threshold, where a
+    new class sits for several rounds. As many steps as Distill C, in its own data order (seed + 5)."""
+    student = copy.deepcopy(edge)
+    phase = replace(distill_c_phase(settings, seed), name="spread", targets="teacher", seed=seed + 5,
+                    score_weight=score_weight, score_classes=tuple(classes))
+    return student, train(student, images, phase, teacher=tutor, progress=progress)
+
+
 def direct_training(edge: nn.Module, client_data: Dataset, iters: int, settings: RDSettings, seed: int,
                     proximal_mu: float = 0.0, progress: bool = False,
                     trained_classes: tuple[int, ...] | None = None) -> tuple[nn.Module, PhaseReport]:

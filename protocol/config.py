@@ -36,13 +36,15 @@ DELTA_PRECISIONS = ("float16", "float32")  # how a client's delta travels (the s
 DIRECTION_REFERENCES = ("peers", "server")  # the direction gate's reference (strategies.verify)
 BODY_CACHES = ("round", "run")  # how long a client keeps the tutor body's outputs (distill.body_memo)
 EDGE_CHECKS = ("off", "on")  # the manufacturer's check of each re-distilled edge before it is deployed
+SPREAD_MODES = ("off", "on")  # the server's edge, distilled from the updated tutor, as Distill C's start
 
 
 # Fields added after runs were recorded: ``to_dict`` leaves them out while they hold their default, so
 # a run without them writes the config.json it wrote before they existed (and --resume, which
 # compares config.json's "run" with ``to_dict``, still accepts the older run folders).
 LATER_FIELDS = ("dp_clip", "dp_noise", "dp_delta", "replicate", "direct_lr", "server_momentum", "fedadam_eta",
-                "fedadam_tau", "precision", "layout", "body_cache", "redistill_score_weight", "edge_check")
+                "fedadam_tau", "precision", "layout", "body_cache", "redistill_score_weight", "edge_check",
+                "spread")
 
 
 class ConfigError(ValueError):
@@ -99,6 +101,11 @@ class RunConfig:
     # protected classes within the verification's tolerance of the manufacturer's edge; otherwise the
     # client keeps the edge it deployed before (strategies.diredi; client re-distillation only)
     edge_check: str = "off"
+    # "on": each round the server distils the updated tutor into an edge of its own on the manufacturer's
+    # images (no labels: the tutor's outputs are the targets) and a client's Distill C starts from that
+    # edge instead of its own, so the classes other clients taught the tutor can reach it (DiReDi,
+    # client re-distillation; strategies.diredi, distill.rd.spread_distill)
+    spread: str = "off"
     batch_size: int = 0  # batch of every client phase; 0: the profile's
     # steps per round of the federated direct-training baselines' clients (FedAvg family, FedProx); 0: as
     # many as a DiReDi client (2 x rd + redistill). local and oracle always take a DiReDi client's steps.
@@ -300,12 +307,14 @@ def resolve_run_config(raw: Mapping[str, Any] | RunConfig) -> RunConfig:
     choices = {"data": ("synth", "voc"), "tutor1": TUTOR1_MODES, "redistill": REDISTILL_SIDES,
                "delta_precision": DELTA_PRECISIONS, "direction_reference": DIRECTION_REFERENCES,
                "precision": PRECISIONS, "layout": LAYOUTS, "body_cache": BODY_CACHES,
-               "edge_check": EDGE_CHECKS}
+               "edge_check": EDGE_CHECKS, "spread": SPREAD_MODES}
     for name, allowed in choices.items():
         if getattr(config, name) not in allowed:
             raise ConfigError(_key(name), f"{getattr(config, name)!r} is not one of {', '.join(allowed)}")
     if config.edge_check == "on" and config.redistill != "client":
         raise ConfigError("edge-check", "checks the edges clients re-distil; it needs --redistill client")
+    if config.spread == "on" and config.redistill != "client":
+        raise ConfigError("spread", "starts the clients' Distill C from the server's edge; it needs --redistill client")
     if config.aggregation not in AGGREGATION_METHODS:
         raise ConfigError("aggregation", f"{config.aggregation!r} is not one of {', '.join(AGGREGATION_METHODS)}")
 

@@ -48,6 +48,8 @@ FINE_TUNE = "fine-tune"  # fedavg_ft: fine-tune the received edge on the client'
 # DiReDi with the edge check: the manufacturer's verdict on a client's re-distilled edge (1: deploy it,
 # 0: keep the edge deployed before), in the "evaluate" message that follows "train.distill"
 DEPLOY_EDGE = "deploy-edge"
+# DiReDi with spread: the server's edge distilled from the updated tutor, Distill C's start (array record)
+SPREAD_EDGE = "spread-edge"
 
 # -- metric keys. MetricRecord takes numbers only, so per-class values travel as "<prefix>.<class>".
 AP_BEFORE, AP_AFTER = "ap-before", "ap-after"

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from models.compute import LAYOUTS, PRECISIONS
 from models.ladder import PROFILES
-from protocol.config import AGGREGATION_METHODS, BODY_CACHES, DELTA_PRECISIONS, EDGE_CHECKS, METHODS, REDISTILL_SIDES, TUTOR1_MODES, RunConfig
+from protocol.config import AGGREGATION_METHODS, BODY_CACHES, DELTA_PRECISIONS, EDGE_CHECKS, METHODS, REDISTILL_SIDES, SPREAD_MODES, TUTOR1_MODES, RunConfig
 
 log = logging.getLogger("sim.run")
 DEFAULTS = RunConfig()
@@ -99,6 +99,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="on: the manufacturer checks each client's re-distilled edge on its validation set and the client "
              "deploys it only if its protected classes stay within the verification's tolerance of the "
              f"manufacturer's edge, else keeps its earlier edge (DiReDi; default {d.edge_check})")
+    add("--spread", choices=SPREAD_MODES, default=d.spread,
+        help="on: each round the server distils the updated tutor into an edge of its own on the manufacturer's "
+             "images (the tutor's outputs as targets) and each client's Distill C starts from that edge, so "
+             f"classes other clients taught the tutor can reach it (DiReDi; default {d.spread})")
     add("--body-cache", choices=BODY_CACHES, default=d.body_cache,
         help="how long a DiReDi client keeps its tutor body's outputs per image: round (Tutor 2's, for its "
              "Distill C) | run (on its disk from round to round: fewer body passes, about 0.23 MB per image "
@@ -132,7 +136,7 @@ def parse_args(argv=None) -> argparse.Namespace:
            "delta-topk": args.delta_topk, "dp-clip": args.dp_clip, "dp-noise": args.dp_noise,
            "dp-delta": args.dp_delta, "precision": args.precision, "layout": args.layout,
            "body-cache": args.body_cache, "redistill-score-weight": args.redistill_score_weight,
-           "edge-check": args.edge_check}
+           "edge-check": args.edge_check, "spread": args.spread}
     try:
         args.config = resolve_run_config(raw)
     except ConfigError as err:

@@ -17,7 +17,9 @@ One round (``DiReDiStrategy.start``):
    one edge on the server from public presumed data and sends it out with "evaluate"; with the edge
    check (client re-distillation), each "train.distill" reply carries the client's new edge, the server
    evaluates it on the validation set as it arrives (``check_edge``) and an "evaluate" message tells the
-   client to deploy it or to keep its earlier edge (``configure_deploy``);
+   client to deploy it or to keep its earlier edge (``configure_deploy``); with spread
+   (``spread_data``), the server first distils the updated tutor into an edge of its own on the
+   manufacturer's images (``distill.rd.spread_distill``) and each client's Distill C starts from it;
 5. one record per client (``strategies.ledger.Recorder``): AP of its edge on its test shard before
    the round and after Distill C, bytes, seconds per phase, memory, and the verification verdict.
 
@@ -44,7 +46,8 @@ from flwr.serverapp.strategy import Result, Strategy
 from torch import Tensor, nn
 
 from data.voc import CLASS_INDEX
-from distill.rd import RDSettings, client_delta, distill_c, reverse_distill_tutor1, reverse_distill_tutor2
+from distill.rd import (RDSettings, client_delta, distill_c, reverse_distill_tutor1, reverse_distill_tutor2,
+                        spread_distill)
 from distill.trainer import torch_threads
 from evaluation.ap import ap_by_name, bootstrap_ap_drop, nan_mean, predict
 from evaluation.features import BodyFeatureCache, FeaturesTooLarge
@@ -52,7 +55,7 @@ from models.io import state_fingerprint
 from models.parts import load_neck_head, neck_head, substitute
 from protocol.wire import (AFTER, AP_AFTER, AP_BEFORE, BEFORE, CONFIG, DELTA, DEPLOY_EDGE, DISTILL, DIREDI_WORK,
                            EDGE, EDGE_CHECK, EDGE_SOURCE, EVALUATE, METHOD, METRICS, NUM_EXAMPLES, PARTITION_ID, SERVER,
-                           SERVER_ROUND, TRAIN, TRAINED, TUTOR, TUTOR1, WORK, MalformedDelta, decode, encode,
+                           SERVER_ROUND, SPREAD_EDGE, TRAIN, TRAINED, TUTOR, TUTOR1, WORK, MalformedDelta, decode, encode,
                            state_record, unpack_delta, work_seed)
 from strategies.aggregate import AGGREGATION_METHODS, aggregate, cap_weights, clip_delta
 from strategies.checkpoint import prefixed, unprefixed
@@ -143,6 +146,10 @@ class DiReDiStrategy(Strategy):
             edge's 1.7 MB in the cpu profile) and is deployed only when its protected classes' AP on the
             validation set stays within the policy's tolerance of the manufacturer's edge
             (``check_edge``); otherwise the client keeps the edge it deployed before.
+        spread_data: with client re-distillation, the manufacturer's images on which the server
+            distils the updated tutor into an edge of its own each round (``spread_edge``, starting from
+            the manufacturer's edge; the images' labels are not used), which every "train.distill"
+            carries as the start of the client's Distill C (the edge's 1.7 MB down). None: off.
         num_nodes, fraction: the federation's nodes, and the share of them sampled each round.
         recorder: where records, decisions and failures go (``strategies.ledger.Recorder``).
         reference_fn: ``reference_fn(tutor)`` -> the server's own reference update for the direction
@@ -158,7 +165,7 @@ class DiReDiStrategy(Strategy):
                  settings: RDSettings, policy: VerificationPolicy | None = None, *, presumed_data=None,
                  share_tutor1: bool = False, aggregation: str = "weighted",
                  aggregation_options: Mapping[str, Any] | None = None, redistill: str = "client",
-                 edge_check: bool = False, num_nodes: int = 1, fraction: float = 1.0, seed: int = 0,
+                 edge_check: bool = False, spread_data=None, num_nodes: int = 1, fraction: float = 1.0, seed: int = 0,
                  recorder: Recorder | None = None,
                  reference_fn: Callable[[nn.Module], Mapping[str, Tensor] | None] | None = None) -> None:
         if aggregation not in AGGREGATION_METHODS:
@@ -167,6 +174,8 @@ class DiReDiStrategy(Strategy):
             raise ValueError(f"redistill must be 'client' or 'server', got {redistill!r}")
         if edge_check and redistill != "client":
             raise ValueError("edge_check checks the edges clients re-distil: it needs redistill='client'")
+        if spread_data is not None and redistill != "client":
+            raise ValueError("spread starts the clients' Distill C from the server's edge: it needs redistill='client'")
         if (share_tutor1 or redistill == "server" or (policy and policy.direction_reference == "server")) \
                 and presumed_data is None:
             raise ValueError("share_tutor1, redistill='server' and a server reference need the manufacturer's "
@@ -177,6 +186,8 @@ class DiReDiStrategy(Strategy):
         self.policy = policy or VerificationPolicy()
         self.presumed_data = presumed_data
         self.share_tutor1, self.redistill, self.edge_check = share_tutor1, redistill, edge_check
+        self.spread_data = spread_data
+        self.spread_edge = copy.deepcopy(edge).eval() if spread_data is not None else None
         self.aggregation, self.aggregation_options = aggregation, dict(aggregation_options or {})
         self.num_nodes, self.seed = num_nodes, seed
         self.sampler = ClientSampler(num_nodes, fraction, seed)
@@ -337,20 +348,32 @@ class DiReDiStrategy(Strategy):
     # -- the second client step: Distill C ---------------------------------------------------
 
     def configure_distill(self, server_round: int, config: ConfigRecord) -> list[Message]:
-        """"train.distill" with the updated tutor to this round's participants."""
+        """"train.distill" with the updated tutor (with spread, also the server's edge) to the participants."""
+        spread = {SPREAD_EDGE: state_record(self.spread_edge)} if self.spread_edge is not None else {}
         return self._to_participants(server_round, DISTILL, self._config(config, server_round, "stored"),
-                                     TUTOR, _TutorRecords(self.tutor))
+                                     TUTOR, _TutorRecords(self.tutor), extra=spread)
+
+    def distil_spread_edge(self, server_round: int) -> nn.Module:
+        """Spread: the server's edge distilled from the updated tutor on the manufacturer's images
+        (``distill.rd.spread_distill``, on every class the validation set holds)."""
+        edge, _ = spread_distill(self.spread_edge, self.tutor, self.spread_data, self.settings,
+                                 seed=work_seed(self.seed, server_round, SERVER),
+                                 classes=tuple(CLASS_INDEX[c] for c in self.validation_classes))
+        return edge.eval()
 
     def _to_participants(self, server_round: int, message_type: str, config: ConfigRecord, name: str,
-                         model: "nn.Module | _TutorRecords") -> list[Message]:
-        """One message with ``model`` under ``name`` to every node that trained this round (bytes counted)."""
+                         model: "nn.Module | _TutorRecords",
+                         extra: Mapping[str, ArrayRecord] | None = None) -> list[Message]:
+        """One message with ``model`` under ``name`` (and ``extra``'s records) to every node that trained
+        this round (bytes counted)."""
         ledger = self._open_round(server_round)
         full = state_record(model) if isinstance(model, nn.Module) else None
 
         def record(node: int) -> ArrayRecord:
             return full if full is not None else model.for_node(node, self._nodes_with_body)
 
-        return ledger.count_down(Message(content=RecordDict({CONFIG: config, name: record(entry.node)}),
+        return ledger.count_down(Message(content=RecordDict({CONFIG: config, name: record(entry.node),
+                                                             **(extra or {})}),
                                          message_type=message_type, dst_node_id=entry.node)
                                  for entry in ledger.trained)
 
@@ -376,6 +399,10 @@ class DiReDiStrategy(Strategy):
             return
         if self.redistill == "client":
             self._edge_verdicts = {}
+            if self.spread_edge is not None:
+                start = time.perf_counter()
+                self.spread_edge = self.distil_spread_edge(server_round)
+                ledger.server_seconds["server_spread"] = (time.perf_counter() - start) / len(trained)
             replies = exchange(grid, self.configure_distill(server_round, config), timeout, meanwhile=self.record_tutor,
                                on_reply=self.check_edge if self.edge_check else None)
             self.aggregate_distill(server_round, replies)
@@ -496,20 +523,24 @@ class DiReDiStrategy(Strategy):
     # -- checkpoint and resume ----------------------------------------------------------------
 
     def checkpoint(self) -> tuple[dict[str, Tensor], dict]:
-        """The state the next round needs (``strategies.checkpoint``): tutor and edge, which clients
-        (by partition) hold the tutor's body and an edge of their own, and the tutor's history."""
+        """The state the next round needs (``strategies.checkpoint``): tutor and edge (and the spread edge),
+        which clients (by partition) hold the tutor's body and an edge of their own, and the tutor's history."""
         def partitions(nodes: set[int]) -> list[int]:
             return sorted(self._partition_of[n] for n in nodes)
 
         meta = {"partitions_with_body": partitions(self._nodes_with_body),
                 "partitions_with_edge": partitions(self._nodes_with_edge),
                 "client_edges_changed": self._client_edges_changed, "tutor_history": self.recorder.tutor_history}
-        return {**prefixed("tutor", self.tutor.state_dict()), **prefixed("edge", self.edge.state_dict())}, meta
+        spread = prefixed("spread", self.spread_edge.state_dict()) if self.spread_edge is not None else {}
+        models = {**prefixed("tutor", self.tutor.state_dict()), **prefixed("edge", self.edge.state_dict())}
+        return {**models, **spread}, meta
 
     def restore(self, tensors: Mapping[str, Tensor], meta: Mapping[str, Any]) -> None:
         """Back to a ``checkpoint``; the next ``configure_train`` maps its partitions to this run's nodes."""
         self.tutor.load_state_dict(unprefixed("tutor", tensors))
         self.edge.load_state_dict(unprefixed("edge", tensors))
+        if self.spread_edge is not None:
+            self.spread_edge.load_state_dict(unprefixed("spread", tensors))
         self._restored_partitions = {k: list(meta[k]) for k in ("partitions_with_body", "partitions_with_edge")}
         self._client_edges_changed = bool(meta["client_edges_changed"])
         self.recorder.tutor_history = list(meta["tutor_history"])

@@ -127,8 +127,9 @@ def make_strategy(method: str, session: Session, recorder: Recorder,
             ws.scenario.teacher_classes, config.rd_settings(), policy or default_policy(session),
             presumed_data=ws.chain_data().presumed_train, share_tutor1=config.tutor1 == "shared",
             aggregation=config.aggregation, redistill=config.redistill,
-            edge_check=config.edge_check == "on", num_nodes=n, fraction=config.fraction,
-            seed=config.training_seed, recorder=recorder)
+            edge_check=config.edge_check == "on",
+            spread_data=ws.chain_data().teacher_train if config.spread == "on" else None,
+            num_nodes=n, fraction=config.fraction, seed=config.training_seed, recorder=recorder)
     # The sampler picks this round's clients (seeded by their identities) and Flower's FedAvg trains
     # all of them; the evaluate step goes to every node and the recording mixin keeps those that trained.
     count = sample_count(n, config.fraction)

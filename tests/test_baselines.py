@@ -342,6 +342,53 @@ def test_a_fedavg_ft_client_deploys_its_fine_tuned_edge(cache, tmp_path, no_runt
         assert decode(again, AP_BEFORE) == decode(evaluated, AP_AFTER)
 
 
+
+def test_a_diredi_client_distils_from_the_spread_edge_when_one_comes(cache, tmp_path, no_runtime, client_threads,
+                                                                    monkeypatch):
+    """DiReDi's "train.distill": Distill C starts from the client's own deployed edge, or, with spread,
+    from the server's edge the message carries; either way the result is the edge the client keeps."""
+    from flwr.app import Context
+
+    import clients.app as client_app
+    from protocol.wire import (AFTER, CONFIG, DIREDI_WORK, EDGE, EDGE_SOURCE, METHOD, SERVER_ROUND, SPREAD_EDGE,
+                               TUTOR, WORK, decode, state_record)
+
+    monkeypatch.setattr(client_app, "per_class_ap",
+                        lambda model, data, classes: ({c: weights_sum(model) for c in classes},
+                                                      {"mAP": weights_sum(model)}))
+    starts = []
+    real = client_app.distill_c
+
+    def spy(edge, *args, **kwargs):
+        starts.append(weights_sum(edge))
+        return real(edge, *args, **kwargs)
+
+    monkeypatch.setattr(client_app, "distill_c", spy)
+    run = resolve_run_config({"profile": "smoke", "num-clients": 2, "rounds": 2, "cache-dir": str(cache)})
+    config = {**run.to_record(), METHOD: "diredi", WORK: DIREDI_WORK, EDGE_SOURCE: "stored"}
+    own, spread, tutor = build_model("smoke", "edge", seed=1), build_model("smoke", "edge", seed=2), \
+        build_model("smoke", "tutor", seed=0)
+    context = Context(run_id=1, node_id=1, node_config={"partition-id": 0}, state=RecordDict(), run_config={})
+    context.state[f"diredi.{EDGE}"] = state_record(own)
+
+    def distill(with_spread: bool) -> float:
+        records = {TUTOR: state_record(tutor), **({SPREAD_EDGE: state_record(spread)} if with_spread else {})}
+        content = RecordDict({**records, CONFIG: ConfigRecord({**config, SERVER_ROUND: 1})})
+        reply = client_app.distill(Message(content=content, message_type="train.distill", dst_node_id=1), context)
+        return decode(reply.content[METRICS], AFTER)["mAP"]
+
+    def kept_edge() -> float:
+        model = build_model("smoke", "edge", seed=3)
+        model.load_state_dict(context.state.array_records[f"diredi.{EDGE}"].to_torch_state_dict())
+        return weights_sum(model)
+
+    evaluated = distill(with_spread=True)
+    assert starts == [weights_sum(spread)]  # not the client's own edge
+    assert evaluated == kept_edge() not in (weights_sum(spread), weights_sum(own))  # the distilled one is kept
+    distill(with_spread=False)
+    assert starts[1] == evaluated  # without spread: the edge the client kept
+
+
 # -- (b) the four methods through real Flower + Ray: one simulation, 2 clients, 1 round ---------------
 
 

@@ -332,3 +332,33 @@ def test_distill_c_with_score_targets_keeps_the_tutors_scores_closer(ws):
         return float(class_score_distillation(s, t, torch.tensor(kept)))
 
     assert score_gap(scored) < score_gap(plain)
+
+
+def test_spread_distill_brings_the_edge_to_the_tutors_scores_and_leaves_its_start(ws):
+    """Spread's server-side distillation: the tutor's outputs are the only targets (labels unused), its
+    class scores on every class are learnt (the edge ends nearer them than it started), the server's
+    edge it starts from is not changed, and the same seed gives the same edge."""
+    from data.voc import CLASS_INDEX
+    from distill.rd import spread_distill
+    from distill.scores import class_score_distillation
+
+    chain = ws.chain(progress=False)
+    settings = RDSettings.from_profile(get_profile("smoke"))
+    images = ws.chain_data().teacher_train
+    classes = tuple(CLASS_INDEX[c] for c in ws.scenario.teacher_classes)
+    before = {k: v.clone() for k, v in chain.edge.state_dict().items()}
+    spread, report = spread_distill(chain.edge, chain.tutor, images, settings, seed=0, classes=classes)
+    assert all(torch.equal(v, chain.edge.state_dict()[k]) for k, v in before.items())
+    assert len(report.score_losses) == settings.redistill_iters
+    again, _ = spread_distill(chain.edge, chain.tutor, images, settings, seed=0, classes=classes)
+    assert all(torch.equal(a, b) for a, b in zip(spread.state_dict().values(), again.state_dict().values()))
+
+    def score_gap(model):
+        batch = [images[i][0] for i in range(16)]
+        with torch.no_grad():
+            x = model.transform(batch, None)[0].tensors
+            s = model.head(neck_features(model, x))["cls_logits"]
+            t = chain.tutor.head(neck_features(chain.tutor, x))["cls_logits"]
+        return float(class_score_distillation(s, t, torch.tensor(classes)))
+
+    assert score_gap(spread.eval()) < score_gap(chain.edge.eval())

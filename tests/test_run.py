@@ -16,6 +16,11 @@ from sim.run import main, parse_args
     (["--scenario", "no_such_scenario"], "--scenario"),
     (["--profile", "huge"], "invalid choice"),
     (["--rd-iters", "0"], "--rd-iters: must be at least 1"),
+    (["--edge-check", "on", "--redistill", "server"], "--edge-check checks the edges clients re-distil; it needs "
+                                                      "--redistill client"),
+    (["--spread", "on", "--redistill", "server"], "--spread starts the clients' Distill C from the server's edge; "
+                                                  "it needs --redistill client"),
+    (["--spread", "yes"], "invalid choice"),
 ])
 def test_invalid_arguments_stop_with_one_clear_line(argv, message, capsys, tmp_path):
     with pytest.raises(SystemExit) as exit_info:

@@ -892,3 +892,52 @@ def test_the_edge_check_deploys_an_honest_edge_and_keeps_the_earlier_one_otherwi
         DiReDiStrategy(copy.deepcopy(trained_tutor), copy.deepcopy(trained_edge), Squares(32, 1), ["person"],
                        RDSettings.from_profile(get_profile("smoke")), policy, edge_check=True, redistill="server",
                        presumed_data=Squares(8, 2))
+
+
+def test_spread_sends_the_servers_distilled_edge_with_distill_and_checkpoints_it(trained_tutor, trained_edge,
+                                                                                monkeypatch):
+    """With spread the server distils the updated tutor into an edge of its own (from the manufacturer's,
+    which stays the edge check's reference) and every "train.distill" carries it, bytes counted; a
+    checkpoint holds it and a restored strategy sends the same edge."""
+    import copy
+
+    from flwr.app import ConfigRecord
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for name, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):  # messages are made outside a run
+        monkeypatch.setattr(TaskIdentity, name, value)
+
+    from protocol.wire import SPREAD_EDGE
+
+    def make(spread_data):
+        return DiReDiStrategy(copy.deepcopy(trained_tutor), copy.deepcopy(trained_edge), Squares(32, 1), ["person"],
+                              RDSettings.from_profile(get_profile("smoke")), spread_data=spread_data)
+
+    def distill_messages(strategy):
+        ledger = strategy._open_round(1)
+        for node in (100, 101):
+            ledger.client(node).train = {PARTITION_ID: node - 100}
+        return strategy.configure_distill(1, ConfigRecord({})), ledger
+
+    plain_messages, plain_ledger = distill_messages(make(None))
+    assert all(SPREAD_EDGE not in m.content.array_records for m in plain_messages)
+    strategy = make(Squares(32, 2))
+    strategy.spread_edge = strategy.distil_spread_edge(1)
+    manufacturer = trained_edge.state_dict()
+    assert all(torch.equal(v, strategy.edge.state_dict()[k]) for k, v in manufacturer.items())  # reference kept
+    assert any(not torch.equal(v, manufacturer[k]) for k, v in strategy.spread_edge.state_dict().items())
+    messages, ledger = distill_messages(strategy)
+    edge_bytes = sum(v.numel() * v.element_size() for v in manufacturer.values())
+    for m in messages:
+        sent = m.content.array_records[SPREAD_EDGE].to_torch_state_dict()
+        assert all(torch.equal(v, sent[k]) for k, v in strategy.spread_edge.state_dict().items())
+    for node in (100, 101):
+        assert ledger.clients[node].bytes_down >= plain_ledger.clients[node].bytes_down + edge_bytes
+    tensors, meta = strategy.checkpoint()
+    restored = make(Squares(32, 2))
+    restored.restore(tensors, meta)
+    assert all(torch.equal(v, restored.spread_edge.state_dict()[k]) for k, v in strategy.spread_edge.state_dict().items())
+    with pytest.raises(ValueError, match="redistill='client'"):
+        DiReDiStrategy(copy.deepcopy(trained_tutor), copy.deepcopy(trained_edge), Squares(32, 1), ["person"],
+                       RDSettings.from_profile(get_profile("smoke")), redistill="server",
+                       presumed_data=Squares(8, 2), spread_data=Squares(8, 2))
