@@ -37,7 +37,10 @@ from protocol.wire import CONFIG, DELTA, METRICS, NUM_EXAMPLES, state_record
 
 ATTACK, HOSTILE, SLEEP = "attack", "hostile", "hostile-sleep-s"
 ATTACKS = ("nan", "scaled100", "sign_flip", "random", "wrong_shape", "extra_backbone", "absurd_weight",
-           "eraser", "crash", "timeout")
+           "eraser", "score_shift", "crash", "timeout")
+# score_shift: every score of these classes lowered by SCORE_SHIFT logits (their ranking, and so their AP,
+# barely moves; their recall at the operating threshold falls), the rest of the delta honest
+SHIFTED_CLASSES, SCORE_SHIFT = ("aeroplane", "bus", "horse", "motorbike"), 3.0
 
 app = ClientApp()
 
@@ -72,6 +75,11 @@ def altered_delta(delta: dict[str, torch.Tensor], attack: str, seed: int) -> dic
         erased = delta[name].clone()
         erased[CLASS_INDEX["person"]] = -30.0
         return {**delta, name: erased}
+    if attack == "score_shift":
+        name = "head.classification_head.cls_logits.bias"
+        shifted = delta[name].clone()
+        shifted[[CLASS_INDEX[c] for c in SHIFTED_CLASSES]] -= SCORE_SHIFT
+        return {**delta, name: shifted}
     return delta  # absurd_weight: the delta is honest, the claimed weight is not
 
 
@@ -144,6 +152,18 @@ def honest_gains(session, records: list[dict], honest_clients: list[int]) -> flo
     return 100 * sum(gains) / len(gains) if gains else math.nan
 
 
+def operating_figures(decision) -> dict:
+    """One decision's operating point: the largest recall drop at the threshold over the guarded classes,
+    where, and the drop allowed there."""
+    drops = {c: decision.recall_before[c] - decision.recall_after[c] for c in decision.recall_tolerance
+             if math.isfinite(decision.recall_before.get(c, math.nan))}
+    if not drops:
+        return {}
+    worst = max(drops, key=drops.get)
+    return {"class": worst, "drop": drops[worst], "tolerance": decision.recall_tolerance[worst],
+            "accepted": decision.accepted}
+
+
 def summarise(session, run: dict, hostile: list[int], baseline_gain: float | None) -> dict:
     recorder = run["recorder"]
     n = session.config.num_clients
@@ -160,6 +180,8 @@ def summarise(session, run: dict, hostile: list[int], baseline_gain: float | Non
             "honest_gain_ratio": gain / baseline_gain if baseline_gain else math.nan,
             "finished": run["finished"], "seconds": run["seconds"],
             "reasons": {d.client: d.reason for d in recorder.decisions if d.client in hostile},
+            "operating_point": {d.client: operating_figures(d) for d in recorder.decisions},
+            "tutor_recall": history[-1].get("recall", {}) if history else {},
             "weights_used": {d.client: d.weight_used for d in recorder.decisions if d.client in hostile},
             "failures": [f["reason"][:200] for f in recorder.failures]}
 
@@ -173,12 +195,15 @@ def main(argv=None) -> int:
     parser.add_argument("--timeout", type=float, default=150.0, help="seconds a round trip waits for replies")
     parser.add_argument("--profile", default="cpu")
     parser.add_argument("--out", type=Path, default=Path("experiments/results/byzantine.json"))
+    parser.add_argument("--operating-tolerance", type=float, default=math.inf,
+                        help="the verification's operating-point gate (inf: recorded only, the default)")
     args = parser.parse_args(argv)
     from protocol.config import resolve_run_config
     from strategies.server_app import Session
 
     torch.set_num_threads(1)  # the server's work is small; leave the cores to the clients
-    config = replace(resolve_run_config({"profile": args.profile, "rounds": args.rounds}), timeout_s=args.timeout)
+    config = replace(resolve_run_config({"profile": args.profile, "rounds": args.rounds,
+                                         "operating-tolerance": args.operating_tolerance}), timeout_s=args.timeout)
     session = Session.open(config)
     honest_clients = [c for c in range(config.num_clients) if c not in args.hostile]
     base = run_attack(session, "none", args.hostile, args.timeout)

@@ -607,6 +607,56 @@ def bootstrap_ap_drop(before: Sequence[Mapping], after: Sequence[Mapping], targe
     return {c: float(np.std(values, ddof=1)) if len(values) > 1 else math.nan for c, values in drops.items()}
 
 
+def _true_positives_at(det: dict, gt: dict, num_images: int, class_id: int,
+                       score_thresh: float) -> tuple[np.ndarray, np.ndarray]:
+    """One class's true positives among its detections scoring at least ``score_thresh``, and its
+    positives, per image ([num_images] each). Lower-scored detections are matched after these, so
+    the matching of the kept ones is the full ranking's."""
+    order, outcomes, _ = _class_outcomes(det, gt, num_images, class_id, 0.5, plus_one=False)
+    ours = det["labels"] == class_id
+    images, scores = det["image"][ours][order], det["scores"][ours][order]
+    hits = (outcomes == TRUE_POSITIVE) & (scores >= score_thresh)
+    mine = (gt["labels"] == class_id) & ~gt["difficult"]
+    return (np.bincount(images[hits], minlength=num_images).astype(np.int64),
+            np.bincount(gt["image"][mine], minlength=num_images).astype(np.int64))
+
+
+def recall_at(predictions: Sequence[Mapping], targets: Sequence[Mapping], class_ids: Sequence[int],
+              score_thresh: float = MODEL_SCORE_THRESH) -> dict[int, float]:
+    """Per class, the share of its (non-difficult) objects found by a detection scoring at least
+    ``score_thresh`` (IoU 0.5, VOC matching): the recall a product sees at its operating threshold,
+    which average precision does not (a shift of every score of a class leaves its AP unchanged).
+    NaN for a class without positives."""
+    det, gt = _flatten(predictions, targets, False)
+    out = {}
+    for c in class_ids:
+        hits, positives = _true_positives_at(det, gt, len(targets), int(c), score_thresh)
+        out[int(c)] = float(hits.sum() / positives.sum()) if positives.sum() else math.nan
+    return out
+
+
+def bootstrap_recall_drop(before: Sequence[Mapping], after: Sequence[Mapping], targets: Sequence[Mapping],
+                          class_ids: Sequence[int], score_thresh: float = MODEL_SCORE_THRESH, samples: int = 200,
+                          seed: int = 0) -> dict[int, float]:
+    """``bootstrap_ap_drop`` for ``recall_at``: the standard deviation of recall(before) - recall(after)
+    per class over paired bootstrap resamples of the images."""
+    if not (len(before) == len(after) == len(targets)):
+        raise ValueError(f"{len(before)}, {len(after)} and {len(targets)} predictions/targets: not aligned")
+    rng = np.random.default_rng(seed)
+    n = len(targets)
+    (det_before, gt), (det_after, _) = _flatten(before, targets, False), _flatten(after, targets, False)
+    counts = {int(c): (_true_positives_at(det_before, gt, n, int(c), score_thresh),
+                       _true_positives_at(det_after, gt, n, int(c), score_thresh)) for c in class_ids}
+    drops: dict[int, list[float]] = {c: [] for c in counts}
+    for _ in range(samples):
+        copies = np.bincount(rng.integers(0, n, size=n), minlength=n)
+        for c, ((hits_b, positives), (hits_a, _)) in counts.items():
+            npos = int(copies @ positives)
+            if npos > 0:
+                drops[c].append(float(copies @ hits_b - copies @ hits_a) / npos)
+    return {c: float(np.std(values, ddof=1)) if len(values) > 1 else math.nan for c, values in drops.items()}
+
+
 def bootstrap_mean_ap_change(before: Sequence[Mapping], after: Sequence[Mapping], targets: Sequence[Mapping],
                              class_ids: Sequence[int], samples: int = 200, seed: int = 0) -> float:
     """Standard deviation of the mean over ``class_ids`` of AP(after) - AP(before) over ``samples``

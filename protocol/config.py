@@ -44,7 +44,7 @@ SPREAD_MODES = ("off", "on")  # the server's edge, distilled from the updated tu
 # compares config.json's "run" with ``to_dict``, still accepts the older run folders).
 LATER_FIELDS = ("dp_clip", "dp_noise", "dp_delta", "replicate", "direct_lr", "server_momentum", "fedadam_eta",
                 "fedadam_tau", "precision", "layout", "body_cache", "redistill_score_weight", "edge_check",
-                "spread")
+                "spread", "operating_tolerance")
 
 
 class ConfigError(ValueError):
@@ -116,6 +116,9 @@ class RunConfig:
     protected_tolerance: float = 0.05  # verification: largest AP drop allowed on a protected class
     noise_z: float = 3.0  # verification: ... or noise_z x the drop's bootstrap std, if larger (0: no bootstrap)
     kept_tolerance: float = math.inf  # verification: largest mean AP drop over the presumed classes (inf: recorded only)
+    # verification: largest recall drop at the operating threshold (0.5) on a guarded class, or noise_z x its
+    # bootstrap std if larger (strategies.verify.operating_point_check; inf: recorded only)
+    operating_tolerance: float = math.inf
     direction_z: float = 4.0  # verification: cosine with the reference update >= direction_z / sqrt(d) (0: off)
     direction_reference: str = "peers"  # verification: "peers" (median of the round's other deltas) | "server"
     clip_norm: float = math.inf  # merge: accepted deltas clipped to this L2 norm (inf: no clipping)
@@ -290,6 +293,9 @@ def resolve_run_config(raw: Mapping[str, Any] | RunConfig) -> RunConfig:
     # inf switches each of these off; NaN is never a setting
     if not config.kept_tolerance >= 0:
         raise ConfigError("kept-tolerance", f"must be a number >= 0 (inf: never reject), got {config.kept_tolerance}")
+    if not config.operating_tolerance >= 0:
+        raise ConfigError("operating-tolerance",
+                          f"must be a number >= 0 (inf: never reject), got {config.operating_tolerance}")
     if not config.clip_norm > 0:
         raise ConfigError("clip-norm", f"must be a number > 0 (inf: no clipping), got {config.clip_norm}")
     if not config.weight_cap >= 1:

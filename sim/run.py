@@ -103,6 +103,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="on: each round the server distils the updated tutor into an edge of its own on the manufacturer's "
              "images (the tutor's outputs as targets) and each client's Distill C starts from that edge, so "
              f"classes other clients taught the tutor can reach it (DiReDi; default {d.spread})")
+    add("--operating-tolerance", type=float, default=d.operating_tolerance,
+        help="DiReDi's verification: the recall at score 0.5 a delta may cost a guarded class on the validation "
+             "set (protected, kept and learnt classes; or noise-z x the drop's bootstrap std if larger; "
+             f"inf: recorded only; default {d.operating_tolerance:g})")
     add("--body-cache", choices=BODY_CACHES, default=d.body_cache,
         help="how long a DiReDi client keeps its tutor body's outputs per image: round (Tutor 2's, for its "
              "Distill C) | run (on its disk from round to round: fewer body passes, about 0.23 MB per image "
@@ -136,7 +140,8 @@ def parse_args(argv=None) -> argparse.Namespace:
            "delta-topk": args.delta_topk, "dp-clip": args.dp_clip, "dp-noise": args.dp_noise,
            "dp-delta": args.dp_delta, "precision": args.precision, "layout": args.layout,
            "body-cache": args.body_cache, "redistill-score-weight": args.redistill_score_weight,
-           "edge-check": args.edge_check, "spread": args.spread}
+           "edge-check": args.edge_check, "spread": args.spread,
+           "operating-tolerance": args.operating_tolerance}
     try:
         args.config = resolve_run_config(raw)
     except ConfigError as err:

@@ -49,7 +49,7 @@ from data.voc import CLASS_INDEX
 from distill.rd import (RDSettings, client_delta, distill_c, reverse_distill_tutor1, reverse_distill_tutor2,
                         spread_distill)
 from distill.trainer import torch_threads
-from evaluation.ap import ap_by_name, bootstrap_ap_drop, nan_mean, predict
+from evaluation.ap import ap_by_name, bootstrap_ap_drop, bootstrap_recall_drop, nan_mean, predict, recall_at
 from evaluation.features import BodyFeatureCache, FeaturesTooLarge
 from models.io import state_fingerprint
 from models.parts import load_neck_head, neck_head, substitute
@@ -61,8 +61,9 @@ from strategies.aggregate import AGGREGATION_METHODS, aggregate, cap_weights, cl
 from strategies.checkpoint import prefixed, unprefixed
 from strategies.exchange import exchange
 from strategies.ledger import ClientSampler, Recorder, RoundLedger
-from strategies.verify import (Decision, VerificationPolicy, deploy_check, direction_check, kept_check,
-                               peer_reference, protected_check, safe_norm, structural_check)
+from strategies.verify import (Decision, VerificationPolicy, deploy_check, direction_check, guarded_classes,
+                               kept_check, operating_point_check, peer_reference, protected_check, safe_norm,
+                               structural_check)
 
 log = logging.getLogger(__name__)
 
@@ -195,6 +196,7 @@ class DiReDiStrategy(Strategy):
         self.ledger: RoundLedger | None = None  # the round in progress
         self._accepted = 0  # accepted deltas of the round in progress
         self._tutor_ap: dict[str, float] | None = None  # cache for the current tutor
+        self._tutor_recall: dict[str, float] = {}  # its recall at the operating threshold (with _tutor_ap)
         self._tutor_predictions: list[dict] = []  # its detections on the validation images
         # Candidate tutors evaluated for the current tutor: delta fingerprint -> (AP, detections).
         self._candidates: dict[str, tuple[dict[str, float], list[dict]]] = {}
@@ -584,6 +586,10 @@ class DiReDiStrategy(Strategy):
         kept_ok, kept_reason, kept = kept_check(before, after, self.policy)
         if math.isfinite(self.policy.kept_tolerance):  # at inf the gate only records the drop
             outcomes.append(("kept", kept_ok, kept_reason))
+        recall = self.operating_point(delta, server_round)
+        if math.isfinite(self.policy.operating_tolerance):  # at inf the gate only records the figures
+            outcomes.append(("operating", *operating_point_check(recall["recall_before"], recall["recall_after"],
+                                                                 recall["recall_tolerance"])))
         cosine = math.nan
         if reference is False:
             reference = self.reference_delta(server_round)
@@ -596,7 +602,7 @@ class DiReDiStrategy(Strategy):
                         ap_after=figures["ap_after"], val_map_before=nan_mean(before.values()),
                         val_map_after=nan_mean(after.values()), weight=weight, noise=figures["noise"],
                         tolerance=figures["tolerance"], rejected_by=[gate for gate, _ in failed],
-                        kept_drop=kept["mean_drop"], cosine=cosine)
+                        kept_drop=kept["mean_drop"], cosine=cosine, **recall)
 
     def candidate_ap(self, delta: Mapping[str, Tensor]) -> tuple[dict[str, float], list[dict]]:
         """Validation AP and detections of the candidate tutor eq. 10 makes of ``delta``; each delta is
@@ -610,6 +616,30 @@ class DiReDiStrategy(Strategy):
                                        substitute(neck_head(self.tutor), delta, self.settings.beta))
             self._candidates[key] = self._validate(candidate)
         return self._candidates[key]
+
+    def _recall(self, predictions: list[dict]) -> dict[str, float]:
+        """Recall at the operating threshold per validation class of detections on the validation set."""
+        ids = [CLASS_INDEX[c] for c in self.validation_classes]
+        found = recall_at(predictions, self._validation_targets, ids, self.policy.operating_threshold)
+        return {c: found[CLASS_INDEX[c]] for c in self.validation_classes}
+
+    def operating_point(self, delta: Mapping[str, Tensor], server_round: int) -> dict[str, dict[str, float]]:
+        """The operating-point figures of the candidate tutor of ``delta`` (``Decision``'s recall_* fields):
+        every validation class's recall at the threshold for the current tutor and the candidate, and for
+        the guarded classes (``strategies.verify.guarded_classes``) the drop's bootstrap std (with
+        ``noise_z``) and the drop allowed."""
+        self.tutor_validation_ap()
+        _, predictions = self.candidate_ap(delta)
+        before, after = self._tutor_recall, self._recall(predictions)
+        guarded = [c for c in guarded_classes(before, self.policy) if c in before]
+        noise = {}
+        if self.policy.noise_z > 0 and guarded:
+            std = bootstrap_recall_drop(self._tutor_predictions, predictions, self._validation_targets,
+                                        [CLASS_INDEX[c] for c in guarded], self.policy.operating_threshold,
+                                        samples=self.policy.bootstrap_samples, seed=self.seed + server_round)
+            noise = {c: std[CLASS_INDEX[c]] for c in guarded}
+        return {"recall_before": dict(before), "recall_after": after, "recall_noise": noise,
+                "recall_tolerance": {c: self.policy.recall_tolerance(noise.get(c, math.nan)) for c in guarded}}
 
     def candidate_noise(self, delta: Mapping[str, Tensor], server_round: int) -> dict[str, float]:
         """How much the candidate's drop on each protected class moves by chance on the validation
@@ -713,13 +743,15 @@ class DiReDiStrategy(Strategy):
         """Per-class validation AP of the current tutor (evaluated once per tutor version)."""
         if self._tutor_ap is None:
             self._tutor_ap, self._tutor_predictions = self._validate(self.tutor)
+            self._tutor_recall = self._recall(self._tutor_predictions)
         return self._tutor_ap
 
     # -- helpers ------------------------------------------------------------------------------
 
     def _tutor_summary(self, server_round: int) -> dict:
         ap = self.tutor_validation_ap()
-        return {"round": server_round, "ap": dict(ap), "mAP": nan_mean(ap.values())}
+        return {"round": server_round, "ap": dict(ap), "mAP": nan_mean(ap.values()),
+                "recall": dict(self._tutor_recall)}  # at the operating threshold
 
     def _read_delta(self, reply: Message) -> dict[str, Tensor] | None:
         """The reply's delta in float32 (dense, whatever precision or sparsity it travelled in)."""

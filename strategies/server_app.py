@@ -110,7 +110,8 @@ def default_policy(session: Session) -> VerificationPolicy:
                                           protected_tolerance=config.protected_tolerance, noise_z=config.noise_z,
                                           protected_classes=tuple(scenario.protected_classes),
                                           kept_classes=tuple(scenario.presumed_classes),
-                                          kept_tolerance=config.kept_tolerance, direction_z=config.direction_z,
+                                          kept_tolerance=config.kept_tolerance,
+                                          operating_tolerance=config.operating_tolerance, direction_z=config.direction_z,
                                           direction_reference=config.direction_reference,
                                           clip_norm=config.clip_norm,
                                           weight_cap=config.weight_cap)

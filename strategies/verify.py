@@ -68,6 +68,19 @@ class VerificationPolicy:
     # (low) median claimed weight (inf: off).
     clip_norm: float = math.inf
     weight_cap: float = 4.0
+    # The operating point (eq. 11's score threshold): AP does not see a shift of a class's scores, a
+    # product does. A guarded class (protected, kept, and every other class the tutor detects at the
+    # threshold) may lose at most max(operating_tolerance, noise_z x the drop's bootstrap std) of its
+    # recall at operating_threshold (inf: recorded only).
+    operating_threshold: float = 0.5
+    operating_tolerance: float = math.inf
+
+    def recall_tolerance(self, noise: float = math.nan) -> float:
+        """The largest recall drop at the operating threshold allowed on a guarded class whose measured
+        drop has standard deviation ``noise``."""
+        if self.noise_z > 0 and math.isfinite(noise):
+            return max(self.operating_tolerance, self.noise_z * noise)
+        return self.operating_tolerance
 
     def tolerance(self, noise: float = math.nan) -> float:
         """The largest drop allowed on a protected class whose measured drop has standard deviation ``noise``."""
@@ -113,6 +126,12 @@ class Decision:
     clip_factor: float = math.nan  # accepted: the factor its delta was scaled by before merging (1: not clipped)
     weight_used: float = math.nan  # accepted: the weight the merge used, the claimed weight capped
     weight_cap: float = math.nan  # accepted: the round's cap on claimed weights (inf: no cap)
+    # The operating point: recall at the policy's threshold on every validation class, current tutor and
+    # candidate; the guarded classes' bootstrap std of the drop and the drop allowed
+    recall_before: dict[str, float] = field(default_factory=dict)
+    recall_after: dict[str, float] = field(default_factory=dict)
+    recall_noise: dict[str, float] = field(default_factory=dict)
+    recall_tolerance: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -224,6 +243,32 @@ def kept_check(ap_before: Mapping[str, float], ap_after: Mapping[str, float],
     if not drops:
         return True, "kept classes not checkable (no validation positives)", figures
     return True, f"kept classes: mean AP drop {mean_drop:.3f} <= {policy.kept_tolerance:.3f}", figures
+
+
+def guarded_classes(recall_before: Mapping[str, float], policy: VerificationPolicy) -> tuple[str, ...]:
+    """The classes the operating-point gate guards: the protected and the kept classes, and every other
+    class the current tutor detects at the threshold (recall above 0: what it learned from clients)."""
+    named = (*policy.protected_classes, *policy.kept_classes)
+    learned = (c for c, r in recall_before.items() if c not in named and math.isfinite(r) and r > 0)
+    return tuple(dict.fromkeys((*named, *learned)))
+
+
+def operating_point_check(recall_before: Mapping[str, float], recall_after: Mapping[str, float],
+                          tolerance: Mapping[str, float]) -> tuple[bool, str]:
+    """Rejects when a class of ``tolerance`` (the guarded ones, with the recall drop each may take) loses
+    more of its recall at the operating threshold. A class without a finite recall before (no validation
+    positives) is skipped; one that had a recall and has none after counts as an infinite drop."""
+    failures = []
+    for c, allowed in tolerance.items():
+        before, after = float(recall_before.get(c, math.nan)), float(recall_after.get(c, math.nan))
+        if not math.isfinite(before):
+            continue
+        drop = before - after if math.isfinite(after) else math.inf
+        if drop > allowed:
+            failures.append(f"{c} recall {before:.3f} -> {after:.3f} (drop {drop:.3f} > {allowed:.3f})")
+    if failures:
+        return False, "operating point lost: " + "; ".join(failures)
+    return True, f"operating point kept on {len(tolerance)} classes"
 
 
 def cosine_score(delta: Mapping[str, Tensor], reference: Mapping[str, Tensor]) -> float:

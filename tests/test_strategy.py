@@ -941,3 +941,61 @@ def test_spread_sends_the_servers_distilled_edge_with_distill_and_checkpoints_it
         DiReDiStrategy(copy.deepcopy(trained_tutor), copy.deepcopy(trained_edge), Squares(32, 1), ["person"],
                        RDSettings.from_profile(get_profile("smoke")), redistill="server",
                        presumed_data=Squares(8, 2), spread_data=Squares(8, 2))
+
+
+# -- the operating point: recall at the deployment threshold, which AP does not see -----------------------
+
+
+def test_operating_point_check_and_guarded_classes():
+    from strategies.verify import guarded_classes, operating_point_check
+
+    policy = VerificationPolicy(protected_classes=("person",), kept_classes=("bus", "horse"), operating_tolerance=0.1,
+                                noise_z=3.0)
+    before = {"person": 0.8, "bus": 0.6, "horse": math.nan, "car": 0.2, "dog": 0.0}
+    assert guarded_classes(before, policy) == ("person", "bus", "horse", "car")  # dog: not detected yet
+    assert policy.recall_tolerance(0.01) == 0.1 and policy.recall_tolerance(0.05) == pytest.approx(0.15)
+    tolerance = {c: 0.1 for c in guarded_classes(before, policy)}
+    ok, reason = operating_point_check(before, {"person": 0.75, "bus": 0.55, "car": 0.15}, tolerance)
+    assert ok and "4 classes" in reason  # horse has no positives: skipped
+    ok, reason = operating_point_check(before, {"person": 0.75, "bus": 0.2, "car": 0.15}, tolerance)
+    assert not ok and "bus recall 0.600 -> 0.200" in reason and "person" not in reason
+    ok, reason = operating_point_check(before, {"person": math.nan, "bus": 0.6, "car": 0.2}, tolerance)
+    assert not ok and "person" in reason  # a recall that vanished is an infinite drop
+
+
+def test_recall_at_the_threshold_agrees_with_the_evaluations_counts(trained_tutor):
+    from evaluation.ap import ap_by_name, bootstrap_recall_drop, predict, recall_at
+
+    predictions, targets = predict(trained_tutor, Squares(32, 1))
+    _, summary = ap_by_name(predictions, targets, ["person"])
+    found = recall_at(predictions, targets, [PERSON])[PERSON]
+    assert found == pytest.approx(summary["tp.person"] / summary["npos.person"]) and 0 < found <= 1
+    assert recall_at(predictions, targets, [PERSON], score_thresh=1.01)[PERSON] == 0.0
+    assert bootstrap_recall_drop(predictions, predictions, targets, [PERSON], samples=20)[PERSON] == 0.0
+    lowered = [{**p, "scores": p["scores"] * 0.5} for p in predictions]
+    assert bootstrap_recall_drop(predictions, lowered, targets, [PERSON], samples=50)[PERSON] > 0
+
+
+def test_a_delta_that_lowers_every_score_of_a_class_passes_the_ap_gate_and_not_the_operating_one(trained_tutor):
+    """A shift of one class's scores keeps its ranking, so its AP; the product's threshold sees it."""
+    import copy
+
+    policy = VerificationPolicy(norm_bound=50.0, protected_tolerance=0.05, protected_classes=("person",),
+                                operating_tolerance=0.1, noise_z=3.0, bootstrap_samples=50)
+    strategy = DiReDiStrategy(copy.deepcopy(trained_tutor), build_model("smoke", "edge", seed=1), Squares(32, 1),
+                              ["person"], RDSettings.from_profile(get_profile("smoke")), policy)
+    shift = zeros_like_nh(strategy.tutor)
+    shift["head.classification_head.cls_logits.bias"][PERSON] = -3.0
+    shifted = strategy.verify(shift, 0, 1, reference=None)
+    honest = strategy.verify(zeros_like_nh(strategy.tutor), 1, 1, reference=None)
+    assert shifted.recall_before["person"] > 0.5  # else the shift below proves nothing
+    assert abs(shifted.ap_before["person"] - shifted.ap_after["person"]) <= 0.05  # AP barely moves
+    assert shifted.rejected_by == ["operating"] and "person recall" in shifted.reason
+    assert shifted.recall_after["person"] < shifted.recall_before["person"] - 0.1
+    assert honest.accepted and honest.recall_after == honest.recall_before
+    assert set(honest.recall_tolerance) == {"person"} and honest.recall_tolerance["person"] >= 0.1
+    off = DiReDiStrategy(copy.deepcopy(trained_tutor), build_model("smoke", "edge", seed=1), Squares(32, 1),
+                         ["person"], RDSettings.from_profile(get_profile("smoke")),
+                         VerificationPolicy(norm_bound=50.0, protected_classes=("person",)))
+    recorded = off.verify(shift, 0, 1, reference=None)  # inf, the default: recorded, never rejected
+    assert recorded.accepted and recorded.recall_after["person"] == shifted.recall_after["person"]
