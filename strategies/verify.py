@@ -69,9 +69,10 @@ class VerificationPolicy:
     clip_norm: float = math.inf
     weight_cap: float = 4.0
     # The operating point (eq. 11's score threshold): AP does not see a shift of a class's scores, a
-    # product does. A guarded class (protected, kept, and every other class the tutor detects at the
-    # threshold) may lose at most max(operating_tolerance, noise_z x the drop's bootstrap std) of its
-    # recall at operating_threshold (inf: recorded only).
+    # product does. The round's merge may lower a guarded class's recall at operating_threshold
+    # (protected, kept, and every other class the tutor detects at the threshold) by at most
+    # max(operating_tolerance, noise_z x the drop's bootstrap std); while it does, the delta without
+    # which the merge improves most is rejected (strategies.diredi; inf: recorded per delta only).
     operating_threshold: float = 0.5
     operating_tolerance: float = math.inf
 

@@ -977,25 +977,36 @@ def test_recall_at_the_threshold_agrees_with_the_evaluations_counts(trained_tuto
 
 
 def test_a_delta_that_lowers_every_score_of_a_class_passes_the_ap_gate_and_not_the_operating_one(trained_tutor):
-    """A shift of one class's scores keeps its ranking, so its AP; the product's threshold sees it."""
+    """A shift of one class's scores keeps its ranking, so its AP; the product's threshold sees it. The gate
+    checks the round's merge and rejects the delta without which the merge recovers; the honest ones stay."""
     import copy
 
-    policy = VerificationPolicy(norm_bound=50.0, protected_tolerance=0.05, protected_classes=("person",),
-                                operating_tolerance=0.1, noise_z=3.0, bootstrap_samples=50)
-    strategy = DiReDiStrategy(copy.deepcopy(trained_tutor), build_model("smoke", "edge", seed=1), Squares(32, 1),
+    def make(operating_tolerance):
+        policy = VerificationPolicy(norm_bound=50.0, protected_tolerance=0.05, protected_classes=("person",),
+                                    operating_tolerance=operating_tolerance, noise_z=3.0, bootstrap_samples=50)
+        return DiReDiStrategy(copy.deepcopy(trained_tutor), build_model("smoke", "edge", seed=1), Squares(32, 1),
                               ["person"], RDSettings.from_profile(get_profile("smoke")), policy)
-    shift = zeros_like_nh(strategy.tutor)
+
+    shift = zeros_like_nh(trained_tutor)
     shift["head.classification_head.cls_logits.bias"][PERSON] = -3.0
-    shifted = strategy.verify(shift, 0, 1, reference=None)
-    honest = strategy.verify(zeros_like_nh(strategy.tutor), 1, 1, reference=None)
-    assert shifted.recall_before["person"] > 0.5  # else the shift below proves nothing
-    assert abs(shifted.ap_before["person"] - shifted.ap_after["person"]) <= 0.05  # AP barely moves
+    honest = zeros_like_nh(trained_tutor)
+    honest["backbone.fpn.inner_blocks.0.0.bias"] += 1e-4
+    replies = [reply(0, honest), reply(1, shift, num_examples=20), reply(2, honest)]
+    strategy = make(0.1)
+    arrays, metrics = strategy.aggregate_train(1, replies)
+    decisions = {d.client: d for d in strategy.recorder.decisions}
+    shifted = decisions[1]
+    assert shifted.recall_before["person"] > 0.5  # else the shift proves nothing
+    assert abs(shifted.ap_before["person"] - shifted.ap_after["person"]) <= 0.05  # AP barely moves ...
+    assert shifted.recall_after["person"] < shifted.recall_before["person"] - 0.1  # ... recall at 0.5 does
     assert shifted.rejected_by == ["operating"] and "person recall" in shifted.reason
-    assert shifted.recall_after["person"] < shifted.recall_before["person"] - 0.1
-    assert honest.accepted and honest.recall_after == honest.recall_before
-    assert set(honest.recall_tolerance) == {"person"} and honest.recall_tolerance["person"] >= 0.1
-    off = DiReDiStrategy(copy.deepcopy(trained_tutor), build_model("smoke", "edge", seed=1), Squares(32, 1),
-                         ["person"], RDSettings.from_profile(get_profile("smoke")),
-                         VerificationPolicy(norm_bound=50.0, protected_classes=("person",)))
-    recorded = off.verify(shift, 0, 1, reference=None)  # inf, the default: recorded, never rejected
-    assert recorded.accepted and recorded.recall_after["person"] == shifted.recall_after["person"]
+    assert decisions[0].accepted and decisions[2].accepted and metrics["accepted"] == 2
+    assert set(decisions[0].recall_tolerance) == {"person"} and decisions[0].recall_tolerance["person"] >= 0.1
+    assert strategy.tutor_validation_ap()["person"] == pytest.approx(shifted.ap_before["person"], abs=0.02)
+    alone = make(0.1)  # a lone failing delta is rejected too: the tutor stays as it was
+    arrays, metrics = alone.aggregate_train(1, [reply(1, shift)])
+    assert arrays is None and metrics["accepted"] == 0
+    recorded = make(math.inf)  # the default: recorded per delta, never rejected
+    recorded.aggregate_train(1, replies)
+    assert all(d.accepted for d in recorded.recorder.decisions)
+    assert {d.client: d.recall_after for d in recorded.recorder.decisions}[1] == shifted.recall_after
