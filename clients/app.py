@@ -9,8 +9,9 @@ Handlers (message type -> work; the wire format is ``protocol.wire``):
   it deployed, below); trains it on its labels at ``run.direct_lr`` (0: the profile's lr), with
   FedProx's proximal term when the message holds "proximal-mu", only its own classes' scores when it
   holds "own-classes" (fedavg_ls); replies the edge + metrics.
-* "train.distill": Distill C of its edge (with spread: of the server's edge it received) from the
-  received (updated) tutor on its data; keeps the
+* "train.distill": Distill C of its edge (with spread: of the server's edge it received, with its
+  dropped classes' classification rows from its own edge) from the received (updated) tutor on its
+  data; keeps the
   new edge in ``context.state``; replies metrics only (ap-after, seconds, memory). With the edge check
   (``run.edge_check``) it keeps the new edge as a candidate, replies it with the metrics, and waits for
   the manufacturer's verdict.
@@ -71,7 +72,7 @@ from evaluation.ap import per_class_ap
 from models.compute import computing, current_compute
 from models.io import body_fingerprint, state_fingerprint
 from models.ladder import build_to_load
-from models.parts import part_of
+from models.parts import part_of, with_class_rows
 from protocol.config import RunConfig
 from protocol.privacy import DP_EPSILON, DP_PARTICIPATIONS, epsilon_spent, is_on, noise_generator, privatise
 from protocol.wire import (AFTER, AP_AFTER, AP_BEFORE, ARRAYS, BEFORE, BODY, CONFIG, DELTA, DEPLOY_EDGE, DIRECT_WORK, DIREDI_WORK,
@@ -424,8 +425,11 @@ def _train_direct(msg: Message, context: Context) -> Message:
 def distill(msg: Message, context: Context) -> Message:
     config, run, ws, partition, seed = _common(msg, context)
     edge = _edge(msg, context, ws, config)
-    if SPREAD_EDGE in msg.content.array_records:  # spread: Distill C starts from the server's edge
-        edge = _model(ws, "edge", msg.content.array_records[SPREAD_EDGE])
+    if SPREAD_EDGE in msg.content.array_records:  # spread: Distill C starts from the server's edge, ...
+        spread = _model(ws, "edge", msg.content.array_records[SPREAD_EDGE])
+        # ... but the classes this client dropped score as its own edge scores them: released stays released
+        dropped = [CLASS_INDEX[c] for c in ws.clients[partition].dropped]
+        edge = with_class_rows(spread, edge, dropped)
     tutor = _tutor(msg, context, ws, config, TUTOR)
     root, method = node_state_dir(config, context.node_config), str(config[METHOD])
     cache = root is not None and run.body_cache == "run"  # distill.body_memo; clients.store

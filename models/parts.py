@@ -8,9 +8,10 @@ Everything here is a pure function on name -> tensor mappings (state dicts), wit
 
 from __future__ import annotations
 
+import copy
 import math
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -45,6 +46,24 @@ def split_parameters(model: nn.Module) -> dict[str, dict[str, Tensor]]:
     for name, param in model.named_parameters():
         parts[part_of(name)][name] = param
     return parts
+
+
+# The FCOS classification layer: weight [num_classes, C, 3, 3], bias [num_classes], one anchor per
+# location, so row c along dim 0 belongs to (VOC) class c and to no other.
+CLASS_ROW_PARAMS = ("head.classification_head.cls_logits.weight", "head.classification_head.cls_logits.bias")
+
+
+def with_class_rows(model: nn.Module, source: nn.Module, class_ids: Sequence[int]) -> nn.Module:
+    """A copy of ``model`` whose classification-layer rows of ``class_ids`` are ``source``'s: those
+    classes score as ``source`` scores them, given the features ``model``'s tower computes."""
+    out = copy.deepcopy(model)
+    if class_ids:
+        rows = torch.as_tensor(list(class_ids), dtype=torch.long)
+        state, theirs = out.state_dict(), source.state_dict()
+        with torch.no_grad():
+            for name in CLASS_ROW_PARAMS:
+                state[name][rows] = theirs[name][rows]
+    return out
 
 
 def part_modules(model: nn.Module) -> dict[str, nn.Module]:

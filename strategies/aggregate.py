@@ -37,14 +37,11 @@ from flwr.serverapp.strategy.fedtrimmedavg import trim_mean
 from flwr.serverapp.strategy.multikrum import select_multikrum
 from torch import Tensor
 
-from models.parts import clip_delta, delta_norm  # noqa: F401 (clip_delta lives beside delta_norm; the merge bounds it)
+from models.parts import CLASS_ROW_PARAMS, clip_delta, delta_norm  # noqa: F401 (the merge uses and bounds them)
 from protocol.config import AGGREGATION_METHODS
 
 Delta = Mapping[str, Tensor]
 
-# The FCOS classification layer: weight [num_classes, C, 3, 3], bias [num_classes], one anchor per
-# location, so row c along dim 0 belongs to (VOC) class c and to no other.
-CLASS_ROW_PARAMS = ("head.classification_head.cls_logits.weight", "head.classification_head.cls_logits.bias")
 SHARED_METHODS = ("weighted", "trimmed", "ties", "krum")  # what class_aware_merge may use for the shared tensors
 
 

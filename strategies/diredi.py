@@ -646,7 +646,7 @@ class DiReDiStrategy(Strategy):
             decision = decisions[worst]
             decision.accepted = False
             decision.rejected_by = [*decision.rejected_by, "operating"]
-            decision.reason = f"the round's merge {reason}; without this delta it improves most"
+            decision.reason = f"the round's merge: {reason}; without this delta it improves most"
             log.warning("round %d client %d: rejected at the merge's operating point (%s)", server_round,
                         decision.client, reason)
             kept = [i for i in kept if i != worst]

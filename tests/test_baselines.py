@@ -346,10 +346,12 @@ def test_a_fedavg_ft_client_deploys_its_fine_tuned_edge(cache, tmp_path, no_runt
 def test_a_diredi_client_distils_from_the_spread_edge_when_one_comes(cache, tmp_path, no_runtime, client_threads,
                                                                     monkeypatch):
     """DiReDi's "train.distill": Distill C starts from the client's own deployed edge, or, with spread,
-    from the server's edge the message carries; either way the result is the edge the client keeps."""
+    from the server's edge the message carries, except the rows of the classes this client dropped
+    (client 1 drops horse), which come from its own edge; the result is the edge the client keeps."""
     from flwr.app import Context
 
     import clients.app as client_app
+    from models.parts import CLASS_ROW_PARAMS
     from protocol.wire import (AFTER, CONFIG, DIREDI_WORK, EDGE, EDGE_SOURCE, METHOD, SERVER_ROUND, SPREAD_EDGE,
                                TUTOR, WORK, decode, state_record)
 
@@ -360,7 +362,7 @@ def test_a_diredi_client_distils_from_the_spread_edge_when_one_comes(cache, tmp_
     real = client_app.distill_c
 
     def spy(edge, *args, **kwargs):
-        starts.append(weights_sum(edge))
+        starts.append({k: v.clone() for k, v in edge.state_dict().items()})
         return real(edge, *args, **kwargs)
 
     monkeypatch.setattr(client_app, "distill_c", spy)
@@ -368,7 +370,7 @@ def test_a_diredi_client_distils_from_the_spread_edge_when_one_comes(cache, tmp_
     config = {**run.to_record(), METHOD: "diredi", WORK: DIREDI_WORK, EDGE_SOURCE: "stored"}
     own, spread, tutor = build_model("smoke", "edge", seed=1), build_model("smoke", "edge", seed=2), \
         build_model("smoke", "tutor", seed=0)
-    context = Context(run_id=1, node_id=1, node_config={"partition-id": 0}, state=RecordDict(), run_config={})
+    context = Context(run_id=1, node_id=1, node_config={"partition-id": 1}, state=RecordDict(), run_config={})
     context.state[f"diredi.{EDGE}"] = state_record(own)
 
     def distill(with_spread: bool) -> float:
@@ -377,16 +379,24 @@ def test_a_diredi_client_distils_from_the_spread_edge_when_one_comes(cache, tmp_
         reply = client_app.distill(Message(content=content, message_type="train.distill", dst_node_id=1), context)
         return decode(reply.content[METRICS], AFTER)["mAP"]
 
-    def kept_edge() -> float:
+    def kept_edge():
         model = build_model("smoke", "edge", seed=3)
         model.load_state_dict(context.state.array_records[f"diredi.{EDGE}"].to_torch_state_dict())
-        return weights_sum(model)
+        return model
 
     evaluated = distill(with_spread=True)
-    assert starts == [weights_sum(spread)]  # not the client's own edge
-    assert evaluated == kept_edge() not in (weights_sum(spread), weights_sum(own))  # the distilled one is kept
+    start, theirs, mine = starts[0], spread.state_dict(), own.state_dict()
+    horse = CLASS_INDEX["horse"]
+    others = [c for c in range(theirs[CLASS_ROW_PARAMS[1]].shape[0]) if c != horse]
+    for name, value in start.items():
+        if name in CLASS_ROW_PARAMS:
+            assert torch.equal(value[horse], mine[name][horse]) and torch.equal(value[others], theirs[name][others])
+        else:
+            assert torch.equal(value, theirs[name]), name  # the server's edge, not the client's
+    assert evaluated == weights_sum(kept_edge()) not in (weights_sum(spread), weights_sum(own))
+    kept = kept_edge().state_dict()
     distill(with_spread=False)
-    assert starts[1] == evaluated  # without spread: the edge the client kept
+    assert all(torch.equal(v, kept[k]) for k, v in starts[1].items())  # without spread: the edge it kept
 
 
 # -- (b) the four methods through real Flower + Ray: one simulation, 2 clients, 1 round ---------------
