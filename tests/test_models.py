@@ -140,3 +140,20 @@ def test_safetensors_round_trip_and_corruption(tmp_path):
     save_weights(build_model("smoke", "teacher"), tmp_path / "teacher.safetensors")
     with pytest.raises(CorruptWeights, match="does not fit"):
         load_weights(model, tmp_path / "teacher.safetensors")
+
+
+def test_with_class_rows_takes_only_the_named_classes_rows_and_leaves_both_models():
+    from models.parts import CLASS_ROW_PARAMS, with_class_rows
+
+    a, b = build_model("smoke", "edge", seed=1), build_model("smoke", "edge", seed=2)
+    before_a = {k: v.clone() for k, v in a.state_dict().items()}
+    out = with_class_rows(a, b, [3, 7]).state_dict()
+    for name, value in out.items():
+        if name in CLASS_ROW_PARAMS:
+            assert torch.equal(value[[3, 7]], b.state_dict()[name][[3, 7]])
+            rest = [c for c in range(value.shape[0]) if c not in (3, 7)]
+            assert torch.equal(value[rest], before_a[name][rest])
+        else:
+            assert torch.equal(value, before_a[name]), name
+    assert all(torch.equal(v, before_a[k]) for k, v in a.state_dict().items())  # a copy: a is unchanged
+    assert all(torch.equal(x, y) for x, y in zip(with_class_rows(a, b, []).state_dict().values(), before_a.values()))
