@@ -631,11 +631,8 @@ class DiReDiStrategy(Strategy):
         (``rejected_by`` "operating"). Returns the indices (into ``decisions``) still accepted."""
         def excess(indices: list[int]) -> tuple[bool, str, float]:
             figures = self.operating_figures(merge(indices), server_round)
-            before, after, allowed = figures["recall_before"], figures["recall_after"], figures["recall_tolerance"]
-            ok, reason = operating_point_check(before, after, allowed)
-            over = sum(max(0.0, before[c] - after.get(c, 0.0) - t) if math.isfinite(after.get(c, math.nan))
-                       else 1.0 for c, t in allowed.items() if math.isfinite(before.get(c, math.nan)))
-            return ok, reason, over
+            return operating_point_check(figures["recall_before"], figures["recall_after"],
+                                         figures["recall_tolerance"])
 
         ok, reason, _ = excess(kept)
         while not ok:

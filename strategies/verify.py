@@ -76,18 +76,17 @@ class VerificationPolicy:
     operating_threshold: float = 0.5
     operating_tolerance: float = math.inf
 
+    def _beyond_noise(self, floor: float, noise: float) -> float:
+        return max(floor, self.noise_z * noise) if self.noise_z > 0 and math.isfinite(noise) else floor
+
     def recall_tolerance(self, noise: float = math.nan) -> float:
         """The largest recall drop at the operating threshold allowed on a guarded class whose measured
         drop has standard deviation ``noise``."""
-        if self.noise_z > 0 and math.isfinite(noise):
-            return max(self.operating_tolerance, self.noise_z * noise)
-        return self.operating_tolerance
+        return self._beyond_noise(self.operating_tolerance, noise)
 
     def tolerance(self, noise: float = math.nan) -> float:
         """The largest drop allowed on a protected class whose measured drop has standard deviation ``noise``."""
-        if self.noise_z > 0 and math.isfinite(noise):
-            return max(self.protected_tolerance, self.noise_z * noise)
-        return self.protected_tolerance
+        return self._beyond_noise(self.protected_tolerance, noise)
 
     @classmethod
     def relative_to(cls, reference_nh: Mapping[str, Tensor], norm_factor: float = 1.0, direction_z: float = 0.0,
@@ -255,21 +254,23 @@ def guarded_classes(recall_before: Mapping[str, float], policy: VerificationPoli
 
 
 def operating_point_check(recall_before: Mapping[str, float], recall_after: Mapping[str, float],
-                          tolerance: Mapping[str, float]) -> tuple[bool, str]:
+                          tolerance: Mapping[str, float]) -> tuple[bool, str, float]:
     """Rejects when a class of ``tolerance`` (the guarded ones, with the recall drop each may take) loses
     more of its recall at the operating threshold. A class without a finite recall before (no validation
-    positives) is skipped; one that had a recall and has none after counts as an infinite drop."""
-    failures = []
+    positives) is skipped; one that had a recall and has none after loses all of it. Returns (ok, reason,
+    excess): excess sums each class's drop beyond its tolerance (0 when ok)."""
+    failures, excess = [], 0.0
     for c, allowed in tolerance.items():
         before, after = float(recall_before.get(c, math.nan)), float(recall_after.get(c, math.nan))
         if not math.isfinite(before):
             continue
-        drop = before - after if math.isfinite(after) else math.inf
+        drop = before - after if math.isfinite(after) else before
         if drop > allowed:
             failures.append(f"{c} recall {before:.3f} -> {after:.3f} (drop {drop:.3f} > {allowed:.3f})")
+            excess += drop - allowed
     if failures:
-        return False, "operating point lost: " + "; ".join(failures)
-    return True, f"operating point kept on {len(tolerance)} classes"
+        return False, "operating point lost: " + "; ".join(failures), excess
+    return True, f"operating point kept on {len(tolerance)} classes", 0.0
 
 
 def cosine_score(delta: Mapping[str, Tensor], reference: Mapping[str, Tensor]) -> float:

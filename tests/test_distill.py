@@ -304,13 +304,24 @@ def test_class_score_distillation_is_zero_at_the_teacher_and_pulls_only_the_chos
     assert moved.abs().sum() < (torch.sigmoid(student) - torch.sigmoid(teacher))[..., classes].abs().sum()
 
 
+def score_gap(model, tutor, data, classes, n=8) -> float:
+    """The binary KL of ``model``'s class scores from ``tutor``'s on ``classes`` over ``data``'s first images."""
+    from distill.scores import class_score_distillation
+
+    images = [data[i][0] for i in range(n)]
+    with torch.no_grad():
+        x = model.transform(images, None)[0].tensors
+        s = model.head(neck_features(model, x))["cls_logits"]
+        t = tutor.head(neck_features(tutor, x))["cls_logits"]
+    return float(class_score_distillation(s, t, torch.tensor(classes)))
+
+
 def test_distill_c_with_score_targets_keeps_the_tutors_scores_closer(ws):
     """Distill C with the tutor's class scores on the kept classes as soft targets ends nearer the
     tutor's scores on them than without; off by default (the same edge as before the option)."""
     from dataclasses import replace
 
     from data.voc import CLASS_INDEX
-    from distill.scores import class_score_distillation
 
     chain = ws.chain(progress=False)
     settings = RDSettings.from_profile(get_profile("smoke"))
@@ -322,16 +333,7 @@ def test_distill_c_with_score_targets_keeps_the_tutors_scores_closer(ws):
     scored, report = distill_c(chain.edge, chain.tutor, data, replace(settings, redistill_score_weight=4.0), seed=0,
                                kept_classes=kept)
     assert len(report.score_losses) == settings.redistill_iters
-
-    def score_gap(model):
-        images = [data[i][0] for i in range(8)]
-        with torch.no_grad():
-            x = model.transform(images, None)[0].tensors
-            s = model.head(neck_features(model, x))["cls_logits"]
-            t = chain.tutor.head(neck_features(chain.tutor, x))["cls_logits"]
-        return float(class_score_distillation(s, t, torch.tensor(kept)))
-
-    assert score_gap(scored) < score_gap(plain)
+    assert score_gap(scored, chain.tutor, data, kept) < score_gap(plain, chain.tutor, data, kept)
 
 
 def test_spread_distill_brings_the_edge_to_the_tutors_scores_and_leaves_its_start(ws):
@@ -340,7 +342,6 @@ def test_spread_distill_brings_the_edge_to_the_tutors_scores_and_leaves_its_star
     edge it starts from is not changed, and the same seed gives the same edge."""
     from data.voc import CLASS_INDEX
     from distill.rd import spread_distill
-    from distill.scores import class_score_distillation
 
     chain = ws.chain(progress=False)
     settings = RDSettings.from_profile(get_profile("smoke"))
@@ -353,12 +354,5 @@ def test_spread_distill_brings_the_edge_to_the_tutors_scores_and_leaves_its_star
     again, _ = spread_distill(chain.edge, chain.tutor, images, settings, seed=0, classes=classes)
     assert all(torch.equal(a, b) for a, b in zip(spread.state_dict().values(), again.state_dict().values()))
 
-    def score_gap(model):
-        batch = [images[i][0] for i in range(16)]
-        with torch.no_grad():
-            x = model.transform(batch, None)[0].tensors
-            s = model.head(neck_features(model, x))["cls_logits"]
-            t = chain.tutor.head(neck_features(chain.tutor, x))["cls_logits"]
-        return float(class_score_distillation(s, t, torch.tensor(classes)))
-
-    assert score_gap(spread.eval()) < score_gap(chain.edge.eval())
+    assert score_gap(spread.eval(), chain.tutor, images, classes, 16) < score_gap(chain.edge.eval(), chain.tutor,
+                                                                                   images, classes, 16)

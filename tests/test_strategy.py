@@ -955,12 +955,13 @@ def test_operating_point_check_and_guarded_classes():
     assert guarded_classes(before, policy) == ("person", "bus", "horse", "car")  # dog: not detected yet
     assert policy.recall_tolerance(0.01) == 0.1 and policy.recall_tolerance(0.05) == pytest.approx(0.15)
     tolerance = {c: 0.1 for c in guarded_classes(before, policy)}
-    ok, reason = operating_point_check(before, {"person": 0.75, "bus": 0.55, "car": 0.15}, tolerance)
-    assert ok and "4 classes" in reason  # horse has no positives: skipped
-    ok, reason = operating_point_check(before, {"person": 0.75, "bus": 0.2, "car": 0.15}, tolerance)
+    ok, reason, excess = operating_point_check(before, {"person": 0.75, "bus": 0.55, "car": 0.15}, tolerance)
+    assert ok and "4 classes" in reason and excess == 0  # horse has no positives: skipped
+    ok, reason, excess = operating_point_check(before, {"person": 0.75, "bus": 0.2, "car": 0.15}, tolerance)
     assert not ok and "bus recall 0.600 -> 0.200" in reason and "person" not in reason
-    ok, reason = operating_point_check(before, {"person": math.nan, "bus": 0.6, "car": 0.2}, tolerance)
-    assert not ok and "person" in reason  # a recall that vanished is an infinite drop
+    assert excess == pytest.approx(0.3)  # bus: 0.4 lost, 0.1 allowed
+    ok, reason, excess = operating_point_check(before, {"person": math.nan, "bus": 0.6, "car": 0.2}, tolerance)
+    assert not ok and "person" in reason and excess == pytest.approx(0.7)  # a vanished recall: all of it lost
 
 
 def test_recall_at_the_threshold_agrees_with_the_evaluations_counts(trained_tutor):
