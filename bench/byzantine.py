@@ -3,6 +3,7 @@ does the tutor lose?
 
     python -m bench.byzantine                          # every attack, default scenario, 1 round
     python -m bench.byzantine --attacks nan sign_flip --rounds 2
+    python -m bench.byzantine --attacks false_claim:0.5 false_claim:2 --claims earned --rounds 2
 
 Hostile clients run this module's ClientApp: the project's own handlers, whose "train" reply is
 then altered, as a client written outside the project would send it over the same wire format.
@@ -11,7 +12,16 @@ Which clients are hostile and the attack travel in the server's config (keys ``a
 the default configuration (2 of 8 clients hostile), compared with an all-honest run of the same
 seed. Per attack: hostile deltas rejected (a missing reply counts as kept out), honest deltas
 accepted, the tutor's protected-class validation AP drop over the run, the honest clients' mean
-gain over the all-honest run's (the same clients), and whether the run finished.
+gain over the all-honest run's (the same clients), whether the run finished, and the tutor's
+validation AP and recall at the operating threshold per class after the run beside the all-honest
+run's (``class_loss``: what the attack cost each class, positive = lost).
+
+Attack families with a strength (``family:strength``; the family alone takes its default strength):
+``score_shift`` (a calibration shift: every score of four kept classes lowered by the strength in
+logits), ``false_claim`` (the hostile clients claim a private class two honest clients hold, which
+they do not, edit its row's bias by minus the strength, and claim 10^12 examples, capped by the
+merge), ``hidden_edit`` (an honest delta with the protected class's bias lowered by the strength,
+10^12 examples claimed).
 
 Writes ``experiments/results/byzantine.json`` after every attack and prints a table.
 """
@@ -33,14 +43,42 @@ from flwr.clientapp import ClientApp
 import clients.app as honest
 from data.voc import CLASS_INDEX
 from evaluation.metrics import method_table
-from protocol.wire import CONFIG, DELTA, METRICS, NUM_EXAMPLES, state_record
+from protocol.wire import CONFIG, DELTA, METRICS, NUM_EXAMPLES, TRAINED, encode, state_record
 
 ATTACK, HOSTILE, SLEEP = "attack", "hostile", "hostile-sleep-s"
+CLAIMED = "hostile-claim"  # the class a false_claim attack claims (chosen by the benchmark)
 ATTACKS = ("nan", "scaled100", "sign_flip", "random", "wrong_shape", "extra_backbone", "absurd_weight",
-           "eraser", "score_shift", "crash", "timeout")
-# score_shift: every score of these classes lowered by SCORE_SHIFT logits (their ranking, and so their AP,
+           "eraser", "score_shift", "false_claim", "hidden_edit", "crash", "timeout")
+# the families that take a strength ("family:strength"), and their default strength
+STRENGTHS = {"score_shift": 3.0, "false_claim": 1.0, "hidden_edit": 1.0}
+AT_THE_CAP = ("absurd_weight", "false_claim", "hidden_edit")  # they claim 10^12 examples
+# score_shift: every score of these classes lowered by the strength in logits (their ranking, and so their AP,
 # barely moves; their recall at the operating threshold falls), the rest of the delta honest
-SHIFTED_CLASSES, SCORE_SHIFT = ("aeroplane", "bus", "horse", "motorbike"), 3.0
+SHIFTED_CLASSES = ("aeroplane", "bus", "horse", "motorbike")
+BIAS = "head.classification_head.cls_logits.bias"
+
+
+def parse_attack(text: str) -> tuple[str, float]:
+    """"family" or "family:strength" -> (family, strength); the strength is NaN for attacks without one."""
+    family, _, strength = text.partition(":")
+    if family not in ATTACKS:
+        raise argparse.ArgumentTypeError(f"unknown attack {family!r}; expected one of {', '.join(ATTACKS)}")
+    if family not in STRENGTHS:
+        if strength:
+            raise argparse.ArgumentTypeError(f"{family} takes no strength")
+        return family, math.nan
+    try:
+        value = float(strength) if strength else STRENGTHS[family]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text}: the strength must be a number") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"{text}: the strength must be a finite number > 0")
+    return family, value
+
+
+def checked_attack(text: str) -> str:
+    parse_attack(text)
+    return text
 
 app = ClientApp()
 
@@ -51,8 +89,10 @@ def _attack(msg: Message, context: Context) -> str | None:
     return str(config[ATTACK]) if int(context.node_config["partition-id"]) in hostile else None
 
 
-def altered_delta(delta: dict[str, torch.Tensor], attack: str, seed: int) -> dict[str, torch.Tensor]:
-    """The hostile delta of ``attack`` made from an honest ``delta`` (float32)."""
+def altered_delta(delta: dict[str, torch.Tensor], attack: str, seed: int, claimed: str = "") -> dict[str, torch.Tensor]:
+    """The hostile delta of ``attack`` ("family" or "family:strength") made from an honest ``delta``
+    (float32); ``claimed``: the class a false claim names."""
+    attack, strength = parse_attack(attack)
     first = next(iter(delta))
     if attack == "nan":
         return {**delta, first: delta[first].clone().fill_(math.nan)}
@@ -70,16 +110,18 @@ def altered_delta(delta: dict[str, torch.Tensor], attack: str, seed: int) -> dic
         return {**delta, first: torch.zeros(3)}
     if attack == "extra_backbone":
         return {**delta, "backbone.body.0.0.weight": torch.zeros(4)}
-    if attack == "eraser":  # the protected class never scores again; the rest honest
-        name = "head.classification_head.cls_logits.bias"
-        erased = delta[name].clone()
-        erased[CLASS_INDEX["person"]] = -30.0
-        return {**delta, name: erased}
-    if attack == "score_shift":
-        name = "head.classification_head.cls_logits.bias"
-        shifted = delta[name].clone()
-        shifted[[CLASS_INDEX[c] for c in SHIFTED_CLASSES]] -= SCORE_SHIFT
-        return {**delta, name: shifted}
+    targets = {"eraser": ["person"], "score_shift": list(SHIFTED_CLASSES), "hidden_edit": ["person"],
+               "false_claim": [claimed] if claimed else []}
+    if attack in targets:
+        edited = delta[BIAS].clone()
+        rows = [CLASS_INDEX[c] for c in targets[attack]]
+        if attack == "eraser":  # the protected class never scores again; the rest honest
+            edited[rows] = -30.0
+        elif attack == "false_claim":  # a row it never trained: only the small edit
+            edited[rows] = -strength
+        else:
+            edited[rows] -= strength
+        return {**delta, BIAS: edited}
     return delta  # absurd_weight: the delta is honest, the claimed weight is not
 
 
@@ -91,14 +133,18 @@ def train(msg: Message, context: Context) -> Message:
     if attack == "timeout":
         time.sleep(float(msg.content[CONFIG][SLEEP]))
     reply = honest.train(msg, context)
-    if attack is None or reply.has_error() or attack == "timeout":
+    if attack in (None, "none", "timeout") or reply.has_error():
         return reply
     metrics = dict(reply.content[METRICS])
     delta = {k: v.float() for k, v in reply.content.array_records[DELTA].to_torch_state_dict().items()}
-    if attack == "absurd_weight":
+    family, _ = parse_attack(attack)
+    claimed = str(msg.content[CONFIG].get(CLAIMED, ""))
+    if family in AT_THE_CAP:
         metrics[NUM_EXAMPLES] = 1e12
-    content = RecordDict({DELTA: state_record(altered_delta(delta, attack, int(context.node_config["partition-id"]))),
-                          METRICS: MetricRecord(metrics)})
+    if family == "false_claim" and claimed:
+        metrics.update(encode(TRAINED, {claimed: 1}))
+    altered = altered_delta(delta, attack, int(context.node_config["partition-id"]), claimed)
+    content = RecordDict({DELTA: state_record(altered), METRICS: MetricRecord(metrics)})
     return Message(content=content, reply_to=msg)
 
 
@@ -120,6 +166,13 @@ def identify(msg: Message, context: Context) -> Message:
 # -- the benchmark ---------------------------------------------------------------------------------
 
 
+def claimed_class(session, hostile: list[int]) -> str:
+    """The class a false claim names: the private class held by the most honest clients (ties: VOC order)."""
+    specs = [s for s in session.client_specs() if s["client"] not in hostile]
+    held = [c for s in specs for c in s["private"]]
+    return max(sorted(set(held), key=CLASS_INDEX.__getitem__), key=held.count) if held else ""
+
+
 def run_attack(session, attack: str, hostile: list[int], timeout_s: float) -> dict:
     """One DiReDi run with ``hostile`` clients doing ``attack`` ("none": all honest)."""
     from sim.federation import simulate
@@ -128,7 +181,8 @@ def run_attack(session, attack: str, hostile: list[int], timeout_s: float) -> di
 
     config = session.config
     recorder = Recorder("diredi")
-    extra = {ATTACK: attack, HOSTILE: ",".join(map(str, hostile)), SLEEP: timeout_s + 20.0}
+    extra = {ATTACK: attack, HOSTILE: ",".join(map(str, hostile)), SLEEP: timeout_s + 20.0,
+             CLAIMED: claimed_class(session, hostile)}
     finished = []
 
     def server_main(grid, _context):
@@ -164,6 +218,28 @@ def operating_figures(decision) -> dict:
             "accepted": decision.accepted}
 
 
+def tutor_figures(history: list[dict]) -> dict:
+    """The tutor's per-class validation AP and recall at the operating threshold, before and after the run."""
+    if not history:
+        return {}
+    return {"ap_before": history[0]["ap"], "ap_after": history[-1]["ap"],
+            "recall_before": history[0].get("recall", {}), "recall_after": history[-1].get("recall", {})}
+
+
+def class_loss(tutor: dict, honest_tutor: dict) -> dict:
+    """Per class, what the attack cost the tutor beside the all-honest run (positive: lost): AP and recall
+    at the operating threshold after the run, and the largest of each with its class."""
+    out = {}
+    for figure in ("ap", "recall"):
+        after, honest_after = tutor.get(f"{figure}_after", {}), honest_tutor.get(f"{figure}_after", {})
+        loss = {c: honest_after[c] - after[c] for c in honest_after
+                if c in after and math.isfinite(honest_after[c]) and math.isfinite(after[c])}
+        worst = max(loss, key=loss.get) if loss else ""
+        out[figure] = loss
+        out[f"worst_{figure}"] = {"class": worst, "loss": loss.get(worst, math.nan)}
+    return out
+
+
 def summarise(session, run: dict, hostile: list[int], baseline_gain: float | None) -> dict:
     recorder = run["recorder"]
     n = session.config.num_clients
@@ -182,6 +258,8 @@ def summarise(session, run: dict, hostile: list[int], baseline_gain: float | Non
             "reasons": {d.client: d.reason for d in recorder.decisions if d.client in hostile},
             "operating_point": {d.client: operating_figures(d) for d in recorder.decisions},
             "tutor_recall": history[-1].get("recall", {}) if history else {},
+            "tutor": tutor_figures(history),
+            "claims": {d.client: d.claims for d in recorder.decisions if d.claims},
             "weights_used": {d.client: d.weight_used for d in recorder.decisions if d.client in hostile},
             "failures": [f["reason"][:200] for f in recorder.failures]}
 
@@ -189,7 +267,9 @@ def summarise(session, run: dict, hostile: list[int], baseline_gain: float | Non
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.byzantine", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--attacks", nargs="+", choices=ATTACKS, default=list(ATTACKS))
+    parser.add_argument("--attacks", nargs="+", type=checked_attack, default=list(ATTACKS),
+                        help=f"attacks, each a name ({', '.join(ATTACKS)}) or family:strength for "
+                             f"{', '.join(STRENGTHS)}")
     parser.add_argument("--hostile", type=int, nargs="+", default=[0, 1], help="partition ids of the hostile clients")
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--timeout", type=float, default=150.0, help="seconds a round trip waits for replies")
@@ -197,29 +277,37 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, default=Path("experiments/results/byzantine.json"))
     parser.add_argument("--operating-tolerance", type=float, default=math.inf,
                         help="the verification's operating-point gate (inf: recorded only, the default)")
+    parser.add_argument("--claims", choices=("trusted", "earned"), default="trusted",
+                        help="the class-aware merge's claim rule (strategies.verify.earned_claims)")
+    parser.add_argument("--clip-multiple", type=float, default=math.inf,
+                        help="accepted deltas clipped to this multiple of the round's median norm (inf: off)")
     args = parser.parse_args(argv)
     from protocol.config import resolve_run_config
     from strategies.server_app import Session
 
     torch.set_num_threads(1)  # the server's work is small; leave the cores to the clients
     config = replace(resolve_run_config({"profile": args.profile, "rounds": args.rounds,
-                                         "operating-tolerance": args.operating_tolerance}), timeout_s=args.timeout)
+                                         "operating-tolerance": args.operating_tolerance, "claims": args.claims,
+                                         "clip-multiple": args.clip_multiple}), timeout_s=args.timeout)
     session = Session.open(config)
     honest_clients = [c for c in range(config.num_clients) if c not in args.hostile]
     base = run_attack(session, "none", args.hostile, args.timeout)
     base_gain = honest_gains(session, base["recorder"].records, honest_clients)  # the same clients, all honest
     out = {"command": "python -m bench.byzantine " + " ".join(argv if argv is not None else sys.argv[1:]),
            "config": config.to_dict(), "hostile_clients": args.hostile,
+           "claimed_class": claimed_class(session, args.hostile),
            "all_honest": {**summarise(session, base, [], None), "gain_of_the_honest_clients": base_gain},
            "attacks": {}}
     for attack in args.attacks:
         out["attacks"][attack] = a = summarise(session, run_attack(session, attack, args.hostile, args.timeout),
                                                args.hostile, base_gain)
+        a["class_loss"] = class_loss(a["tutor"], out["all_honest"]["tutor"])
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(out, indent=2, default=str))
         print(f"{attack}: hostile rejected {a['rejected']}/{a['hostile']}, honest accepted "
               f"{a['honest_accepted']}/{a['honest']}, protected drop {a['protected_ap_drop']:.2f}, "
-              f"honest gain ratio {a['honest_gain_ratio']:.2f}, finished {a['finished']}", flush=True)
+              f"honest gain ratio {a['honest_gain_ratio']:.2f}, worst AP loss {a['class_loss']['worst_ap']}, "
+              f"worst recall loss {a['class_loss']['worst_recall']}, finished {a['finished']}", flush=True)
     return 0
 
 

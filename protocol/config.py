@@ -37,6 +37,7 @@ DIRECTION_REFERENCES = ("peers", "server")  # the direction gate's reference (st
 BODY_CACHES = ("round", "run")  # how long a client keeps the tutor body's outputs (distill.body_memo)
 EDGE_CHECKS = ("off", "on")  # the manufacturer's check of each re-distilled edge before it is deployed
 SPREAD_MODES = ("off", "on")  # the server's edge, distilled from the updated tutor, as Distill C's start
+CLAIM_RULES = ("trusted", "earned")  # how the class-aware merge takes a client's trained classes (strategies.verify)
 
 
 # Fields added after runs were recorded: ``to_dict`` leaves them out while they hold their default, so
@@ -44,7 +45,7 @@ SPREAD_MODES = ("off", "on")  # the server's edge, distilled from the updated tu
 # compares config.json's "run" with ``to_dict``, still accepts the older run folders).
 LATER_FIELDS = ("dp_clip", "dp_noise", "dp_delta", "replicate", "direct_lr", "server_momentum", "fedadam_eta",
                 "fedadam_tau", "precision", "layout", "body_cache", "redistill_score_weight", "edge_check",
-                "spread", "operating_tolerance")
+                "spread", "operating_tolerance", "claims", "clip_multiple")
 
 
 class ConfigError(ValueError):
@@ -123,6 +124,10 @@ class RunConfig:
     direction_reference: str = "peers"  # verification: "peers" (median of the round's other deltas) | "server"
     clip_norm: float = math.inf  # merge: accepted deltas clipped to this L2 norm (inf: no clipping)
     weight_cap: float = 4.0  # merge: claimed weights capped at weight_cap x the round's median claim (inf: no cap)
+    clip_multiple: float = math.inf  # merge: accepted deltas clipped to clip_multiple x the round's median norm (inf: off)
+    # merge: "trusted" takes each client's trained classes as it reports them for the class-aware merge's
+    # rows; "earned" only those its candidate tutor improves (or, if no claimer improves, holds) on validation
+    claims: str = "trusted"
     timeout_s: float = 0.0  # one round trip; 0: sized from the profile's step time
     # local differential privacy of each client's delta (protocol.privacy; off by default): clip to L2
     # norm dp_clip, add N(0, (dp_noise x dp_clip)^2) per coordinate; epsilon accounted at dp_delta
@@ -300,6 +305,8 @@ def resolve_run_config(raw: Mapping[str, Any] | RunConfig) -> RunConfig:
         raise ConfigError("clip-norm", f"must be a number > 0 (inf: no clipping), got {config.clip_norm}")
     if not config.weight_cap >= 1:
         raise ConfigError("weight-cap", f"must be a number >= 1 (inf: no cap), got {config.weight_cap}")
+    if not config.clip_multiple >= 1:
+        raise ConfigError("clip-multiple", f"must be a number >= 1 (inf: no clipping), got {config.clip_multiple}")
     if not config.dp_clip > 0:
         raise ConfigError("dp-clip", f"must be a number > 0 (inf: no clipping), got {config.dp_clip}")
     if not (math.isfinite(config.dp_noise) and config.dp_noise >= 0):
@@ -313,7 +320,7 @@ def resolve_run_config(raw: Mapping[str, Any] | RunConfig) -> RunConfig:
     choices = {"data": ("synth", "voc"), "tutor1": TUTOR1_MODES, "redistill": REDISTILL_SIDES,
                "delta_precision": DELTA_PRECISIONS, "direction_reference": DIRECTION_REFERENCES,
                "precision": PRECISIONS, "layout": LAYOUTS, "body_cache": BODY_CACHES,
-               "edge_check": EDGE_CHECKS, "spread": SPREAD_MODES}
+               "edge_check": EDGE_CHECKS, "spread": SPREAD_MODES, "claims": CLAIM_RULES}
     for name, allowed in choices.items():
         if getattr(config, name) not in allowed:
             raise ConfigError(_key(name), f"{getattr(config, name)!r} is not one of {', '.join(allowed)}")

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from models.compute import LAYOUTS, PRECISIONS
 from models.ladder import PROFILES
-from protocol.config import AGGREGATION_METHODS, BODY_CACHES, DELTA_PRECISIONS, EDGE_CHECKS, METHODS, REDISTILL_SIDES, SPREAD_MODES, TUTOR1_MODES, RunConfig
+from protocol.config import AGGREGATION_METHODS, BODY_CACHES, CLAIM_RULES, DELTA_PRECISIONS, EDGE_CHECKS, METHODS, REDISTILL_SIDES, SPREAD_MODES, TUTOR1_MODES, RunConfig
 
 log = logging.getLogger("sim.run")
 DEFAULTS = RunConfig()
@@ -107,6 +107,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="DiReDi's verification: the recall at score 0.5 a delta may cost a guarded class on the validation "
              "set (protected, kept and learnt classes; or noise-z x the drop's bootstrap std if larger; "
              f"inf: recorded only; default {d.operating_tolerance:g})")
+    add("--claims", choices=CLAIM_RULES, default=d.claims,
+        help="DiReDi's class-aware merge: trusted (each client's rows of the classes it says it trained) | earned "
+             "(only classes its candidate tutor improves on the validation set, or holds when no claimer improves "
+             f"them; default {d.claims})")
+    add("--clip-multiple", type=float, default=d.clip_multiple,
+        help="DiReDi's merge: accepted deltas clipped to this multiple of the round's median delta norm "
+             f"(inf: off; default {d.clip_multiple:g})")
     add("--body-cache", choices=BODY_CACHES, default=d.body_cache,
         help="how long a DiReDi client keeps its tutor body's outputs per image: round (Tutor 2's, for its "
              "Distill C) | run (on its disk from round to round: fewer body passes, about 0.23 MB per image "
@@ -141,7 +148,8 @@ def parse_args(argv=None) -> argparse.Namespace:
            "dp-delta": args.dp_delta, "precision": args.precision, "layout": args.layout,
            "body-cache": args.body_cache, "redistill-score-weight": args.redistill_score_weight,
            "edge-check": args.edge_check, "spread": args.spread,
-           "operating-tolerance": args.operating_tolerance}
+           "operating-tolerance": args.operating_tolerance, "claims": args.claims,
+           "clip-multiple": args.clip_multiple}
     try:
         args.config = resolve_run_config(raw)
     except ConfigError as err:

@@ -20,7 +20,8 @@ Bounding one client's influence before any rule runs (the strategy applies both 
 * ``clip_delta``: norm clipping (Sun et al. 2019, "Can you really backdoor federated learning?"):
   a delta larger than ``max_norm`` is scaled down to it;
 * ``cap_weights``: no claimed weight (e.g. num-examples) above ``multiple`` x the round's median
-  claim, so one client cannot buy the weighted mean with a made-up count.
+  claim, so one client cannot buy the weighted mean with a made-up count; ``median_cap`` is that
+  bound, also used on the round's delta norms (the policy's ``clip_multiple``).
 """
 
 from __future__ import annotations
@@ -45,24 +46,32 @@ Delta = Mapping[str, Tensor]
 SHARED_METHODS = ("weighted", "trimmed", "ties", "krum")  # what class_aware_merge may use for the shared tensors
 
 
-def cap_weights(weights: Sequence[float], multiple: float = 4.0) -> tuple[list[float], float]:
-    """Each claimed weight capped at ``multiple`` x the (low) median of the positive claims.
+def median_cap(values: Sequence[float], multiple: float = 4.0) -> float:
+    """``multiple`` x the (low) median of the positive ``values``: a bound set by the round itself.
 
-    Why: weights are what clients say (their num-examples); unchecked, one client claiming 1e12
-    examples is the whole weighted mean. The median of the round's claims cannot be moved by one
-    liar among honest clients, so a cap at a few times it binds only on outliers: honest rounds,
-    whose claims lie within a few x of each other, are unchanged. The low median (the lower middle
-    value for an even count) keeps a liar from raising its own cap when it is one of two. Zero
-    claims are left out of the median (they do not count in the merge either), so they cannot pull
-    the cap to 0. Returns (capped, cap); cap is inf when ``multiple`` is inf (no cap) or when no
-    claim is positive.
+    Why the round's own median: what a client sends (its delta's norm, its claimed example count)
+    is compared with what the others sent. One liar among honest clients cannot move the median;
+    the low median (the lower middle value for an even count) keeps a liar from raising its own
+    cap when it is one of two. Zero values are left out (they cannot pull the cap to 0). inf when
+    ``multiple`` is inf (no cap) or when no value is positive.
     """
     if not multiple >= 1:  # also rejects NaN
         raise ValueError(f"multiple must be >= 1 (inf: no cap), got {multiple}")
-    positive = [float(w) for w in weights if float(w) > 0]
+    positive = [float(v) for v in values if float(v) > 0]
     if math.isinf(multiple) or not positive:
-        return [float(w) for w in weights], math.inf
-    cap = multiple * statistics.median_low(positive)
+        return math.inf
+    return multiple * statistics.median_low(positive)
+
+
+def cap_weights(weights: Sequence[float], multiple: float = 4.0) -> tuple[list[float], float]:
+    """Each claimed weight capped at ``median_cap(weights, multiple)``.
+
+    Why: weights are what clients say (their num-examples); unchecked, one client claiming 1e12
+    examples is the whole weighted mean. Honest rounds, whose claims lie within a few x of each
+    other, are unchanged (default8: the largest claim is 1.22x the median). Zero claims do not
+    count in the merge either. Returns (capped, cap).
+    """
+    cap = median_cap(weights, multiple)
     return [min(float(w), cap) for w in weights], cap
 
 

@@ -57,13 +57,13 @@ from protocol.wire import (AFTER, AP_AFTER, AP_BEFORE, BEFORE, CONFIG, DELTA, DE
                            EDGE, EDGE_CHECK, EDGE_SOURCE, EVALUATE, METHOD, METRICS, NUM_EXAMPLES, PARTITION_ID, SERVER,
                            SERVER_ROUND, SPREAD_EDGE, TRAIN, TRAINED, TUTOR, TUTOR1, WORK, MalformedDelta, decode, encode,
                            state_record, unpack_delta, work_seed)
-from strategies.aggregate import AGGREGATION_METHODS, aggregate, cap_weights, clip_delta
+from strategies.aggregate import AGGREGATION_METHODS, aggregate, cap_weights, clip_delta, median_cap
 from strategies.checkpoint import prefixed, unprefixed
 from strategies.exchange import exchange
 from strategies.ledger import ClientSampler, Recorder, RoundLedger
-from strategies.verify import (Decision, VerificationPolicy, deploy_check, direction_check, guarded_classes,
-                               kept_check, operating_point_check, peer_reference, protected_check, safe_norm,
-                               structural_check)
+from strategies.verify import (Decision, VerificationPolicy, deploy_check, direction_check, earned_claims,
+                               guarded_classes, kept_check, operating_point_check, peer_reference, protected_check,
+                               safe_norm, structural_check)
 
 log = logging.getLogger(__name__)
 
@@ -281,7 +281,7 @@ class DiReDiStrategy(Strategy):
         ok = self.recorder.split(replies, "train", server_round)
         if not self.recorder.tutor_history:
             self.recorder.tutor_history.append(self._tutor_summary(0))
-        decisions, accepted_deltas, accepted_decisions, trained = [], [], [], []
+        decisions, accepted_deltas, accepted_decisions, claimed = [], [], [], []
         read, read_seconds = [], []
         for reply in ok:
             start = time.perf_counter()
@@ -294,9 +294,10 @@ class DiReDiStrategy(Strategy):
         for reply, (delta, problem), reference, seconds in zip(ok, read, references, read_seconds):
             metrics = reply.content[METRICS]
             start = time.perf_counter() - seconds
+            claims = [name for name in decode(metrics, TRAINED) if name in CLASS_INDEX]
             decision = self.verify(delta, int(metrics[PARTITION_ID]), server_round,
                                    weight=float(metrics.get(NUM_EXAMPLES, math.nan)), problem=problem,
-                                   reference=reference)
+                                   reference=reference, claims=claims)
             entry = ledger.count_up(reply)
             self._nodes_with_body.add(entry.node)  # it received the full tutor once and keeps the body
             self._partition_of[entry.node] = int(metrics[PARTITION_ID])
@@ -306,11 +307,22 @@ class DiReDiStrategy(Strategy):
             if decision.accepted:
                 accepted_deltas.append(delta)
                 accepted_decisions.append(decision)
-                trained.append({CLASS_INDEX[name] for name in decode(metrics, TRAINED) if name in CLASS_INDEX})
-        # Bounded influence: each accepted delta clipped to the policy's norm, each claimed weight capped
-        # at a multiple of the round's median claim (strategies.aggregate); the decisions record both.
+                claimed.append(set(claims))
+        # Claims earned, not trusted: each class's rows from the claimers whose candidates improve it (or,
+        # when none does, hold it); the decisions record every claim's verdict (strategies.verify).
+        if self.policy.claims == "earned":
+            claimed, verdicts = earned_claims([d.claim_gain for d in accepted_decisions],
+                                              [d.claim_noise for d in accepted_decisions], self.policy)
+            for decision, names, verdict in zip(accepted_decisions, claimed, verdicts):
+                decision.claims = {c: v if c in names else f"{v}, dropped" for c, v in verdict.items()}
+        trained = [{CLASS_INDEX[name] for name in names} for names in claimed]
+        # Bounded influence: each accepted delta clipped to the policy's norm and to a multiple of the
+        # round's median norm, each claimed weight capped at a multiple of the round's median claim
+        # (strategies.aggregate); the decisions record both.
+        norm_cap = min(self.policy.clip_norm,
+                       median_cap([d.norm for d in accepted_decisions], self.policy.clip_multiple))
         for i, decision in enumerate(accepted_decisions):
-            accepted_deltas[i], decision.clip_factor = clip_delta(accepted_deltas[i], self.policy.clip_norm)
+            accepted_deltas[i], decision.clip_factor = clip_delta(accepted_deltas[i], norm_cap)
         weights, cap = cap_weights([d.weight for d in accepted_decisions], self.policy.weight_cap)
         for decision, used in zip(accepted_decisions, weights):
             decision.weight_used, decision.weight_cap = used, cap
@@ -567,12 +579,14 @@ class DiReDiStrategy(Strategy):
 
     def verify(self, delta: Mapping[str, Tensor] | None, client: int, server_round: int,
                weight: float = 1.0, problem: str | None = None,
-               reference: Mapping[str, Tensor] | None | bool = False) -> Decision:
+               reference: Mapping[str, Tensor] | None | bool = False, claims: Iterable[str] = ()) -> Decision:
         """Structure, norm and weight first (a malformed delta goes no further); then every other gate,
         each recording its figure: the candidate tutor's per-class validation AP on the protected
         classes and on average over the kept classes, and the direction (when there is a reference:
         ``reference``, or when it is False, the server's own, ``reference_delta``). Accepted only when
-        every gate passes; ``rejected_by`` names the gates that failed, the reason says why."""
+        every gate passes; ``rejected_by`` names the gates that failed, the reason says why. Under the
+        "earned" claim rule the candidate's AP gain (and its noise) on each of ``claims`` is recorded for
+        the merge (``aggregate_train``)."""
         if delta is None:
             return Decision(client, server_round, False,
                             f"structure: {problem or 'the reply holds no delta array record'}",
@@ -587,7 +601,9 @@ class DiReDiStrategy(Strategy):
                             weight=weight, rejected_by=["weight"])
         before = self.tutor_validation_ap()
         after, _ = self.candidate_ap(delta)
-        noise = self.candidate_noise(delta, server_round)
+        claims = list(claims) if self.policy.claims == "earned" else []
+        noise = self.candidate_noise(delta, server_round, claims)
+        claim_gain = {c: float(after.get(c, math.nan)) - float(before.get(c, math.nan)) for c in claims}
         ok, reason, figures = protected_check(before, after, self.policy, noise)
         outcomes = [("protected", ok, reason)]  # (gate, ok, reason) of every active gate after structure
         kept_ok, kept_reason, kept = kept_check(before, after, self.policy)
@@ -606,7 +622,8 @@ class DiReDiStrategy(Strategy):
                         ap_after=figures["ap_after"], val_map_before=nan_mean(before.values()),
                         val_map_after=nan_mean(after.values()), weight=weight, noise=figures["noise"],
                         tolerance=figures["tolerance"], rejected_by=[gate for gate, _ in failed],
-                        kept_drop=kept["mean_drop"], cosine=cosine, **recall)
+                        kept_drop=kept["mean_drop"], cosine=cosine, claim_gain=claim_gain,
+                        claim_noise={c: noise.get(c, math.nan) for c in claims}, **recall)
 
     def candidate_ap(self, delta: Mapping[str, Tensor]) -> tuple[dict[str, float], list[dict]]:
         """Validation AP and detections of the candidate tutor eq. 10 makes of ``delta``; each delta is
@@ -676,22 +693,26 @@ class DiReDiStrategy(Strategy):
         return {"recall_before": dict(before), "recall_after": after, "recall_noise": noise,
                 "recall_tolerance": {c: self.policy.recall_tolerance(noise.get(c, math.nan)) for c in guarded}}
 
-    def candidate_noise(self, delta: Mapping[str, Tensor], server_round: int) -> dict[str, float]:
-        """How much the candidate's drop on each protected class moves by chance on the validation
-        images (bootstrap std; empty when the protected gate does not use it). Once per candidate, like
-        ``candidate_ap``: it depends only on the two tutors' detections and the round's seed, so
-        ``screen`` computes it on arrival instead of ``aggregate_train`` after the last reply."""
-        if not (self.policy.noise_z > 0 and self.policy.protected_classes):
+    def candidate_noise(self, delta: Mapping[str, Tensor], server_round: int,
+                        classes: Iterable[str] = ()) -> dict[str, float]:
+        """How much the candidate's AP change on each protected class (and each of ``classes``, a client's
+        claims) moves by chance on the validation images (bootstrap std; empty when ``noise_z`` is 0). Once
+        per candidate and class, like ``candidate_ap``: it depends only on the two tutors' detections and
+        the round's seed, so ``screen`` computes it on arrival instead of ``aggregate_train`` after the
+        last reply."""
+        wanted = [c for c in dict.fromkeys((*self.policy.protected_classes, *classes)) if c in CLASS_INDEX]
+        if not (self.policy.noise_z > 0 and wanted):
             return {}
-        key = (state_fingerprint(delta), server_round)
-        if key not in self._noise:
+        known = self._noise.setdefault((state_fingerprint(delta), server_round), {})
+        missing = [c for c in wanted if c not in known]
+        if missing:
             self.tutor_validation_ap()  # the tutor's detections, which the drop is measured from
             _, predictions = self.candidate_ap(delta)
-            ids = [CLASS_INDEX[c] for c in self.policy.protected_classes]
-            std = bootstrap_ap_drop(self._tutor_predictions, predictions, self._validation_targets, ids,
-                                    samples=self.policy.bootstrap_samples, seed=self.seed + server_round)
-            self._noise[key] = {c: std[CLASS_INDEX[c]] for c in self.policy.protected_classes}
-        return self._noise[key]
+            std = bootstrap_ap_drop(self._tutor_predictions, predictions, self._validation_targets,
+                                    [CLASS_INDEX[c] for c in missing], samples=self.policy.bootstrap_samples,
+                                    seed=self.seed + server_round)
+            known.update({c: std[CLASS_INDEX[c]] for c in missing})
+        return {c: known[c] for c in wanted}
 
     def screen(self, reply: Message) -> None:
         """The costly part of verifying a reply, done as soon as it arrives (``strategies.exchange``):
@@ -709,7 +730,8 @@ class DiReDiStrategy(Strategy):
             return
         self.candidate_ap(delta)
         if self.ledger is not None:
-            self.candidate_noise(delta, self.ledger.server_round)
+            claims = decode(reply.content[METRICS], TRAINED) if self.policy.claims == "earned" else ()
+            self.candidate_noise(delta, self.ledger.server_round, claims)
         self._screen_seconds[reply.metadata.src_node_id] = time.perf_counter() - start
 
     def record_tutor(self) -> None:

@@ -113,8 +113,8 @@ def default_policy(session: Session) -> VerificationPolicy:
                                           kept_tolerance=config.kept_tolerance,
                                           operating_tolerance=config.operating_tolerance, direction_z=config.direction_z,
                                           direction_reference=config.direction_reference,
-                                          clip_norm=config.clip_norm,
-                                          weight_cap=config.weight_cap)
+                                          clip_norm=config.clip_norm, clip_multiple=config.clip_multiple,
+                                          weight_cap=config.weight_cap, claims=config.claims)
 
 
 def make_strategy(method: str, session: Session, recorder: Recorder,

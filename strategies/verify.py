@@ -75,6 +75,16 @@ class VerificationPolicy:
     # which the merge improves most is rejected (strategies.diredi; inf: recorded per delta only).
     operating_threshold: float = 0.5
     operating_tolerance: float = math.inf
+    # Class claims (the class-aware merge takes class c's row from the clients that say they trained c):
+    # "trusted" takes every claim; "earned" (``earned_claims``) only claims whose candidate tutor improves
+    # class c on validation beyond max(claim_margin, noise_z x the bootstrap std), or, when no claimer of c
+    # does, claims that do not lower it beyond max(claim_tolerance, noise_z x std).
+    claims: str = "trusted"
+    claim_margin: float = 0.01
+    claim_tolerance: float = 0.05
+    # Merge-time clipping relative to the round: accepted deltas clipped to clip_multiple x the round's
+    # (low) median accepted norm (inf: off), on top of the absolute clip_norm.
+    clip_multiple: float = math.inf
 
     def _beyond_noise(self, floor: float, noise: float) -> float:
         return max(floor, self.noise_z * noise) if self.noise_z > 0 and math.isfinite(noise) else floor
@@ -83,6 +93,11 @@ class VerificationPolicy:
         """The largest recall drop at the operating threshold allowed on a guarded class whose measured
         drop has standard deviation ``noise``."""
         return self._beyond_noise(self.operating_tolerance, noise)
+
+    def claim_thresholds(self, noise: float = math.nan) -> tuple[float, float]:
+        """(gain that counts as improving, drop that counts as harming) a claimed class whose AP change
+        has standard deviation ``noise``."""
+        return self._beyond_noise(self.claim_margin, noise), self._beyond_noise(self.claim_tolerance, noise)
 
     def tolerance(self, noise: float = math.nan) -> float:
         """The largest drop allowed on a protected class whose measured drop has standard deviation ``noise``."""
@@ -132,6 +147,12 @@ class Decision:
     recall_after: dict[str, float] = field(default_factory=dict)
     recall_noise: dict[str, float] = field(default_factory=dict)
     recall_tolerance: dict[str, float] = field(default_factory=dict)
+    # Class claims: per claimed class, the candidate's validation AP gain over the tutor, the gain's bootstrap
+    # std, and the verdict of ``earned_claims`` ("improves", "holds", "harms", "unchecked"; with "dropped"
+    # appended when the merge left the claim out); empty under the "trusted" rule.
+    claim_gain: dict[str, float] = field(default_factory=dict)
+    claim_noise: dict[str, float] = field(default_factory=dict)
+    claims: dict[str, str] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -243,6 +264,42 @@ def kept_check(ap_before: Mapping[str, float], ap_after: Mapping[str, float],
     if not drops:
         return True, "kept classes not checkable (no validation positives)", figures
     return True, f"kept classes: mean AP drop {mean_drop:.3f} <= {policy.kept_tolerance:.3f}", figures
+
+
+def claim_verdict(gain: float, noise: float, policy: VerificationPolicy) -> str:
+    """One claim on validation: "improves" (AP gain beyond the policy's margin and the noise), "harms" (a
+    drop beyond the claim tolerance and the noise), "holds" (neither) or "unchecked" (no finite gain: the
+    class has no validation positives)."""
+    if not math.isfinite(gain):
+        return "unchecked"
+    margin, tolerance = policy.claim_thresholds(noise)
+    if gain > margin:
+        return "improves"
+    return "harms" if -gain > tolerance else "holds"
+
+
+def earned_claims(gains: Sequence[Mapping[str, float]], noise: Sequence[Mapping[str, float]],
+                  policy: VerificationPolicy) -> tuple[list[set[str]], list[dict[str, str]]]:
+    """Which of the round's class claims take part in each class's row of the class-aware merge.
+
+    ``gains[i]`` maps every class delta i claims to trained to its candidate tutor's validation AP
+    minus the tutor's (NaN: not checkable), ``noise[i]`` to that gain's bootstrap std. A claim is not
+    trusted, it is earned: class c's row comes from the claimers whose candidates improve c
+    (``claim_verdict``); when none does (a class the tutor already knows well, as the kept presumed
+    classes), from the claimers whose candidates hold it. A claim that harms its class never counts.
+    So a client that claims a class it did not train, with a small edit of that row and its weight at
+    the cap, dilutes nothing while an honest client improves the class; what it loses is its own say
+    on that row. Claims on a class no validation image holds stay as made (nothing to check them
+    against). Returns (earned class names per delta, {class: verdict} per delta).
+    """
+    if len(gains) != len(noise):
+        raise ValueError(f"{len(gains)} gains for {len(noise)} noise maps: give one of each per delta")
+    verdicts = [{c: claim_verdict(float(g), float(n.get(c, math.nan)), policy) for c, g in gain.items()}
+                for gain, n in zip(gains, noise)]
+    improved = {c for v in verdicts for c, verdict in v.items() if verdict == "improves"}
+    counted = [{c for c, verdict in v.items()
+                if verdict in (("improves",) if c in improved else ("holds", "unchecked"))} for v in verdicts]
+    return counted, verdicts
 
 
 def guarded_classes(recall_before: Mapping[str, float], policy: VerificationPolicy) -> tuple[str, ...]:

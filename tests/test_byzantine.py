@@ -38,3 +38,27 @@ def test_each_attack_alters_the_delta_as_named():
     assert abs(cosine_score(out["random"], delta)) < 0.1
     assert out["eraser"]["head.classification_head.cls_logits.bias"][14] == -30.0  # person
     assert all(torch.equal(out["absurd_weight"][k], delta[k]) for k in delta)
+
+
+def test_attack_families_take_a_strength_and_edit_only_their_rows():
+    import argparse
+
+    import pytest
+
+    from bench.byzantine import BIAS, parse_attack
+    from data.voc import CLASS_INDEX
+
+    assert parse_attack("false_claim:2") == ("false_claim", 2.0) and parse_attack("score_shift") == ("score_shift", 3.0)
+    assert parse_attack("nan")[0] == "nan" and math.isnan(parse_attack("nan")[1])
+    for bad in ("nan:2", "false_claim:-1", "false_claim:x", "flood"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            parse_attack(bad)
+    _, delta = honest_delta()
+    claim = altered_delta(delta, "false_claim:0.5", seed=1, claimed="car")
+    hidden = altered_delta(delta, "hidden_edit:2", seed=1)
+    changed = (claim[BIAS] != delta[BIAS]).nonzero().flatten().tolist()
+    assert changed == [CLASS_INDEX["car"]] and claim[BIAS][CLASS_INDEX["car"]] == -0.5
+    person = CLASS_INDEX["person"]
+    assert (hidden[BIAS] != delta[BIAS]).nonzero().flatten().tolist() == [person]
+    assert torch.isclose(hidden[BIAS][person], delta[BIAS][person] - 2.0)
+    assert all(torch.equal(claim[k], delta[k]) for k in delta if k != BIAS)

@@ -1011,3 +1011,94 @@ def test_a_delta_that_lowers_every_score_of_a_class_passes_the_ap_gate_and_not_t
     recorded.aggregate_train(1, replies)
     assert all(d.accepted for d in recorded.recorder.decisions)
     assert {d.client: d.recall_after for d in recorded.recorder.decisions}[1] == shifted.recall_after
+
+
+# -- class claims that must be earned, bounds relative to the round ---------------------------------------
+
+
+def test_claim_verdicts_and_earned_claims_on_hand_made_gains():
+    from strategies.verify import claim_verdict, earned_claims
+
+    policy = VerificationPolicy(claims="earned", noise_z=3.0, claim_margin=0.01, claim_tolerance=0.05)
+    assert claim_verdict(0.20, 0.02, policy) == "improves"  # beyond 3 x 0.02
+    assert claim_verdict(0.05, 0.02, policy) == "holds"  # a gain chance alone makes
+    assert claim_verdict(-0.04, 0.0, policy) == "holds" and claim_verdict(-0.07, 0.0, policy) == "harms"
+    assert claim_verdict(-0.07, 0.03, policy) == "holds"  # within 3 x its noise
+    assert claim_verdict(math.nan, 0.01, policy) == "unchecked"
+    # car: two honest clients improve it, a liar holds it -> the liar's claim is left out;
+    # bus: nobody improves the well-known class -> every claimer that holds it; the one that harms never counts;
+    # cow: no validation positives -> claims stay as made
+    gains = [{"car": 0.30, "bus": 0.00}, {"car": 0.25, "bus": -0.01}, {"car": 0.001, "bus": -0.20, "cow": math.nan}]
+    noise = [{"car": 0.03, "bus": 0.01}, {"car": 0.03, "bus": 0.01}, {"car": 0.03, "bus": 0.01, "cow": math.nan}]
+    earned, verdicts = earned_claims(gains, noise, policy)
+    assert earned == [{"car", "bus"}, {"car", "bus"}, {"cow"}]
+    assert verdicts[2] == {"car": "holds", "bus": "harms", "cow": "unchecked"}
+    with pytest.raises(ValueError, match="one of each"):
+        earned_claims(gains, noise[:2], policy)
+
+
+def test_a_false_claim_does_not_change_the_claimed_class_row(trained_tutor):
+    """The tutor has lost `person`; an honest client brings it back, two liars claim it too with a small
+    edit of its row and four times the weight. Trusted, their claims dilute the honest row to a fifth;
+    earned, the merged row is the honest client's alone."""
+    import copy
+
+    rows = ("head.classification_head.cls_logits.weight", "head.classification_head.cls_logits.bias")
+    damaged = copy.deepcopy(trained_tutor)
+    with torch.no_grad():
+        damaged.head.classification_head.cls_logits.weight[PERSON] = 0.0
+        damaged.head.classification_head.cls_logits.bias[PERSON] = -8.0
+    honest = zeros_like_nh(damaged)
+    for name in rows:
+        honest[name][PERSON] = neck_head(trained_tutor)[name][PERSON] - neck_head(damaged)[name][PERSON]
+    edit = zeros_like_nh(damaged)
+    edit[rows[1]][PERSON] = 0.1
+
+    def run(claims):
+        policy = VerificationPolicy(norm_bound=50.0, claims=claims, noise_z=3.0, bootstrap_samples=50)
+        strategy = DiReDiStrategy(copy.deepcopy(damaged), build_model("smoke", "edge", seed=1), Squares(32, 1),
+                                  ["person"], RDSettings.from_profile(get_profile("smoke")), policy,
+                                  aggregation="class_aware")
+        strategy.aggregate_train(1, [reply(0, honest, 10, ("person",)), reply(1, edit, 40, ("person",)),
+                                     reply(2, edit, 40, ("person",))])
+        return strategy, {d.client: d for d in strategy.recorder.decisions}
+
+    strategy, decisions = run("earned")
+    assert all(d.accepted for d in decisions.values())  # no gate rejects them; the merge ignores their claim
+    assert decisions[0].claims == {"person": "improves"} and decisions[0].claim_gain["person"] > 0.3
+    assert decisions[1].claims == {"person": "holds, dropped"}
+    merged = neck_head(strategy.tutor)
+    for name in rows:  # the honest client's row alone, at full strength
+        assert torch.allclose(merged[name][PERSON], neck_head(trained_tutor)[name][PERSON], atol=1e-5)
+    assert strategy.tutor_validation_ap()["person"] > 0.3
+    trusting, decisions = run("trusted")
+    assert decisions[1].claims == {} and decisions[1].claim_gain == {}
+    expected = neck_head(damaged)[rows[1]][PERSON] + (10 * honest[rows[1]][PERSON] + 80 * 0.1) / 90
+    assert torch.allclose(neck_head(trusting.tutor)[rows[1]][PERSON], expected, atol=1e-5)
+
+
+def test_median_cap_and_the_round_relative_clip(trained_tutor):
+    import copy
+
+    from strategies.aggregate import median_cap
+
+    assert median_cap([0.2, 0.3, 0.25], 4.0) == pytest.approx(1.0)
+    assert median_cap([0.2, 30.0], 4.0) == pytest.approx(0.8)  # the larger of two cannot raise its own cap
+    assert median_cap([0.0, 0.0], 4.0) == math.inf and median_cap([0.2, 30.0], math.inf) == math.inf
+    with pytest.raises(ValueError, match=">= 1"):
+        median_cap([1.0], 0.5)
+
+    def delta(scale):
+        out = zeros_like_nh(trained_tutor)
+        out["backbone.fpn.inner_blocks.0.0.bias"] += scale
+        return out
+
+    policy = VerificationPolicy(norm_bound=50.0, clip_multiple=4.0)
+    strategy = DiReDiStrategy(copy.deepcopy(trained_tutor), build_model("smoke", "edge", seed=1), Squares(32, 1),
+                              ["person"], RDSettings.from_profile(get_profile("smoke")), policy)
+    replies = [reply(0, delta(1e-3)), reply(1, delta(1.2e-3)), reply(2, delta(1e-3)), reply(3, delta(0.1))]
+    strategy.aggregate_train(1, replies)
+    decisions = {d.client: d for d in strategy.recorder.decisions}
+    assert [decisions[c].clip_factor for c in range(3)] == [1.0, 1.0, 1.0]  # honest: within 4 x the median
+    median = decisions[0].norm  # the low median of the four norms
+    assert decisions[3].accepted and decisions[3].clip_factor == pytest.approx(4 * median / decisions[3].norm, rel=1e-4)
