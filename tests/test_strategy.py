@@ -1019,9 +1019,10 @@ def test_a_delta_that_lowers_every_score_of_a_class_passes_the_ap_gate_and_not_t
 def test_claim_verdicts_and_earned_claims_on_hand_made_gains():
     from strategies.verify import claim_verdict, earned_claims
 
-    policy = VerificationPolicy(claims="earned", noise_z=3.0, claim_margin=0.01, claim_tolerance=0.05)
+    policy = VerificationPolicy(claims="earned", noise_z=3.0)  # the margin: 5 points, or 3 x the noise
     assert claim_verdict(0.20, 0.02, policy) == "improves"  # beyond 3 x 0.02
     assert claim_verdict(0.05, 0.02, policy) == "holds"  # a gain chance alone makes
+    assert claim_verdict(0.04, 0.0, policy) == "holds"  # below the margin: not a gain worth a row of its own
     assert claim_verdict(-0.04, 0.0, policy) == "holds" and claim_verdict(-0.07, 0.0, policy) == "harms"
     assert claim_verdict(-0.07, 0.03, policy) == "holds"  # within 3 x its noise
     assert claim_verdict(math.nan, 0.01, policy) == "unchecked"
