@@ -21,6 +21,8 @@ from sim.run import main, parse_args
     (["--spread", "on", "--redistill", "server"], "--spread starts the clients' Distill C from the server's edge; "
                                                   "it needs --redistill client"),
     (["--spread", "yes"], "invalid choice"),
+    (["--claims", "believed"], "invalid choice"),
+    (["--clip-multiple", "0.5"], "--clip-multiple must be a number >= 1 (inf: no clipping), got 0.5"),
 ])
 def test_invalid_arguments_stop_with_one_clear_line(argv, message, capsys, tmp_path):
     with pytest.raises(SystemExit) as exit_info:

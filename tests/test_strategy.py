@@ -617,8 +617,9 @@ def test_run_config_merge_defences_defaults_and_validation():
     assert (config.weight_cap, config.kept_tolerance, config.clip_norm) == (4.0, math.inf, math.inf)
     assert RunConfig.from_record(config.to_record()) == config
     assert RunConfig.from_record(config.to_dict()) == config  # inf is written as "inf" and read back
+    assert (config.claims, config.clip_multiple) == ("trusted", math.inf)
     for key, value in (("weight-cap", 0.5), ("weight-cap", float("nan")), ("clip-norm", 0.0),
-                       ("kept-tolerance", -0.01)):
+                       ("kept-tolerance", -0.01), ("clip-multiple", 0.9), ("claims", "believed")):
         with pytest.raises(ConfigError) as error:
             resolve_run_config({key: value})
         assert error.value.key == key
