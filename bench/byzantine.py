@@ -43,6 +43,7 @@ from flwr.clientapp import ClientApp
 import clients.app as honest
 from data.voc import CLASS_INDEX
 from evaluation.metrics import method_table
+from protocol.config import CLAIM_RULES
 from protocol.wire import CONFIG, DELTA, METRICS, NUM_EXAMPLES, TRAINED, encode, state_record
 
 ATTACK, HOSTILE, SLEEP = "attack", "hostile", "hostile-sleep-s"
@@ -277,7 +278,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, default=Path("experiments/results/byzantine.json"))
     parser.add_argument("--operating-tolerance", type=float, default=math.inf,
                         help="the verification's operating-point gate (inf: recorded only, the default)")
-    parser.add_argument("--claims", choices=("trusted", "earned"), default="trusted",
+    parser.add_argument("--claims", choices=CLAIM_RULES, default="trusted",
                         help="the class-aware merge's claim rule (strategies.verify.earned_claims)")
     parser.add_argument("--clip-multiple", type=float, default=math.inf,
                         help="accepted deltas clipped to this multiple of the round's median norm (inf: off)")

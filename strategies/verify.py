@@ -22,11 +22,14 @@ The gates:
    then follows its own re-distilled edge, which the server does not have), so "server" is not
    the default.
 
+Beside the gates, ``earned_claims`` decides which of an accepted delta's class claims the
+class-aware merge takes (the policy's ``claims = "earned"``; claims are dropped, never deltas).
+
 Gates 2-4 all run on a well-formed delta and each records its figure, so the log shows how every
 gate scored honest and hostile deltas alike. Every outcome becomes a ``Decision`` with its reason,
 the gates that rejected it and their figures, so the verification log says why. The merge-time
-bounds on an accepted delta (``clip_norm``, ``weight_cap``: ``models.parts.clip_delta`` and
-``cap_weights``) are recorded in its Decision as well.
+bounds on an accepted delta (``clip_norm``, ``clip_multiple``, ``weight_cap``:
+``models.parts.clip_delta``, ``median_cap`` and ``cap_weights``) are recorded in its Decision as well.
 """
 
 from __future__ import annotations
@@ -79,9 +82,8 @@ class VerificationPolicy:
     # "trusted" takes every claim; "earned" (``earned_claims``) only claims whose candidate tutor improves
     # class c on validation by more than max(claim_margin, noise_z x the bootstrap std), or, when no
     # claimer of c does, claims that do not lower it by more than that. One margin both ways, the
-    # protected tolerance's 5 points: a change smaller than the loss we let pass is not a gain either.
-    # (A 1-point margin made a kept class's row one client's whenever that client gained 3.8 points, and
-    # the merge then lost 21.6 points of that class's recall at 0.5: README, "Claims that must be earned".)
+    # protected tolerance's 5 points: a change smaller than the loss we let pass is not a gain either
+    # (a smaller margin hands a kept class's row to one client: README, "Claims that must be earned").
     claims: str = "trusted"
     claim_margin: float = 0.05
     # Merge-time clipping relative to the round: accepted deltas clipped to clip_multiple x the round's
