@@ -282,6 +282,8 @@ def main(argv=None) -> int:
                         help="the class-aware merge's claim rule (strategies.verify.earned_claims)")
     parser.add_argument("--clip-multiple", type=float, default=math.inf,
                         help="accepted deltas clipped to this multiple of the round's median norm (inf: off)")
+    parser.add_argument("--row-multiple", type=float, default=math.inf,
+                        help="each class's rows clipped to this multiple of the round's median row change (inf: off)")
     args = parser.parse_args(argv)
     from protocol.config import resolve_run_config
     from strategies.server_app import Session
@@ -289,7 +291,8 @@ def main(argv=None) -> int:
     torch.set_num_threads(1)  # the server's work is small; leave the cores to the clients
     config = replace(resolve_run_config({"profile": args.profile, "rounds": args.rounds,
                                          "operating-tolerance": args.operating_tolerance, "claims": args.claims,
-                                         "clip-multiple": args.clip_multiple}), timeout_s=args.timeout)
+                                         "clip-multiple": args.clip_multiple, "row-multiple": args.row_multiple}),
+                     timeout_s=args.timeout)
     session = Session.open(config)
     honest_clients = [c for c in range(config.num_clients) if c not in args.hostile]
     base = run_attack(session, "none", args.hostile, args.timeout)

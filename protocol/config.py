@@ -45,7 +45,7 @@ CLAIM_RULES = ("trusted", "earned")  # how the class-aware merge takes a client'
 # compares config.json's "run" with ``to_dict``, still accepts the older run folders).
 LATER_FIELDS = ("dp_clip", "dp_noise", "dp_delta", "replicate", "direct_lr", "server_momentum", "fedadam_eta",
                 "fedadam_tau", "precision", "layout", "body_cache", "redistill_score_weight", "edge_check",
-                "spread", "operating_tolerance", "claims", "clip_multiple")
+                "spread", "operating_tolerance", "claims", "clip_multiple", "row_multiple")
 
 
 class ConfigError(ValueError):
@@ -125,6 +125,9 @@ class RunConfig:
     clip_norm: float = math.inf  # merge: accepted deltas clipped to this L2 norm (inf: no clipping)
     weight_cap: float = 4.0  # merge: claimed weights capped at weight_cap x the round's median claim (inf: no cap)
     clip_multiple: float = math.inf  # merge: accepted deltas clipped to clip_multiple x the round's median norm (inf: off)
+    # merge: each accepted delta's classification rows of class c clipped to row_multiple x the median row-c
+    # norm of the deltas merged into row c (inf: off)
+    row_multiple: float = math.inf
     # merge: "trusted" takes each client's trained classes as it reports them for the class-aware merge's
     # rows; "earned" only those its candidate tutor improves (or, if no claimer improves, holds) on validation
     claims: str = "trusted"
@@ -307,6 +310,8 @@ def resolve_run_config(raw: Mapping[str, Any] | RunConfig) -> RunConfig:
         raise ConfigError("weight-cap", f"must be a number >= 1 (inf: no cap), got {config.weight_cap}")
     if not config.clip_multiple >= 1:
         raise ConfigError("clip-multiple", f"must be a number >= 1 (inf: no clipping), got {config.clip_multiple}")
+    if not config.row_multiple >= 1:
+        raise ConfigError("row-multiple", f"must be a number >= 1 (inf: no clipping), got {config.row_multiple}")
     if not config.dp_clip > 0:
         raise ConfigError("dp-clip", f"must be a number > 0 (inf: no clipping), got {config.dp_clip}")
     if not (math.isfinite(config.dp_noise) and config.dp_noise >= 0):

@@ -114,6 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("--clip-multiple", type=float, default=d.clip_multiple,
         help="DiReDi's merge: accepted deltas clipped to this multiple of the round's median delta norm "
              f"(inf: off; default {d.clip_multiple:g})")
+    add("--row-multiple", type=float, default=d.row_multiple,
+        help="DiReDi's merge: each accepted delta's classification rows of a class clipped to this multiple of the "
+             f"round's median change of that class's rows (inf: off; default {d.row_multiple:g})")
     add("--body-cache", choices=BODY_CACHES, default=d.body_cache,
         help="how long a DiReDi client keeps its tutor body's outputs per image: round (Tutor 2's, for its "
              "Distill C) | run (on its disk from round to round: fewer body passes, about 0.23 MB per image "
@@ -149,7 +152,7 @@ def parse_args(argv=None) -> argparse.Namespace:
            "body-cache": args.body_cache, "redistill-score-weight": args.redistill_score_weight,
            "edge-check": args.edge_check, "spread": args.spread,
            "operating-tolerance": args.operating_tolerance, "claims": args.claims,
-           "clip-multiple": args.clip_multiple}
+           "clip-multiple": args.clip_multiple, "row-multiple": args.row_multiple}
     try:
         args.config = resolve_run_config(raw)
     except ConfigError as err:

@@ -21,7 +21,10 @@ Bounding one client's influence before any rule runs (the strategy applies both 
   a delta larger than ``max_norm`` is scaled down to it;
 * ``cap_weights``: no claimed weight (e.g. num-examples) above ``multiple`` x the round's median
   claim, so one client cannot buy the weighted mean with a made-up count; ``median_cap`` is that
-  bound, also used on the round's delta norms (the policy's ``clip_multiple``).
+  bound, also used on the round's delta norms (the policy's ``clip_multiple``);
+* ``clip_class_rows``: each client's classification rows of class c clipped to a multiple of the
+  median row-c norm among the clients that take part in row c (the policy's ``row_multiple``), so a
+  small edit aimed at one class cannot hide inside a delta whose overall norm is honest.
 """
 
 from __future__ import annotations
@@ -73,6 +76,49 @@ def cap_weights(weights: Sequence[float], multiple: float = 4.0) -> tuple[list[f
     """
     cap = median_cap(weights, multiple)
     return [min(float(w), cap) for w in weights], cap
+
+
+def row_norms(delta: Delta, class_row_params: Sequence[str] = CLASS_ROW_PARAMS) -> list[float]:
+    """L2 norm of each class's rows (row c of every class-row tensor together): one value per class."""
+    rows = torch.stack([delta[name].reshape(delta[name].shape[0], -1).double().pow(2).sum(dim=1)
+                        for name in class_row_params]).sum(dim=0)
+    return rows.sqrt().tolist()
+
+
+def clip_class_rows(deltas: Sequence[Delta], members: Sequence[Collection[int]], multiple: float = math.inf,
+                    class_row_params: Sequence[str] = CLASS_ROW_PARAMS
+                    ) -> tuple[list[dict[str, Tensor]], list[dict[int, float]]]:
+    """Each delta's rows of class c clipped to ``median_cap`` of the row-c norms of the deltas that take
+    part in row c (``members[i]``: the classes delta i's rows count for, e.g. its earned claims).
+
+    Why per row: the norm clip bounds a delta as a whole, and an honest delta's norm (0.15-0.3 here) leaves
+    room for an edit of one class's bias that lowers every score of that class. Row c's influence is
+    bounded by what the round's other contributors to row c changed it by; a row with one contributor
+    is bounded by nothing but itself (the claim rule decides whether it counts). Rows a delta does not
+    take part in are left as they are (they do not reach a class-aware merge). Returns (clipped deltas,
+    per delta {class: factor} for every row scaled down); the inputs are not modified. With ``multiple``
+    inf, or when the class-row tensors are absent, the deltas are returned as they are.
+    """
+    sets = [set(m) for m in members]
+    if len(sets) != len(deltas):
+        raise ValueError(f"members has {len(sets)} entries for {len(deltas)} deltas")
+    median_cap([], multiple)  # validates multiple
+    factors: list[dict[int, float]] = [{} for _ in deltas]
+    if math.isinf(multiple) or not deltas or not all(name in deltas[0] for name in class_row_params):
+        return [dict(d) for d in deltas], factors
+    norms = [row_norms(d, class_row_params) for d in deltas]
+    out = [dict(d) for d in deltas]
+    for c in range(len(norms[0])):
+        takers = [i for i, s in enumerate(sets) if c in s]
+        cap = median_cap([norms[i][c] for i in takers], multiple)
+        for i in takers:
+            if norms[i][c] > cap:
+                factors[i][c] = cap / norms[i][c]
+                for name in class_row_params:
+                    if out[i][name] is deltas[i][name]:
+                        out[i][name] = deltas[i][name].clone()
+                    out[i][name][c] *= factors[i][c]
+    return out, factors
 
 
 def _check_deltas(deltas: Sequence[Delta]) -> list[str]:

@@ -45,7 +45,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
 from torch import Tensor, nn
 
-from data.voc import CLASS_INDEX
+from data.voc import CLASS_INDEX, VOC_CLASSES
 from distill.rd import (RDSettings, client_delta, distill_c, reverse_distill_tutor1, reverse_distill_tutor2,
                         spread_distill)
 from distill.trainer import torch_threads
@@ -57,7 +57,8 @@ from protocol.wire import (AFTER, AP_AFTER, AP_BEFORE, BEFORE, CONFIG, DELTA, DE
                            EDGE, EDGE_CHECK, EDGE_SOURCE, EVALUATE, METHOD, METRICS, NUM_EXAMPLES, PARTITION_ID, SERVER,
                            SERVER_ROUND, SPREAD_EDGE, TRAIN, TRAINED, TUTOR, TUTOR1, WORK, MalformedDelta, decode, encode,
                            state_record, unpack_delta, work_seed)
-from strategies.aggregate import AGGREGATION_METHODS, aggregate, cap_weights, clip_delta, median_cap
+from strategies.aggregate import (AGGREGATION_METHODS, aggregate, cap_weights, clip_class_rows, clip_delta,
+                                  median_cap)
 from strategies.checkpoint import prefixed, unprefixed
 from strategies.exchange import exchange
 from strategies.ledger import ClientSampler, Recorder, RoundLedger
@@ -323,6 +324,13 @@ class DiReDiStrategy(Strategy):
                        median_cap([d.norm for d in accepted_decisions], self.policy.clip_multiple))
         for i, decision in enumerate(accepted_decisions):
             accepted_deltas[i], decision.clip_factor = clip_delta(accepted_deltas[i], norm_cap)
+        # ... and each class's rows to a multiple of the median change of that row among the deltas it is
+        # merged from (class-aware: the claimers; any other rule: every accepted delta)
+        every = set(range(len(CLASS_INDEX)))
+        members = trained if self.aggregation == "class_aware" else [every] * len(accepted_deltas)
+        accepted_deltas, row_factors = clip_class_rows(accepted_deltas, members, self.policy.row_multiple)
+        for decision, factors in zip(accepted_decisions, row_factors):
+            decision.row_clip = {VOC_CLASSES[c]: f for c, f in factors.items()}
         weights, cap = cap_weights([d.weight for d in accepted_decisions], self.policy.weight_cap)
         for decision, used in zip(accepted_decisions, weights):
             decision.weight_used, decision.weight_cap = used, cap

@@ -114,6 +114,7 @@ def default_policy(session: Session) -> VerificationPolicy:
                                           operating_tolerance=config.operating_tolerance, direction_z=config.direction_z,
                                           direction_reference=config.direction_reference,
                                           clip_norm=config.clip_norm, clip_multiple=config.clip_multiple,
+                                          row_multiple=config.row_multiple,
                                           weight_cap=config.weight_cap, claims=config.claims)
 
 

@@ -89,6 +89,9 @@ class VerificationPolicy:
     # Merge-time clipping relative to the round: accepted deltas clipped to clip_multiple x the round's
     # (low) median accepted norm (inf: off), on top of the absolute clip_norm.
     clip_multiple: float = math.inf
+    # Merge-time clipping per class row: each accepted delta's classification rows of class c clipped to
+    # row_multiple x the (low) median row-c norm of the deltas whose rows count for c (inf: off).
+    row_multiple: float = math.inf
 
     def _beyond_noise(self, floor: float, noise: float) -> float:
         return max(floor, self.noise_z * noise) if self.noise_z > 0 and math.isfinite(noise) else floor
@@ -157,6 +160,7 @@ class Decision:
     claim_gain: dict[str, float] = field(default_factory=dict)
     claim_noise: dict[str, float] = field(default_factory=dict)
     claims: dict[str, str] = field(default_factory=dict)
+    row_clip: dict[str, float] = field(default_factory=dict)  # accepted: per class, the factor its rows were scaled by (only those < 1)
 
     def to_dict(self) -> dict:
         return asdict(self)

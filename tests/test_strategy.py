@@ -177,6 +177,38 @@ def test_class_aware_merge_without_a_classification_layer_merges_everything_as_s
     assert torch.allclose(out["neck"], 2.0 * expected["neck"])
 
 
+def test_clip_class_rows_bounds_each_row_by_its_contributors_median():
+    from strategies.aggregate import clip_class_rows, row_norms
+
+    honest = [{CLS_W: rows([0.3, 0.4], [0, 0], [1, 0]), CLS_B: t(0, 0, 0), "neck": t(5, 5)} for _ in range(3)]
+    # a hidden edit: class 0's bias lowered by 10, the rest as honest as its peers
+    edited = {CLS_W: rows([0.3, 0.4], [0, 0], [1, 0]), CLS_B: t(-10, 0, 0), "neck": t(5, 5)}
+    deltas = honest + [edited]
+    members = [{0, 2}, {0, 2}, {0, 2}, {0, 2}]
+    assert row_norms(honest[0]) == pytest.approx([0.5, 0.0, 1.0])
+    clipped, factors = clip_class_rows(deltas, members, multiple=4.0)
+    # class 0: honest rows have norm 0.5, so the edited row (norm ~10.01) is scaled to 4 x 0.5 = 2
+    assert factors[:3] == [{}, {}, {}] and set(factors[3]) == {0}
+    assert row_norms(clipped[3])[0] == pytest.approx(2.0)
+    assert torch.equal(clipped[3][CLS_W][2], edited[CLS_W][2]) and torch.equal(clipped[3]["neck"], edited["neck"])
+    for a, b in zip(clipped[:3], honest):  # honest rows untouched, inputs not modified
+        assert all(torch.equal(a[k], b[k]) for k in b)
+    assert edited[CLS_B][0] == -10
+    # a row counts only its contributors: with client 3 alone on class 0, nothing bounds its row
+    alone, factors = clip_class_rows(deltas, [{2}, {2}, {2}, {0, 2}], multiple=4.0)
+    assert factors == [{}, {}, {}, {}] and torch.equal(alone[3][CLS_B], edited[CLS_B])
+    # the larger of two contributors is bounded by the smaller one (the low median)
+    _, factors = clip_class_rows([honest[0], edited], [{0}, {0}], multiple=4.0)
+    assert set(factors[1]) == {0} and factors[0] == {}
+    # off (inf) returns the deltas as they are; bad inputs say what is wrong
+    same, factors = clip_class_rows(deltas, members)
+    assert factors == [{}] * 4 and torch.equal(same[3][CLS_B], edited[CLS_B])
+    with pytest.raises(ValueError, match="members has 3 entries for 4 deltas"):
+        clip_class_rows(deltas, members[:3], multiple=4.0)
+    with pytest.raises(ValueError, match=">= 1"):
+        clip_class_rows(deltas, members, multiple=0.5)
+
+
 def test_aggregate_routes_class_aware():
     deltas, weights, classes = three_clients()
     out = aggregate(deltas, weights, "class_aware", client_classes=classes, shared="weighted", scale=0.5)
@@ -617,9 +649,10 @@ def test_run_config_merge_defences_defaults_and_validation():
     assert (config.weight_cap, config.kept_tolerance, config.clip_norm) == (4.0, math.inf, math.inf)
     assert RunConfig.from_record(config.to_record()) == config
     assert RunConfig.from_record(config.to_dict()) == config  # inf is written as "inf" and read back
-    assert (config.claims, config.clip_multiple) == ("trusted", math.inf)
+    assert (config.claims, config.clip_multiple, config.row_multiple) == ("trusted", math.inf, math.inf)
     for key, value in (("weight-cap", 0.5), ("weight-cap", float("nan")), ("clip-norm", 0.0),
-                       ("kept-tolerance", -0.01), ("clip-multiple", 0.9), ("claims", "believed")):
+                       ("kept-tolerance", -0.01), ("clip-multiple", 0.9), ("claims", "believed"),
+                       ("row-multiple", 0.5), ("row-multiple", float("nan"))):
         with pytest.raises(ConfigError) as error:
             resolve_run_config({key: value})
         assert error.value.key == key
@@ -1104,3 +1137,36 @@ def test_median_cap_and_the_round_relative_clip(trained_tutor):
     assert [decisions[c].clip_factor for c in range(3)] == [1.0, 1.0, 1.0]  # honest: within 4 x the median
     median = decisions[0].norm  # the low median of the four norms
     assert decisions[3].accepted and decisions[3].clip_factor == pytest.approx(4 * median / decisions[3].norm, rel=1e-4)
+
+
+def test_a_hidden_row_edit_is_bounded_by_the_rows_of_its_peers(trained_tutor):
+    """Four clients claim `person`; one lowers person's bias by 0.5 inside a delta as honest as the others'.
+    The whole-delta clip sees nothing unusual; the row clip scales its person rows to 4 x its peers'."""
+    import copy
+
+    bias = "head.classification_head.cls_logits.bias"
+
+    def delta(person_bias):
+        out = zeros_like_nh(trained_tutor)
+        out["backbone.fpn.inner_blocks.0.0.bias"] += 0.1
+        out[bias][PERSON] = person_bias
+        return out
+
+    def merged_person_bias(row_multiple):
+        policy = VerificationPolicy(norm_bound=50.0, clip_multiple=4.0, row_multiple=row_multiple)
+        strategy = DiReDiStrategy(copy.deepcopy(trained_tutor), build_model("smoke", "edge", seed=1),
+                                  Squares(32, 1), ["person"], RDSettings.from_profile(get_profile("smoke")), policy,
+                                  aggregation="class_aware")
+        before = float(neck_head(strategy.tutor)[bias][PERSON])
+        strategy.aggregate_train(1, [reply(c, delta(0.01), 10, ("person",)) for c in range(3)]
+                                 + [reply(3, delta(0.01 - 0.5), 10, ("person",))])
+        decisions = {d.client: d for d in strategy.recorder.decisions}
+        assert all(d.accepted and d.clip_factor == 1.0 for d in decisions.values())
+        return float(neck_head(strategy.tutor)[bias][PERSON]) - before, decisions
+
+    change, decisions = merged_person_bias(4.0)
+    assert [decisions[c].row_clip for c in range(3)] == [{}, {}, {}]
+    assert decisions[3].row_clip == {"person": pytest.approx(0.04 / 0.49, rel=1e-3)}
+    assert change == pytest.approx((3 * 0.01 - 0.04) / 4, abs=1e-6)
+    unbounded, decisions = merged_person_bias(math.inf)
+    assert decisions[3].row_clip == {} and unbounded == pytest.approx((3 * 0.01 - 0.49) / 4, abs=1e-6)
