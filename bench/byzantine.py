@@ -262,6 +262,9 @@ def summarise(session, run: dict, hostile: list[int], baseline_gain: float | Non
             "tutor": tutor_figures(history),
             "claims": {d.client: d.claims for d in recorder.decisions if d.claims},
             "weights_used": {d.client: d.weight_used for d in recorder.decisions if d.client in hostile},
+            # every round's rows scaled down by the per-row bound, hostile and honest alike
+            "row_clip": [{"client": d.client, "round": d.round, "hostile": d.client in hostile, "factors": d.row_clip}
+                         for d in recorder.decisions if d.row_clip],
             "failures": [f["reason"][:200] for f in recorder.failures]}
 
 
