@@ -175,7 +175,8 @@ def _evaluate(edge: nn.Module, workspace: Workspace, partition: int, when: str, 
     key, fingerprint = f"{config[METHOD]}.evaluated", state_fingerprint(edge.state_dict())
     last = context.state.config_records.get(key)
     if last is None or last["fingerprint"] != fingerprint:
-        ap, summary = per_class_ap(edge, _dataset(workspace, partition, "test"), workspace.eval_classes())
+        ap, summary = per_class_ap(edge, _dataset(workspace, partition, "test"), workspace.eval_classes(),
+                                   score_thresh=RunConfig.from_record(config).operating_threshold)
         last = context.state[key] = ConfigRecord({"fingerprint": fingerprint, **encode("ap", ap),
                                                   **encode("summary", summary)})
     return _evaluation_metrics(last, when, phase, time.perf_counter() - start)

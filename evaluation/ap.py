@@ -537,21 +537,22 @@ def evaluate_model(
 OP_COUNTS = ("tp", "fp", "npos")
 
 
-def per_class_ap(model, dataset, class_names: Iterable[str], batch_size: int = 16) -> tuple[dict[str, float], dict[str, float]]:
+def per_class_ap(model, dataset, class_names: Iterable[str], batch_size: int = 16,
+                 score_thresh: float = MODEL_SCORE_THRESH) -> tuple[dict[str, float], dict[str, float]]:
     """AP per VOC class name of ``model`` on ``dataset``, and {precision, recall, f1, mAP} (eq. 11)
-    with each class's true / false positives at the score threshold and its positives
-    ("tp.<class>", "fp.<class>", "npos.<class>")."""
-    return ap_by_name(*predict(model, dataset, batch_size), class_names)
+    with each class's true / false positives at the score threshold (the operating point) and its
+    positives ("tp.<class>", "fp.<class>", "npos.<class>"). AP does not depend on the threshold."""
+    return ap_by_name(*predict(model, dataset, batch_size), class_names, score_thresh)
 
 
-def ap_by_name(predictions: Sequence[Mapping], targets: Sequence[Mapping],
-               class_names: Iterable[str]) -> tuple[dict[str, float], dict[str, float]]:
+def ap_by_name(predictions: Sequence[Mapping], targets: Sequence[Mapping], class_names: Iterable[str],
+               score_thresh: float = MODEL_SCORE_THRESH) -> tuple[dict[str, float], dict[str, float]]:
     """``per_class_ap`` on detections already made (``predict``), with ``evaluate_model``'s settings."""
     from data.voc import CLASS_INDEX
 
     names = list(class_names)
     result = evaluate_detections(predictions, targets, [CLASS_INDEX[c] for c in names],
-                                 score_thresh=MODEL_SCORE_THRESH, plus_one=False)
+                                 score_thresh=score_thresh, plus_one=False)
     ap = {name: float(result.ap[CLASS_INDEX[name]]) for name in names}
     summary = {"precision": result.precision, "recall": result.recall, "f1": result.f1, "mAP": result.mAP}
     for count, values in zip(OP_COUNTS, (result.class_tp, result.class_fp, result.npos)):

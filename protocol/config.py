@@ -45,7 +45,8 @@ CLAIM_RULES = ("trusted", "earned")  # how the class-aware merge takes a client'
 # compares config.json's "run" with ``to_dict``, still accepts the older run folders).
 LATER_FIELDS = ("dp_clip", "dp_noise", "dp_delta", "replicate", "direct_lr", "server_momentum", "fedadam_eta",
                 "fedadam_tau", "precision", "layout", "body_cache", "redistill_score_weight", "edge_check",
-                "spread", "operating_tolerance", "claims", "clip_multiple", "row_multiple")
+                "spread", "operating_tolerance", "claims", "clip_multiple", "row_multiple",
+                "operating_threshold")
 
 
 class ConfigError(ValueError):
@@ -117,7 +118,10 @@ class RunConfig:
     protected_tolerance: float = 0.05  # verification: largest AP drop allowed on a protected class
     noise_z: float = 3.0  # verification: ... or noise_z x the drop's bootstrap std, if larger (0: no bootstrap)
     kept_tolerance: float = math.inf  # verification: largest mean AP drop over the presumed classes (inf: recorded only)
-    # verification: largest recall drop at the operating threshold (0.5) on a guarded class, or noise_z x its
+    # the operating point: the score a product reports detections from; eq. 11's precision, recall and F1 (every
+    # client's records, the chain's table) and the verification's recall are measured at it (AP is not)
+    operating_threshold: float = 0.5
+    # verification: largest recall drop at the operating threshold on a guarded class, or noise_z x its
     # bootstrap std if larger (strategies.verify.operating_point_check; inf: recorded only)
     operating_tolerance: float = math.inf
     direction_z: float = 4.0  # verification: cosine with the reference update >= direction_z / sqrt(d) (0: off)
@@ -301,6 +305,8 @@ def resolve_run_config(raw: Mapping[str, Any] | RunConfig) -> RunConfig:
     # inf switches each of these off; NaN is never a setting
     if not config.kept_tolerance >= 0:
         raise ConfigError("kept-tolerance", f"must be a number >= 0 (inf: never reject), got {config.kept_tolerance}")
+    if not 0.05 <= config.operating_threshold < 1:  # FCOS keeps detections from score 0.05 (models.ladder)
+        raise ConfigError("operating-threshold", f"must be a number in [0.05, 1), got {config.operating_threshold}")
     if not config.operating_tolerance >= 0:
         raise ConfigError("operating-tolerance",
                           f"must be a number >= 0 (inf: never reject), got {config.operating_tolerance}")

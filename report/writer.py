@@ -396,7 +396,9 @@ def cost_section(means: Sequence[Mapping]) -> list[str]:
 
 
 LEGEND_LINES = [
-    "AP, mAP, precision, recall and F1 in percent. \"mAP start\" is the original edge (before any",
+    "AP, mAP, precision, recall and F1 in percent; precision, recall and F1 (eq. 11) count the",
+    "detections scored at or above the run's operating threshold (`operating_threshold`, default",
+    "0.5). \"mAP start\" is the original edge (before any",
     "federated work), \"mAP\" the client's model after the last round, both over the classes",
     "evaluated on the client's test shard. Changes are in percentage points, final minus start:",
     "**gain** over the client's private (new) classes; **released** over its dropped classes",

@@ -107,6 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="DiReDi's verification: the recall at score 0.5 a delta may cost a guarded class on the validation "
              "set (protected, kept and learnt classes; or noise-z x the drop's bootstrap std if larger; "
              f"inf: recorded only; default {d.operating_tolerance:g})")
+    add("--operating-threshold", type=float, default=d.operating_threshold,
+        help="the score from which a product reports detections: eq. 11's precision, recall and F1 and the "
+             f"verification's recall are measured there (default {d.operating_threshold:g})")
     add("--claims", choices=CLAIM_RULES, default=d.claims,
         help="DiReDi's class-aware merge: trusted (each client's rows of the classes it says it trained) | earned "
              "(only classes its candidate tutor improves on the validation set, or holds when no claimer improves "
@@ -151,7 +154,8 @@ def parse_args(argv=None) -> argparse.Namespace:
            "dp-delta": args.dp_delta, "precision": args.precision, "layout": args.layout,
            "body-cache": args.body_cache, "redistill-score-weight": args.redistill_score_weight,
            "edge-check": args.edge_check, "spread": args.spread,
-           "operating-tolerance": args.operating_tolerance, "claims": args.claims,
+           "operating-tolerance": args.operating_tolerance, "operating-threshold": args.operating_threshold,
+           "claims": args.claims,
            "clip-multiple": args.clip_multiple, "row-multiple": args.row_multiple}
     try:
         args.config = resolve_run_config(raw)

@@ -28,7 +28,7 @@ from torch.utils.data import ConcatDataset
 
 from data.workspace import Workspace
 from distill.rd import RDSettings, direct_training
-from evaluation.ap import per_class_ap
+from evaluation.ap import MODEL_SCORE_THRESH, per_class_ap
 from models.compute import computing
 from protocol.config import RunConfig
 from protocol.wire import SERVER, make_record, work_seed
@@ -41,41 +41,42 @@ Evaluation = tuple[dict[str, float], dict[str, float]]  # per_class_ap's (AP per
 
 
 def _evaluated_record(method: str, server_round: int, client: int, trained: nn.Module, workspace: Workspace,
-                      before: Evaluation, seconds: dict[str, float], peak_rss_mb: float) -> dict:
-    ap_after, after = _evaluate(trained, workspace, client)
+                      before: Evaluation, seconds: dict[str, float], peak_rss_mb: float, threshold: float) -> dict:
+    ap_after, after = _evaluate(trained, workspace, client, threshold)
     return make_record(method, server_round, client, ap_before=before[0], ap_after=ap_after, after=after,
                        before=before[1], seconds=seconds, peak_rss_mb=peak_rss_mb,
                        num_examples=len(workspace.client_train(client)))
 
 
-def _evaluate(model: nn.Module, workspace: Workspace, client: int) -> Evaluation:
-    return per_class_ap(model, workspace.client_test(client), workspace.eval_classes())
+def _evaluate(model: nn.Module, workspace: Workspace, client: int, threshold: float) -> Evaluation:
+    return per_class_ap(model, workspace.client_test(client), workspace.eval_classes(), score_thresh=threshold)
 
 
 def local_client(workspace: Workspace, edge: nn.Module, client: int, rounds: int, steps: int,
-                 settings: RDSettings, seed: int, recorder: Recorder) -> None:
-    """One client's local training, round after round, from the manufacturer's edge."""
-    model, before = copy.deepcopy(edge), _evaluate(edge, workspace, client)
+                 settings: RDSettings, seed: int, recorder: Recorder, threshold: float = MODEL_SCORE_THRESH) -> None:
+    """One client's local training, round after round, from the manufacturer's edge; eq. 11's figures at
+    ``threshold``."""
+    model, before = copy.deepcopy(edge), _evaluate(edge, workspace, client, threshold)
     for r in range(1, rounds + 1):
         model, report = direct_training(model, workspace.client_train(client), steps, settings,
                                         seed=work_seed(seed, r, client))
         record = _evaluated_record("local", r, client, model, workspace, before,
-                                   {"direct training": report.seconds}, report.peak_rss_mb)
+                                   {"direct training": report.seconds}, report.peak_rss_mb, threshold)
         before = record["ap_after"], record["after"]
         recorder.emit(record)
 
 
 def run_oracle(workspace: Workspace, edge: nn.Module, rounds: int, steps: int, settings: RDSettings,
-               seed: int, recorder: Recorder) -> None:
+               seed: int, recorder: Recorder, threshold: float = MODEL_SCORE_THRESH) -> None:
     n = len(workspace.clients)
     union = ConcatDataset([workspace.client_train(i) for i in range(n)])
     model = copy.deepcopy(edge)
-    before = {client: _evaluate(edge, workspace, client) for client in range(n)}
+    before = {client: _evaluate(edge, workspace, client, threshold) for client in range(n)}
     for r in range(1, rounds + 1):
         model, report = direct_training(model, union, steps * n, settings, seed=work_seed(seed, r, SERVER))
         for client in range(n):
             record = _evaluated_record("oracle", r, client, model, workspace, before[client],
-                                       {"central training": report.seconds / n}, report.peak_rss_mb)
+                                       {"central training": report.seconds / n}, report.peak_rss_mb, threshold)
             before[client] = record["ap_after"], record["after"]
             recorder.emit(record)
 
@@ -95,9 +96,9 @@ def _job(config: RunConfig, method: str, client: int | None) -> list[dict]:
     args = (config.rounds, config.diredi_client_steps, config.rd_settings(), config.training_seed, recorder)
     with computing(config.compute()):
         if method == "local":
-            local_client(workspace, edge, client, *args)
+            local_client(workspace, edge, client, *args, threshold=config.operating_threshold)
         else:
-            run_oracle(workspace, edge, *args)
+            run_oracle(workspace, edge, *args, threshold=config.operating_threshold)
     return recorder.records
 
 

@@ -84,7 +84,8 @@ class Session:
             for label, model, classes in [("Large (teacher)", self.chain.teacher, s.teacher_classes),
                                           ("Tutor after Distill A", self.chain.tutor, s.presumed_classes),
                                           ("Edge after Distill B", self.chain.edge, s.presumed_classes)]:
-                _, rows[label] = per_class_ap(model, ws.dataset(ws.shards.manufacturer_val, classes), classes)
+                _, rows[label] = per_class_ap(model, ws.dataset(ws.shards.manufacturer_val, classes), classes,
+                                              score_thresh=self.config.operating_threshold)
         return rows
 
 
@@ -111,7 +112,8 @@ def default_policy(session: Session) -> VerificationPolicy:
                                           protected_classes=tuple(scenario.protected_classes),
                                           kept_classes=tuple(scenario.presumed_classes),
                                           kept_tolerance=config.kept_tolerance,
-                                          operating_tolerance=config.operating_tolerance, direction_z=config.direction_z,
+                                          operating_tolerance=config.operating_tolerance,
+                                          operating_threshold=config.operating_threshold, direction_z=config.direction_z,
                                           direction_reference=config.direction_reference,
                                           clip_norm=config.clip_norm, clip_multiple=config.clip_multiple,
                                           row_multiple=config.row_multiple,

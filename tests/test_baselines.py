@@ -318,7 +318,7 @@ def test_a_fedavg_ft_client_deploys_its_fine_tuned_edge(cache, tmp_path, no_runt
                                STATE_DIR, WORK, decode)
 
     monkeypatch.setattr(client_app, "per_class_ap",
-                        lambda model, data, classes: ({c: weights_sum(model) for c in classes},
+                        lambda model, data, classes, **_: ({c: weights_sum(model) for c in classes},
                                                       {"mAP": weights_sum(model)}))
     run = resolve_run_config({"profile": "smoke", "num-clients": 2, "rounds": 2, "cache-dir": str(cache)})
     config = {**run.to_record(), METHOD: "fedavg_ft", WORK: DIRECT_WORK, FINE_TUNE: 1, STATE_DIR: str(tmp_path)}
@@ -356,7 +356,7 @@ def test_a_diredi_client_distils_from_the_spread_edge_when_one_comes(cache, tmp_
                                TUTOR, WORK, decode, state_record)
 
     monkeypatch.setattr(client_app, "per_class_ap",
-                        lambda model, data, classes: ({c: weights_sum(model) for c in classes},
+                        lambda model, data, classes, **_: ({c: weights_sum(model) for c in classes},
                                                       {"mAP": weights_sum(model)}))
     starts = []
     real = client_app.distill_c

@@ -23,6 +23,7 @@ from sim.run import main, parse_args
     (["--spread", "yes"], "invalid choice"),
     (["--claims", "believed"], "invalid choice"),
     (["--clip-multiple", "0.5"], "--clip-multiple must be a number >= 1 (inf: no clipping), got 0.5"),
+    (["--operating-threshold", "1.5"], "--operating-threshold must be a number in [0.05, 1), got 1.5"),
     (["--row-multiple", "0"], "--row-multiple must be a number >= 1 (inf: no clipping), got 0.0"),
 ])
 def test_invalid_arguments_stop_with_one_clear_line(argv, message, capsys, tmp_path):

@@ -650,9 +650,11 @@ def test_run_config_merge_defences_defaults_and_validation():
     assert RunConfig.from_record(config.to_record()) == config
     assert RunConfig.from_record(config.to_dict()) == config  # inf is written as "inf" and read back
     assert (config.claims, config.clip_multiple, config.row_multiple) == ("trusted", math.inf, math.inf)
+    assert config.operating_threshold == 0.5 and "operating_threshold" not in config.to_dict()  # older runs' config.json
     for key, value in (("weight-cap", 0.5), ("weight-cap", float("nan")), ("clip-norm", 0.0),
                        ("kept-tolerance", -0.01), ("clip-multiple", 0.9), ("claims", "believed"),
-                       ("row-multiple", 0.5), ("row-multiple", float("nan"))):
+                       ("row-multiple", 0.5), ("row-multiple", float("nan")), ("operating-threshold", 0.01),
+                       ("operating-threshold", 1.0)):
         with pytest.raises(ConfigError) as error:
             resolve_run_config({key: value})
         assert error.value.key == key
@@ -1006,6 +1008,11 @@ def test_recall_at_the_threshold_agrees_with_the_evaluations_counts(trained_tuto
     found = recall_at(predictions, targets, [PERSON])[PERSON]
     assert found == pytest.approx(summary["tp.person"] / summary["npos.person"]) and 0 < found <= 1
     assert recall_at(predictions, targets, [PERSON], score_thresh=1.01)[PERSON] == 0.0
+    # the operating threshold is a setting: AP does not depend on it, eq. 11's counts do
+    ap, strict = ap_by_name(predictions, targets, ["person"], score_thresh=0.8)
+    assert ap == ap_by_name(predictions, targets, ["person"])[0]
+    assert strict["tp.person"] / strict["npos.person"] == pytest.approx(recall_at(predictions, targets, [PERSON], 0.8)[PERSON])
+    assert strict["tp.person"] < summary["tp.person"]
     assert bootstrap_recall_drop(predictions, predictions, targets, [PERSON], samples=20)[PERSON] == 0.0
     lowered = [{**p, "scores": p["scores"] * 0.5} for p in predictions]
     assert bootstrap_recall_drop(predictions, lowered, targets, [PERSON], samples=50)[PERSON] > 0
