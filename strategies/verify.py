@@ -28,8 +28,9 @@ class-aware merge takes (the policy's ``claims = "earned"``; claims are dropped,
 Gates 2-4 all run on a well-formed delta and each records its figure, so the log shows how every
 gate scored honest and hostile deltas alike. Every outcome becomes a ``Decision`` with its reason,
 the gates that rejected it and their figures, so the verification log says why. The merge-time
-bounds on an accepted delta (``clip_norm``, ``clip_multiple``, ``weight_cap``:
-``models.parts.clip_delta``, ``median_cap`` and ``cap_weights``) are recorded in its Decision as well.
+bounds on an accepted delta (``clip_norm``, ``clip_multiple``, ``row_multiple``, ``weight_cap``:
+``models.parts.clip_delta``, ``median_cap``, ``clip_class_rows`` and ``cap_weights`` in
+``strategies.aggregate``) are recorded in its Decision as well.
 """
 
 from __future__ import annotations
