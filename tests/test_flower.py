@@ -202,6 +202,30 @@ def test_pyproject_run_config_defaults_are_the_cli_defaults():
     assert set(raw) | {"num-clients"} == {f.name.replace("_", "-") for f in dataclasses.fields(RunConfig)}
 
 
+def test_the_run_configuration_reaches_the_policy_and_the_clients_operating_point(setup):
+    """Merge bounds, claim rule and operating threshold go from the run configuration to the strategy's
+    policy; a client measures eq. 11 at the run's threshold (AP does not move with it)."""
+    from flwr.app import ConfigRecord, Context, RecordDict
+
+    import clients.app as client_app
+    from protocol.wire import METHOD
+    from strategies.server_app import default_policy
+
+    workspace, chain, session = setup
+    settings = {"row-multiple": 3.0, "clip-multiple": 2.0, "claims": "earned", "operating-threshold": 0.3}
+    policy = default_policy(session_for(session.config.cache_dir, **settings))
+    assert (policy.row_multiple, policy.clip_multiple, policy.claims, policy.operating_threshold) == (3.0, 2.0, "earned", 0.3)
+    figures = {}
+    for threshold in (0.05, 0.5):
+        config = ConfigRecord({**session_for(session.config.cache_dir, **{"operating-threshold": threshold})
+                               .config.to_record(), METHOD: "fedavg"})
+        context = Context(run_id=1, node_id=1, node_config={"partition-id": 0}, state=RecordDict(), run_config={})
+        figures[threshold] = client_app._evaluate(chain.edge, workspace, 0, "after", "evaluate", context, config)
+    ap = {k: v for k, v in figures[0.5].items() if k.startswith("ap-")}
+    assert ap and ap == {k: v for k, v in figures[0.05].items() if k.startswith("ap-")}
+    assert figures[0.05]["after.recall"] > figures[0.5]["after.recall"]
+
+
 def test_sim_run_and_the_flwr_server_app_give_the_same_records(cache, tmp_path, threads_one):
     """`python -m sim.run` and the ServerApp that `flwr run .` loads, with the same settings."""
     import json
