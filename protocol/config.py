@@ -37,7 +37,7 @@ DIRECTION_REFERENCES = ("peers", "server")  # the direction gate's reference (st
 BODY_CACHES = ("round", "run")  # how long a client keeps the tutor body's outputs (distill.body_memo)
 EDGE_CHECKS = ("off", "on")  # the manufacturer's check of each re-distilled edge before it is deployed
 SPREAD_MODES = ("off", "on")  # the server's edge, distilled from the updated tutor, as Distill C's start
-CLAIM_RULES = ("trusted", "earned")  # how the class-aware merge takes a client's trained classes (strategies.verify)
+CLAIM_RULES = ("trusted", "earned", "improving")  # how the class-aware merge takes a client's trained classes (strategies.verify)
 
 
 # Fields added after runs were recorded: ``to_dict`` leaves them out while they hold their default, so
@@ -133,7 +133,8 @@ class RunConfig:
     # norm of the deltas merged into row c (inf: off)
     row_multiple: float = math.inf
     # merge: "trusted" takes each client's trained classes as it reports them for the class-aware merge's
-    # rows; "earned" only those its candidate tutor improves (or, if no claimer improves, holds) on validation
+    # rows; "earned" only those its candidate tutor improves (or, if no claimer improves, holds) on validation;
+    # "improving" only those it improves (a class no claimer improves keeps its rows)
     claims: str = "trusted"
     timeout_s: float = 0.0  # one round trip; 0: sized from the profile's step time
     # local differential privacy of each client's delta (protocol.privacy; off by default): clip to L2

@@ -311,7 +311,7 @@ class DiReDiStrategy(Strategy):
                 claimed.append(set(claims))
         # Claims earned, not trusted: each class's rows from the claimers whose candidates improve it (or,
         # when none does, hold it); the decisions record every claim's verdict (strategies.verify).
-        if self.policy.claims == "earned":
+        if self.policy.claims != "trusted":
             claimed, verdicts = earned_claims([d.claim_gain for d in accepted_decisions],
                                               [d.claim_noise for d in accepted_decisions], self.policy)
             for decision, names, verdict in zip(accepted_decisions, claimed, verdicts):
@@ -609,7 +609,7 @@ class DiReDiStrategy(Strategy):
                             weight=weight, rejected_by=["weight"])
         before = self.tutor_validation_ap()
         after, _ = self.candidate_ap(delta)
-        claims = list(claims) if self.policy.claims == "earned" else []
+        claims = list(claims) if self.policy.claims != "trusted" else []
         noise = self.candidate_noise(delta, server_round, claims)
         claim_gain = {c: float(after.get(c, math.nan)) - float(before.get(c, math.nan)) for c in claims}
         ok, reason, figures = protected_check(before, after, self.policy, noise)
@@ -738,7 +738,7 @@ class DiReDiStrategy(Strategy):
             return
         self.candidate_ap(delta)
         if self.ledger is not None:
-            claims = decode(reply.content[METRICS], TRAINED) if self.policy.claims == "earned" else ()
+            claims = decode(reply.content[METRICS], TRAINED) if self.policy.claims != "trusted" else ()
             self.candidate_noise(delta, self.ledger.server_round, claims)
         self._screen_seconds[reply.metadata.src_node_id] = time.perf_counter() - start
 

@@ -23,7 +23,8 @@ The gates:
    the default.
 
 Beside the gates, ``earned_claims`` decides which of an accepted delta's class claims the
-class-aware merge takes (the policy's ``claims = "earned"``; claims are dropped, never deltas).
+class-aware merge takes (the policy's ``claims = "earned"`` or ``"improving"``; claims are dropped, never
+deltas).
 
 Gates 2-4 all run on a well-formed delta and each records its figure, so the log shows how every
 gate scored honest and hostile deltas alike. Every outcome becomes a ``Decision`` with its reason,
@@ -85,6 +86,7 @@ class VerificationPolicy:
     # claimer of c does, claims that do not lower it by more than that. One margin both ways, the
     # protected tolerance's 5 points: a change smaller than the loss we let pass is not a gain either
     # (a smaller margin hands a kept class's row to one client: README, "Claims that must be earned").
+    # "improving": only claims that improve their class count; a class no claimer improves keeps its rows.
     claims: str = "trusted"
     claim_margin: float = 0.05
     # Merge-time clipping relative to the round: accepted deltas clipped to clip_multiple x the round's
@@ -298,15 +300,19 @@ def earned_claims(gains: Sequence[Mapping[str, float]], noise: Sequence[Mapping[
     So a client that claims a class it did not train, with a small edit of that row and its weight at
     the cap, dilutes nothing while an honest client improves the class; what it loses is its own say
     on that row. Claims on a class no validation image holds stay as made (nothing to check them
-    against). Returns (earned class names per delta, {class: verdict} per delta).
+    against). Under the policy's ``claims = "improving"`` holding is not enough: a class no claimer
+    improves keeps its rows this round (nobody takes part in them), so an edit that holds a settled
+    class's AP while it shifts the class's scores never reaches the merge. Returns (earned class names
+    per delta, {class: verdict} per delta).
     """
     if len(gains) != len(noise):
         raise ValueError(f"{len(gains)} gains for {len(noise)} noise maps: give one of each per delta")
     verdicts = [{c: claim_verdict(float(g), float(n.get(c, math.nan)), policy) for c, g in gain.items()}
                 for gain, n in zip(gains, noise)]
     improved = {c for v in verdicts for c, verdict in v.items() if verdict == "improves"}
-    counted = [{c for c, verdict in v.items()
-                if verdict in (("improves",) if c in improved else ("holds", "unchecked"))} for v in verdicts]
+    settled = ("unchecked",) if policy.claims == "improving" else ("holds", "unchecked")
+    counted = [{c for c, verdict in v.items() if verdict in (("improves",) if c in improved else settled)}
+               for v in verdicts]
     return counted, verdicts
 
 

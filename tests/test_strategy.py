@@ -1075,6 +1075,9 @@ def test_claim_verdicts_and_earned_claims_on_hand_made_gains():
     earned, verdicts = earned_claims(gains, noise, policy)
     assert earned == [{"car", "bus"}, {"car", "bus"}, {"cow"}]
     assert verdicts[2] == {"car": "holds", "bus": "harms", "cow": "unchecked"}
+    # "improving": holding is not enough, so bus (improved by nobody) keeps its rows; the same verdicts
+    strict, same = earned_claims(gains, noise, VerificationPolicy(claims="improving", noise_z=3.0))
+    assert strict == [{"car"}, {"car"}, {"cow"}] and same == verdicts
     with pytest.raises(ValueError, match="one of each"):
         earned_claims(gains, noise[:2], policy)
 
