@@ -396,9 +396,7 @@ def cost_section(means: Sequence[Mapping]) -> list[str]:
 
 
 LEGEND_LINES = [
-    "AP, mAP, precision, recall and F1 in percent; precision, recall and F1 (eq. 11) count the",
-    "detections scored at or above the run's operating threshold (`operating_threshold`, default",
-    "0.5). \"mAP start\" is the original edge (before any",
+    "AP, mAP, precision, recall and F1 in percent. \"mAP start\" is the original edge (before any",
     "federated work), \"mAP\" the client's model after the last round, both over the classes",
     "evaluated on the client's test shard. Changes are in percentage points, final minus start:",
     "**gain** over the client's private (new) classes; **released** over its dropped classes",
@@ -410,8 +408,9 @@ LEGEND_LINES = [
 
 
 def results_markdown(records: Sequence[Mapping], specs: Any, all_private: Any,
-                     stage_rows: Mapping[str, Mapping] | None = None) -> str:
-    """Table III-style report: model stages (optional), per-method means, per-client rows, cost."""
+                     stage_rows: Mapping[str, Mapping] | None = None, operating_threshold: float = 0.5) -> str:
+    """Table III-style report: model stages (optional), per-method means, per-client rows, cost; precision,
+    recall and F1 were measured at ``operating_threshold`` (the run's, which the report states)."""
     table = method_table(records, specs, all_private)
     means = method_means(table)
     rounds = sorted({int(r["round"]) for r in records})
@@ -419,7 +418,8 @@ def results_markdown(records: Sequence[Mapping], specs: Any, all_private: Any,
     lines += [f"Methods: {', '.join(methods_in(table)) or MISSING_CELL}; "
               f"clients: {len({row['client'] for row in table})}; "
               f"rounds: {max(rounds) if rounds else 0}.", ""]
-    lines += LEGEND_LINES + [""]
+    lines += LEGEND_LINES + [f"Precision, recall and F1 (eq. 11) count the detections scored at or above "
+                             f"{operating_threshold:g}, the run's operating threshold.", ""]
     if stage_rows:
         lines += stage_section(stage_rows)
     lines += methods_section(means)
@@ -666,7 +666,8 @@ def file_safe(name: str) -> str:
 
 
 def write_all(run_folder: RunFolder | str | os.PathLike, records: Sequence[Mapping], specs: Any,
-              all_private: Any, stage_rows: Mapping[str, Mapping] | None = None) -> dict[str, Path]:
+              all_private: Any, stage_rows: Mapping[str, Mapping] | None = None,
+              operating_threshold: float = 0.5) -> dict[str, Path]:
     """Write results.md and every plot into the run folder; returns {name: path} with names
     ``results``, ``gain_forgetting``, ``round_curves``, ``heatmap_<method>``, ``curves_round``,
     ``curves_mb``, ``curves_compute`` (``report.study``: gain, forgetting and spread per round, per MB
@@ -675,7 +676,8 @@ def write_all(run_folder: RunFolder | str | os.PathLike, records: Sequence[Mappi
     folder.mkdir(parents=True, exist_ok=True)
     written: dict[str, Path] = {}
     results = folder / "results.md"
-    results.write_text(results_markdown(records, specs, all_private, stage_rows), encoding="utf-8")
+    results.write_text(results_markdown(records, specs, all_private, stage_rows, operating_threshold),
+                       encoding="utf-8")
     written["results"] = results
     table = method_table(records, specs, all_private)
     written["gain_forgetting"] = plot_gain_forgetting(table, folder / "gain_forgetting.png")

@@ -310,7 +310,7 @@ class DiReDiStrategy(Strategy):
                 accepted_decisions.append(decision)
                 claimed.append(set(claims))
         # Claims earned, not trusted: each class's rows from the claimers whose candidates improve it (or,
-        # when none does, hold it); the decisions record every claim's verdict (strategies.verify).
+        # when none does, hold it; under "improving" nobody's); the decisions record every verdict (strategies.verify).
         if self.policy.claims != "trusted":
             claimed, verdicts = earned_claims([d.claim_gain for d in accepted_decisions],
                                               [d.claim_noise for d in accepted_decisions], self.policy)

@@ -250,7 +250,8 @@ def run_methods(session: Session, grid: Grid | None, folder: RunFolder, methods:
     records = folder.read_records()
     if report:
         specs = session.client_specs()
-        write_all(folder, records, specs, [s["private"] for s in specs], session.stage_rows())
+        write_all(folder, records, specs, [s["private"] for s in specs], session.stage_rows(),
+                  session.config.operating_threshold)
     return records
 
 

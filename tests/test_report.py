@@ -121,6 +121,8 @@ def test_results_markdown_has_every_method_and_handles_missing_prf():
     fedavg_row = next(line for line in methods_table.splitlines() if line.startswith("| fedavg |"))
     assert "—" in fedavg_row  # P/R/F1 absent for fedavg
     assert "2.50" in text  # diredi upload: 2.5 MB/client/round
+    assert "scored at or above 0.5, the run's operating threshold" in text
+    assert "scored at or above 0.3, the run's" in results_markdown(records, specs, all_private, operating_threshold=0.3)
 
 
 def test_results_markdown_without_detection_metrics_or_stages():
