@@ -13,8 +13,8 @@ from data.workspace import prepare
 
 
 @pytest.fixture(scope="module")
-def ws(tmp_path_factory):
-    return prepare("smoke", "exp1", num_clients=1, seed=0, cache_dir=tmp_path_factory.mktemp("cache"))
+def ws(smoke_cache):
+    return prepare("smoke", "exp1", num_clients=1, seed=0, cache_dir=smoke_cache)
 
 
 # -- PKD -----------------------------------------------------------------------------------------
@@ -166,14 +166,14 @@ def test_training_runs_on_the_students_device(ws):
 
 
 # -- the ablation harness ----------------------------------------------------------------------------
-def test_ablation_harness_writes_the_links_json(tmp_path):
+def test_ablation_harness_writes_the_links_json(tmp_path, smoke_cache):
     import json
 
     from experiments import ablate
 
     out = tmp_path / "results"
     code = ablate.main(["--profile", "smoke", "--sections", "links", "--out", str(out),
-                        "--cache", str(tmp_path / "cache"), "--device", "cpu", "--threads", "1", "--quiet"])
+                        "--cache", str(smoke_cache), "--device", "cpu", "--threads", "1", "--quiet"])
     assert code == 0
     links = json.loads((out / "ablation.json").read_text())["links"]
     assert set(links) == {"distill_a", "distill_b", "distill_c"}

@@ -31,8 +31,8 @@ NEW = ("fedavgm", "fedadam", "fedavg_ls", "fedavg_ft")
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("baselines-cache")
+def cache(smoke_cache):
+    return smoke_cache
 
 
 @pytest.fixture(scope="module")

@@ -48,11 +48,6 @@ def test_bootstrap_of_a_mean_change_is_the_class_drop_noise_for_one_class():
     assert bootstrap_mean_ap_change(before, before, targets, [3], samples=50) == 0.0
 
 
-@pytest.fixture(scope="module")
-def smoke_cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("compare-cache")
-
-
 def test_the_baseline_grid_reads_no_test_shard(smoke_cache, monkeypatch):
     from experiments import baseline_grid
 

@@ -359,8 +359,8 @@ def id_lists(shards) -> dict[str, list[str]]:
 
 
 @pytest.fixture(scope="module")
-def smoke8(tmp_path_factory):
-    return prepare("smoke", "default8", num_clients=8, seed=0, cache_dir=tmp_path_factory.mktemp("cache"))
+def smoke8(smoke_cache):
+    return prepare("smoke", "default8", num_clients=8, seed=0, cache_dir=smoke_cache)
 
 
 def test_default8_smoke_test_shards_hold_positives(smoke8):

@@ -95,12 +95,12 @@ def comparable(record: dict) -> dict:
 
 
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="process checks read /proc (Linux)")
-def test_a_local_deployment_gives_the_simulations_records_and_leaves_no_process(tmp_path, threads_one):
+def test_a_local_deployment_gives_the_simulations_records_and_leaves_no_process(tmp_path, smoke_cache, threads_one):
     """Two SuperNodes, each with its own cache and state folder, run DiReDi and FedAvg for 2 rounds
     through `flwr run`: the records are the simulation's (all but seconds and memory)."""
     from sim.run import main as sim_main
 
-    cache = tmp_path / "server-cache"
+    cache = smoke_cache  # the server's; each node has its own
     settings = ["--profile", "smoke", "--clients", "2", "--rounds", "2", "--methods", "diredi,fedavg"]
     # Run folders of one name: the clients' state folder travels in the config, and its bytes are counted.
     assert sim_main([*settings, "--cache", str(cache), "--out", str(tmp_path / "sim"), "--name", "run",
@@ -125,7 +125,8 @@ def test_a_local_deployment_gives_the_simulations_records_and_leaves_no_process(
     assert os.environ.get("FLWR_HOME") is None  # the user's Flower home untouched
 
 
-def test_a_two_node_ray_cluster_runs_clients_on_both_nodes_with_their_own_folders(tmp_path, threads_one):
+def test_a_two_node_ray_cluster_runs_clients_on_both_nodes_with_their_own_folders(tmp_path, smoke_cache,
+                                                                                   threads_one):
     """The simulation joins a Ray cluster of two nodes (one CPU each, so one client actor each); each
     node names its own cache in its environment (``DIREDI_CACHE_DIR``): the records are the
     single-node run's, and say which node each client ran on."""
@@ -133,7 +134,7 @@ def test_a_two_node_ray_cluster_runs_clients_on_both_nodes_with_their_own_folder
 
     from sim.run import main as sim_main
 
-    cache = tmp_path / "server-cache"
+    cache = smoke_cache  # the server's; each node has its own
     settings = ["--profile", "smoke", "--clients", "2", "--rounds", "2", "--methods", "diredi,fedavg",
                 "--cache", str(cache), "--name", "run", "--quiet"]
     assert sim_main([*settings, "--out", str(tmp_path / "one")]) == 0

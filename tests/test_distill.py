@@ -19,8 +19,8 @@ from data.workspace import prepare
 
 
 @pytest.fixture(scope="module")
-def ws(tmp_path_factory):
-    return prepare("smoke", "default8", num_clients=2, seed=0, cache_dir=tmp_path_factory.mktemp("cache"))
+def ws(smoke_cache):
+    return prepare("smoke", "default8", num_clients=2, seed=0, cache_dir=smoke_cache)
 
 
 def batch_loss(model, dataset, n=8):

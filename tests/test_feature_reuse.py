@@ -208,11 +208,11 @@ def test_matching_on_arrays_equals_the_greedy_loop(seed):
 # --- RD's tutor copies share the frozen body ---------------------------------------------------
 
 
-def test_rd_tutors_share_the_frozen_body_and_learn_exactly_as_with_full_copies(tmp_path):
+def test_rd_tutors_share_the_frozen_body_and_learn_exactly_as_with_full_copies(smoke_cache):
     from data.workspace import prepare
     from distill.rd import RDSettings, client_delta, reverse_distill_tutor1, reverse_distill_tutor2
 
-    ws = prepare("smoke", "default8", num_clients=1, seed=0, cache_dir=tmp_path)
+    ws = prepare("smoke", "default8", num_clients=1, seed=0, cache_dir=smoke_cache)
     data = ws.client_train(0)
     tutor, edge = build_model("smoke", "tutor", seed=1).eval(), build_model("smoke", "edge", seed=2).eval()
     body_before = {k: v.clone() for k, v in tutor.backbone.body.state_dict().items()}

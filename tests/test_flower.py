@@ -28,8 +28,8 @@ FORBIDDEN_WORDS = ("image", "box", "label", "target", "pixel")
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("flower-cache")
+def cache(smoke_cache):
+    return smoke_cache
 
 
 def session_for(cache, **settings) -> Session:

@@ -194,7 +194,7 @@ def test_run_summary_gives_the_largest_epsilon_a_client_spent():
 # -- through real Flower + Ray ------------------------------------------------------------------------
 
 
-def test_clients_privatise_their_deltas_and_count_their_budget(tmp_path):
+def test_clients_privatise_their_deltas_and_count_their_budget(smoke_cache):
     """Smoke profile, 2 clients, 2 rounds, DP with top-k on: every "train" reply reports the epsilon
     of its client's participations so far, and the delta that arrives carries the noise."""
     from protocol.config import resolve_run_config
@@ -206,7 +206,7 @@ def test_clients_privatise_their_deltas_and_count_their_budget(tmp_path):
 
     clip, sigma = 0.05, 0.5
     session = Session.open(resolve_run_config({
-        "profile": "smoke", "num-clients": 2, "rounds": 2, "methods": "diredi", "cache-dir": str(tmp_path),
+        "profile": "smoke", "num-clients": 2, "rounds": 2, "methods": "diredi", "cache-dir": str(smoke_cache),
         "dp-clip": clip, "dp-noise": sigma, "delta-topk": 0.5}))
     seen, original = [], Recorder.split
 

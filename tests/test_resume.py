@@ -93,10 +93,10 @@ def _run(argv: list[str], env: dict, stop_when: Path | None = None, timeout: flo
             os.killpg(process.pid, signal.SIGKILL)
 
 
-def test_a_run_killed_after_round_one_resumes_with_the_records_of_an_uninterrupted_run(tmp_path):
+def test_a_run_killed_after_round_one_resumes_with_the_records_of_an_uninterrupted_run(tmp_path, smoke_cache):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     common = ["--profile", "smoke", "--clients", "2", "--rounds", "2", "--methods", "diredi,fedavg", "--quiet",
-              "--out", str(tmp_path), "--cache", str(tmp_path / "cache")]
+              "--out", str(tmp_path), "--cache", str(smoke_cache)]
     # Run names of one length: the clients' state folder travels in the config, and its bytes are counted.
     assert _run([*common, "--name", "run-a"], env) == 0
     uninterrupted = _records(tmp_path / "run-a")

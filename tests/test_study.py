@@ -346,13 +346,13 @@ def test_a_variant_is_paired_with_the_study_run_of_its_replicate(tmp_path):
            [r for r in json.loads((tmp_path / "worse.json").read_text())["rows"] if r["baseline"] == "diredi"]
 
 
-def test_edge_protection_scores_every_lever_after_every_round(tmp_path, threads_one):
+def test_edge_protection_scores_every_lever_after_every_round(tmp_path, smoke_cache, threads_one):
     import json
 
     from experiments.edge_protection import main
 
     assert main(["--profile", "smoke", "--clients", "2", "--probe", "1", "--rounds", "2", "--score-weights", "0", "2",
-                 "--threads", "1", "--cache", str(tmp_path / "cache"), "--out", str(tmp_path)]) == 0
+                 "--threads", "1", "--cache", str(smoke_cache), "--out", str(tmp_path)]) == 0
     result = json.loads((tmp_path / "edge_protection.json").read_text())
     levers = {"score weight 0", "score weight 2", "direct training"}
     assert {(r["lever"], r["round"]) for r in result["rows"]} == {(lever, r) for lever in levers for r in (0, 1, 2)}
@@ -360,3 +360,62 @@ def test_edge_protection_scores_every_lever_after_every_round(tmp_path, threads_
     # every lever starts from the same manufacturer's edge
     rows = {(r["lever"], r["round"]): r for r in result["rows"]}
     assert rows[("score weight 0", 0)] == {**rows[("score weight 2", 0)], "lever": "score weight 0"}
+
+
+def test_the_budget_table_pairs_variants_and_counts_cpu_seconds(tmp_path):
+    """experiments.budget: a variant with half the RD steps whose new classes gained 5 more points from
+    round 2 on is better on gain ("yes") and equal elsewhere; its CPU seconds and steps are its own, its
+    gain per CPU minute is gain / (rounds x CPU s / 60), and every DiReDi run is paired with local training."""
+    import json
+    import shutil
+    from pathlib import Path
+
+    from experiments.budget import main
+
+    source = Path(__file__).resolve().parents[1] / "experiments" / "results" / "compare" / "runs" / "rep0"
+    lines = (source / "rounds.jsonl").read_text().splitlines()
+    specs = json.loads((source / "config.json").read_text())["client_specs"]
+    private = {s["client"]: s["private"] for s in specs}
+
+    def run(name: str, method: str, rd_iters: int, boost: float = 0.0) -> Path:
+        folder = tmp_path / f"{name}-rep0"
+        folder.mkdir()
+        config = json.loads((source / "config.json").read_text())
+        config["run"]["rd_iters"] = rd_iters
+        (folder / "config.json").write_text(json.dumps(config))
+        shutil.copy(source / "summary.json", folder / "summary.json")
+        kept = []
+        for line in lines:
+            record = json.loads(line)
+            if record["method"] != method:
+                continue
+            if boost and record["round"] >= 2:
+                for c in private[record["client"]]:
+                    record["ap_after"][c] = record["ap_after"][c] + boost
+            kept.append(json.dumps(record))
+        (folder / "rounds.jsonl").write_text("\n".join(kept) + "\n")
+        return folder
+
+    base, fewer, local = run("base", "diredi", 12), run("fewer", "diredi", 6, boost=0.05), run("local", "local", 12)
+    work = tmp_path / "work"
+    work.mkdir()
+    for folder, diredi_s in ((base, 12.0), (fewer, 10.0)):
+        (work / f"{folder.name}.json").write_text(json.dumps(
+            {"round_work": {"client_s": {"diredi": {"total": diredi_s}, "fedavg": {"total": 9.0}}}}))
+    out = tmp_path / "budget"
+    assert main(["--baseline", str(base), "--variant", "RD 6", str(fewer), "--local", str(local),
+                 "--work", str(work), "--out", str(out)]) == 0
+    runs = {r["name"]: r for r in json.loads(out.with_suffix(".json").read_text())["runs"]}
+    assert [runs["baseline"][k] for k in ("rd_per_tutor", "distill_c", "client_steps")] == [12, 36, 60]
+    assert [runs["RD 6"][k] for k in ("rd_per_tutor", "distill_c", "client_steps")] == [6, 36, 48]
+    assert (runs["baseline"]["cpu_s_per_round"], runs["RD 6"]["cpu_s_per_round"],
+            runs["local training"]["cpu_s_per_round"]) == (12.0, 10.0, 9.0)
+    gain = runs["RD 6"]["at"]["10"]["gain"]
+    assert runs["RD 6"]["gain_per_cpu_min"]["10"] == pytest.approx(gain / (10 * 10.0 / 60))
+    versus = {(r["against"], r["metric"], r["round"]): r for r in runs["RD 6"]["versus_baseline"]}
+    assert versus[("baseline", "gain", 10)]["diff"] == pytest.approx(5.0, abs=0.01)
+    assert versus[("baseline", "gain", 10)]["verdict"] == "yes"
+    assert versus[("baseline", "forgetting_kept", 10)]["diff"] == 0
+    assert {k[0] for k in versus} == {"baseline", "local"}
+    assert set(runs["baseline"]["gain_by_private_classes"]) == {"1", "2"}
+    assert "| RD 6 | 6 | 36 | 48 | 10.0 |" in out.with_suffix(".md").read_text()
