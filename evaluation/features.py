@@ -197,6 +197,48 @@ class BodyFeatureCache:
             self._anchors[key] = list(anchors.split([f.size(2) * f.size(3) for f in features]))
         return self._anchors[key]
 
+    def class_patches(self, model: nn.Module) -> dict[str, Tensor]:
+        """What feeds each class's row of the classification layer where the model scores that class highest.
+
+        Per validation image and class c: the location (any FPN level) of the image's top class-c logit,
+        and there the 3x3 patch of the classification tower's output that row c of ``cls_logits``
+        [K, C, 3, 3] reads. A change (dW_c, db_c) of that row moves that logit by patch . dW_c + db_c,
+        linear in the patch, so the mean over images needs only the mean patch. Returns
+        ``positive`` [K, C*9]: the mean patch over the images whose targets hold class c (the
+        detection a product would fire for them), ``negative`` [K, C*9]: over the other images (its
+        top false alarm), and their image counts [K] (a class without images has zeros)."""
+        if not self.same_body(model):
+            raise ValueError("this model's backbone body differs from the one the features were computed with")
+        head = model.head.classification_head
+        rows = head.cls_logits.out_channels
+        sums = {"positive": None, "negative": None}
+        counts = {"positive": torch.zeros(rows), "negative": torch.zeros(rows)}
+        targets = iter(self.targets)
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.inference_mode():
+                for _, _, _, body in self.batches:
+                    towers = [head.conv(x) for x in model.backbone.fpn(body).values()]  # [B, C, H, W] per level
+                    logits = torch.cat([head.cls_logits(t).flatten(2) for t in towers], dim=2)  # [B, K, N]
+                    patches = torch.cat([nn.functional.unfold(t, 3, padding=1) for t in towers], dim=2)  # [B, C*9, N]
+                    top = logits.argmax(dim=2)  # [B, K]
+                    at_top = patches.gather(2, top.unsqueeze(1).expand(-1, patches.size(1), -1)).transpose(1, 2)
+                    holds = torch.zeros(top.shape, dtype=torch.bool)  # [B, K]
+                    for b in range(top.size(0)):
+                        labels = next(targets)["labels"].long()
+                        holds[b, labels[(labels >= 0) & (labels < rows)]] = True
+                    for name, mask in (("positive", holds), ("negative", ~holds)):
+                        added = (at_top.float() * mask.unsqueeze(2)).sum(0)  # [K, C*9]
+                        sums[name] = added if sums[name] is None else sums[name] + added
+                        counts[name] += mask.sum(0)
+        finally:
+            model.train(was_training)
+        out = {f"{name}_count": counts[name] for name in counts}
+        for name, total in sums.items():
+            out[name] = total / counts[name].clamp(min=1).unsqueeze(1)
+        return out
+
     def predict(self, model: nn.Module) -> tuple[list[dict], list[dict]]:
         """``evaluation.ap.predict(model, dataset)`` for a model with the cached body."""
         if not self.same_body(model):

@@ -64,7 +64,7 @@ from strategies.exchange import exchange
 from strategies.ledger import ClientSampler, Recorder, RoundLedger
 from strategies.verify import (Decision, VerificationPolicy, deploy_check, direction_check, earned_claims,
                                guarded_classes, kept_check, operating_point_check, peer_reference, protected_check,
-                               safe_norm, structural_check)
+                               row_score_shift, safe_norm, structural_check)
 
 log = logging.getLogger(__name__)
 
@@ -210,6 +210,7 @@ class DiReDiStrategy(Strategy):
         self._shared_tutor1: tuple[int, nn.Module] | None = None  # (round, the server's Tutor 1 of that round)
         # The tutor's frozen body's features of the validation images, computed once (False: too large)
         self._validation_features: BodyFeatureCache | None | bool = None
+        self._class_patches: dict[str, Tensor] | None = None  # the tutor's, for row_score_shift (once per version)
         self._nodes_with_edge: set[int] = set()  # nodes that keep their own edge (client re-distillation)
         self._nodes_with_body: set[int] = set()  # nodes that hold the tutor's backbone body (it never changes)
         self._partition_of: dict[int, int] = {}  # node id -> partition id, from the replies
@@ -359,6 +360,7 @@ class DiReDiStrategy(Strategy):
         merged = merge(kept)
         load_neck_head(self.tutor, substitute(neck_head(self.tutor), merged, self.settings.beta))
         self._tutor_ap, self._reference, self._candidates, self._noise = None, False, {}, {}  # all belong to the tutor that was
+        self._class_patches = None
         # The paper's "updated tutor", per round: evaluated by ``record_tutor``, which ``start`` runs
         # while the clients re-distil (nothing in this round needs it before).
         self._summary_due = server_round
@@ -574,7 +576,7 @@ class DiReDiStrategy(Strategy):
         self._client_edges_changed = bool(meta["client_edges_changed"])
         self.recorder.tutor_history = list(meta["tutor_history"])
         self._tutor_ap, self._reference, self._validation_features = None, False, None
-        self._candidates, self._noise = {}, {}
+        self._candidates, self._noise, self._class_patches = {}, {}, None
 
     def _map_restored_partitions(self, identities: Mapping[int, int]) -> None:
         self._partition_of.update(identities)
@@ -612,6 +614,7 @@ class DiReDiStrategy(Strategy):
         claims = list(claims) if self.policy.claims != "trusted" else []
         noise = self.candidate_noise(delta, server_round, claims)
         claim_gain = {c: float(after.get(c, math.nan)) - float(before.get(c, math.nan)) for c in claims}
+        shifts = self.claim_shifts(delta, claims)
         ok, reason, figures = protected_check(before, after, self.policy, noise)
         outcomes = [("protected", ok, reason)]  # (gate, ok, reason) of every active gate after structure
         kept_ok, kept_reason, kept = kept_check(before, after, self.policy)
@@ -631,7 +634,7 @@ class DiReDiStrategy(Strategy):
                         val_map_after=nan_mean(after.values()), weight=weight, noise=figures["noise"],
                         tolerance=figures["tolerance"], rejected_by=[gate for gate, _ in failed],
                         kept_drop=kept["mean_drop"], cosine=cosine, claim_gain=claim_gain,
-                        claim_noise={c: noise.get(c, math.nan) for c in claims}, **recall)
+                        claim_noise={c: noise.get(c, math.nan) for c in claims}, **shifts, **recall)
 
     def candidate_ap(self, delta: Mapping[str, Tensor]) -> tuple[dict[str, float], list[dict]]:
         """Validation AP and detections of the candidate tutor eq. 10 makes of ``delta``; each delta is
@@ -803,6 +806,28 @@ class DiReDiStrategy(Strategy):
             else:
                 predictions, self._validation_targets = predict(model, self.validation_data)
         return ap_by_name(predictions, self._validation_targets, self.validation_classes)[0], predictions
+
+    def claim_shifts(self, delta: Mapping[str, Tensor], claims: Iterable[str]) -> dict[str, dict[str, float]]:
+        """Per claimed class, how the delta's own row of it moves the tutor's top score of that class on the
+        validation images holding it and on the others (``row_score_shift``); empty without claims or
+        without the validation feature cache (recorded, not yet a rule)."""
+        claims = list(claims)
+        if not claims:
+            return {}
+        if self._class_patches is None:
+            self.tutor_validation_ap()  # builds the validation feature cache
+            if not self._validation_features:
+                return {}
+            with torch_threads(VALIDATION_THREADS):
+                self._class_patches = self._validation_features.class_patches(self.tutor)
+        patches = self._class_patches
+        out = {"claim_shift": {}, "claim_shift_negative": {}}
+        for name, key in (("claim_shift", "positive"), ("claim_shift_negative", "negative")):
+            for c in claims:
+                i = CLASS_INDEX[c]
+                counted = float(patches[f"{key}_count"][i]) > 0
+                out[name][c] = row_score_shift(delta, i, patches[key][i]) if counted else math.nan
+        return out
 
     def tutor_validation_ap(self) -> dict[str, float]:
         """Per-class validation AP of the current tutor (evaluated once per tutor version)."""

@@ -43,7 +43,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import Tensor
 
-from models.parts import delta_norm
+from models.parts import CLASS_ROW_PARAMS, delta_norm
 
 
 DIRECTION_REFERENCES = ("peers", "server")
@@ -164,6 +164,10 @@ class Decision:
     claim_noise: dict[str, float] = field(default_factory=dict)
     claims: dict[str, str] = field(default_factory=dict)
     row_clip: dict[str, float] = field(default_factory=dict)  # accepted: per class, the factor its rows were scaled by (only those < 1)
+    # Per claimed class, how the delta's own row of that class moves the tutor's top score of it (logit) on
+    # the validation images holding the class ("positive") and on the others ("negative"): ``row_score_shift``
+    claim_shift: dict[str, float] = field(default_factory=dict)
+    claim_shift_negative: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -314,6 +318,19 @@ def earned_claims(gains: Sequence[Mapping[str, float]], noise: Sequence[Mapping[
     counted = [{c for c, verdict in v.items() if verdict in (("improves",) if c in improved else settled)}
                for v in verdicts]
     return counted, verdicts
+
+
+def row_score_shift(delta: Mapping[str, Tensor], class_id: int, patch: Tensor,
+                    row_params: Sequence[str] = CLASS_ROW_PARAMS) -> float:
+    """How the delta's row ``class_id`` of the classification layer alone moves a class score: the mean
+    logit change patch . dW_c + db_c at the locations whose mean input is ``patch`` [C*9]
+    (``evaluation.features.BodyFeatureCache.class_patches``: where the tutor scores the class highest).
+    A client that trained on a class raises its score where the class is; a row edited down (a false
+    claim's) lowers it, whatever the class's AP does. NaN when the delta lacks the row."""
+    weight, bias = (delta.get(name) for name in row_params)
+    if weight is None or bias is None or not 0 <= class_id < weight.size(0):
+        return math.nan
+    return float(patch.float() @ weight[class_id].float().flatten() + bias[class_id].float())
 
 
 def guarded_classes(recall_before: Mapping[str, float], policy: VerificationPolicy) -> tuple[str, ...]:

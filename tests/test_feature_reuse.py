@@ -240,3 +240,36 @@ def test_rd_tutors_share_the_frozen_body_and_learn_exactly_as_with_full_copies(s
     losses1, losses2, delta = results[True]
     assert (losses1, losses2) == (r1.losses, r2.losses)
     assert all(torch.equal(delta[k], v) for k, v in client_delta(t1, t2, settings).items())
+
+
+def test_class_patches_give_each_rows_top_score_on_the_images_that_hold_its_class():
+    """BodyFeatureCache.class_patches: a row change equal to the row itself moves the mean top logit by
+    the mean top logit (checked against the full model's head on the same batches); a bias-only edit of
+    -0.5 moves it by exactly -0.5, on the images holding the class and on the others."""
+    from strategies.verify import row_score_shift
+    from models.parts import CLASS_ROW_PARAMS
+
+    tutor = build_model("smoke", "tutor", seed=0)
+    dataset = _mixed_images()  # image i holds class i % 20 only
+    cache = BodyFeatureCache(tutor, dataset, batch_size=3)
+    patches = cache.class_patches(tutor)
+    tutor.eval()
+    with torch.inference_mode():
+        tops = []
+        for start in range(0, len(dataset), 3):
+            images = [image for image, _ in dataset[start:start + 3]]
+            image_list, _ = tutor.transform(images, None)
+            tops.append(tutor.head(list(tutor.backbone(image_list.tensors).values()))["cls_logits"].amax(dim=1))
+        top = torch.cat(tops)  # [images, K]: each image's top logit per class
+    weight, bias = (dict(tutor.named_parameters())[name].detach() for name in CLASS_ROW_PARAMS)
+    itself = {CLASS_ROW_PARAMS[0]: weight, CLASS_ROW_PARAMS[1]: bias}
+    for c in (0, 3, 7):
+        holds = torch.tensor([target["labels"][0].item() == c for _, target in dataset])
+        assert int(patches["positive_count"][c]) == int(holds.sum()) and int(patches["negative_count"][c]) == 7 - int(holds.sum())
+        if holds.any():
+            assert row_score_shift(itself, c, patches["positive"][c]) == pytest.approx(float(top[holds, c].mean()), abs=1e-4)
+        assert row_score_shift(itself, c, patches["negative"][c]) == pytest.approx(float(top[~holds, c].mean()), abs=1e-4)
+        edit = {CLASS_ROW_PARAMS[0]: torch.zeros_like(weight), CLASS_ROW_PARAMS[1]: torch.zeros_like(bias)}
+        edit[CLASS_ROW_PARAMS[1]][c] = -0.5
+        assert row_score_shift(edit, c, patches["negative"][c]) == pytest.approx(-0.5)
+    assert row_score_shift({}, 0, patches["positive"][0]) != row_score_shift({}, 0, patches["positive"][0])  # NaN

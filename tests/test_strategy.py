@@ -1112,12 +1112,18 @@ def test_a_false_claim_does_not_change_the_claimed_class_row(trained_tutor):
     assert all(d.accepted for d in decisions.values())  # no gate rejects them; the merge ignores their claim
     assert decisions[0].claims == {"person": "improves"} and decisions[0].claim_gain["person"] > 0.3
     assert decisions[1].claims == {"person": "holds, dropped"}
+    # each claim's row on its own against the tutor's top person scores: the honest row lifts them (from
+    # the bias of -8), the liars' bias edit moves them by its 0.1 exactly; every validation image here
+    # holds person, so there is no image without it to score (NaN)
+    assert decisions[0].claim_shift["person"] > 1.0
+    assert decisions[1].claim_shift["person"] == pytest.approx(0.1)
+    assert math.isnan(decisions[1].claim_shift_negative["person"])
     merged = neck_head(strategy.tutor)
     for name in rows:  # the honest client's row alone, at full strength
         assert torch.allclose(merged[name][PERSON], neck_head(trained_tutor)[name][PERSON], atol=1e-5)
     assert strategy.tutor_validation_ap()["person"] > 0.3
     trusting, decisions = run("trusted")
-    assert decisions[1].claims == {} and decisions[1].claim_gain == {}
+    assert decisions[1].claims == {} and decisions[1].claim_gain == {} and decisions[1].claim_shift == {}
     expected = neck_head(damaged)[rows[1]][PERSON] + (10 * honest[rows[1]][PERSON] + 80 * 0.1) / 90
     assert torch.allclose(neck_head(trusting.tutor)[rows[1]][PERSON], expected, atol=1e-5)
 
