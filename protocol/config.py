@@ -37,7 +37,7 @@ DIRECTION_REFERENCES = ("peers", "server")  # the direction gate's reference (st
 BODY_CACHES = ("round", "run")  # how long a client keeps the tutor body's outputs (distill.body_memo)
 EDGE_CHECKS = ("off", "on")  # the manufacturer's check of each re-distilled edge before it is deployed
 SPREAD_MODES = ("off", "on")  # the server's edge, distilled from the updated tutor, as Distill C's start
-CLAIM_RULES = ("trusted", "earned", "improving")  # how the class-aware merge takes a client's trained classes (strategies.verify)
+CLAIM_RULES = ("trusted", "earned", "improving", "lifting")  # how the class-aware merge takes a client's trained classes (strategies.verify)
 
 
 # Fields added after runs were recorded: ``to_dict`` leaves them out while they hold their default, so

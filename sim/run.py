@@ -113,8 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("--claims", choices=CLAIM_RULES, default=d.claims,
         help="DiReDi's class-aware merge: trusted (each client's rows of the classes it says it trained) | earned "
              "(only classes its candidate tutor improves on the validation set, or holds when no claimer improves "
-             "them) | improving (only classes it improves; a class no claimer improves keeps its rows; "
-             f"default {d.claims})")
+             "them) | improving (only classes it improves; a class no claimer improves keeps its rows) | lifting "
+             "(earned, and its own row of the class must not lower the tutor's top scores of the class on the "
+             f"validation images holding it; default {d.claims})")
     add("--clip-multiple", type=float, default=d.clip_multiple,
         help="DiReDi's merge: accepted deltas clipped to this multiple of the round's median delta norm "
              f"(inf: off; default {d.clip_multiple:g})")

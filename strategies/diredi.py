@@ -314,7 +314,8 @@ class DiReDiStrategy(Strategy):
         # when none does, hold it; under "improving" nobody's); the decisions record every verdict (strategies.verify).
         if self.policy.claims != "trusted":
             claimed, verdicts = earned_claims([d.claim_gain for d in accepted_decisions],
-                                              [d.claim_noise for d in accepted_decisions], self.policy)
+                                              [d.claim_noise for d in accepted_decisions], self.policy,
+                                              [d.claim_shift for d in accepted_decisions])
             for decision, names, verdict in zip(accepted_decisions, claimed, verdicts):
                 decision.claims = {c: v if c in names else f"{v}, dropped" for c, v in verdict.items()}
         trained = [{CLASS_INDEX[name] for name in names} for names in claimed]

@@ -87,6 +87,8 @@ class VerificationPolicy:
     # protected tolerance's 5 points: a change smaller than the loss we let pass is not a gain either
     # (a smaller margin hands a kept class's row to one client: README, "Claims that must be earned").
     # "improving": only claims that improve their class count; a class no claimer improves keeps its rows.
+    # "lifting": "earned", and a claim whose own row lowers its class's top scores on the validation images
+    # that hold the class (``row_score_shift`` < 0) never counts, improving or not.
     claims: str = "trusted"
     claim_margin: float = 0.05
     # Merge-time clipping relative to the round: accepted deltas clipped to clip_multiple x the round's
@@ -293,7 +295,8 @@ def claim_verdict(gain: float, noise: float, policy: VerificationPolicy) -> str:
 
 
 def earned_claims(gains: Sequence[Mapping[str, float]], noise: Sequence[Mapping[str, float]],
-                  policy: VerificationPolicy) -> tuple[list[set[str]], list[dict[str, str]]]:
+                  policy: VerificationPolicy, shifts: Sequence[Mapping[str, float]] | None = None
+                  ) -> tuple[list[set[str]], list[dict[str, str]]]:
     """Which of the round's class claims take part in each class's row of the class-aware merge.
 
     ``gains[i]`` maps every class delta i claims to trained to its candidate tutor's validation AP
@@ -306,13 +309,24 @@ def earned_claims(gains: Sequence[Mapping[str, float]], noise: Sequence[Mapping[
     on that row. Claims on a class no validation image holds stay as made (nothing to check them
     against). Under the policy's ``claims = "improving"`` holding is not enough: a class no claimer
     improves keeps its rows this round (nobody takes part in them), so an edit that holds a settled
-    class's AP while it shifts the class's scores never reaches the merge. Returns (earned class names
-    per delta, {class: verdict} per delta).
+    class's AP while it shifts the class's scores never reaches the merge. Under ``claims = "lifting"``,
+    ``shifts[i]`` maps each claimed class to ``row_score_shift`` of delta i's own row on the validation
+    images holding the class: a claim below 0 is "lowers" and never counts (a row edited down to
+    lower a settled class's scores, whose AP it leaves alone). Since the merged row is a weighted mean of
+    the counted rows, and the shift is linear in the row, the merged row then cannot lower that mean
+    either (to first order: the merge also moves the features the row reads). A NaN shift (no
+    validation image holds the class) checks nothing. Returns (earned class names per delta,
+    {class: verdict} per delta).
     """
     if len(gains) != len(noise):
         raise ValueError(f"{len(gains)} gains for {len(noise)} noise maps: give one of each per delta")
+    if policy.claims == "lifting" and (shifts is None or len(shifts) != len(gains)):
+        raise ValueError("the lifting rule needs one map of row shifts per delta (row_score_shift)")
     verdicts = [{c: claim_verdict(float(g), float(n.get(c, math.nan)), policy) for c, g in gain.items()}
                 for gain, n in zip(gains, noise)]
+    if policy.claims == "lifting":
+        verdicts = [{c: "lowers" if float(shift.get(c, math.nan)) < 0 else v for c, v in verdict.items()}
+                    for verdict, shift in zip(verdicts, shifts)]
     improved = {c for v in verdicts for c, verdict in v.items() if verdict == "improves"}
     settled = ("unchecked",) if policy.claims == "improving" else ("holds", "unchecked")
     counted = [{c for c, verdict in v.items() if verdict in (("improves",) if c in improved else settled)}

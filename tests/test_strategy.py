@@ -1080,6 +1080,20 @@ def test_claim_verdicts_and_earned_claims_on_hand_made_gains():
     assert strict == [{"car"}, {"car"}, {"cow"}] and same == verdicts
     with pytest.raises(ValueError, match="one of each"):
         earned_claims(gains, noise[:2], policy)
+    # "lifting": earned, and a row that lowers its class's top scores where the class is never counts. A
+    # settled class (nobody improves truck) with two holders lifting it and a liar lowering it by 0.5: the
+    # liar's claim is left out, which "earned" would count; an improving claim that lowers is left out too;
+    # a NaN shift (no validation image holds the class) checks nothing
+    lifting = VerificationPolicy(claims="lifting", noise_z=3.0)
+    gains = [{"truck": 0.01, "car": 0.30}, {"truck": -0.01}, {"truck": 0.0, "car": 0.25, "cow": math.nan}]
+    shifts = [{"truck": 0.4, "car": 1.2}, {"truck": 0.1}, {"truck": -0.5, "car": -0.01, "cow": math.nan}]
+    noise = [{c: 0.01 for c in g} for g in gains]
+    assert earned_claims(gains, noise, policy)[0] == [{"truck", "car"}, {"truck"}, {"truck", "car", "cow"}]
+    counted, verdicts = earned_claims(gains, noise, lifting, shifts)
+    assert counted == [{"truck", "car"}, {"truck"}, {"cow"}]
+    assert verdicts[2] == {"truck": "lowers", "car": "lowers", "cow": "unchecked"}
+    with pytest.raises(ValueError, match="row shifts"):
+        earned_claims(gains, noise, lifting)
 
 
 def test_a_false_claim_does_not_change_the_claimed_class_row(trained_tutor):
