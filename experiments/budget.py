@@ -1,4 +1,4 @@
-"""The client's budget: what DiReDi's RD and Distill C steps buy, against steps and CPU seconds.
+"""The client's budget: what DiReDi's RD and Distill C steps buy, against steps and CPU work.
 
     python -m experiments.budget --baseline experiments/results/edge_check_runs/base-rep0 \
         --variant "RD 6 per tutor" experiments/results/budget_runs/rd6-rep0 \
@@ -8,13 +8,14 @@
 Each variant is ``sim.run`` with the study's settings for DiReDi alone and other per-round step
 counts (``--rd-iters``, ``--redistill-iters``), one run folder per replicate (``...-rep<k>``), paired
 by replicate and client with the baseline DiReDi runs of the same replicate (same chain, data, seeds).
-For every run: its client steps per round, the CPU seconds of one steady client round (round 2 on;
+For every run: its client steps per round, the CPU work of one steady client round (round 2 on;
 ``bench.round_work --run FOLDER --out WORK/<folder name>.json``, one thread, timed on its own rather
-than read from the run's records, whose seconds are wall time under whatever else ran), and at rounds
-2 and 10 (and the last) gain, forgetting (kept, protected) and recall of the new classes, with the
-difference from the baseline (95% nested bootstrap interval, verdict "is the variant better"). Local
-training (``--local``, the same replicates) is the yardstick of gain per CPU second: its client round
-is ``bench.round_work``'s direct training of the baseline's step count (its FedAvg client).
+than read from the run's records, whose seconds are wall time under whatever else ran; expressed in
+direct-training steps timed in the same process, ``round_work_steps``), and at rounds 2 and 10 (and
+the last) gain, forgetting (kept, protected) and recall of the new classes, with the difference from
+the baseline (95% nested bootstrap interval, verdict "is the variant better"). Local training
+(``--local``, the same replicates) is the yardstick of gain per unit of work: its client round is
+the baseline's step count of direct training and one evaluation.
 
 Writes ``<out>.json`` and ``<out>.md``.
 """
@@ -42,13 +43,20 @@ def steps_per_round(folder: Path) -> dict[str, int]:
     return {"rd_per_tutor": rd_iters, "distill_c": redistill, "client_steps": 2 * rd_iters + redistill}
 
 
-def round_cpu_seconds(work_dir: Path, folder: Path, method: str) -> float:
-    """One steady client round's CPU seconds of ``method`` (``diredi`` or ``fedavg``) as
-    ``bench.round_work`` timed it for this run folder; NaN when it was not timed."""
-    path = work_dir / f"{folder.name}.json"
-    if not path.is_file():
-        return float("nan")
-    return float(json.loads(path.read_text())["round_work"]["client_s"][method]["total"])
+def round_work_steps(work_dir: Path, folder: Path, method: str) -> float:
+    """One steady client round's CPU work of ``method`` ("diredi", or "local": direct training and its
+    evaluation) in direct-training steps: ``bench.round_work``'s CPU seconds of the round divided by
+    those of one direct-training step timed in the same process (its FedAvg client trains
+    ``client_steps`` of them). Timings of a busy machine vary by tens of percent from one process to
+    the next; within one process both move together, so the ratio holds. Mean over the files
+    ``<run folder name>*.json`` (repeats); NaN when none."""
+    units = []
+    for path in sorted(work_dir.glob(f"{folder.name}*.json")):
+        client_s = json.loads(path.read_text())["round_work"]["client_s"]
+        step_s = client_s["fedavg"]["direct_training"] / steps_per_round(folder)["client_steps"]
+        units.append(client_s[method]["total"] / step_s if method == "diredi"
+                     else steps_per_round(folder)["client_steps"] + client_s["fedavg"]["evaluate"] / step_s)
+    return float(np.mean(units)) if units else float("nan")
 
 
 def compare(variant: list[dict], baseline: list[dict], rounds: list[int], against: str,
@@ -100,18 +108,19 @@ def main(argv=None) -> int:
 
     def describe(name: str, folders: list[Path], method: str, cpu_method: str, rows: list[dict] | None) -> dict:
         runs = [values(f, method) for f in folders]
-        cpu = [round_cpu_seconds(args.work, f, cpu_method) for f in folders]
+        cpu = [round_work_steps(args.work, f, cpu_method) for f in folders]
         steps = steps_per_round(folders[0]) if method == "diredi" else {
             "rd_per_tutor": 0, "distill_c": 0, "client_steps": steps_per_round(folders[0])["client_steps"]}
         entry = {"name": name, "method": method, "runs": [str(f) for f in folders], **steps,
-                 "cpu_s_per_round": float(np.nanmean(cpu)) if not all(np.isnan(cpu)) else None,
+                 "work_per_round": float(np.nanmean(cpu)) if not all(np.isnan(cpu)) else None,
                  "at": {r: {m: mean_at(runs, m, r) for m in METRICS} for r in rounds},
                  "gain_by_private_classes": {n: {r: mean_at(runs, "gain", r, clients) for r in rounds}
                                              for n, clients in clients_by_private_count(folders[0]).items()}}
-        if entry["cpu_s_per_round"]:
-            # gain per CPU minute of the client's training over the run's rounds (steady rounds; round 1
-            # of DiReDi is cheaper with the server's shared Tutor 1, so this slightly undercounts it)
-            entry["gain_per_cpu_min"] = {r: entry["at"][r]["gain"] / (r * entry["cpu_s_per_round"] / 60) for r in rounds}
+        if entry["work_per_round"]:
+            # gain per 1000 direct-training steps' worth of client CPU over the run's rounds (steady rounds;
+            # round 1 of DiReDi is cheaper with the server's shared Tutor 1, so this slightly undercounts it)
+            entry["gain_per_1000_steps"] = {r: entry["at"][r]["gain"] / (r * entry["work_per_round"] / 1000)
+                                            for r in rounds}
         if method == "diredi":  # what RD buys the server: its tutor, and deltas its gates accept
             summaries = [json.loads((f / "summary.json").read_text()) for f in folders]
             entry["tutor_val_map_last"] = float(np.mean([s["tutor_val_map"][-1] for s in summaries]))
@@ -140,10 +149,10 @@ def main(argv=None) -> int:
                 entry.setdefault("versus_baseline", []).extend(compare(
                     [values(f, "diredi") for f in paired], [local_values[replicate_of(f)] for f in paired], rounds,
                     "local", {"gain": True}))
-        local = describe("local training", args.local, "local", "fedavg", None)
-        local["cpu_s_per_round"] = float(np.nanmean([round_cpu_seconds(args.work, baselines[replicate_of(f)], "fedavg")
-                                                     for f in args.local]))
-        local["gain_per_cpu_min"] = {r: local["at"][r]["gain"] / (r * local["cpu_s_per_round"] / 60) for r in rounds}
+        local = describe("local training", args.local, "local", "local", None)
+        local["work_per_round"] = float(np.nanmean([round_work_steps(args.work, baselines[replicate_of(f)], "local")
+                                                    for f in args.local]))
+        local["gain_per_1000_steps"] = {r: local["at"][r]["gain"] / (r * local["work_per_round"] / 1000) for r in rounds}
         table.append(local)
 
     command = shlex.join(["python", "-m", "experiments.budget", *(sys.argv[1:] if argv is None else argv)])
@@ -151,19 +160,20 @@ def main(argv=None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(result, indent=2))
     last_round = rounds[-1]
-    lines = ["# The client's budget: RD and Distill C steps against gain, forgetting and CPU seconds", "",
-             f"`{command}`. Steps per steady client round; CPU s: one steady client round on one thread "
-             "(`bench.round_work`, without the run-long body cache); gain per CPU minute: the gain at the "
-             "round over that many steady rounds' CPU. AP points, mean over clients (and replicates); the tutor's "
+    lines = ["# The client's budget: RD and Distill C steps against gain, forgetting and CPU work", "",
+             f"`{command}`. Steps per steady client round; CPU work: one steady client round's CPU seconds on "
+             "one thread (`bench.round_work`, without the run-long body cache, evaluation included) in units of "
+             "one direct-training step timed in the same process; gain per 1000 steps: the gain at the round "
+             "over that many steady rounds' work. AP points, mean over clients (and replicates); the tutor's "
              "validation mAP after the last round; deltas the verification rejected (every client is honest).", "",
-             "| run | RD steps per tutor | Distill C steps | client steps | CPU s per round | "
+             "| run | RD steps per tutor | Distill C steps | client steps | CPU work per round (steps) | "
              + " | ".join(f"gain r{r}" for r in rounds) + f" | forgetting kept r{last_round} | "
-             f"forgetting protected r{last_round} | gain per CPU min r{last_round} | tutor val mAP | "
+             f"forgetting protected r{last_round} | gain per 1000 steps r{last_round} | tutor val mAP | "
              "deltas rejected |",
              "|---|---|---|---|---|" + "---|" * len(rounds) + "---|---|---|---|---|"]
     for e in table:
-        cpu = "-" if not e.get("cpu_s_per_round") else f"{e['cpu_s_per_round']:.1f}"
-        per_min = "-" if "gain_per_cpu_min" not in e else f"{e['gain_per_cpu_min'][last_round]:.2f}"
+        cpu = "-" if not e.get("work_per_round") else f"{e['work_per_round']:.0f}"
+        per_min = "-" if "gain_per_1000_steps" not in e else f"{e['gain_per_1000_steps'][last_round]:.1f}"
         lines.append(f"| {e['name']} | {e['rd_per_tutor'] or '-'} | {e['distill_c'] or '-'} | {e['client_steps']} | "
                      f"{cpu} | " + " | ".join(f"{e['at'][r]['gain']:.1f}" for r in rounds)
                      + f" | {e['at'][last_round]['forgetting_kept']:.1f} | "

@@ -362,10 +362,12 @@ def test_edge_protection_scores_every_lever_after_every_round(tmp_path, smoke_ca
     assert rows[("score weight 0", 0)] == {**rows[("score weight 2", 0)], "lever": "score weight 0"}
 
 
-def test_the_budget_table_pairs_variants_and_counts_cpu_seconds(tmp_path):
+def test_the_budget_table_pairs_variants_and_counts_cpu_work(tmp_path):
     """experiments.budget: a variant with half the RD steps whose new classes gained 5 more points from
-    round 2 on is better on gain ("yes") and equal elsewhere; its CPU seconds and steps are its own, its
-    gain per CPU minute is gain / (rounds x CPU s / 60), and every DiReDi run is paired with local training."""
+    round 2 on is better on gain ("yes") and equal elsewhere; its CPU work is its round's CPU seconds over
+    one direct-training step of the same process, averaged over repeats; local training's is its steps
+    plus its evaluation; gain per 1000 steps is gain / (rounds x work / 1000); every DiReDi run is paired
+    with local training."""
     import json
     import shutil
     from pathlib import Path
@@ -399,23 +401,29 @@ def test_the_budget_table_pairs_variants_and_counts_cpu_seconds(tmp_path):
     base, fewer, local = run("base", "diredi", 12), run("fewer", "diredi", 6, boost=0.05), run("local", "local", 12)
     work = tmp_path / "work"
     work.mkdir()
-    for folder, diredi_s in ((base, 12.0), (fewer, 10.0)):
-        (work / f"{folder.name}.json").write_text(json.dumps(
-            {"round_work": {"client_s": {"diredi": {"total": diredi_s}, "fedavg": {"total": 9.0}}}}))
+
+    def timed(name: str, diredi_s: float, direct_s: float, evaluate_s: float) -> None:
+        (work / f"{name}.json").write_text(json.dumps({"round_work": {"client_s": {
+            "diredi": {"total": diredi_s}, "fedavg": {"direct_training": direct_s, "evaluate": evaluate_s}}}}))
+
+    timed("base-rep0", 12.0, 6.0, 1.0)  # 60 direct steps in 6 s: 0.1 s a step -> 120 steps of work
+    timed("base-rep0-again", 18.0, 12.0, 2.0)  # a busier process: 0.2 s a step -> 90 steps of work
+    timed("fewer-rep0", 8.0, 4.8, 1.0)  # 48 direct steps in 4.8 s -> 80 steps of work
     out = tmp_path / "budget"
     assert main(["--baseline", str(base), "--variant", "RD 6", str(fewer), "--local", str(local),
                  "--work", str(work), "--out", str(out)]) == 0
     runs = {r["name"]: r for r in json.loads(out.with_suffix(".json").read_text())["runs"]}
     assert [runs["baseline"][k] for k in ("rd_per_tutor", "distill_c", "client_steps")] == [12, 36, 60]
     assert [runs["RD 6"][k] for k in ("rd_per_tutor", "distill_c", "client_steps")] == [6, 36, 48]
-    assert (runs["baseline"]["cpu_s_per_round"], runs["RD 6"]["cpu_s_per_round"],
-            runs["local training"]["cpu_s_per_round"]) == (12.0, 10.0, 9.0)
+    assert runs["baseline"]["work_per_round"] == pytest.approx((120 + 90) / 2)
+    assert runs["RD 6"]["work_per_round"] == pytest.approx(80)
+    assert runs["local training"]["work_per_round"] == pytest.approx(((60 + 10) + (60 + 10)) / 2)
     gain = runs["RD 6"]["at"]["10"]["gain"]
-    assert runs["RD 6"]["gain_per_cpu_min"]["10"] == pytest.approx(gain / (10 * 10.0 / 60))
+    assert runs["RD 6"]["gain_per_1000_steps"]["10"] == pytest.approx(gain / (10 * 80 / 1000))
     versus = {(r["against"], r["metric"], r["round"]): r for r in runs["RD 6"]["versus_baseline"]}
     assert versus[("baseline", "gain", 10)]["diff"] == pytest.approx(5.0, abs=0.01)
     assert versus[("baseline", "gain", 10)]["verdict"] == "yes"
     assert versus[("baseline", "forgetting_kept", 10)]["diff"] == 0
     assert {k[0] for k in versus} == {"baseline", "local"}
     assert set(runs["baseline"]["gain_by_private_classes"]) == {"1", "2"}
-    assert "| RD 6 | 6 | 36 | 48 | 10.0 |" in out.with_suffix(".md").read_text()
+    assert "| RD 6 | 6 | 36 | 48 | 80 |" in out.with_suffix(".md").read_text()
