@@ -265,6 +265,9 @@ def summarise(session, run: dict, hostile: list[int], baseline_gain: float | Non
             # every round's rows scaled down by the per-row bound, hostile and honest alike
             "row_clip": [{"client": d.client, "round": d.round, "hostile": d.client in hostile, "factors": d.row_clip}
                          for d in recorder.decisions if d.row_clip],
+            # every accepted delta the round-relative clip scaled down (its whole delta, its own classes' rows too)
+            "clip": [{"client": d.client, "round": d.round, "hostile": d.client in hostile, "factor": d.clip_factor}
+                     for d in recorder.decisions if d.accepted and d.clip_factor < 1],
             # every claim's row, on its own, against the tutor's top scores of its class (strategies.verify.row_score_shift)
             "claim_shift": [{"client": d.client, "round": d.round, "hostile": d.client in hostile, "claims": d.claims,
                              "positive": d.claim_shift, "negative": d.claim_shift_negative}
