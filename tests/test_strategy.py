@@ -1142,6 +1142,36 @@ def test_a_false_claim_does_not_change_the_claimed_class_row(trained_tutor):
     assert torch.allclose(neck_head(trusting.tutor)[rows[1]][PERSON], expected, atol=1e-5)
 
 
+def test_a_false_claim_that_lowers_a_settled_class_is_left_out_under_lifting(trained_tutor):
+    """The tutor knows `person`; an honest client's person row is a small lift (+0.02 on the bias), two
+    liars claim person with a bias edit of -0.1 and four times the weight. No claimer improves person, so
+    earned claims count all three and the merged bias falls; under lifting the liars' rows lower person's
+    top scores ("lowers") and the merged row is the honest client's alone."""
+    import copy
+
+    bias = "head.classification_head.cls_logits.bias"
+    honest, edit = zeros_like_nh(trained_tutor), zeros_like_nh(trained_tutor)
+    honest[bias][PERSON], edit[bias][PERSON] = 0.02, -0.1
+
+    def run(claims):
+        policy = VerificationPolicy(norm_bound=50.0, claims=claims, noise_z=3.0, bootstrap_samples=50)
+        strategy = DiReDiStrategy(copy.deepcopy(trained_tutor), build_model("smoke", "edge", seed=1), Squares(32, 1),
+                                  ["person"], RDSettings.from_profile(get_profile("smoke")), policy,
+                                  aggregation="class_aware")
+        strategy.aggregate_train(1, [reply(0, honest, 10, ("person",)), reply(1, edit, 40, ("person",)),
+                                     reply(2, edit, 40, ("person",))])
+        return neck_head(strategy.tutor)[bias][PERSON], {d.client: d for d in strategy.recorder.decisions}
+
+    start = neck_head(trained_tutor)[bias][PERSON]
+    earned, decisions = run("earned")
+    assert decisions[1].claims == {"person": "holds"}
+    assert torch.allclose(earned, start + (10 * 0.02 - 80 * 0.1) / 90, atol=1e-5)
+    lifting, decisions = run("lifting")
+    assert decisions[0].claims == {"person": "holds"} and decisions[0].claim_shift["person"] == pytest.approx(0.02)
+    assert decisions[1].claims == decisions[2].claims == {"person": "lowers, dropped"}
+    assert torch.allclose(lifting, start + 0.02, atol=1e-5)
+
+
 def test_median_cap_and_the_round_relative_clip(trained_tutor):
     import copy
 
