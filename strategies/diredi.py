@@ -811,7 +811,8 @@ class DiReDiStrategy(Strategy):
     def claim_shifts(self, delta: Mapping[str, Tensor], claims: Iterable[str]) -> dict[str, dict[str, float]]:
         """Per claimed class, how the delta's own row of it moves the tutor's top score of that class on the
         validation images holding it and on the others (``row_score_shift``); empty without claims or
-        without the validation feature cache (recorded, not yet a rule)."""
+        without the validation feature cache. Recorded under every claim rule; the "lifting" rule leaves out
+        a claim whose row lowers its class where the class is (``earned_claims``)."""
         claims = list(claims)
         if not claims:
             return {}

@@ -23,8 +23,8 @@ The gates:
    the default.
 
 Beside the gates, ``earned_claims`` decides which of an accepted delta's class claims the
-class-aware merge takes (the policy's ``claims = "earned"`` or ``"improving"``; claims are dropped, never
-deltas).
+class-aware merge takes (the policy's ``claims = "earned"``, ``"improving"`` or ``"lifting"``, the last with
+``row_score_shift``; claims are dropped, never deltas).
 
 Gates 2-4 all run on a well-formed delta and each records its figure, so the log shows how every
 gate scored honest and hostile deltas alike. Every outcome becomes a ``Decision`` with its reason,
