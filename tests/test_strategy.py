@@ -1096,6 +1096,20 @@ def test_claim_verdicts_and_earned_claims_on_hand_made_gains():
         earned_claims(gains, noise, lifting)
 
 
+def one_honest_two_liars(tutor, claims: str, honest: dict, edit: dict):
+    """One class-aware round under claim rule ``claims``: client 0 claims person with ``honest`` and 10
+    examples, clients 1 and 2 claim it with ``edit`` and 40 each; returns (strategy, decisions by client)."""
+    import copy
+
+    policy = VerificationPolicy(norm_bound=50.0, claims=claims, noise_z=3.0, bootstrap_samples=50)
+    strategy = DiReDiStrategy(copy.deepcopy(tutor), build_model("smoke", "edge", seed=1), Squares(32, 1),
+                              ["person"], RDSettings.from_profile(get_profile("smoke")), policy,
+                              aggregation="class_aware")
+    strategy.aggregate_train(1, [reply(0, honest, 10, ("person",)), reply(1, edit, 40, ("person",)),
+                                 reply(2, edit, 40, ("person",))])
+    return strategy, {d.client: d for d in strategy.recorder.decisions}
+
+
 def test_a_false_claim_does_not_change_the_claimed_class_row(trained_tutor):
     """The tutor has lost `person`; an honest client brings it back, two liars claim it too with a small
     edit of its row and four times the weight. Trusted, their claims dilute the honest row to a fifth;
@@ -1114,13 +1128,7 @@ def test_a_false_claim_does_not_change_the_claimed_class_row(trained_tutor):
     edit[rows[1]][PERSON] = 0.1
 
     def run(claims):
-        policy = VerificationPolicy(norm_bound=50.0, claims=claims, noise_z=3.0, bootstrap_samples=50)
-        strategy = DiReDiStrategy(copy.deepcopy(damaged), build_model("smoke", "edge", seed=1), Squares(32, 1),
-                                  ["person"], RDSettings.from_profile(get_profile("smoke")), policy,
-                                  aggregation="class_aware")
-        strategy.aggregate_train(1, [reply(0, honest, 10, ("person",)), reply(1, edit, 40, ("person",)),
-                                     reply(2, edit, 40, ("person",))])
-        return strategy, {d.client: d for d in strategy.recorder.decisions}
+        return one_honest_two_liars(damaged, claims, honest, edit)
 
     strategy, decisions = run("earned")
     assert all(d.accepted for d in decisions.values())  # no gate rejects them; the merge ignores their claim
@@ -1147,20 +1155,13 @@ def test_a_false_claim_that_lowers_a_settled_class_is_left_out_under_lifting(tra
     liars claim person with a bias edit of -0.1 and four times the weight. No claimer improves person, so
     earned claims count all three and the merged bias falls; under lifting the liars' rows lower person's
     top scores ("lowers") and the merged row is the honest client's alone."""
-    import copy
-
     bias = "head.classification_head.cls_logits.bias"
     honest, edit = zeros_like_nh(trained_tutor), zeros_like_nh(trained_tutor)
     honest[bias][PERSON], edit[bias][PERSON] = 0.02, -0.1
 
     def run(claims):
-        policy = VerificationPolicy(norm_bound=50.0, claims=claims, noise_z=3.0, bootstrap_samples=50)
-        strategy = DiReDiStrategy(copy.deepcopy(trained_tutor), build_model("smoke", "edge", seed=1), Squares(32, 1),
-                                  ["person"], RDSettings.from_profile(get_profile("smoke")), policy,
-                                  aggregation="class_aware")
-        strategy.aggregate_train(1, [reply(0, honest, 10, ("person",)), reply(1, edit, 40, ("person",)),
-                                     reply(2, edit, 40, ("person",))])
-        return neck_head(strategy.tutor)[bias][PERSON], {d.client: d for d in strategy.recorder.decisions}
+        strategy, decisions = one_honest_two_liars(trained_tutor, claims, honest, edit)
+        return neck_head(strategy.tutor)[bias][PERSON], decisions
 
     start = neck_head(trained_tutor)[bias][PERSON]
     earned, decisions = run("earned")
