@@ -81,7 +81,7 @@ def checked_attack(text: str) -> str:
     parse_attack(text)
     return text
 
-app = ClientApp()
+app = ClientApp(mods=[honest.packed_transport])  # the same packed transport as honest clients
 
 
 def _attack(msg: Message, context: Context) -> str | None:

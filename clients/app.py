@@ -79,8 +79,15 @@ from protocol.wire import (AFTER, AP_AFTER, AP_BEFORE, ARRAYS, BEFORE, BODY, CON
                            EDGE, EDGE_SOURCE, FINE_TUNE, LOSSES, METHOD, METRICS, NUM_EXAMPLES, OWN_CLASSES,
                            PARTITION_ID, PEAK_RSS, SECONDS, SERVER_ROUND, SPREAD_EDGE, STATE_DIR, TRAINED, TUTOR, TUTOR1, WHERE, WORK,
                            decode, encode, pack_delta, state_record, top_k, work_seed)
+from protocol.transport import packed, unpacked
 
-app = ClientApp()
+def packed_transport(msg: Message, context: Context, call_next) -> Message:
+    """A Flower mod around every handler: the handler reads unpacked ArrayRecords and its reply
+    travels packed, one array per record (``protocol.transport``; the server's ``PackedGrid``)."""
+    return packed(call_next(unpacked(msg), context))
+
+
+app = ClientApp(mods=[packed_transport])
 
 # Decoded images of the most recent partitions this process served (least recently used dropped first).
 # One partition's three shards hold about 60 MB of uint8 images in the cpu profile; an actor serves many

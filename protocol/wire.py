@@ -14,6 +14,9 @@ A message's content is a RecordDict:
                "tutor1" in full only to a node that holds no tutor body yet, afterwards neck/head
                only; "delta" is the neck/head delta of eq. 9; "arrays" is Flower's default key
                for FedAvg/FedProx)
+
+On the wire each ArrayRecord travels packed, one safetensors array per record
+(``protocol.transport``); both apps read and write the records above.
 """
 
 from __future__ import annotations

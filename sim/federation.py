@@ -21,6 +21,7 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
 from protocol.config import RunConfig
+from strategies.exchange import packed_grid
 from strategies.ledger import Recorder
 from strategies.server_app import MethodResult, Session, run_method
 from strategies.verify import VerificationPolicy
@@ -42,7 +43,7 @@ def simulate(config: RunConfig, server_main: Callable[[Grid, Context], Any], ray
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         try:
-            server_main(grid, context)
+            server_main(packed_grid(grid), context)
         except BaseException as err:  # Flower logs it and carries on: keep it for the caller
             failure.append(err)
             raise

@@ -10,6 +10,9 @@
 Without hooks this is ``send_and_receive``: push, then pull until every reply is in or ``timeout``
 seconds have passed; replies come back in arrival order. Both hooks run in the ServerApp's thread
 between pulls, so a reply that arrives meanwhile simply waits to be pulled.
+
+``PackedGrid(grid)`` is the grid every method runs on: it packs each ArrayRecord it pushes into one
+array and unpacks the replies (``protocol.transport``; the ClientApp's mod does the other side).
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ from collections.abc import Callable, Iterable
 
 from flwr.app import Message
 from flwr.serverapp import Grid
+
+from protocol.transport import packed, unpacked
 
 PULL_INTERVAL_S = 0.1  # as Flower's in-memory grid
 
@@ -43,3 +48,27 @@ def exchange(grid: Grid, messages: Iterable[Message], timeout: float,
         if waiting and not pulled:
             time.sleep(PULL_INTERVAL_S)
     return replies
+
+
+class PackedGrid:
+    """A grid that packs every message it pushes and unpacks every reply it pulls
+    (``protocol.transport``); anything else is the wrapped grid's."""
+
+    def __init__(self, grid: Grid) -> None:
+        self._grid = grid
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        return self._grid.push_messages([packed(message) for message in messages])
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return [unpacked(message) for message in self._grid.pull_messages(message_ids)]
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
+        return exchange(self, messages, float("inf") if timeout is None else timeout)
+
+    def __getattr__(self, name: str):
+        return getattr(self._grid, name)
+
+
+def packed_grid(grid: Grid) -> Grid:
+    return grid if isinstance(grid, PackedGrid) else PackedGrid(grid)

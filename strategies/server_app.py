@@ -43,6 +43,7 @@ from strategies.baselines import RecordingFedAdam, RecordingFedAvg, RecordingFed
 from distill.trainer import peak_rss_mb
 from strategies.centralised import CENTRALISED, run_centralised
 from strategies.diredi import DiReDiStrategy
+from strategies.exchange import packed_grid
 from strategies.ledger import ClientSampler, Recorder, sample_count
 from strategies.verify import Decision, VerificationPolicy
 
@@ -274,7 +275,7 @@ app = ServerApp()
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    start = time.perf_counter()
+    start, grid = time.perf_counter(), packed_grid(grid)
     raw = dict(context.run_config)
     out_dir, name = str(raw.pop("out-dir", "runs")), str(raw.pop("name", ""))
     if int(raw.get("num-clients", 0)) == 0:

@@ -60,3 +60,54 @@ def test_a_sparse_tensor_that_is_not_the_tutors_is_refused():
     arrays = {"backbone.x@index": torch.tensor([0], dtype=torch.int32), "backbone.x@values": torch.tensor([1.0])}
     with pytest.raises(MalformedDelta, match="not one of the tutor"):
         unpack_delta(ArrayRecord(arrays), SHAPES)
+
+
+# -- the packed transport: one array per record ------------------------------------------------------
+
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict  # noqa: E402
+
+from protocol.transport import PACKED, UnreadableRecord, pack_content, pack_record, unpack_content, unpack_record  # noqa: E402
+
+
+def mixed_state() -> dict[str, torch.Tensor]:
+    """Names out of sorted order, every dtype a model or a delta carries (Flower holds no bfloat16)."""
+    g = torch.Generator().manual_seed(1)
+    return {"z.weight": torch.randn(3, 2, generator=g), "a.steps": torch.tensor(7, dtype=torch.int64),
+            "m.half": torch.randn(4, generator=g).half(),
+            "c@index": torch.tensor([0, 5], dtype=torch.int32), "t.view": torch.randn(4, 4, generator=g).t()}
+
+
+def test_a_packed_record_is_one_array_and_reads_back_exactly_in_its_order():
+    state = mixed_state()
+    record = ArrayRecord({k: v.contiguous() for k, v in state.items()})
+    sent = pack_record(record)
+    assert list(sent.keys()) == [PACKED]
+    back = unpack_record(sent).to_torch_state_dict()
+    assert list(back) == list(state)  # safetensors sorts its keys; the order travels beside them
+    for name, value in state.items():
+        assert back[name].dtype == value.dtype and torch.equal(back[name], value)
+    assert unpack_record(record) is record and pack_record(sent) is sent  # nothing to do
+
+
+def test_a_message_content_packs_its_array_records_and_nothing_else():
+    content = RecordDict({"edge": ArrayRecord({"w": torch.ones(2)}), "config": ConfigRecord({"round": 3})})
+    sent = pack_content(content)
+    assert list(sent["edge"].keys()) == [PACKED] and sent["config"]["round"] == 3
+    back = unpack_content(sent)
+    assert torch.equal(back["edge"].to_torch_state_dict()["w"], torch.ones(2)) and back["config"]["round"] == 3
+
+
+@pytest.mark.parametrize("tamper", ["garbage", "cut", "order"])
+def test_an_unreadable_packed_record_is_refused_and_arrives_empty(tamper):
+    blob = pack_record(ArrayRecord({"w": torch.ones(8), "b": torch.zeros(2)}))[PACKED].data
+    if tamper == "garbage":
+        blob = b"\xff" * 64
+    elif tamper == "cut":
+        blob = blob[:-8]
+    else:  # a key order that names another tensor (same length: the header stays readable)
+        blob = blob.replace(b'[\\"w\\", \\"b\\"]', b'[\\"x\\", \\"b\\"]')
+        assert b'\\"x\\"' in blob
+    record = ArrayRecord({PACKED: Array(dtype="uint8", shape=(len(blob),), stype="safetensors", data=blob)})
+    with pytest.raises(UnreadableRecord):
+        unpack_record(record)
+    assert len(unpack_content(RecordDict({"delta": record}))["delta"]) == 0  # the structural check then refuses it
