@@ -24,3 +24,44 @@ def threads_one():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+class SmokeRuns:
+    """Runs of one configuration (smoke profile, 2 clients, 2 rounds of DiReDi and FedAvg) that tests
+    compare record by record with one simulated reference run, made once for the suite.
+
+    Each run is ``<root>/<tag>/run``, tags of three letters: the clients' state folder travels in the
+    configuration and its bytes are counted, so every run folder's path has the same length."""
+
+    settings = ["--profile", "smoke", "--clients", "2", "--rounds", "2", "--methods", "diredi,fedavg", "--quiet"]
+    name = "run"
+
+    def __init__(self, root, cache) -> None:
+        self.root, self.cache = root, cache
+        self._reference = None
+
+    def out(self, tag: str):
+        """A fresh output folder ``<root>/<tag>`` (its run is ``<root>/<tag>/run``)."""
+        assert len(tag) == 3, tag
+        folder = self.root / tag
+        folder.mkdir()
+        return folder
+
+    def argv(self, out) -> list[str]:
+        return [*self.settings, "--cache", str(self.cache), "--out", str(out), "--name", self.name]
+
+    @property
+    def reference(self):
+        """The simulated run's folder (run in this process, one torch thread, the first time it is asked for)."""
+        if self._reference is None:
+            from sim.run import main as sim_main
+
+            out = self.out("ref")
+            assert sim_main(self.argv(out)) == 0
+            self._reference = out / self.name
+        return self._reference
+
+
+@pytest.fixture(scope="session")
+def smoke_runs(tmp_path_factory, smoke_cache):
+    return SmokeRuns(tmp_path_factory.mktemp("runs"), smoke_cache)

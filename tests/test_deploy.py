@@ -95,37 +95,31 @@ def comparable(record: dict) -> dict:
 
 
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="process checks read /proc (Linux)")
-def test_a_local_deployment_gives_the_simulations_records_and_leaves_no_process(tmp_path, smoke_cache, threads_one):
+def test_a_local_deployment_gives_the_simulations_records_and_leaves_no_process(tmp_path, smoke_runs, threads_one):
     """Two SuperNodes, each with its own cache and state folder, run DiReDi and FedAvg for 2 rounds
     through `flwr run`: the records are the simulation's (all but seconds and memory)."""
-    from sim.run import main as sim_main
-
-    cache = smoke_cache  # the server's; each node has its own
-    settings = ["--profile", "smoke", "--clients", "2", "--rounds", "2", "--methods", "diredi,fedavg"]
-    # Run folders of one name: the clients' state folder travels in the config, and its bytes are counted.
-    assert sim_main([*settings, "--cache", str(cache), "--out", str(tmp_path / "sim"), "--name", "run",
-                     "--quiet"]) == 0
     home, lines = tmp_path / "deploy", []
+    out = smoke_runs.out("dep")  # the server's cache is the suite's; each node has its own
     code = deploy(2, {"profile": "'smoke'", "rounds": "2", "methods": "'diredi,fedavg'"}, home,
-                  tmp_path / "dep", "run", cache, timeout_s=600, server_threads=1, echo=lines.append)
+                  out, smoke_runs.name, smoke_runs.cache, timeout_s=600, server_threads=1, echo=lines.append)
     assert code == 0, "\n".join(lines[-30:])
 
-    def records(side: str) -> list[dict]:
-        return [comparable(json.loads(line)) for line in (tmp_path / side / "run" / "rounds.jsonl").read_text().splitlines()]
+    def records(folder: Path) -> list[dict]:
+        return [comparable(json.loads(line)) for line in (folder / "rounds.jsonl").read_text().splitlines()]
 
-    simulated, deployed = records("sim"), records("dep")
+    simulated, deployed = records(smoke_runs.reference), records(out / smoke_runs.name)
     assert len(simulated) == 8
     assert deployed == simulated
     for i in range(2):  # each node generated its data and kept its state in its own folders
         node = home / f"node-{i}"
         assert any((node / "cache" / "data").iterdir())
         assert any((node / "state" / "run" / "diredi").glob(f"client-{i}/round-*.state"))
-    assert not (tmp_path / "dep" / "run" / "client-state").exists()  # nothing on the server's disk
+    assert not (out / smoke_runs.name / "client-state").exists()  # nothing on the server's disk
     assert not _processes_under(home.resolve())
     assert os.environ.get("FLWR_HOME") is None  # the user's Flower home untouched
 
 
-def test_a_two_node_ray_cluster_runs_clients_on_both_nodes_with_their_own_folders(tmp_path, smoke_cache,
+def test_a_two_node_ray_cluster_runs_clients_on_both_nodes_with_their_own_folders(tmp_path, smoke_runs,
                                                                                    threads_one):
     """The simulation joins a Ray cluster of two nodes (one CPU each, so one client actor each); each
     node names its own cache in its environment (``DIREDI_CACHE_DIR``): the records are the
@@ -134,23 +128,20 @@ def test_a_two_node_ray_cluster_runs_clients_on_both_nodes_with_their_own_folder
 
     from sim.run import main as sim_main
 
-    cache = smoke_cache  # the server's; each node has its own
-    settings = ["--profile", "smoke", "--clients", "2", "--rounds", "2", "--methods", "diredi,fedavg",
-                "--cache", str(cache), "--name", "run", "--quiet"]
-    assert sim_main([*settings, "--out", str(tmp_path / "one")]) == 0
+    out = smoke_runs.out("ray")
     node_caches = [tmp_path / "head-cache", tmp_path / "worker-cache"]
     cluster = Cluster(initialize_head=True, head_node_args={
         "num_cpus": 1, "env_vars": {"DIREDI_CACHE_DIR": str(node_caches[0])}})
     try:
         cluster.add_node(num_cpus=1, env_vars={"DIREDI_CACHE_DIR": str(node_caches[1])})
-        assert sim_main([*settings, "--out", str(tmp_path / "two"), "--ray-address", cluster.address]) == 0
+        assert sim_main([*smoke_runs.argv(out), "--ray-address", cluster.address]) == 0
     finally:
         cluster.shutdown()
 
-    def records(side: str) -> list[dict]:
-        return [json.loads(line) for line in (tmp_path / side / "run" / "rounds.jsonl").read_text().splitlines()]
+    def records(folder: Path) -> list[dict]:
+        return [json.loads(line) for line in (folder / "rounds.jsonl").read_text().splitlines()]
 
-    one, two = records("one"), records("two")
+    one, two = records(smoke_runs.reference), records(out / smoke_runs.name)
     assert [comparable(r) for r in two] == [comparable(r) for r in one]
     assert len({r["where"]["ray-node"] for r in two}) == 2  # client actors on both nodes
     assert len({r["where"]["ray-node"] for r in one}) == 1

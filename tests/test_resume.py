@@ -93,24 +93,22 @@ def _run(argv: list[str], env: dict, stop_when: Path | None = None, timeout: flo
             os.killpg(process.pid, signal.SIGKILL)
 
 
-def test_a_run_killed_after_round_one_resumes_with_the_records_of_an_uninterrupted_run(tmp_path, smoke_cache):
+def test_a_run_killed_after_round_one_resumes_with_the_records_of_an_uninterrupted_run(smoke_runs):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    common = ["--profile", "smoke", "--clients", "2", "--rounds", "2", "--methods", "diredi,fedavg", "--quiet",
-              "--out", str(tmp_path), "--cache", str(smoke_cache)]
-    # Run names of one length: the clients' state folder travels in the config, and its bytes are counted.
-    assert _run([*common, "--name", "run-a"], env) == 0
-    uninterrupted = _records(tmp_path / "run-a")
+    uninterrupted = _records(smoke_runs.reference)
     assert {(r["method"], r["round"]) for r in uninterrupted} == {(m, r) for m in ("diredi", "fedavg") for r in (1, 2)}
-    assert not (tmp_path / "run-a" / "checkpoints" / "diredi.json").exists()  # a finished method leaves none
+    assert not (smoke_runs.reference / "checkpoints" / "diredi.json").exists()  # a finished method leaves none
 
-    checkpoints = tmp_path / "run-b" / "checkpoints"
-    assert _run([*common, "--name", "run-b"], env, stop_when=checkpoints / "diredi.json") == -9
-    assert json.loads((tmp_path / "run-b" / "done.json").read_text()) == []
+    out = smoke_runs.out("res")
+    run, argv = out / smoke_runs.name, smoke_runs.argv(out)
+    checkpoints = run / "checkpoints"
+    assert _run(argv, env, stop_when=checkpoints / "diredi.json") == -9
+    assert json.loads((run / "done.json").read_text()) == []
     # Resumed once: DiReDi goes on at round 2; killed again after FedAvg's round 1, resumed again.
-    assert _run([*common, "--name", "run-b", "--resume"], env, stop_when=checkpoints / "fedavg.json") == -9
-    assert json.loads((tmp_path / "run-b" / "done.json").read_text()) == ["diredi"]
-    assert _run([*common, "--name", "run-b", "--resume"], env) == 0
-    resumed = _records(tmp_path / "run-b")
+    assert _run([*argv, "--resume"], env, stop_when=checkpoints / "fedavg.json") == -9
+    assert json.loads((run / "done.json").read_text()) == ["diredi"]
+    assert _run([*argv, "--resume"], env) == 0
+    resumed = _records(run)
     assert resumed == uninterrupted
-    decisions = [json.loads(line) for line in (tmp_path / "run-b" / "verification.jsonl").read_text().splitlines()]
+    decisions = [json.loads(line) for line in (run / "verification.jsonl").read_text().splitlines()]
     assert sorted((d["round"], d["client"]) for d in decisions) == [(1, 0), (1, 1), (2, 0), (2, 1)]
