@@ -226,36 +226,33 @@ def test_the_run_configuration_reaches_the_policy_and_the_clients_operating_poin
     assert figures[0.05]["after.recall"] > figures[0.5]["after.recall"]
 
 
-def test_sim_run_and_the_flwr_server_app_give_the_same_records(cache, tmp_path, threads_one):
-    """`python -m sim.run` and the ServerApp that `flwr run .` loads, with the same settings."""
+def test_sim_run_and_the_flwr_server_app_give_the_same_records(smoke_runs, threads_one):
+    """`python -m sim.run` (the suite's reference run) and the ServerApp that `flwr run .` loads, with
+    the same settings."""
     import json
 
     from flwr.app import Context, RecordDict
 
     from protocol.config import RunConfig
     from sim.federation import simulate
-    from sim.run import main as cli_main
     from strategies.server_app import main as flwr_server_main
 
-    # Run names of one length: the clients' state folder (in the run folder) travels in the config, and
-    # its bytes are counted.
-    assert cli_main(["--profile", "smoke", "--clients", str(NUM_CLIENTS), "--rounds", "1", "--methods", "diredi,fedavg",
-                     "--cache", str(cache), "--out", str(tmp_path), "--name", "cli_", "--quiet"]) == 0
-    run_config = flwr_run_config(**{"profile": "smoke", "rounds": 1, "methods": "diredi,fedavg", "cache-dir": str(cache),
-                                    "out-dir": str(tmp_path), "name": "flwr"})
+    out = smoke_runs.out("srv")
+    run_config = flwr_run_config(**{"profile": "smoke", "rounds": 2, "methods": "diredi,fedavg",
+                                    "cache-dir": str(smoke_runs.cache), "out-dir": str(out), "name": smoke_runs.name})
     context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=run_config)
     # flwr run . starts one SuperNode per client; here, the same simulation runtime sim.run uses.
     simulate(RunConfig(num_clients=NUM_CLIENTS), lambda grid, _: flwr_server_main(grid, context))
 
-    def records(name: str) -> list[dict]:
-        lines = (tmp_path / name / "rounds.jsonl").read_text().splitlines()
-        return [comparable(json.loads(line)) for line in lines]
+    def records(folder) -> list[dict]:
+        return [comparable(json.loads(line)) for line in (folder / "rounds.jsonl").read_text().splitlines()]
 
-    cli, flwr = records("cli_"), records("flwr")
-    assert [(r["method"], r["client"]) for r in cli] == [("diredi", 0), ("diredi", 1), ("fedavg", 0), ("fedavg", 1)]
+    cli, flwr = records(smoke_runs.reference), records(out / smoke_runs.name)
+    assert [(r["method"], r["round"], r["client"]) for r in cli] == \
+        [(m, k, c) for m in ("diredi", "fedavg") for k in (1, 2) for c in (0, 1)]
     assert flwr == cli
-    assert json.loads((tmp_path / "flwr" / "config.json").read_text())["run"] == \
-        json.loads((tmp_path / "cli_" / "config.json").read_text())["run"]
+    assert json.loads((out / smoke_runs.name / "config.json").read_text())["run"] == \
+        json.loads((smoke_runs.reference / "config.json").read_text())["run"]
 
 
 def test_two_rounds_keep_each_clients_edge_and_tutor1_follows_it(setup):
