@@ -183,6 +183,7 @@ def test_ablation_harness_writes_the_links_json(tmp_path, smoke_cache):
     assert "| distill_c |" in (out / "ablation.md").read_text()
 
 
+@pytest.mark.slow
 def test_a_new_kd_recipe_reuses_the_cached_teacher(tmp_path):
     from distill.chain import manufacturer_chain
     from distill.trainer import PAPER_FGD

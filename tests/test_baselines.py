@@ -402,6 +402,7 @@ def test_a_diredi_client_distils_from_the_spread_edge_when_one_comes(cache, tmp_
 # -- (b) the four methods through real Flower + Ray: one simulation, 2 clients, 1 round ---------------
 
 
+@pytest.mark.slow
 def test_the_four_baselines_run_on_flower(cache, threads_one):
     from sim.federation import simulate
     from strategies.ledger import Recorder

@@ -101,6 +101,7 @@ def test_the_fedavg_skew_diagnosis_runs_on_validation_data_only(smoke_cache, mon
         assert all(0.0 <= row["score_global"] <= 1.0 and row["holders"] >= 1 for row in rows)
 
 
+@pytest.mark.slow
 def test_a_smoke_study_of_two_replicates_writes_the_json_and_the_plots(smoke_cache, tmp_path):
     from experiments import compare
 

@@ -94,6 +94,7 @@ def comparable(record: dict) -> dict:
     return {k: v for k, v in record.items() if k not in ("seconds", "peak_rss_mb", "round_wall_s", "where")}
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="process checks read /proc (Linux)")
 def test_a_local_deployment_gives_the_simulations_records_and_leaves_no_process(tmp_path, smoke_runs, threads_one):
     """Two SuperNodes, each with its own cache and state folder, run DiReDi and FedAvg for 2 rounds
@@ -119,6 +120,7 @@ def test_a_local_deployment_gives_the_simulations_records_and_leaves_no_process(
     assert os.environ.get("FLWR_HOME") is None  # the user's Flower home untouched
 
 
+@pytest.mark.slow
 def test_a_two_node_ray_cluster_runs_clients_on_both_nodes_with_their_own_folders(tmp_path, smoke_runs,
                                                                                    threads_one):
     """The simulation joins a Ray cluster of two nodes (one CPU each, so one client actor each); each

@@ -101,6 +101,7 @@ def check_reply_is_weights_and_numbers(content, allowed_array_keys: set[str] | N
                     assert len(value) <= NUM_CLASSES, key
 
 
+@pytest.mark.slow
 def test_diredi_round_runs_end_to_end(diredi_run, setup):
     result, _ = diredi_run
     workspace, chain, _ = setup
@@ -115,6 +116,7 @@ def test_diredi_round_runs_end_to_end(diredi_run, setup):
     assert result.edge_state is None  # client re-distillation: each edge lives on its client
 
 
+@pytest.mark.slow
 def test_diredi_replies_carry_no_data(diredi_run, setup):
     _, replies = diredi_run
     _, chain, _ = setup
@@ -129,6 +131,7 @@ def test_diredi_replies_carry_no_data(diredi_run, setup):
             assert {a.dtype for a in reply.content.array_records["delta"].values()} == {"float16"}
 
 
+@pytest.mark.slow
 def test_fedavg_runs_and_replies_carry_no_data(fedavg_run, setup):
     result, replies = fedavg_run
     workspace, chain, _ = setup
@@ -146,6 +149,7 @@ def comparable(record: dict) -> dict:
     return {k: v for k, v in record.items() if k not in ("seconds", "peak_rss_mb", "round_wall_s", "where")}
 
 
+@pytest.mark.slow
 def test_same_seed_same_numbers(diredi_run, setup):
     first, _ = diredi_run
     second, _ = run_captured("diredi", setup, policy=ACCEPT_HONEST, tutor1="per-client")
@@ -155,6 +159,7 @@ def test_same_seed_same_numbers(diredi_run, setup):
         assert torch.equal(value, second.tutor_state[name]), name
 
 
+@pytest.mark.slow
 def test_shared_tutor1_and_server_redistillation(setup):
     result, replies = run_captured("diredi", setup, tutor1="shared", redistill="server", policy=ACCEPT_HONEST)
     workspace, chain, _ = setup
@@ -169,6 +174,7 @@ def test_shared_tutor1_and_server_redistillation(setup):
     assert set(result.edge_state) == set(chain.edge.state_dict())  # the server's re-distilled edge
 
 
+@pytest.mark.slow
 def test_the_compute_setting_reaches_every_client(setup):
     result, replies = run_captured("fedavg", setup, precision="bfloat16", layout="channels-last")
     check_records(result, "fedavg", setup[0])
@@ -226,6 +232,7 @@ def test_the_run_configuration_reaches_the_policy_and_the_clients_operating_poin
     assert figures[0.05]["after.recall"] > figures[0.5]["after.recall"]
 
 
+@pytest.mark.slow
 def test_sim_run_and_the_flwr_server_app_give_the_same_records(smoke_runs, threads_one):
     """`python -m sim.run` (the suite's reference run) and the ServerApp that `flwr run .` loads, with
     the same settings."""
@@ -255,6 +262,7 @@ def test_sim_run_and_the_flwr_server_app_give_the_same_records(smoke_runs, threa
         json.loads((smoke_runs.reference / "config.json").read_text())["run"]
 
 
+@pytest.mark.slow
 def test_two_rounds_keep_each_clients_edge_and_tutor1_follows_it(setup):
     """Round 2 starts from the edge each client re-distilled in round 1; the shared Tutor 1 serves
     only round 1 (every client then holds the server's edge), afterwards each client computes its own."""
@@ -310,6 +318,7 @@ def test_a_client_evaluates_each_edge_version_once(setup, monkeypatch):
     assert len(calls) == 3
 
 
+@pytest.mark.slow
 def test_client_sampling_trains_evaluates_and_records_the_sampled_clients_only(cache, threads_one):
     session = session_for(cache, **{"num-clients": 4, "fraction": 0.5})
     sampled = {}
@@ -325,6 +334,7 @@ def test_client_sampling_trains_evaluates_and_records_the_sampled_clients_only(c
     assert sampled["diredi"] == sampled["fedavg"]
 
 
+@pytest.mark.slow
 def test_a_top_k_delta_travels_sparse_and_is_merged(setup):
     result, replies = run_captured("diredi", setup, policy=ACCEPT_HONEST, **{"delta-topk": 0.1})
     _, chain, _ = setup
@@ -339,6 +349,7 @@ def test_a_top_k_delta_travels_sparse_and_is_merged(setup):
     assert any(not torch.equal(v, result.tutor_state[k]) for k, v in neck_head(chain.tutor).items())
 
 
+@pytest.mark.slow
 def test_a_run_long_body_cache_serves_later_rounds_with_the_same_records(cache, tmp_path, threads_one):
     """``--body-cache run``: every DiReDi client keeps its tutor body's outputs on its disk from round to
     round (distill.body_memo); round 2 finds round 1's images there, and every learning figure is the
@@ -370,6 +381,7 @@ def test_a_run_long_body_cache_serves_later_rounds_with_the_same_records(cache, 
     assert not (tmp_path / "run__" / "client-state").exists()  # a finished method's cache is deleted
 
 
+@pytest.mark.slow
 def test_the_edge_check_sends_each_edge_up_and_a_kept_edge_stays_deployed(setup, monkeypatch):
     """With the edge check each client's re-distilled edge travels up and is deployed only on the
     manufacturer's word; here client 0 is told to keep its edge (the manufacturer's, in round 1), so its

@@ -194,6 +194,7 @@ def test_run_summary_gives_the_largest_epsilon_a_client_spent():
 # -- through real Flower + Ray ------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_clients_privatise_their_deltas_and_count_their_budget(smoke_cache):
     """Smoke profile, 2 clients, 2 rounds, DP with top-k on: every "train" reply reports the epsilon
     of its client's participations so far, and the delta that arrives carries the noise."""

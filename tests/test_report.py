@@ -147,6 +147,7 @@ def test_results_markdown_is_deterministic():
 # ----------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_write_all_writes_results_and_pngs(tmp_path):
     records, specs, all_private = synthetic_run()
     folder = RunFolder(tmp_path / "run")

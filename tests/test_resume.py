@@ -93,6 +93,7 @@ def _run(argv: list[str], env: dict, stop_when: Path | None = None, timeout: flo
             os.killpg(process.pid, signal.SIGKILL)
 
 
+@pytest.mark.slow
 def test_a_run_killed_after_round_one_resumes_with_the_records_of_an_uninterrupted_run(smoke_runs):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     uninterrupted = _records(smoke_runs.reference)

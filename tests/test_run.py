@@ -41,6 +41,7 @@ def test_resume_needs_an_existing_run(tmp_path, capsys):
     assert "holds no earlier run" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_local_and_oracle_run_end_to_end_and_resume(tmp_path, smoke_cache, capsys):
     argv = ["--profile", "smoke", "--clients", "2", "--rounds", "2", "--methods", "local,oracle", "--out", str(tmp_path),
             "--name", "tiny", "--cache", str(smoke_cache), "--quiet"]
