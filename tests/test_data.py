@@ -425,3 +425,18 @@ def test_too_few_test_positives_names_client_class_and_fix(synth_records):
         make_shards(hand_records(300, 11), load_scenario("default8"), seed=0, num_clients=8)
     with pytest.raises(DataError, match="min_test_positives"):
         make_shards(synth_records, sc, seed=0, min_test_positives=-1)
+
+
+def test_the_held_out_scenario_shares_default8s_manufacturer_and_not_its_clients():
+    """experiments/scenarios/heldout8.yaml: the same teacher, presumed and protected classes and data
+    (so the same chain), other clients (seven of its eight): settings chosen on default8 are checked
+    on a federation they were not chosen on."""
+    from data.scenario import load_scenario
+
+    held_out = load_scenario(Path(__file__).resolve().parents[1] / "experiments" / "scenarios" / "heldout8.yaml")
+    default = load_scenario("default8")
+    for part in ("teacher_classes", "presumed_classes", "protected_classes", "data"):
+        assert getattr(held_out, part) == getattr(default, part), part
+    assert held_out.private_classes == default.private_classes  # the same new classes to learn
+    pairs = lambda s: {(c.private, c.dropped) for c in s.clients}  # noqa: E731
+    assert len(held_out.clients) == 8 and len(pairs(held_out) & pairs(default)) == 1  # h5 is default8's c1
