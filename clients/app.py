@@ -81,6 +81,7 @@ from protocol.wire import (AFTER, AP_AFTER, AP_BEFORE, ARRAYS, BEFORE, BODY, CON
                            decode, encode, pack_delta, state_record, top_k, work_seed)
 from protocol.transport import packed, unpacked
 
+
 def packed_transport(msg: Message, context: Context, call_next) -> Message:
     """A Flower mod around every handler: the handler reads unpacked ArrayRecords and its reply
     travels packed, one array per record (``protocol.transport``; the server's ``PackedGrid``)."""
