@@ -190,6 +190,24 @@ def _evaluate(edge: nn.Module, workspace: Workspace, partition: int, when: str, 
     return _evaluation_metrics(last, when, phase, time.perf_counter() - start)
 
 
+def _evaluate_before(edge: nn.Module, workspace: Workspace, partition: int, context: Context,
+                     config: ConfigRecord) -> dict[str, float]:
+    """The evaluation of the edge a round starts from, or nothing in a round whose previous round was
+    not evaluated (``RunConfig.evaluates_before``: the run's ``eval_every``)."""
+    if not RunConfig.from_record(config).evaluates_before(int(config.get(SERVER_ROUND, 0))):
+        return {}
+    return _evaluate(edge, workspace, partition, BEFORE, "evaluate_before", context, config)
+
+
+def _evaluate_after(edge: nn.Module, workspace: Workspace, partition: int, context: Context,
+                    config: ConfigRecord) -> dict[str, float]:
+    """The evaluation of the edge a round ends with, or nothing between evaluated rounds
+    (``RunConfig.evaluates_after``)."""
+    if not RunConfig.from_record(config).evaluates_after(int(config.get(SERVER_ROUND, 0))):
+        return {}
+    return _evaluate(edge, workspace, partition, AFTER, "evaluate_after", context, config)
+
+
 def _evaluation_metrics(record: ConfigRecord, when: str, phase: str, seconds: float) -> dict[str, float]:
     """ap-<when>.<class>, <when>.<summary> and seconds.<phase> of an evaluation ``_evaluate`` kept."""
     ap_prefix = AP_BEFORE if when == BEFORE else AP_AFTER
@@ -355,7 +373,7 @@ def _train_diredi(msg: Message, context: Context) -> Message:
     config, run, ws, partition, seed = _common(msg, context)
     settings = run.rd_settings()
     edge = _edge(msg, context, ws, config)
-    metrics = _evaluate(edge, ws, partition, BEFORE, "evaluate_before", context, config)
+    metrics = _evaluate_before(edge, ws, partition, context, config)
     arrays = msg.content.array_records
     tutor = _tutor(msg, context, ws, config, TUTOR) if TUTOR in arrays else None
     root, method = node_state_dir(config, context.node_config), str(config[METHOD])
@@ -413,7 +431,9 @@ def _train_direct(msg: Message, context: Context) -> Message:
     config, run, ws, partition, seed = _common(msg, context)
     edge = _model(ws, "edge", msg.content.array_records[ARRAYS])
     deployed = context.state.config_records.get(_deployed_key(config))
-    if deployed is not None and int(config.get(SERVER_ROUND, 0)) > 1:
+    if not run.evaluates_before(int(config.get(SERVER_ROUND, 0))):
+        metrics = {}
+    elif deployed is not None and int(config.get(SERVER_ROUND, 0)) > 1:
         # fedavg_ft: the client's own fine-tuned edge of its last round is deployed, not the received one
         metrics = _evaluation_metrics(deployed, BEFORE, "evaluate_before", 0.0)
     else:  # round 1: the manufacturer's edge
@@ -457,7 +477,7 @@ def distill(msg: Message, context: Context) -> Message:
         context.state[_candidate_key(config)] = state_record(new_edge)
         return _reply(msg, metrics, {EDGE: context.state[_candidate_key(config)]})
     context.state[_edge_key(config)] = state_record(new_edge)
-    metrics.update(_evaluate(new_edge, ws, partition, AFTER, "evaluate_after", context, config))
+    metrics.update(_evaluate_after(new_edge, ws, partition, context, config))
     return _reply(msg, metrics)
 
 
@@ -482,9 +502,11 @@ def evaluate(msg: Message, context: Context) -> Message:
     if config.get(FINE_TUNE):  # fedavg_ft: the client deploys the global edge fine-tuned on its own data
         edge, report = fine_tune(edge, _dataset(ws, partition, "train"), run.rd_settings(), seed)
         extra = {f"{SECONDS}.fine_tune": report.seconds, **loss_metrics("fine_tune", report)}
-    metrics = _evaluate(edge, ws, partition, AFTER, "evaluate_after", context, config)
-    if config.get(FINE_TUNE):  # the fine-tuned edge's evaluation, the next round's "before"
+    metrics = _evaluate_after(edge, ws, partition, context, config)
+    if config.get(FINE_TUNE) and metrics:  # the fine-tuned edge's evaluation, the next round's "before"
         evaluated = context.state.config_records[f"{config[METHOD]}.evaluated"]
         context.state[_deployed_key(config)] = ConfigRecord(dict(evaluated))
+    elif config.get(FINE_TUNE):  # not evaluated: no figures of the deployed edge to carry over
+        context.state.config_records.pop(_deployed_key(config), None)
     metrics.update({**_identity(ws, partition), **extra, PEAK_RSS: peak_rss_mb()})
     return _reply(msg, metrics)

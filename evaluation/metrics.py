@@ -169,6 +169,12 @@ def sorted_by_round(records: Iterable[Mapping]) -> list[Mapping]:
     return sorted(records, key=lambda r: int(r["round"]))
 
 
+def evaluated(record: Mapping) -> bool:
+    """Whether the round's final edge was evaluated (``RunConfig.eval_every``: the rounds between
+    evaluations have records with costs and no AP)."""
+    return bool(record.get("ap_after"))
+
+
 def evaluation_history(records: Iterable[Mapping]) -> list[ApMap]:
     """AP maps in evaluation order: ap_before then ap_after of each round, rounds ascending."""
     history: list[ApMap] = []
@@ -326,7 +332,8 @@ def method_means(table: Sequence[Mapping]) -> list[dict]:
 
 def round_series(records: Iterable[Mapping], specs: Any, all_private: Any) -> list[dict]:
     """Per (method, round): mean over clients of gain and kept-class forgetting as they stood after
-    that round (each client summarised over its records up to and including the round).
+    that round (each client summarised over its records up to and including the round); rounds
+    without an evaluation (``evaluated``) have no row.
 
     Returns rows ``{"method", "round", "gain", "forgetting_kept", "clients"}`` in method order then
     round order."""
@@ -336,6 +343,8 @@ def round_series(records: Iterable[Mapping], specs: Any, all_private: Any) -> li
         ordered = sorted_by_round(group)
         spec = by_client.get(client, {"client": client})
         for index, record in enumerate(ordered):
+            if not evaluated(record):
+                continue
             summary = client_summary(ordered[: index + 1], spec, all_private)
             per_round.setdefault((method, int(record["round"])), []).append(summary)
     series = []

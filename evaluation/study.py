@@ -60,6 +60,7 @@ import numpy as np
 
 from evaluation.metrics import (
     client_summary,
+    evaluated,
     is_missing,
     mean_ap_change,
     mean_average_precision,
@@ -227,7 +228,9 @@ def client_round_metrics(ordered: Sequence[Mapping], spec: Mapping, all_private:
 def client_round_values(records: Iterable[Mapping], specs: Any, all_private: Any) -> dict:
     """One replicate's records -> ``{method: {round: {client: {metric: value}}}}``, methods in report
     order, rounds ascending; the metrics after round r summarise the client's records up to round r
-    (module docstring). A client without a spec gets an empty one (its class-set metrics are NaN)."""
+    (module docstring); a round without an evaluation (``eval_every``) has no entry, its costs count
+    from the client's next evaluated round. A client without a spec gets an empty one (its class-set
+    metrics are NaN)."""
     by_client = specs_by_client(specs or [])
     groups: dict[tuple[str, int], list[Mapping]] = {}
     for record in records:
@@ -240,6 +243,8 @@ def client_round_values(records: Iterable[Mapping], specs: Any, all_private: Any
         for index, record in enumerate(ordered):
             mb_cum += record_megabytes(record)
             seconds_cum += compute_seconds(record)
+            if not evaluated(record):  # a round between evaluations: its costs count from the next one on
+                continue
             metrics = client_round_metrics(ordered[: index + 1], spec, all_private, mb_cum, seconds_cum)
             values.setdefault(method, {}).setdefault(int(record["round"]), {})[client] = metrics
     return {method: dict(sorted(rounds.items())) for method, rounds in values.items()}

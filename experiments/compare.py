@@ -53,6 +53,8 @@ def replicate_command(args: argparse.Namespace, replicate: int, settings: dict) 
                "--cache", args.cache, "--quiet"]
     if args.precision != "float32" or args.layout != "nchw":  # the float32 study's commands stay as they were
         command += ["--precision", args.precision, "--layout", args.layout]
+    if args.eval_every != 1:
+        command += ["--eval-every", str(args.eval_every)]
     for flag, value in settings.items():
         command += [flag, f"{value:g}" if isinstance(value, float) else str(value)]
     if (folder / "config.json").exists():
@@ -140,6 +142,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--replicates", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--eval-every", type=int, default=1,
+                        help="sim.run's --eval-every: clients evaluate after every k-th round and the last "
+                             "(default 1; the verdicts' rounds 2, 10 and 20 are evaluated with k = 2)")
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--profile", default="cpu")
@@ -153,8 +158,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--no-grid", action="store_true", help="the baselines at the default settings")
     parser.add_argument("--summarise-only", action="store_true", help="combine the run folders; run nothing")
     args = parser.parse_args(argv)
-    if args.rounds < 1 or args.clients < 1:
-        parser.error("--rounds and --clients must be at least 1")
+    if args.rounds < 1 or args.clients < 1 or args.eval_every < 1:
+        parser.error("--rounds, --clients and --eval-every must be at least 1")
     if min(args.replicates) < 0 or len(set(args.replicates)) != len(args.replicates):
         parser.error("--replicates must be distinct numbers >= 0")
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]

@@ -46,7 +46,13 @@ CLAIM_RULES = ("trusted", "earned", "improving", "lifting")  # how the class-awa
 LATER_FIELDS = ("dp_clip", "dp_noise", "dp_delta", "replicate", "direct_lr", "server_momentum", "fedadam_eta",
                 "fedadam_tau", "precision", "layout", "body_cache", "redistill_score_weight", "edge_check",
                 "spread", "operating_tolerance", "claims", "clip_multiple", "row_multiple",
-                "operating_threshold")
+                "operating_threshold", "eval_every")
+
+
+def evaluation_round(server_round: int, rounds: int, every: int) -> bool:
+    """Whether round ``server_round`` of ``rounds`` ends with an evaluation on the clients' test shards:
+    every ``every``-th round and always the last (so a run's final figures never depend on ``every``)."""
+    return every <= 1 or server_round % every == 0 or server_round >= rounds
 
 
 class ConfigError(ValueError):
@@ -66,6 +72,9 @@ class RunConfig:
     num_clients: int = 8  # under `flwr run`, 0 means as many as the federation has nodes
     fraction: float = 1.0  # share of the clients sampled per round (seeded), every federated method
     rounds: int = 2  # the warm default run (5 methods, 8 clients, cpu profile) within 10 minutes on 2 cores
+    # Clients evaluate their edge on their test shard after every eval_every-th round and after the last
+    # (``evaluates_after``); 1: every round. The rounds between have records without AP (costs only).
+    eval_every: int = 1
     methods: tuple[str, ...] = DEFAULT_METHODS
     seed: int = 0  # the data: shards and the manufacturer chain (and, with replicate 0, the training seeds)
     # A study's replicate: changes every training seed, the clients' data order and the client sampling,
@@ -206,6 +215,16 @@ class RunConfig:
         local and oracle baselines (per client), so that they compare at equal client steps."""
         return 2 * self.rd_iters + self.redistill_iters
 
+    def evaluates_after(self, server_round: int) -> bool:
+        """Whether clients evaluate the edge a round ends with (``evaluation_round``)."""
+        return evaluation_round(server_round, self.rounds, self.eval_every)
+
+    def evaluates_before(self, server_round: int) -> bool:
+        """Whether clients evaluate the edge a round starts from: in round 1 (the manufacturer's edge,
+        every figure's start), and after an evaluated round (the same edge again: a client reads the
+        figures it kept, ``clients.app._evaluate``)."""
+        return server_round <= 1 or self.evaluates_after(server_round - 1)
+
     @property
     def federated_methods(self) -> tuple[str, ...]:
         return tuple(m for m in self.methods if m in FEDERATED)
@@ -285,7 +304,7 @@ def resolve_run_config(raw: Mapping[str, Any] | RunConfig) -> RunConfig:
     if not methods or unknown_methods:
         raise ConfigError("methods", f"unknown {unknown_methods or 'empty list'}; choose from {','.join(METHODS)}")
     methods = tuple(m for m in METHODS if m in methods)  # one order everywhere
-    for name, low in (("num_clients", 1), ("rounds", 1), ("rd_iters", 0), ("redistill_iters", 0),
+    for name, low in (("num_clients", 1), ("rounds", 1), ("eval_every", 1), ("rd_iters", 0), ("redistill_iters", 0),
                       ("batch_size", 0), ("direct_iters", 0), ("replicate", 0)):  # 0: "the profile's"
         if getattr(config, name) < low:
             raise ConfigError(_key(name), f"must be at least {low}, got {getattr(config, name)}")

@@ -44,6 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
     add = parser.add_argument
     add("--clients", type=int, default=d.num_clients, help=f"number of simulated clients (default {d.num_clients})")
     add("--rounds", type=int, default=d.rounds, help=f"federated rounds (default {d.rounds})")
+    add("--eval-every", type=int, default=d.eval_every,
+        help="clients evaluate their edge after every k-th round and after the last; the rounds between "
+             f"record costs only (default {d.eval_every}: every round)")
     add("--fraction", type=float, default=d.fraction,
         help="share of the clients sampled each round by every federated method, seeded (default 1.0)")
     add("--methods", default=",".join(d.methods),
@@ -157,7 +160,7 @@ def parse_args(argv=None) -> argparse.Namespace:
            "body-cache": args.body_cache, "redistill-score-weight": args.redistill_score_weight,
            "edge-check": args.edge_check, "spread": args.spread,
            "operating-tolerance": args.operating_tolerance, "operating-threshold": args.operating_threshold,
-           "claims": args.claims,
+           "claims": args.claims, "eval-every": args.eval_every,
            "clip-multiple": args.clip_multiple, "row-multiple": args.row_multiple}
     try:
         args.config = resolve_run_config(raw)

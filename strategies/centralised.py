@@ -30,7 +30,7 @@ from data.workspace import Workspace
 from distill.rd import RDSettings, direct_training
 from evaluation.ap import MODEL_SCORE_THRESH, per_class_ap
 from models.compute import computing
-from protocol.config import RunConfig
+from protocol.config import RunConfig, evaluation_round
 from protocol.wire import SERVER, make_record, work_seed
 from strategies.ledger import Recorder
 
@@ -40,9 +40,14 @@ CENTRALISED = ("local", "oracle")
 Evaluation = tuple[dict[str, float], dict[str, float]]  # per_class_ap's (AP per class, summary)
 
 
+NOT_EVALUATED: Evaluation = ({}, {})
+
+
 def _evaluated_record(method: str, server_round: int, client: int, trained: nn.Module, workspace: Workspace,
-                      before: Evaluation, seconds: dict[str, float], peak_rss_mb: float, threshold: float) -> dict:
-    ap_after, after = _evaluate(trained, workspace, client, threshold)
+                      before: Evaluation, seconds: dict[str, float], peak_rss_mb: float, threshold: float,
+                      evaluate: bool = True) -> dict:
+    """The round's record; without ``evaluate`` (a round between evaluations) it has no AP."""
+    ap_after, after = _evaluate(trained, workspace, client, threshold) if evaluate else NOT_EVALUATED
     return make_record(method, server_round, client, ap_before=before[0], ap_after=ap_after, after=after,
                        before=before[1], seconds=seconds, peak_rss_mb=peak_rss_mb,
                        num_examples=len(workspace.client_train(client)))
@@ -53,21 +58,23 @@ def _evaluate(model: nn.Module, workspace: Workspace, client: int, threshold: fl
 
 
 def local_client(workspace: Workspace, edge: nn.Module, client: int, rounds: int, steps: int,
-                 settings: RDSettings, seed: int, recorder: Recorder, threshold: float = MODEL_SCORE_THRESH) -> None:
+                 settings: RDSettings, seed: int, recorder: Recorder, threshold: float = MODEL_SCORE_THRESH,
+                 eval_every: int = 1) -> None:
     """One client's local training, round after round, from the manufacturer's edge; eq. 11's figures at
-    ``threshold``."""
+    ``threshold``, after every ``eval_every``-th round and the last (``protocol.config.evaluation_round``)."""
     model, before = copy.deepcopy(edge), _evaluate(edge, workspace, client, threshold)
     for r in range(1, rounds + 1):
         model, report = direct_training(model, workspace.client_train(client), steps, settings,
                                         seed=work_seed(seed, r, client))
         record = _evaluated_record("local", r, client, model, workspace, before,
-                                   {"direct training": report.seconds}, report.peak_rss_mb, threshold)
+                                   {"direct training": report.seconds}, report.peak_rss_mb, threshold,
+                                   evaluation_round(r, rounds, eval_every))
         before = record["ap_after"], record["after"]
         recorder.emit(record)
 
 
 def run_oracle(workspace: Workspace, edge: nn.Module, rounds: int, steps: int, settings: RDSettings,
-               seed: int, recorder: Recorder, threshold: float = MODEL_SCORE_THRESH) -> None:
+               seed: int, recorder: Recorder, threshold: float = MODEL_SCORE_THRESH, eval_every: int = 1) -> None:
     n = len(workspace.clients)
     union = ConcatDataset([workspace.client_train(i) for i in range(n)])
     model = copy.deepcopy(edge)
@@ -76,7 +83,8 @@ def run_oracle(workspace: Workspace, edge: nn.Module, rounds: int, steps: int, s
         model, report = direct_training(model, union, steps * n, settings, seed=work_seed(seed, r, SERVER))
         for client in range(n):
             record = _evaluated_record("oracle", r, client, model, workspace, before[client],
-                                       {"central training": report.seconds / n}, report.peak_rss_mb, threshold)
+                                       {"central training": report.seconds / n}, report.peak_rss_mb, threshold,
+                                       evaluation_round(r, rounds, eval_every))
             before[client] = record["ap_after"], record["after"]
             recorder.emit(record)
 
@@ -96,9 +104,10 @@ def _job(config: RunConfig, method: str, client: int | None) -> list[dict]:
     args = (config.rounds, config.diredi_client_steps, config.rd_settings(), config.training_seed, recorder)
     with computing(config.compute()):
         if method == "local":
-            local_client(workspace, edge, client, *args, threshold=config.operating_threshold)
+            local_client(workspace, edge, client, *args, threshold=config.operating_threshold,
+                         eval_every=config.eval_every)
         else:
-            run_oracle(workspace, edge, *args, threshold=config.operating_threshold)
+            run_oracle(workspace, edge, *args, threshold=config.operating_threshold, eval_every=config.eval_every)
     return recorder.records
 
 

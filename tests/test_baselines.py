@@ -343,6 +343,61 @@ def test_a_fedavg_ft_client_deploys_its_fine_tuned_edge(cache, tmp_path, no_runt
 
 
 
+def test_between_evaluations_a_fedavg_ft_client_fine_tunes_and_evaluates_nothing(cache, tmp_path, no_runtime,
+                                                                                   client_threads, monkeypatch):
+    """eval-every 2 over 3 rounds: round 1 evaluates the received edge only ("before", every figure's
+    start), round 2 its fine-tuned edge ("after"), round 3 starts from that evaluation and ends with
+    one (the last round). The fine-tuning, the method's work, runs every round."""
+    from flwr.app import Context
+
+    import clients.app as client_app
+    from protocol.wire import AFTER, AP_AFTER, AP_BEFORE, BEFORE, DIRECT_WORK, FINE_TUNE, METHOD, SECONDS, WORK, decode
+
+    evaluated_sums = []
+
+    def fake_ap(model, data, classes, **_):
+        evaluated_sums.append(weights_sum(model))
+        return {c: evaluated_sums[-1] for c in classes}, {"mAP": evaluated_sums[-1]}
+
+    monkeypatch.setattr(client_app, "per_class_ap", fake_ap)
+    run = resolve_run_config({"profile": "smoke", "num-clients": 2, "rounds": 3, "eval-every": 2,
+                              "cache-dir": str(cache)})
+    config = {**run.to_record(), METHOD: "fedavg_ft", WORK: DIRECT_WORK, FINE_TUNE: 1}
+    edges = [build_model("smoke", "edge", seed=s).state_dict() for s in range(4)]
+    ctx = Context(run_id=1, node_id=1, node_config={"partition-id": 0}, state=RecordDict(), run_config={})
+    train, after = {}, {}
+    for r in (1, 2, 3):
+        train[r] = client_app.train(client_message(config, r, edges[r - 1], "train"), ctx).content[METRICS]
+        after[r] = client_app.evaluate(client_message(config, r, edges[r], "evaluate"), ctx).content[METRICS]
+        assert after[r][f"{SECONDS}.fine_tune"] > 0
+    assert decode(train[1], AP_BEFORE) and not decode(after[1], AP_AFTER) and not decode(after[1], AFTER)
+    assert not decode(train[2], AP_BEFORE) and not decode(train[2], BEFORE) and decode(after[2], AP_AFTER)
+    assert decode(train[3], BEFORE) == decode(after[2], AFTER) and decode(after[3], AP_AFTER)
+    assert len(evaluated_sums) == 3  # round 1's before, round 2's and round 3's after
+
+
+def test_local_training_evaluated_every_other_round_ends_where_every_round_does(ws):
+    """The same seeds train the same edge whatever eval-every is: the last round's figures are equal,
+    the rounds between have records with their costs and no AP."""
+    from strategies.centralised import local_client
+    from strategies.ledger import Recorder
+
+    edge = build_model("smoke", "edge", seed=0)
+    settings = RDSettings.from_profile(get_profile("smoke"))
+    runs = {}
+    for every in (1, 2):
+        recorder = Recorder("local")
+        local_client(ws, edge, 0, 3, 2, settings, 0, recorder, eval_every=every)
+        runs[every] = recorder.records
+    every_round, every_other = runs[1], runs[2]
+    assert [r["round"] for r in every_other] == [1, 2, 3]
+    assert not every_other[0]["ap_after"] and every_other[0]["seconds"]["direct training"] > 0
+    assert not every_other[1]["ap_before"] and every_other[1]["ap_after"] == every_round[1]["ap_after"]
+    assert every_other[2]["ap_before"] == every_round[2]["ap_before"]
+    assert every_other[2]["ap_after"] == every_round[2]["ap_after"] and every_other[2]["after"] == every_round[2]["after"]
+    assert every_other[0]["ap_before"] == every_round[0]["ap_before"]
+
+
 def test_a_diredi_client_distils_from_the_spread_edge_when_one_comes(cache, tmp_path, no_runtime, client_threads,
                                                                     monkeypatch):
     """DiReDi's "train.distill": Distill C starts from the client's own deployed edge, or, with spread,

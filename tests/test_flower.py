@@ -318,6 +318,33 @@ def test_a_client_evaluates_each_edge_version_once(setup, monkeypatch):
     assert len(calls) == 3
 
 
+def test_between_evaluated_rounds_a_diredi_client_evaluates_nothing(setup, monkeypatch):
+    """The evaluations DiReDi's handlers ask for (``_evaluate_before`` in "train", ``_evaluate_after`` in
+    "train.distill" and "evaluate") follow the run's eval-every: 3 rounds, every 2nd."""
+    from flwr.app import ConfigRecord, Context, RecordDict
+
+    import clients.app as client_app
+    from protocol.wire import METHOD, SERVER_ROUND
+
+    workspace, chain, session = setup
+    calls = []
+    real = client_app.per_class_ap
+    monkeypatch.setattr(client_app, "per_class_ap", lambda *a, **k: calls.append(1) or real(*a, **k))
+    run = {**session.config.to_record(), "rounds": 3, "eval-every": 2, METHOD: "diredi"}
+    context = Context(run_id=1, node_id=1, node_config={"partition-id": 0}, state=RecordDict(), run_config={})
+    edges = [__import__("copy").deepcopy(chain.edge) for _ in range(4)]  # round r: from edges[r-1] to edges[r]
+    with torch.no_grad():
+        for shift, edge in enumerate(edges):
+            next(edge.parameters()).add_(float(shift))
+    asked = {}
+    for r in (1, 2, 3):
+        config = ConfigRecord({**run, SERVER_ROUND: r})
+        asked[r] = (bool(client_app._evaluate_before(edges[r - 1], workspace, 0, context, config)),
+                    bool(client_app._evaluate_after(edges[r], workspace, 0, context, config)))
+    assert asked == {1: (True, False), 2: (False, True), 3: (True, True)}
+    assert len(calls) == 3  # round 3's "before" is round 2's "after", kept
+
+
 @pytest.mark.slow
 def test_client_sampling_trains_evaluates_and_records_the_sampled_clients_only(cache, threads_one):
     session = session_for(cache, **{"num-clients": 4, "fraction": 0.5})

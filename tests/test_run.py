@@ -4,12 +4,23 @@ import json
 
 import pytest
 
+from protocol.config import evaluation_round, resolve_run_config
 from sim.run import main, parse_args
+
+
+def test_clients_evaluate_every_kth_round_and_the_last():
+    assert [r for r in range(1, 8) if evaluation_round(r, 7, 3)] == [3, 6, 7]
+    assert [r for r in range(1, 5) if evaluation_round(r, 4, 1)] == [1, 2, 3, 4]
+    config = resolve_run_config({"rounds": 5, "eval-every": 2})
+    assert [r for r in range(1, 6) if config.evaluates_after(r)] == [2, 4, 5]
+    # "before": round 1's edge (every figure's start), else only an edge an evaluated round ended with
+    assert [r for r in range(1, 6) if config.evaluates_before(r)] == [1, 3, 5]
 
 
 @pytest.mark.parametrize("argv, message", [
     (["--clients", "0"], "--clients must be at least 1"),
     (["--rounds", "0"], "--rounds must be at least 1"),
+    (["--eval-every", "0"], "--eval-every must be at least 1"),
     (["--methods", "diredi,fedsgd"], "unknown ['fedsgd']"),
     (["--data", "voc"], "--data voc needs --voc-root"),
     (["--data", "voc", "--voc-root", "/no/such/folder"], "--data voc needs --voc-root"),

@@ -163,6 +163,22 @@ def test_client_round_values_on_hand_made_records():
     assert two["recall_kept_drop"] == pytest.approx(65.0 - 55.0)
 
 
+def test_a_round_without_evaluation_has_no_values_and_its_costs_count_in_the_next():
+    records = hand_records()
+    second = next(r for r in records if r["round"] == 2)
+    third = {**second, "round": 3, "ap_before": after_of(second), "seconds": {"rd_tutor1": 1.0}}
+    second.update(ap_after={}, after={}, seconds={"rd_tutor1": 4.0})  # round 2 not evaluated
+    values = client_round_values(records + [third], [SPEC], [["cat"], ["dog"]])["diredi"]
+    assert list(values) == [1, 3]
+    assert values[3][0]["mb_cum"] == pytest.approx(2.0 + 4.0 + 4.0)
+    assert values[3][0]["client_s_cum"] == pytest.approx(3.0 + 4.0 + 1.0)
+    assert values[3][0]["gain"] == pytest.approx(50.0)  # from the first round's start to round 3's edge
+
+
+def after_of(record):
+    return dict(record["ap_after"])
+
+
 def test_client_round_values_without_counts_or_specs_gives_nan():
     record = dict(hand_records()[1])
     del record["after"], record["before"]
