@@ -143,3 +143,17 @@ def test_flops_count_a_grouped_convolutions_backward_as_twice_its_forward():
         assert count_flops(lambda: conv(x).sum().backward()) == 3 * forward  # + input and weight gradients
         x.requires_grad_(False)  # the first layer: no input gradient
         assert count_flops(lambda: conv(x).sum().backward()) == 2 * forward
+
+
+def test_the_forward_flops_by_part_add_up_to_the_whole_forward():
+    from bench.flops import count_flops, forward_flops_by_part
+    from models.ladder import build_model
+
+    model = build_model("smoke", "edge", seed=0).eval()
+    images = [torch.rand(3, 64, 64) for _ in range(2)]
+    parts = forward_flops_by_part(model, images)
+    batched = model.transform(images)[0].tensors
+    with torch.no_grad():
+        whole = count_flops(lambda: model.head(list(model.backbone(batched).values())))
+    assert set(parts) == {"body", "fpn", "classification_head", "regression_head"}
+    assert all(v > 0 for v in parts.values()) and sum(parts.values()) == whole
