@@ -17,11 +17,12 @@ import logging
 import os
 import sys
 import time
+from dataclasses import fields
 from pathlib import Path
 
 from models.compute import LAYOUTS, PRECISIONS
 from models.ladder import PROFILES
-from protocol.config import AGGREGATION_METHODS, BODY_CACHES, CLAIM_RULES, DELTA_PRECISIONS, EDGE_CHECKS, METHODS, REDISTILL_SIDES, SPREAD_MODES, TUTOR1_MODES, RunConfig
+from protocol.config import AGGREGATION_METHODS, BODY_CACHES, CLAIM_RULES, DELTA_PRECISIONS, DIRECTION_REFERENCES, EDGE_CHECKS, METHODS, REDISTILL_SIDES, SPREAD_MODES, TUTOR1_MODES, RunConfig
 
 log = logging.getLogger("sim.run")
 DEFAULTS = RunConfig()
@@ -136,6 +137,39 @@ def build_parser() -> argparse.ArgumentParser:
              "(default 0: off; needs --dp-clip); clients report the epsilon they spent")
     add("--dp-delta", type=float, default=d.dp_delta,
         help=f"differential privacy: the delta of the (epsilon, delta) clients report (default {d.dp_delta:g})")
+    # DiReDi's verification and merge bounds (strategies.verify, strategies.aggregate)
+    add("--norm-factor", type=float, default=d.norm_factor,
+        help=f"verification: a delta's norm bound is this factor x the tutor's neck/head norm (default {d.norm_factor:g})")
+    add("--protected-tolerance", type=float, default=d.protected_tolerance,
+        help="verification: the largest AP drop a delta may cost a protected class on the validation set "
+             f"(default {d.protected_tolerance:g})")
+    add("--noise-z", type=float, default=d.noise_z,
+        help="verification: ... or noise-z x the drop's bootstrap std, if larger (0: no bootstrap; "
+             f"default {d.noise_z:g})")
+    add("--kept-tolerance", type=float, default=d.kept_tolerance,
+        help="verification: the largest mean AP drop over the presumed classes (inf: recorded only; "
+             f"default {d.kept_tolerance:g})")
+    add("--direction-z", type=float, default=d.direction_z,
+        help="verification: a delta's cosine with the reference update must reach direction-z / sqrt(d) "
+             f"(0: off; default {d.direction_z:g})")
+    add("--direction-reference", choices=DIRECTION_REFERENCES, default=d.direction_reference,
+        help="verification: the direction gate's reference, the median of the round's other deltas (peers) or "
+             f"the server's own RD update (server; default {d.direction_reference})")
+    add("--clip-norm", type=float, default=d.clip_norm,
+        help=f"DiReDi's merge: accepted deltas clipped to this L2 norm (inf: off; default {d.clip_norm:g})")
+    add("--weight-cap", type=float, default=d.weight_cap,
+        help="DiReDi's merge: a client's claimed example count capped at this multiple of the round's median "
+             f"claim (inf: off; default {d.weight_cap:g})")
+    # the server optimisers of FedAvgM and FedAdam (Flower's)
+    add("--server-momentum", type=float, default=d.server_momentum,
+        help=f"fedavgm: Flower's FedAvgM server momentum, server lr 1 (default {d.server_momentum:g})")
+    add("--fedadam-eta", type=float, default=d.fedadam_eta,
+        help=f"fedadam: Flower's FedAdam server learning rate (default {d.fedadam_eta:g})")
+    add("--fedadam-tau", type=float, default=d.fedadam_tau,
+        help=f"fedadam: its adaptivity (default {d.fedadam_tau:g})")
+    add("--timeout-s", type=float, default=d.timeout_s,
+        help="seconds the server waits for one round trip with the clients (0: sized from the profile's step "
+             "time; default 0)")
     add("--quiet", action="store_true", help="no progress bars")
     return parser
 
@@ -147,21 +181,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
     parser = build_parser()
     args = parser.parse_args(argv)
-    raw = {"profile": args.profile, "scenario": args.scenario, "data": args.data,
-           "voc-root": str(args.voc_root) if args.voc_root else "", "num-clients": args.clients,
-           "rounds": args.rounds, "fraction": args.fraction, "methods": args.methods, "seed": args.seed,
-           "replicate": args.replicate, "direct-iters": args.direct_iters or 0, "direct-lr": args.direct_lr,
-           "fedprox-mu": args.fedprox_mu, "device": args.device,
-           "cache-dir": str(args.cache), "tutor1": args.tutor1, "redistill": args.redistill,
-           "aggregation": args.aggregation, "beta": args.beta, "rd-iters": args.rd_iters or 0,
-           "redistill-iters": args.redistill_iters or 0, "batch-size": args.batch_size or 0, "delta-precision": args.delta_precision,
-           "delta-topk": args.delta_topk, "dp-clip": args.dp_clip, "dp-noise": args.dp_noise,
-           "dp-delta": args.dp_delta, "precision": args.precision, "layout": args.layout,
-           "body-cache": args.body_cache, "redistill-score-weight": args.redistill_score_weight,
-           "edge-check": args.edge_check, "spread": args.spread,
-           "operating-tolerance": args.operating_tolerance, "operating-threshold": args.operating_threshold,
-           "claims": args.claims, "eval-every": args.eval_every,
-           "clip-multiple": args.clip_multiple, "row-multiple": args.row_multiple}
+    raw = run_config_of(args)
     try:
         args.config = resolve_run_config(raw)
     except ConfigError as err:
@@ -174,6 +194,24 @@ def parse_args(argv=None) -> argparse.Namespace:
         if json.loads(earlier.read_text()).get("run") != json.loads(json.dumps(args.config.to_dict())):
             parser.error(f"--resume: {earlier.parent} was made with other settings; start a new run (or --name)")
     return args
+
+
+def flag_of(field_name: str) -> str:
+    """The CLI flag of a ``RunConfig`` field: its run-config key, but for ``FLAG_OF_KEY``'s."""
+    key = field_name.replace("_", "-")
+    return FLAG_OF_KEY.get(key, f"--{key}")
+
+
+def run_config_of(args: argparse.Namespace) -> dict:
+    """Every ``RunConfig`` field's run-config key and the value of its flag; an unset optional flag
+    (``--voc-root``, the step counts and batch size: "the profile's") is the field's empty value."""
+    raw = {}
+    for f in fields(RunConfig):
+        value = getattr(args, flag_of(f.name)[2:].replace("-", "_"))
+        if value is None:
+            value = getattr(DEFAULTS, f.name)
+        raw[f.name.replace("_", "-")] = str(value) if isinstance(value, Path) else value
+    return raw
 
 
 def user_errors() -> tuple[type[Exception], ...]:

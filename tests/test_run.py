@@ -46,6 +46,22 @@ def test_invalid_arguments_stop_with_one_clear_line(argv, message, capsys, tmp_p
     assert not any(tmp_path.iterdir())  # nothing was started or written
 
 
+def test_every_run_config_field_has_a_flag_whose_value_reaches_the_run(tmp_path):
+    """The CLI and ``flwr run`` share one configuration surface: every ``RunConfig`` field has a flag
+    (``--help`` lists it), and a value given there is the run's."""
+    import dataclasses
+
+    from protocol.config import RunConfig
+    from sim.run import build_parser, flag_of
+
+    flags = {option for action in build_parser()._actions for option in action.option_strings}
+    assert [f.name for f in dataclasses.fields(RunConfig) if flag_of(f.name) not in flags] == []
+    config = parse_args(["--weight-cap", "2", "--direction-reference", "server", "--timeout-s", "30",
+                         "--fedadam-eta", "0.01", "--eval-every", "3", "--out", str(tmp_path)]).config
+    assert (config.weight_cap, config.direction_reference, config.timeout_s, config.fedadam_eta,
+            config.eval_every) == (2.0, "server", 30.0, 0.01, 3)
+
+
 def test_resume_needs_an_existing_run(tmp_path, capsys):
     with pytest.raises(SystemExit):
         parse_args(["--resume", "--out", str(tmp_path), "--name", "nothing-here"])
