@@ -16,6 +16,8 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
+Delta = Mapping[str, Tensor]  # a weight delta: parameter name -> change (eq. 9)
+
 # Parameter name prefixes of the three parts of every ladder model (torchvision FCOS layout).
 PART_PREFIXES: dict[str, str] = {
     "backbone": "backbone.body.",

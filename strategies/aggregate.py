@@ -32,7 +32,7 @@ from __future__ import annotations
 import math
 import operator
 import statistics
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Collection, Sequence
 
 import numpy as np
 import torch
@@ -41,10 +41,9 @@ from flwr.serverapp.strategy.fedtrimmedavg import trim_mean
 from flwr.serverapp.strategy.multikrum import select_multikrum
 from torch import Tensor
 
-from models.parts import CLASS_ROW_PARAMS, clip_delta, delta_norm  # noqa: F401 (the merge uses and bounds them)
+from models.parts import CLASS_ROW_PARAMS, Delta, clip_delta, delta_norm  # noqa: F401 (the merge uses and bounds them)
 from protocol.config import AGGREGATION_METHODS
 
-Delta = Mapping[str, Tensor]
 
 SHARED_METHODS = ("weighted", "trimmed", "ties", "krum")  # what class_aware_merge may use for the shared tensors
 
