@@ -167,8 +167,20 @@ SERVER = -1  # the "partition" of work the server does itself (shared Tutor 1, s
 def work_seed(seed: int, server_round: int, party: int) -> int:
     """Seed of one party's work in one round: ``party`` is a partition id, or ``SERVER``.
 
-    The RD functions add offsets 0-4 to it (tutor 1, tutor 2, Distill C, direct training, FedAvg+FT's
-    fine-tuning), hence the gap of 10 between parties."""
+    The functions of ``distill.rd`` add an offset to it, one per data order, hence the gap of 10
+    between parties:
+
+    ====== =====================================================================
+    offset phase
+    ====== =====================================================================
+    0      RD Tutor 1
+    1      RD Tutor 2, and Distill C (Tutor 2's order: its body outputs are reused)
+    2      unused (Distill C's own order before the cost issue)
+    3      direct training (FedAvg family, local; the oracle on ``SERVER``)
+    4      FedAvg+FT's fine-tuning
+    5      spread's server-side distillation (on ``SERVER``)
+    ====== =====================================================================
+    """
     return seed + 100_000 * server_round + 10 * party
 
 

@@ -270,8 +270,8 @@ def class_aware_merge(deltas: Sequence[Delta], weights: Sequence[float] | None,
       contain c, their weights renormalised over that group; a row no client trained (or only
       clients of weight 0 trained) is 0;
     * every other ("shared") tensor, e.g. the FPN and the regression head that all classes use:
-      ``aggregate(..., method=shared, **shared_options)`` with ``shared`` one of "weighted",
-      "trimmed", "ties";
+      ``aggregate(..., method=shared, **shared_options)`` with ``shared`` one of ``SHARED_METHODS``
+      ("weighted", "trimmed", "ties", "krum");
     * the whole result is multiplied by ``scale`` (task arithmetic's lambda, chosen by the caller
       on held-out data; 1.0 leaves the merge as is).
 

@@ -142,7 +142,10 @@ class DiReDiStrategy(Strategy):
         policy: verification policy (default: no norm bound, no protected classes).
         presumed_data: the manufacturer's public presumed data; needed by ``share_tutor1`` and
             ``redistill="server"``.
-        aggregation, aggregation_options: "weighted" | "trimmed" | "ties" and their options.
+        aggregation, aggregation_options: one of ``AGGREGATION_METHODS`` ("weighted", "trimmed", "ties",
+            "krum", "class_aware") and its options (``strategies.aggregate.aggregate``). The class's
+            default, "weighted", is the plain merge for direct use; a run's default is "class_aware"
+            (``RunConfig.aggregation``, chosen in experiments/results/merge.md).
         redistill: "client" (each client distils its own edge on its data) or "server".
         edge_check: with client re-distillation, each client's re-distilled edge comes back (the
             edge's 1.7 MB in the cpu profile) and is deployed only when its protected classes' AP on the
