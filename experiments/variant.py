@@ -14,7 +14,15 @@ manufacturer chain differs from the study's: a CPU of another make computes othe
 is then compared only where those runs hold it. Beside the verdicts, the protected classes' path along the run (``protected_path``: how far a client's
 deployed edge moves on them from round to round on its test shard, its worst round and its last against
 where it started) and, for a run with the edge check, how many re-distilled edges were deployed.
+``--method M`` compares another method of the variant's runs with the same method of the study's
+(e.g. a study under other compute settings: ``--method local``); the comparison with local training
+is DiReDi's only. ``--summary`` (the study's ``compare.json``) adds whether the variant's mean over its
+replicates falls inside the study's 95% interval over the study's replicates, metric by metric: the
+cost issue's test of a setting that must learn the same.
 Writes ``<out>.json`` and ``<out>.md``.
+
+    python -m experiments.variant --variant experiments/results/compare-bf16cl/runs/rep0 --name bf16 \
+        --method local --summary experiments/results/compare/compare.json --out /tmp/bf16-local
 """
 
 from __future__ import annotations
@@ -87,6 +95,24 @@ def protected_path(folder: Path, method: str) -> dict[str, float]:
     return out
 
 
+def study_intervals(summary_path: Path, method: str, pairs: list, rounds: list[int]) -> list[dict]:
+    """Per metric and round: the variant's mean over its replicates and clients, the study's mean and
+    95% interval over the study's replicates (``compare.json``), and whether the first is inside."""
+    summary = json.loads(summary_path.read_text())
+    per_round = {entry["round"]: entry for entry in summary["methods"][method]["per_round"]}
+    rows = []
+    for metric in METRICS:
+        for r in rounds:
+            entry = per_round.get(r, {}).get(metric)
+            if entry is None:
+                continue
+            mean = float(np.nanmean([[v[metric] for v in p[1][r].values()] for p in pairs]))
+            lo, hi = entry["ci95"]
+            rows.append({"metric": metric, "round": r, "variant": mean, "study": entry["mean"], "ci95": [lo, hi],
+                         "inside": bool(lo <= mean <= hi)})
+    return rows
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m experiments.variant", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -97,8 +123,12 @@ def main(argv=None) -> int:
                         help="DiReDi runs to pair with instead of the study's, ...-rep<k> (e.g. made on another "
                              "machine's manufacturer chain than the study's); local training is compared where "
                              "they hold it")
+    parser.add_argument("--method", default="diredi", help="the method compared (default diredi)")
+    parser.add_argument("--summary", type=Path,
+                        help="the study's compare.json: is the variant's mean inside the study's interval?")
     parser.add_argument("--out", type=Path, required=True, help="output path without suffix")
     args = parser.parse_args(argv)
+    method = args.method
     baselines = {replicate_of(f): f for f in args.baseline or []}
     pairs, base_folders = [], {}
     for folder in args.variant:
@@ -108,11 +138,12 @@ def main(argv=None) -> int:
             raise SystemExit(f"python -m experiments.variant: error: no baseline run of replicate {k} "
                              f"({'--baseline' if args.baseline else args.study})")
         base_folders[k] = base
-        pairs.append((k, values(folder, "diredi"), values(base, "diredi"), optional_values(base, "local")))
+        pairs.append((k, values(folder, method), values(base, method),
+                      optional_values(base, "local") if method == "diredi" else None))
     last = min(max(v) for _, v, _, _ in pairs)
     rounds = sorted({r for r in (2, 10, last) if r <= last})
     rows = []
-    for baseline, index in (("diredi", 2), ("local", 3)):
+    for baseline, index in ((method, 2), ("local", 3)):
         if any(p[index] is None for p in pairs):
             continue
         for metric, higher in METRICS.items():
@@ -124,15 +155,17 @@ def main(argv=None) -> int:
                 diff = paired_difference(a, b)
                 rows.append({"baseline": baseline, "metric": metric, "round": r, "variant": mean_a, "base": mean_b,
                              "diff": diff["mean"], "ci95": diff["ci95"], "verdict": verdict(diff, higher)})
-    paths = {args.name: [protected_path(f, "diredi") for f in args.variant]}
-    for method in ("diredi", "local"):
-        if all(p[3 if method == "local" else 2] is not None for p in pairs):
-            paths[f"baseline {method}"] = [protected_path(base_folders[p[0]], method) for p in pairs]
+    paths = {args.name: [protected_path(f, method) for f in args.variant]}
+    for other in dict.fromkeys((method, "local")):
+        if all(p[3 if other == "local" and method == "diredi" else 2] is not None for p in pairs):
+            paths[f"baseline {other}"] = [protected_path(base_folders[p[0]], other) for p in pairs]
     path_rows = [{"run": name, **{k: float(np.mean([v[k] for v in values])) for k in values[0]}}
                  for name, values in paths.items()]
     command = shlex.join(["python", "-m", "experiments.variant", *(sys.argv[1:] if argv is None else argv)])
-    result = {"command": command, "variant": args.name, "replicates": [p[0] for p in pairs],
-              "runs": [str(f) for f in args.variant], "rows": rows, "protected_path": path_rows}
+    inside = study_intervals(args.summary, method, pairs, rounds) if args.summary else []
+    result = {"command": command, "variant": args.name, "method": method, "replicates": [p[0] for p in pairs],
+              "runs": [str(f) for f in args.variant], "rows": rows, "protected_path": path_rows,
+              "inside_study_interval": inside}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(result, indent=2))
     against = "its baseline runs" if args.baseline else "the study"
@@ -150,6 +183,12 @@ def main(argv=None) -> int:
               "|---|---|---|---|---|"]
     lines += [f"| {r['run']} | {r['step']:.1f} | {r['worst']:+.1f} | {r['last']:+.1f} | "
               f"{format(r['deployed'], '.0%') if 'deployed' in r else '-'} |" for r in path_rows]
+    if inside:
+        lines += ["", f"The variant's {method} against the study's 95% interval over its replicates "
+                  f"(`{args.summary}`; the variant's mean over its replicates and clients):", "",
+                  "| metric | round | variant | study mean | study 95% CI | inside? |", "|---|---|---|---|---|---|"]
+        lines += [f"| {r['metric']} | {r['round']} | {r['variant']:.1f} | {r['study']:.1f} | "
+                  f"[{r['ci95'][0]:.1f}, {r['ci95'][1]:.1f}] | {'yes' if r['inside'] else '**no**'} |" for r in inside]
     args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0

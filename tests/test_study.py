@@ -362,6 +362,42 @@ def test_a_variant_is_paired_with_the_study_run_of_its_replicate(tmp_path):
            [r for r in json.loads((tmp_path / "worse.json").read_text())["rows"] if r["baseline"] == "diredi"]
 
 
+def test_a_variant_of_another_method_and_the_studys_interval(tmp_path):
+    """--method pairs the variant's local training with the study's; --summary reads the study's interval:
+    the study's own replicate 0 is inside it where the interval is wide, and 30 points more gain is not."""
+    import json
+    import shutil
+    from pathlib import Path
+
+    from experiments.variant import main
+
+    results = Path(__file__).resolve().parents[1] / "experiments" / "results" / "compare"
+    source = results / "runs" / "rep0"
+    study, variant = tmp_path / "study" / "rep0", tmp_path / "more-rep0"
+    lines = [json.loads(line) for line in (source / "rounds.jsonl").read_text().splitlines()
+             if json.loads(line)["method"] == "local"]
+    for folder, shift in ((study, 0.0), (variant, 0.3)):
+        folder.mkdir(parents=True)
+        shutil.copy(source / "config.json", folder / "config.json")
+        records = []
+        for record in lines:
+            specs = json.loads((source / "config.json").read_text())["client_specs"]
+            private = next(s["private"] for s in specs if s["client"] == record["client"])
+            after = {c: v + shift if c in private else v for c, v in record["ap_after"].items()}
+            records.append(json.dumps({**record, "ap_after": after}))
+        (folder / "rounds.jsonl").write_text("\n".join(records) + "\n")
+    out = tmp_path / "more"
+    assert main(["--variant", str(variant), "--name", "more", "--method", "local", "--study", str(study.parent),
+                 "--summary", str(results / "compare.json"), "--out", str(out)]) == 0
+    result = json.loads(out.with_suffix(".json").read_text())
+    assert {r["baseline"] for r in result["rows"]} == {"local"} and result["method"] == "local"
+    gain = next(r for r in result["rows"] if r["metric"] == "gain" and r["round"] == 20)
+    assert gain["diff"] == pytest.approx(30.0, abs=0.5) and gain["verdict"] == "yes"
+    inside = {(r["metric"], r["round"]): r for r in result["inside_study_interval"]}
+    assert not inside[("gain", 20)]["inside"]  # 30 points above the study's mean
+    assert inside[("forgetting_protected", 20)]["inside"]  # untouched, and the study's interval holds rep0
+
+
 def test_edge_protection_scores_every_lever_after_every_round(tmp_path, smoke_cache, threads_one):
     import json
 
