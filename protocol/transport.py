@@ -68,9 +68,21 @@ def _metadata(blob: bytes) -> dict[str, str]:
     return json.loads(blob[8:8 + length]).get("__metadata__") or {}
 
 
-def pack_content(content: RecordDict) -> RecordDict:
-    return RecordDict({name: pack_record(record) if isinstance(record, ArrayRecord) else record
-                       for name, record in content.items()})
+def pack_content(content: RecordDict, memo: dict[int, ArrayRecord] | None = None) -> RecordDict:
+    """Every ArrayRecord packed. ``memo`` (id of a record -> its packed record) packs a record that
+    several messages share once: the server sends one tutor object to every node that needs it in full
+    (46 MB, 0.19 s to pack in the cpu profile). The caller keeps the records alive while it uses the memo."""
+    out = {}
+    for name, record in content.items():
+        if isinstance(record, ArrayRecord):
+            if memo is None:
+                record = pack_record(record)
+            else:
+                if id(record) not in memo:
+                    memo[id(record)] = pack_record(record)
+                record = memo[id(record)]
+        out[name] = record
+    return RecordDict(out)
 
 
 def unpack_content(content: RecordDict) -> RecordDict:
@@ -87,9 +99,9 @@ def unpack_content(content: RecordDict) -> RecordDict:
     return RecordDict(out)
 
 
-def packed(message: Message) -> Message:
+def packed(message: Message, memo: dict[int, ArrayRecord] | None = None) -> Message:
     if message.has_content():
-        message.content = pack_content(message.content)
+        message.content = pack_content(message.content, memo)
     return message
 
 

@@ -58,7 +58,9 @@ class PackedGrid:
         self._grid = grid
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        return self._grid.push_messages([packed(message) for message in messages])
+        messages = list(messages)  # alive while the memo is: it is keyed by the records' ids
+        memo: dict = {}  # a record several messages share (the tutor, the server's edge) is packed once
+        return self._grid.push_messages([packed(message, memo) for message in messages])
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
         return [unpacked(message) for message in self._grid.pull_messages(message_ids)]

@@ -97,6 +97,38 @@ def test_a_message_content_packs_its_array_records_and_nothing_else():
     assert torch.equal(back["edge"].to_torch_state_dict()["w"], torch.ones(2)) and back["config"]["round"] == 3
 
 
+def test_a_record_several_messages_share_is_packed_once(monkeypatch):
+    """The packed grid packs a record that every message holds (the tutor to every new node) once,
+    and each message still carries its own content."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    import protocol.transport as transport
+    from strategies.exchange import PackedGrid
+
+    for name, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):  # messages outside a Flower run
+        monkeypatch.setattr(TaskIdentity, name, value)
+
+    calls = []
+    real = transport.pack_record
+    monkeypatch.setattr(transport, "pack_record", lambda record: calls.append(1) or real(record))
+    shared, own = ArrayRecord({"w": torch.ones(3)}), [ArrayRecord({"b": torch.full((2,), float(i))}) for i in range(3)]
+
+    class Grid:
+        def push_messages(self, messages):
+            self.pushed = list(messages)
+            return [str(i) for i in range(len(self.pushed))]
+
+    grid = Grid()
+    messages = [Message(content=RecordDict({"tutor": shared, "mine": own[i]}), message_type="train", dst_node_id=i + 1)
+                for i in range(3)]
+    PackedGrid(grid).push_messages(messages)
+    assert len(calls) == 1 + 3  # the shared record once, each message's own once
+    for i, message in enumerate(grid.pushed):
+        back = unpack_content(message.content)
+        assert torch.equal(back["tutor"].to_torch_state_dict()["w"], torch.ones(3))
+        assert torch.equal(back["mine"].to_torch_state_dict()["b"], torch.full((2,), float(i)))
+
+
 @pytest.mark.parametrize("tamper", ["garbage", "cut", "order"])
 def test_an_unreadable_packed_record_is_refused_and_arrives_empty(tamper):
     blob = pack_record(ArrayRecord({"w": torch.ones(8), "b": torch.zeros(2)}))[PACKED].data
