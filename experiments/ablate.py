@@ -228,10 +228,11 @@ def markdown(merged: dict) -> str:
                 "| link | start | steps | KD mAP | labels-only mAP | KD - labels | labels-only, fresh start | "
                 "loss ratio start | end | scored on |",
                 "|---|---|---|---|---|---|---|---|---|---|"]
-        for name, l in merged["links"].items():
-            out.append(f"| {name} | {l['same_start']} | {l['steps']} | {_f(l['kd_mAP'])} | {_f(l['labels_only_mAP'])} | "
-                       f"{l['kd_mAP'] - l['labels_only_mAP']:+.1f} | {_f(l.get('labels_only_scratch_mAP'))} | "
-                       f"{_r(l['loss_ratio_start'])} | {_r(l['loss_ratio_end'])} | {l['evaluated_on']} |")
+        for name, link in merged["links"].items():
+            out.append(f"| {name} | {link['same_start']} | {link['steps']} | {_f(link['kd_mAP'])} | "
+                       f"{_f(link['labels_only_mAP'])} | {link['kd_mAP'] - link['labels_only_mAP']:+.1f} | "
+                       f"{_f(link.get('labels_only_scratch_mAP'))} | {_r(link['loss_ratio_start'])} | "
+                       f"{_r(link['loss_ratio_end'])} | {link['evaluated_on']} |")
         out.append("")
     if "balance" in merged:
         bal = merged["balance"]

@@ -35,7 +35,7 @@ from torch import Tensor, nn
 
 from evaluation.ap import nan_mean, per_class_ap
 from protocol.config import RunConfig, resolve_run_config
-from protocol.wire import SERVER, work_seed
+from protocol.wire import work_seed
 
 RESULTS = Path("experiments/results")
 TIE_POINTS = 0.5  # validation mAP differences below this are not a reason to pay more steps
@@ -118,7 +118,7 @@ def run_grid(config: RunConfig, points: list[tuple[float, int, float]], rounds: 
 
 
 def grid_markdown(result: dict) -> str:
-    lines = [f"# Baseline settings chosen on the manufacturer's validation set\n",
+    lines = ["# Baseline settings chosen on the manufacturer's validation set\n",
              f"`{result['command']}` ({result['wall_s']:.0f} s; {result['rounds']} rounds of in-process FedAvg, "
              f"{result['clients']} clients)\n",
              "| grid | lr | local steps | mu | val mAP | new classes | presumed | seconds |",

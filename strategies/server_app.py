@@ -45,7 +45,7 @@ from strategies.centralised import CENTRALISED, run_centralised
 from strategies.diredi import DiReDiStrategy
 from strategies.exchange import packed_grid
 from strategies.ledger import ClientSampler, Recorder, sample_count
-from strategies.verify import Decision, VerificationPolicy
+from strategies.verify import VerificationPolicy
 
 log = logging.getLogger(__name__)
 
