@@ -21,8 +21,10 @@ replicates falls inside the study's 95% interval over the study's replicates, me
 cost issue's test of a setting that must learn the same.
 Writes ``<out>.json`` and ``<out>.md``.
 
-    python -m experiments.variant --variant experiments/results/compare-bf16cl/runs/rep0 --name bf16 \
-        --method local --summary experiments/results/compare/compare.json --out /tmp/bf16-local
+    python -m experiments.variant --variant experiments/results/compare-bf16cl/runs/rep0 \
+        --name "bfloat16 + channels-last" \
+        --method local --summary experiments/results/compare/compare.json \
+        --out experiments/results/compare-bf16cl/against_float32_local
 """
 
 from __future__ import annotations

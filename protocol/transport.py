@@ -72,15 +72,13 @@ def pack_content(content: RecordDict, memo: dict[int, ArrayRecord] | None = None
     """Every ArrayRecord packed. ``memo`` (id of a record -> its packed record) packs a record that
     several messages share once: the server sends one tutor object to every node that needs it in full
     (46 MB, 0.19 s to pack in the cpu profile). The caller keeps the records alive while it uses the memo."""
+    memo = {} if memo is None else memo
     out = {}
     for name, record in content.items():
         if isinstance(record, ArrayRecord):
-            if memo is None:
-                record = pack_record(record)
-            else:
-                if id(record) not in memo:
-                    memo[id(record)] = pack_record(record)
-                record = memo[id(record)]
+            if id(record) not in memo:
+                memo[id(record)] = pack_record(record)
+            record = memo[id(record)]
         out[name] = record
     return RecordDict(out)
 
