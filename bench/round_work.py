@@ -142,7 +142,7 @@ def measure(session, config, setting: Compute, clients: int) -> dict:
     with computing(setting) as resolved:
         strategy = make_strategy("diredi", session, Recorder("diredi"))
         strategy._open_round(2)
-        _, features_s = cpu_seconds(strategy.tutor_validation_ap)  # once per run (validation features, tutor AP)
+        _, features_s = cpu_seconds(strategy.validator.tutor_ap)  # once per run (validation features, tutor AP)
         parts: dict[str, dict[str, list[float]]] = {"diredi": {}, "fedavg": {}, "server": {}}
         for partition in range(clients):
             diredi, fedavg, delta = client_round(session, config, partition, server_round=2)
@@ -152,7 +152,7 @@ def measure(session, config, setting: Compute, clients: int) -> dict:
                     parts[method].setdefault(name, []).append(seconds)
             print(f"{resolved.precision}/{resolved.layout} client {partition}: DiReDi {sum(diredi.values()):.1f} s, "
                   f"FedAvg {sum(fedavg.values()):.1f} s, verification {verify_s:.2f} s", flush=True)
-        _, tutor_eval_s = cpu_seconds(lambda: strategy._validate(strategy.tutor))  # record_tutor's evaluation
+        _, tutor_eval_s = cpu_seconds(lambda: strategy.validator.validate(strategy.tutor))  # record_tutor's evaluation
     mean = {method: {name: statistics.mean(v) for name, v in timed.items()} for method, timed in parts.items()}
     n = config.num_clients
     client = {method: sum(mean[method].values()) for method in ("diredi", "fedavg")}

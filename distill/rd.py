@@ -144,6 +144,22 @@ def client_delta(tutor1: nn.Module, tutor2: nn.Module, settings: RDSettings) -> 
     return knowledge_delta(neck_head(tutor1), neck_head(tutor2), gamma=settings.gamma)
 
 
+def server_reference_update(tutor: nn.Module, edge: nn.Module, presumed_data: Dataset, settings: RDSettings,
+                            seed: int, tutor1: nn.Module | None = None) -> dict[str, Tensor]:
+    """FLTrust's root-data update for the server's direction check (``strategies.verify.direction_check``):
+    the server runs a client's RD round on its own public presumed data (Tutor 1 from ``edge``, unless the
+    round's shared ``tutor1`` is given, then Tutor 2) and returns the neck/head delta a client would send
+    (eq. 9).
+
+    An honest client's delta carries the same distillation toward the edge on the kept classes plus
+    its own classes, so it points partly along this update; a sign-flipped delta points against it
+    and a random one nowhere (``experiments/results/direction.md``)."""
+    if tutor1 is None:
+        tutor1, _ = reverse_distill_tutor1(tutor, edge, presumed_data, settings, seed=seed)
+    tutor2, _ = reverse_distill_tutor2(tutor, tutor1, edge, presumed_data, settings, seed=seed)
+    return client_delta(tutor1, tutor2, settings)
+
+
 def updated_tutor(tutor: nn.Module, delta: dict[str, Tensor], beta: float) -> nn.Module:
     """Eq. (10): a copy of ``tutor`` whose neck/head moved by beta * delta."""
     return load_neck_head(copy.deepcopy(tutor), substitute(neck_head(tutor), delta, beta))

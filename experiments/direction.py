@@ -4,7 +4,7 @@ Round 1 of the default federation (the deltas the server would receive, as in ``
 and two candidate references for the direction gate (``strategies.verify.direction_check``):
 
 * "server": the server's own update on its public presumed data (FLTrust's root-data update,
-  ``strategies.diredi.server_reference_update``): Tutor 1 and Tutor 2 on the manufacturer's presumed
+  ``distill.rd.server_reference_update``): Tutor 1 and Tutor 2 on the manufacturer's presumed
   training images, and the same neck/head delta a client would send;
 * "peers": the coordinate-wise median of the other deltas of the round (leave-one-out).
 
@@ -32,7 +32,7 @@ from experiments.merge import round_one_deltas
 from models.parts import delta_norm
 from protocol.config import resolve_run_config
 from protocol.wire import SERVER, work_seed
-from strategies.diredi import server_reference_update
+from distill.rd import server_reference_update
 from strategies.server_app import Session
 from strategies.verify import cosine_score
 

@@ -29,6 +29,8 @@ import torch
 from flwr.app import ArrayRecord, MessageType, RecordDict
 from torch import Tensor, nn
 
+from models.parts import neck_head
+
 # -- message types: two client steps per DiReDi round (RD, then Distill C), one evaluate step
 TRAIN = MessageType.TRAIN
 DISTILL = f"{MessageType.TRAIN}.distill"
@@ -89,6 +91,25 @@ def state_record(model_or_state: nn.Module | Mapping[str, Tensor]) -> ArrayRecor
 
 _LOW_PRECISION = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 SPARSE_INDEX, SPARSE_VALUES = "@index", "@values"  # "<tensor>@index" / "<tensor>@values": a sparse tensor
+
+
+class TutorRecords:
+    """A tutor as it travels: its full weights to a node that does not hold the tutor's backbone body
+    yet, only its neck/head to one that does (eq. 10 never changes the body). Each form is packed once."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self._full: ArrayRecord | None = None
+        self._neck_head: ArrayRecord | None = None
+
+    def for_node(self, node: int, nodes_with_body: set[int]) -> ArrayRecord:
+        if node in nodes_with_body:
+            if self._neck_head is None:
+                self._neck_head = state_record(neck_head(self.model))
+            return self._neck_head
+        if self._full is None:
+            self._full = state_record(self.model)
+        return self._full
 
 
 class MalformedDelta(ValueError):

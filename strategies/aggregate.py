@@ -33,6 +33,7 @@ import math
 import operator
 import statistics
 from collections.abc import Collection, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -118,6 +119,39 @@ def clip_class_rows(deltas: Sequence[Delta], members: Sequence[Collection[int]],
                         out[i][name] = deltas[i][name].clone()
                     out[i][name][c] *= factors[i][c]
     return out, factors
+
+
+@dataclass
+class Bounded:
+    """``bound_influence``'s result: the deltas as merged and what bounding did to each (for its decision)."""
+
+    deltas: list[dict[str, Tensor]]
+    clip_factors: list[float]  # the norm clip's factor per delta (1.0: not clipped)
+    row_factors: list[dict[int, float]]  # per delta, class id -> its row clip's factor (clipped rows only)
+    weights: list[float]  # the weights used (claims capped)
+    weight_cap: float
+
+
+def bound_influence(deltas: Sequence[Delta], norms: Sequence[float], weights: Sequence[float],
+                    members: Sequence[Collection[int]], *, clip_norm: float = math.inf,
+                    clip_multiple: float = math.inf, row_multiple: float = math.inf,
+                    weight_multiple: float = math.inf) -> Bounded:
+    """Every bound on what one accepted delta can do to the merge, in order:
+
+    1. its norm clipped to min(``clip_norm``, ``clip_multiple`` x the round's median norm) (``clip_delta``);
+    2. its rows of each class clipped to ``row_multiple`` x the median change of that row among the deltas
+       it is merged with (``members[i]``: the classes delta i's rows take part in; ``clip_class_rows``);
+    3. its claimed weight capped at ``weight_multiple`` x the round's median claim (``cap_weights``).
+    """
+    norm_cap = min(clip_norm, median_cap(norms, clip_multiple))
+    clipped, clip_factors = [], []
+    for delta in deltas:
+        delta, factor = clip_delta(delta, norm_cap)
+        clipped.append(delta)
+        clip_factors.append(factor)
+    clipped, row_factors = clip_class_rows(clipped, members, row_multiple)
+    used, cap = cap_weights(weights, weight_multiple)
+    return Bounded(clipped, clip_factors, row_factors, used, cap)
 
 
 def _check_deltas(deltas: Sequence[Delta]) -> list[str]:

@@ -12,9 +12,10 @@ clients (``protocol.wire``): fedavg_ls (``OWN_CLASSES``: each client trains only
 scores) and fedavg_ft (``FINE_TUNE``: each client fine-tunes the global edge before evaluating it).
 FedAvgM and FedAdam step the model's parameters only (``ParameterStep``).
 
-Resume: Flower's ``Strategy.start`` always counts rounds from 1. A resumed strategy is started for
-the remaining rounds from the checkpointed global model with ``round_offset`` = the rounds already
-done, and every hook adds the offset, so clients, records and seeds see the true round numbers.
+Resume, as DiReDi's: ``restore(tensors, meta)`` then ``start(..., start_round=k)``. Flower's
+``Strategy.start`` always counts rounds from 1, so a resumed strategy runs Flower's loop for the
+remaining rounds from the checkpointed global model with ``round_offset`` = the rounds already done,
+and every hook adds the offset, so clients, records and seeds see the true round numbers.
 FedAvgM's momentum and FedAdam's moments are checkpointed with the global model and restored
 (``restore_server_state``), so a resumed run steps as an uninterrupted one.
 """
@@ -28,7 +29,7 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedProx
+from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedProx, Result
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
 from torch import Tensor
@@ -54,6 +55,7 @@ class RecordingMixin:
         self.round_offset = 0  # rounds done before this start (a resumed run)
         self.checkpoint_fn: Callable[[int, dict[str, Tensor], dict], Any] | None = None  # called after each round
         self._arrays: ArrayRecord | None = None  # the global model after this round's aggregation
+        self._restored: ArrayRecord | None = None  # a checkpoint's global model, until ``start``
 
     def _tag(self, config: ConfigRecord) -> ConfigRecord:
         return ConfigRecord({**dict(config), METHOD: self.method, WORK: DIRECT_WORK, **self.client_config})
@@ -108,6 +110,11 @@ class RecordingMixin:
         """The server optimiser's state after the round (FedAvg and FedProx have none)."""
         return {}
 
+    def restore(self, tensors: Mapping[str, Tensor], meta: Mapping[str, Any]) -> None:
+        """Back to a ``checkpoint``: the next ``start`` begins from its global model and optimiser state."""
+        self._restored = self.restored_arrays(tensors)
+        self.restore_server_state(tensors)
+
     @staticmethod
     def restored_arrays(tensors: Mapping[str, Tensor]) -> ArrayRecord:
         """The global model a checkpoint holds, to start the remaining rounds from."""
@@ -115,6 +122,23 @@ class RecordingMixin:
 
     def restore_server_state(self, tensors: Mapping[str, Tensor]) -> None:
         """The server optimiser's state a checkpoint holds (FedAvg and FedProx have none)."""
+
+    def start(self, grid: Grid, initial_arrays: ArrayRecord, num_rounds: int = 3, timeout: float = 3600,
+              train_config: ConfigRecord | None = None, evaluate_config: ConfigRecord | None = None,
+              evaluate_fn=None, start_round: int = 1) -> Result:
+        """Flower's loop for rounds ``start_round`` .. ``num_rounds``, as ``DiReDiStrategy.start``: after a
+        ``restore`` from the checkpoint's global model (``initial_arrays`` then ignored). Flower counts its
+        rounds from 1, so the rounds already done become ``round_offset``, which every hook adds."""
+        self.round_offset = start_round - 1
+        if self._restored is not None:
+            initial_arrays, self._restored = self._restored, None
+        return super().start(grid=grid, initial_arrays=initial_arrays, num_rounds=num_rounds - self.round_offset,
+                             timeout=timeout, train_config=train_config, evaluate_config=evaluate_config,
+                             evaluate_fn=evaluate_fn)
+
+    def final_models(self, result: Result) -> dict[str, dict[str, Tensor]]:
+        """The models a finished run keeps (``strategies.server_app.MethodResult``): the global edge."""
+        return {"edge_state": result.arrays.to_torch_state_dict()}
 
 
 class _OnlyNodes:

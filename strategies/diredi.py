@@ -37,7 +37,6 @@ import logging
 import math
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
 from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
@@ -46,89 +45,22 @@ from flwr.serverapp.strategy import Result, Strategy
 from torch import Tensor, nn
 
 from data.voc import CLASS_INDEX, VOC_CLASSES
-from distill.rd import (RDSettings, client_delta, distill_c, reverse_distill_tutor1, reverse_distill_tutor2,
-                        spread_distill)
-from distill.trainer import torch_threads
-from evaluation.ap import ap_by_name, bootstrap_ap_drop, bootstrap_recall_drop, nan_mean, predict, recall_at
-from evaluation.features import BodyFeatureCache, FeaturesTooLarge
-from models.io import state_fingerprint
+from distill.rd import RDSettings, distill_c, reverse_distill_tutor1, server_reference_update, spread_distill
+from evaluation.ap import nan_mean
 from models.parts import load_neck_head, neck_head, substitute
 from protocol.wire import (AFTER, AP_AFTER, AP_BEFORE, BEFORE, CONFIG, DELTA, DEPLOY_EDGE, DISTILL, DIREDI_WORK,
-                           EDGE, EDGE_CHECK, EDGE_SOURCE, EVALUATE, METHOD, METRICS, NUM_EXAMPLES, PARTITION_ID, SERVER,
-                           SERVER_ROUND, SPREAD_EDGE, TRAIN, TRAINED, TUTOR, TUTOR1, WORK, MalformedDelta, decode, encode,
-                           state_record, unpack_delta, work_seed)
-from strategies.aggregate import (AGGREGATION_METHODS, aggregate, cap_weights, clip_class_rows, clip_delta,
-                                  median_cap)
+                           EDGE, EVALUATE, EDGE_SOURCE, METHOD, METRICS, NUM_EXAMPLES, PARTITION_ID, SERVER,
+                           SERVER_ROUND, SPREAD_EDGE, TRAIN, TRAINED, TUTOR, TUTOR1, WORK, MalformedDelta, TutorRecords,
+                           decode, encode, state_record, unpack_delta, work_seed)
+from strategies.aggregate import AGGREGATION_METHODS, aggregate, bound_influence
 from strategies.checkpoint import prefixed, unprefixed
 from strategies.exchange import exchange
 from strategies.ledger import ClientSampler, Recorder, RoundLedger
-from strategies.verify import (Decision, VerificationPolicy, deploy_check, direction_check, earned_claims,
-                               guarded_classes, kept_check, operating_point_check, peer_reference, protected_check,
-                               row_score_shift, safe_norm, structural_check)
+from strategies.validator import CandidateValidator, EdgeVerdict
+from strategies.verify import (Decision, VerificationPolicy, deploy_check, direction_check, earned_claims, kept_check,
+                               operating_point_check, peer_reference, protected_check, safe_norm, structural_check)
 
 log = logging.getLogger(__name__)
-
-# Every validation (the tutor's, each candidate's) runs on one torch thread: it runs beside the client
-# actors, which hold every core (``strategies.exchange``), and a fixed thread count keeps its figures
-# bit-identical however the replies' arrival interleaves with it (CPU reductions split by thread count).
-VALIDATION_THREADS = 1
-# Validation images per batch of the body's cached features: the neck/head convolutions of a candidate
-# run on small maps (16x16 and less at 128 px), where a larger batch costs less per image (0.91 -> 0.84 s
-# per candidate on 448 images, one thread; the same detections, bit for bit, as with 16 per batch).
-VALIDATION_BATCH = 64
-
-
-def server_reference_update(tutor: nn.Module, edge: nn.Module, presumed_data, settings: RDSettings, seed: int,
-                            tutor1: nn.Module | None = None) -> dict[str, Tensor]:
-    """FLTrust's root-data update for the direction check: the server runs a client's RD round on
-    its own public presumed data (Tutor 1 from ``edge``, unless the round's shared ``tutor1`` is given,
-    then Tutor 2) and returns the neck/head delta a client would send (eq. 9).
-
-    An honest client's delta carries the same distillation toward the edge on the kept classes plus
-    its own classes, so it points partly along this update; a sign-flipped delta points against it
-    and a random one nowhere (``experiments/results/direction.md``)."""
-    if tutor1 is None:
-        tutor1, _ = reverse_distill_tutor1(tutor, edge, presumed_data, settings, seed=seed)
-    tutor2, _ = reverse_distill_tutor2(tutor, tutor1, edge, presumed_data, settings, seed=seed)
-    return client_delta(tutor1, tutor2, settings)
-
-
-class _TutorRecords:
-    """A tutor as it travels: its full weights to a node that does not hold the tutor's backbone
-    body yet, only its neck/head to one that does (eq. 10 never changes the body)."""
-
-    def __init__(self, model: nn.Module) -> None:
-        self.model = model
-        self._full: ArrayRecord | None = None
-        self._neck_head: ArrayRecord | None = None
-
-    def for_node(self, node: int, nodes_with_body: set[int]) -> ArrayRecord:
-        if node in nodes_with_body:
-            if self._neck_head is None:
-                self._neck_head = state_record(neck_head(self.model))
-            return self._neck_head
-        if self._full is None:
-            self._full = state_record(self.model)
-        return self._full
-
-
-@dataclass
-class EdgeVerdict:
-    """The manufacturer's verdict on one client's re-distilled edge (``DiReDiStrategy.check_edge``)."""
-
-    deploy: bool
-    reason: str
-    figures: dict  # strategies.verify.deploy_check's: {"ap_before" (the reference), "ap_after", "noise", "tolerance"}
-    val_map: float = math.nan  # the candidate edge's validation mAP over the manufacturer's classes
-    seconds: float = 0.0
-
-    def metrics(self) -> dict[str, float]:
-        """"edge-check.*" metrics for the client's record (finite values only)."""
-        out = {"deployed": float(self.deploy), "seconds": self.seconds, "val-map": self.val_map}
-        for name, key in (("ap_before", "ap-reference"), ("ap_after", "ap-candidate"), ("noise", "noise"),
-                          ("tolerance", "tolerance")):
-            out.update({f"{key}.{c}": v for c, v in self.figures.get(name, {}).items()})
-        return {k: v for k, v in encode(EDGE_CHECK, out).items() if math.isfinite(v)}
 
 
 class DiReDiStrategy(Strategy):
@@ -188,35 +120,27 @@ class DiReDiStrategy(Strategy):
         self.tutor, self.edge = tutor.eval(), edge.eval()
         self.validation_data, self.validation_classes = validation_data, list(validation_classes)
         self.settings = settings
-        self.policy = policy or VerificationPolicy()
+        # Every validation figure the gates read (the tutor's and each candidate's, cached per tutor version)
+        self.validator = CandidateValidator(self.tutor, validation_data, self.validation_classes,
+                                            policy or VerificationPolicy(), settings.beta, seed)
         self.presumed_data = presumed_data
         self.share_tutor1, self.redistill, self.edge_check = share_tutor1, redistill, edge_check
         self.spread_data = spread_data
         self.spread_edge = copy.deepcopy(edge).eval() if spread_data is not None else None
         self.aggregation, self.aggregation_options = aggregation, dict(aggregation_options or {})
         self.num_nodes, self.seed = num_nodes, seed
-        self.sampler = ClientSampler(num_nodes, fraction, seed)
+        self.sampler = ClientSampler(num_nodes, fraction, seed)  # also the node id -> partition id map
         self.recorder = recorder or Recorder(self.method)
         self.ledger: RoundLedger | None = None  # the round in progress
         self._accepted = 0  # accepted deltas of the round in progress
-        self._tutor_ap: dict[str, float] | None = None  # cache for the current tutor
-        self._tutor_recall: dict[str, float] = {}  # its recall at the operating threshold (with _tutor_ap)
-        self._tutor_predictions: list[dict] = []  # its detections on the validation images
-        # Candidate tutors evaluated for the current tutor: delta fingerprint -> (AP, detections).
-        self._candidates: dict[str, tuple[dict[str, float], list[dict]]] = {}
-        self._noise: dict[tuple[str, int], dict[str, float]] = {}  # (delta fingerprint, round) -> bootstrap std
         self._screen_seconds: dict[int, float] = {}  # node -> seconds its candidate took on arrival
         self._summary_due: int | None = None  # the round whose updated tutor is still to be recorded
-        self._validation_targets: list[dict] = []
-        self.reference_fn = reference_fn  # the direction check's reference (None: no check)
-        self._reference: Mapping[str, Tensor] | None | bool = False  # the current tutor's (False: not asked yet)
+        self.reference_fn = reference_fn  # the direction check's reference (None: the policy decides)
+        self._reference: Mapping[str, Tensor] | None = None  # the server's reference for the current tutor ...
+        self._reference_asked = False  # ... once asked (reference_delta)
         self._shared_tutor1: tuple[int, nn.Module] | None = None  # (round, the server's Tutor 1 of that round)
-        # The tutor's frozen body's features of the validation images, computed once (False: too large)
-        self._validation_features: BodyFeatureCache | None | bool = None
-        self._class_patches: dict[str, Tensor] | None = None  # the tutor's, for row_score_shift (once per version)
         self._nodes_with_edge: set[int] = set()  # nodes that keep their own edge (client re-distillation)
         self._nodes_with_body: set[int] = set()  # nodes that hold the tutor's backbone body (it never changes)
-        self._partition_of: dict[int, int] = {}  # node id -> partition id, from the replies
         self._restored_partitions: dict[str, list[int]] | None = None  # a checkpoint's, until mapped to nodes
         self.checkpoint_fn: Callable[[int, dict[str, Tensor], dict], Any] | None = None  # called after each round
         # Tutor 1 emulates the edge it is computed from: one shared Tutor 1 serves while every client
@@ -226,6 +150,14 @@ class DiReDiStrategy(Strategy):
         # this round's verdict on each client's re-distilled edge (node -> EdgeVerdict)
         self._edge_reference: tuple[dict[str, float], list[dict]] | None = None
         self._edge_verdicts: dict[int, EdgeVerdict] = {}
+
+    @property
+    def policy(self) -> VerificationPolicy:
+        return self.validator.policy
+
+    @policy.setter
+    def policy(self, policy: VerificationPolicy) -> None:
+        self.validator.policy = policy
 
     # -- Flower hooks ---------------------------------------------------------------------------
 
@@ -264,7 +196,7 @@ class DiReDiStrategy(Strategy):
                 tutors[TUTOR] = self.tutor
         else:
             tutors[TUTOR] = self.tutor
-        as_sent = {name: _TutorRecords(model) for name, model in tutors.items()}
+        as_sent = {name: TutorRecords(model) for name, model in tutors.items()}
         edge_record = state_record(self.edge)
         messages = []
         for node in nodes:
@@ -286,34 +218,28 @@ class DiReDiStrategy(Strategy):
         ok = self.recorder.split(replies, "train", server_round)
         if not self.recorder.tutor_history:
             self.recorder.tutor_history.append(self._tutor_summary(0))
-        decisions, accepted_deltas, accepted_decisions, claimed = [], [], [], []
-        read, read_seconds = [], []
-        for reply in ok:
-            start = time.perf_counter()
-            try:
-                read.append((self._read_delta(reply), None))
-            except MalformedDelta as err:  # e.g. sparse indices outside the tensor
-                read.append((None, str(err)))
-            read_seconds.append(time.perf_counter() - start)
-        references = self._references(server_round, [delta for delta, _ in read])  # before any verify_seconds
-        for reply, (delta, problem), reference, seconds in zip(ok, read, references, read_seconds):
+        # 1. read every delta, then verify each (the direction check's references need all of them)
+        read = [self._timed_read(reply) for reply in ok]
+        references = self._references(server_round, [delta for delta, _, _ in read])  # before any verify_seconds
+        decisions, accepted, claimed = [], [], []  # accepted: (delta, decision); claimed: their claims
+        for reply, (delta, problem, read_seconds), reference in zip(ok, read, references):
             metrics = reply.content[METRICS]
-            start = time.perf_counter() - seconds
+            start = time.perf_counter() - read_seconds
             claims = [name for name in decode(metrics, TRAINED) if name in CLASS_INDEX]
             decision = self.verify(delta, int(metrics[PARTITION_ID]), server_round,
                                    weight=float(metrics.get(NUM_EXAMPLES, math.nan)), problem=problem,
                                    reference=reference, claims=claims)
             entry = ledger.count_up(reply)
             self._nodes_with_body.add(entry.node)  # it received the full tutor once and keeps the body
-            self._partition_of[entry.node] = int(metrics[PARTITION_ID])
+            self.sampler.learn(entry.node, int(metrics[PARTITION_ID]))
             seconds = time.perf_counter() - start + self._screen_seconds.pop(entry.node, 0.0)
             entry.train, entry.decision, entry.verify_seconds = dict(metrics), decision, seconds
             decisions.append(decision)
             if decision.accepted:
-                accepted_deltas.append(delta)
-                accepted_decisions.append(decision)
+                accepted.append((delta, decision))
                 claimed.append(set(claims))
-        # Claims earned, not trusted: each class's rows from the claimers whose candidates improve it (or,
+        accepted_decisions = [decision for _, decision in accepted]
+        # 2. claims earned, not trusted: each class's rows from the claimers whose candidates improve it (or,
         # when none does, hold it; under "improving" nobody's); the decisions record every verdict (strategies.verify).
         if self.policy.claims != "trusted":
             claimed, verdicts = earned_claims([d.claim_gain for d in accepted_decisions],
@@ -322,35 +248,31 @@ class DiReDiStrategy(Strategy):
             for decision, names, verdict in zip(accepted_decisions, claimed, verdicts):
                 decision.claims = {c: v if c in names else f"{v}, dropped" for c, v in verdict.items()}
         trained = [{CLASS_INDEX[name] for name in names} for names in claimed]
-        # Bounded influence: each accepted delta clipped to the policy's norm and to a multiple of the
-        # round's median norm, each claimed weight capped at a multiple of the round's median claim
-        # (strategies.aggregate); the decisions record both.
-        norm_cap = min(self.policy.clip_norm,
-                       median_cap([d.norm for d in accepted_decisions], self.policy.clip_multiple))
-        for i, decision in enumerate(accepted_decisions):
-            accepted_deltas[i], decision.clip_factor = clip_delta(accepted_deltas[i], norm_cap)
-        # ... and each class's rows to a multiple of the median change of that row among the deltas it is
-        # merged from (class-aware: the claimers; any other rule: every accepted delta)
+        # 3. bounded influence (strategies.aggregate.bound_influence); class rows are bounded among the deltas
+        # they are merged from (class-aware: the claimers; any other rule: every accepted delta)
         every = set(range(len(CLASS_INDEX)))
-        members = trained if self.aggregation == "class_aware" else [every] * len(accepted_deltas)
-        accepted_deltas, row_factors = clip_class_rows(accepted_deltas, members, self.policy.row_multiple)
-        for decision, factors in zip(accepted_decisions, row_factors):
-            decision.row_clip = {VOC_CLASSES[c]: f for c, f in factors.items()}
-        weights, cap = cap_weights([d.weight for d in accepted_decisions], self.policy.weight_cap)
-        for decision, used in zip(accepted_decisions, weights):
-            decision.weight_used, decision.weight_cap = used, cap
-            if used < decision.weight:
+        members = trained if self.aggregation == "class_aware" else [every] * len(accepted)
+        bounded = bound_influence([delta for delta, _ in accepted], [d.norm for d in accepted_decisions],
+                                  [d.weight for d in accepted_decisions], members, clip_norm=self.policy.clip_norm,
+                                  clip_multiple=self.policy.clip_multiple, row_multiple=self.policy.row_multiple,
+                                  weight_multiple=self.policy.weight_cap)
+        for i, decision in enumerate(accepted_decisions):
+            decision.clip_factor = bounded.clip_factors[i]
+            decision.row_clip = {VOC_CLASSES[c]: f for c, f in bounded.row_factors[i].items()}
+            decision.weight_used, decision.weight_cap = bounded.weights[i], bounded.weight_cap
+            if decision.weight_used < decision.weight:
                 log.warning("round %d client %d: claimed weight %.4g capped at %.4g", server_round,
-                            decision.client, decision.weight, used)
+                            decision.client, decision.weight, decision.weight_used)
 
         def merge(kept: list[int]) -> dict[str, Tensor]:
             options = dict(self.aggregation_options)
             if self.aggregation == "class_aware":  # each class's rows from the clients whose labels hold it
                 options["client_classes"] = [trained[i] for i in kept]
-            return aggregate([accepted_deltas[i] for i in kept], [weights[i] for i in kept], self.aggregation,
-                             **options)
+            return aggregate([bounded.deltas[i] for i in kept], [bounded.weights[i] for i in kept],
+                             self.aggregation, **options)
 
-        kept = list(range(len(accepted_deltas)))
+        # 4. the merge's operating point, then the merge itself and eq. 10
+        kept = list(range(len(accepted)))
         if kept and math.isfinite(self.policy.operating_tolerance):
             kept = self.operating_point_merge(server_round, kept, merge, accepted_decisions)
         for decision in decisions:  # logged once complete (the verification log is written as it goes)
@@ -361,10 +283,9 @@ class DiReDiStrategy(Strategy):
             log.warning("round %d: no delta accepted; the tutor is unchanged", server_round)
             self.recorder.tutor_history.append(self._tutor_summary(server_round))
             return None, summary
-        merged = merge(kept)
-        load_neck_head(self.tutor, substitute(neck_head(self.tutor), merged, self.settings.beta))
-        self._tutor_ap, self._reference, self._candidates, self._noise = None, False, {}, {}  # all belong to the tutor that was
-        self._class_patches = None
+        load_neck_head(self.tutor, substitute(neck_head(self.tutor), merge(kept), self.settings.beta))
+        self.validator.tutor_changed()  # every cached figure belongs to the tutor that was
+        self._reference, self._reference_asked = None, False
         # The paper's "updated tutor", per round: evaluated by ``record_tutor``, which ``start`` runs
         # while the clients re-distil (nothing in this round needs it before).
         self._summary_due = server_round
@@ -386,7 +307,7 @@ class DiReDiStrategy(Strategy):
         """"train.distill" with the updated tutor (with spread, also the server's edge) to the participants."""
         spread = {SPREAD_EDGE: state_record(self.spread_edge)} if self.spread_edge is not None else {}
         return self._to_participants(server_round, DISTILL, self._config(config, server_round, "stored"),
-                                     TUTOR, _TutorRecords(self.tutor), extra=spread)
+                                     TUTOR, TutorRecords(self.tutor), extra=spread)
 
     def distil_spread_edge(self, server_round: int) -> nn.Module:
         """Spread: the server's edge distilled from the updated tutor on the manufacturer's images
@@ -397,7 +318,7 @@ class DiReDiStrategy(Strategy):
         return edge.eval()
 
     def _to_participants(self, server_round: int, message_type: str, config: ConfigRecord, name: str,
-                         model: "nn.Module | _TutorRecords",
+                         model: "nn.Module | TutorRecords",
                          extra: Mapping[str, ArrayRecord] | None = None) -> list[Message]:
         """One message with ``model`` under ``name`` (and ``extra``'s records) to every node that trained
         this round (bytes counted)."""
@@ -461,13 +382,8 @@ class DiReDiStrategy(Strategy):
         """The manufacturer's edge's validation AP and detections, the edge check's reference (computed
         once: with client re-distillation the server's edge never changes)."""
         if self._edge_reference is None:
-            self._edge_reference = self._validate_edge(self.edge)
+            self._edge_reference = self.validator.validate_edge(self.edge)
         return self._edge_reference
-
-    def _validate_edge(self, edge: nn.Module) -> tuple[dict[str, float], list[dict]]:
-        with torch_threads(VALIDATION_THREADS):
-            predictions, self._validation_targets = predict(edge, self.validation_data)
-        return ap_by_name(predictions, self._validation_targets, self.validation_classes)[0], predictions
 
     def _received_edge(self, reply: Message) -> nn.Module:
         """The edge in a "train.distill" reply, in the manufacturer's edge's architecture (strict loading:
@@ -491,14 +407,9 @@ class DiReDiStrategy(Strategy):
             self._edge_verdicts[node] = EdgeVerdict(False, f"edge not readable: {problem}", {})
             return
         reference_ap, reference_predictions = self.edge_reference()
-        ap, predictions = self._validate_edge(candidate)
-        noise = {}
-        if self.policy.noise_z > 0 and self.policy.protected_classes:
-            ids = [CLASS_INDEX[c] for c in self.policy.protected_classes]
-            server_round = self.ledger.server_round if self.ledger is not None else 0
-            std = bootstrap_ap_drop(reference_predictions, predictions, self._validation_targets, ids,
-                                    samples=self.policy.bootstrap_samples, seed=self.seed + server_round)
-            noise = {c: std[CLASS_INDEX[c]] for c in self.policy.protected_classes}
+        ap, predictions = self.validator.validate_edge(candidate)
+        server_round = self.ledger.server_round if self.ledger is not None else 0
+        noise = self.validator.protected_drop_noise(reference_predictions, predictions, server_round)
         ok, reason, figures = deploy_check(reference_ap, ap, self.policy, noise)
         self._edge_verdicts[node] = EdgeVerdict(ok, reason, figures, nan_mean(ap.values()),
                                                 time.perf_counter() - start)
@@ -537,7 +448,7 @@ class DiReDiStrategy(Strategy):
             log.info("DiReDi round %d/%d", server_round, num_rounds)
             # The tutor's own validation AP: in round 1 with the body's features of the validation images,
             # built here while no client works (later rounds: done while the clients re-distilled).
-            self.tutor_validation_ap()
+            self.validator.tutor_ap()
             messages = self.configure_train(server_round, result.arrays, config, grid)
             # While the clients train, each delta's candidate tutor is evaluated as its reply arrives.
             replies = exchange(grid, messages, timeout, on_reply=self.screen)
@@ -555,13 +466,19 @@ class DiReDiStrategy(Strategy):
                 self.checkpoint_fn(server_round, *self.checkpoint())
         return result
 
+    def final_models(self, result: Result) -> dict[str, dict[str, Tensor]]:
+        """The models a finished run keeps (``strategies.server_app.MethodResult``): the tutor, and the
+        server's edge when the server re-distils it (with client re-distillation every client has its own)."""
+        edge = {"edge_state": self.edge.state_dict()} if self.redistill == "server" else {}
+        return {"tutor_state": self.tutor.state_dict(), **edge}
+
     # -- checkpoint and resume ----------------------------------------------------------------
 
     def checkpoint(self) -> tuple[dict[str, Tensor], dict]:
         """The state the next round needs (``strategies.checkpoint``): tutor and edge (and the spread edge),
         which clients (by partition) hold the tutor's body and an edge of their own, and the tutor's history."""
         def partitions(nodes: set[int]) -> list[int]:
-            return sorted(self._partition_of[n] for n in nodes)
+            return sorted(self.sampler.partition_of(n) for n in nodes)
 
         meta = {"partitions_with_body": partitions(self._nodes_with_body),
                 "partitions_with_edge": partitions(self._nodes_with_edge),
@@ -579,11 +496,10 @@ class DiReDiStrategy(Strategy):
         self._restored_partitions = {k: list(meta[k]) for k in ("partitions_with_body", "partitions_with_edge")}
         self._client_edges_changed = bool(meta["client_edges_changed"])
         self.recorder.tutor_history = list(meta["tutor_history"])
-        self._tutor_ap, self._reference, self._validation_features = None, False, None
-        self._candidates, self._noise, self._class_patches = {}, {}, None
+        self.validator.reset()
+        self._reference, self._reference_asked = None, False
 
     def _map_restored_partitions(self, identities: Mapping[int, int]) -> None:
-        self._partition_of.update(identities)
         holders = self._restored_partitions
         self._nodes_with_body = {n for n, p in identities.items() if p in holders["partitions_with_body"]}
         self._nodes_with_edge = {n for n, p in identities.items() if p in holders["partitions_with_edge"]}
@@ -613,18 +529,19 @@ class DiReDiStrategy(Strategy):
         if not (math.isfinite(weight) and weight >= 0):
             return Decision(client, server_round, False, f"invalid aggregation weight {weight!r}", norm=norm,
                             weight=weight, rejected_by=["weight"])
-        before = self.tutor_validation_ap()
-        after, _ = self.candidate_ap(delta)
+        validator = self.validator
+        before = validator.tutor_ap()
+        after, _ = validator.candidate_ap(delta)
         claims = list(claims) if self.policy.claims != "trusted" else []
-        noise = self.candidate_noise(delta, server_round, claims)
+        noise = validator.candidate_noise(delta, server_round, claims)
         claim_gain = {c: float(after.get(c, math.nan)) - float(before.get(c, math.nan)) for c in claims}
-        shifts = self.claim_shifts(delta, claims)
+        shifts = validator.claim_shifts(delta, claims)
         ok, reason, figures = protected_check(before, after, self.policy, noise)
         outcomes = [("protected", ok, reason)]  # (gate, ok, reason) of every active gate after structure
         kept_ok, kept_reason, kept = kept_check(before, after, self.policy)
         if math.isfinite(self.policy.kept_tolerance):  # at inf the gate only records the drop
             outcomes.append(("kept", kept_ok, kept_reason))
-        recall = self.operating_figures(delta, server_round)  # recorded; the gate checks the merge
+        recall = validator.operating_figures(delta, server_round)  # recorded; the gate checks the merge
         cosine = math.nan
         if reference is False:
             reference = self.reference_delta(server_round)
@@ -640,19 +557,6 @@ class DiReDiStrategy(Strategy):
                         kept_drop=kept["mean_drop"], cosine=cosine, claim_gain=claim_gain,
                         claim_noise={c: noise.get(c, math.nan) for c in claims}, **shifts, **recall)
 
-    def candidate_ap(self, delta: Mapping[str, Tensor]) -> tuple[dict[str, float], list[dict]]:
-        """Validation AP and detections of the candidate tutor eq. 10 makes of ``delta``; each delta is
-        evaluated once per tutor version (``screen`` may have done it while other clients trained)."""
-        key = state_fingerprint(delta)
-        if key not in self._candidates:
-            # The candidate shares the tutor's frozen body (eq. 10 changes only neck/head): no 44 MB copy.
-            body = self.tutor.backbone.body
-            shared = {id(t): t for t in (*body.parameters(), *body.buffers())}
-            candidate = load_neck_head(copy.deepcopy(self.tutor, shared),
-                                       substitute(neck_head(self.tutor), delta, self.settings.beta))
-            self._candidates[key] = self._validate(candidate)
-        return self._candidates[key]
-
     def operating_point_merge(self, server_round: int, kept: list[int], merge: Callable[[list[int]], Mapping],
                               decisions: list[Decision]) -> list[int]:
         """The operating-point gate, on the round's merge: one client's delta alone lowers several classes'
@@ -662,7 +566,7 @@ class DiReDiStrategy(Strategy):
         while it fails, the delta whose leave-one-out merge leaves the least excess drop is rejected
         (``rejected_by`` "operating"). Returns the indices (into ``decisions``) still accepted."""
         def excess(indices: list[int]) -> tuple[bool, str, float]:
-            figures = self.operating_figures(merge(indices), server_round)
+            figures = self.validator.operating_figures(merge(indices), server_round)
             return operating_point_check(figures["recall_before"], figures["recall_after"],
                                          figures["recall_tolerance"])
 
@@ -684,51 +588,6 @@ class DiReDiStrategy(Strategy):
             ok, reason, _ = excess(kept)
         return kept
 
-    def _recall(self, predictions: list[dict]) -> dict[str, float]:
-        """Recall at the operating threshold per validation class of detections on the validation set."""
-        ids = [CLASS_INDEX[c] for c in self.validation_classes]
-        found = recall_at(predictions, self._validation_targets, ids, self.policy.operating_threshold)
-        return {c: found[CLASS_INDEX[c]] for c in self.validation_classes}
-
-    def operating_figures(self, delta: Mapping[str, Tensor], server_round: int) -> dict[str, dict[str, float]]:
-        """The operating point of the candidate tutor of ``delta`` (one client's, or a merge; ``Decision``'s
-        recall_* fields): every validation class's recall at the threshold for the current tutor and the
-        candidate, and for the guarded classes (``strategies.verify.guarded_classes``) the drop's bootstrap
-        std (with ``noise_z``) and the drop allowed."""
-        self.tutor_validation_ap()
-        _, predictions = self.candidate_ap(delta)
-        before, after = self._tutor_recall, self._recall(predictions)
-        guarded = [c for c in guarded_classes(before, self.policy) if c in before]
-        noise = {}
-        if self.policy.noise_z > 0 and guarded:
-            std = bootstrap_recall_drop(self._tutor_predictions, predictions, self._validation_targets,
-                                        [CLASS_INDEX[c] for c in guarded], self.policy.operating_threshold,
-                                        samples=self.policy.bootstrap_samples, seed=self.seed + server_round)
-            noise = {c: std[CLASS_INDEX[c]] for c in guarded}
-        return {"recall_before": dict(before), "recall_after": after, "recall_noise": noise,
-                "recall_tolerance": {c: self.policy.recall_tolerance(noise.get(c, math.nan)) for c in guarded}}
-
-    def candidate_noise(self, delta: Mapping[str, Tensor], server_round: int,
-                        classes: Iterable[str] = ()) -> dict[str, float]:
-        """How much the candidate's AP change on each protected class (and each of ``classes``, a client's
-        claims) moves by chance on the validation images (bootstrap std; empty when ``noise_z`` is 0). Once
-        per candidate and class, like ``candidate_ap``: it depends only on the two tutors' detections and
-        the round's seed, so ``screen`` computes it on arrival instead of ``aggregate_train`` after the
-        last reply."""
-        wanted = [c for c in dict.fromkeys((*self.policy.protected_classes, *classes)) if c in CLASS_INDEX]
-        if not (self.policy.noise_z > 0 and wanted):
-            return {}
-        known = self._noise.setdefault((state_fingerprint(delta), server_round), {})
-        missing = [c for c in wanted if c not in known]
-        if missing:
-            self.tutor_validation_ap()  # the tutor's detections, which the drop is measured from
-            _, predictions = self.candidate_ap(delta)
-            std = bootstrap_ap_drop(self._tutor_predictions, predictions, self._validation_targets,
-                                    [CLASS_INDEX[c] for c in missing], samples=self.policy.bootstrap_samples,
-                                    seed=self.seed + server_round)
-            known.update({c: std[CLASS_INDEX[c]] for c in missing})
-        return {c: known[c] for c in wanted}
-
     def screen(self, reply: Message) -> None:
         """The costly part of verifying a reply, done as soon as it arrives (``strategies.exchange``):
         its candidate tutor's validation AP and the noise of its protected-class drops. Nothing is decided here: ``aggregate_train`` verifies every
@@ -743,10 +602,10 @@ class DiReDiStrategy(Strategy):
             return
         if delta is None or not structural_check(delta, neck_head(self.tutor), self.policy.norm_bound)[0]:
             return
-        self.candidate_ap(delta)
+        self.validator.candidate_ap(delta)
         if self.ledger is not None:
             claims = decode(reply.content[METRICS], TRAINED) if self.policy.claims != "trusted" else ()
-            self.candidate_noise(delta, self.ledger.server_round, claims)
+            self.validator.candidate_noise(delta, self.ledger.server_round, claims)
         self._screen_seconds[reply.metadata.src_node_id] = time.perf_counter() - start
 
     def record_tutor(self) -> None:
@@ -776,7 +635,8 @@ class DiReDiStrategy(Strategy):
         once per round): ``reference_fn``'s, else with ``policy.direction_reference == "server"`` the
         server's own (``server_reference_update``, its seconds shared among the round's clients in
         the records); None when neither."""
-        if self._reference is False:
+        if not self._reference_asked:
+            self._reference_asked = True
             if self.reference_fn is not None:
                 self._reference = self.reference_fn(self.tutor)
             elif self.policy.direction_reference == "server":
@@ -786,67 +646,23 @@ class DiReDiStrategy(Strategy):
                                                           work_seed(self.seed, server_round, SERVER), tutor1)
                 if self.ledger is not None and self.ledger.clients:
                     self.ledger.server_seconds["server_reference"] = (time.perf_counter() - start) / len(self.ledger.clients)
-            else:
-                self._reference = None
         return self._reference
-
-    def _validate(self, model: nn.Module) -> tuple[dict[str, float], list[dict]]:
-        """Per-class AP of ``model`` on the manufacturer's validation set, and its detections.
-
-        Candidates differ from the tutor only in neck/head, so the body's features are computed once
-        (at the server's thread count: ``start`` builds them before round 1's clients start)."""
-        if self._validation_features is None:
-            try:
-                self._validation_features = BodyFeatureCache(self.tutor, self.validation_data,
-                                                             batch_size=VALIDATION_BATCH)
-                log.info("validation features of the tutor's body cached: %.0f MB",
-                         self._validation_features.nbytes / 1e6)
-            except FeaturesTooLarge as too_large:
-                log.info("validation features not cached (%s): every candidate runs its body", too_large)
-                self._validation_features = False
-        with torch_threads(VALIDATION_THREADS):
-            if self._validation_features:
-                predictions, self._validation_targets = self._validation_features.predict(model)
-            else:
-                predictions, self._validation_targets = predict(model, self.validation_data)
-        return ap_by_name(predictions, self._validation_targets, self.validation_classes)[0], predictions
-
-    def claim_shifts(self, delta: Mapping[str, Tensor], claims: Iterable[str]) -> dict[str, dict[str, float]]:
-        """Per claimed class, how the delta's own row of it moves the tutor's top score of that class on the
-        validation images holding it and on the others (``row_score_shift``); empty without claims or
-        without the validation feature cache. Recorded under every claim rule; the "lifting" rule leaves out
-        a claim whose row lowers its class where the class is (``earned_claims``)."""
-        claims = list(claims)
-        if not claims:
-            return {}
-        if self._class_patches is None:
-            self.tutor_validation_ap()  # builds the validation feature cache
-            if not self._validation_features:
-                return {}
-            with torch_threads(VALIDATION_THREADS):
-                self._class_patches = self._validation_features.class_patches(self.tutor)
-        patches = self._class_patches
-        out = {"claim_shift": {}, "claim_shift_negative": {}}
-        for name, key in (("claim_shift", "positive"), ("claim_shift_negative", "negative")):
-            for c in claims:
-                i = CLASS_INDEX[c]
-                counted = float(patches[f"{key}_count"][i]) > 0
-                out[name][c] = row_score_shift(delta, i, patches[key][i]) if counted else math.nan
-        return out
-
-    def tutor_validation_ap(self) -> dict[str, float]:
-        """Per-class validation AP of the current tutor (evaluated once per tutor version)."""
-        if self._tutor_ap is None:
-            self._tutor_ap, self._tutor_predictions = self._validate(self.tutor)
-            self._tutor_recall = self._recall(self._tutor_predictions)
-        return self._tutor_ap
 
     # -- helpers ------------------------------------------------------------------------------
 
     def _tutor_summary(self, server_round: int) -> dict:
-        ap = self.tutor_validation_ap()
+        ap = self.validator.tutor_ap()
         return {"round": server_round, "ap": dict(ap), "mAP": nan_mean(ap.values()),
-                "recall": dict(self._tutor_recall)}  # at the operating threshold
+                "recall": dict(self.validator.tutor_recall)}  # at the operating threshold
+
+    def _timed_read(self, reply: Message) -> tuple[dict[str, Tensor] | None, str | None, float]:
+        """(delta or None, the problem that made it unreadable or None, seconds reading took)."""
+        start = time.perf_counter()
+        try:
+            delta, problem = self._read_delta(reply), None
+        except MalformedDelta as err:  # e.g. sparse indices outside the tensor
+            delta, problem = None, str(err)
+        return delta, problem, time.perf_counter() - start
 
     def _read_delta(self, reply: Message) -> dict[str, Tensor] | None:
         """The reply's delta in float32 (dense, whatever precision or sparsity it travelled in)."""

@@ -173,6 +173,14 @@ class ClientSampler:
             self._identify(grid, unknown)
         return {node: self._identity[node] for node in everyone}
 
+    def learn(self, node: int, partition: int) -> None:
+        """A node's partition id as a reply reports it (the same map the "query" fills)."""
+        self._identity[node] = partition
+
+    def partition_of(self, node: int) -> int:
+        """The partition id of a node that has answered (a reply or a "query")."""
+        return self._identity[node]
+
     def _identify(self, grid: Grid, nodes: list[int]) -> None:
         messages = [Message(content=RecordDict({CONFIG: ConfigRecord({})}), message_type=QUERY, dst_node_id=node)
                     for node in nodes]

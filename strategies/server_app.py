@@ -194,23 +194,15 @@ def _run_method(method: str, session: Session, grid: Grid | None, recorder: Reco
         if saved is not None:
             rounds_done, tensors, meta = saved
             log.warning("%s: resuming after round %d of %d (checkpoint)", method, rounds_done, config.rounds)
-            if isinstance(strategy, DiReDiStrategy):
-                strategy.restore(tensors, meta)
-            else:
-                initial, strategy.round_offset = strategy.restored_arrays(tensors), rounds_done
-                strategy.restore_server_state(tensors)  # FedAvgM's momentum, FedAdam's moments
+            strategy.restore(tensors, meta)
         strategy.checkpoint_fn = lambda r, tensors, meta: save_checkpoint(folder.checkpoints_path, method, r,
                                                                           tensors, meta)
-    options = {"start_round": rounds_done + 1} if isinstance(strategy, DiReDiStrategy) else {}
-    result = strategy.start(grid=grid, initial_arrays=initial,
-                            num_rounds=config.rounds - (0 if options else rounds_done),
+    result = strategy.start(grid=grid, initial_arrays=initial, num_rounds=config.rounds, start_round=rounds_done + 1,
                             timeout=config.timeout_s, train_config=run_config,
-                            evaluate_config=ConfigRecord(dict(run_config)), **options)
+                            evaluate_config=ConfigRecord(dict(run_config)))
     seconds = time.perf_counter() - start
-    if isinstance(strategy, DiReDiStrategy):
-        return MethodResult(method, recorder, seconds, tutor_state=_clone(strategy.tutor.state_dict()),
-                            edge_state=_clone(strategy.edge.state_dict()) if config.redistill == "server" else None)
-    return MethodResult(method, recorder, seconds, edge_state=_clone(result.arrays.to_torch_state_dict()))
+    models = {name: _clone(state) for name, state in strategy.final_models(result).items()}
+    return MethodResult(method, recorder, seconds, **models)
 
 
 def _clone(state) -> dict[str, Tensor]:

@@ -14,7 +14,7 @@ The gates:
    ``min_cosine``. The reference (``direction_reference``) is either "peers", the coordinate-wise
    median of the round's other well-formed deltas (``peer_reference``; the default), or "server",
    the server's own RD update on its public presumed data (FLTrust, Cao et al. 2021;
-   ``strategies.diredi.server_reference_update``). The default threshold is ``chance_cosine``: what
+   ``distill.rd.server_reference_update``). The default threshold is ``chance_cosine``: what
    a random direction does not reach by chance. Measured (``experiments/results/direction.md``):
    honest deltas score 0.14-0.38 against their peers in rounds 1 and 2, sign-flipped ones as much
    below zero, random ones at most 0.006 against a threshold of 0.007; against the server's update,

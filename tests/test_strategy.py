@@ -346,7 +346,7 @@ def zeros_like_nh(model):
 
 
 def test_trained_tutor_detects_the_protected_class(strategy):
-    assert strategy.tutor_validation_ap()["person"] > 0.3  # else the erasure test below proves nothing
+    assert strategy.validator.tutor_ap()["person"] > 0.3  # else the erasure test below proves nothing
 
 
 def test_tutor_unchanged_when_every_delta_is_rejected(strategy):
@@ -714,7 +714,7 @@ def test_server_reference_update_rejects_a_sign_flip_and_passes_its_own_directio
     and a random delta of the same norm do not."""
     import copy
 
-    from strategies.diredi import server_reference_update
+    from distill.rd import server_reference_update
 
     settings = RDSettings.from_profile(get_profile("smoke"))
     presumed, edge = Squares(16, 3), build_model("smoke", "edge", seed=1)
@@ -823,9 +823,9 @@ def test_screening_on_arrival_leaves_the_decisions_as_they_were_and_evaluates_ea
     screened = fresh()
     screened._open_round(1)  # configure_train opens the round before the replies come
     evaluated, bootstraps = [], []
-    validate = screened._validate
-    screened._validate = lambda model: evaluated.append(model) or validate(model)
-    with mock.patch("strategies.diredi.bootstrap_ap_drop",
+    validate = screened.validator.validate
+    screened.validator.validate = lambda model: evaluated.append(model) or validate(model)
+    with mock.patch("strategies.validator.bootstrap_ap_drop",
                     side_effect=lambda *a, **k: bootstraps.append(1) or bootstrap_ap_drop(*a, **k)):
         arrived = replies()
         for message in arrived:  # as strategies.exchange hands them over
@@ -839,7 +839,7 @@ def test_screening_on_arrival_leaves_the_decisions_as_they_were_and_evaluates_ea
            [{k: d.to_dict()[k] for k in keep} for d in plain.recorder.decisions]
     for name, value in screened.tutor.state_dict().items():
         assert torch.equal(value, plain.tutor.state_dict()[name]), name
-    assert not screened._candidates and not screened._noise  # they belonged to the tutor before the merge
+    assert not screened.validator._candidates and not screened.validator._noise  # they belonged to the tutor before the merge
 
 
 def test_the_updated_tutor_is_recorded_once_per_round(strategy):
@@ -851,7 +851,7 @@ def test_the_updated_tutor_is_recorded_once_per_round(strategy):
     strategy.record_tutor()
     history = strategy.recorder.tutor_history
     assert [entry["round"] for entry in history] == [0, 1]
-    assert history[1]["ap"] == strategy.tutor_validation_ap()
+    assert history[1]["ap"] == strategy.validator.tutor_ap()
 
 
 # -- the edge check: the manufacturer's gate before a client deploys its re-distilled edge ------------
@@ -1044,7 +1044,7 @@ def test_a_delta_that_lowers_every_score_of_a_class_passes_the_ap_gate_and_not_t
     assert shifted.rejected_by == ["operating"] and "person recall" in shifted.reason
     assert decisions[0].accepted and decisions[2].accepted and metrics["accepted"] == 2
     assert set(decisions[0].recall_tolerance) == {"person"} and decisions[0].recall_tolerance["person"] >= 0.1
-    assert strategy.tutor_validation_ap()["person"] == pytest.approx(shifted.ap_before["person"], abs=0.02)
+    assert strategy.validator.tutor_ap()["person"] == pytest.approx(shifted.ap_before["person"], abs=0.02)
     alone = make(0.1)  # a lone failing delta is rejected too: the tutor stays as it was
     arrays, metrics = alone.aggregate_train(1, [reply(1, shift)])
     assert arrays is None and metrics["accepted"] == 0
@@ -1143,7 +1143,7 @@ def test_a_false_claim_does_not_change_the_claimed_class_row(trained_tutor):
     merged = neck_head(strategy.tutor)
     for name in rows:  # the honest client's row alone, at full strength
         assert torch.allclose(merged[name][PERSON], neck_head(trained_tutor)[name][PERSON], atol=1e-5)
-    assert strategy.tutor_validation_ap()["person"] > 0.3
+    assert strategy.validator.tutor_ap()["person"] > 0.3
     trusting, decisions = run("trusted")
     assert decisions[1].claims == {} and decisions[1].claim_gain == {} and decisions[1].claim_shift == {}
     expected = neck_head(damaged)[rows[1]][PERSON] + (10 * honest[rows[1]][PERSON] + 80 * 0.1) / 90
