@@ -296,7 +296,7 @@ def main(argv=None) -> int:
                         help="each class's rows clipped to this multiple of the round's median row change (inf: off)")
     args = parser.parse_args(argv)
     from protocol.config import resolve_run_config
-    from strategies.server_app import Session
+    from session.workspace import Session
 
     torch.set_num_threads(1)  # the server's work is small; leave the cores to the clients
     config = replace(resolve_run_config({"profile": args.profile, "rounds": args.rounds,

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from data.workspace import prepare
+from session.workspace import prepare
 from evaluation.ap import per_class_ap
 from models.compute import LAYOUTS, PRECISIONS, Compute, computing
 

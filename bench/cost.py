@@ -36,7 +36,8 @@ from evaluation.features import BodyFeatureCache
 from models.parts import load_neck_head, neck_head
 from protocol.config import resolve_run_config
 from strategies.ledger import Recorder
-from strategies.server_app import Session, make_strategy
+from session.workspace import Session
+from strategies.server_app import make_strategy
 
 
 def traffic_and_rounds(folder: Path) -> dict:

@@ -42,7 +42,7 @@ from bench.run_folder import add_run_arguments, open_run, write_cost_keys
 from distill.body_memo import BodyMemo
 from distill.rd import distill_c_phase, tutor1_phase, tutor2_phase
 from protocol.wire import work_seed
-from strategies.server_app import Session
+from session.workspace import Session
 
 
 class _Ids:

@@ -41,7 +41,7 @@ def open_run(folder: Path, threads: int | None = None):
     import torch
 
     from protocol.config import resolve_run_config
-    from strategies.server_app import Session
+    from session.workspace import Session
 
     if threads is not None:
         torch.set_num_threads(threads)

@@ -63,7 +63,7 @@ from torch import nn
 from clients.store import (is_body_reference, load_client_state, open_body_cache, read_body, save_body_memo,
                            save_body_outputs, save_client_state, store_body, take_body_memo)
 from data.voc import CLASS_INDEX, DataError
-from data.workspace import Workspace
+from session.workspace import Workspace, workspace_of
 from distill.body_memo import BodyMemo
 from distill.rd import (client_delta, direct_training, distill_c, fine_tune, reverse_distill_tutor1,
                         reverse_distill_tutor2)
@@ -297,7 +297,7 @@ def _common(msg: Message, context: Context):
     run = node_run_config(RunConfig.from_record(config), context.node_config)
     partition = int(context.node_config["partition-id"])
     seed = work_seed(run.training_seed, int(config.get(SERVER_ROUND, 0)), partition)
-    return config, run, run.workspace(), partition, seed
+    return config, run, workspace_of(run), partition, seed
 
 
 def _identity(ws: Workspace, partition: int) -> dict[str, float]:

@@ -42,7 +42,7 @@ from distill.trainer import KDRecipe, PAPER_FGD, train
 from models.parts import delta_norm
 from evaluation.ap import evaluate_model, nan_mean
 from data.voc import VOC_CLASSES
-from data.workspace import prepare
+from session.workspace import prepare
 
 SECTIONS = ("balance", "links", "rd", "scratch")
 log = logging.getLogger("ablate")

@@ -36,6 +36,7 @@ from torch import Tensor, nn
 from evaluation.ap import nan_mean, per_class_ap
 from protocol.config import RunConfig, resolve_run_config
 from protocol.wire import work_seed
+from session.workspace import workspace_of
 
 RESULTS = Path("experiments/results")
 TIE_POINTS = 0.5  # validation mAP differences below this are not a reason to pay more steps
@@ -81,7 +82,7 @@ def run_point(config: RunConfig, lr: float, steps: int, mu: float, rounds: int) 
     import copy
 
     torch.set_num_threads(1)  # one process per core, as the Flower clients run
-    ws = config.workspace()
+    ws = workspace_of(config)
     edge = copy.deepcopy(ws.chain(progress=False).edge).cpu()
     settings = replace(config.rd_settings(), lr=lr)
     data = [ws.client_train(i) for i in range(len(ws.clients))]
@@ -154,7 +155,7 @@ def main(argv=None) -> int:
     if min(args.lrs) <= 0 or min(args.steps) < 1 or min(args.mus) <= 0:
         parser.error("--lrs and --mus must be > 0, --steps at least 1")
     config = resolve_run_config({"profile": args.profile, "num-clients": args.clients, "cache-dir": args.cache})
-    config.workspace().chain(progress=True)  # built once here, not in every worker
+    workspace_of(config).chain(progress=True)  # built once here, not in every worker
     max_steps = args.max_steps or config.diredi_client_steps
     start = time.perf_counter()
     fedavg = run_grid(config, [(lr, steps, 0.0) for steps in args.steps for lr in args.lrs], args.rounds, args.workers)

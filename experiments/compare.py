@@ -64,13 +64,13 @@ def replicate_command(args: argparse.Namespace, replicate: int, settings: dict) 
 
 def fingerprints(args: argparse.Namespace) -> dict[str, str]:
     """Hashes of the manufacturer's weights and of every shard: what all replicates must share."""
-    from data.workspace import records_fingerprint
+    from session.workspace import records_fingerprint, workspace_of
     from models.io import state_fingerprint
     from protocol.config import resolve_run_config
 
     config = resolve_run_config({"profile": args.profile, "scenario": args.scenario, "num-clients": args.clients,
                                  "cache-dir": args.cache, "precision": args.precision, "layout": args.layout})
-    ws = config.workspace()
+    ws = workspace_of(config)
     chain = ws.chain(progress=True)
     shards = ws.shards
     out = {role: state_fingerprint(getattr(chain, role).state_dict()) for role in ("teacher", "tutor", "edge")}

@@ -26,7 +26,7 @@ from models.parts import delta_norm
 from protocol.config import resolve_run_config
 from protocol.wire import pack_delta, top_k, unpack_delta
 from strategies.aggregate import aggregate
-from strategies.server_app import Session
+from session.workspace import Session
 
 
 def main(argv=None) -> int:

@@ -33,7 +33,7 @@ from models.parts import delta_norm
 from protocol.config import resolve_run_config
 from protocol.wire import SERVER, work_seed
 from distill.rd import server_reference_update
-from strategies.server_app import Session
+from session.workspace import Session
 from strategies.verify import cosine_score
 
 

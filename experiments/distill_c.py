@@ -26,7 +26,7 @@ from evaluation.ap import nan_mean, per_class_ap
 from protocol.config import resolve_run_config
 from protocol.wire import work_seed
 from strategies.aggregate import aggregate
-from strategies.server_app import Session
+from session.workspace import Session
 
 
 def main(argv=None) -> int:

@@ -51,7 +51,7 @@ def federated_run(session, clip: float, noise: float, delta: float) -> dict:
     """One DiReDi run of the session's configuration with DP at (clip, noise); its figures."""
     from evaluation.metrics import max_dp_epsilon, method_means, method_table
     from sim.federation import run_federation
-    from strategies.server_app import Session
+    from session.workspace import Session
 
     config = replace(session.config, dp_clip=clip, dp_noise=noise, dp_delta=delta)
     start = time.perf_counter()
@@ -169,7 +169,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     from models.parts import neck_head
     from protocol.config import resolve_run_config
-    from strategies.server_app import Session
+    from session.workspace import Session
 
     torch.set_num_threads(1)  # the server's work is small; leave the cores to the clients
     config = resolve_run_config({"profile": args.profile, "num-clients": args.clients, "rounds": args.rounds,

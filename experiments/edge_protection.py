@@ -35,7 +35,7 @@ from experiments.merge import round_one_deltas
 from protocol.config import resolve_run_config
 from protocol.wire import work_seed
 from strategies.aggregate import aggregate
-from strategies.server_app import Session
+from session.workspace import Session
 
 
 def scores(model, val, classes, spec, protected) -> dict:

@@ -33,6 +33,7 @@ from evaluation.ap import per_class_ap, predict
 from experiments.baseline_grid import weighted_average
 from protocol.config import resolve_run_config
 from protocol.wire import work_seed
+from session.workspace import workspace_of
 
 SCORE_FLOOR = 1e-3
 
@@ -68,7 +69,7 @@ def mean(values) -> float:
 
 
 def run(config, rounds: int, label_skew_aware: bool) -> list[dict]:
-    ws = config.workspace()
+    ws = workspace_of(config)
     edge = copy.deepcopy(ws.chain(progress=False).edge).cpu()
     settings, val = config.rd_settings(), ws.validation_set()
     new = sorted({c for spec in ws.clients for c in spec.private}, key=CLASS_INDEX.get)

@@ -26,7 +26,7 @@ from models.parts import delta_norm
 from protocol.config import resolve_run_config
 from protocol.wire import SERVER, work_seed
 from strategies.aggregate import aggregate
-from strategies.server_app import Session
+from session.workspace import Session
 
 # (label, aggregation, options); every one is also tried at each --betas value
 MERGES = [

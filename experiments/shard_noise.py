@@ -28,6 +28,7 @@ from distill.rd import direct_training
 from evaluation.ap import bootstrap_mean_ap_change, predict
 from protocol.config import resolve_run_config
 from protocol.wire import work_seed
+from session.workspace import workspace_of
 
 TARGET_SD = 2.0  # percentage points: the study issue's bound on one client's gain noise
 
@@ -64,7 +65,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
     config = resolve_run_config({"profile": args.profile, "num-clients": args.clients, "cache-dir": args.cache})
-    ws = config.workspace()
+    ws = workspace_of(config)
     edge = ws.chain(progress=True).edge.cpu().eval()
     rows = []
     for client in range(len(ws.clients)):

@@ -29,7 +29,7 @@ from distill.rd import (RDSettings, client_delta, direct_training, distill_c, re
 from models.parts import delta_norm
 from evaluation.ap import evaluate_model
 from data.voc import VOC_CLASSES
-from data.workspace import prepare
+from session.workspace import prepare
 
 PAPER_TABLE3 = {  # mAP, from the paper's Table III (VOC, GPU), for side-by-side reading
     "exp1": {"Tutor 1": 53.7, "Tutor 2": 56.3, "Original tutor": 57.0, "Updated tutor": 58.7,

@@ -248,13 +248,6 @@ class RunConfig:
 
         return Compute(self.precision, self.layout)
 
-    def workspace(self, num_clients: int | None = None):
-        """Data, scenario and shards (``data.workspace.Workspace``), memoised per process."""
-        from data.workspace import cached_workspace
-
-        return cached_workspace(self.profile, self.scenario, num_clients or self.num_clients, self.seed,
-                                self.data, self.voc_root, self.cache_dir, self.device, self.compute())
-
     def run_name(self) -> str:
         sampled = f"-f{self.fraction:g}" if self.fraction < 1 else ""
         return (f"{Path(self.scenario).stem}-{self.profile}-{self.data}-c{self.num_clients}{sampled}"

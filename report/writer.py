@@ -38,7 +38,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.patches import Patch, Rectangle  # noqa: E402
 
-from strategies.checkpoint import checkpoint_round  # noqa: E402
+from report.checkpoint import checkpoint_round  # noqa: E402
 from evaluation.metrics import (  # noqa: E402
     DETECTION_METRICS,
     is_missing,
@@ -213,7 +213,7 @@ class RunFolder:
 
     @property
     def checkpoints_path(self) -> Path:
-        """Each unfinished federated method's server state after its last round (``strategies.checkpoint``)."""
+        """Each unfinished federated method's server state after its last round (``report.checkpoint``)."""
         return self.path / "checkpoints"
 
     @property

@@ -23,7 +23,8 @@ from flwr.serverapp import Grid, ServerApp
 from protocol.config import RunConfig
 from strategies.exchange import packed_grid
 from strategies.ledger import Recorder
-from strategies.server_app import MethodResult, Session, run_method
+from session.workspace import Session
+from strategies.server_app import MethodResult, run_method
 from strategies.verify import VerificationPolicy
 
 

@@ -244,7 +244,8 @@ def run(args: argparse.Namespace, argv=None) -> int:
 
     from evaluation.metrics import method_means, method_table
     from report.writer import RunFolder
-    from strategies.server_app import Session, run_methods, write_summary
+    from session.workspace import Session
+    from strategies.server_app import run_methods, write_summary
 
     torch.manual_seed(config.training_seed)
     # One torch thread per core that is not busy elsewhere: more threads than free cores slow torch
@@ -269,7 +270,7 @@ def run(args: argparse.Namespace, argv=None) -> int:
         return 2
     done = folder.read_done()  # (non-empty only with --resume)
     if args.resume:
-        from strategies.checkpoint import checkpoint_round
+        from report.checkpoint import checkpoint_round
 
         partial = {m: checkpoint_round(folder.checkpoints_path, m) for m in config.methods if m not in done}
         print(f"resuming {folder.path}: reusing {', '.join(done) or 'nothing'}"

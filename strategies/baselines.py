@@ -35,7 +35,7 @@ from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 from torch import Tensor
 
 from protocol.wire import DIRECT_WORK, METHOD, METRICS, WORK
-from strategies.checkpoint import prefixed, unprefixed
+from report.checkpoint import prefixed, unprefixed
 from strategies.ledger import ClientSampler, Recorder, RoundLedger
 
 
@@ -102,7 +102,7 @@ class RecordingMixin:
         return metrics
 
     def checkpoint(self) -> tuple[dict[str, Tensor], dict]:
-        """The global model after the round and the server optimiser's state (``strategies.checkpoint``)."""
+        """The global model after the round and the server optimiser's state (``report.checkpoint``)."""
         state = {k: torch.from_numpy(np.array(v)) for k, v in self.server_state().items()}
         return {**prefixed("global", self._arrays.to_torch_state_dict()), **prefixed("server", state)}, {}
 

@@ -26,7 +26,7 @@ from multiprocessing import get_context
 from torch import nn
 from torch.utils.data import ConcatDataset
 
-from data.workspace import Workspace
+from session.workspace import Workspace, workspace_of
 from distill.rd import RDSettings, direct_training
 from evaluation.ap import MODEL_SCORE_THRESH, per_class_ap
 from models.compute import computing
@@ -98,7 +98,7 @@ def _job(config: RunConfig, method: str, client: int | None) -> list[dict]:
 
     torch.set_num_threads(1)
     torch.manual_seed(config.training_seed)
-    workspace = config.workspace()
+    workspace = workspace_of(config)
     edge = workspace.chain(progress=False).edge.cpu()
     recorder = Recorder(method)
     args = (config.rounds, config.diredi_client_steps, config.rd_settings(), config.training_seed, recorder)

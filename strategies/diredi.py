@@ -53,7 +53,7 @@ from protocol.wire import (AFTER, AP_AFTER, AP_BEFORE, BEFORE, CONFIG, DELTA, DE
                            SERVER_ROUND, SPREAD_EDGE, TRAIN, TRAINED, TUTOR, TUTOR1, WORK, MalformedDelta, TutorRecords,
                            decode, encode, state_record, unpack_delta, work_seed)
 from strategies.aggregate import AGGREGATION_METHODS, aggregate, bound_influence
-from strategies.checkpoint import prefixed, unprefixed
+from report.checkpoint import prefixed, unprefixed
 from strategies.exchange import exchange
 from strategies.ledger import ClientSampler, Recorder, RoundLedger
 from strategies.validator import CandidateValidator, EdgeVerdict
@@ -475,7 +475,7 @@ class DiReDiStrategy(Strategy):
     # -- checkpoint and resume ----------------------------------------------------------------
 
     def checkpoint(self) -> tuple[dict[str, Tensor], dict]:
-        """The state the next round needs (``strategies.checkpoint``): tutor and edge (and the spread edge),
+        """The state the next round needs (``report.checkpoint``): tutor and edge (and the spread edge),
         which clients (by partition) hold the tutor's body and an edge of their own, and the tutor's history."""
         def partitions(nodes: set[int]) -> list[int]:
             return sorted(self.sampler.partition_of(n) for n in nodes)

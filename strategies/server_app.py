@@ -29,14 +29,12 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Strategy
 from torch import Tensor
 
-from data.workspace import Workspace
-from distill.chain import Chain
-from evaluation.ap import per_class_ap
+from session.workspace import Session
 from models.compute import computing
 from models.parts import neck_head
-from protocol.config import FEDERATED, RunConfig, resolve_run_config
+from protocol.config import FEDERATED, resolve_run_config
 from protocol.wire import FINE_TUNE, OWN_CLASSES, STATE_DIR, state_record
-from strategies.checkpoint import load_checkpoint, save_checkpoint
+from report.checkpoint import load_checkpoint, save_checkpoint
 from evaluation.metrics import run_summary
 from report.writer import SUMMARY, TUTOR_HISTORY, RunFolder, write_all
 from strategies.baselines import RecordingFedAdam, RecordingFedAvg, RecordingFedAvgM, RecordingFedProx
@@ -48,46 +46,6 @@ from strategies.ledger import ClientSampler, Recorder, sample_count
 from strategies.verify import VerificationPolicy
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class Session:
-    """What the server holds for a run: its configuration, data and the manufacturer's models."""
-
-    config: RunConfig
-    workspace: Workspace
-    chain: Chain
-
-    @classmethod
-    def open(cls, config: RunConfig, progress: bool = False) -> "Session":
-        workspace = config.workspace()
-        chain = workspace.chain(progress=progress)
-        for model in (chain.teacher, chain.tutor, chain.edge):
-            model.cpu()  # the federation (Ray actors, wire format) works on CPU tensors
-        return cls(config, workspace, chain)
-
-    def details(self) -> dict:
-        """What config.json adds to the configuration for a reader: resolved settings and shards."""
-        return {"profile_spec": self.workspace.profile.to_dict(), "rd_settings": self.config.rd_settings().to_dict(),
-                "client_specs": self.client_specs(), "shards": self.workspace.shards.sizes()}
-
-    def client_specs(self) -> list[dict]:
-        protected = list(self.workspace.scenario.protected_classes)
-        return [{"client": i, "name": c.name, "private": list(c.private), "kept": list(c.kept),
-                 "dropped": list(c.dropped), "protected": [p for p in protected if p in c.kept]}
-                for i, c in enumerate(self.workspace.clients)]
-
-    def stage_rows(self) -> dict[str, dict]:
-        """The manufacturer's models on its own validation set (Table III's first rows)."""
-        s, ws = self.workspace.scenario, self.workspace
-        rows = {}
-        with computing(self.config.compute()):
-            for label, model, classes in [("Large (teacher)", self.chain.teacher, s.teacher_classes),
-                                          ("Tutor after Distill A", self.chain.tutor, s.presumed_classes),
-                                          ("Edge after Distill B", self.chain.edge, s.presumed_classes)]:
-                _, rows[label] = per_class_ap(model, ws.dataset(ws.shards.manufacturer_val, classes), classes,
-                                              score_thresh=self.config.operating_threshold)
-        return rows
 
 
 @dataclass
@@ -166,7 +124,7 @@ def run_method(method: str, session: Session, grid: Grid | None, recorder: Recor
     """Runs every round of ``method``; federated methods need the ``grid``.
 
     With a run ``folder``, a federated method checkpoints its server state after every round and
-    starts from the folder's checkpoint when there is one (``strategies.checkpoint``); with
+    starts from the folder's checkpoint when there is one (``report.checkpoint``); with
     ``client_state`` the clients also keep their state in the folder (``clients.store``: simulated
     clients share this machine's disk)."""
     if method not in CENTRALISED and grid is None:

@@ -9,7 +9,7 @@ from distill.fgd import PKDLoss, pkd_level_loss, standardize_channels
 from distill.trainer import KDRecipe, LossBalance, Phase, resolve_device, to_device, train
 from models.ladder import build_model, get_profile
 from models.parts import inherit_neck_head, neck_head, split_parameters
-from data.workspace import prepare
+from session.workspace import prepare
 
 
 @pytest.fixture(scope="module")

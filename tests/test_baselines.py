@@ -19,7 +19,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, Metadata, MetricRecord, RecordDict
 
 from data.voc import CLASS_INDEX
-from data.workspace import prepare
+from session.workspace import prepare
 from distill.rd import RDSettings, direct_training
 from distill.trainer import ClassMask
 from models.ladder import build_model, detection_losses, get_profile, neck_features
@@ -103,7 +103,7 @@ def fake_session(**settings):
     """make_strategy reads the configuration and the manufacturer's edge only (no data, no training)."""
     from types import SimpleNamespace
 
-    from strategies.server_app import Session
+    from session.workspace import Session
 
     config = resolve_run_config({"profile": "smoke", "num-clients": 2, "rounds": 1, **settings})
     return Session(config, None, SimpleNamespace(edge=build_model("smoke", "edge", seed=0)))
@@ -461,7 +461,8 @@ def test_a_diredi_client_distils_from_the_spread_edge_when_one_comes(cache, tmp_
 def test_the_four_baselines_run_on_flower(cache, threads_one):
     from sim.federation import simulate
     from strategies.ledger import Recorder
-    from strategies.server_app import Session, run_method
+    from session.workspace import Session
+    from strategies.server_app import run_method
     from tests.test_flower import check_records
 
     session = Session.open(resolve_run_config({"profile": "smoke", "num-clients": 2, "rounds": 1,

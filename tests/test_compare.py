@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from data.workspace import Workspace
+from session.workspace import Workspace, workspace_of
 from evaluation.ap import bootstrap_ap_drop, bootstrap_mean_ap_change
 from protocol.config import ConfigError, resolve_run_config
 from protocol.wire import work_seed
@@ -96,7 +96,7 @@ def test_the_fedavg_skew_diagnosis_runs_on_validation_data_only(smoke_cache, mon
                                  "rd-iters": 1, "redistill-iters": 1})
     for aware in (False, True):
         rows = fedavg_skew.run(config, rounds=1, label_skew_aware=aware)
-        new = {c for spec in config.workspace().clients for c in spec.private}
+        new = {c for spec in workspace_of(config).clients for c in spec.private}
         assert {row["class"] for row in rows} == new
         assert all(0.0 <= row["score_global"] <= 1.0 and row["holders"] >= 1 for row in rows)
 

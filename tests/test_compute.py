@@ -96,7 +96,7 @@ def test_channels_last_changes_the_layout_not_the_detections():
 
 @needs_bf16
 def test_a_bfloat16_client_round_keeps_weights_deltas_and_ap_float32(smoke_cache):
-    from data.workspace import prepare
+    from session.workspace import prepare
 
     ws = prepare("smoke", "default8", num_clients=2, cache_dir=smoke_cache)
     profile = get_profile("cpu")  # a ResNet tutor, so bfloat16 really runs

@@ -23,7 +23,7 @@ from data.scenario import (
 )
 from data.synth import write_synthetic_voc
 from data.voc import VOC_CLASSES, DataError, VOCDetection, VOCObject, VOCRecord, collate_detection, read_voc
-from data.workspace import prepare
+from session.workspace import prepare
 
 EXP_CLASSES = ("aeroplane", "bus", "car", "cat", "dog", "horse", "motorbike", "person", "sheep", "tvmonitor")
 

@@ -15,7 +15,7 @@ from distill.chain import cached_stage
 from distill.trainer import Phase, train
 from models.ladder import build_model, detection_losses, get_profile, neck_features
 from models.parts import neck_head, split_parameters
-from data.workspace import prepare
+from session.workspace import prepare
 
 
 @pytest.fixture(scope="module")

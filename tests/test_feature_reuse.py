@@ -209,7 +209,7 @@ def test_matching_on_arrays_equals_the_greedy_loop(seed):
 
 
 def test_rd_tutors_share_the_frozen_body_and_learn_exactly_as_with_full_copies(smoke_cache):
-    from data.workspace import prepare
+    from session.workspace import prepare
     from distill.rd import RDSettings, client_delta, reverse_distill_tutor1, reverse_distill_tutor2
 
     ws = prepare("smoke", "default8", num_clients=1, seed=0, cache_dir=smoke_cache)

@@ -17,7 +17,7 @@ from protocol.config import resolve_run_config
 from protocol.wire import WHERE
 from sim.federation import run_federation
 from strategies.ledger import Recorder
-from strategies.server_app import Session
+from session.workspace import Session
 from strategies.verify import VerificationPolicy
 
 NUM_CLIENTS = 2

@@ -203,7 +203,7 @@ def test_clients_privatise_their_deltas_and_count_their_budget(smoke_cache):
     from protocol.wire import DELTA, METRICS, PARTITION_ID, unpack_delta
     from sim.federation import run_federation
     from strategies.ledger import Recorder
-    from strategies.server_app import Session
+    from session.workspace import Session
 
     clip, sigma = 0.05, 0.5
     session = Session.open(resolve_run_config({

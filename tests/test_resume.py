@@ -19,7 +19,7 @@ from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
 from clients.store import is_body_reference, load_client_state, read_body, save_client_state
 from models.io import CorruptWeights
-from strategies.checkpoint import checkpoint_round, load_checkpoint, save_checkpoint
+from report.checkpoint import checkpoint_round, load_checkpoint, save_checkpoint
 
 TIMING = ("seconds", "round_wall_s", "peak_rss_mb", "where")  # wall-clock, memory and placement differ run to run
 

@@ -1,7 +1,10 @@
-"""Everything a run needs before training: data on disk, the scenario, shards and data sets.
+"""Everything a run needs before the federation starts: data on disk, the scenario, shards and data
+sets (``Workspace``), the manufacturer chain it trains or finds cached (``Workspace.chain``), and the
+server's view of all of it with the run configuration (``Session``).
 
 Shared by both Flower apps, ``python -m sim.run`` and the experiment scripts, so all of them see
-the same data for a seed.
+the same data for a seed. This package sits above ``data/``, ``distill/`` and ``protocol/``: the data
+layer reads and cuts data, the distillation layer trains, and only the session puts them together.
 """
 
 from __future__ import annotations
@@ -16,7 +19,9 @@ from torch.utils.data import ConcatDataset, Dataset
 
 from distill.chain import Chain, ChainData, manufacturer_chain
 from distill.trainer import resolve_device
-from models.compute import FLOAT32, Compute
+from evaluation.ap import per_class_ap
+from models.compute import FLOAT32, Compute, computing
+from protocol.config import RunConfig
 from models.ladder import Profile, get_profile
 from data.scenario import ClientSpec, Scenario, Shards, load_scenario, make_shards, select_clients
 from data.synth import ensure_synthetic_voc
@@ -127,3 +132,49 @@ def cached_workspace(profile: str, scenario: str, num_clients: int, seed: int, d
     (data is read-only; per-client state lives in Flower's ``context.state``)."""
     return prepare(profile, scenario, num_clients=num_clients, seed=seed, data=data, voc_root=voc_root or None,
                    cache_dir=cache_dir, device=device, compute=compute)
+
+
+def workspace_of(config: RunConfig, num_clients: int | None = None) -> Workspace:
+    """The run configuration's workspace (``cached_workspace``: memoised per process)."""
+    return cached_workspace(config.profile, config.scenario, num_clients or config.num_clients, config.seed,
+                            config.data, config.voc_root, config.cache_dir, config.device, config.compute())
+
+
+@dataclass
+class Session:
+    """What the server holds for a run: its configuration, data and the manufacturer's models."""
+
+    config: RunConfig
+    workspace: Workspace
+    chain: Chain
+
+    @classmethod
+    def open(cls, config: RunConfig, progress: bool = False) -> "Session":
+        workspace = workspace_of(config)
+        chain = workspace.chain(progress=progress)
+        for model in (chain.teacher, chain.tutor, chain.edge):
+            model.cpu()  # the federation (Ray actors, wire format) works on CPU tensors
+        return cls(config, workspace, chain)
+
+    def details(self) -> dict:
+        """What config.json adds to the configuration for a reader: resolved settings and shards."""
+        return {"profile_spec": self.workspace.profile.to_dict(), "rd_settings": self.config.rd_settings().to_dict(),
+                "client_specs": self.client_specs(), "shards": self.workspace.shards.sizes()}
+
+    def client_specs(self) -> list[dict]:
+        protected = list(self.workspace.scenario.protected_classes)
+        return [{"client": i, "name": c.name, "private": list(c.private), "kept": list(c.kept),
+                 "dropped": list(c.dropped), "protected": [p for p in protected if p in c.kept]}
+                for i, c in enumerate(self.workspace.clients)]
+
+    def stage_rows(self) -> dict[str, dict]:
+        """The manufacturer's models on its own validation set (Table III's first rows)."""
+        s, ws = self.workspace.scenario, self.workspace
+        rows = {}
+        with computing(self.config.compute()):
+            for label, model, classes in [("Large (teacher)", self.chain.teacher, s.teacher_classes),
+                                          ("Tutor after Distill A", self.chain.tutor, s.presumed_classes),
+                                          ("Edge after Distill B", self.chain.edge, s.presumed_classes)]:
+                _, rows[label] = per_class_ap(model, ws.dataset(ws.shards.manufacturer_val, classes), classes,
+                                              score_thresh=self.config.operating_threshold)
+        return rows
