@@ -66,6 +66,7 @@ class RDSettings:
     # steps it gives the edge more of its new classes (car 23.0 -> 26.2, dog 8.4 -> 13.5) and keeps
     # the presumed classes as well (26.4 -> 28.0, 34.0 -> 33.6).
     redistill_target_ratio: float = 4.0
+    redistill_lr: float = 0.0  # Distill C's learning rate; 0: ``lr`` (the profile's, as direct training's)
     redistill_temp: float = 1.5  # the paper's re-distillation temperature (FGD's attention softmax)
     # Distill C and direct training on a client: BatchNorm keeps the edge's running statistics
     # (distill.trainer.Phase.freeze_norm) instead of re-estimating them from the client's small batches.
@@ -186,7 +187,8 @@ def distill_c_phase(settings: RDSettings, seed: int, kept_classes: tuple[int, ..
     its first ``rd_iters`` batches are Tutor 2's and the frozen body's outputs of them are computed once
     (``distill.body_memo``): 12 of Distill C's 36 tutor body passes in the cpu profile. Its own order
     (seed + 2) until the cost issue; which order it draws moves the figures only as another seed would."""
-    return Phase("Distill C", iters=settings.redistill_iters, batch_size=settings.batch_size, lr=settings.lr,
+    return Phase("Distill C", iters=settings.redistill_iters, batch_size=settings.batch_size,
+                 lr=settings.redistill_lr or settings.lr,
                  optimizer=settings.optimizer, targets=settings.redistill_targets,
                  distill_loss=settings.redistill_distill_loss, balance=settings.redistill_balance,
                  target_ratio=settings.redistill_target_ratio, fgd=FGDConfig(temp=settings.redistill_temp),

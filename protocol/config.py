@@ -46,7 +46,7 @@ CLAIM_RULES = ("trusted", "earned", "improving", "lifting")  # how the class-awa
 LATER_FIELDS = ("dp_clip", "dp_noise", "dp_delta", "replicate", "direct_lr", "server_momentum", "fedadam_eta",
                 "fedadam_tau", "precision", "layout", "body_cache", "redistill_score_weight", "edge_check",
                 "spread", "operating_tolerance", "claims", "clip_multiple", "row_multiple",
-                "operating_threshold", "eval_every")
+                "operating_threshold", "eval_every", "redistill_lr")
 
 
 def evaluation_round(server_round: int, rounds: int, every: int) -> bool:
@@ -105,6 +105,7 @@ class RunConfig:
     fedadam_tau: float = 1e-3  # fedadam: its adaptivity (Reddi et al. 2021)
     rd_iters: int = 0  # RD steps per tutor per round; 0: the profile's round budget
     redistill_iters: int = 0  # Distill C steps per round; 0: the profile's
+    redistill_lr: float = 0.0  # a client's Distill C learning rate; 0: the profile's lr (as direct training's)
     # a client's Distill C: weight of the tutor's class scores on its kept presumed classes as soft
     # targets (distill.scores; experiments/results/edge_protection.md). 0: off, the paper's Distill C.
     redistill_score_weight: float = 0.0
@@ -240,7 +241,8 @@ class RunConfig:
 
         return RDSettings.from_profile(self.get_profile(), rd_iters=self.rd_iters,
                                        redistill_iters=self.redistill_iters, batch_size=self.batch_size,
-                                       beta=self.beta, redistill_score_weight=self.redistill_score_weight)
+                                       beta=self.beta, redistill_score_weight=self.redistill_score_weight,
+                                       redistill_lr=self.redistill_lr)
 
     def compute(self):
         """How the models compute (``models.compute.Compute``; "auto" is resolved where it runs)."""
@@ -308,7 +310,8 @@ def resolve_run_config(raw: Mapping[str, Any] | RunConfig) -> RunConfig:
     if not (math.isfinite(config.beta) and config.beta > 0):
         raise ConfigError("beta", f"must be a finite number > 0, got {config.beta}")
     for name, value in (("fedprox_mu", config.fedprox_mu), ("norm_factor", config.norm_factor),
-                        ("direct_lr", config.direct_lr), ("server_momentum", config.server_momentum),
+                        ("direct_lr", config.direct_lr), ("redistill_lr", config.redistill_lr),
+                        ("server_momentum", config.server_momentum),
                         ("fedadam_eta", config.fedadam_eta), ("fedadam_tau", config.fedadam_tau),
                         ("protected_tolerance", config.protected_tolerance), ("noise_z", config.noise_z),
                         ("direction_z", config.direction_z), ("redistill_score_weight", config.redistill_score_weight),

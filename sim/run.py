@@ -96,6 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
              f"the CPU has AVX-512 BF16 or AMX); weights, deltas and AP stay float32 (default {d.precision})")
     add("--layout", choices=LAYOUTS, default=d.layout,
         help=f"tensor layout of every model's convolutions (default {d.layout})")
+    add("--redistill-lr", type=float, default=d.redistill_lr,
+        help="a client's Distill C learning rate (0: the profile's lr, as local training's; default 0)")
     add("--redistill-score-weight", type=float, default=d.redistill_score_weight,
         help="a client's Distill C also learns the tutor's class scores on its kept presumed classes, with this "
              f"weight (0: off, the paper's Distill C; default {d.redistill_score_weight:g})")

@@ -44,9 +44,7 @@ import torch
 from torch import Tensor
 
 from models.parts import CLASS_ROW_PARAMS, delta_norm
-
-
-DIRECTION_REFERENCES = ("peers", "server")
+from protocol.config import DIRECTION_REFERENCES  # the one list: the run configuration validates it too
 
 
 @dataclass(frozen=True)
@@ -55,7 +53,7 @@ class VerificationPolicy:
     protected_tolerance: float = 0.05  # max allowed AP drop (absolute) on a protected class
     protected_classes: tuple[str, ...] = ()
     # > 0: a protected class may also drop by up to noise_z x the drop's own noise (the paired
-    # bootstrap standard deviation over the validation images, strategies.diredi): a drop that
+    # bootstrap standard deviation over the validation images, strategies.validator): a drop that
     # chance alone produces is not evidence of harm.
     noise_z: float = 0.0
     bootstrap_samples: int = 200

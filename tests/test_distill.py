@@ -356,3 +356,17 @@ def test_spread_distill_brings_the_edge_to_the_tutors_scores_and_leaves_its_star
 
     assert score_gap(spread.eval(), chain.tutor, images, classes, 16) < score_gap(chain.edge.eval(), chain.tutor,
                                                                                    images, classes, 16)
+
+
+def test_redistill_lr_sets_distill_c_alone():
+    from dataclasses import replace
+
+    from distill.rd import distill_c_phase
+    from protocol.config import RunConfig
+
+    settings = RDSettings.from_profile(get_profile("cpu"))
+    assert distill_c_phase(settings, 0).lr == settings.lr == 2e-3  # 0: the profile's lr
+    faster = replace(settings, redistill_lr=4e-3)
+    assert distill_c_phase(faster, 0).lr == 4e-3
+    assert RunConfig(profile="cpu", redistill_lr=4e-3).rd_settings().redistill_lr == 4e-3
+    assert "redistill_lr" not in RunConfig().to_dict()  # a later field: older run folders still resume
