@@ -169,3 +169,18 @@ def test_write_all_writes_results_and_pngs(tmp_path):
     again = write_all(tmp_path / "again", folder.read_records(), specs, all_private,
                       stage_rows={"Original edge": {"mAP": 0.44}})
     assert again["results"].read_bytes() == written["results"].read_bytes()
+
+
+def test_same_records_leaves_out_timings_and_finds_every_other_difference(tmp_path):
+    from bench.same_records import compare_folders, main
+
+    record = {"method": "diredi", "round": 1, "client": 0, "ap_after": {"car": 0.5}, "seconds": {"rd": 1.0},
+              "peak_rss_mb": 900.0}
+    for name, seconds, car in (("a", 1.0, 0.5), ("b", 2.5, 0.5), ("c", 1.0, 0.25)):
+        (tmp_path / name).mkdir()
+        line = {**record, "seconds": {"rd": seconds}, "peak_rss_mb": 900.0 + seconds, "ap_after": {"car": car}}
+        (tmp_path / name / "rounds.jsonl").write_text(json.dumps(line) + "\n")
+    assert compare_folders(tmp_path / "a", tmp_path / "b") == []  # only seconds and memory differ
+    assert compare_folders(tmp_path / "a", tmp_path / "c") == ["rounds.jsonl line 1.ap_after.car: 0.5 != 0.25"]
+    assert main([str(tmp_path / "a"), str(tmp_path / "b")]) == 0
+    assert main([str(tmp_path / "a"), str(tmp_path / "c")]) == 1
