@@ -644,8 +644,8 @@ class DiReDiStrategy(Strategy):
                 tutor1 = self._shared_tutor1[1] if self._shared_tutor1 and self._shared_tutor1[0] == server_round else None
                 self._reference = server_reference_update(self.tutor, self.edge, self.presumed_data, self.settings,
                                                           work_seed(self.seed, server_round, SERVER), tutor1)
-                if self.ledger is not None and self.ledger.clients:
-                    self.ledger.server_seconds["server_reference"] = (time.perf_counter() - start) / len(self.ledger.clients)
+                if self.ledger is not None and self.ledger.nodes:
+                    self.ledger.server_seconds["server_reference"] = (time.perf_counter() - start) / len(self.ledger.nodes)
         return self._reference
 
     # -- helpers ------------------------------------------------------------------------------
@@ -679,7 +679,7 @@ class DiReDiStrategy(Strategy):
         replies = list(replies)
         ok = self.recorder.split(replies, step, server_round)
         for reply in ok:
-            if reply.metadata.src_node_id not in ledger.clients:
+            if reply.metadata.src_node_id not in ledger.nodes:
                 continue
             entry = ledger.count_up(reply)
             entry.after, entry.redistilled = {**(entry.after or {}), **dict(reply.content[METRICS])}, True

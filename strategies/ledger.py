@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
-class ClientRound:
+class NodeRound:
     """One node's part in one round."""
 
     node: int
@@ -45,29 +45,29 @@ class ClientRound:
 class RoundLedger:
     server_round: int
     started: float = field(default_factory=time.perf_counter)
-    clients: dict[int, ClientRound] = field(default_factory=dict)  # by node id
+    nodes: dict[int, NodeRound] = field(default_factory=dict)  # by Flower node id (records name clients by partition)
     server_seconds: dict[str, float] = field(default_factory=dict)  # server work, per client's share
 
-    def client(self, node: int) -> ClientRound:
-        return self.clients.setdefault(node, ClientRound(node))
+    def node(self, node: int) -> NodeRound:
+        return self.nodes.setdefault(node, NodeRound(node))
 
     def count_down(self, messages: Iterable[Message]) -> list[Message]:
         messages = list(messages)
         for m in messages:
-            self.client(m.metadata.dst_node_id).bytes_down += content_bytes(m.content)
+            self.node(m.metadata.dst_node_id).bytes_down += content_bytes(m.content)
         return messages
 
-    def count_up(self, reply: Message) -> ClientRound:
-        entry = self.client(reply.metadata.src_node_id)
+    def count_up(self, reply: Message) -> NodeRound:
+        entry = self.node(reply.metadata.src_node_id)
         entry.bytes_up += content_bytes(reply.content)
         if WHERE in reply.content.config_records:
             entry.where = dict(reply.content.config_records[WHERE])
         return entry
 
     @property
-    def trained(self) -> list[ClientRound]:
+    def trained(self) -> list[NodeRound]:
         """Nodes whose "train" reply arrived, in partition order (a fixed order: same sums, same records)."""
-        return sorted((c for c in self.clients.values() if c.train is not None),
+        return sorted((c for c in self.nodes.values() if c.train is not None),
                       key=lambda c: int(c.train[PARTITION_ID]))
 
 

@@ -914,12 +914,12 @@ def test_the_edge_check_deploys_an_honest_edge_and_keeps_the_earlier_one_otherwi
     ledger = strategy._open_round(1)
     for message in replies:  # as the replies to "train.distill" arrive
         strategy.check_edge(message)
-        entry = ledger.client(message.metadata.src_node_id)
+        entry = ledger.node(message.metadata.src_node_id)
         entry.train, entry.after, entry.redistilled = {PARTITION_ID: message.content[METRICS][PARTITION_ID]}, {}, True
     messages = strategy.configure_deploy(1, ConfigRecord({}))
     verdicts = {m.metadata.dst_node_id - 100: m.content["config"][DEPLOY_EDGE] for m in messages}
     assert verdicts == {0: 1, 1: 0, 2: 0, 3: 0}
-    figures = {c: decode(ledger.clients[100 + c].after, EDGE_CHECK) for c in range(4)}
+    figures = {c: decode(ledger.nodes[100 + c].after, EDGE_CHECK) for c in range(4)}
     assert figures[0]["deployed"] == 1 and figures[0]["ap-candidate.person"] == figures[0]["ap-reference.person"]
     assert figures[1]["deployed"] == 0 and figures[1]["ap-candidate.person"] < reference["person"] - 0.05
     assert figures[1]["tolerance.person"] >= 0.05
@@ -952,7 +952,7 @@ def test_spread_sends_the_servers_distilled_edge_with_distill_and_checkpoints_it
     def distill_messages(strategy):
         ledger = strategy._open_round(1)
         for node in (100, 101):
-            ledger.client(node).train = {PARTITION_ID: node - 100}
+            ledger.node(node).train = {PARTITION_ID: node - 100}
         return strategy.configure_distill(1, ConfigRecord({})), ledger
 
     plain_messages, plain_ledger = distill_messages(make(None))
@@ -968,7 +968,7 @@ def test_spread_sends_the_servers_distilled_edge_with_distill_and_checkpoints_it
         sent = m.content.array_records[SPREAD_EDGE].to_torch_state_dict()
         assert all(torch.equal(v, sent[k]) for k, v in strategy.spread_edge.state_dict().items())
     for node in (100, 101):
-        assert ledger.clients[node].bytes_down >= plain_ledger.clients[node].bytes_down + edge_bytes
+        assert ledger.nodes[node].bytes_down >= plain_ledger.nodes[node].bytes_down + edge_bytes
     tensors, meta = strategy.checkpoint()
     restored = make(Squares(32, 2))
     restored.restore(tensors, meta)
