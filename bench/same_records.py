@@ -3,7 +3,7 @@
     python -m bench.same_records runs/before runs/after
 
 Compares ``rounds.jsonl``, ``verification.jsonl`` and ``tutor.json`` line by line and field by field,
-leaving out what a rerun never repeats (wall and CPU seconds, peak memory). Prints each difference
+leaving out what a rerun never repeats (wall and CPU seconds, peak memory, the Ray node's id). Prints each difference
 (file, line, field path, both values) and exits 1 when there is one, 0 when the records are the same.
 """
 
@@ -16,7 +16,8 @@ from pathlib import Path
 
 FILES = ("rounds.jsonl", "verification.jsonl", "tutor.json")
 # Field names whose values are timings or memory: left out wherever they sit in a record
-UNREPEATABLE = ("seconds", "peak_rss_mb", "round_wall_s", "verify_seconds", "wall_s", "server_seconds")
+UNREPEATABLE = ("seconds", "peak_rss_mb", "round_wall_s", "verify_seconds", "wall_s", "server_seconds",
+                "ray-node")  # Ray names its node anew in every run
 
 
 def _records(path: Path) -> list:
