@@ -9,9 +9,11 @@ One round (``DiReDiStrategy.start``):
    own, and so is its Tutor 1), the edge weights (only to nodes that do not hold their own edge
    yet) and the run configuration;
 2. clients run dual-tutor reverse distillation and reply the neck/head delta + metrics;
-3. ``aggregate_train``: each delta is verified (structure, norm, candidate tutor per class on the
-   manufacturer's validation set, protected classes), accepted deltas are merged
-   (``strategies.aggregate``) and the tutor moves by beta * merged delta (eq. 10);
+3. ``aggregate_train``: read -> verify -> bound -> merge -> apply. Each delta is verified (structure,
+   norm, candidate tutor per class on the manufacturer's validation set, protected classes; the figures
+   come from ``strategies.validator.CandidateValidator``, the gates from ``strategies.verify``), the
+   accepted ones are bounded and merged (``strategies.aggregate``) and the tutor moves by beta * merged
+   delta (eq. 10);
 4. re-distillation (Distill C) from the updated tutor: ``redistill="client"`` sends "train.distill"
    (each client distils its own edge on its own data and keeps it); ``redistill="server"`` distils
    one edge on the server from public presumed data and sends it out with "evaluate"; with the edge
@@ -52,8 +54,8 @@ from protocol.wire import (AFTER, AP_AFTER, AP_BEFORE, BEFORE, CONFIG, DELTA, DE
                            EDGE, EVALUATE, EDGE_SOURCE, METHOD, METRICS, NUM_EXAMPLES, PARTITION_ID, SERVER,
                            SERVER_ROUND, SPREAD_EDGE, TRAIN, TRAINED, TUTOR, TUTOR1, WORK, MalformedDelta, TutorRecords,
                            decode, encode, state_record, unpack_delta, work_seed)
-from strategies.aggregate import AGGREGATION_METHODS, aggregate, bound_influence
 from report.checkpoint import prefixed, unprefixed
+from strategies.aggregate import AGGREGATION_METHODS, aggregate, bound_influence
 from strategies.exchange import exchange
 from strategies.ledger import ClientSampler, Recorder, RoundLedger
 from strategies.validator import CandidateValidator, EdgeVerdict
