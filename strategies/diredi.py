@@ -249,11 +249,11 @@ class DiReDiStrategy(Strategy):
                                               [d.claim_shift for d in accepted_decisions])
             for decision, names, verdict in zip(accepted_decisions, claimed, verdicts):
                 decision.claims = {c: v if c in names else f"{v}, dropped" for c, v in verdict.items()}
-        trained = [{CLASS_INDEX[name] for name in names} for names in claimed]
+        class_ids = [{CLASS_INDEX[name] for name in names} for names in claimed]  # each accepted delta's merged classes
         # 3. bounded influence (strategies.aggregate.bound_influence); class rows are bounded among the deltas
         # they are merged from (class-aware: the claimers; any other rule: every accepted delta)
         every = set(range(len(CLASS_INDEX)))
-        members = trained if self.aggregation == "class_aware" else [every] * len(accepted)
+        members = class_ids if self.aggregation == "class_aware" else [every] * len(accepted)
         bounded = bound_influence([delta for delta, _ in accepted], [d.norm for d in accepted_decisions],
                                   [d.weight for d in accepted_decisions], members, clip_norm=self.policy.clip_norm,
                                   clip_multiple=self.policy.clip_multiple, row_multiple=self.policy.row_multiple,
@@ -269,7 +269,7 @@ class DiReDiStrategy(Strategy):
         def merge(kept: list[int]) -> dict[str, Tensor]:
             options = dict(self.aggregation_options)
             if self.aggregation == "class_aware":  # each class's rows from the clients whose labels hold it
-                options["client_classes"] = [trained[i] for i in kept]
+                options["client_classes"] = [class_ids[i] for i in kept]
             return aggregate([bounded.deltas[i] for i in kept], [bounded.weights[i] for i in kept],
                              self.aggregation, **options)
 

@@ -1231,3 +1231,21 @@ def test_a_hidden_row_edit_is_bounded_by_the_rows_of_its_peers(trained_tutor):
     assert change == pytest.approx((3 * 0.01 - 0.04) / 4, abs=1e-6)
     unbounded, decisions = merged_person_bias(math.inf)
     assert decisions[3].row_clip == {} and unbounded == pytest.approx((3 * 0.01 - 0.49) / 4, abs=1e-6)
+
+
+def test_bound_influence_clips_a_boosted_delta_and_caps_a_claimed_weight_relative_to_the_round():
+    from strategies.aggregate import bound_influence
+
+    honest = [{"w": torch.full((4,), v)} for v in (1.0, 1.1, 0.9)]
+    boosted = {"w": torch.full((4,), 50.0)}
+    deltas = [*honest, boosted]
+    norms = [float(d["w"].norm()) for d in deltas]
+    bounded = bound_influence(deltas, norms, [100, 120, 110, 4000], [set()] * 4, clip_multiple=4.0,
+                              weight_multiple=4.0)
+    low_median = sorted(norms)[1]  # the low median of four
+    assert bounded.clip_factors[:3] == [1.0, 1.0, 1.0]
+    assert float(bounded.deltas[3]["w"].norm()) == pytest.approx(4.0 * low_median)
+    assert bounded.weights[:3] == [100, 120, 110] and bounded.weights[3] == bounded.weight_cap == 4.0 * 110
+    assert torch.equal(bounded.deltas[0]["w"], honest[0]["w"])  # an honest delta is untouched
+    off = bound_influence(deltas, norms, [100, 120, 110, 4000], [set()] * 4)  # every bound off (inf)
+    assert off.clip_factors == [1.0] * 4 and off.weights == [100, 120, 110, 4000]
