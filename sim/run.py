@@ -38,11 +38,40 @@ def positive_int(text: str) -> int:
     return value
 
 
+# --help's sections, by concern (every flag belongs to exactly one; the run-config keys are the flags'
+# names, but for FLAG_OF_KEY's two)
+GROUPS = {
+    "the run": ("--clients", "--rounds", "--fraction", "--methods", "--profile", "--seed", "--replicate",
+                "--timeout-s"),
+    "data": ("--scenario", "--data", "--voc-root"),
+    "evaluation": ("--eval-every", "--operating-threshold"),
+    "output, cache and resume": ("--out", "--name", "--cache", "--resume", "--quiet", "--ray-address"),
+    "DiReDi's clients (RD and Distill C)": ("--redistill", "--tutor1", "--rd-iters", "--redistill-iters",
+                                            "--redistill-lr", "--redistill-score-weight", "--edge-check", "--spread",
+                                            "--body-cache", "--batch-size", "--delta-precision", "--delta-topk"),
+    "DiReDi's verification": ("--norm-factor", "--protected-tolerance", "--noise-z", "--kept-tolerance",
+                              "--direction-z", "--direction-reference", "--operating-tolerance"),
+    "DiReDi's merge": ("--aggregation", "--beta", "--claims", "--clip-multiple", "--row-multiple", "--clip-norm",
+                       "--weight-cap"),
+    "the baselines": ("--direct-iters", "--direct-lr", "--fedprox-mu", "--server-momentum", "--fedadam-eta",
+                      "--fedadam-tau"),
+    "compute": ("--device", "--precision", "--layout"),
+    "differential privacy on client deltas": ("--dp-clip", "--dp-noise", "--dp-delta"),
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
     d = DEFAULTS
     parser = argparse.ArgumentParser(prog=PROG, description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    add = parser.add_argument
+    group_of = {}
+    for title, flags in GROUPS.items():
+        group = parser.add_argument_group(title)
+        group_of.update({flag: group for flag in flags})
+
+    def add(flag: str, **options) -> None:
+        group_of[flag].add_argument(flag, **options)  # a flag in no group fails here, when the parser is built
+
     add("--clients", type=int, default=d.num_clients, help=f"number of simulated clients (default {d.num_clients})")
     add("--rounds", type=int, default=d.rounds, help=f"federated rounds (default {d.rounds})")
     add("--eval-every", type=int, default=d.eval_every,
@@ -139,7 +168,6 @@ def build_parser() -> argparse.ArgumentParser:
              "(default 0: off; needs --dp-clip); clients report the epsilon they spent")
     add("--dp-delta", type=float, default=d.dp_delta,
         help=f"differential privacy: the delta of the (epsilon, delta) clients report (default {d.dp_delta:g})")
-    # DiReDi's verification and merge bounds (strategies.verify, strategies.aggregate)
     add("--norm-factor", type=float, default=d.norm_factor,
         help=f"verification: a delta's norm bound is this factor x the tutor's neck/head norm (default {d.norm_factor:g})")
     add("--protected-tolerance", type=float, default=d.protected_tolerance,
@@ -162,7 +190,6 @@ def build_parser() -> argparse.ArgumentParser:
     add("--weight-cap", type=float, default=d.weight_cap,
         help="DiReDi's merge: a client's claimed example count capped at this multiple of the round's median "
              f"claim (inf: off; default {d.weight_cap:g})")
-    # the server optimisers of FedAvgM and FedAdam (Flower's)
     add("--server-momentum", type=float, default=d.server_momentum,
         help=f"fedavgm: Flower's FedAvgM server momentum, server lr 1 (default {d.server_momentum:g})")
     add("--fedadam-eta", type=float, default=d.fedadam_eta,

@@ -62,6 +62,17 @@ def test_every_run_config_field_has_a_flag_whose_value_reaches_the_run(tmp_path)
             config.eval_every) == (2.0, "server", 30.0, 0.01, 3)
 
 
+def test_help_groups_every_flag_by_concern_once():
+    from sim.run import GROUPS, build_parser
+
+    grouped = [flag for flags in GROUPS.values() for flag in flags]
+    assert len(grouped) == len(set(grouped))
+    parser = build_parser()
+    flags = [option for action in parser._actions for option in action.option_strings if option.startswith("--")]
+    assert sorted(flags) == sorted([*grouped, "--help"])  # every flag has a section, no section names a missing flag
+    assert all(title in parser.format_help() for title in GROUPS)
+
+
 def test_resume_needs_an_existing_run(tmp_path, capsys):
     with pytest.raises(SystemExit):
         parse_args(["--resume", "--out", str(tmp_path), "--name", "nothing-here"])
