@@ -17,15 +17,15 @@ from pathlib import Path
 
 from torch.utils.data import ConcatDataset, Dataset
 
+from data.scenario import ClientSpec, Scenario, Shards, load_scenario, make_shards, select_clients
+from data.synth import ensure_synthetic_voc
+from data.voc import VOC_CLASSES, DataError, VOCDetection, VOCRecord, read_voc
 from distill.chain import Chain, ChainData, manufacturer_chain
 from distill.trainer import resolve_device
 from evaluation.ap import per_class_ap
 from models.compute import FLOAT32, Compute, computing
-from protocol.config import RunConfig
 from models.ladder import Profile, get_profile
-from data.scenario import ClientSpec, Scenario, Shards, load_scenario, make_shards, select_clients
-from data.synth import ensure_synthetic_voc
-from data.voc import VOC_CLASSES, DataError, VOCDetection, VOCRecord, read_voc
+from protocol.config import RunConfig
 
 log = logging.getLogger(__name__)
 DEFAULT_CACHE = Path(".cache")
