@@ -15,6 +15,7 @@ field names with "-" for "_", the same in ``pyproject.toml``'s ``[tool.flwr.app.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
@@ -40,15 +41,6 @@ SPREAD_MODES = ("off", "on")  # the server's edge, distilled from the updated tu
 CLAIM_RULES = ("trusted", "earned", "improving", "lifting")  # how the class-aware merge takes a client's trained classes (strategies.verify)
 
 
-# Fields added after runs were recorded: ``to_dict`` leaves them out while they hold their default, so
-# a run without them writes the config.json it wrote before they existed (and --resume, which
-# compares config.json's "run" with ``to_dict``, still accepts the older run folders).
-LATER_FIELDS = ("dp_clip", "dp_noise", "dp_delta", "replicate", "direct_lr", "server_momentum", "fedadam_eta",
-                "fedadam_tau", "precision", "layout", "body_cache", "redistill_score_weight", "edge_check",
-                "spread", "operating_tolerance", "claims", "clip_multiple", "row_multiple",
-                "operating_threshold", "eval_every", "redistill_lr")
-
-
 def evaluation_round(server_round: int, rounds: int, every: int) -> bool:
     """Whether round ``server_round`` of ``rounds`` ends with an evaluation on the clients' test shards:
     every ``every``-th round and always the last (so a run's final figures never depend on ``every``)."""
@@ -63,95 +55,166 @@ class ConfigError(ValueError):
         self.key, self.problem = key, problem
 
 
+# --help's sections, by concern, in this order; every field names one (``setting``'s ``group``).
+RUN, DATA, EVALUATION, OUTPUT = "the run", "data", "evaluation", "output, cache and resume"
+CLIENTS, VERIFICATION, MERGE = "DiReDi's clients (RD and Distill C)", "DiReDi's verification", "DiReDi's merge"
+BASELINES, COMPUTE, PRIVACY = "the baselines", "compute", "differential privacy on client deltas"
+GROUPS = (RUN, DATA, EVALUATION, OUTPUT, CLIENTS, VERIFICATION, MERGE, BASELINES, COMPUTE, PRIVACY)
+
+
+def _profiles() -> tuple[str, ...]:
+    from models.ladder import PROFILES  # imported late: it loads torch, and this module must not
+
+    return tuple(PROFILES)
+
+
+def _precisions() -> tuple[str, ...]:
+    from models.compute import PRECISIONS
+
+    return PRECISIONS
+
+
+def _layouts() -> tuple[str, ...]:
+    from models.compute import LAYOUTS
+
+    return LAYOUTS
+
+
+def setting(default: Any, group: str, help: str, choices: tuple[str, ...] | Any = None) -> Any:
+    """A ``RunConfig`` field with what the CLI shows for it (``sim.run`` builds its flags from these):
+    its --help section, its help line (the default is added there) and, for a closed set of values,
+    the choices (a tuple, or a function returning one where the set lives in a module that loads torch)."""
+    assert group in GROUPS, group
+    return dataclasses.field(default=default, metadata={"group": group, "help": help, "choices": choices})
+
+
+def choices_of(f: dataclasses.Field) -> tuple[str, ...] | None:
+    """The values a field may take, or None where any value of its type may be checked otherwise."""
+    choices = f.metadata.get("choices")
+    return choices() if callable(choices) else choices
+
+
 @dataclass(frozen=True)
 class RunConfig:
-    profile: str = "cpu"  # smoke | cpu | paper (models.ladder.PROFILES)
-    scenario: str = "default8"  # a name in data/scenarios/ or a YAML path
-    data: str = "synth"  # synth (generated, VOC layout) | voc (read from voc_root)
-    voc_root: str = ""
-    num_clients: int = 8  # under `flwr run`, 0 means as many as the federation has nodes
-    fraction: float = 1.0  # share of the clients sampled per round (seeded), every federated method
-    rounds: int = 2  # the warm default run (5 methods, 8 clients, cpu profile) within 10 minutes on 2 cores
-    # Clients evaluate their edge on their test shard after every eval_every-th round and after the last
-    # (``evaluates_after``); 1: every round. The rounds between have records without AP (costs only).
-    eval_every: int = 1
-    methods: tuple[str, ...] = DEFAULT_METHODS
-    seed: int = 0  # the data: shards and the manufacturer chain (and, with replicate 0, the training seeds)
-    # A study's replicate: changes every training seed, the clients' data order and the client sampling,
-    # never the data, shards or manufacturer chain (``training_seed``). 0: the training seeds are ``seed``.
-    replicate: int = 0
-    device: str = "auto"  # where the manufacturer chain trains; the federation runs on the CPU
-    # How the models compute, chain included (models.compute): the ResNet bodies' precision
-    # (float32 | bfloat16 | auto: bfloat16 where the machine has it) and the tensor layout
-    # (nchw | channels-last). Weights, deltas, losses and AP are float32 whatever these are.
-    precision: str = "float32"
-    layout: str = "nchw"
-    # How long a DiReDi client with a state folder keeps its tutor body's outputs per image
-    # (distill.body_memo): "round" (Tutor 2's, for its Distill C) | "run" (every phase's, on its disk
-    # from round to round). The same figures either way; "run" costs disk and saves body passes.
-    body_cache: str = "round"
-    cache_dir: str = ".cache"
-    tutor1: str = "shared"  # Tutor 1 computed once per round on the server, or on every client
-    redistill: str = "client"  # Distill C on each client (its own edge) or once on the server
-    aggregation: str = "class_aware"  # AGGREGATION_METHODS; default chosen in experiments/results/merge.md
-    beta: float = 1.0  # eq. (10): the tutor moves by beta x the merged delta (the merge scale)
-    fedprox_mu: float = 0.01
-    direct_lr: float = 0.0  # client lr of the federated direct-training baselines; 0: the profile's lr
-    server_momentum: float = 0.9  # fedavgm: Flower's FedAvgM server momentum (server lr 1)
-    # fedadam: Flower's FedAdam server learning rate. Adam's normalised step moves each parameter by about
-    # eta per round; one client's 60 steps move a parameter by 6.6e-3 on average (measured on client 0
-    # from the manufacturer's edge), so 3e-3 moves the global edge about as far as FedAvg's mean. Not tuned.
-    fedadam_eta: float = 3e-3
-    fedadam_tau: float = 1e-3  # fedadam: its adaptivity (Reddi et al. 2021)
-    rd_iters: int = 0  # RD steps per tutor per round; 0: the profile's round budget
-    redistill_iters: int = 0  # Distill C steps per round; 0: the profile's
-    redistill_lr: float = 0.0  # a client's Distill C learning rate; 0: the profile's lr (as direct training's)
-    # a client's Distill C: weight of the tutor's class scores on its kept presumed classes as soft
-    # targets (distill.scores; experiments/results/edge_protection.md). 0: off, the paper's Distill C.
-    redistill_score_weight: float = 0.0
-    # "on": a client's re-distilled edge is deployed only if the manufacturer's validation set shows its
-    # protected classes within the verification's tolerance of the manufacturer's edge; otherwise the
-    # client keeps the edge it deployed before (strategies.diredi; client re-distillation only)
-    edge_check: str = "off"
-    # "on": each round the server distils the updated tutor into an edge of its own on the manufacturer's
-    # images (no labels: the tutor's outputs are the targets) and a client's Distill C starts from that
-    # edge instead of its own, so the classes other clients taught the tutor can reach it (DiReDi,
-    # client re-distillation; strategies.diredi, distill.rd.spread_distill)
-    spread: str = "off"
-    batch_size: int = 0  # batch of every client phase; 0: the profile's
-    # steps per round of the federated direct-training baselines' clients (FedAvg family, FedProx); 0: as
-    # many as a DiReDi client (2 x rd + redistill). local and oracle always take a DiReDi client's steps.
-    direct_iters: int = 0
-    delta_precision: str = "float16"  # the uploaded delta's dtype (experiments/results/delta_precision.json)
-    delta_topk: float = 1.0  # share of each delta tensor's largest entries uploaded (1: all; residual kept)
-    norm_factor: float = 1.0  # verification: delta norm bound = norm_factor x the tutor's neck/head norm
-    protected_tolerance: float = 0.05  # verification: largest AP drop allowed on a protected class
-    noise_z: float = 3.0  # verification: ... or noise_z x the drop's bootstrap std, if larger (0: no bootstrap)
-    kept_tolerance: float = math.inf  # verification: largest mean AP drop over the presumed classes (inf: recorded only)
-    # the operating point: the score a product reports detections from; eq. 11's precision, recall and F1 (every
-    # client's records, the chain's table) and the verification's recall are measured at it (AP is not)
-    operating_threshold: float = 0.5
-    # verification: largest recall drop at the operating threshold on a guarded class, or noise_z x its
-    # bootstrap std if larger (strategies.verify.operating_point_check; inf: recorded only)
-    operating_tolerance: float = math.inf
-    direction_z: float = 4.0  # verification: cosine with the reference update >= direction_z / sqrt(d) (0: off)
-    direction_reference: str = "peers"  # verification: "peers" (median of the round's other deltas) | "server"
-    clip_norm: float = math.inf  # merge: accepted deltas clipped to this L2 norm (inf: no clipping)
-    weight_cap: float = 4.0  # merge: claimed weights capped at weight_cap x the round's median claim (inf: no cap)
-    clip_multiple: float = math.inf  # merge: accepted deltas clipped to clip_multiple x the round's median norm (inf: off)
-    # merge: each accepted delta's classification rows of class c clipped to row_multiple x the median row-c
-    # norm of the deltas merged into row c (inf: off)
-    row_multiple: float = math.inf
-    # merge: "trusted" takes each client's trained classes as it reports them for the class-aware merge's
-    # rows; "earned" only those its candidate tutor improves (or, if no claimer improves, holds) on validation;
-    # "improving" only those it improves (a class no claimer improves keeps its rows)
-    claims: str = "trusted"
-    timeout_s: float = 0.0  # one round trip; 0: sized from the profile's step time
-    # local differential privacy of each client's delta (protocol.privacy; off by default): clip to L2
-    # norm dp_clip, add N(0, (dp_noise x dp_clip)^2) per coordinate; epsilon accounted at dp_delta
-    dp_clip: float = math.inf  # inf: no clipping
-    dp_noise: float = 0.0  # the noise multiplier sigma; 0: no noise (> 0 needs a finite dp_clip)
-    dp_delta: float = 1e-5  # the delta of the (epsilon, delta) clients report
+    profile: str = setting("cpu", RUN, "model sizes, image size and step budgets (models.ladder.PROFILES)",
+                           _profiles)
+    scenario: str = setting("default8", DATA, "scenario name in data/scenarios/ or a YAML path")
+    data: str = setting("synth", DATA, "synth (generated, VOC layout) | voc (read from --voc-root)", ("synth", "voc"))
+    voc_root: str = setting("", DATA, "VOCdevkit or VOC20xx folder (with --data voc)")
+    num_clients: int = setting(8, RUN, "number of clients (under `flwr run`, 0: as many as the federation has nodes)")
+    fraction: float = setting(1.0, RUN, "share of the clients sampled each round by every federated method, seeded")
+    # 2: the warm default run (5 methods, 8 clients, cpu profile) within 10 minutes on 2 cores
+    rounds: int = setting(2, RUN, "federated rounds")
+    # rounds between evaluations have records without AP (costs only); ``evaluates_after``
+    eval_every: int = setting(1, EVALUATION, "clients evaluate their edge after every k-th round and after the "
+                                             "last; the rounds between record costs only (1: every round)")
+    methods: tuple[str, ...] = setting(DEFAULT_METHODS, RUN, f"comma-separated subset of {','.join(METHODS)}")
+    seed: int = setting(0, RUN, "the data: shards and the manufacturer chain (and, with replicate 0, the "
+                                "training seeds)")
+    # never the data, shards or manufacturer chain (``training_seed``)
+    replicate: int = setting(0, RUN, "a study's replicate: other training seeds, data order and client sampling "
+                                     "on the same data, shards and chain (0: the training seeds are --seed)")
+    device: str = setting("auto", COMPUTE, "cpu | cuda | cuda:N | auto (cuda when available) for training the "
+                                           "manufacturer chain; the federation and local/oracle run on the CPU")
+    # models.compute; weights, deltas, losses and AP are float32 whatever these are
+    precision: str = setting("float32", COMPUTE, "the ResNet bodies' arithmetic, chain included: bfloat16 (autocast) "
+                                                 "| float32 | auto (bfloat16 where the CPU has AVX-512 BF16 or AMX); "
+                                                 "weights, deltas and AP stay float32", _precisions)
+    layout: str = setting("nchw", COMPUTE, "tensor layout of every model's convolutions", _layouts)
+    # distill.body_memo; "run" costs disk and saves body passes
+    body_cache: str = setting("round", CLIENTS, "how long a DiReDi client keeps its tutor body's outputs per "
+                                                "image: round (Tutor 2's, for its Distill C) | run (on its disk from "
+                                                "round to round: fewer body passes, about 0.23 MB per image and flip "
+                                                "in the cpu profile); the same figures either way", BODY_CACHES)
+    cache_dir: str = setting(".cache", OUTPUT, "data and model cache")
+    tutor1: str = setting("shared", CLIENTS, "Tutor 1 depends only on the edge and presumed data: compute it once "
+                                             "on the server while every client holds the server's edge (shared), "
+                                             "or always on every client", TUTOR1_MODES)
+    redistill: str = setting("client", CLIENTS, "Distill C on each client (its own edge) or once on the server",
+                             REDISTILL_SIDES)
+    # default chosen in experiments/results/merge.md
+    aggregation: str = setting("class_aware", MERGE, "how the accepted deltas are merged (strategies.aggregate)",
+                               AGGREGATION_METHODS)
+    beta: float = setting(1.0, MERGE, "eq. (10): the tutor moves by beta x the merged delta")
+    fedprox_mu: float = setting(0.01, BASELINES, "FedProx's mu")
+    direct_lr: float = setting(0.0, BASELINES, "client lr of the federated direct-training baselines (0: the "
+                                               "profile's)")
+    server_momentum: float = setting(0.9, BASELINES, "fedavgm: Flower's FedAvgM server momentum, server lr 1")
+    # Adam's normalised step moves each parameter by about eta per round; one client's 60 steps move a
+    # parameter by 6.6e-3 on average (measured on client 0 from the manufacturer's edge), so 3e-3 moves
+    # the global edge about as far as FedAvg's mean. Not tuned.
+    fedadam_eta: float = setting(3e-3, BASELINES, "fedadam: Flower's FedAdam server learning rate")
+    fedadam_tau: float = setting(1e-3, BASELINES, "fedadam: its adaptivity (Reddi et al. 2021)")
+    rd_iters: int = setting(0, CLIENTS, "RD steps per tutor per round (0: the profile's)")
+    redistill_iters: int = setting(0, CLIENTS, "Distill C steps per round (0: the profile's)")
+    redistill_lr: float = setting(0.0, CLIENTS, "a client's Distill C learning rate (0: the profile's lr, as "
+                                                "local training's)")
+    # distill.scores; experiments/results/edge_protection.md
+    redistill_score_weight: float = setting(0.0, CLIENTS, "a client's Distill C also learns the tutor's class "
+                                                          "scores on its kept presumed classes, with this weight "
+                                                          "(0: off, the paper's Distill C)")
+    # strategies.diredi; client re-distillation only
+    edge_check: str = setting("off", CLIENTS, "on: the manufacturer checks each client's re-distilled edge on its "
+                                              "validation set and the client deploys it only if its protected "
+                                              "classes stay within the verification's tolerance of the "
+                                              "manufacturer's edge, else keeps its earlier edge (DiReDi)", EDGE_CHECKS)
+    # strategies.diredi, distill.rd.spread_distill; client re-distillation only
+    spread: str = setting("off", CLIENTS, "on: each round the server distils the updated tutor into an edge of its "
+                                          "own on the manufacturer's images (the tutor's outputs as targets) and "
+                                          "each client's Distill C starts from that edge, so classes other clients "
+                                          "taught the tutor can reach it (DiReDi)", SPREAD_MODES)
+    batch_size: int = setting(0, CLIENTS, "batch size of every client phase (0: the profile's)")
+    # local and oracle always take a DiReDi client's steps
+    direct_iters: int = setting(0, BASELINES, "steps per round of the federated direct-training baselines' clients "
+                                              "(0: as many as a DiReDi client, 2 x rd-iters + redistill-iters)")
+    # experiments/results/delta_precision.json
+    delta_precision: str = setting("float16", CLIENTS, "dtype of the uploaded neck/head delta", DELTA_PRECISIONS)
+    delta_topk: float = setting(1.0, CLIENTS, "upload only this share of each delta tensor's largest entries; the "
+                                              "rest is added to the client's next delta (1: all)")
+    norm_factor: float = setting(1.0, VERIFICATION, "a delta's norm bound is this factor x the tutor's neck/head norm")
+    protected_tolerance: float = setting(0.05, VERIFICATION, "the largest AP drop a delta may cost a protected class "
+                                                             "on the validation set")
+    noise_z: float = setting(3.0, VERIFICATION, "... or noise-z x the drop's bootstrap std, if larger (0: no "
+                                                "bootstrap)")
+    kept_tolerance: float = setting(math.inf, VERIFICATION, "the largest mean AP drop over the presumed classes "
+                                                            "(inf: recorded only)")
+    # eq. 11's precision, recall and F1 (every client's records, the chain's table); AP does not move with it
+    operating_threshold: float = setting(0.5, EVALUATION, "the score from which a product reports detections: eq. "
+                                                          "11's precision, recall and F1 and the verification's "
+                                                          "recall are measured there")
+    # strategies.verify.operating_point_check
+    operating_tolerance: float = setting(math.inf, VERIFICATION, "the recall at the operating threshold a delta may "
+                                                                 "cost a guarded class (protected, kept and learnt) on "
+                                                                 "the validation set, or noise-z x its bootstrap std "
+                                                                 "if larger (inf: recorded only)")
+    direction_z: float = setting(4.0, VERIFICATION, "a delta's cosine with the reference update must reach "
+                                                    "direction-z / sqrt(d) (0: off)")
+    direction_reference: str = setting("peers", VERIFICATION, "the direction gate's reference: the median of the "
+                                                              "round's other deltas (peers) or the server's own RD "
+                                                              "update (server)", DIRECTION_REFERENCES)
+    clip_norm: float = setting(math.inf, MERGE, "accepted deltas clipped to this L2 norm (inf: off)")
+    weight_cap: float = setting(4.0, MERGE, "a client's claimed example count capped at this multiple of the round's "
+                                            "median claim (inf: off)")
+    clip_multiple: float = setting(math.inf, MERGE, "accepted deltas clipped to this multiple of the round's median "
+                                                    "delta norm (inf: off)")
+    row_multiple: float = setting(math.inf, MERGE, "each accepted delta's classification rows of a class clipped to "
+                                                   "this multiple of the round's median change of that class's rows "
+                                                   "(inf: off)")
+    # strategies.verify
+    claims: str = setting("trusted", MERGE, "the class-aware merge takes a client's classes as it reports them "
+                                            "(trusted) | only those its candidate tutor improves on the validation "
+                                            "set, or holds when no claimer improves them (earned) | only those it "
+                                            "improves (improving) | earned, and its own row of the class must not "
+                                            "lower the tutor's top scores of the class on the validation images "
+                                            "holding it (lifting)", CLAIM_RULES)
+    timeout_s: float = setting(0.0, RUN, "seconds the server waits for one round trip with the clients (0: sized "
+                                         "from the profile's step time)")
+    # protocol.privacy: clip to L2 norm dp_clip, add N(0, (dp_noise x dp_clip)^2) per coordinate
+    dp_clip: float = setting(math.inf, PRIVACY, "each client clips its delta to this L2 norm before upload (inf: "
+                                                "off)")
+    dp_noise: float = setting(0.0, PRIVACY, "Gaussian noise of std dp-noise x dp-clip per delta coordinate, on the "
+                                            "client (0: off; needs --dp-clip); clients report the epsilon they spent")
+    dp_delta: float = setting(1e-5, PRIVACY, "the delta of the (epsilon, delta) clients report")
 
     # -- codec to and from Flower's ConfigRecord / run config -------------------------------------
 
@@ -189,8 +252,6 @@ class RunConfig:
         out = {}
         for f in fields(self):
             value = getattr(self, f.name)
-            if f.name in LATER_FIELDS and value == f.default:
-                continue
             if isinstance(value, tuple):
                 value = list(value)
             elif isinstance(value, float) and not math.isfinite(value):
@@ -200,6 +261,13 @@ class RunConfig:
                 value = str(path.relative_to(here)) if path.is_relative_to(here) else value
             out[f.name] = value
         return out
+
+    @staticmethod
+    def completed(recorded: Mapping[str, Any]) -> dict[str, Any]:
+        """A config.json's "run" (as read back) with every field it lacks at its default, for comparing
+        settings (``--resume``): a field added after a run was recorded defaults to what that run did, so an
+        older run folder compares equal to the same settings today."""
+        return {**json.loads(json.dumps(RunConfig().to_dict())), **recorded}
 
     # -- what the configuration implies ---------------------------------------------------------
 
@@ -288,11 +356,13 @@ def resolve_run_config(raw: Mapping[str, Any] | RunConfig) -> RunConfig:
     if unknown:
         raise ConfigError(unknown[0], f"unknown setting; known: {', '.join(sorted(known))}")
     config = RunConfig.from_record(given)
+    for f in fields(RunConfig):
+        allowed = choices_of(f)
+        if allowed is not None and getattr(config, f.name) not in allowed:
+            raise ConfigError(_key(f.name), f"{getattr(config, f.name)!r} is not one of {', '.join(allowed)}")
 
     from models.ladder import PROFILES
 
-    if config.profile not in PROFILES:
-        raise ConfigError("profile", f"unknown profile {config.profile!r}; choose from {', '.join(PROFILES)}")
     profile = PROFILES[config.profile]
     methods = config.methods
     unknown_methods = [m for m in methods if m not in METHODS]
@@ -342,21 +412,10 @@ def resolve_run_config(raw: Mapping[str, Any] | RunConfig) -> RunConfig:
         raise ConfigError("dp-noise", f"{config.dp_noise} needs a finite dp-clip (the noise std is dp-noise x dp-clip)")
     if not 0 < config.dp_delta < 1:
         raise ConfigError("dp-delta", f"must be in (0, 1), got {config.dp_delta}")
-    from models.compute import LAYOUTS, PRECISIONS
-
-    choices = {"data": ("synth", "voc"), "tutor1": TUTOR1_MODES, "redistill": REDISTILL_SIDES,
-               "delta_precision": DELTA_PRECISIONS, "direction_reference": DIRECTION_REFERENCES,
-               "precision": PRECISIONS, "layout": LAYOUTS, "body_cache": BODY_CACHES,
-               "edge_check": EDGE_CHECKS, "spread": SPREAD_MODES, "claims": CLAIM_RULES}
-    for name, allowed in choices.items():
-        if getattr(config, name) not in allowed:
-            raise ConfigError(_key(name), f"{getattr(config, name)!r} is not one of {', '.join(allowed)}")
     if config.edge_check == "on" and config.redistill != "client":
         raise ConfigError("edge-check", "checks the edges clients re-distil; it needs --redistill client")
     if config.spread == "on" and config.redistill != "client":
         raise ConfigError("spread", "starts the clients' Distill C from the server's edge; it needs --redistill client")
-    if config.aggregation not in AGGREGATION_METHODS:
-        raise ConfigError("aggregation", f"{config.aggregation!r} is not one of {', '.join(AGGREGATION_METHODS)}")
 
     voc_root = config.voc_root
     if config.data == "voc":

@@ -39,6 +39,7 @@ import numpy as np  # noqa: E402
 from matplotlib.patches import Patch, Rectangle  # noqa: E402
 
 from report.checkpoint import checkpoint_round  # noqa: E402
+from protocol.config import RunConfig  # noqa: E402
 from evaluation.metrics import (  # noqa: E402
     DETECTION_METRICS,
     is_missing,
@@ -172,7 +173,7 @@ class RunFolder:
         if resume:
             if not folder.config_path.exists():
                 raise ValueError(f"{folder.path} holds no earlier run (no config.json)")
-            if folder.read_config().get("run") != run:
+            if RunConfig.completed(folder.read_config().get("run") or {}) != RunConfig.completed(run):
                 raise ValueError(f"{folder.path} was made with other settings; start a new run (or another name)")
             done = folder.read_done()
         else:  # a new run: no earlier run's checkpoints or client state may leak into it

@@ -20,186 +20,51 @@ import time
 from dataclasses import fields
 from pathlib import Path
 
-from models.compute import LAYOUTS, PRECISIONS
-from models.ladder import PROFILES
-from protocol.config import AGGREGATION_METHODS, BODY_CACHES, CLAIM_RULES, DELTA_PRECISIONS, DIRECTION_REFERENCES, EDGE_CHECKS, METHODS, REDISTILL_SIDES, SPREAD_MODES, TUTOR1_MODES, RunConfig
+from protocol.config import GROUPS, OUTPUT, RunConfig, choices_of
 
 log = logging.getLogger("sim.run")
 DEFAULTS = RunConfig()
 PROG = "python -m sim.run"  # how argparse and our own error lines name the command
-# CLI flag -> run-config key, where they differ (errors name the flag the user typed).
-FLAG_OF_KEY = {"num-clients": "--clients", "cache-dir": "--cache"}
+# Shorter flags for two run-config keys (the README's commands use them); the keys' own flags work too.
+SHORT_FLAGS = {"num-clients": "--clients", "cache-dir": "--cache"}
+TYPES = {"int": int, "float": float, "str": str}  # a field's annotation -> the flag's parser (tuples: str)
 
 
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
+def flag_of(field_name: str) -> str:
+    """The flag errors and --help name a ``RunConfig`` field by: its short flag, else its run-config key."""
+    key = field_name.replace("_", "-")
+    return SHORT_FLAGS.get(key, f"--{key}")
 
 
-# --help's sections, by concern (every flag belongs to exactly one; the run-config keys are the flags'
-# names, but for FLAG_OF_KEY's two)
-GROUPS = {
-    "the run": ("--clients", "--rounds", "--fraction", "--methods", "--profile", "--seed", "--replicate",
-                "--timeout-s"),
-    "data": ("--scenario", "--data", "--voc-root"),
-    "evaluation": ("--eval-every", "--operating-threshold"),
-    "output, cache and resume": ("--out", "--name", "--cache", "--resume", "--quiet", "--ray-address"),
-    "DiReDi's clients (RD and Distill C)": ("--redistill", "--tutor1", "--rd-iters", "--redistill-iters",
-                                            "--redistill-lr", "--redistill-score-weight", "--edge-check", "--spread",
-                                            "--body-cache", "--batch-size", "--delta-precision", "--delta-topk"),
-    "DiReDi's verification": ("--norm-factor", "--protected-tolerance", "--noise-z", "--kept-tolerance",
-                              "--direction-z", "--direction-reference", "--operating-tolerance"),
-    "DiReDi's merge": ("--aggregation", "--beta", "--claims", "--clip-multiple", "--row-multiple", "--clip-norm",
-                       "--weight-cap"),
-    "the baselines": ("--direct-iters", "--direct-lr", "--fedprox-mu", "--server-momentum", "--fedadam-eta",
-                      "--fedadam-tau"),
-    "compute": ("--device", "--precision", "--layout"),
-    "differential privacy on client deltas": ("--dp-clip", "--dp-noise", "--dp-delta"),
-}
+def _shown(value) -> str:
+    """A default as a user types it."""
+    if isinstance(value, tuple):
+        return ",".join(value)
+    return f"{value:g}" if isinstance(value, float) else str(value or '""')
 
 
 def build_parser() -> argparse.ArgumentParser:
-    d = DEFAULTS
+    """One flag per ``RunConfig`` field, built from the field (its run-config key, type, default, choices,
+    help and --help section: ``protocol.config.setting``), plus the flags that are not settings of a run."""
     parser = argparse.ArgumentParser(prog=PROG, description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    group_of = {}
-    for title, flags in GROUPS.items():
-        group = parser.add_argument_group(title)
-        group_of.update({flag: group for flag in flags})
-
-    def add(flag: str, **options) -> None:
-        group_of[flag].add_argument(flag, **options)  # a flag in no group fails here, when the parser is built
-
-    add("--clients", type=int, default=d.num_clients, help=f"number of simulated clients (default {d.num_clients})")
-    add("--rounds", type=int, default=d.rounds, help=f"federated rounds (default {d.rounds})")
-    add("--eval-every", type=int, default=d.eval_every,
-        help="clients evaluate their edge after every k-th round and after the last; the rounds between "
-             f"record costs only (default {d.eval_every}: every round)")
-    add("--fraction", type=float, default=d.fraction,
-        help="share of the clients sampled each round by every federated method, seeded (default 1.0)")
-    add("--methods", default=",".join(d.methods),
-        help=f"comma-separated subset of {','.join(METHODS)} (default: {','.join(d.methods)})")
-    add("--scenario", default=d.scenario, help="scenario name in data/scenarios/ or a YAML path")
-    add("--data", choices=("synth", "voc"), default=d.data)
-    add("--voc-root", type=Path, help="VOCdevkit or VOC20xx folder (with --data voc)")
-    add("--profile", choices=tuple(PROFILES), default=d.profile)
-    add("--seed", type=int, default=d.seed, help="the data: shards and the manufacturer chain (default 0)")
-    add("--replicate", type=int, default=d.replicate,
-        help="a study's replicate: other training seeds, data order and client sampling on the same data, "
-             "shards and chain (default 0: the training seeds are --seed)")
-    add("--out", type=Path, default=Path("runs"), help="parent folder of run folders")
-    add("--name", help="run folder name (default: derived from the settings)")
-    add("--cache", type=Path, default=Path(d.cache_dir), help="data and model cache")
-    add("--ray-address", help="join an existing Ray cluster instead of starting one")
-    add("--resume", action="store_true",
-        help="go on with an existing run folder: its finished methods are reused, an unfinished federated "
-             "method continues after its last checkpointed round")
-    add("--aggregation", choices=AGGREGATION_METHODS, default=d.aggregation)
-    add("--beta", type=float, default=d.beta, help="eq. (10): the tutor moves by beta x the merged delta "
-        f"(default {d.beta})")
-    add("--redistill", choices=REDISTILL_SIDES, default=d.redistill)
-    add("--tutor1", choices=TUTOR1_MODES, default=d.tutor1,
-        help="Tutor 1 depends only on the edge and presumed data: compute it once on the server while every "
-             "client holds the server's edge (shared, default), or always on every client")
-    add("--rd-iters", type=positive_int, help="RD steps per tutor per round (default: per profile)")
-    add("--redistill-iters", type=positive_int, help="Distill C steps per round (default: per profile)")
-    add("--direct-iters", type=positive_int,
-        help="steps per round of the federated direct-training baselines' clients (default: as many as a DiReDi "
-             "client; local and oracle always take that many)")
-    add("--direct-lr", type=float, default=d.direct_lr,
-        help="client lr of the federated direct-training baselines (default 0: the profile's)")
-    add("--fedprox-mu", type=float, default=d.fedprox_mu, help=f"FedProx's mu (default {d.fedprox_mu:g})")
-    add("--delta-precision", choices=DELTA_PRECISIONS, default=d.delta_precision,
-        help=f"dtype of the uploaded neck/head delta (default {d.delta_precision})")
-    add("--delta-topk", type=float, default=d.delta_topk,
-        help="upload only this share of each delta tensor's largest entries; the rest is added to the "
-             "client's next delta (default 1: all)")
-    add("--batch-size", type=positive_int, help="batch size of the clients' work (default: per profile)")
-    add("--device", default=d.device,
-        help="cpu | cuda | cuda:N | auto (default: cuda when available) for training the manufacturer "
-             "chain; the federation and the local/oracle baselines run on the CPU")
-    add("--precision", choices=PRECISIONS, default=d.precision,
-        help="the ResNet bodies' arithmetic, chain included: bfloat16 (autocast) | float32 | auto (bfloat16 where "
-             f"the CPU has AVX-512 BF16 or AMX); weights, deltas and AP stay float32 (default {d.precision})")
-    add("--layout", choices=LAYOUTS, default=d.layout,
-        help=f"tensor layout of every model's convolutions (default {d.layout})")
-    add("--redistill-lr", type=float, default=d.redistill_lr,
-        help="a client's Distill C learning rate (0: the profile's lr, as local training's; default 0)")
-    add("--redistill-score-weight", type=float, default=d.redistill_score_weight,
-        help="a client's Distill C also learns the tutor's class scores on its kept presumed classes, with this "
-             f"weight (0: off, the paper's Distill C; default {d.redistill_score_weight:g})")
-    add("--edge-check", choices=EDGE_CHECKS, default=d.edge_check,
-        help="on: the manufacturer checks each client's re-distilled edge on its validation set and the client "
-             "deploys it only if its protected classes stay within the verification's tolerance of the "
-             f"manufacturer's edge, else keeps its earlier edge (DiReDi; default {d.edge_check})")
-    add("--spread", choices=SPREAD_MODES, default=d.spread,
-        help="on: each round the server distils the updated tutor into an edge of its own on the manufacturer's "
-             "images (the tutor's outputs as targets) and each client's Distill C starts from that edge, so "
-             f"classes other clients taught the tutor can reach it (DiReDi; default {d.spread})")
-    add("--operating-tolerance", type=float, default=d.operating_tolerance,
-        help="DiReDi's verification: the recall at score 0.5 a delta may cost a guarded class on the validation "
-             "set (protected, kept and learnt classes; or noise-z x the drop's bootstrap std if larger; "
-             f"inf: recorded only; default {d.operating_tolerance:g})")
-    add("--operating-threshold", type=float, default=d.operating_threshold,
-        help="the score from which a product reports detections: eq. 11's precision, recall and F1 and the "
-             f"verification's recall are measured there (default {d.operating_threshold:g})")
-    add("--claims", choices=CLAIM_RULES, default=d.claims,
-        help="DiReDi's class-aware merge: trusted (each client's rows of the classes it says it trained) | earned "
-             "(only classes its candidate tutor improves on the validation set, or holds when no claimer improves "
-             "them) | improving (only classes it improves; a class no claimer improves keeps its rows) | lifting "
-             "(earned, and its own row of the class must not lower the tutor's top scores of the class on the "
-             f"validation images holding it; default {d.claims})")
-    add("--clip-multiple", type=float, default=d.clip_multiple,
-        help="DiReDi's merge: accepted deltas clipped to this multiple of the round's median delta norm "
-             f"(inf: off; default {d.clip_multiple:g})")
-    add("--row-multiple", type=float, default=d.row_multiple,
-        help="DiReDi's merge: each accepted delta's classification rows of a class clipped to this multiple of the "
-             f"round's median change of that class's rows (inf: off; default {d.row_multiple:g})")
-    add("--body-cache", choices=BODY_CACHES, default=d.body_cache,
-        help="how long a DiReDi client keeps its tutor body's outputs per image: round (Tutor 2's, for its "
-             "Distill C) | run (on its disk from round to round: fewer body passes, about 0.23 MB per image "
-             f"and flip in the cpu profile); the same figures either way (default {d.body_cache})")
-    add("--dp-clip", type=float, default=d.dp_clip,
-        help="differential privacy: each client clips its delta to this L2 norm before upload (default inf: off)")
-    add("--dp-noise", type=float, default=d.dp_noise,
-        help="differential privacy: Gaussian noise of std dp-noise x dp-clip per delta coordinate, on the client "
-             "(default 0: off; needs --dp-clip); clients report the epsilon they spent")
-    add("--dp-delta", type=float, default=d.dp_delta,
-        help=f"differential privacy: the delta of the (epsilon, delta) clients report (default {d.dp_delta:g})")
-    add("--norm-factor", type=float, default=d.norm_factor,
-        help=f"verification: a delta's norm bound is this factor x the tutor's neck/head norm (default {d.norm_factor:g})")
-    add("--protected-tolerance", type=float, default=d.protected_tolerance,
-        help="verification: the largest AP drop a delta may cost a protected class on the validation set "
-             f"(default {d.protected_tolerance:g})")
-    add("--noise-z", type=float, default=d.noise_z,
-        help="verification: ... or noise-z x the drop's bootstrap std, if larger (0: no bootstrap; "
-             f"default {d.noise_z:g})")
-    add("--kept-tolerance", type=float, default=d.kept_tolerance,
-        help="verification: the largest mean AP drop over the presumed classes (inf: recorded only; "
-             f"default {d.kept_tolerance:g})")
-    add("--direction-z", type=float, default=d.direction_z,
-        help="verification: a delta's cosine with the reference update must reach direction-z / sqrt(d) "
-             f"(0: off; default {d.direction_z:g})")
-    add("--direction-reference", choices=DIRECTION_REFERENCES, default=d.direction_reference,
-        help="verification: the direction gate's reference, the median of the round's other deltas (peers) or "
-             f"the server's own RD update (server; default {d.direction_reference})")
-    add("--clip-norm", type=float, default=d.clip_norm,
-        help=f"DiReDi's merge: accepted deltas clipped to this L2 norm (inf: off; default {d.clip_norm:g})")
-    add("--weight-cap", type=float, default=d.weight_cap,
-        help="DiReDi's merge: a client's claimed example count capped at this multiple of the round's median "
-             f"claim (inf: off; default {d.weight_cap:g})")
-    add("--server-momentum", type=float, default=d.server_momentum,
-        help=f"fedavgm: Flower's FedAvgM server momentum, server lr 1 (default {d.server_momentum:g})")
-    add("--fedadam-eta", type=float, default=d.fedadam_eta,
-        help=f"fedadam: Flower's FedAdam server learning rate (default {d.fedadam_eta:g})")
-    add("--fedadam-tau", type=float, default=d.fedadam_tau,
-        help=f"fedadam: its adaptivity (default {d.fedadam_tau:g})")
-    add("--timeout-s", type=float, default=d.timeout_s,
-        help="seconds the server waits for one round trip with the clients (0: sized from the profile's step "
-             "time; default 0)")
-    add("--quiet", action="store_true", help="no progress bars")
+    groups = {title: parser.add_argument_group(title) for title in GROUPS}
+    for f in fields(RunConfig):
+        key = f.name.replace("_", "-")
+        flags = [SHORT_FLAGS[key], f"--{key}"] if key in SHORT_FLAGS else [f"--{key}"]
+        kind = f.type.split("[")[0]
+        groups[f.metadata["group"]].add_argument(
+            *flags, dest=f.name, type=TYPES.get(kind, str), choices=choices_of(f),
+            default=_shown(f.default) if kind == "tuple" else f.default,
+            help=f"{f.metadata['help']} (default {_shown(f.default)})")
+    output = groups[OUTPUT]
+    output.add_argument("--out", type=Path, default=Path("runs"), help="parent folder of run folders")
+    output.add_argument("--name", help="run folder name (default: derived from the settings)")
+    output.add_argument("--resume", action="store_true",
+                        help="go on with an existing run folder: its finished methods are reused, an unfinished "
+                             "federated method continues after its last checkpointed round")
+    output.add_argument("--quiet", action="store_true", help="no progress bars")
+    output.add_argument("--ray-address", help="join an existing Ray cluster instead of starting one")
     return parser
 
 
@@ -214,33 +79,21 @@ def parse_args(argv=None) -> argparse.Namespace:
     try:
         args.config = resolve_run_config(raw)
     except ConfigError as err:
-        parser.error(f"{FLAG_OF_KEY.get(err.key, '--' + err.key)} {err.problem}")
+        parser.error(f"{flag_of(err.key)} {err.problem}")
     args.name = args.name or args.config.run_name()
     if args.resume:
         earlier = args.out / args.name / "config.json"
         if not earlier.exists():
             parser.error(f"--resume: {earlier.parent} holds no earlier run (no config.json)")
-        if json.loads(earlier.read_text()).get("run") != json.loads(json.dumps(args.config.to_dict())):
+        recorded = json.loads(earlier.read_text()).get("run") or {}
+        if RunConfig.completed(recorded) != RunConfig.completed(json.loads(json.dumps(args.config.to_dict()))):
             parser.error(f"--resume: {earlier.parent} was made with other settings; start a new run (or --name)")
     return args
 
 
-def flag_of(field_name: str) -> str:
-    """The CLI flag of a ``RunConfig`` field: its run-config key, but for ``FLAG_OF_KEY``'s."""
-    key = field_name.replace("_", "-")
-    return FLAG_OF_KEY.get(key, f"--{key}")
-
-
 def run_config_of(args: argparse.Namespace) -> dict:
-    """Every ``RunConfig`` field's run-config key and the value of its flag; an unset optional flag
-    (``--voc-root``, the step counts and batch size: "the profile's") is the field's empty value."""
-    raw = {}
-    for f in fields(RunConfig):
-        value = getattr(args, flag_of(f.name)[2:].replace("-", "_"))
-        if value is None:
-            value = getattr(DEFAULTS, f.name)
-        raw[f.name.replace("_", "-")] = str(value) if isinstance(value, Path) else value
-    return raw
+    """Every ``RunConfig`` field's run-config key and the value of its flag."""
+    return {f.name.replace("_", "-"): getattr(args, f.name) for f in fields(RunConfig)}
 
 
 def user_errors() -> tuple[type[Exception], ...]:

@@ -8,7 +8,7 @@ import torch
 
 from session.workspace import Workspace, workspace_of
 from evaluation.ap import bootstrap_ap_drop, bootstrap_mean_ap_change
-from protocol.config import ConfigError, resolve_run_config
+from protocol.config import ConfigError, RunConfig, resolve_run_config
 from protocol.wire import work_seed
 
 
@@ -18,8 +18,10 @@ def test_a_replicate_changes_training_seeds_not_data():
     assert base.training_seed == base.seed == 0
     assert other.training_seed != base.training_seed and other.seed == base.seed
     assert other.run_name() != base.run_name() and other.run_name().endswith("-rep2")
-    # replicate 0 writes the config.json it wrote before replicates existed (old run folders resume)
-    assert "replicate" not in base.to_dict() and other.to_dict()["replicate"] == 2
+    # a run folder from before replicates existed (no "replicate" in its config.json) is replicate 0
+    older = {k: v for k, v in json.loads(json.dumps(base.to_dict())).items() if k != "replicate"}
+    assert RunConfig.completed(older) == RunConfig.completed(json.loads(json.dumps(base.to_dict())))
+    assert other.to_dict()["replicate"] == 2
     seeds = {work_seed(resolve_run_config({"profile": "smoke", "replicate": k}).training_seed, r, p)
              for k in range(3) for r in range(1, 21) for p in range(-1, 8)}
     assert len(seeds) == 3 * 20 * 9  # no two replicates share a party's seed in any round
