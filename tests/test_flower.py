@@ -22,7 +22,7 @@ from strategies.verify import VerificationPolicy
 
 NUM_CLIENTS = 2
 # The protected-class check still runs, but no finite delta can fail it: these tests follow accepted
-# deltas through the round (rejection is tested in test_strategy.py), so none may depend on luck.
+# deltas through the round (rejection is tested in test_diredi.py), so none may depend on luck.
 ACCEPT_HONEST = VerificationPolicy(protected_tolerance=1.0, protected_classes=("person",))
 FORBIDDEN_WORDS = ("image", "box", "label", "target", "pixel")
 
@@ -412,7 +412,7 @@ def test_a_run_long_body_cache_serves_later_rounds_with_the_same_records(cache, 
 def test_the_edge_check_sends_each_edge_up_and_a_kept_edge_stays_deployed(setup, monkeypatch):
     """With the edge check each client's re-distilled edge travels up and is deployed only on the
     manufacturer's word; here client 0 is told to keep its edge (the manufacturer's, in round 1), so its
-    evaluation after the round is the one before. The gate itself is tested in test_strategy.py."""
+    evaluation after the round is the one before. The gate itself is tested in test_diredi.py."""
     from dataclasses import replace
 
     from protocol.wire import METRICS, PARTITION_ID

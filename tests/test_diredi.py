@@ -1,5 +1,5 @@
-"""Aggregation rules, verification rules, and the DiReDi strategy's verify-and-merge step on
-hand-made replies (no Flower runtime, no Ray)."""
+"""The DiReDi strategy's verify-and-merge step, edge check and spread on hand-made replies and a tiny
+trained tutor (no Flower runtime, no Ray)."""
 
 from __future__ import annotations
 
@@ -17,274 +17,15 @@ from distill.trainer import Phase, train
 from evaluation.ap import bootstrap_ap_drop
 from models.ladder import build_model, get_profile
 from models.parts import neck_head
-from strategies.aggregate import (CLASS_ROW_PARAMS, aggregate, class_aware_merge, ties_merge, trimmed_mean,
-                                  weighted_mean)
 from protocol.wire import DELTA, METRICS, NUM_EXAMPLES, PARTITION_ID, TRAINED, decode, encode
 from strategies.diredi import DiReDiStrategy
-from strategies.verify import Decision, VerificationPolicy, deploy_check, protected_check, structural_check
+from strategies.verify import VerificationPolicy
 
 PERSON = 14  # VOC index of the protected class used below
 
 
-def t(*values):
-    return torch.tensor(values, dtype=torch.float32)
-
-
-# -- aggregation ---------------------------------------------------------------------------------
-
-
-def test_weighted_mean_of_known_deltas():
-    deltas = [{"a": t(1.0, 2.0), "b": t(0.0)}, {"a": t(3.0, 6.0), "b": t(4.0)}]
-    out = weighted_mean(deltas, [1, 3])
-    assert torch.allclose(out["a"], t(2.5, 5.0))
-    assert torch.allclose(out["b"], t(3.0))
-    assert torch.allclose(aggregate(deltas, None, "weighted")["a"], t(2.0, 4.0))  # equal weights
-
-
-def test_weighted_mean_rejects_bad_weights():
-    deltas = [{"a": t(1.0)}, {"a": t(2.0)}]
-    with pytest.raises(ValueError, match="weights"):
-        weighted_mean(deltas, [0, 0])
-    with pytest.raises(ValueError, match="weights"):
-        weighted_mean(deltas, [1, -1])
-    with pytest.raises(ValueError, match="2 weights for 1"):
-        weighted_mean(deltas[:1], [1, 1])
-
-
-def test_trimmed_mean_drops_the_extremes_per_coordinate():
-    deltas = [{"a": t(1.0, -100.0)}, {"a": t(2.0, 5.0)}, {"a": t(100.0, 7.0)}, {"a": t(3.0, 6.0)}]
-    out = trimmed_mean(deltas, trim_fraction=0.25)  # drops 1 value at each end per coordinate
-    assert torch.allclose(out["a"], t(2.5, 5.5))
-    assert torch.allclose(trimmed_mean(deltas, 0.0)["a"], t(26.5, -20.5))
-    with pytest.raises(ValueError):
-        trimmed_mean(deltas, 0.5)
-
-
-def test_ties_merge_on_a_hand_made_case():
-    # keep_fraction 0.5 keeps the 2 largest of 4 entries per delta.
-    d1 = {"a": t(4.0, 0.1, -3.0, 0.2)}  # keeps 4, -3
-    d2 = {"a": t(2.0, 0.3, 5.0, -0.1)}  # keeps 2, 5
-    d3 = {"a": t(-1.0, -6.0, 0.1, 0.0)}  # keeps -1, -6
-    out = ties_merge([d1, d2, d3], keep_fraction=0.5)["a"]
-    # coord 0: 4 + 2 - 1 > 0 -> "+", mean of (4, 2) = 3; coord 1: only -6 survives -> -6;
-    # coord 2: -3 + 5 > 0 -> "+", only 5 agrees -> 5; coord 3: nothing survives -> 0.
-    assert torch.allclose(out, t(3.0, -6.0, 5.0, 0.0))
-    # Weights move both the election and the mean: d1 heavy makes coord 2 negative.
-    weighted = ties_merge([d1, d2, d3], weights=[10, 1, 1], keep_fraction=0.5)["a"]
-    assert torch.allclose(weighted, t((40 + 2) / 11, -6.0, -3.0, 0.0))
-
-
-def test_aggregate_names_unknown_methods():
-    with pytest.raises(ValueError, match="unknown aggregation method 'median'.*weighted, trimmed, ties"):
-        aggregate([{"a": t(1.0)}], None, "median")
-    with pytest.raises(ValueError, match="different keys"):
-        aggregate([{"a": t(1.0)}, {"b": t(1.0)}], None, "weighted")
-
-
-CLS_W, CLS_B = CLASS_ROW_PARAMS  # weight [num_classes, ...], bias [num_classes]; here 3 classes
-
-
 def rows(*values):
     return torch.tensor(values, dtype=torch.float32)
-
-
-def three_clients():
-    """Three hand-made deltas over 3 classes; client 0 trained {0}, client 1 {0, 1}, client 2 {1}."""
-    d0 = {CLS_W: rows([1, 2], [10, 10], [5, 5]), CLS_B: t(1, 7, 3), "neck": t(2, 0)}
-    d1 = {CLS_W: rows([3, 4], [2, 4], [9, 9]), CLS_B: t(4, 2, 8), "neck": t(4, 8)}
-    d2 = {CLS_W: rows([100, 100], [6, 8], [7, 7]), CLS_B: t(50, 5, 9), "neck": t(8, 4)}
-    return [d0, d1, d2], [1, 2, 1], [{0}, {0, 1}, {1}]
-
-
-def test_class_aware_merge_of_hand_made_deltas():
-    deltas, weights, classes = three_clients()
-    out = class_aware_merge(deltas, weights, classes, shared="weighted")
-    assert set(out) == {CLS_W, CLS_B, "neck"}
-    # class 0: clients 0 (w 1) and 1 (w 2) -> (1*d0 + 2*d1) / 3; client 2's 100s stay out.
-    # class 1: clients 1 (w 2) and 2 (w 1) -> (2*d1 + 1*d2) / 3; client 0's 10s stay out.
-    # class 2: nobody trained it -> 0, whatever the clients drifted there.
-    assert torch.allclose(out[CLS_W], rows([7 / 3, 10 / 3], [10 / 3, 16 / 3], [0, 0]))
-    assert torch.allclose(out[CLS_B], t(3, 3, 0))
-    # shared tensor, weighted over all clients: (1*[2, 0] + 2*[4, 8] + 1*[8, 4]) / 4.
-    assert torch.allclose(out["neck"], t(4.5, 5.0))
-    # "trimmed" ignores weights: with nothing trimmed the shared tensor is the plain mean;
-    # the class rows do not depend on the shared rule.
-    trimmed = class_aware_merge(deltas, weights, classes, shared="trimmed", trim_fraction=0.0)
-    assert torch.allclose(trimmed["neck"], t(14 / 3, 4.0))
-    assert torch.allclose(trimmed[CLS_W], out[CLS_W]) and torch.allclose(trimmed[CLS_B], out[CLS_B])
-    assert torch.equal(deltas[0][CLS_W], rows([1, 2], [10, 10], [5, 5]))  # inputs untouched
-
-
-def test_class_aware_merge_keeps_a_one_class_delta_at_full_strength():
-    zero = {CLS_W: torch.zeros(3, 2), CLS_B: torch.zeros(3), "neck": t(0, 0)}
-    only_class_1 = {CLS_W: rows([0, 0], [6, -3], [0, 0]), CLS_B: t(0, 9, 0), "neck": t(0, 0)}
-    deltas = [only_class_1, dict(zero), dict(zero)]
-    classes = [{1}, {0}, {0, 2}]
-    out = class_aware_merge(deltas, None, classes, shared="weighted")
-    # the other classes' rows stay as they were: nobody changed them
-    assert torch.equal(out[CLS_W][[0, 2]], torch.zeros(2, 2))
-    assert torch.equal(out[CLS_B][[0, 2]], torch.zeros(2))
-    # the touched row is client 0's row, not a third of it (which a plain mean would give)
-    assert torch.allclose(out[CLS_W][1], t(6, -3)) and torch.allclose(out[CLS_B][1], t(9))
-    assert torch.allclose(weighted_mean(deltas)[CLS_W][1], t(2, -1))
-    # drift on class 1's row from a client that never trained class 1 is not mixed in
-    drifting = dict(zero, **{CLS_W: rows([0, 0], [-50, 50], [0, 0]), CLS_B: t(0, -50, 0)})
-    out = class_aware_merge([only_class_1, drifting, dict(zero)], None, classes, shared="weighted")
-    assert torch.allclose(out[CLS_W][1], t(6, -3)) and torch.allclose(out[CLS_B][1], t(9))
-
-
-def test_class_aware_merge_scale_and_untrained_rows():
-    deltas, weights, classes = three_clients()
-    base = class_aware_merge(deltas, weights, classes, shared="weighted")
-    half = class_aware_merge(deltas, weights, classes, shared="weighted", scale=0.5)
-    for name in base:
-        assert torch.allclose(half[name], 0.5 * base[name]), name
-    assert torch.allclose(half["neck"], t(2.25, 2.5))  # shared tensors are scaled too
-    # every client drifted on class 2's row, none trained it -> 0 (also after scaling)
-    assert all(d[CLS_B][2] != 0 for d in deltas)
-    assert torch.equal(half[CLS_W][2], torch.zeros(2)) and half[CLS_B][2] == 0
-    # only clients of weight 0 trained class 0 -> nobody with a say taught it -> 0
-    zero_weight = class_aware_merge(deltas, [1, 0, 1], [{1}, {0}, {1}], shared="weighted")
-    assert torch.allclose(zero_weight[CLS_B], t(0, 6, 0))  # class 1: (7 + 5) / 2
-
-
-def test_class_aware_merge_rejects_bad_inputs():
-    deltas, weights, classes = three_clients()
-    for scale in (0, -1.0, math.nan, math.inf):
-        with pytest.raises(ValueError, match="scale must be finite and positive"):
-            class_aware_merge(deltas, weights, classes, scale=scale)
-    with pytest.raises(ValueError, match="client_classes has 2 entries for 3 deltas"):
-        class_aware_merge(deltas, weights, classes[:2])
-    with pytest.raises(ValueError, match=r"client_classes\[2\] has class indices \[3\] outside \[0, 3\)"):
-        class_aware_merge(deltas, weights, [{0}, {1}, {1, 3}])
-    with pytest.raises(ValueError, match=r"client_classes\[0\] has class indices \[-1\]"):
-        class_aware_merge(deltas, weights, [{-1}, {1}, {1}])
-    with pytest.raises(ValueError, match=r"client_classes\[1\] must hold integer class indices"):
-        class_aware_merge(deltas, weights, [{0}, {0.5}, {1}])
-    with pytest.raises(ValueError, match="shared must be one of weighted, trimmed, ties, krum, got 'class_aware'"):
-        class_aware_merge(deltas, weights, classes, shared="class_aware")
-    with pytest.raises(ValueError, match="2 weights for 3 deltas"):
-        class_aware_merge(deltas, [1, 1], classes)
-
-
-def test_class_aware_merge_without_a_classification_layer_merges_everything_as_shared():
-    deltas, weights, classes = three_clients()
-    no_bias = [{CLS_W: d[CLS_W], "neck": d["neck"]} for d in deltas]  # a class-row tensor is missing
-    out = class_aware_merge(no_bias, weights, classes, shared="weighted", scale=2.0)
-    expected = weighted_mean(no_bias, weights)
-    assert set(out) == {CLS_W, "neck"}
-    assert torch.allclose(out[CLS_W], 2.0 * expected[CLS_W])  # row 0 includes client 2's 100s
-    assert torch.allclose(out["neck"], 2.0 * expected["neck"])
-
-
-def test_clip_class_rows_bounds_each_row_by_its_contributors_median():
-    from strategies.aggregate import clip_class_rows, row_norms
-
-    honest = [{CLS_W: rows([0.3, 0.4], [0, 0], [1, 0]), CLS_B: t(0, 0, 0), "neck": t(5, 5)} for _ in range(3)]
-    # a hidden edit: class 0's bias lowered by 10, the rest as honest as its peers
-    edited = {CLS_W: rows([0.3, 0.4], [0, 0], [1, 0]), CLS_B: t(-10, 0, 0), "neck": t(5, 5)}
-    deltas = honest + [edited]
-    members = [{0, 2}, {0, 2}, {0, 2}, {0, 2}]
-    assert row_norms(honest[0]) == pytest.approx([0.5, 0.0, 1.0])
-    clipped, factors = clip_class_rows(deltas, members, multiple=4.0)
-    # class 0: honest rows have norm 0.5, so the edited row (norm ~10.01) is scaled to 4 x 0.5 = 2
-    assert factors[:3] == [{}, {}, {}] and set(factors[3]) == {0}
-    assert row_norms(clipped[3])[0] == pytest.approx(2.0)
-    assert torch.equal(clipped[3][CLS_W][2], edited[CLS_W][2]) and torch.equal(clipped[3]["neck"], edited["neck"])
-    for a, b in zip(clipped[:3], honest):  # honest rows untouched, inputs not modified
-        assert all(torch.equal(a[k], b[k]) for k in b)
-    assert edited[CLS_B][0] == -10
-    # a row counts only its contributors: with client 3 alone on class 0, nothing bounds its row
-    alone, factors = clip_class_rows(deltas, [{2}, {2}, {2}, {0, 2}], multiple=4.0)
-    assert factors == [{}, {}, {}, {}] and torch.equal(alone[3][CLS_B], edited[CLS_B])
-    # the larger of two contributors is bounded by the smaller one (the low median)
-    _, factors = clip_class_rows([honest[0], edited], [{0}, {0}], multiple=4.0)
-    assert set(factors[1]) == {0} and factors[0] == {}
-    # off (inf) returns the deltas as they are; bad inputs say what is wrong
-    same, factors = clip_class_rows(deltas, members)
-    assert factors == [{}] * 4 and torch.equal(same[3][CLS_B], edited[CLS_B])
-    with pytest.raises(ValueError, match="members has 3 entries for 4 deltas"):
-        clip_class_rows(deltas, members[:3], multiple=4.0)
-    with pytest.raises(ValueError, match=">= 1"):
-        clip_class_rows(deltas, members, multiple=0.5)
-
-
-def test_aggregate_routes_class_aware():
-    deltas, weights, classes = three_clients()
-    out = aggregate(deltas, weights, "class_aware", client_classes=classes, shared="weighted", scale=0.5)
-    expected = class_aware_merge(deltas, weights, classes, shared="weighted", scale=0.5)
-    assert set(out) == set(expected)
-    for name in expected:
-        assert torch.allclose(out[name], expected[name]), name
-    assert torch.allclose(out[CLS_B], t(1.5, 1.5, 0))
-    with pytest.raises(ValueError, match="'class_aware' needs client_classes"):
-        aggregate(deltas, weights, "class_aware", shared="weighted")
-
-
-# -- verification rules ------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def reference():
-    return {"head.w": torch.zeros(2, 3), "backbone.fpn.b": torch.zeros(3)}
-
-
-def test_structural_check_accepts_a_well_formed_delta(reference):
-    delta = {"head.w": torch.full((2, 3), 0.1), "backbone.fpn.b": torch.zeros(3)}
-    assert structural_check(delta, reference, norm_bound=1.0) == (True, "structure ok")
-
-
-@pytest.mark.parametrize("delta, reason", [
-    ({"head.w": torch.full((2, 3), float("nan")), "backbone.fpn.b": torch.zeros(3)}, "non-finite"),
-    ({"head.w": torch.zeros(3, 2), "backbone.fpn.b": torch.zeros(3)}, "shape"),
-    ({"head.w": torch.full((2, 3), 1e3), "backbone.fpn.b": torch.zeros(3)}, "exceeds the bound"),
-    ({"head.w": torch.zeros(2, 3, dtype=torch.float64), "backbone.fpn.b": torch.zeros(3)}, "dtype"),
-    ({"head.w": torch.zeros(2, 3)}, "missing"),
-    ({"head.w": torch.zeros(2, 3), "backbone.fpn.b": torch.zeros(3), "backbone.body.x": torch.zeros(1)},
-     "not the tutor's neck/head"),
-])
-def test_structural_check_rejects_with_a_reason(reference, delta, reason):
-    ok, why = structural_check(delta, reference, norm_bound=10.0)
-    assert not ok and reason in why
-
-
-def test_protected_check_tolerance():
-    policy = VerificationPolicy(norm_bound=1.0, protected_tolerance=0.05, protected_classes=("person", "bus"))
-    before = {"person": 0.60, "bus": 0.40, "cat": 0.1}
-    ok, reason, figures = protected_check(before, {"person": 0.56, "bus": 0.41, "cat": 0.0}, policy)
-    assert ok, reason  # a 0.04 drop is within tolerance; cat is not protected
-    assert {k: figures[k] for k in ("ap_before", "ap_after", "tolerance")} == {
-        "ap_before": {"person": 0.60, "bus": 0.40}, "ap_after": {"person": 0.56, "bus": 0.41},
-        "tolerance": {"person": 0.05, "bus": 0.05}}
-    ok, reason, _ = protected_check(before, {"person": 0.50, "bus": 0.40}, policy)
-    assert not ok and "person" in reason and "bus" not in reason
-    ok, reason, _ = protected_check(before, {"person": float("nan"), "bus": 0.40}, policy)
-    assert not ok  # a class that had an AP and lost it entirely
-    ok, reason, _ = protected_check({"person": float("nan"), "bus": 0.4}, {"person": 0.0, "bus": 0.4}, policy)
-    assert ok and "not checkable" in reason and "person" in reason
-
-
-def test_noise_calibrated_tolerance():
-    """With noise_z, a drop within noise_z standard deviations of its own noise is chance, not harm."""
-    policy = VerificationPolicy(protected_tolerance=0.02, protected_classes=("person",), noise_z=2.0)
-    before, after = {"person": 0.60}, {"person": 0.55}  # a 0.05 drop
-    ok, reason, figures = protected_check(before, after, policy, noise={"person": 0.03})
-    assert ok and figures["tolerance"]["person"] == pytest.approx(0.06), reason
-    ok, reason, _ = protected_check(before, after, policy, noise={"person": 0.01})  # tolerance = the 0.02 floor
-    assert not ok and "noise 0.010" in reason
-    ok, _, _ = protected_check(before, after, policy)  # no noise measured: the absolute tolerance alone
-    assert not ok
-    assert VerificationPolicy(protected_tolerance=0.05).tolerance(0.5) == 0.05  # noise_z 0: noise ignored
-
-
-def test_decision_to_dict_and_metric_codec():
-    d = Decision(client=3, round=2, accepted=False, reason="x", norm=1.5, ap_before={"person": 0.5})
-    assert d.to_dict()["client"] == 3 and d.to_dict()["ap_before"] == {"person": 0.5}
-    metrics = MetricRecord({**encode("ap-before", {"cat": 0.25, "person": 0.5}), "other": 1})
-    assert decode(metrics, "ap-before") == {"cat": 0.25, "person": 0.5}
-
-
-# -- the strategy's verify-and-merge step on crafted replies ---------------------------------------
 
 
 class Squares(Dataset):
@@ -343,6 +84,40 @@ def reply(partition: int, delta: dict | None, num_examples: float = 10, trained:
 
 def zeros_like_nh(model):
     return {k: torch.zeros_like(v) for k, v in neck_head(model).items()}
+
+
+@pytest.fixture(scope="module")
+def trained_edge():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        edge = build_model("smoke", "edge", seed=1)
+        train(edge, Squares(64, 0), Phase("person", iters=80, batch_size=8, lr=0.01, warmup_iters=5), progress=False)
+        yield edge.eval()
+    finally:
+        torch.set_num_threads(threads)
+
+
+def edge_reply(partition: int, edge: dict | None) -> Message:
+    """A "train.distill" reply of node 100 + partition holding ``edge`` (its state dict) or no edge."""
+    message = reply(partition, None)
+    if edge is not None:
+        message.content["edge"] = ArrayRecord({k: v.clone() for k, v in edge.items()})
+    return message
+
+
+def one_honest_two_liars(tutor, claims: str, honest: dict, edit: dict):
+    """One class-aware round under claim rule ``claims``: client 0 claims person with ``honest`` and 10
+    examples, clients 1 and 2 claim it with ``edit`` and 40 each; returns (strategy, decisions by client)."""
+    import copy
+
+    policy = VerificationPolicy(norm_bound=50.0, claims=claims, noise_z=3.0, bootstrap_samples=50)
+    strategy = DiReDiStrategy(copy.deepcopy(tutor), build_model("smoke", "edge", seed=1), Squares(32, 1),
+                              ["person"], RDSettings.from_profile(get_profile("smoke")), policy,
+                              aggregation="class_aware")
+    strategy.aggregate_train(1, [reply(0, honest, 10, ("person",)), reply(1, edit, 40, ("person",)),
+                                 reply(2, edit, 40, ("person",))])
+    return strategy, {d.client: d for d in strategy.recorder.decisions}
 
 
 def test_trained_tutor_detects_the_protected_class(strategy):
@@ -445,97 +220,6 @@ def test_noise_calibrated_verification_records_the_noise_and_still_rejects_an_er
     for d in decisions.values():  # every decision states the noise next to the drop it judged
         assert math.isfinite(d.noise["person"]) and d.tolerance["person"] >= 0.02
     assert decisions[1].noise["person"] < 0.01  # a change that moves nothing: (almost) no noise
-
-
-def test_a_delta_travels_in_half_precision_and_is_verified_as_float32():
-    from protocol.wire import pack_delta, unpack_delta
-    from strategies.verify import structural_check
-
-    reference = {"head.w": torch.zeros(64, 32), "head.b": torch.zeros(64)}
-    delta = {"head.w": torch.randn(64, 32, generator=torch.Generator().manual_seed(0)) * 1e-3, "head.b": torch.ones(64)}
-    half, full = pack_delta(delta, "float16"), pack_delta(delta, "float32")
-    assert half.count_bytes() < 0.6 * full.count_bytes()
-    back = unpack_delta(half)
-    assert all(v.dtype == torch.float32 for v in back.values())
-    assert all(torch.allclose(back[k], delta[k], rtol=1e-3, atol=1e-7) for k in delta)
-    assert structural_check(back, reference) == (True, "structure ok")
-    # a dtype that is no precision of a float delta is left for verification to reject
-    ints = unpack_delta(pack_delta({"head.w": torch.zeros(64, 32, dtype=torch.int32), "head.b": torch.zeros(64)}))
-    ok, reason = structural_check(ints, reference)
-    assert not ok and "dtype torch.int32" in reason
-
-
-# -- robust under attack: kept classes, direction, clipping, bounded influence ---------------------
-
-
-def test_kept_check_rejects_a_mean_drop_beyond_the_tolerance():
-    from strategies.verify import kept_check
-
-    policy = VerificationPolicy(kept_classes=("cat", "dog", "bus"), kept_tolerance=0.03)
-    before = {"cat": 0.50, "dog": 0.40, "bus": float("nan"), "person": 0.9}  # bus: no validation positives
-    ok, reason, figures = kept_check(before, {"cat": 0.48, "dog": 0.38, "person": 0.0}, policy)
-    assert ok and figures["mean_drop"] == pytest.approx(0.02), reason  # person is not a kept class
-    assert set(figures["drops"]) == {"cat", "dog"}
-    ok, reason, figures = kept_check(before, {"cat": 0.45, "dog": 0.37}, policy)  # each drop small, mean 0.04
-    assert not ok and "kept classes lost" in reason and figures["mean_drop"] == pytest.approx(0.04)
-    ok, _, figures = kept_check(before, {"cat": 0.50, "dog": float("nan")}, policy)  # dog lost its AP
-    assert not ok and figures["drops"]["dog"] == math.inf
-    # the default tolerance (inf) records the drop and never rejects
-    ok, _, figures = kept_check(before, {"cat": 0.0, "dog": 0.0}, VerificationPolicy(kept_classes=("cat", "dog")))
-    assert ok and figures["mean_drop"] == pytest.approx(0.45)
-    ok, reason, figures = kept_check({"bus": float("nan")}, {"bus": 0.0}, policy)
-    assert ok and "not checkable" in reason and math.isnan(figures["mean_drop"])
-
-
-def test_cosine_score_and_direction_check():
-    from strategies.verify import cosine_score, direction_check
-
-    g = torch.Generator().manual_seed(0)
-    reference = {"a": torch.randn(400, generator=g), "b": torch.randn(20, 30, generator=g)}
-    flipped = {k: -v for k, v in reference.items()}
-    assert cosine_score(reference, reference) == pytest.approx(1.0)
-    assert cosine_score({k: 3 * v for k, v in reference.items()}, reference) == pytest.approx(1.0)  # size-blind
-    assert cosine_score(flipped, reference) == pytest.approx(-1.0)
-    random_delta = {"a": torch.randn(400, generator=g), "b": torch.randn(20, 30, generator=g)}
-    assert abs(cosine_score(random_delta, reference)) < 0.15  # 1000 dims: std 1/sqrt(1000) ~ 0.03
-    assert cosine_score({k: torch.zeros_like(v) for k, v in reference.items()}, reference) == 0.0
-    assert cosine_score({"other": torch.ones(3)}, reference) == 0.0  # no shared tensor
-    assert cosine_score({"a": reference["a"]}, reference) == pytest.approx(1.0)  # over the shared keys only
-    assert direction_check(reference, reference, 0.0)[0]
-    ok, reason, score = direction_check(flipped, reference, min_cosine=0.0)
-    assert not ok and score == pytest.approx(-1.0) and reason.startswith("direction:")
-
-
-def test_clip_delta_scales_only_deltas_beyond_the_bound():
-    from strategies.aggregate import clip_delta
-
-    delta = {"a": t(3.0, 0.0), "b": t(4.0)}  # global norm 5
-    clipped, factor = clip_delta(delta, 1.0)
-    assert factor == pytest.approx(0.2)
-    assert torch.allclose(clipped["a"], t(0.6, 0.0)) and torch.allclose(clipped["b"], t(0.8))
-    assert torch.equal(delta["a"], t(3.0, 0.0))  # the input is not modified
-    same, factor = clip_delta(delta, 5.0)  # within the bound: untouched
-    assert factor == 1.0 and same["a"] is delta["a"]
-    assert clip_delta(delta, math.inf)[1] == 1.0  # the default: clipping off
-    assert clip_delta({"a": torch.zeros(2)}, 1.0)[1] == 1.0
-    with pytest.raises(ValueError, match="max_norm"):
-        clip_delta(delta, 0.0)
-
-
-def test_cap_weights_cuts_an_inflated_claim_to_a_multiple_of_the_median():
-    from strategies.aggregate import cap_weights
-
-    capped, cap = cap_weights([500, 480, 1e12], 4.0)
-    assert cap == 2000.0 and capped == [500.0, 480.0, 2000.0]
-    honest = [460.0, 600.0, 512.0, 530.0, 488.0, 575.0, 470.0, 599.0]  # the default run's range
-    assert cap_weights(honest, 4.0)[0] == honest  # does not bind on an honest round
-    capped, cap = cap_weights([500, 1e12], 4.0)  # a liar among two cannot raise its own cap (low median)
-    assert cap == 2000.0 and capped == [500.0, 2000.0]
-    capped, cap = cap_weights([0, 0, 500, 1e12, 480], 4.0)  # zero claims do not pull the cap down
-    assert cap == 2000.0 and capped == [0.0, 0.0, 500.0, 2000.0, 480.0]
-    assert cap_weights([500, 1e12], math.inf) == ([500.0, 1e12], math.inf)  # inf: no cap
-    with pytest.raises(ValueError, match="multiple"):
-        cap_weights([1.0], 0.5)
 
 
 def test_a_client_claiming_1e12_examples_no_longer_dominates_the_weighted_merge(trained_tutor):
@@ -642,24 +326,6 @@ def test_default_verification_records_the_kept_drop_without_rejecting(strategy):
     assert math.isnan(decisions[1].weight_used)  # never merged
 
 
-def test_run_config_merge_defences_defaults_and_validation():
-    from protocol.config import ConfigError, RunConfig, resolve_run_config
-
-    config = RunConfig()
-    assert (config.weight_cap, config.kept_tolerance, config.clip_norm) == (4.0, math.inf, math.inf)
-    assert RunConfig.from_record(config.to_record()) == config
-    assert RunConfig.from_record(config.to_dict()) == config  # inf is written as "inf" and read back
-    assert (config.claims, config.clip_multiple, config.row_multiple) == ("trusted", math.inf, math.inf)
-    assert config.operating_threshold == 0.5 == RunConfig.completed({})["operating_threshold"]  # older runs' config.json
-    for key, value in (("weight-cap", 0.5), ("weight-cap", float("nan")), ("clip-norm", 0.0),
-                       ("kept-tolerance", -0.01), ("clip-multiple", 0.9), ("claims", "believed"),
-                       ("row-multiple", 0.5), ("row-multiple", float("nan")), ("operating-threshold", 0.01),
-                       ("operating-threshold", 1.0)):
-        with pytest.raises(ConfigError) as error:
-            resolve_run_config({key: value})
-        assert error.value.key == key
-
-
 def test_a_sparse_delta_is_merged_and_a_malformed_one_is_rejected_with_its_reason(strategy):
     from flwr.app import ArrayRecord
 
@@ -682,30 +348,6 @@ def test_a_sparse_delta_is_merged_and_a_malformed_one_is_rejected_with_its_reaso
     assert "outside" in decisions[1].reason and decisions[1].rejected_by == ["structure"]
     # the sparse delta was read back and applied: person's bias moved by about 1e-2 (float16)
     assert neck_head(strategy.tutor)[name][PERSON].item() - before == pytest.approx(1e-2, rel=1e-3)
-
-
-def test_chance_cosine_bounds_random_directions():
-    """z / sqrt(d): random directions in d dimensions stay under it (z = 4: about 3e-5 each side),
-    and the policy built with direction_z sets it and asks for the server's own reference."""
-    from strategies.verify import chance_cosine, cosine_score
-
-    d = 20_000
-    bound = chance_cosine(d, 4.0)
-    assert bound == pytest.approx(4.0 / math.sqrt(d))
-    generator = torch.Generator().manual_seed(0)
-    fixed = {"w": torch.randn(d, generator=generator)}
-    scores = [cosine_score({"w": torch.randn(d, generator=generator)}, fixed) for _ in range(200)]
-    assert max(abs(s) for s in scores) < bound
-    assert 0.5 / math.sqrt(d) < float(torch.tensor(scores).std()) < 1.5 / math.sqrt(d)
-    with pytest.raises(ValueError):
-        chance_cosine(0, 4.0)
-    nh = {"a": torch.ones(10, 10), "b": torch.ones(44)}
-    policy = VerificationPolicy.relative_to(nh, direction_z=4.0)
-    assert policy.direction_reference == "peers" and policy.min_cosine == pytest.approx(4.0 / math.sqrt(144))
-    off = VerificationPolicy.relative_to(nh)
-    assert off.direction_reference == "" and off.min_cosine == 0.0
-    with pytest.raises(ValueError, match="direction_reference"):
-        VerificationPolicy.relative_to(nh, direction_z=4.0, direction_reference="oracle")
 
 
 def test_server_reference_update_rejects_a_sign_flip_and_passes_its_own_direction(trained_tutor):
@@ -742,16 +384,6 @@ def test_server_reference_update_rejects_a_sign_flip_and_passes_its_own_directio
         DiReDiStrategy(copy.deepcopy(trained_tutor), edge, Squares(16, 1), ["person"], settings, policy)
 
 
-def test_peer_reference_is_the_median_of_the_others():
-    from strategies.verify import peer_reference
-
-    deltas = [{"w": torch.tensor([1.0, 10.0])}, {"w": torch.tensor([2.0, -5.0])}, {"w": torch.tensor([3.0, 0.0])},
-              {"w": torch.tensor([100.0, 1.0])}]
-    assert torch.equal(peer_reference(deltas, 3)["w"], torch.tensor([2.0, 0.0]))  # 100 does not vote for itself
-    assert torch.equal(peer_reference(deltas, 0)["w"], torch.tensor([3.0, 0.0]))  # a large outlier moves it little
-    assert peer_reference(deltas[:2], 0) is None  # one peer is no consensus
-
-
 def test_peer_direction_gate_keeps_out_a_sign_flip_and_random_deltas_of_a_minority(trained_tutor):
     """Six deltas sharing a direction (plus their own parts), one sign-flipped, one random with the
     same norm: the peers' median rejects the two by direction and accepts the six; a malformed delta
@@ -777,25 +409,6 @@ def test_peer_direction_gate_keeps_out_a_sign_flip_and_random_deltas_of_a_minori
     assert decisions[6].rejected_by == ["direction"] and decisions[6].cosine < -0.3
     assert decisions[7].rejected_by == ["direction"] and abs(decisions[7].cosine) < policy.min_cosine
     assert decisions[8].rejected_by == ["structure"]
-
-
-def test_multi_krum_leaves_out_the_far_off_deltas_whole():
-    from strategies.aggregate import multi_krum
-
-    honest = [{"w": torch.tensor([1.0 + 0.1 * i, 2.0])} for i in range(5)]
-    hostile = [{"w": torch.tensor([50.0, -40.0])}, {"w": torch.tensor([-60.0, 30.0])}]
-    merged = multi_krum([*honest, *hostile], num_malicious=2)  # keeps 5: the honest ones
-    assert torch.allclose(merged["w"], torch.tensor([1.2, 2.0]))
-    krum = multi_krum([*honest, *hostile], num_malicious=2, num_selected=1)  # plain Krum: the most central
-    assert torch.allclose(krum["w"], torch.tensor([1.2, 2.0]))
-    weighted = multi_krum([*honest, *hostile], [1, 1, 1, 1, 6, 100, 100], num_malicious=2)
-    assert torch.allclose(weighted["w"], torch.tensor([(1.0 + 1.1 + 1.2 + 1.3 + 6 * 1.4) / 10, 2.0]))
-    assert torch.allclose(aggregate([*honest, *hostile], None, "krum")["w"], merged["w"])  # default f: (7-3)//2
-    with pytest.raises(ValueError, match="num_malicious"):
-        multi_krum(honest, num_malicious=5)
-    classes = [{0}, {0}, {1}, {1}, {1}]
-    shared_krum = aggregate(honest, None, "class_aware", client_classes=classes, shared="krum")
-    assert set(shared_krum) == {"w"}
 
 
 def test_screening_on_arrival_leaves_the_decisions_as_they_were_and_evaluates_each_candidate_once(trained_tutor):
@@ -852,40 +465,6 @@ def test_the_updated_tutor_is_recorded_once_per_round(strategy):
     history = strategy.recorder.tutor_history
     assert [entry["round"] for entry in history] == [0, 1]
     assert history[1]["ap"] == strategy.validator.tutor_ap()
-
-
-# -- the edge check: the manufacturer's gate before a client deploys its re-distilled edge ------------
-
-
-@pytest.fixture(scope="module")
-def trained_edge():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        edge = build_model("smoke", "edge", seed=1)
-        train(edge, Squares(64, 0), Phase("person", iters=80, batch_size=8, lr=0.01, warmup_iters=5), progress=False)
-        yield edge.eval()
-    finally:
-        torch.set_num_threads(threads)
-
-
-def edge_reply(partition: int, edge: dict | None) -> Message:
-    """A "train.distill" reply of node 100 + partition holding ``edge`` (its state dict) or no edge."""
-    message = reply(partition, None)
-    if edge is not None:
-        message.content["edge"] = ArrayRecord({k: v.clone() for k, v in edge.items()})
-    return message
-
-
-def test_deploy_check_bounds_the_drop_from_the_manufacturers_edge():
-    policy = VerificationPolicy(protected_tolerance=0.05, protected_classes=("person",), noise_z=0.0)
-    assert deploy_check({"person": 0.60}, {"person": 0.56}, policy)[0]
-    ok, reason, figures = deploy_check({"person": 0.60}, {"person": 0.50}, policy)
-    assert not ok and "person" in reason and figures["ap_before"] == {"person": 0.60}
-    # a noisy validation set widens the tolerance to noise_z x the drop's bootstrap std, as for the tutor
-    noisy = VerificationPolicy(protected_tolerance=0.05, protected_classes=("person",), noise_z=3.0)
-    assert deploy_check({"person": 0.60}, {"person": 0.50}, noisy, {"person": 0.04})[0]
-    assert not deploy_check({"person": 0.60}, {"person": float("nan")}, noisy, {"person": 0.04})[0]
 
 
 def test_the_edge_check_deploys_an_honest_edge_and_keeps_the_earlier_one_otherwise(trained_tutor, trained_edge,
@@ -979,27 +558,6 @@ def test_spread_sends_the_servers_distilled_edge_with_distill_and_checkpoints_it
                        presumed_data=Squares(8, 2), spread_data=Squares(8, 2))
 
 
-# -- the operating point: recall at the deployment threshold, which AP does not see -----------------------
-
-
-def test_operating_point_check_and_guarded_classes():
-    from strategies.verify import guarded_classes, operating_point_check
-
-    policy = VerificationPolicy(protected_classes=("person",), kept_classes=("bus", "horse"), operating_tolerance=0.1,
-                                noise_z=3.0)
-    before = {"person": 0.8, "bus": 0.6, "horse": math.nan, "car": 0.2, "dog": 0.0}
-    assert guarded_classes(before, policy) == ("person", "bus", "horse", "car")  # dog: not detected yet
-    assert policy.recall_tolerance(0.01) == 0.1 and policy.recall_tolerance(0.05) == pytest.approx(0.15)
-    tolerance = {c: 0.1 for c in guarded_classes(before, policy)}
-    ok, reason, excess = operating_point_check(before, {"person": 0.75, "bus": 0.55, "car": 0.15}, tolerance)
-    assert ok and "4 classes" in reason and excess == 0  # horse has no positives: skipped
-    ok, reason, excess = operating_point_check(before, {"person": 0.75, "bus": 0.2, "car": 0.15}, tolerance)
-    assert not ok and "bus recall 0.600 -> 0.200" in reason and "person" not in reason
-    assert excess == pytest.approx(0.3)  # bus: 0.4 lost, 0.1 allowed
-    ok, reason, excess = operating_point_check(before, {"person": math.nan, "bus": 0.6, "car": 0.2}, tolerance)
-    assert not ok and "person" in reason and excess == pytest.approx(0.7)  # a vanished recall: all of it lost
-
-
 def test_recall_at_the_threshold_agrees_with_the_evaluations_counts(trained_tutor):
     from evaluation.ap import ap_by_name, bootstrap_recall_drop, predict, recall_at
 
@@ -1052,62 +610,6 @@ def test_a_delta_that_lowers_every_score_of_a_class_passes_the_ap_gate_and_not_t
     recorded.aggregate_train(1, replies)
     assert all(d.accepted for d in recorded.recorder.decisions)
     assert {d.client: d.recall_after for d in recorded.recorder.decisions}[1] == shifted.recall_after
-
-
-# -- class claims that must be earned, bounds relative to the round ---------------------------------------
-
-
-def test_claim_verdicts_and_earned_claims_on_hand_made_gains():
-    from strategies.verify import claim_verdict, earned_claims
-
-    policy = VerificationPolicy(claims="earned", noise_z=3.0)  # the margin: 5 points, or 3 x the noise
-    assert claim_verdict(0.20, 0.02, policy) == "improves"  # beyond 3 x 0.02
-    assert claim_verdict(0.05, 0.02, policy) == "holds"  # a gain chance alone makes
-    assert claim_verdict(0.04, 0.0, policy) == "holds"  # below the margin: not a gain worth a row of its own
-    assert claim_verdict(-0.04, 0.0, policy) == "holds" and claim_verdict(-0.07, 0.0, policy) == "harms"
-    assert claim_verdict(-0.07, 0.03, policy) == "holds"  # within 3 x its noise
-    assert claim_verdict(math.nan, 0.01, policy) == "unchecked"
-    # car: two honest clients improve it, a liar holds it -> the liar's claim is left out;
-    # bus: nobody improves the well-known class -> every claimer that holds it; the one that harms never counts;
-    # cow: no validation positives -> claims stay as made
-    gains = [{"car": 0.30, "bus": 0.00}, {"car": 0.25, "bus": -0.01}, {"car": 0.001, "bus": -0.20, "cow": math.nan}]
-    noise = [{"car": 0.03, "bus": 0.01}, {"car": 0.03, "bus": 0.01}, {"car": 0.03, "bus": 0.01, "cow": math.nan}]
-    earned, verdicts = earned_claims(gains, noise, policy)
-    assert earned == [{"car", "bus"}, {"car", "bus"}, {"cow"}]
-    assert verdicts[2] == {"car": "holds", "bus": "harms", "cow": "unchecked"}
-    # "improving": holding is not enough, so bus (improved by nobody) keeps its rows; the same verdicts
-    strict, same = earned_claims(gains, noise, VerificationPolicy(claims="improving", noise_z=3.0))
-    assert strict == [{"car"}, {"car"}, {"cow"}] and same == verdicts
-    with pytest.raises(ValueError, match="one of each"):
-        earned_claims(gains, noise[:2], policy)
-    # "lifting": earned, and a row that lowers its class's top scores where the class is never counts. A
-    # settled class (nobody improves truck) with two holders lifting it and a liar lowering it by 0.5: the
-    # liar's claim is left out, which "earned" would count; an improving claim that lowers is left out too;
-    # a NaN shift (no validation image holds the class) checks nothing
-    lifting = VerificationPolicy(claims="lifting", noise_z=3.0)
-    gains = [{"truck": 0.01, "car": 0.30}, {"truck": -0.01}, {"truck": 0.0, "car": 0.25, "cow": math.nan}]
-    shifts = [{"truck": 0.4, "car": 1.2}, {"truck": 0.1}, {"truck": -0.5, "car": -0.01, "cow": math.nan}]
-    noise = [{c: 0.01 for c in g} for g in gains]
-    assert earned_claims(gains, noise, policy)[0] == [{"truck", "car"}, {"truck"}, {"truck", "car", "cow"}]
-    counted, verdicts = earned_claims(gains, noise, lifting, shifts)
-    assert counted == [{"truck", "car"}, {"truck"}, {"cow"}]
-    assert verdicts[2] == {"truck": "lowers", "car": "lowers", "cow": "unchecked"}
-    with pytest.raises(ValueError, match="row shifts"):
-        earned_claims(gains, noise, lifting)
-
-
-def one_honest_two_liars(tutor, claims: str, honest: dict, edit: dict):
-    """One class-aware round under claim rule ``claims``: client 0 claims person with ``honest`` and 10
-    examples, clients 1 and 2 claim it with ``edit`` and 40 each; returns (strategy, decisions by client)."""
-    import copy
-
-    policy = VerificationPolicy(norm_bound=50.0, claims=claims, noise_z=3.0, bootstrap_samples=50)
-    strategy = DiReDiStrategy(copy.deepcopy(tutor), build_model("smoke", "edge", seed=1), Squares(32, 1),
-                              ["person"], RDSettings.from_profile(get_profile("smoke")), policy,
-                              aggregation="class_aware")
-    strategy.aggregate_train(1, [reply(0, honest, 10, ("person",)), reply(1, edit, 40, ("person",)),
-                                 reply(2, edit, 40, ("person",))])
-    return strategy, {d.client: d for d in strategy.recorder.decisions}
 
 
 def test_a_false_claim_does_not_change_the_claimed_class_row(trained_tutor):
@@ -1231,21 +733,3 @@ def test_a_hidden_row_edit_is_bounded_by_the_rows_of_its_peers(trained_tutor):
     assert change == pytest.approx((3 * 0.01 - 0.04) / 4, abs=1e-6)
     unbounded, decisions = merged_person_bias(math.inf)
     assert decisions[3].row_clip == {} and unbounded == pytest.approx((3 * 0.01 - 0.49) / 4, abs=1e-6)
-
-
-def test_bound_influence_clips_a_boosted_delta_and_caps_a_claimed_weight_relative_to_the_round():
-    from strategies.aggregate import bound_influence
-
-    honest = [{"w": torch.full((4,), v)} for v in (1.0, 1.1, 0.9)]
-    boosted = {"w": torch.full((4,), 50.0)}
-    deltas = [*honest, boosted]
-    norms = [float(d["w"].norm()) for d in deltas]
-    bounded = bound_influence(deltas, norms, [100, 120, 110, 4000], [set()] * 4, clip_multiple=4.0,
-                              weight_multiple=4.0)
-    low_median = sorted(norms)[1]  # the low median of four
-    assert bounded.clip_factors[:3] == [1.0, 1.0, 1.0]
-    assert float(bounded.deltas[3]["w"].norm()) == pytest.approx(4.0 * low_median)
-    assert bounded.weights[:3] == [100, 120, 110] and bounded.weights[3] == bounded.weight_cap == 4.0 * 110
-    assert torch.equal(bounded.deltas[0]["w"], honest[0]["w"])  # an honest delta is untouched
-    off = bound_influence(deltas, norms, [100, 120, 110, 4000], [set()] * 4)  # every bound off (inf)
-    assert off.clip_factors == [1.0] * 4 and off.weights == [100, 120, 110, 4000]

@@ -1,0 +1,272 @@
+"""strategies.aggregate: the merge rules (weighted mean, trimmed mean, TIES, Multi-Krum, the class-aware
+merge) and the bounds on influence (clips, weight caps, class-row clips), on hand-made deltas."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from strategies.aggregate import CLASS_ROW_PARAMS, aggregate, class_aware_merge, ties_merge, trimmed_mean, weighted_mean
+
+
+def t(*values):
+    return torch.tensor(values, dtype=torch.float32)
+
+
+CLS_W, CLS_B = CLASS_ROW_PARAMS  # weight [num_classes, ...], bias [num_classes]; here 3 classes
+
+
+def rows(*values):
+    return torch.tensor(values, dtype=torch.float32)
+
+
+def three_clients():
+    """Three hand-made deltas over 3 classes; client 0 trained {0}, client 1 {0, 1}, client 2 {1}."""
+    d0 = {CLS_W: rows([1, 2], [10, 10], [5, 5]), CLS_B: t(1, 7, 3), "neck": t(2, 0)}
+    d1 = {CLS_W: rows([3, 4], [2, 4], [9, 9]), CLS_B: t(4, 2, 8), "neck": t(4, 8)}
+    d2 = {CLS_W: rows([100, 100], [6, 8], [7, 7]), CLS_B: t(50, 5, 9), "neck": t(8, 4)}
+    return [d0, d1, d2], [1, 2, 1], [{0}, {0, 1}, {1}]
+
+
+def test_weighted_mean_of_known_deltas():
+    deltas = [{"a": t(1.0, 2.0), "b": t(0.0)}, {"a": t(3.0, 6.0), "b": t(4.0)}]
+    out = weighted_mean(deltas, [1, 3])
+    assert torch.allclose(out["a"], t(2.5, 5.0))
+    assert torch.allclose(out["b"], t(3.0))
+    assert torch.allclose(aggregate(deltas, None, "weighted")["a"], t(2.0, 4.0))  # equal weights
+
+
+def test_weighted_mean_rejects_bad_weights():
+    deltas = [{"a": t(1.0)}, {"a": t(2.0)}]
+    with pytest.raises(ValueError, match="weights"):
+        weighted_mean(deltas, [0, 0])
+    with pytest.raises(ValueError, match="weights"):
+        weighted_mean(deltas, [1, -1])
+    with pytest.raises(ValueError, match="2 weights for 1"):
+        weighted_mean(deltas[:1], [1, 1])
+
+
+def test_trimmed_mean_drops_the_extremes_per_coordinate():
+    deltas = [{"a": t(1.0, -100.0)}, {"a": t(2.0, 5.0)}, {"a": t(100.0, 7.0)}, {"a": t(3.0, 6.0)}]
+    out = trimmed_mean(deltas, trim_fraction=0.25)  # drops 1 value at each end per coordinate
+    assert torch.allclose(out["a"], t(2.5, 5.5))
+    assert torch.allclose(trimmed_mean(deltas, 0.0)["a"], t(26.5, -20.5))
+    with pytest.raises(ValueError):
+        trimmed_mean(deltas, 0.5)
+
+
+def test_ties_merge_on_a_hand_made_case():
+    # keep_fraction 0.5 keeps the 2 largest of 4 entries per delta.
+    d1 = {"a": t(4.0, 0.1, -3.0, 0.2)}  # keeps 4, -3
+    d2 = {"a": t(2.0, 0.3, 5.0, -0.1)}  # keeps 2, 5
+    d3 = {"a": t(-1.0, -6.0, 0.1, 0.0)}  # keeps -1, -6
+    out = ties_merge([d1, d2, d3], keep_fraction=0.5)["a"]
+    # coord 0: 4 + 2 - 1 > 0 -> "+", mean of (4, 2) = 3; coord 1: only -6 survives -> -6;
+    # coord 2: -3 + 5 > 0 -> "+", only 5 agrees -> 5; coord 3: nothing survives -> 0.
+    assert torch.allclose(out, t(3.0, -6.0, 5.0, 0.0))
+    # Weights move both the election and the mean: d1 heavy makes coord 2 negative.
+    weighted = ties_merge([d1, d2, d3], weights=[10, 1, 1], keep_fraction=0.5)["a"]
+    assert torch.allclose(weighted, t((40 + 2) / 11, -6.0, -3.0, 0.0))
+
+
+def test_aggregate_names_unknown_methods():
+    with pytest.raises(ValueError, match="unknown aggregation method 'median'.*weighted, trimmed, ties"):
+        aggregate([{"a": t(1.0)}], None, "median")
+    with pytest.raises(ValueError, match="different keys"):
+        aggregate([{"a": t(1.0)}, {"b": t(1.0)}], None, "weighted")
+
+
+def test_class_aware_merge_of_hand_made_deltas():
+    deltas, weights, classes = three_clients()
+    out = class_aware_merge(deltas, weights, classes, shared="weighted")
+    assert set(out) == {CLS_W, CLS_B, "neck"}
+    # class 0: clients 0 (w 1) and 1 (w 2) -> (1*d0 + 2*d1) / 3; client 2's 100s stay out.
+    # class 1: clients 1 (w 2) and 2 (w 1) -> (2*d1 + 1*d2) / 3; client 0's 10s stay out.
+    # class 2: nobody trained it -> 0, whatever the clients drifted there.
+    assert torch.allclose(out[CLS_W], rows([7 / 3, 10 / 3], [10 / 3, 16 / 3], [0, 0]))
+    assert torch.allclose(out[CLS_B], t(3, 3, 0))
+    # shared tensor, weighted over all clients: (1*[2, 0] + 2*[4, 8] + 1*[8, 4]) / 4.
+    assert torch.allclose(out["neck"], t(4.5, 5.0))
+    # "trimmed" ignores weights: with nothing trimmed the shared tensor is the plain mean;
+    # the class rows do not depend on the shared rule.
+    trimmed = class_aware_merge(deltas, weights, classes, shared="trimmed", trim_fraction=0.0)
+    assert torch.allclose(trimmed["neck"], t(14 / 3, 4.0))
+    assert torch.allclose(trimmed[CLS_W], out[CLS_W]) and torch.allclose(trimmed[CLS_B], out[CLS_B])
+    assert torch.equal(deltas[0][CLS_W], rows([1, 2], [10, 10], [5, 5]))  # inputs untouched
+
+
+def test_class_aware_merge_keeps_a_one_class_delta_at_full_strength():
+    zero = {CLS_W: torch.zeros(3, 2), CLS_B: torch.zeros(3), "neck": t(0, 0)}
+    only_class_1 = {CLS_W: rows([0, 0], [6, -3], [0, 0]), CLS_B: t(0, 9, 0), "neck": t(0, 0)}
+    deltas = [only_class_1, dict(zero), dict(zero)]
+    classes = [{1}, {0}, {0, 2}]
+    out = class_aware_merge(deltas, None, classes, shared="weighted")
+    # the other classes' rows stay as they were: nobody changed them
+    assert torch.equal(out[CLS_W][[0, 2]], torch.zeros(2, 2))
+    assert torch.equal(out[CLS_B][[0, 2]], torch.zeros(2))
+    # the touched row is client 0's row, not a third of it (which a plain mean would give)
+    assert torch.allclose(out[CLS_W][1], t(6, -3)) and torch.allclose(out[CLS_B][1], t(9))
+    assert torch.allclose(weighted_mean(deltas)[CLS_W][1], t(2, -1))
+    # drift on class 1's row from a client that never trained class 1 is not mixed in
+    drifting = dict(zero, **{CLS_W: rows([0, 0], [-50, 50], [0, 0]), CLS_B: t(0, -50, 0)})
+    out = class_aware_merge([only_class_1, drifting, dict(zero)], None, classes, shared="weighted")
+    assert torch.allclose(out[CLS_W][1], t(6, -3)) and torch.allclose(out[CLS_B][1], t(9))
+
+
+def test_class_aware_merge_scale_and_untrained_rows():
+    deltas, weights, classes = three_clients()
+    base = class_aware_merge(deltas, weights, classes, shared="weighted")
+    half = class_aware_merge(deltas, weights, classes, shared="weighted", scale=0.5)
+    for name in base:
+        assert torch.allclose(half[name], 0.5 * base[name]), name
+    assert torch.allclose(half["neck"], t(2.25, 2.5))  # shared tensors are scaled too
+    # every client drifted on class 2's row, none trained it -> 0 (also after scaling)
+    assert all(d[CLS_B][2] != 0 for d in deltas)
+    assert torch.equal(half[CLS_W][2], torch.zeros(2)) and half[CLS_B][2] == 0
+    # only clients of weight 0 trained class 0 -> nobody with a say taught it -> 0
+    zero_weight = class_aware_merge(deltas, [1, 0, 1], [{1}, {0}, {1}], shared="weighted")
+    assert torch.allclose(zero_weight[CLS_B], t(0, 6, 0))  # class 1: (7 + 5) / 2
+
+
+def test_class_aware_merge_rejects_bad_inputs():
+    deltas, weights, classes = three_clients()
+    for scale in (0, -1.0, math.nan, math.inf):
+        with pytest.raises(ValueError, match="scale must be finite and positive"):
+            class_aware_merge(deltas, weights, classes, scale=scale)
+    with pytest.raises(ValueError, match="client_classes has 2 entries for 3 deltas"):
+        class_aware_merge(deltas, weights, classes[:2])
+    with pytest.raises(ValueError, match=r"client_classes\[2\] has class indices \[3\] outside \[0, 3\)"):
+        class_aware_merge(deltas, weights, [{0}, {1}, {1, 3}])
+    with pytest.raises(ValueError, match=r"client_classes\[0\] has class indices \[-1\]"):
+        class_aware_merge(deltas, weights, [{-1}, {1}, {1}])
+    with pytest.raises(ValueError, match=r"client_classes\[1\] must hold integer class indices"):
+        class_aware_merge(deltas, weights, [{0}, {0.5}, {1}])
+    with pytest.raises(ValueError, match="shared must be one of weighted, trimmed, ties, krum, got 'class_aware'"):
+        class_aware_merge(deltas, weights, classes, shared="class_aware")
+    with pytest.raises(ValueError, match="2 weights for 3 deltas"):
+        class_aware_merge(deltas, [1, 1], classes)
+
+
+def test_class_aware_merge_without_a_classification_layer_merges_everything_as_shared():
+    deltas, weights, classes = three_clients()
+    no_bias = [{CLS_W: d[CLS_W], "neck": d["neck"]} for d in deltas]  # a class-row tensor is missing
+    out = class_aware_merge(no_bias, weights, classes, shared="weighted", scale=2.0)
+    expected = weighted_mean(no_bias, weights)
+    assert set(out) == {CLS_W, "neck"}
+    assert torch.allclose(out[CLS_W], 2.0 * expected[CLS_W])  # row 0 includes client 2's 100s
+    assert torch.allclose(out["neck"], 2.0 * expected["neck"])
+
+
+def test_clip_class_rows_bounds_each_row_by_its_contributors_median():
+    from strategies.aggregate import clip_class_rows, row_norms
+
+    honest = [{CLS_W: rows([0.3, 0.4], [0, 0], [1, 0]), CLS_B: t(0, 0, 0), "neck": t(5, 5)} for _ in range(3)]
+    # a hidden edit: class 0's bias lowered by 10, the rest as honest as its peers
+    edited = {CLS_W: rows([0.3, 0.4], [0, 0], [1, 0]), CLS_B: t(-10, 0, 0), "neck": t(5, 5)}
+    deltas = honest + [edited]
+    members = [{0, 2}, {0, 2}, {0, 2}, {0, 2}]
+    assert row_norms(honest[0]) == pytest.approx([0.5, 0.0, 1.0])
+    clipped, factors = clip_class_rows(deltas, members, multiple=4.0)
+    # class 0: honest rows have norm 0.5, so the edited row (norm ~10.01) is scaled to 4 x 0.5 = 2
+    assert factors[:3] == [{}, {}, {}] and set(factors[3]) == {0}
+    assert row_norms(clipped[3])[0] == pytest.approx(2.0)
+    assert torch.equal(clipped[3][CLS_W][2], edited[CLS_W][2]) and torch.equal(clipped[3]["neck"], edited["neck"])
+    for a, b in zip(clipped[:3], honest):  # honest rows untouched, inputs not modified
+        assert all(torch.equal(a[k], b[k]) for k in b)
+    assert edited[CLS_B][0] == -10
+    # a row counts only its contributors: with client 3 alone on class 0, nothing bounds its row
+    alone, factors = clip_class_rows(deltas, [{2}, {2}, {2}, {0, 2}], multiple=4.0)
+    assert factors == [{}, {}, {}, {}] and torch.equal(alone[3][CLS_B], edited[CLS_B])
+    # the larger of two contributors is bounded by the smaller one (the low median)
+    _, factors = clip_class_rows([honest[0], edited], [{0}, {0}], multiple=4.0)
+    assert set(factors[1]) == {0} and factors[0] == {}
+    # off (inf) returns the deltas as they are; bad inputs say what is wrong
+    same, factors = clip_class_rows(deltas, members)
+    assert factors == [{}] * 4 and torch.equal(same[3][CLS_B], edited[CLS_B])
+    with pytest.raises(ValueError, match="members has 3 entries for 4 deltas"):
+        clip_class_rows(deltas, members[:3], multiple=4.0)
+    with pytest.raises(ValueError, match=">= 1"):
+        clip_class_rows(deltas, members, multiple=0.5)
+
+
+def test_aggregate_routes_class_aware():
+    deltas, weights, classes = three_clients()
+    out = aggregate(deltas, weights, "class_aware", client_classes=classes, shared="weighted", scale=0.5)
+    expected = class_aware_merge(deltas, weights, classes, shared="weighted", scale=0.5)
+    assert set(out) == set(expected)
+    for name in expected:
+        assert torch.allclose(out[name], expected[name]), name
+    assert torch.allclose(out[CLS_B], t(1.5, 1.5, 0))
+    with pytest.raises(ValueError, match="'class_aware' needs client_classes"):
+        aggregate(deltas, weights, "class_aware", shared="weighted")
+
+
+def test_clip_delta_scales_only_deltas_beyond_the_bound():
+    from strategies.aggregate import clip_delta
+
+    delta = {"a": t(3.0, 0.0), "b": t(4.0)}  # global norm 5
+    clipped, factor = clip_delta(delta, 1.0)
+    assert factor == pytest.approx(0.2)
+    assert torch.allclose(clipped["a"], t(0.6, 0.0)) and torch.allclose(clipped["b"], t(0.8))
+    assert torch.equal(delta["a"], t(3.0, 0.0))  # the input is not modified
+    same, factor = clip_delta(delta, 5.0)  # within the bound: untouched
+    assert factor == 1.0 and same["a"] is delta["a"]
+    assert clip_delta(delta, math.inf)[1] == 1.0  # the default: clipping off
+    assert clip_delta({"a": torch.zeros(2)}, 1.0)[1] == 1.0
+    with pytest.raises(ValueError, match="max_norm"):
+        clip_delta(delta, 0.0)
+
+
+def test_cap_weights_cuts_an_inflated_claim_to_a_multiple_of_the_median():
+    from strategies.aggregate import cap_weights
+
+    capped, cap = cap_weights([500, 480, 1e12], 4.0)
+    assert cap == 2000.0 and capped == [500.0, 480.0, 2000.0]
+    honest = [460.0, 600.0, 512.0, 530.0, 488.0, 575.0, 470.0, 599.0]  # the default run's range
+    assert cap_weights(honest, 4.0)[0] == honest  # does not bind on an honest round
+    capped, cap = cap_weights([500, 1e12], 4.0)  # a liar among two cannot raise its own cap (low median)
+    assert cap == 2000.0 and capped == [500.0, 2000.0]
+    capped, cap = cap_weights([0, 0, 500, 1e12, 480], 4.0)  # zero claims do not pull the cap down
+    assert cap == 2000.0 and capped == [0.0, 0.0, 500.0, 2000.0, 480.0]
+    assert cap_weights([500, 1e12], math.inf) == ([500.0, 1e12], math.inf)  # inf: no cap
+    with pytest.raises(ValueError, match="multiple"):
+        cap_weights([1.0], 0.5)
+
+
+def test_multi_krum_leaves_out_the_far_off_deltas_whole():
+    from strategies.aggregate import multi_krum
+
+    honest = [{"w": torch.tensor([1.0 + 0.1 * i, 2.0])} for i in range(5)]
+    hostile = [{"w": torch.tensor([50.0, -40.0])}, {"w": torch.tensor([-60.0, 30.0])}]
+    merged = multi_krum([*honest, *hostile], num_malicious=2)  # keeps 5: the honest ones
+    assert torch.allclose(merged["w"], torch.tensor([1.2, 2.0]))
+    krum = multi_krum([*honest, *hostile], num_malicious=2, num_selected=1)  # plain Krum: the most central
+    assert torch.allclose(krum["w"], torch.tensor([1.2, 2.0]))
+    weighted = multi_krum([*honest, *hostile], [1, 1, 1, 1, 6, 100, 100], num_malicious=2)
+    assert torch.allclose(weighted["w"], torch.tensor([(1.0 + 1.1 + 1.2 + 1.3 + 6 * 1.4) / 10, 2.0]))
+    assert torch.allclose(aggregate([*honest, *hostile], None, "krum")["w"], merged["w"])  # default f: (7-3)//2
+    with pytest.raises(ValueError, match="num_malicious"):
+        multi_krum(honest, num_malicious=5)
+    classes = [{0}, {0}, {1}, {1}, {1}]
+    shared_krum = aggregate(honest, None, "class_aware", client_classes=classes, shared="krum")
+    assert set(shared_krum) == {"w"}
+
+
+def test_bound_influence_clips_a_boosted_delta_and_caps_a_claimed_weight_relative_to_the_round():
+    from strategies.aggregate import bound_influence
+
+    honest = [{"w": torch.full((4,), v)} for v in (1.0, 1.1, 0.9)]
+    boosted = {"w": torch.full((4,), 50.0)}
+    deltas = [*honest, boosted]
+    norms = [float(d["w"].norm()) for d in deltas]
+    bounded = bound_influence(deltas, norms, [100, 120, 110, 4000], [set()] * 4, clip_multiple=4.0,
+                              weight_multiple=4.0)
+    low_median = sorted(norms)[1]  # the low median of four
+    assert bounded.clip_factors[:3] == [1.0, 1.0, 1.0]
+    assert float(bounded.deltas[3]["w"].norm()) == pytest.approx(4.0 * low_median)
+    assert bounded.weights[:3] == [100, 120, 110] and bounded.weights[3] == bounded.weight_cap == 4.0 * 110
+    assert torch.equal(bounded.deltas[0]["w"], honest[0]["w"])  # an honest delta is untouched
+    off = bound_influence(deltas, norms, [100, 120, 110, 4000], [set()] * 4)  # every bound off (inf)
+    assert off.clip_factors == [1.0] * 4 and off.weights == [100, 120, 110, 4000]
