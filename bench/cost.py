@@ -9,7 +9,7 @@
 * ``verify_s_per_delta`` is timed here on the manufacturer's validation set: a candidate tutor
   (the tutor with a perturbed neck/head, a deep copy as ``DiReDiStrategy.verify`` makes it) and its
   per-class AP (``ap_by_name``), with the whole model on every image ("before") and with the body's
-  features computed once per tutor ("after", ``evaluation.features.BodyFeatureCache``), the two
+  features computed once per tutor ("after", ``evaluation.features.EvaluationFeatures``), the two
   interleaved, median of ``--repeats``; the detections are checked to be identical.
   ``verify_call_s``: one whole ``DiReDiStrategy.verify`` call per delta with the run's default
   policy (structure, norm, AP, the bootstrap noise of the protected classes, the kept classes).
@@ -32,7 +32,7 @@ import torch
 
 from bench.run_folder import COST_FILE, DEFAULT_RUN, write_cost_keys
 from evaluation.ap import ap_by_name, predict
-from evaluation.features import BodyFeatureCache
+from evaluation.features import EvaluationFeatures
 from models.parts import load_neck_head, neck_head
 from protocol.config import resolve_run_config
 from strategies.ledger import Recorder
@@ -78,7 +78,7 @@ def verify_seconds(session: Session, repeats: int) -> dict:
         return ap_by_name(predictions, targets, classes)[0], predictions
 
     start = time.perf_counter()
-    cache = BodyFeatureCache(tutor, validation)
+    cache = EvaluationFeatures(tutor, validation)
     build_s = time.perf_counter() - start
 
     def cached():

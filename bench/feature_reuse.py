@@ -81,7 +81,7 @@ def draws(ids: list[str], phase: trainer.Phase) -> list[list[tuple[str, bool]]]:
 def client_phases(config, session: Session, partition: int, server_round: int) -> list[tuple[str, list, trainer.Phase]]:
     """(name, data set ids, phase) of the phases a client runs in a round, in order. Tutor 1 is the
     server's in round 1 with a shared Tutor 1 (``DiReDiStrategy``), the client's afterwards."""
-    ws, settings = session.workspace, config.rd_settings()
+    ws, settings = session.workspace, config.client_training()
     seed = work_seed(config.seed, server_round, partition)
     presumed, train = image_ids(ws.client_presumed(partition)), image_ids(ws.client_train(partition))
     phases = [] if (config.tutor1 == "shared" and server_round == 1) else [("rd_tutor1", presumed, tutor1_phase(settings, seed))]
@@ -148,7 +148,7 @@ def body_seconds(tutor, images: torch.Tensor, repeats: int) -> tuple[dict, dict]
 def run_chain(session: Session, config, partition: int, server_round: int, cached: bool) -> dict:
     """One client's round (Tutor 1 if it computes one, Tutor 2, Distill C), with ``cached`` the tutor
     body's outputs kept per image by the RD phases and served to all three (``distill.body_memo``)."""
-    chain, ws, settings = session.chain, session.workspace, config.rd_settings()
+    chain, ws, settings = session.chain, session.workspace, config.client_training()
     memo = BodyMemo.for_model(chain.tutor) if cached else None
     start = time.process_time()
     losses, seed = {}, work_seed(config.seed, server_round, partition)
@@ -186,7 +186,7 @@ def main(argv=None) -> int:
     rounds = sorted({1, 2} & set(range(1, int(run.get("rounds", 2)) + 1)))
 
     # Body: seconds per batch size and bits of sub-batches (one real batch of the first client).
-    batch = [ws.client_train(0)[i][0] for i in range(config.rd_settings().batch_size)]
+    batch = [ws.client_train(0)[i][0] for i in range(config.client_training().batch_size)]
     images = tutor.transform(batch, None)[0].tensors
     body_s, same_bits = body_seconds(tutor, images, repeats=5)
     with torch.no_grad():
@@ -236,9 +236,9 @@ def main(argv=None) -> int:
     result = {
         "command": " ".join(["python -m bench.feature_reuse", *(sys.argv[1:] if argv is None else argv)]),
         "steps": {"rd_per_tutor": config.rd_iters, "distill_c": config.redistill_iters,
-                  "batch_size": config.rd_settings().batch_size},
-        "shard_images": {"presumed": [c["public"] for c in shards.values()],
-                         "train": [c["public_kept"] + c["private"] for c in shards.values()]},
+                  "batch_size": config.client_training().batch_size},
+        "shard_images": {"presumed": [c["presumed"] for c in shards.values()],
+                         "train": [c["presumed_kept"] + c["private"] for c in shards.values()]},
         "body": {"cpu_s_per_batch": {str(n): s for n, s in sorted(body_s.items())},
                  "sub_batch_same_bits": {str(n): v for n, v in sorted(same_bits.items())},
                  "mb_per_image": per_image_mb},

@@ -176,7 +176,7 @@ def main(argv=None) -> int:
     config, session, run = open_run(args.run, args.threads)
     tutor, edge = session.chain.tutor.eval(), session.chain.edge
     dataset = session.workspace.client_train(0)
-    settings = config.rd_settings()
+    settings = config.client_training()
     images = tutor.transform([dataset[i][0] for i in range(settings.batch_size)], None)[0].tensors
     result = {"command": f"python -m bench.frozen_forward --run {args.run} --threads {args.threads} "
                          f"--steps {args.steps} --repeats {args.repeats} --loop-repeats {args.loop_repeats}",

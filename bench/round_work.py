@@ -61,7 +61,7 @@ def client_round(session, config, partition: int, server_round: int, timer=cpu_s
     measurement)``; default: CPU seconds), the measurements per part, and the client's delta.
     ``run_memo``: a run-long memo of the tutor body's outputs (``--body-cache run``) that every DiReDi
     phase reads and adds to; without it, the default's (Tutor 2's outputs, read by Distill C)."""
-    ws, settings = session.workspace, config.rd_settings()
+    ws, settings = session.workspace, config.client_training()
     tutor, edge = session.chain.tutor, session.chain.edge
     seed = work_seed(config.seed, server_round, partition)
     presumed, train, test = ws.client_presumed(partition), ws.client_train(partition), ws.client_test(partition)
@@ -103,7 +103,7 @@ def filled_memo(tutor, datasets, batch_size: int) -> BodyMemo:
 
 def measure_body_cache(session, config, clients: int) -> dict:
     """Per client, the DiReDi round with the default memo and with a filled run-long memo, interleaved."""
-    ws, settings = session.workspace, config.rd_settings()
+    ws, settings = session.workspace, config.client_training()
     rows = []
     for partition in range(clients):
         without, _, _ = client_round(session, config, partition, 2, fedavg_too=False)

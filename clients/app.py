@@ -371,7 +371,7 @@ def train(msg: Message, context: Context) -> Message:
 
 def _train_diredi(msg: Message, context: Context) -> Message:
     config, run, ws, partition, seed = _common(msg, context)
-    settings = run.rd_settings()
+    settings = run.client_training()
     edge = _edge(msg, context, ws, config)
     metrics = _evaluate_before(edge, ws, partition, context, config)
     arrays = msg.content.array_records
@@ -438,7 +438,7 @@ def _train_direct(msg: Message, context: Context) -> Message:
         metrics = _evaluation_metrics(deployed, BEFORE, "evaluate_before", 0.0)
     else:  # round 1: the manufacturer's edge
         metrics = _evaluate(edge, ws, partition, BEFORE, "evaluate_before", context, config)
-    settings = run.rd_settings()
+    settings = run.client_training()
     if run.direct_lr > 0:
         settings = replace(settings, lr=run.direct_lr)
     own = tuple(CLASS_INDEX[c] for c in ws.clients[partition].train_classes) if config.get(OWN_CLASSES) else None
@@ -467,7 +467,7 @@ def distill(msg: Message, context: Context) -> Message:
     else:
         memo = take_body_memo(root, method, partition) if root else None
     kept = tuple(CLASS_INDEX[c] for c in ws.clients[partition].kept)  # soft targets, when switched on
-    new_edge, report = distill_c(edge, tutor, _dataset(ws, partition, "train"), run.rd_settings(), seed,
+    new_edge, report = distill_c(edge, tutor, _dataset(ws, partition, "train"), run.client_training(), seed,
                                  body_memo=memo, kept_classes=kept)
     if cache:
         save_body_outputs(root, method, partition, memo)
@@ -500,7 +500,7 @@ def evaluate(msg: Message, context: Context) -> Message:
             _deploy(context, config)
         edge = _edge(msg, context, ws, config)
     if config.get(FINE_TUNE):  # fedavg_ft: the client deploys the global edge fine-tuned on its own data
-        edge, report = fine_tune(edge, _dataset(ws, partition, "train"), run.rd_settings(), seed)
+        edge, report = fine_tune(edge, _dataset(ws, partition, "train"), run.client_training(), seed)
         extra = {f"{SECONDS}.fine_tune": report.seconds, **loss_metrics("fine_tune", report)}
     metrics = _evaluate_after(edge, ws, partition, context, config)
     if config.get(FINE_TUNE) and metrics:  # the fine-tuned edge's evaluation, the next round's "before"

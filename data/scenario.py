@@ -273,19 +273,19 @@ def filter_records(
 
 @dataclass
 class ClientShards:
-    """One client's data. `public` holds images of presumed classes only (may overlap other clients'
-    public shards); `private` and `test` are its own."""
+    """One client's data. `presumed` holds images of presumed classes only, its copy of part of the
+    manufacturer's public presumed data (it may overlap other clients'); `private` and `test` are its own."""
 
     name: str
     spec: ClientSpec
-    public: list[VOCRecord]
+    presumed: list[VOCRecord]
     private: list[VOCRecord]
     test: list[VOCRecord]
 
     @property
-    def public_kept(self) -> list[VOCRecord]:
-        """Public images with no dropped class: what this client's Tutor 2 / direct training sees."""
-        return filter_records(self.public, self.spec.kept)
+    def presumed_kept(self) -> list[VOCRecord]:
+        """Presumed-class images with no dropped class: what this client's Tutor 2 / direct training sees."""
+        return filter_records(self.presumed, self.spec.kept)
 
 
 @dataclass
@@ -304,7 +304,7 @@ class Shards:
             "manufacturer_val": len(self.manufacturer_val),
             "unused": self.unused,
             "clients": {
-                c.name: {"public": len(c.public), "public_kept": len(c.public_kept),
+                c.name: {"presumed": len(c.presumed), "presumed_kept": len(c.presumed_kept),
                          "private": len(c.private), "test": len(c.test)}
                 for c in self.clients
             },
@@ -321,7 +321,7 @@ def make_shards(
     num_clients: int | None = None,
     manufacturer_share: float = 0.5,
     presumed_test_share: float = 0.6,
-    public_fraction: float = 0.5,
+    presumed_fraction: float = 0.5,
     spread_fraction: float = 0.1,
     min_test_positives: int = MIN_TEST_POSITIVES,
 ) -> Shards:
@@ -350,8 +350,8 @@ def make_shards(
        the plain one.
     3. The manufacturer's pool is split into `manufacturer_val` (`val_fraction`) and teacher_train;
        presumed_train is the part of teacher_train within P.
-    4. Each client's `public` is its own random `public_fraction` of presumed_train (public data,
-       so clients' public shards may overlap each other and the manufacturer's).
+    4. Each client's `presumed` is its own random `presumed_fraction` of presumed_train (public data,
+       so clients' presumed shards may overlap each other and the manufacturer's).
 
     Private and test shards are thus disjoint by image across clients and from the manufacturer's
     sets. Any empty shard raises DataError naming the client, the shard and its classes; a test
@@ -436,14 +436,14 @@ def make_shards(
     manufacturer_val, teacher_train = manufacturer[:n_val], manufacturer[n_val:]
     presumed_train = filter_records(teacher_train, presumed, require_any=presumed)
 
-    # 4. public shards
+    # 4. presumed shards (the seed's string is the one every recorded run's shards were drawn with)
     clients = []
     for k, spec in enumerate(specs):
         pick = random.Random(f"{seed}-public-{k}")
-        n_public = max(1, round(public_fraction * len(presumed_train))) if presumed_train else 0
-        chosen = sorted(pick.sample(range(len(presumed_train)), n_public))
+        n_presumed = max(1, round(presumed_fraction * len(presumed_train))) if presumed_train else 0
+        chosen = sorted(pick.sample(range(len(presumed_train)), n_presumed))
         clients.append(ClientShards(
-            name=spec.name, spec=spec, public=[presumed_train[i] for i in chosen],
+            name=spec.name, spec=spec, presumed=[presumed_train[i] for i in chosen],
             private=private[k], test=test[k],
         ))
 
@@ -513,7 +513,7 @@ def _check_not_empty(shards: Shards, scenario: Scenario) -> None:
                             f"(classes {list(classes)}); {hint}")
     for k, c in enumerate(shards.clients):
         for shard, recs, classes in [
-            ("public", c.public, c.spec.kept + c.spec.dropped),
+            ("presumed", c.presumed, c.spec.kept + c.spec.dropped),
             ("private", c.private, c.spec.private),
             ("test", c.test, c.spec.test_classes),
         ]:

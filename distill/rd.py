@@ -7,7 +7,7 @@ and re-distillation (Distill C) of the edge model from an updated tutor.
     tutor'  = tutor with nh + beta * delta                    eq. (10)
     edge'   = Distill C(tutor' -> edge) on the client's data
 
-Design choices the paper leaves open are fields of ``RDSettings``; the README reports the
+Design choices the paper leaves open are fields of ``ClientTraining``; the README reports the
 measurements behind the defaults.
 """
 
@@ -30,7 +30,11 @@ _KD = KDRecipe()
 
 
 @dataclass(frozen=True)
-class RDSettings:
+class ClientTraining:
+    """How a client trains in a round: DiReDi's RD (Tutor 1, Tutor 2) and Distill C, and the direct
+    training of the baselines (``lr``, ``optimizer``, ``batch_size``); from the profile's round budget
+    (``from_profile``) and the run configuration (``RunConfig.client_training``)."""
+
     rd_iters: int
     redistill_iters: int
     batch_size: int
@@ -76,7 +80,7 @@ class RDSettings:
     redistill_score_weight: float = 0.0
 
     @classmethod
-    def from_profile(cls, profile: Profile, **overrides) -> "RDSettings":
+    def from_profile(cls, profile: Profile, **overrides) -> "ClientTraining":
         b = profile.budget
         return replace(cls(rd_iters=b.rd_iters, redistill_iters=b.redistill_iters, batch_size=b.batch_size,
                            lr=b.lr, optimizer=b.optimizer), **overrides)
@@ -85,11 +89,11 @@ class RDSettings:
         return asdict(self)
 
 
-def _frozen(settings: RDSettings) -> tuple[str, ...]:
+def _frozen(settings: ClientTraining) -> tuple[str, ...]:
     return ("backbone",) if settings.freeze_backbone else ()
 
 
-def _tutor_copy(tutor: nn.Module, settings: RDSettings) -> nn.Module:
+def _tutor_copy(tutor: nn.Module, settings: ClientTraining) -> nn.Module:
     """A copy of ``tutor`` to train by RD. With the backbone frozen the copy shares the tutor's body
     tensors instead of copying them (RD never changes them: no gradient, BatchNorm in eval mode), which
     saves a body's worth of memory per tutor (44 MB in the cpu profile; a client holds three). The
@@ -101,7 +105,7 @@ def _tutor_copy(tutor: nn.Module, settings: RDSettings) -> nn.Module:
     return copy.deepcopy(tutor, memo)
 
 
-def _rd_phase(name: str, settings: RDSettings, label_weight: float, seed: int) -> Phase:
+def _rd_phase(name: str, settings: ClientTraining, label_weight: float, seed: int) -> Phase:
     """Eq. (8) for one tutor: label_weight * L_det + rd_distill_weight * (balanced) L_distill(edge)."""
     return Phase(name, iters=settings.rd_iters, batch_size=settings.batch_size, lr=settings.rd_lr,
                  optimizer=settings.rd_optimizer, label_weight=label_weight,
@@ -110,7 +114,7 @@ def _rd_phase(name: str, settings: RDSettings, label_weight: float, seed: int) -
                  freeze=_frozen(settings), seed=seed)
 
 
-def reverse_distill_tutor1(tutor: nn.Module, edge: nn.Module, presumed: Dataset, settings: RDSettings,
+def reverse_distill_tutor1(tutor: nn.Module, edge: nn.Module, presumed: Dataset, settings: ClientTraining,
                            seed: int, progress: bool = False,
                            body_memo: BodyMemo | None = None) -> tuple[nn.Module, PhaseReport]:
     """Tutor 1: a copy of the tutor that learns from the edge on presumed data (it shares the tutor's
@@ -121,7 +125,7 @@ def reverse_distill_tutor1(tutor: nn.Module, edge: nn.Module, presumed: Dataset,
 
 
 def reverse_distill_tutor2(tutor: nn.Module, tutor1: nn.Module, edge: nn.Module, client_data: Dataset,
-                           settings: RDSettings, seed: int, progress: bool = False,
+                           settings: ClientTraining, seed: int, progress: bool = False,
                            body_memo: BodyMemo | None = None) -> tuple[nn.Module, PhaseReport]:
     """Tutor 2: learns from the edge on the client's kept presumed + private data, with its labels.
     ``body_memo`` (recording) keeps its frozen body's outputs for Distill C, which draws the same batches."""
@@ -130,22 +134,22 @@ def reverse_distill_tutor2(tutor: nn.Module, tutor1: nn.Module, edge: nn.Module,
                      body_memo=body_memo)
 
 
-def tutor1_phase(settings: RDSettings, seed: int) -> Phase:
+def tutor1_phase(settings: ClientTraining, seed: int) -> Phase:
     """Tutor 1's phase (``reverse_distill_tutor1``)."""
     return _rd_phase("RD tutor 1", settings, settings.t1_label_weight, seed)
 
 
-def tutor2_phase(settings: RDSettings, seed: int) -> Phase:
+def tutor2_phase(settings: ClientTraining, seed: int) -> Phase:
     """Tutor 2's phase (``reverse_distill_tutor2``)."""
     return _rd_phase("RD tutor 2", settings, settings.t2_label_weight, seed + 1)
 
 
-def client_delta(tutor1: nn.Module, tutor2: nn.Module, settings: RDSettings) -> dict[str, Tensor]:
+def client_delta(tutor1: nn.Module, tutor2: nn.Module, settings: ClientTraining) -> dict[str, Tensor]:
     """Eq. (9) on the two tutors: the only thing that leaves the client."""
     return knowledge_delta(neck_head(tutor1), neck_head(tutor2), gamma=settings.gamma)
 
 
-def server_reference_update(tutor: nn.Module, edge: nn.Module, presumed_data: Dataset, settings: RDSettings,
+def server_reference_update(tutor: nn.Module, edge: nn.Module, presumed_data: Dataset, settings: ClientTraining,
                             seed: int, tutor1: nn.Module | None = None) -> dict[str, Tensor]:
     """FLTrust's root-data update for the server's direction check (``strategies.verify.direction_check``):
     the server runs a client's RD round on its own public presumed data (Tutor 1 from ``edge``, unless the
@@ -166,7 +170,7 @@ def updated_tutor(tutor: nn.Module, delta: dict[str, Tensor], beta: float) -> nn
     return load_neck_head(copy.deepcopy(tutor), substitute(neck_head(tutor), delta, beta))
 
 
-def distill_c(edge: nn.Module, tutor: nn.Module, client_data: Dataset, settings: RDSettings, seed: int,
+def distill_c(edge: nn.Module, tutor: nn.Module, client_data: Dataset, settings: ClientTraining, seed: int,
               progress: bool = False, body_memo: BodyMemo | None = None,
               kept_classes: tuple[int, ...] = ()) -> tuple[nn.Module, PhaseReport]:
     """Re-distillation: a copy of the deployed edge fine-tuned from the (updated) tutor on the client's
@@ -180,7 +184,7 @@ def distill_c(edge: nn.Module, tutor: nn.Module, client_data: Dataset, settings:
                           progress=progress, body_memo=body_memo)
 
 
-def distill_c_phase(settings: RDSettings, seed: int, kept_classes: tuple[int, ...] = ()) -> Phase:
+def distill_c_phase(settings: ClientTraining, seed: int, kept_classes: tuple[int, ...] = ()) -> Phase:
     """Distill C's phase (``distill_c``): the tutor's distillation loss plus the detector's loss.
 
     It draws the client's data in Tutor 2's order (the same seed, the same batch size and flips), so
@@ -197,7 +201,7 @@ def distill_c_phase(settings: RDSettings, seed: int, kept_classes: tuple[int, ..
                  score_classes=tuple(kept_classes) if settings.redistill_score_weight else ())
 
 
-def spread_distill(edge: nn.Module, tutor: nn.Module, images: Dataset, settings: RDSettings, seed: int,
+def spread_distill(edge: nn.Module, tutor: nn.Module, images: Dataset, settings: ClientTraining, seed: int,
                    classes: tuple[int, ...], score_weight: float = 4.0,
                    progress: bool = False) -> tuple[nn.Module, PhaseReport]:
     """Spread: a copy of the server's edge distilled from the updated tutor on the manufacturer's images,
@@ -216,7 +220,7 @@ def spread_distill(edge: nn.Module, tutor: nn.Module, images: Dataset, settings:
     return student, train(student, images, phase, teacher=tutor, progress=progress)
 
 
-def direct_training(edge: nn.Module, client_data: Dataset, iters: int, settings: RDSettings, seed: int,
+def direct_training(edge: nn.Module, client_data: Dataset, iters: int, settings: ClientTraining, seed: int,
                     proximal_mu: float = 0.0, progress: bool = False,
                     trained_classes: tuple[int, ...] | None = None) -> tuple[nn.Module, PhaseReport]:
     """The baseline: a copy of the edge trained on the client's labels (the paper's "Training" rows).
@@ -231,7 +235,7 @@ def direct_training(edge: nn.Module, client_data: Dataset, iters: int, settings:
     return student, train(student, client_data, phase, reference=reference, progress=progress)
 
 
-def fine_tune(edge: nn.Module, client_data: Dataset, settings: RDSettings, seed: int,
+def fine_tune(edge: nn.Module, client_data: Dataset, settings: ClientTraining, seed: int,
               progress: bool = False) -> tuple[nn.Module, PhaseReport]:
     """FedAvg+FT (fedavg_ft): a copy of the received global edge trained on the client's labels for as
     many steps as Distill C (``settings.redistill_iters``) at the profile's lr, in its own data order

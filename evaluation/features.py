@@ -2,7 +2,7 @@
 
 Verification evaluates a candidate tutor per client delta, and every candidate differs from the
 tutor only in its neck and head (eq. 10): the backbone body is frozen for the whole federation.
-``BodyFeatureCache`` runs the body over a data set once and keeps its feature maps; ``predict``
+``EvaluationFeatures`` runs the body over a data set once and keeps its feature maps; ``predict``
 then runs only the rest of torchvision's FCOS inference path (FPN, head, anchors, box decoding,
 NMS) for each candidate, and gives the same detections as ``evaluation.ap.predict``, bit for bit.
 
@@ -125,8 +125,10 @@ def fcos_detections(model: nn.Module, head_outputs: dict[str, list[Tensor]], anc
     return detections
 
 
-class BodyFeatureCache:
-    """The body's feature maps of every image of ``dataset`` for detectors sharing ``model``'s body.
+class EvaluationFeatures:
+    """The body's feature maps of every image of an evaluation set, in data order, for detectors sharing
+    ``model``'s body (many candidates evaluated on one set; ``distill.body_memo.BodyMemo`` is the other
+    cache of body outputs: per image, for the batches of a client's training phases).
 
     Args:
         model: a torchvision FCOS (``models.ladder.build_model``); only its transform and body are used.

@@ -16,7 +16,7 @@ merge every section present in ``--out``):
   client's test shard; its labels-only twin is the paper's direct training.
 * ``scratch``: Distill A and Distill B's labels-only twins from a fresh start (no inheriting) at the
   same steps: what inheriting and the distillation loss are worth together.
-* ``rd``: Exp 1's reverse distillation, one lever at a time against the default ``RDSettings``:
+* ``rd``: Exp 1's reverse distillation, one lever at a time against the default ``ClientTraining``:
   tutor 1 / tutor 2 label weights (eq. 8), where tutor 2 starts, beta of eq. 10 (including -1, a
   sign-flipped delta), frozen vs trainable backbone, and RD's optimiser. Each row reports the
   updated tutor on the new class and on the presumed classes, on the manufacturer's validation set
@@ -35,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from distill.rd import (RDSettings, client_delta, direct_training, distill_c, reverse_distill_tutor1,
+from distill.rd import (ClientTraining, client_delta, direct_training, distill_c, reverse_distill_tutor1,
                         reverse_distill_tutor2, updated_tutor)
 from distill.chain import chain_phases, student_start
 from distill.trainer import KDRecipe, PAPER_FGD, train
@@ -94,7 +94,7 @@ def section_balance(ws, chain, args) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------
-def rd_run(ws, chain, settings: RDSettings, seed: int, progress: bool):
+def rd_run(ws, chain, settings: ClientTraining, seed: int, progress: bool):
     t1, r1 = reverse_distill_tutor1(chain.tutor, chain.edge, ws.client_presumed(0), settings, seed, progress)
     t2, r2 = reverse_distill_tutor2(chain.tutor, t1, chain.edge, ws.client_train(0), settings, seed, progress)
     return t1, t2, client_delta(t1, t2, settings), (r1, r2)
@@ -117,7 +117,7 @@ def tutor_effect(model, ws, new: list[str]) -> dict:
 def section_rd(ws, chain, args) -> dict:
     spec = ws.clients[0]
     new = list(spec.private)
-    base = RDSettings.from_profile(ws.profile)
+    base = ClientTraining.from_profile(ws.profile)
     levers = {
         "default": {},
         "tutor 1 label weight 1.0": {"t1_label_weight": 1.0},
@@ -177,7 +177,7 @@ def section_links(ws, chain, args) -> dict:
         return {"links": links, "recipe": recipe.to_dict()}
     # Distill C on Exp 1's client: from the deployed edge, KD from the updated tutor + labels,
     # against direct training (labels only) at the same steps.
-    settings = RDSettings.from_profile(ws.profile)
+    settings = ClientTraining.from_profile(ws.profile)
     _, _, delta, _ = rd_run(ws, chain, settings, args.seed, not args.quiet)
     tutor = updated_tutor(chain.tutor, delta, settings.beta)
     test, names = ws.client_test(0), ws.eval_classes()

@@ -84,7 +84,7 @@ def run_point(config: RunConfig, lr: float, steps: int, mu: float, rounds: int) 
     torch.set_num_threads(1)  # one process per core, as the Flower clients run
     ws = workspace_of(config)
     edge = copy.deepcopy(ws.chain(progress=False).edge).cpu()
-    settings = replace(config.rd_settings(), lr=lr)
+    settings = replace(config.client_training(), lr=lr)
     data = [ws.client_train(i) for i in range(len(ws.clients))]
     start, per_round = time.perf_counter(), []
     for r in range(1, rounds + 1):

@@ -76,7 +76,7 @@ def fingerprints(args: argparse.Namespace) -> dict[str, str]:
     out = {role: state_fingerprint(getattr(chain, role).state_dict()) for role in ("teacher", "tutor", "edge")}
     out["manufacturer_shards"] = records_fingerprint(shards.teacher_train + shards.presumed_train
                                                      + shards.manufacturer_val)
-    out["client_shards"] = records_fingerprint([r for c in shards.clients for r in c.public + c.private + c.test])
+    out["client_shards"] = records_fingerprint([r for c in shards.clients for r in c.presumed + c.private + c.test])
     return out
 
 

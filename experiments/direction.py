@@ -72,7 +72,7 @@ def second_round(session: Session, deltas: list[dict], generator: torch.Generato
     from strategies.aggregate import aggregate
 
     config, ws = session.config, session.workspace
-    settings, edge = config.rd_settings(), session.chain.edge
+    settings, edge = config.client_training(), session.chain.edge
     trained = [{CLASS_INDEX[c] for c in spec.train_classes} for spec in ws.clients]
     weights = [float(len(ws.client_train(i))) for i in range(len(ws.clients))]
     merged = aggregate(deltas, weights, config.aggregation, client_classes=trained)
@@ -115,7 +115,7 @@ def main(argv=None) -> int:
     config = resolve_run_config({"profile": args.profile, "num-clients": args.clients})
     session = Session.open(config)
     deltas, _, _ = round_one_deltas(session)
-    settings, tutor, edge = config.rd_settings(), session.chain.tutor, session.chain.edge
+    settings, tutor, edge = config.client_training(), session.chain.tutor, session.chain.edge
     presumed = session.workspace.chain_data().presumed_train
     server = server_reference_update(tutor, edge, presumed, settings, work_seed(config.seed, 1, SERVER))
     dims = sum(v.numel() for v in server.values())

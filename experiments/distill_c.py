@@ -49,7 +49,7 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     config = resolve_run_config({"profile": args.profile, "num-clients": args.clients})
     session = Session.open(config)
-    ws, settings = session.workspace, config.rd_settings()
+    ws, settings = session.workspace, config.client_training()
     tutor, edge = session.chain.tutor, session.chain.edge
     deltas, weights, trained = round_one_deltas(session)
     merged = aggregate(deltas, weights, config.aggregation, client_classes=trained)

@@ -71,7 +71,7 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     config = resolve_run_config({"profile": args.profile, "num-clients": args.clients, "cache-dir": str(args.cache)})
     session = Session.open(config)
-    ws, settings = session.workspace, config.rd_settings()
+    ws, settings = session.workspace, config.client_training()
     edge = session.chain.edge
     deltas, weights, trained = round_one_deltas(session)
     tutor = updated_tutor(session.chain.tutor, aggregate(deltas, weights, config.aggregation, client_classes=trained),

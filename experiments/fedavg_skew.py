@@ -71,7 +71,7 @@ def mean(values) -> float:
 def run(config, rounds: int, label_skew_aware: bool) -> list[dict]:
     ws = workspace_of(config)
     edge = copy.deepcopy(ws.chain(progress=False).edge).cpu()
-    settings, val = config.rd_settings(), ws.validation_set()
+    settings, val = config.client_training(), ws.validation_set()
     new = sorted({c for spec in ws.clients for c in spec.private}, key=CLASS_INDEX.get)
     data = [ws.client_train(i) for i in range(len(ws.clients))]
     out = []

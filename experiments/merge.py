@@ -59,7 +59,7 @@ def round_one_deltas(session: Session) -> tuple[list[dict], list[float], list[se
     """Round 1's deltas as the federation computes them (shared Tutor 1 from the server's edge, then
     each client's Tutor 2, same seeds), with each client's weight (train images) and trained classes."""
     config, ws = session.config, session.workspace
-    settings, tutor, edge = config.rd_settings(), session.chain.tutor, session.chain.edge
+    settings, tutor, edge = config.client_training(), session.chain.tutor, session.chain.edge
     tutor1, _ = reverse_distill_tutor1(tutor, edge, ws.chain_data().presumed_train, settings,
                                        seed=work_seed(config.seed, 1, SERVER))
     deltas, weights, trained = [], [], []

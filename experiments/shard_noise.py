@@ -69,7 +69,7 @@ def main(argv=None) -> int:
     edge = ws.chain(progress=True).edge.cpu().eval()
     rows = []
     for client in range(len(ws.clients)):
-        rows.append(client_noise(ws, edge, client, args.steps, config.rd_settings(), config.training_seed,
+        rows.append(client_noise(ws, edge, client, args.steps, config.client_training(), config.training_seed,
                                  args.samples))
         print(json.dumps(rows[-1]), flush=True)
     result = {"command": "python -m experiments.shard_noise " + " ".join(sys.argv[1:] if argv is None else argv),

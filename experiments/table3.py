@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from distill.rd import (RDSettings, client_delta, direct_training, distill_c, reverse_distill_tutor1,
+from distill.rd import (ClientTraining, client_delta, direct_training, distill_c, reverse_distill_tutor1,
                         reverse_distill_tutor2, updated_tutor)
 from models.parts import delta_norm
 from evaluation.ap import evaluate_model
@@ -66,7 +66,7 @@ def run_experiment(exp: str, args, settings_overrides: dict) -> dict:
     spec = ws.clients[0]
     focus = list(spec.private) + list(spec.dropped)
     chain = ws.chain(progress=not args.quiet)
-    settings = RDSettings.from_profile(ws.profile, **settings_overrides)
+    settings = ClientTraining.from_profile(ws.profile, **settings_overrides)
     log.info("%s: private %s, dropped %s, settings %s", exp, spec.private, spec.dropped, settings)
 
     rows: dict[str, dict] = {}
@@ -166,7 +166,7 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="auto", help="cpu | cuda | auto (cuda when available)")
     parser.add_argument("--cache", type=Path, default=Path(".cache"))
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
-                        help="override an RDSettings field, e.g. t2_from_t1=false beta=0.5")
+                        help="override an ClientTraining field, e.g. t2_from_t1=false beta=0.5")
     parser.add_argument("--skip-chain-rows", action="store_true")
     parser.add_argument("--quiet", action="store_true")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads")
@@ -176,9 +176,9 @@ def main(argv=None) -> int:
     overrides = {}
     for item in args.set:
         key, _, value = item.partition("=")
-        if key not in RDSettings.__dataclass_fields__:
-            parser.error(f"unknown setting {key!r}; choose from {', '.join(RDSettings.__dataclass_fields__)}")
-        current = RDSettings.__dataclass_fields__[key].type
+        if key not in ClientTraining.__dataclass_fields__:
+            parser.error(f"unknown setting {key!r}; choose from {', '.join(ClientTraining.__dataclass_fields__)}")
+        current = ClientTraining.__dataclass_fields__[key].type
         overrides[key] = value.lower() in ("1", "true", "yes") if current in ("bool", bool) else (
             value if current in ("str", str) else (int(value) if current in ("int", int) else float(value)))
     start = time.perf_counter()

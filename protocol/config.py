@@ -303,14 +303,14 @@ class RunConfig:
 
         return get_profile(self.profile)
 
-    def rd_settings(self):
-        """The clients' training settings (``distill.rd.RDSettings``) for this run."""
-        from distill.rd import RDSettings
+    def client_training(self):
+        """The clients' training settings (``distill.rd.ClientTraining``) for this run."""
+        from distill.rd import ClientTraining
 
-        return RDSettings.from_profile(self.get_profile(), rd_iters=self.rd_iters,
-                                       redistill_iters=self.redistill_iters, batch_size=self.batch_size,
-                                       beta=self.beta, redistill_score_weight=self.redistill_score_weight,
-                                       redistill_lr=self.redistill_lr)
+        return ClientTraining.from_profile(self.get_profile(), rd_iters=self.rd_iters,
+                                           redistill_iters=self.redistill_iters, batch_size=self.batch_size,
+                                           beta=self.beta, redistill_score_weight=self.redistill_score_weight,
+                                           redistill_lr=self.redistill_lr)
 
     def compute(self):
         """How the models compute (``models.compute.Compute``; "auto" is resolved where it runs)."""

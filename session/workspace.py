@@ -78,12 +78,12 @@ class Workspace:
     # -- one client's data ----------------------------------------------------------------
     def client_presumed(self, i: int) -> Dataset:
         """What tutor 1 sees: the public presumed-class images handed to the client."""
-        return self.dataset(self.shards.clients[i].public, self.scenario.presumed_classes)
+        return self.dataset(self.shards.clients[i].presumed, self.scenario.presumed_classes)
 
     def client_train(self, i: int) -> Dataset:
         """What tutor 2, Distill C and direct training see: kept presumed images + private images."""
         spec = self.clients[i]
-        return ConcatDataset([self.dataset(self.shards.clients[i].public_kept, spec.kept),
+        return ConcatDataset([self.dataset(self.shards.clients[i].presumed_kept, spec.kept),
                               self.dataset(self.shards.clients[i].private, spec.train_classes)])
 
     def client_test(self, i: int) -> VOCDetection:
@@ -158,8 +158,9 @@ class Session:
 
     def details(self) -> dict:
         """What config.json adds to the configuration for a reader: resolved settings and shards."""
-        return {"profile_spec": self.workspace.profile.to_dict(), "rd_settings": self.config.rd_settings().to_dict(),
-                "client_specs": self.client_specs(), "shards": self.workspace.shards.sizes()}
+        return {"profile_spec": self.workspace.profile.to_dict(),
+                "client_training": self.config.client_training().to_dict(), "client_specs": self.client_specs(),
+                "shards": self.workspace.shards.sizes()}
 
     def client_specs(self) -> list[dict]:
         protected = list(self.workspace.scenario.protected_classes)

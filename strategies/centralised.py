@@ -27,7 +27,7 @@ from torch import nn
 from torch.utils.data import ConcatDataset
 
 from session.workspace import Workspace, workspace_of
-from distill.rd import RDSettings, direct_training
+from distill.rd import ClientTraining, direct_training
 from evaluation.ap import MODEL_SCORE_THRESH, per_class_ap
 from models.compute import computing
 from protocol.config import RunConfig, evaluation_round
@@ -58,7 +58,7 @@ def _evaluate(model: nn.Module, workspace: Workspace, client: int, threshold: fl
 
 
 def local_client(workspace: Workspace, edge: nn.Module, client: int, rounds: int, steps: int,
-                 settings: RDSettings, seed: int, recorder: Recorder, threshold: float = MODEL_SCORE_THRESH,
+                 settings: ClientTraining, seed: int, recorder: Recorder, threshold: float = MODEL_SCORE_THRESH,
                  eval_every: int = 1) -> None:
     """One client's local training, round after round, from the manufacturer's edge; eq. 11's figures at
     ``threshold``, after every ``eval_every``-th round and the last (``protocol.config.evaluation_round``)."""
@@ -73,7 +73,7 @@ def local_client(workspace: Workspace, edge: nn.Module, client: int, rounds: int
         recorder.emit(record)
 
 
-def run_oracle(workspace: Workspace, edge: nn.Module, rounds: int, steps: int, settings: RDSettings,
+def run_oracle(workspace: Workspace, edge: nn.Module, rounds: int, steps: int, settings: ClientTraining,
                seed: int, recorder: Recorder, threshold: float = MODEL_SCORE_THRESH, eval_every: int = 1) -> None:
     n = len(workspace.clients)
     union = ConcatDataset([workspace.client_train(i) for i in range(n)])
@@ -101,7 +101,7 @@ def _job(config: RunConfig, method: str, client: int | None) -> list[dict]:
     workspace = workspace_of(config)
     edge = workspace.chain(progress=False).edge.cpu()
     recorder = Recorder(method)
-    args = (config.rounds, config.diredi_client_steps, config.rd_settings(), config.training_seed, recorder)
+    args = (config.rounds, config.diredi_client_steps, config.client_training(), config.training_seed, recorder)
     with computing(config.compute()):
         if method == "local":
             local_client(workspace, edge, client, *args, threshold=config.operating_threshold,

@@ -47,7 +47,7 @@ from flwr.serverapp.strategy import Result, Strategy
 from torch import Tensor, nn
 
 from data.voc import CLASS_INDEX, VOC_CLASSES
-from distill.rd import RDSettings, distill_c, reverse_distill_tutor1, server_reference_update, spread_distill
+from distill.rd import ClientTraining, distill_c, reverse_distill_tutor1, server_reference_update, spread_distill
 from evaluation.ap import nan_mean
 from models.parts import load_neck_head, neck_head, substitute
 from protocol.wire import (AFTER, AP_AFTER, AP_BEFORE, BEFORE, CONFIG, DELTA, DEPLOY_EDGE, DISTILL, DIREDI_WORK,
@@ -101,7 +101,7 @@ class DiReDiStrategy(Strategy):
     method = "diredi"
 
     def __init__(self, tutor: nn.Module, edge: nn.Module, validation_data, validation_classes: Iterable[str],
-                 settings: RDSettings, policy: VerificationPolicy | None = None, *, presumed_data=None,
+                 settings: ClientTraining, policy: VerificationPolicy | None = None, *, presumed_data=None,
                  share_tutor1: bool = False, aggregation: str = "weighted",
                  aggregation_options: Mapping[str, Any] | None = None, redistill: str = "client",
                  edge_check: bool = False, spread_data=None, num_nodes: int = 1, fraction: float = 1.0, seed: int = 0,

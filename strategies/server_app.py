@@ -87,7 +87,7 @@ def make_strategy(method: str, session: Session, recorder: Recorder,
     if method == "diredi":
         return DiReDiStrategy(
             copy.deepcopy(session.chain.tutor), copy.deepcopy(session.chain.edge), ws.validation_set(),
-            ws.scenario.teacher_classes, config.rd_settings(), policy or default_policy(session),
+            ws.scenario.teacher_classes, config.client_training(), policy or default_policy(session),
             presumed_data=ws.chain_data().presumed_train, share_tutor1=config.tutor1 == "shared",
             aggregation=config.aggregation, redistill=config.redistill,
             edge_check=config.edge_check == "on",
@@ -114,7 +114,7 @@ def make_strategy(method: str, session: Session, recorder: Recorder,
                                 server_momentum=config.server_momentum)
     if method == "fedadam":  # eta_l: the clients' lr (Flower only reports it)
         return RecordingFedAdam(**nodes, parameter_keys=parameters, eta=config.fedadam_eta,
-                                eta_l=config.direct_lr or config.rd_settings().lr, tau=config.fedadam_tau)
+                                eta_l=config.direct_lr or config.client_training().lr, tau=config.fedadam_tau)
     raise ValueError(f"{method!r} is not a federated method; expected one of {', '.join(FEDERATED)}")
 
 

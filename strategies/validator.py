@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from data.voc import CLASS_INDEX
 from distill.trainer import torch_threads
 from evaluation.ap import ap_by_name, bootstrap_ap_drop, bootstrap_recall_drop, predict, recall_at
-from evaluation.features import BodyFeatureCache, FeaturesTooLarge
+from evaluation.features import EvaluationFeatures, FeaturesTooLarge
 from models.io import state_fingerprint
 from models.parts import load_neck_head, neck_head, substitute
 from protocol.wire import EDGE_CHECK, encode
@@ -83,7 +83,7 @@ class CandidateValidator:
         self.classes = list(validation_classes)
         self.policy, self.beta, self.seed = policy, beta, seed
         self.targets: list[dict] = []  # the validation images' ground truth (set by the first evaluation)
-        self.features: BodyFeatureCache | None = None  # the tutor body's features of the validation images
+        self.features: EvaluationFeatures | None = None  # the tutor body's features of the validation images
         self._features_tried = False  # False until the feature cache was built (or found too large)
         self.tutor_changed()
 
@@ -193,7 +193,7 @@ class CandidateValidator:
         if not self._features_tried:
             self._features_tried = True
             try:
-                self.features = BodyFeatureCache(self.tutor, self.validation_data, batch_size=VALIDATION_BATCH)
+                self.features = EvaluationFeatures(self.tutor, self.validation_data, batch_size=VALIDATION_BATCH)
                 log.info("validation features of the tutor's body cached: %.0f MB", self.features.nbytes / 1e6)
             except FeaturesTooLarge as too_large:
                 log.info("validation features not cached (%s): every candidate runs its body", too_large)

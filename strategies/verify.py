@@ -336,7 +336,7 @@ def row_score_shift(delta: Mapping[str, Tensor], class_id: int, patch: Tensor,
                     row_params: Sequence[str] = CLASS_ROW_PARAMS) -> float:
     """How the delta's row ``class_id`` of the classification layer alone moves a class score: the mean
     logit change patch . dW_c + db_c at the locations whose mean input is ``patch`` [C*9]
-    (``evaluation.features.BodyFeatureCache.class_patches``: where the tutor scores the class highest).
+    (``evaluation.features.EvaluationFeatures.class_patches``: where the tutor scores the class highest).
     A client that trained on a class raises its score where the class is; a row edited down (a false
     claim's) lowers it, whatever the class's AP does. NaN when the delta lacks the row."""
     weight, bias = (delta.get(name) for name in row_params)

@@ -123,7 +123,7 @@ def test_default_recipe_inherits_and_balances():
 
 # -- Distill C ---------------------------------------------------------------------------------------
 def test_distill_c_default_uses_labels_plus_distillation(ws, monkeypatch):
-    settings = rd.RDSettings.from_profile(get_profile("smoke"), redistill_iters=2)
+    settings = rd.ClientTraining.from_profile(get_profile("smoke"), redistill_iters=2)
     seen = {}
     real_train = rd.train
 

@@ -20,7 +20,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, Metadata, MetricRecord,
 
 from data.voc import CLASS_INDEX
 from session.workspace import prepare
-from distill.rd import RDSettings, direct_training
+from distill.rd import ClientTraining, direct_training
 from distill.trainer import ClassMask
 from models.ladder import build_model, detection_losses, get_profile, neck_features
 from protocol.config import resolve_run_config
@@ -79,7 +79,7 @@ def test_class_mask_stops_the_gradient_of_the_other_classes_scores(ws):
 def test_label_skew_training_leaves_the_other_classes_rows_unchanged(ws):
     data = ws.client_train(0)
     edge = build_model("smoke", "edge", seed=0)
-    settings = RDSettings.from_profile(get_profile("smoke"))
+    settings = ClientTraining.from_profile(get_profile("smoke"))
     own = own_classes(ws, 0)
     others = [c for c in range(len(CLASS_INDEX)) if c not in own]
     before = {k: v.clone() for k, v in edge.state_dict().items()}
@@ -138,7 +138,7 @@ def test_make_strategy_builds_each_new_method_with_its_settings():
         assert s.method == method and s.sampler is not None
     # without direct-lr FedAdam reports the profile's lr as the clients'
     assert make_strategy("fedadam", fake_session(), Recorder("fedadam")).eta_l == \
-        fake_session().config.rd_settings().lr
+        fake_session().config.client_training().lr
 
 
 # -- FedAvgM / FedAdam: parameters stepped, buffers averaged, state checkpointed (no Flower runtime) ---
@@ -383,7 +383,7 @@ def test_local_training_evaluated_every_other_round_ends_where_every_round_does(
     from strategies.ledger import Recorder
 
     edge = build_model("smoke", "edge", seed=0)
-    settings = RDSettings.from_profile(get_profile("smoke"))
+    settings = ClientTraining.from_profile(get_profile("smoke"))
     runs = {}
     for every in (1, 2):
         recorder = Recorder("local")

@@ -8,7 +8,7 @@ from torchvision.models._utils import IntermediateLayerGetter
 
 from distill.body_memo import input_key
 from distill.chain import stage_key
-from distill.rd import RDSettings, client_delta, reverse_distill_tutor1, reverse_distill_tutor2
+from distill.rd import ClientTraining, client_delta, reverse_distill_tutor1, reverse_distill_tutor2
 from evaluation.ap import per_class_ap
 from models.compute import FLOAT32, Compute, computing, current_compute, supports_bfloat16
 from models.ladder import build_model, get_profile
@@ -101,7 +101,7 @@ def test_a_bfloat16_client_round_keeps_weights_deltas_and_ap_float32(smoke_cache
     ws = prepare("smoke", "default8", num_clients=2, cache_dir=smoke_cache)
     profile = get_profile("cpu")  # a ResNet tutor, so bfloat16 really runs
     tutor, edge = build_model(profile, "tutor", seed=0), build_model(profile, "edge", seed=1)
-    settings = RDSettings(rd_iters=2, redistill_iters=1, batch_size=2)
+    settings = ClientTraining(rd_iters=2, redistill_iters=1, batch_size=2)
     with computing(BF16):
         t1, report = reverse_distill_tutor1(tutor, edge, ws.client_presumed(0), settings, seed=0)
         t2, _ = reverse_distill_tutor2(tutor, t1, edge, ws.client_train(0), settings, seed=0)

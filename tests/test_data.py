@@ -293,15 +293,15 @@ def test_shards_are_disjoint_and_follow_the_rules(synth_records):
     owned = [manufacturer]
     everyone_private = {p for other in shards.clients for p in other.spec.private}
     for c in shards.clients:
-        assert c.private and c.test and c.public
-        assert ids(c.public) <= ids(shards.presumed_train)
+        assert c.private and c.test and c.presumed
+        assert ids(c.presumed) <= ids(shards.presumed_train)
         assert all(r.class_names & set(c.spec.private) and r.class_names <= set(c.spec.train_classes)
                    for r in c.private)
         assert all(r.class_names <= set(c.spec.test_classes) | everyone_private for r in c.test)
         # spread probes: test images of a private class the client does not hold itself
         probes = [r for r in c.test if not r.class_names <= set(c.spec.test_classes)]
         assert probes and all(r.class_names & (everyone_private - set(c.spec.private)) for r in probes)
-        assert all(r.class_names <= set(c.spec.kept) for r in c.public_kept)
+        assert all(r.class_names <= set(c.spec.kept) for r in c.presumed_kept)
         owned += [ids(c.private), ids(c.test)]
     for i in range(len(owned)):
         for j in range(i + 1, len(owned)):

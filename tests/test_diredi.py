@@ -12,7 +12,7 @@ import torch
 from flwr.app import ArrayRecord, Message, Metadata, MetricRecord, RecordDict
 from torch.utils.data import Dataset
 
-from distill.rd import RDSettings
+from distill.rd import ClientTraining
 from distill.trainer import Phase, train
 from evaluation.ap import bootstrap_ap_drop
 from models.ladder import build_model, get_profile
@@ -67,7 +67,7 @@ def strategy(trained_tutor):
 
     policy = VerificationPolicy(norm_bound=50.0, protected_tolerance=0.05, protected_classes=("person",))
     return DiReDiStrategy(copy.deepcopy(trained_tutor), build_model("smoke", "edge", seed=1), Squares(32, 1),
-                          ["person"], RDSettings.from_profile(get_profile("smoke")), policy)
+                          ["person"], ClientTraining.from_profile(get_profile("smoke")), policy)
 
 
 def reply(partition: int, delta: dict | None, num_examples: float = 10, trained: tuple[str, ...] = ()) -> Message:
@@ -113,7 +113,7 @@ def one_honest_two_liars(tutor, claims: str, honest: dict, edit: dict):
 
     policy = VerificationPolicy(norm_bound=50.0, claims=claims, noise_z=3.0, bootstrap_samples=50)
     strategy = DiReDiStrategy(copy.deepcopy(tutor), build_model("smoke", "edge", seed=1), Squares(32, 1),
-                              ["person"], RDSettings.from_profile(get_profile("smoke")), policy,
+                              ["person"], ClientTraining.from_profile(get_profile("smoke")), policy,
                               aggregation="class_aware")
     strategy.aggregate_train(1, [reply(0, honest, 10, ("person",)), reply(1, edit, 40, ("person",)),
                                  reply(2, edit, 40, ("person",))])
@@ -185,7 +185,7 @@ def test_class_aware_strategy_takes_each_class_row_from_the_clients_that_trained
 
     policy = VerificationPolicy(norm_bound=50.0, protected_tolerance=1.0, protected_classes=("person",))
     strategy = DiReDiStrategy(copy.deepcopy(trained_tutor), build_model("smoke", "edge", seed=1), Squares(8, 1),
-                              ["person"], RDSettings.from_profile(get_profile("smoke")), policy,
+                              ["person"], ClientTraining.from_profile(get_profile("smoke")), policy,
                               aggregation="class_aware", aggregation_options={"shared": "weighted"})
     bias = "head.classification_head.cls_logits.bias"
     cat, dog = 7, 11  # VOC indices
@@ -209,7 +209,7 @@ def test_noise_calibrated_verification_records_the_noise_and_still_rejects_an_er
     policy = VerificationPolicy(norm_bound=50.0, protected_tolerance=0.02, protected_classes=("person",),
                                 noise_z=2.0, bootstrap_samples=30)
     strategy = DiReDiStrategy(copy.deepcopy(trained_tutor), build_model("smoke", "edge", seed=1), Squares(32, 1),
-                              ["person"], RDSettings.from_profile(get_profile("smoke")), policy)
+                              ["person"], ClientTraining.from_profile(get_profile("smoke")), policy)
     erase = zeros_like_nh(strategy.tutor)
     erase["head.classification_head.cls_logits.bias"][PERSON] = -30.0
     harmless = zeros_like_nh(strategy.tutor)
@@ -231,7 +231,7 @@ def test_a_client_claiming_1e12_examples_no_longer_dominates_the_weighted_merge(
     policy = VerificationPolicy(norm_bound=50.0, protected_tolerance=1.0, protected_classes=("person",),
                                 weight_cap=4.0)
     strategy = DiReDiStrategy(copy.deepcopy(trained_tutor), build_model("smoke", "edge", seed=1), Squares(8, 1),
-                              ["person"], RDSettings.from_profile(get_profile("smoke")), policy,
+                              ["person"], ClientTraining.from_profile(get_profile("smoke")), policy,
                               aggregation="weighted")
     name = "backbone.fpn.inner_blocks.0.0.bias"
     honest_a, honest_b, liar = (zeros_like_nh(strategy.tutor) for _ in range(3))
@@ -263,7 +263,7 @@ def test_strategy_clips_accepted_deltas_and_records_the_factor(trained_tutor):
     policy = VerificationPolicy(norm_bound=50.0, protected_tolerance=1.0, protected_classes=("person",),
                                 clip_norm=1e-3)
     strategy = DiReDiStrategy(copy.deepcopy(trained_tutor), build_model("smoke", "edge", seed=1), Squares(8, 1),
-                              ["person"], RDSettings.from_profile(get_profile("smoke")), policy,
+                              ["person"], ClientTraining.from_profile(get_profile("smoke")), policy,
                               aggregation="weighted")
     name = "backbone.fpn.inner_blocks.0.0.bias"
     small, boosted = zeros_like_nh(strategy.tutor), zeros_like_nh(strategy.tutor)
@@ -289,7 +289,7 @@ def test_strategy_direction_and_kept_gates_name_themselves(trained_tutor):
     policy = VerificationPolicy(norm_bound=50.0, protected_tolerance=1.0, protected_classes=("person",),
                                 kept_classes=("person",), kept_tolerance=0.05, min_cosine=0.0)
     strategy = DiReDiStrategy(copy.deepcopy(trained_tutor), build_model("smoke", "edge", seed=1), Squares(32, 1),
-                              ["person"], RDSettings.from_profile(get_profile("smoke")), policy,
+                              ["person"], ClientTraining.from_profile(get_profile("smoke")), policy,
                               reference_fn=lambda tutor: asked.append(tutor) or reference)
     flipped = {k: -v for k, v in reference.items()}
     erase = zeros_like_nh(strategy.tutor)
@@ -358,7 +358,7 @@ def test_server_reference_update_rejects_a_sign_flip_and_passes_its_own_directio
 
     from distill.rd import server_reference_update
 
-    settings = RDSettings.from_profile(get_profile("smoke"))
+    settings = ClientTraining.from_profile(get_profile("smoke"))
     presumed, edge = Squares(16, 3), build_model("smoke", "edge", seed=1)
     nh = neck_head(trained_tutor)
     policy = VerificationPolicy.relative_to(nh, norm_factor=1.0, direction_z=4.0, direction_reference="server",
@@ -394,7 +394,7 @@ def test_peer_direction_gate_keeps_out_a_sign_flip_and_random_deltas_of_a_minori
     policy = VerificationPolicy.relative_to(nh, norm_factor=1.0, direction_z=4.0, protected_tolerance=1.0,
                                             protected_classes=("person",))
     strategy = DiReDiStrategy(copy.deepcopy(trained_tutor), build_model("smoke", "edge", seed=1), Squares(16, 1),
-                              ["person"], RDSettings.from_profile(get_profile("smoke")), policy, aggregation="weighted")
+                              ["person"], ClientTraining.from_profile(get_profile("smoke")), policy, aggregation="weighted")
     generator = torch.Generator().manual_seed(2)
     shared = {k: 1e-4 * torch.randn(v.shape, generator=generator) for k, v in nh.items()}
     honest = [{k: v + 1e-4 * torch.randn(v.shape, generator=generator) for k, v in shared.items()} for _ in range(6)]
@@ -429,7 +429,7 @@ def test_screening_on_arrival_leaves_the_decisions_as_they_were_and_evaluates_ea
 
     def fresh():
         return DiReDiStrategy(copy.deepcopy(trained_tutor), build_model("smoke", "edge", seed=1), Squares(32, 1),
-                              ["person"], RDSettings.from_profile(get_profile("smoke")), policy)
+                              ["person"], ClientTraining.from_profile(get_profile("smoke")), policy)
 
     plain = fresh()
     plain.aggregate_train(1, replies())
@@ -482,7 +482,7 @@ def test_the_edge_check_deploys_an_honest_edge_and_keeps_the_earlier_one_otherwi
     policy = VerificationPolicy(norm_bound=50.0, protected_tolerance=0.05, protected_classes=("person",),
                                 noise_z=3.0, bootstrap_samples=20)
     strategy = DiReDiStrategy(copy.deepcopy(trained_tutor), copy.deepcopy(trained_edge), Squares(32, 1), ["person"],
-                              RDSettings.from_profile(get_profile("smoke")), policy, edge_check=True)
+                              ClientTraining.from_profile(get_profile("smoke")), policy, edge_check=True)
     reference, _ = strategy.edge_reference()
     assert reference["person"] > 0.3  # else "erased" below proves nothing
     same = trained_edge.state_dict()
@@ -505,7 +505,7 @@ def test_the_edge_check_deploys_an_honest_edge_and_keeps_the_earlier_one_otherwi
     assert figures[2] == {"deployed": 0.0, "seconds": 0.0} and figures[3] == figures[2]  # unreadable, absent
     with pytest.raises(ValueError, match="redistill='client'"):
         DiReDiStrategy(copy.deepcopy(trained_tutor), copy.deepcopy(trained_edge), Squares(32, 1), ["person"],
-                       RDSettings.from_profile(get_profile("smoke")), policy, edge_check=True, redistill="server",
+                       ClientTraining.from_profile(get_profile("smoke")), policy, edge_check=True, redistill="server",
                        presumed_data=Squares(8, 2))
 
 
@@ -526,7 +526,7 @@ def test_spread_sends_the_servers_distilled_edge_with_distill_and_checkpoints_it
 
     def make(spread_data):
         return DiReDiStrategy(copy.deepcopy(trained_tutor), copy.deepcopy(trained_edge), Squares(32, 1), ["person"],
-                              RDSettings.from_profile(get_profile("smoke")), spread_data=spread_data)
+                              ClientTraining.from_profile(get_profile("smoke")), spread_data=spread_data)
 
     def distill_messages(strategy):
         ledger = strategy._open_round(1)
@@ -554,7 +554,7 @@ def test_spread_sends_the_servers_distilled_edge_with_distill_and_checkpoints_it
     assert all(torch.equal(v, restored.spread_edge.state_dict()[k]) for k, v in strategy.spread_edge.state_dict().items())
     with pytest.raises(ValueError, match="redistill='client'"):
         DiReDiStrategy(copy.deepcopy(trained_tutor), copy.deepcopy(trained_edge), Squares(32, 1), ["person"],
-                       RDSettings.from_profile(get_profile("smoke")), redistill="server",
+                       ClientTraining.from_profile(get_profile("smoke")), redistill="server",
                        presumed_data=Squares(8, 2), spread_data=Squares(8, 2))
 
 
@@ -585,7 +585,7 @@ def test_a_delta_that_lowers_every_score_of_a_class_passes_the_ap_gate_and_not_t
         policy = VerificationPolicy(norm_bound=50.0, protected_tolerance=0.05, protected_classes=("person",),
                                     operating_tolerance=operating_tolerance, noise_z=3.0, bootstrap_samples=50)
         return DiReDiStrategy(copy.deepcopy(trained_tutor), build_model("smoke", "edge", seed=1), Squares(32, 1),
-                              ["person"], RDSettings.from_profile(get_profile("smoke")), policy)
+                              ["person"], ClientTraining.from_profile(get_profile("smoke")), policy)
 
     shift = zeros_like_nh(trained_tutor)
     shift["head.classification_head.cls_logits.bias"][PERSON] = -3.0
@@ -693,7 +693,7 @@ def test_median_cap_and_the_round_relative_clip(trained_tutor):
 
     policy = VerificationPolicy(norm_bound=50.0, clip_multiple=4.0)
     strategy = DiReDiStrategy(copy.deepcopy(trained_tutor), build_model("smoke", "edge", seed=1), Squares(32, 1),
-                              ["person"], RDSettings.from_profile(get_profile("smoke")), policy)
+                              ["person"], ClientTraining.from_profile(get_profile("smoke")), policy)
     replies = [reply(0, delta(1e-3)), reply(1, delta(1.2e-3)), reply(2, delta(1e-3)), reply(3, delta(0.1))]
     strategy.aggregate_train(1, replies)
     decisions = {d.client: d for d in strategy.recorder.decisions}
@@ -718,7 +718,7 @@ def test_a_hidden_row_edit_is_bounded_by_the_rows_of_its_peers(trained_tutor):
     def merged_person_bias(row_multiple):
         policy = VerificationPolicy(norm_bound=50.0, clip_multiple=4.0, row_multiple=row_multiple)
         strategy = DiReDiStrategy(copy.deepcopy(trained_tutor), build_model("smoke", "edge", seed=1),
-                                  Squares(32, 1), ["person"], RDSettings.from_profile(get_profile("smoke")), policy,
+                                  Squares(32, 1), ["person"], ClientTraining.from_profile(get_profile("smoke")), policy,
                                   aggregation="class_aware")
         before = float(neck_head(strategy.tutor)[bias][PERSON])
         strategy.aggregate_train(1, [reply(c, delta(0.01), 10, ("person",)) for c in range(3)]

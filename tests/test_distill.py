@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch.utils.data import Subset
 
-from distill.rd import (RDSettings, client_delta, distill_c, reverse_distill_tutor1, reverse_distill_tutor2,
+from distill.rd import (ClientTraining, client_delta, distill_c, reverse_distill_tutor1, reverse_distill_tutor2,
                         updated_tutor)
 from clients.store import open_body_cache, save_body_memo, save_body_outputs, take_body_memo
 from distill.body_memo import BodyMemo, image_keys
@@ -105,7 +105,7 @@ def test_chain_second_call_reuses_every_stage(ws):
 
 def test_client_rd_pipeline_on_smoke(ws):
     chain = ws.chain(progress=False)
-    settings = RDSettings.from_profile(get_profile("smoke"))
+    settings = ClientTraining.from_profile(get_profile("smoke"))
     t1, _ = reverse_distill_tutor1(chain.tutor, chain.edge, ws.client_presumed(0), settings, seed=0)
     t2, _ = reverse_distill_tutor2(chain.tutor, t1, chain.edge, ws.client_train(0), settings, seed=0)
     delta = client_delta(t1, t2, settings)
@@ -173,7 +173,7 @@ def test_freeze_norm_keeps_batchnorm_statistics_and_leaves_cache_keys_alone(ws):
 
 def test_body_memo_serves_distill_c_tutor_2s_batches_with_the_same_results(ws, tmp_path):
     chain = ws.chain(progress=False)
-    settings = RDSettings.from_profile(get_profile("smoke"))
+    settings = ClientTraining.from_profile(get_profile("smoke"))
     data = ws.client_train(0)
     t1, _ = reverse_distill_tutor1(chain.tutor, chain.edge, ws.client_presumed(0), settings, seed=0)
     memo = BodyMemo.for_model(t1)
@@ -196,7 +196,7 @@ def test_body_memo_serves_distill_c_tutor_2s_batches_with_the_same_results(ws, t
 
 def test_body_memo_refuses_another_body_and_notices_in_place_writes(ws):
     chain = ws.chain(progress=False)
-    settings = RDSettings.from_profile(get_profile("smoke"))
+    settings = ClientTraining.from_profile(get_profile("smoke"))
     data, tutor = ws.client_train(0), copy.deepcopy(chain.tutor)
     memo = BodyMemo.for_model(tutor)
     reverse_distill_tutor2(tutor, tutor, chain.edge, data, settings, seed=0, body_memo=memo)
@@ -256,7 +256,7 @@ def test_a_run_long_body_cache_serves_later_rounds_and_changes_no_weight(ws, tmp
     """body_cache "run": each phase adds its images' body outputs to the client's disk and later rounds
     find them there; the tutors and the edge are the same bits as without it."""
     chain = ws.chain(progress=False)
-    settings = RDSettings.from_profile(get_profile("smoke"))
+    settings = ClientTraining.from_profile(get_profile("smoke"))
     presumed, data, key = ws.client_presumed(0), ws.client_train(0), BodyMemo.for_model(chain.tutor).body_key
     served = []
     for seed in (0, 1):  # two rounds: each round's own seeds
@@ -324,7 +324,7 @@ def test_distill_c_with_score_targets_keeps_the_tutors_scores_closer(ws):
     from data.voc import CLASS_INDEX
 
     chain = ws.chain(progress=False)
-    settings = RDSettings.from_profile(get_profile("smoke"))
+    settings = ClientTraining.from_profile(get_profile("smoke"))
     data, spec = ws.client_train(0), ws.clients[0]
     kept = tuple(CLASS_INDEX[c] for c in spec.kept)
     plain, _ = distill_c(chain.edge, chain.tutor, data, settings, seed=0)
@@ -344,7 +344,7 @@ def test_spread_distill_brings_the_edge_to_the_tutors_scores_and_leaves_its_star
     from distill.rd import spread_distill
 
     chain = ws.chain(progress=False)
-    settings = RDSettings.from_profile(get_profile("smoke"))
+    settings = ClientTraining.from_profile(get_profile("smoke"))
     images = ws.chain_data().teacher_train
     classes = tuple(CLASS_INDEX[c] for c in ws.scenario.teacher_classes)
     before = {k: v.clone() for k, v in chain.edge.state_dict().items()}
@@ -364,9 +364,9 @@ def test_redistill_lr_sets_distill_c_alone():
     from distill.rd import distill_c_phase
     from protocol.config import RunConfig
 
-    settings = RDSettings.from_profile(get_profile("cpu"))
+    settings = ClientTraining.from_profile(get_profile("cpu"))
     assert distill_c_phase(settings, 0).lr == settings.lr == 2e-3  # 0: the profile's lr
     faster = replace(settings, redistill_lr=4e-3)
     assert distill_c_phase(faster, 0).lr == 4e-3
-    assert RunConfig(profile="cpu", redistill_lr=4e-3).rd_settings().redistill_lr == 4e-3
+    assert RunConfig(profile="cpu", redistill_lr=4e-3).client_training().redistill_lr == 4e-3
     assert RunConfig.completed({})["redistill_lr"] == 0.0  # a later field: older run folders read as the profile's

@@ -505,7 +505,7 @@ def test_bootstrap_ap_drop_is_zero_for_identical_models_and_grows_with_disagreem
 
 
 def test_body_feature_cache_gives_the_full_models_detections_for_any_neck_head():
-    from evaluation.features import BodyFeatureCache, FeaturesTooLarge
+    from evaluation.features import EvaluationFeatures, FeaturesTooLarge
     from evaluation.ap import predict
     from models.ladder import build_model
     from models.parts import load_neck_head, neck_head
@@ -514,7 +514,7 @@ def test_body_feature_cache_gives_the_full_models_detections_for_any_neck_head()
     dataset = [(torch.rand(3, 64, 64, generator=torch.Generator().manual_seed(i)),
                 {"boxes": torch.tensor([[4.0, 4.0, 40.0, 40.0]]), "labels": torch.tensor([i % 20]),
                  "difficult": torch.tensor([False])}) for i in range(7)]
-    cache = BodyFeatureCache(tutor, dataset, batch_size=3)
+    cache = EvaluationFeatures(tutor, dataset, batch_size=3)
     assert cache.nbytes > 0
     # a candidate: same body, another neck/head (as after eq. 10)
     candidate = build_model("smoke", "tutor", seed=1)
@@ -533,7 +533,7 @@ def test_body_feature_cache_gives_the_full_models_detections_for_any_neck_head()
     with pytest.raises(ValueError, match="body differs"):
         cache.predict(build_model("smoke", "tutor", seed=2))
     with pytest.raises(FeaturesTooLarge):
-        BodyFeatureCache(tutor, dataset, batch_size=3, max_bytes=1000)
+        EvaluationFeatures(tutor, dataset, batch_size=3, max_bytes=1000)
 
 
 def test_bootstrap_ap_drop_equals_evaluating_every_resample_in_full():

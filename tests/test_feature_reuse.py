@@ -10,7 +10,7 @@ import torch
 from torchvision.ops import batched_nms
 
 from evaluation.ap import class_ap, evaluate_detections, match_detections, predict, voc_iou
-from evaluation.features import BodyFeatureCache, batched_nms_first, fcos_detections
+from evaluation.features import EvaluationFeatures, batched_nms_first, fcos_detections
 from models.ladder import build_model
 from models.parts import load_neck_head, neck_head
 
@@ -89,7 +89,7 @@ def test_fcos_detections_equal_torchvisions_postprocess():
 def test_body_feature_cache_equals_the_full_model_on_images_of_other_sizes():
     tutor = build_model("smoke", "tutor", seed=0)
     dataset = _mixed_images()
-    cache = BodyFeatureCache(tutor, dataset, batch_size=4)
+    cache = EvaluationFeatures(tutor, dataset, batch_size=4)
     candidate = copy.deepcopy(tutor)
     load_neck_head(candidate, {k: v * 1.5 for k, v in neck_head(candidate).items()})
     images = [image for image, _ in dataset]
@@ -108,7 +108,7 @@ def test_body_feature_cache_equals_the_full_model_on_images_of_other_sizes():
 def test_body_check_is_bitwise_and_sees_in_place_changes():
     tutor = build_model("smoke", "tutor", seed=0)
     dataset = _mixed_images()[:2]
-    cache = BodyFeatureCache(tutor, dataset, batch_size=2)
+    cache = EvaluationFeatures(tutor, dataset, batch_size=2)
     assert cache.same_body(tutor)  # the very tensors
     assert cache.same_body(copy.deepcopy(tutor))  # equal copies
     other = copy.deepcopy(tutor)
@@ -119,8 +119,8 @@ def test_body_check_is_bitwise_and_sees_in_place_changes():
     with torch.no_grad():  # -0.0 == 0.0 for torch.equal; the check compares bits, as the hash did
         next(tutor.backbone.body.parameters()).view(-1)[0] = 0.0
         next(negative_zero.backbone.body.parameters()).view(-1)[0] = -0.0
-    assert not BodyFeatureCache(tutor, dataset, batch_size=2).same_body(negative_zero)
-    cache = BodyFeatureCache(tutor, dataset, batch_size=2)
+    assert not EvaluationFeatures(tutor, dataset, batch_size=2).same_body(negative_zero)
+    cache = EvaluationFeatures(tutor, dataset, batch_size=2)
     original = copy.deepcopy(tutor)
     # The cached model's own body changes in place: the check falls back to the hash taken at build time.
     with torch.no_grad():
@@ -210,7 +210,7 @@ def test_matching_on_arrays_equals_the_greedy_loop(seed):
 
 def test_rd_tutors_share_the_frozen_body_and_learn_exactly_as_with_full_copies(smoke_cache):
     from session.workspace import prepare
-    from distill.rd import RDSettings, client_delta, reverse_distill_tutor1, reverse_distill_tutor2
+    from distill.rd import ClientTraining, client_delta, reverse_distill_tutor1, reverse_distill_tutor2
 
     ws = prepare("smoke", "default8", num_clients=1, seed=0, cache_dir=smoke_cache)
     data = ws.client_train(0)
@@ -218,7 +218,7 @@ def test_rd_tutors_share_the_frozen_body_and_learn_exactly_as_with_full_copies(s
     body_before = {k: v.clone() for k, v in tutor.backbone.body.state_dict().items()}
     results = {}
     for frozen in (True, False):
-        settings = RDSettings(rd_iters=3, redistill_iters=2, batch_size=4, freeze_backbone=frozen)
+        settings = ClientTraining(rd_iters=3, redistill_iters=2, batch_size=4, freeze_backbone=frozen)
         t1, r1 = reverse_distill_tutor1(tutor, edge, data, settings, seed=5)
         t2, r2 = reverse_distill_tutor2(tutor, t1, edge, data, settings, seed=5)
         shares = [a.data_ptr() == b.data_ptr() for a, b in zip(tutor.backbone.body.parameters(),
@@ -230,7 +230,7 @@ def test_rd_tutors_share_the_frozen_body_and_learn_exactly_as_with_full_copies(s
         if frozen:  # the tutor's body (and its BatchNorm statistics) came through untouched
             assert all(torch.equal(v, body_before[k]) for k, v in tutor.backbone.body.state_dict().items())
     # The same learning as with full copies: compare with RD on deep copies made by hand.
-    settings = RDSettings(rd_iters=3, redistill_iters=2, batch_size=4)
+    settings = ClientTraining(rd_iters=3, redistill_iters=2, batch_size=4)
     from distill.rd import tutor1_phase, tutor2_phase
     from distill.trainer import train
     t1 = copy.deepcopy(tutor)
@@ -243,7 +243,7 @@ def test_rd_tutors_share_the_frozen_body_and_learn_exactly_as_with_full_copies(s
 
 
 def test_class_patches_give_each_rows_top_score_on_the_images_that_hold_its_class():
-    """BodyFeatureCache.class_patches: a row change equal to the row itself moves the mean top logit by
+    """EvaluationFeatures.class_patches: a row change equal to the row itself moves the mean top logit by
     the mean top logit (checked against the full model's head on the same batches); a bias-only edit of
     -0.5 moves it by exactly -0.5, on the images holding the class and on the others."""
     from strategies.verify import row_score_shift
@@ -251,7 +251,7 @@ def test_class_patches_give_each_rows_top_score_on_the_images_that_hold_its_clas
 
     tutor = build_model("smoke", "tutor", seed=0)
     dataset = _mixed_images()  # image i holds class i % 20 only
-    cache = BodyFeatureCache(tutor, dataset, batch_size=3)
+    cache = EvaluationFeatures(tutor, dataset, batch_size=3)
     patches = cache.class_patches(tutor)
     tutor.eval()
     with torch.inference_mode():

@@ -155,19 +155,24 @@ def test_cli_flags_reach_the_config_and_bad_ones_stop_before_work(capsys):
     assert last.startswith("python -m sim.run: error: --dp-noise") and "dp-clip" in last
 
 
-def test_config_json_of_a_run_without_dp_is_the_one_older_runs_wrote():
-    """--resume compares config.json's "run" with to_dict: off, the new fields are left out."""
+def test_a_run_folder_from_before_dp_resumes_as_a_run_without_dp():
+    """--resume reads a config.json written before the DP fields existed as DP off; one with DP on differs."""
+    import json
+
     from protocol.config import RunConfig
 
-    off = RunConfig().to_dict()
-    assert not any(k.startswith("dp_") for k in off)
-    on = RunConfig(dp_clip=0.5, dp_noise=1.0).to_dict()
-    assert (on["dp_clip"], on["dp_noise"]) == (0.5, 1.0) and "dp_delta" not in on
+    def written(config: RunConfig) -> dict:
+        return json.loads(json.dumps(config.to_dict()))
+
+    older = {k: v for k, v in written(RunConfig()).items() if not k.startswith("dp_")}
+    assert RunConfig.completed(older) == RunConfig.completed(written(RunConfig()))
+    assert RunConfig.completed(older) != RunConfig.completed(written(RunConfig(dp_clip=0.5, dp_noise=1.0)))
+
     def read_back(values: dict) -> RunConfig:
         return RunConfig.from_record({k.replace("_", "-"): v for k, v in values.items()})
 
-    assert read_back(on) == RunConfig(dp_clip=0.5, dp_noise=1.0)
-    assert read_back(off) == RunConfig()
+    assert read_back(written(RunConfig(dp_clip=0.5, dp_noise=1.0))) == RunConfig(dp_clip=0.5, dp_noise=1.0)
+    assert read_back(written(RunConfig())) == RunConfig()
 
 
 # -- the summary ------------------------------------------------------------------------------------
