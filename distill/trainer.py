@@ -24,7 +24,7 @@ import resource
 import sys
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -41,6 +41,11 @@ from models.parts import part_modules
 
 if TYPE_CHECKING:
     from distill.body_memo import BodyMemo
+
+
+# A field added after the chain's cache keys were fixed: ``Phase.to_dict`` (a cache key's part) leaves it
+# out while it holds its default, so every cache built before it keeps its key.
+LATER = {"later": True}
 
 
 @dataclass
@@ -70,26 +75,21 @@ class Phase:
     seed: int = 0
     # BatchNorm layers keep their running statistics (eval mode) while the weights train: a client's
     # few hundred images in batches of 8 would otherwise replace the statistics the model was trained with.
-    freeze_norm: bool = False
+    freeze_norm: bool = field(default=False, metadata=LATER)
     # Label-skew-aware training (fedavg_ls): the model's label indices (``data.voc.CLASS_INDEX``, the
     # classification layer's rows) whose class scores train; every other class's score gets no gradient
     # and its rows of the classification layer stay as they were (``ClassMask``). None: every class trains.
-    trained_classes: tuple[int, ...] | None = None
+    trained_classes: tuple[int, ...] | None = field(default=None, metadata=LATER)
     # Soft targets of the teacher's class scores (``distill.scores``) on these label indices, added to
     # the loss with this weight (needs a teacher with the student's strides). 0: off.
-    score_weight: float = 0.0
-    score_classes: tuple[int, ...] = ()
+    score_weight: float = field(default=0.0, metadata=LATER)
+    score_classes: tuple[int, ...] = field(default=(), metadata=LATER)
 
     def to_dict(self) -> dict:
         out = asdict(self)
-        # added after the chain's cache keys were fixed: their defaults leave the keys as they were
-        if not self.freeze_norm:
-            out.pop("freeze_norm")
-        if self.trained_classes is None:
-            out.pop("trained_classes")
-        if not self.score_weight:
-            out.pop("score_weight")
-            out.pop("score_classes")
+        for f in fields(self):
+            if f.metadata.get("later") and getattr(self, f.name) == f.default:
+                del out[f.name]
         return out
 
 
