@@ -72,7 +72,7 @@ from evaluation.ap import per_class_ap
 from models.compute import computing, current_compute
 from models.io import body_fingerprint, state_fingerprint
 from models.ladder import build_to_load
-from models.parts import part_of, with_class_rows
+from models.parts import interpolate_weights, part_of, with_class_rows
 from protocol.config import RunConfig
 from protocol.privacy import DP_EPSILON, DP_PARTICIPATIONS, epsilon_spent, is_on, noise_generator, privatise
 from protocol.wire import (AFTER, AP_AFTER, AP_BEFORE, ARRAYS, BEFORE, BODY, CONFIG, DELTA, DEPLOY_EDGE, DIRECT_WORK, DIREDI_WORK,
@@ -453,7 +453,7 @@ def _train_direct(msg: Message, context: Context) -> Message:
 @_handler
 def distill(msg: Message, context: Context) -> Message:
     config, run, ws, partition, seed = _common(msg, context)
-    edge = _edge(msg, context, ws, config)
+    edge = deployed = _edge(msg, context, ws, config)
     if SPREAD_EDGE in msg.content.array_records:  # spread: Distill C starts from the server's edge, ...
         spread = _model(ws, "edge", msg.content.array_records[SPREAD_EDGE])
         # ... but the classes this client dropped score as its own edge scores them: released stays released
@@ -471,6 +471,8 @@ def distill(msg: Message, context: Context) -> Message:
                                  body_memo=memo, kept_classes=kept)
     if cache:
         save_body_outputs(root, method, partition, memo)
+    if run.edge_average < 1:  # keep part of the deployed edge: damps the edge's swing from round to round
+        new_edge.load_state_dict(interpolate_weights(deployed.state_dict(), new_edge.state_dict(), run.edge_average))
     metrics = {**_identity(ws, partition), f"{SECONDS}.distill_c": report.seconds, PEAK_RSS: peak_rss_mb(),
                **loss_metrics("distill_c", report), **body_metrics("distill_c", memo)}
     if run.edge_check == "on":  # the manufacturer checks the new edge first ("evaluate" with its verdict)

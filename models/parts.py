@@ -68,6 +68,14 @@ def with_class_rows(model: nn.Module, source: nn.Module, class_ids: Sequence[int
     return out
 
 
+def interpolate_weights(old: Mapping[str, Tensor], new: Mapping[str, Tensor], share: float) -> dict[str, Tensor]:
+    """``old + share x (new - old)`` for every floating-point tensor of two state dicts of one architecture
+    (weights and BatchNorm statistics); integer tensors (BatchNorm's step count) are ``new``'s. ``share``
+    1 gives ``new``, 0 ``old``."""
+    check_same_architecture(old, new)
+    return {k: torch.lerp(old[k], v, share) if v.is_floating_point() else v.clone() for k, v in new.items()}
+
+
 def part_modules(model: nn.Module) -> dict[str, nn.Module]:
     """The modules holding each part, e.g. to freeze the backbone or put it in eval mode."""
     return {"backbone": model.backbone.body, "neck": model.backbone.fpn, "head": model.head}

@@ -163,6 +163,10 @@ class RunConfig:
                                           "own on the manufacturer's images (the tutor's outputs as targets) and "
                                           "each client's Distill C starts from that edge, so classes other clients "
                                           "taught the tutor can reach it (DiReDi)", SPREAD_MODES)
+    # clients.app.distill, models.parts.interpolate_weights; client re-distillation only
+    edge_average: float = setting(1.0, CLIENTS, "a DiReDi client deploys this share of its re-distilled edge and "
+                                                "keeps the rest of the edge it deployed before (weights averaged "
+                                                "across rounds; 1: the re-distilled edge as it is)")
     batch_size: int = setting(0, CLIENTS, "batch size of every client phase (0: the profile's)")
     # local and oracle always take a DiReDi client's steps
     direct_iters: int = setting(0, BASELINES, "steps per round of the federated direct-training baselines' clients "
@@ -414,6 +418,10 @@ def resolve_run_config(raw: Mapping[str, Any] | RunConfig) -> RunConfig:
         raise ConfigError("dp-delta", f"must be in (0, 1), got {config.dp_delta}")
     if config.edge_check == "on" and config.redistill != "client":
         raise ConfigError("edge-check", "checks the edges clients re-distil; it needs --redistill client")
+    if not 0 < config.edge_average <= 1:
+        raise ConfigError("edge-average", f"must be in (0, 1], got {config.edge_average}")
+    if config.edge_average < 1 and config.redistill != "client":
+        raise ConfigError("edge-average", "averages the edges clients re-distil; it needs --redistill client")
     if config.spread == "on" and config.redistill != "client":
         raise ConfigError("spread", "starts the clients' Distill C from the server's edge; it needs --redistill client")
 

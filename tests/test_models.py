@@ -157,3 +157,22 @@ def test_with_class_rows_takes_only_the_named_classes_rows_and_leaves_both_model
             assert torch.equal(value, before_a[name]), name
     assert all(torch.equal(v, before_a[k]) for k, v in a.state_dict().items())  # a copy: a is unchanged
     assert all(torch.equal(x, y) for x, y in zip(with_class_rows(a, b, []).state_dict().values(), before_a.values()))
+
+
+def test_interpolate_weights_moves_floats_part_way_and_takes_the_new_step_count():
+    from models.parts import interpolate_weights
+
+    old = build_model("smoke", "edge", seed=0).state_dict()
+    new = build_model("smoke", "edge", seed=1).state_dict()
+    new["backbone.body.0.1.num_batches_tracked"] = torch.tensor(7)
+    half = interpolate_weights(old, new, 0.5)
+    assert half.keys() == new.keys()
+    for k, v in new.items():
+        if v.is_floating_point():
+            assert torch.allclose(half[k], (old[k] + v) / 2, atol=1e-6)
+        else:
+            assert torch.equal(half[k], v)
+    assert all(torch.equal(interpolate_weights(old, new, 1.0)[k], v) for k, v in new.items())
+    assert all(torch.equal(interpolate_weights(old, new, 0.0)[k], old[k]) for k, v in new.items() if v.is_floating_point())
+    with pytest.raises(ArchitectureMismatch):
+        interpolate_weights(old, build_model("smoke", "tutor", seed=0).state_dict(), 0.5)

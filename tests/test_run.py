@@ -33,6 +33,8 @@ def test_clients_evaluate_every_kth_round_and_the_last():
     (["--spread", "on", "--redistill", "server"], "--spread starts the clients' Distill C from the server's edge; "
                                                   "it needs --redistill client"),
     (["--spread", "yes"], "invalid choice"),
+    (["--edge-average", "0"], "--edge-average must be in (0, 1], got 0.0"),
+    (["--edge-average", "0.5", "--redistill", "server"], "--edge-average averages the edges clients re-distil"),
     (["--claims", "believed"], "invalid choice"),
     (["--clip-multiple", "0.5"], "--clip-multiple must be a number >= 1 (inf: no clipping), got 0.5"),
     (["--operating-threshold", "1.5"], "--operating-threshold must be a number in [0.05, 1), got 1.5"),
