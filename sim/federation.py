@@ -4,8 +4,8 @@
     result = run_federation("diredi", session)                              # one method (tests, experiments)
 
 One Ray actor per CPU, one CPU and one torch thread per client actor (no oversubscription). Without
-``ray_address`` Ray starts locally sized to this machine; with it, the run joins that cluster
-(then Ray decides the CPU count). Flower and Ray logs are quiet unless ``quiet=False``.
+``ray_address`` (or Ray's ``RAY_ADDRESS`` variable) Ray starts locally sized to this machine; with it,
+the run joins that cluster (then Ray decides the CPU count). Flower and Ray logs are quiet unless ``quiet=False``.
 The ServerApp runs in a thread of this process, so ``server_main`` is passed by closure.
 """
 
@@ -51,10 +51,13 @@ def simulate(config: RunConfig, server_main: Callable[[Grid, Context], Any], ray
 
     init_args: dict = {"logging_level": "ERROR" if quiet else "INFO", "log_to_driver": not quiet,
                        "include_dashboard": False}
-    if ray_address:
-        init_args["address"] = ray_address  # Ray rejects num_cpus when joining a cluster
+    address = ray_address or os.environ.get("RAY_ADDRESS")  # Ray's own variable names a cluster to join
+    if address:
+        init_args["address"] = address  # Ray rejects num_cpus when joining a cluster
     else:
-        init_args["num_cpus"] = os.cpu_count() or 1
+        # "local": a new Ray instance of this machine's size; without it Ray joins whatever cluster was
+        # started last on this machine (its /tmp/ray/ray_current_cluster), e.g. another program's
+        init_args.update(address="local", num_cpus=os.cpu_count() or 1)
     backend_config = {"client_resources": {"num_cpus": client_cpus, "num_gpus": 0.0}, "init_args": init_args}
     with _quiet_flower(quiet):
         run_simulation(server_app=app, client_app=client_app or clients.app.app, num_supernodes=config.num_clients,
