@@ -129,12 +129,20 @@ class RecordingMixin:
         """Flower's loop for rounds ``start_round`` .. ``num_rounds``, as ``DiReDiStrategy.start``: after a
         ``restore`` from the checkpoint's global model (``initial_arrays`` then ignored). Flower counts its
         rounds from 1, so the rounds already done become ``round_offset``, which every hook adds."""
-        self.round_offset = start_round - 1
-        if self._restored is not None:
-            initial_arrays, self._restored = self._restored, None
+        initial_arrays = self.begin(start_round, initial_arrays)
         return super().start(grid=grid, initial_arrays=initial_arrays, num_rounds=num_rounds - self.round_offset,
                              timeout=timeout, train_config=train_config, evaluate_config=evaluate_config,
                              evaluate_fn=evaluate_fn)
+
+    def begin(self, start_round: int, initial_arrays: ArrayRecord | None) -> ArrayRecord:
+        """What ``start`` does before Flower's loop: the rounds already done become ``round_offset``, and
+        the global model is the restored checkpoint's if there is one, else ``initial_arrays``."""
+        self.round_offset = start_round - 1
+        if self._restored is not None:
+            initial_arrays, self._restored = self._restored, None
+        if initial_arrays is None:
+            raise ValueError("no global model: give initial_arrays or restore a checkpoint first")
+        return initial_arrays
 
     def final_models(self, result: Result) -> dict[str, dict[str, Tensor]]:
         """The models a finished run keeps (``strategies.server_app.MethodResult``): the global edge."""
