@@ -8,32 +8,6 @@ import torch
 torch.set_num_threads(1)
 
 
-@pytest.fixture(scope="session", autouse=True)
-def one_ray_cluster(request):
-    """One local Ray cluster for the whole session, joined through Ray's ``RAY_ADDRESS`` by every simulation
-    (``sim.federation.simulate``, also in subprocesses): each would otherwise start and stop a Ray
-    instance of its own, seconds each. Started only when a test of the session runs a federation."""
-    import os
-
-    if not any(item.get_closest_marker("slow") for item in request.session.items):
-        yield None
-        return
-    from ray.cluster_utils import Cluster
-
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": os.cpu_count() or 1,
-                                                            "include_dashboard": False})
-    before = os.environ.get("RAY_ADDRESS")
-    os.environ["RAY_ADDRESS"] = cluster.address
-    try:
-        yield cluster
-    finally:
-        if before is None:
-            os.environ.pop("RAY_ADDRESS", None)
-        else:
-            os.environ["RAY_ADDRESS"] = before
-        cluster.shutdown()
-
-
 @pytest.fixture(scope="session")
 def smoke_cache(tmp_path_factory):
     """One cache folder for the whole suite: the synthetic data and the manufacturer's chain are keyed by
