@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from flwr.app import Context
@@ -49,21 +49,27 @@ def simulate(config: RunConfig, server_main: Callable[[Grid, Context], Any], ray
             failure.append(err)
             raise
 
-    init_args: dict = {"logging_level": "ERROR" if quiet else "INFO", "log_to_driver": not quiet,
-                       "include_dashboard": False}
-    address = ray_address or os.environ.get("RAY_ADDRESS")  # Ray's own variable names a cluster to join
-    if address:
-        init_args["address"] = address  # Ray rejects num_cpus when joining a cluster
-    else:
-        # "local": a new Ray instance of this machine's size; without it Ray joins whatever cluster was
-        # started last on this machine (its /tmp/ray/ray_current_cluster), e.g. another program's
-        init_args.update(address="local", num_cpus=os.cpu_count() or 1)
+    init_args = ray_init_args(ray_address, quiet)
     backend_config = {"client_resources": {"num_cpus": client_cpus, "num_gpus": 0.0}, "init_args": init_args}
     with _quiet_flower(quiet):
         run_simulation(server_app=app, client_app=client_app or clients.app.app, num_supernodes=config.num_clients,
                        backend_name="ray", backend_config=backend_config)
     if failure:
         raise RuntimeError(f"the server app failed: {failure[0]!r}") from failure[0]
+
+
+def ray_init_args(ray_address: str | None, quiet: bool, environ: Mapping[str, str] = os.environ) -> dict:
+    """``ray.init``'s arguments: join ``ray_address`` or, failing that, Ray's own ``RAY_ADDRESS``; else start
+    a new Ray instance of this machine's size ("local": without it Ray joins whatever cluster was started
+    last on this machine, its /tmp/ray/ray_current_cluster, e.g. another program's or a test's)."""
+    init_args: dict = {"logging_level": "ERROR" if quiet else "INFO", "log_to_driver": not quiet,
+                       "include_dashboard": False}
+    address = ray_address or environ.get("RAY_ADDRESS")
+    if address:
+        init_args["address"] = address  # Ray rejects num_cpus when joining a cluster
+    else:
+        init_args.update(address="local", num_cpus=os.cpu_count() or 1)
+    return init_args
 
 
 def run_federation(method: str, session: Session, policy: VerificationPolicy | None = None,

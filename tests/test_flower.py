@@ -445,3 +445,18 @@ def test_the_edge_check_sends_each_edge_up_and_a_kept_edge_stays_deployed(setup,
         check_reply_is_weights_and_numbers(r.content, set(chain.edge.state_dict()))
     assert all(record["bytes_up"] > edge_bytes for record in result.records)
     assert sorted(step for step, _ in replies).count("deploy") == NUM_CLIENTS
+
+
+def test_a_simulation_joins_the_cluster_it_is_given_and_otherwise_starts_its_own_ray():
+    """A run never joins a cluster it was not given: with no address Ray would join the cluster another
+    program started last on this machine (and reject our CPU count), so it asks for a local instance."""
+    import os
+
+    from sim.federation import ray_init_args
+
+    alone = ray_init_args(None, quiet=True, environ={})
+    assert alone["address"] == "local" and alone["num_cpus"] == (os.cpu_count() or 1)
+    for given, environ in (("10.0.0.1:6379", {}), (None, {"RAY_ADDRESS": "10.0.0.1:6379"}),
+                           ("10.0.0.1:6379", {"RAY_ADDRESS": "10.0.0.2:6379"})):
+        joined = ray_init_args(given, quiet=True, environ=environ)
+        assert joined["address"] == "10.0.0.1:6379" and "num_cpus" not in joined
