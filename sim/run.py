@@ -23,7 +23,6 @@ from pathlib import Path
 from protocol.config import GROUPS, OUTPUT, RunConfig, choices_of
 
 log = logging.getLogger("sim.run")
-DEFAULTS = RunConfig()
 PROG = "python -m sim.run"  # how argparse and our own error lines name the command
 # Shorter flags for two run-config keys (the README's commands use them); the keys' own flags work too.
 SHORT_FLAGS = {"num-clients": "--clients", "cache-dir": "--cache"}
@@ -40,7 +39,9 @@ def _shown(value) -> str:
     """A default as a user types it."""
     if isinstance(value, tuple):
         return ",".join(value)
-    return f"{value:g}" if isinstance(value, float) else str(value or '""')
+    if isinstance(value, float):
+        return f"{value:g}"
+    return '""' if value == "" else str(value)
 
 
 def build_parser() -> argparse.ArgumentParser:

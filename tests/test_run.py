@@ -88,6 +88,7 @@ def test_the_flags_are_the_run_config_fields_grouped_by_concern():
     assert others == {"help", "out", "name", "resume", "quiet", "ray_address"}
     help_text = " ".join(parser.format_help().split())
     assert "--num-clients NUM_CLIENTS" in help_text and "(default diredi,fedavg,fedprox,local,oracle)" in help_text
+    assert "per round (0: the profile's) (default 0)" in help_text and "(default inf)" in help_text
 
 
 def test_a_run_folder_written_before_a_field_existed_still_resumes():
