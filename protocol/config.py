@@ -9,7 +9,10 @@ Both entry points resolve it with the same function and then do the same work:
 0 / "" from the profile (``models.ladder.PROFILES``, the one place per-profile values live) and
 makes paths absolute. Every message to a client carries ``config.to_record()``; the client reads
 it back with ``RunConfig.from_record`` and rebuilds its data and settings from it. The keys are the
-field names with "-" for "_", the same in ``pyproject.toml``'s ``[tool.flwr.app.config]``.
+field names with "-" for "_", the same in ``pyproject.toml``'s ``[tool.flwr.app.config]``. Each field
+is declared with ``setting``: its default, --help section, help line and choices, from which
+``sim.run`` builds its flags. config.json lists every field; ``RunConfig.completed`` reads a field an
+older run folder lacks as its default (each field added later defaults to what runs did before it).
 """
 
 from __future__ import annotations
