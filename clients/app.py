@@ -471,8 +471,11 @@ def distill(msg: Message, context: Context) -> Message:
                                  body_memo=memo, kept_classes=kept)
     if cache:
         save_body_outputs(root, method, partition, memo)
-    if run.edge_average < 1:  # keep part of the deployed edge: damps the edge's swing from round to round
-        new_edge.load_state_dict(interpolate_weights(deployed.state_dict(), new_edge.state_dict(), run.edge_average))
+    if run.edge_average < 1:  # keep part of the deployed edge: damps the edge's swing from round to round,
+        # but not on the client's own new classes (their scores would be halved each round: measured)
+        own = [CLASS_INDEX[c] for c in ws.clients[partition].private]
+        new_edge.load_state_dict(interpolate_weights(deployed.state_dict(), new_edge.state_dict(), run.edge_average,
+                                                     new_rows=own))
     metrics = {**_identity(ws, partition), f"{SECONDS}.distill_c": report.seconds, PEAK_RSS: peak_rss_mb(),
                **loss_metrics("distill_c", report), **body_metrics("distill_c", memo)}
     if run.edge_check == "on":  # the manufacturer checks the new edge first ("evaluate" with its verdict)

@@ -68,12 +68,20 @@ def with_class_rows(model: nn.Module, source: nn.Module, class_ids: Sequence[int
     return out
 
 
-def interpolate_weights(old: Mapping[str, Tensor], new: Mapping[str, Tensor], share: float) -> dict[str, Tensor]:
+def interpolate_weights(old: Mapping[str, Tensor], new: Mapping[str, Tensor], share: float,
+                        new_rows: Sequence[int] = ()) -> dict[str, Tensor]:
     """``old + share x (new - old)`` for every floating-point tensor of two state dicts of one architecture
     (weights and BatchNorm statistics); integer tensors (BatchNorm's step count) are ``new``'s. ``share``
-    1 gives ``new``, 0 ``old``."""
+    1 gives ``new``, 0 ``old``. The classification layer's rows of the classes ``new_rows`` (label
+    indices) are ``new``'s whole."""
     check_same_architecture(old, new)
-    return {k: torch.lerp(old[k], v, share) if v.is_floating_point() else v.clone() for k, v in new.items()}
+    out = {k: torch.lerp(old[k], v, share) if v.is_floating_point() else v.clone() for k, v in new.items()}
+    if new_rows:
+        rows = torch.as_tensor(list(new_rows), dtype=torch.long)
+        for name in CLASS_ROW_PARAMS:
+            if name in out:
+                out[name][rows] = new[name][rows]
+    return out
 
 
 def part_modules(model: nn.Module) -> dict[str, nn.Module]:

@@ -176,3 +176,16 @@ def test_interpolate_weights_moves_floats_part_way_and_takes_the_new_step_count(
     assert all(torch.equal(interpolate_weights(old, new, 0.0)[k], old[k]) for k, v in new.items() if v.is_floating_point())
     with pytest.raises(ArchitectureMismatch):
         interpolate_weights(old, build_model("smoke", "tutor", seed=0).state_dict(), 0.5)
+
+
+def test_interpolate_weights_keeps_the_named_class_rows_of_the_new_weights():
+    from models.parts import CLASS_ROW_PARAMS, interpolate_weights
+
+    old = build_model("smoke", "edge", seed=0).state_dict()
+    new = build_model("smoke", "edge", seed=1).state_dict()
+    half = interpolate_weights(old, new, 0.5, new_rows=[3, 7])
+    for name in CLASS_ROW_PARAMS:
+        assert torch.equal(half[name][[3, 7]], new[name][[3, 7]])
+        assert torch.allclose(half[name][[0, 5]], (old[name][[0, 5]] + new[name][[0, 5]]) / 2, atol=1e-6)
+    neck = "backbone.fpn.inner_blocks.0.0.weight"
+    assert torch.allclose(half[neck], (old[neck] + new[neck]) / 2, atol=1e-6)
