@@ -61,7 +61,7 @@ def simulate(config: RunConfig, server_main: Callable[[Grid, Context], Any], ray
 def ray_init_args(ray_address: str | None, quiet: bool, environ: Mapping[str, str] = os.environ) -> dict:
     """``ray.init``'s arguments: join ``ray_address`` or, failing that, Ray's own ``RAY_ADDRESS``; else start
     a new Ray instance of this machine's size ("local": without it Ray joins whatever cluster was started
-    last on this machine, its /tmp/ray/ray_current_cluster, e.g. another program's or a test's)."""
+    last on this machine, which Ray records in its temporary folder: another program's or a test's)."""
     init_args: dict = {"logging_level": "ERROR" if quiet else "INFO", "log_to_driver": not quiet,
                        "include_dashboard": False}
     address = ray_address or environ.get("RAY_ADDRESS")
