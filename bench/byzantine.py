@@ -272,6 +272,9 @@ def summarise(session, run: dict, hostile: list[int], baseline_gain: float | Non
             "claim_shift": [{"client": d.client, "round": d.round, "hostile": d.client in hostile, "claims": d.claims,
                              "positive": d.claim_shift, "negative": d.claim_shift_negative}
                             for d in recorder.decisions if d.claim_shift],
+            # the harm gate's figures: each delta's leave-one-out harm to the merge's recall and the round's threshold
+            "harm": [{"client": d.client, "round": d.round, "hostile": d.client in hostile, "accepted": d.accepted,
+                      "harm": d.harm, "threshold": d.harm_threshold} for d in recorder.decisions if d.harm],
             "failures": [f["reason"][:200] for f in recorder.failures]}
 
 
@@ -288,6 +291,9 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, default=Path("experiments/results/byzantine.json"))
     parser.add_argument("--operating-tolerance", type=float, default=math.inf,
                         help="the verification's operating-point gate (inf: recorded only, the default)")
+    parser.add_argument("--operating-harm", type=float, default=math.inf,
+                        help="the harm gate's floor: a delta's leave-one-out cost to a class's recall in the merge "
+                             "(inf: off, the default)")
     parser.add_argument("--claims", choices=CLAIM_RULES, default="trusted",
                         help="the class-aware merge's claim rule (strategies.verify.earned_claims)")
     parser.add_argument("--clip-multiple", type=float, default=math.inf,
@@ -300,7 +306,8 @@ def main(argv=None) -> int:
 
     torch.set_num_threads(1)  # the server's work is small; leave the cores to the clients
     config = replace(resolve_run_config({"profile": args.profile, "rounds": args.rounds,
-                                         "operating-tolerance": args.operating_tolerance, "claims": args.claims,
+                                         "operating-tolerance": args.operating_tolerance,
+                                         "operating-harm": args.operating_harm, "claims": args.claims,
                                          "clip-multiple": args.clip_multiple, "row-multiple": args.row_multiple}),
                      timeout_s=args.timeout)
     session = Session.open(config)

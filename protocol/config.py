@@ -195,6 +195,11 @@ class RunConfig:
                                                                  "cost a guarded class (protected, kept and learnt) on "
                                                                  "the validation set, or noise-z x its bootstrap std "
                                                                  "if larger (inf: recorded only)")
+    # strategies.verify.harm_threshold
+    operating_harm: float = setting(math.inf, VERIFICATION, "the recall at the operating threshold one delta may "
+                                                            "cost a guarded class in the round's merge (its "
+                                                            "leave-one-out harm), or the round's median harm + "
+                                                            "noise-z robust std if larger (inf: off)")
     direction_z: float = setting(4.0, VERIFICATION, "a delta's cosine with the reference update must reach "
                                                     "direction-z / sqrt(d) (0: off)")
     direction_reference: str = setting("peers", VERIFICATION, "the direction gate's reference: the median of the "
@@ -401,6 +406,8 @@ def resolve_run_config(raw: Mapping[str, Any] | RunConfig) -> RunConfig:
         raise ConfigError("kept-tolerance", f"must be a number >= 0 (inf: never reject), got {config.kept_tolerance}")
     if not 0.05 <= config.operating_threshold < 1:  # FCOS keeps detections from score 0.05 (models.ladder)
         raise ConfigError("operating-threshold", f"must be a number in [0.05, 1), got {config.operating_threshold}")
+    if not config.operating_harm >= 0:
+        raise ConfigError("operating-harm", f"must be a number >= 0 (inf: off), got {config.operating_harm}")
     if not config.operating_tolerance >= 0:
         raise ConfigError("operating-tolerance",
                           f"must be a number >= 0 (inf: never reject), got {config.operating_tolerance}")

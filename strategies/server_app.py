@@ -72,6 +72,7 @@ def default_policy(session: Session) -> VerificationPolicy:
                                           kept_classes=tuple(scenario.presumed_classes),
                                           kept_tolerance=config.kept_tolerance,
                                           operating_tolerance=config.operating_tolerance,
+                                          operating_harm=config.operating_harm,
                                           operating_threshold=config.operating_threshold, direction_z=config.direction_z,
                                           direction_reference=config.direction_reference,
                                           clip_norm=config.clip_norm, clip_multiple=config.clip_multiple,

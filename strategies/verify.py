@@ -22,6 +22,13 @@ The gates:
    then follows its own re-distilled edge, which the server does not have), so "server" is not
    the default.
 
+At the operating point (recall at the score threshold a product reports from), two gates look at the
+round's merge rather than at one delta, since one honest delta alone moves several classes' recall by
+tens of points: ``operating_point_check`` bounds what the merge may cost a guarded class
+(``operating_tolerance``), and ``operating_harm_check`` rejects a delta whose leave-one-out harm to a
+class (``leave_one_out_harm``) is beyond what the round's other deltas do to it (``harm_threshold``,
+``operating_harm``): a tolerance set by the round's own movement, not a fixed one.
+
 Beside the gates, ``earned_claims`` decides which of an accepted delta's class claims the
 class-aware merge takes (the policy's ``claims = "earned"``, ``"improving"`` or ``"lifting"``, the last with
 ``row_score_shift``; claims are dropped, never deltas).
@@ -78,6 +85,10 @@ class VerificationPolicy:
     # which the merge improves most is rejected (strategies.diredi; inf: recorded per delta only).
     operating_threshold: float = 0.5
     operating_tolerance: float = math.inf
+    # The harm gate, relative to the round: a delta whose leave-one-out harm to a guarded class's recall at
+    # the threshold in the round's merge exceeds max(operating_harm, the round's median harm + noise_z x
+    # their robust spread) is rejected (``harm_threshold``; strategies.diredi; inf: off). It needs 3 deltas.
+    operating_harm: float = math.inf
     # Class claims (the class-aware merge takes class c's row from the clients that say they trained c):
     # "trusted" takes every claim; "earned" (``earned_claims``) only claims whose candidate tutor improves
     # class c on validation by more than max(claim_margin, noise_z x the bootstrap std), or, when no
@@ -157,6 +168,10 @@ class Decision:
     recall_after: dict[str, float] = field(default_factory=dict)
     recall_noise: dict[str, float] = field(default_factory=dict)
     recall_tolerance: dict[str, float] = field(default_factory=dict)
+    # The harm gate (``operating_harm``): per guarded class, how much this delta lowers the round's merge's
+    # recall (``leave_one_out_harm``, the first pass over the round's accepted deltas) and the harm allowed
+    harm: dict[str, float] = field(default_factory=dict)
+    harm_threshold: dict[str, float] = field(default_factory=dict)
     # Class claims: per claimed class, the candidate's validation AP gain over the tutor, the gain's bootstrap
     # std, and the verdict of ``earned_claims`` ("improves", "holds", "harms", "unchecked"; with "dropped"
     # appended when the merge left the claim out); empty under the "trusted" rule.
@@ -371,6 +386,54 @@ def operating_point_check(recall_before: Mapping[str, float], recall_after: Mapp
     if failures:
         return False, "operating point lost: " + "; ".join(failures), excess
     return True, f"operating point kept on {len(tolerance)} classes", 0.0
+
+
+def leave_one_out_harm(recall_merged: Mapping[str, float], recall_without: Sequence[Mapping[str, float]],
+                       classes: Sequence[str]) -> list[dict[str, float]]:
+    """How much each delta of a merge costs each of ``classes`` at the operating threshold: the recall of
+    the merge without delta i minus the merge's own (``recall_without[i]``; positive: delta i lowers
+    the class). A class without a finite recall in both is left out of that delta's figures."""
+    harms = []
+    for without in recall_without:
+        figures = {}
+        for c in classes:
+            merged, other = float(recall_merged.get(c, math.nan)), float(without.get(c, math.nan))
+            if math.isfinite(merged) and math.isfinite(other):
+                figures[c] = other - merged
+        harms.append(figures)
+    return harms
+
+
+def harm_threshold(harms: Sequence[float], floor: float, z: float) -> float:
+    """The harm to one class that the round's deltas make ordinary: the round's median harm plus z
+    robust standard deviations (1.4826 x the median absolute deviation), and never below ``floor``.
+    The median holds as long as most deltas are honest; an honest round that moves a class as a whole
+    raises its median, not one delta's harm above it."""
+    values = sorted(h for h in harms if math.isfinite(h))
+    if not values:
+        return floor
+    median = _median(values)
+    spread = 1.4826 * _median(sorted(abs(h - median) for h in values))
+    return max(floor, median + z * spread)
+
+
+def _median(sorted_values: Sequence[float]) -> float:
+    n = len(sorted_values)
+    return 0.5 * (sorted_values[(n - 1) // 2] + sorted_values[n // 2])
+
+
+def operating_harm_check(harm: Mapping[str, float], thresholds: Mapping[str, float]) -> tuple[bool, str, float]:
+    """Rejects a delta whose harm (``leave_one_out_harm``) to a class exceeds that class's threshold
+    (``harm_threshold``). Returns (ok, reason, excess): excess sums the harms beyond their thresholds."""
+    failures, excess = [], 0.0
+    for c, allowed in thresholds.items():
+        h = float(harm.get(c, math.nan))
+        if math.isfinite(h) and h > allowed:
+            failures.append(f"{c} recall -{h:.3f} in the merge (> {allowed:.3f})")
+            excess += h - allowed
+    if failures:
+        return False, "costs the merge's operating point: " + "; ".join(failures), excess
+    return True, f"operating harm within the round's on {len(thresholds)} classes", 0.0
 
 
 def cosine_score(delta: Mapping[str, Tensor], reference: Mapping[str, Tensor]) -> float:

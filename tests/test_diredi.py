@@ -612,6 +612,41 @@ def test_a_delta_that_lowers_every_score_of_a_class_passes_the_ap_gate_and_not_t
     assert {d.client: d.recall_after for d in recorded.recorder.decisions}[1] == shifted.recall_after
 
 
+def test_the_harm_gate_rejects_the_deltas_that_lower_a_class_beyond_their_peers(trained_tutor):
+    """Two of five deltas lower every `person` score: each one's leave-one-out harm to the merge's recall
+    stands out from its peers', the first rejected is measured away, and the second is then caught too.
+    When every delta lowers the class alike, nobody stands out and nobody is rejected (what the round does
+    as a whole is the merge gate's business)."""
+    import copy
+
+    def make():
+        policy = VerificationPolicy(norm_bound=50.0, protected_tolerance=1.0, protected_classes=("person",),
+                                    operating_harm=0.02, noise_z=3.0, bootstrap_samples=20)
+        return DiReDiStrategy(copy.deepcopy(trained_tutor), build_model("smoke", "edge", seed=1), Squares(32, 1),
+                              ["person"], ClientTraining.from_profile(get_profile("smoke")), policy)
+
+    def shifted(by):
+        delta = zeros_like_nh(trained_tutor)
+        delta["head.classification_head.cls_logits.bias"][PERSON] = by
+        return delta
+
+    honest = [zeros_like_nh(trained_tutor) for _ in range(3)]
+    for k, delta in enumerate(honest):
+        delta["backbone.fpn.inner_blocks.0.0.bias"] += 1e-4 * (k + 1)
+    strategy = make()
+    _, metrics = strategy.aggregate_train(1, [reply(0, honest[0]), reply(1, shifted(-3.0)), reply(2, honest[1]),
+                                              reply(3, shifted(-3.0)), reply(4, honest[2])])
+    decisions = {d.client: d for d in strategy.recorder.decisions}
+    assert decisions[1].rejected_by == ["harm"] and decisions[3].rejected_by == ["harm"]
+    assert "person recall" in decisions[1].reason and metrics["accepted"] == 3
+    assert all(decisions[c].accepted for c in (0, 2, 4))
+    assert decisions[1].harm["person"] > decisions[1].harm_threshold["person"] >= 0.02
+    assert all(decisions[c].harm["person"] < 0.02 for c in (0, 2, 4))  # recorded for every accepted delta
+    alike = make()
+    _, metrics = alike.aggregate_train(1, [reply(k, shifted(-1.0)) for k in range(4)])
+    assert metrics["accepted"] == 4 and all(not d.rejected_by for d in alike.recorder.decisions)
+
+
 def test_a_false_claim_does_not_change_the_claimed_class_row(trained_tutor):
     """The tutor has lost `person`; an honest client brings it back, two liars claim it too with a small
     edit of its row and four times the weight. Trusted, their claims dilute the honest row to a fifth;

@@ -191,6 +191,28 @@ def test_operating_point_check_and_guarded_classes():
     assert not ok and "person" in reason and excess == pytest.approx(0.7)  # a vanished recall: all of it lost
 
 
+def test_leave_one_out_harm_and_the_round_relative_threshold():
+    from strategies.verify import harm_threshold, leave_one_out_harm, operating_harm_check
+
+    merged = {"person": 0.5, "bus": 0.6, "horse": math.nan}
+    without = [{"person": 0.5, "bus": 0.62}, {"person": 0.9, "bus": 0.58}, {"person": 0.48, "bus": math.nan}]
+    harms = leave_one_out_harm(merged, without, ["person", "bus", "horse"])
+    assert harms[0] == pytest.approx({"person": 0.0, "bus": 0.02})  # horse: no recall in the merge
+    assert harms[1] == pytest.approx({"person": 0.4, "bus": -0.02})  # without delta 1, person recovers
+    assert harms[2] == pytest.approx({"person": -0.02})  # bus unknown without it: left out
+    # median 0.01, robust spread 1.4826 x 0.01: the round's harms make 0.01 + 3 x 0.0148 ordinary
+    assert harm_threshold([0.0, 0.02, 0.4, -0.0], floor=0.0, z=3.0) == pytest.approx(0.01 + 3 * 1.4826 * 0.01)
+    assert harm_threshold([0.0, 0.02, 0.4, 0.0], floor=0.1, z=3.0) == 0.1  # never below the floor
+    assert harm_threshold([math.nan], floor=0.1, z=3.0) == 0.1
+    # a round that moves a class as a whole: every delta's harm is alike, and none stands out
+    alike = [0.30, 0.31, 0.29, 0.30]
+    assert all(h <= harm_threshold(alike, floor=0.05, z=3.0) for h in alike)
+    thresholds = {"person": 0.1, "bus": 0.1}
+    assert operating_harm_check(harms[0], thresholds)[0]
+    ok, reason, excess = operating_harm_check(harms[1], thresholds)
+    assert not ok and "person recall -0.400" in reason and excess == pytest.approx(0.3)
+
+
 def test_claim_verdicts_and_earned_claims_on_hand_made_gains():
     from strategies.verify import claim_verdict, earned_claims
 
