@@ -59,9 +59,9 @@ from strategies.aggregate import AGGREGATION_METHODS, aggregate, bound_influence
 from strategies.exchange import exchange
 from strategies.ledger import ClientSampler, Recorder, RoundLedger
 from strategies.validator import CandidateValidator, EdgeVerdict
-from strategies.verify import (Decision, VerificationPolicy, deploy_check, direction_check, earned_claims,
-                               guarded_classes, harm_threshold, kept_check, leave_one_out_harm, operating_harm_check,
-                               operating_point_check, peer_reference, protected_check, safe_norm, structural_check)
+from strategies.merge_gates import harm_merge, operating_point_merge
+from strategies.verify import (Decision, VerificationPolicy, deploy_check, direction_check, earned_claims, kept_check,
+                               peer_reference, protected_check, safe_norm, structural_check)
 
 log = logging.getLogger(__name__)
 
@@ -277,9 +277,9 @@ class DiReDiStrategy(Strategy):
         # 4. the merge's operating point, then the merge itself and eq. 10
         kept = list(range(len(accepted)))
         if kept and math.isfinite(self.policy.operating_tolerance):
-            kept = self.operating_point_merge(server_round, kept, merge, accepted_decisions)
+            kept = operating_point_merge(self.validator, server_round, kept, merge, accepted_decisions)
         if len(kept) >= 3 and math.isfinite(self.policy.operating_harm):
-            kept = self.operating_harm_merge(server_round, kept, merge, accepted_decisions)
+            kept = harm_merge(self.validator, server_round, kept, merge, accepted_decisions)
         for decision in decisions:  # logged once complete (the verification log is written as it goes)
             self.recorder.decide(decision)
         self._accepted = len(kept)
@@ -561,74 +561,6 @@ class DiReDiStrategy(Strategy):
                         tolerance=figures["tolerance"], rejected_by=[gate for gate, _ in failed],
                         kept_drop=kept["mean_drop"], cosine=cosine, claim_gain=claim_gain,
                         claim_noise={c: noise.get(c, math.nan) for c in claims}, **shifts, **recall)
-
-    def operating_point_merge(self, server_round: int, kept: list[int], merge: Callable[[list[int]], Mapping],
-                              decisions: list[Decision]) -> list[int]:
-        """The operating-point gate, on the round's merge: one client's delta alone lowers several classes'
-        recall at the threshold by 10-65 points even when honest (RD's Tutor 2 sees few of them), while the
-        merge of honest deltas moves them by about 10 (README, "Verification at the operating point"). So
-        the merged candidate is checked (``operating_point_check`` with ``operating_figures``' tolerance);
-        while it fails, the delta whose leave-one-out merge leaves the least excess drop is rejected
-        (``rejected_by`` "operating"). Returns the indices (into ``decisions``) still accepted."""
-        def excess(indices: list[int]) -> tuple[bool, str, float]:
-            figures = self.validator.operating_figures(merge(indices), server_round)
-            return operating_point_check(figures["recall_before"], figures["recall_after"],
-                                         figures["recall_tolerance"])
-
-        ok, reason, _ = excess(kept)
-        while not ok:
-            if len(kept) == 1:
-                worst = kept[0]
-            else:
-                worst = min(kept, key=lambda i: (excess([j for j in kept if j != i])[2], i))
-            decision = decisions[worst]
-            decision.accepted = False
-            decision.rejected_by = [*decision.rejected_by, "operating"]
-            decision.reason = f"the round's merge: {reason}; without this delta it improves most"
-            log.warning("round %d client %d: rejected at the merge's operating point (%s)", server_round,
-                        decision.client, reason)
-            kept = [i for i in kept if i != worst]
-            if not kept:
-                break
-            ok, reason, _ = excess(kept)
-        return kept
-
-    def operating_harm_merge(self, server_round: int, kept: list[int], merge: Callable[[list[int]], Mapping],
-                             decisions: list[Decision]) -> list[int]:
-        """The harm gate, relative to the round: each delta's leave-one-out harm to every guarded class's
-        recall in the round's merge (``leave_one_out_harm``) against what the round's deltas make ordinary
-        (``harm_threshold``). The delta furthest beyond is rejected (``rejected_by`` "harm") and the round
-        is measured again without it, so a second delta of the same kind is no longer masked by the first;
-        it stops when none is beyond or fewer than 3 deltas are left. Each decision records its first
-        measured harm. Costs one validation of a merge per delta and pass (about 0.8 s each on one thread).
-        Returns the indices (into ``decisions``) still accepted."""
-        def recall_of(indices: list[int]) -> dict[str, float]:
-            _, predictions = self.validator.candidate_ap(merge(indices))
-            return self.validator.recall(predictions)
-
-        self.validator.tutor_ap()
-        guarded = [c for c in guarded_classes(self.validator.tutor_recall, self.policy)
-                   if c in self.validator.tutor_recall]
-        while len(kept) >= 3:
-            merged = recall_of(kept)
-            harms = leave_one_out_harm(merged, [recall_of([j for j in kept if j != i]) for i in kept], guarded)
-            thresholds = {c: harm_threshold([h.get(c, math.nan) for h in harms], self.policy.operating_harm,
-                                            self.policy.noise_z) for c in guarded}
-            verdicts = [operating_harm_check(h, thresholds) for h in harms]
-            for i, harm in zip(kept, harms):
-                if not decisions[i].harm:  # the first pass: every accepted delta measured against all the others
-                    decisions[i].harm, decisions[i].harm_threshold = harm, dict(thresholds)
-            worst = max(range(len(kept)), key=lambda k: (verdicts[k][2], -k))
-            ok, reason, _ = verdicts[worst]
-            if ok:
-                break
-            decision = decisions[kept[worst]]
-            decision.accepted = False
-            decision.rejected_by = [*decision.rejected_by, "harm"]
-            decision.reason = f"{reason}; the round's other deltas do not"
-            log.warning("round %d client %d: rejected, %s", server_round, decision.client, reason)
-            kept = [i for j, i in enumerate(kept) if j != worst]
-        return kept
 
     def screen(self, reply: Message) -> None:
         """The costly part of verifying a reply, done as soon as it arrives (``strategies.exchange``):
