@@ -169,8 +169,9 @@ class RunConfig:
     # clients.app.distill, models.parts.interpolate_weights; client re-distillation only
     edge_average: float = setting(1.0, CLIENTS, "a DiReDi client deploys this share of its re-distilled edge and "
                                                 "keeps the rest of the edge it deployed before (weights averaged "
-                                                "across rounds), but for its own new classes' rows of the "
-                                                "classification layer (1: the re-distilled edge as it is)")
+                                                "across rounds), but for the classification layer's rows of "
+                                                "its own new classes and of the classes it dropped (1: the "
+                                                "re-distilled edge as it is)")
     batch_size: int = setting(0, CLIENTS, "batch size of every client phase (0: the profile's)")
     # local and oracle always take a DiReDi client's steps
     direct_iters: int = setting(0, BASELINES, "steps per round of the federated direct-training baselines' clients "

@@ -454,6 +454,48 @@ def test_a_diredi_client_distils_from_the_spread_edge_when_one_comes(cache, tmp_
     assert all(torch.equal(v, kept[k]) for k, v in starts[1].items())  # without spread: the edge it kept
 
 
+def test_an_averaged_edge_takes_the_rows_of_the_classes_the_client_changes_whole(cache, tmp_path, no_runtime,
+                                                                                   client_threads, monkeypatch):
+    """--edge-average 0.5: the edge a client keeps is half its re-distilled edge and half the edge it had,
+    except the classification rows of its own new classes and of the classes it dropped (client 1: cat
+    and horse), which are the re-distilled edge's: new classes at full strength, dropped ones released."""
+    from flwr.app import Context
+
+    import clients.app as client_app
+    from models.parts import CLASS_ROW_PARAMS
+    from protocol.wire import CONFIG, DIREDI_WORK, EDGE, EDGE_SOURCE, METHOD, SERVER_ROUND, TUTOR, WORK, state_record
+
+    monkeypatch.setattr(client_app, "per_class_ap",
+                        lambda model, data, classes, **_: ({c: 0.0 for c in classes}, {"mAP": 0.0}))
+    made = []
+    real = client_app.distill_c
+
+    def spy(edge, *args, **kwargs):
+        new_edge, report = real(edge, *args, **kwargs)
+        made.append({k: v.clone() for k, v in new_edge.state_dict().items()})
+        return new_edge, report
+
+    monkeypatch.setattr(client_app, "distill_c", spy)
+    run = resolve_run_config({"profile": "smoke", "num-clients": 2, "rounds": 2, "cache-dir": str(cache),
+                              "edge-average": 0.5})
+    config = {**run.to_record(), METHOD: "diredi", WORK: DIREDI_WORK, EDGE_SOURCE: "stored"}
+    own, tutor = build_model("smoke", "edge", seed=1), build_model("smoke", "tutor", seed=0)
+    context = Context(run_id=1, node_id=1, node_config={"partition-id": 1}, state=RecordDict(), run_config={})
+    context.state[f"diredi.{EDGE}"] = state_record(own)
+    content = RecordDict({TUTOR: state_record(tutor), CONFIG: ConfigRecord({**config, SERVER_ROUND: 1})})
+    client_app.distill(Message(content=content, message_type="train.distill", dst_node_id=1), context)
+    kept = context.state.array_records[f"diredi.{EDGE}"].to_torch_state_dict()
+    redistilled, before = made[0], own.state_dict()
+    changed = [CLASS_INDEX[c] for c in ("cat", "horse")]  # default8's c1-cat-nohorse
+    others = [c for c in range(before[CLASS_ROW_PARAMS[1]].shape[0]) if c not in changed]
+    for name in CLASS_ROW_PARAMS:
+        assert torch.equal(kept[name][changed], redistilled[name][changed])
+        assert torch.allclose(kept[name][others], (before[name][others] + redistilled[name][others]) / 2)
+    conv = next(k for k in kept if k.endswith("weight") and k not in CLASS_ROW_PARAMS)
+    assert torch.allclose(kept[conv], (before[conv] + redistilled[conv]) / 2)
+    assert not torch.equal(kept[conv], redistilled[conv])  # Distill C moved it: the average is not the new edge
+
+
 # -- (b) the four methods through real Flower + Ray: one simulation, 2 clients, 1 round ---------------
 
 
