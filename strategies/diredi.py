@@ -58,8 +58,8 @@ from report.checkpoint import prefixed, unprefixed
 from strategies.aggregate import AGGREGATION_METHODS, aggregate, bound_influence
 from strategies.exchange import exchange
 from strategies.ledger import ClientSampler, Recorder, RoundLedger
-from strategies.validator import CandidateValidator, EdgeVerdict
 from strategies.merge_gates import harm_merge, operating_point_merge
+from strategies.validator import CandidateValidator, EdgeVerdict
 from strategies.verify import (Decision, VerificationPolicy, deploy_check, direction_check, earned_claims, kept_check,
                                peer_reference, protected_check, safe_norm, structural_check)
 
