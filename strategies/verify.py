@@ -44,6 +44,7 @@ bounds on an accepted delta (``clip_norm``, ``clip_multiple``, ``row_multiple``,
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 
@@ -82,12 +83,12 @@ class VerificationPolicy:
     # product does. The round's merge may lower a guarded class's recall at operating_threshold
     # (protected, kept, and every other class the tutor detects at the threshold) by at most
     # max(operating_tolerance, noise_z x the drop's bootstrap std); while it does, the delta without
-    # which the merge improves most is rejected (strategies.diredi; inf: recorded per delta only).
+    # which the merge improves most is rejected (strategies.merge_gates; inf: recorded per delta only).
     operating_threshold: float = 0.5
     operating_tolerance: float = math.inf
     # The harm gate, relative to the round: a delta whose leave-one-out harm to a guarded class's recall at
     # the threshold in the round's merge exceeds max(operating_harm, the round's median harm + noise_z x
-    # their robust spread) is rejected (``harm_threshold``; strategies.diredi; inf: off). It needs 3 deltas.
+    # their robust spread) is rejected (``harm_threshold``; strategies.merge_gates; inf: off). It needs 3 deltas.
     operating_harm: float = math.inf
     # Class claims (the class-aware merge takes class c's row from the clients that say they trained c):
     # "trusted" takes every claim; "earned" (``earned_claims``) only claims whose candidate tutor improves
@@ -409,17 +410,12 @@ def harm_threshold(harms: Sequence[float], floor: float, z: float) -> float:
     robust standard deviations (1.4826 x the median absolute deviation), and never below ``floor``.
     The median holds as long as most deltas are honest; an honest round that moves a class as a whole
     raises its median, not one delta's harm above it."""
-    values = sorted(h for h in harms if math.isfinite(h))
+    values = [h for h in harms if math.isfinite(h)]
     if not values:
         return floor
-    median = _median(values)
-    spread = 1.4826 * _median(sorted(abs(h - median) for h in values))
+    median = statistics.median(values)
+    spread = 1.4826 * statistics.median(abs(h - median) for h in values)
     return max(floor, median + z * spread)
-
-
-def _median(sorted_values: Sequence[float]) -> float:
-    n = len(sorted_values)
-    return 0.5 * (sorted_values[(n - 1) // 2] + sorted_values[n // 2])
 
 
 def operating_harm_check(harm: Mapping[str, float], thresholds: Mapping[str, float]) -> tuple[bool, str, float]:
