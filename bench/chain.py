@@ -6,6 +6,9 @@ model's mAP on the manufacturer's validation set.
 
 A second call reuses the cache and prints how long loading took. ``--precision`` / ``--layout``
 (``models.compute``) train and evaluate the chain that way: another cached chain than float32's.
+``--steps N`` trains every stage N steps instead of the profile's budget: a timing run (seconds per
+step of each stage at the profile's sizes, e.g. the ``paper`` profile on a GPU), cached apart from
+the profile's chain and not a chain to run a federation from.
 """
 
 import argparse
@@ -13,6 +16,7 @@ import json
 import logging
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -20,6 +24,7 @@ import torch
 from session.workspace import prepare
 from evaluation.ap import per_class_ap
 from models.compute import LAYOUTS, PRECISIONS, Compute, computing
+from models.ladder import get_profile
 
 
 def validation_map(ws, chain) -> dict[str, float]:
@@ -42,14 +47,20 @@ def main(argv=None) -> int:
     parser.add_argument("--precision", choices=PRECISIONS, default="float32")
     parser.add_argument("--layout", choices=LAYOUTS, default="nchw")
     parser.add_argument("--stop-after", choices=["teacher"], help="build only the teacher")
+    parser.add_argument("--steps", type=int, help="train every stage this many steps (a timing run)")
     parser.add_argument("--cache", type=Path, default=Path(".cache"), help="data and chain cache (default .cache)")
     parser.add_argument("--out", type=Path, help="also write the stages' reports and mAPs to this JSON file")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     torch.set_num_threads(args.threads)
+    if args.steps is not None and args.steps < 1:
+        parser.error(f"--steps must be at least 1, got {args.steps}")
     compute = Compute(args.precision, args.layout)
+    profile = get_profile(args.profile)
+    if args.steps is not None:
+        profile = replace(profile, budget=replace(profile.budget, teacher_iters=args.steps, distill_iters=args.steps))
     start = time.perf_counter()
-    ws = prepare(args.profile, args.scenario, seed=args.seed, device=args.device, compute=compute, cache_dir=args.cache)
+    ws = prepare(profile, args.scenario, seed=args.seed, device=args.device, compute=compute, cache_dir=args.cache)
     print(f"data ready in {time.perf_counter() - start:.1f} s: {json.dumps(ws.shards.sizes())}")
     start = time.perf_counter()
     chain = ws.chain(progress=False, stop_after=args.stop_after)
@@ -58,7 +69,7 @@ def main(argv=None) -> int:
     for name, report in chain.reports().items():
         print(name, json.dumps(report))
     result = {"command": " ".join(["python -m bench.chain", *(sys.argv[1:] if argv is None else argv)]),
-              "threads": args.threads, "chain_s": round(seconds, 1), "stages": chain.reports()}
+              "threads": args.threads, "device": ws.device, "chain_s": round(seconds, 1), "stages": chain.reports()}
     if args.stop_after is None:
         with computing(compute) as resolved:
             result["compute"], result["validation_map"] = resolved.to_dict(), validation_map(ws, chain)

@@ -69,7 +69,7 @@ from distill.rd import (client_delta, direct_training, distill_c, fine_tune, rev
                         reverse_distill_tutor2)
 from distill.trainer import PhaseReport, peak_rss_mb
 from evaluation.ap import per_class_ap
-from models.compute import computing, current_compute
+from models.compute import computing, current_compute, placed_on
 from models.io import body_fingerprint, state_fingerprint
 from models.ladder import build_to_load
 from models.parts import interpolate_weights, part_of, with_class_rows
@@ -323,16 +323,29 @@ def _libc():
 _LIBC = _libc()
 
 
+def client_device(run_device: str) -> torch.device:
+    """Where this client trains and evaluates: its GPU when the run's device is one (Ray shows each client
+    actor the GPU share it was given as "cuda"), else the CPU."""
+    if not str(run_device).startswith("cuda"):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise RuntimeError(f"the run trains on {run_device!r} but this client sees no CUDA device "
+                           f"(on {socket.gethostname()}); run with --device cpu, or give this node a GPU")
+    return torch.device("cuda")
+
+
 def _handler(handler):
     """``handler`` with the client's state kept on disk when the configuration names a folder
     (loaded first when this run's state is empty past round 1, a resumed run; written after), its
-    models computing as the configuration says (``models.compute``), and the memory the message left
+    models computing as the configuration says (``models.compute``) on the run's device
+    (``client_device``; weights stay CPU tensors between phases), and the memory the message left
     behind released at its end (``_release_memory``)."""
 
     @functools.wraps(handler)
     def run(msg: Message, context: Context) -> Message:
         try:
-            with computing(RunConfig.from_record(msg.content[CONFIG]).compute()):
+            run_config = RunConfig.from_record(msg.content[CONFIG])
+            with computing(run_config.compute()), placed_on(client_device(run_config.device)):
                 return _with_state(handler, msg, context)
         finally:
             _release_memory()

@@ -111,8 +111,8 @@ class BodyMemo:
         self.images_computed += len(run)
         # in the memory format the body would have returned (channels-last: the layers after it keep it)
         fmt = torch.channels_last if current_compute().layout == "channels-last" else torch.contiguous_format
-        return OrderedDict((level, torch.stack([row[level] for row in rows]).contiguous(memory_format=fmt))
-                           for level in rows[0])
+        return OrderedDict((level, torch.stack([row[level].to(x.device) for row in rows])
+                            .contiguous(memory_format=fmt)) for level in rows[0])
 
     def neck_features(self, model: nn.Module, x: Tensor) -> list[Tensor]:
         """``models.ladder.neck_features(model, x)`` with the body's outputs from ``body_outputs``."""
@@ -121,8 +121,8 @@ class BodyMemo:
     # -- to and from a flat tensor dict (clients.store keeps it on the client's disk) --
 
     def to_tensors(self) -> dict[str, Tensor]:
-        """The recorded outputs as "key|level" -> tensor (each its own contiguous copy)."""
-        return {f"{key}|{level}": t.contiguous().clone() for key, out in self.outputs.items()
+        """The recorded outputs as "key|level" -> tensor (each its own contiguous copy, on the CPU)."""
+        return {f"{key}|{level}": t.cpu().contiguous().clone() for key, out in self.outputs.items()
                 for level, t in out.items()}
 
     @classmethod

@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 
 from distill.fgd import FGDConfig, make_distill_loss
 from distill.scores import class_score_distillation
+from models.compute import work_device
 from models.io import save_weights
 from models.ladder import STRIDES, detection_losses, neck_features
 from models.parts import part_modules
@@ -369,7 +370,9 @@ def train(student: nn.Module, dataset: Dataset, phase: Phase, teacher: nn.Module
           progress: bool = True, body_memo: BodyMemo | None = None) -> PhaseReport:
     """Trains ``student`` in place for ``phase.iters`` steps; returns timing, memory and losses.
 
-    Runs on the student's device (a teacher elsewhere is moved there; batches are moved per step).
+    Runs on ``models.compute.work_device`` (the enclosing ``placed_on`` block's device, else the
+    student's): the student, the teacher and the reference are moved there for the phase and the models
+    back where they were after it; batches are moved per step.
 
     Args:
         dataset: yields (image Tensor[3,H,W] in [0,1], target dict with boxes [K,4] xyxy, labels [K]).
@@ -388,9 +391,12 @@ def train(student: nn.Module, dataset: Dataset, phase: Phase, teacher: nn.Module
     use_scores = phase.score_weight > 0
     if use_scores and (teacher is None or not phase.score_classes):
         raise ValueError(f"phase {phase.name}: score_weight > 0 needs a teacher and score_classes")
-    device = model_device(student)
-    if teacher is not None:
-        teacher.to(device)
+    device = work_device(student)
+    homes = [(model, model_device(model)) for model in (student, teacher) if model is not None]
+    for model, _ in homes:
+        model.to(device)
+    if reference is not None:
+        reference = {name: value.to(device) for name, value in reference.items()}
     generator = torch.Generator().manual_seed(phase.seed)
     torch.manual_seed(phase.seed)
 
@@ -480,6 +486,8 @@ def train(student: nn.Module, dataset: Dataset, phase: Phase, teacher: nn.Module
         if class_mask is not None:
             class_mask.remove()
     seconds = time.perf_counter() - start
+    for model, home in homes:
+        model.to(home)
     set_frozen(student, ())  # leave every parameter trainable again for whoever uses it next
     student.eval()
     tail = losses[-max(len(losses) // 10, 1):] if losses else [float("nan")]

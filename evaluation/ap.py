@@ -453,15 +453,17 @@ MODEL_SCORE_THRESH = 0.5  # P/R/F1 of a model: measured on the cpu teacher, best
 
 def predict(model, dataset_or_loader, batch_size: int = 16, device=None) -> tuple[list[dict], list[dict]]:
     """Every image's detections ({boxes, scores, labels} on the CPU) and its target, in data order.
-    The model must already be on ``device`` (None: the device of its first parameter); its
-    train/eval mode is restored afterwards."""
+    Runs on ``device`` (None: ``models.compute.work_device``, the enclosing ``placed_on`` block's
+    device, else the model's); the model is moved there for the call, and its device and
+    train/eval mode are restored afterwards."""
     import torch
     from torch.utils.data import DataLoader
 
-    if device is None:
-        first = next(model.parameters(), None)
-        device = first.device if first is not None else "cpu"
-    device = torch.device(device)
+    from models.compute import work_device
+
+    first = next(model.parameters(), None)
+    home = first.device if first is not None else torch.device("cpu")
+    device = torch.device(device) if device is not None else work_device(model)
 
     if isinstance(dataset_or_loader, DataLoader):
         loader = dataset_or_loader
@@ -474,6 +476,7 @@ def predict(model, dataset_or_loader, batch_size: int = 16, device=None) -> tupl
     targets: list[dict] = []
     was_training = model.training
     model.eval()
+    model.to(device)
     try:
         with torch.inference_mode():
             for images, batch_targets in loader:
@@ -490,6 +493,7 @@ def predict(model, dataset_or_loader, batch_size: int = 16, device=None) -> tupl
                     predictions.append({k: output[k].detach().cpu() for k in ("boxes", "scores", "labels")})
                 targets.extend(batch_targets)
     finally:
+        model.to(home)
         model.train(was_training)
 
     return predictions, targets
@@ -515,7 +519,7 @@ def evaluate_model(
 
     ``dataset_or_loader`` yields ``(image FloatTensor[3, H, W], target dict)`` items (a Dataset),
     or ``(images, targets)`` batches (a DataLoader, e.g. with ``collate_detection``).
-    The model must already be on ``device`` (None: the device of its first parameter).
+    Runs on ``device`` (``predict``).
     AP uses every detection the model returns, so it is bounded by the model's own
     post-processing (e.g. FCOS ``score_thresh`` / ``detections_per_img``).
     The model's train/eval mode is restored afterwards.

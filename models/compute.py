@@ -1,4 +1,5 @@
-"""How the detectors' arithmetic runs: the backbone body's precision and its tensor layout.
+"""How the detectors' arithmetic runs: the backbone body's precision, its tensor layout, and the
+device training and evaluation run on.
 
 Both are settings of execution, not of the model. They change no weight's dtype: parameters,
 gradients, optimiser state, losses, deltas, verification and AP stay float32 whatever is set; only
@@ -15,6 +16,9 @@ and their outputs are float32 again before the neck.
 
 The setting is a context, like ``torch.autocast`` itself and the thread count: a run enters it once
 (``computing``) around the work that must honour it, and every model forward inside picks it up.
+The device is a context too (``placed_on``): models live on the CPU between phases (weights travel
+as CPU tensors), and ``distill.trainer.train`` and ``evaluation.ap.predict`` move a model to the
+block's device for their work and back afterwards (``work_device``; outside a block: where the model is).
 """
 
 from __future__ import annotations
@@ -80,6 +84,28 @@ def computing(compute: Compute, device: str = "cpu"):
         yield _current.get()
     finally:
         _current.reset(token)
+
+
+_placement: contextvars.ContextVar[torch.device | None] = contextvars.ContextVar("placement", default=None)
+
+
+@contextmanager
+def placed_on(device: str | torch.device | None):
+    """Runs the block's training and evaluation on ``device`` (None: each model where it is)."""
+    token = _placement.set(torch.device(device) if device is not None else None)
+    try:
+        yield
+    finally:
+        _placement.reset(token)
+
+
+def work_device(model: torch.nn.Module) -> torch.device:
+    """Where ``model`` trains and evaluates: the enclosing ``placed_on`` block's device, else its own."""
+    placed = _placement.get()
+    if placed is not None:
+        return placed
+    first = next(model.parameters(), None)
+    return first.device if first is not None else torch.device("cpu")
 
 
 def supports_bfloat16(device: str = "cpu") -> bool:

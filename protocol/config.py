@@ -117,8 +117,9 @@ class RunConfig:
     # never the data, shards or manufacturer chain (``training_seed``)
     replicate: int = setting(0, RUN, "a study's replicate: other training seeds, data order and client sampling "
                                      "on the same data, shards and chain (0: the training seeds are --seed)")
-    device: str = setting("auto", COMPUTE, "cpu | cuda | cuda:N | auto (cuda when available) for training the "
-                                           "manufacturer chain; the federation and local/oracle run on the CPU")
+    device: str = setting("auto", COMPUTE, "cpu | cuda | cuda:N | auto (cuda when available): where the chain, "
+                                           "the clients (a GPU share per client actor), the server's "
+                                           "verification and local/oracle train and evaluate")
     # models.compute; weights, deltas, losses and AP are float32 whatever these are
     precision: str = setting("float32", COMPUTE, "the ResNet bodies' arithmetic, chain included: bfloat16 (autocast) "
                                                  "| float32 | auto (bfloat16 where the CPU has AVX-512 BF16 or AMX); "

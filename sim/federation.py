@@ -3,7 +3,9 @@
     simulate(config, lambda grid: run_methods(session, grid, folder))       # what sim.run does
     result = run_federation("diredi", session)                              # one method (tests, experiments)
 
-One Ray actor per CPU, one CPU and one torch thread per client actor (no oversubscription). Without
+One Ray actor per CPU, one CPU and one torch thread per client actor (no oversubscription); with a GPU
+device (``--device cuda``) each client actor also asks for an even share of the GPUs (``client_gpus``) and
+the server's verification and distillation run on the GPU too (``models.compute.placed_on``). Without
 ``ray_address`` (or Ray's ``RAY_ADDRESS`` variable) Ray starts locally sized to this machine; with it,
 the run joins that cluster (then Ray decides the CPU count). Flower and Ray logs are quiet unless ``quiet=False``.
 The ServerApp runs in a thread of this process, so ``server_main`` is passed by closure.
@@ -16,10 +18,14 @@ import os
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import torch
+
 from flwr.app import Context
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
+from distill.trainer import resolve_device
+from models.compute import placed_on
 from protocol.config import RunConfig
 from strategies.exchange import packed_grid
 from strategies.ledger import Recorder
@@ -41,16 +47,22 @@ def simulate(config: RunConfig, server_main: Callable[[Grid, Context], Any], ray
     app = ServerApp()
     failure: list[BaseException] = []
 
+    device = resolve_device(config.device)
+
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         try:
-            server_main(packed_grid(grid), context)
+            with placed_on(device):  # the server's verification and distillation
+                server_main(packed_grid(grid), context)
         except BaseException as err:  # Flower logs it and carries on: keep it for the caller
             failure.append(err)
             raise
 
-    init_args = ray_init_args(ray_address, quiet)
-    backend_config = {"client_resources": {"num_cpus": client_cpus, "num_gpus": 0.0}, "init_args": init_args}
+    gpus = torch.cuda.device_count() if device.type == "cuda" else 0
+    init_args = ray_init_args(ray_address, quiet, gpus=gpus)
+    actors = min(config.num_clients, int((os.cpu_count() or 1) / client_cpus))
+    backend_config = {"client_resources": {"num_cpus": client_cpus, "num_gpus": client_gpus(gpus, actors)},
+                      "init_args": init_args}
     with _quiet_flower(quiet):
         run_simulation(server_app=app, client_app=client_app or clients.app.app, num_supernodes=config.num_clients,
                        backend_name="ray", backend_config=backend_config)
@@ -58,17 +70,25 @@ def simulate(config: RunConfig, server_main: Callable[[Grid, Context], Any], ray
         raise RuntimeError(f"the server app failed: {failure[0]!r}") from failure[0]
 
 
-def ray_init_args(ray_address: str | None, quiet: bool, environ: Mapping[str, str] = os.environ) -> dict:
+def client_gpus(gpus: int, actors: int) -> float:
+    """A client actor's share of this machine's ``gpus``: split evenly among the ``actors`` that run at
+    once, at most one each (0 without GPUs: Ray then hides every GPU from the actor)."""
+    return min(1.0, gpus / max(1, actors)) if gpus > 0 else 0.0
+
+
+def ray_init_args(ray_address: str | None, quiet: bool, environ: Mapping[str, str] = os.environ,
+                  gpus: int = 0) -> dict:
     """``ray.init``'s arguments: join ``ray_address`` or, failing that, Ray's own ``RAY_ADDRESS``; else start
-    a new Ray instance of this machine's size ("local": without it Ray joins whatever cluster was started
-    last on this machine, which Ray records in its temporary folder: another program's or a test's)."""
+    a new Ray instance of this machine's size, ``gpus`` included ("local": without it Ray joins whatever
+    cluster was started last on this machine, which Ray records in its temporary folder: another program's
+    or a test's)."""
     init_args: dict = {"logging_level": "ERROR" if quiet else "INFO", "log_to_driver": not quiet,
                        "include_dashboard": False}
     address = ray_address or environ.get("RAY_ADDRESS")
     if address:
         init_args["address"] = address  # Ray rejects num_cpus when joining a cluster
     else:
-        init_args.update(address="local", num_cpus=os.cpu_count() or 1)
+        init_args.update(address="local", num_cpus=os.cpu_count() or 1, num_gpus=gpus)
     return init_args
 
 

@@ -29,7 +29,8 @@ from torch.utils.data import ConcatDataset
 from session.workspace import Workspace, workspace_of
 from distill.rd import ClientTraining, direct_training
 from evaluation.ap import MODEL_SCORE_THRESH, per_class_ap
-from models.compute import computing
+from distill.trainer import resolve_device
+from models.compute import computing, placed_on
 from protocol.config import RunConfig, evaluation_round
 from protocol.wire import SERVER, make_record, work_seed
 from strategies.ledger import Recorder
@@ -102,7 +103,7 @@ def _job(config: RunConfig, method: str, client: int | None) -> list[dict]:
     edge = workspace.chain(progress=False).edge.cpu()
     recorder = Recorder(method)
     args = (config.rounds, config.diredi_client_steps, config.client_training(), config.training_seed, recorder)
-    with computing(config.compute()):
+    with computing(config.compute()), placed_on(resolve_device(config.device)):
         if method == "local":
             local_client(workspace, edge, client, *args, threshold=config.operating_threshold,
                          eval_every=config.eval_every)
