@@ -30,7 +30,7 @@ from flwr.serverapp.strategy import Strategy
 from torch import Tensor
 
 from session.workspace import Session
-from models.compute import computing
+from models.compute import computing, placed_on
 from models.parts import neck_head
 from protocol.config import FEDERATED, resolve_run_config
 from protocol.wire import FINE_TUNE, OWN_CLASSES, STATE_DIR, state_record
@@ -234,8 +234,11 @@ def main(grid: Grid, context: Context) -> None:
     config = resolve_run_config(raw)
     session = Session.open(config)
     folder = RunFolder.start(Path(out_dir) / (name or config.run_name()), config.to_dict(), session.details())
-    # client_state: each client keeps its state under this folder on its own disk (clients.store)
-    records = run_methods(session, grid, folder, on_method=lambda m: log.warning("--- %s ---", m), client_state=True)
+    # client_state: each client keeps its state under this folder on its own disk (clients.store);
+    # the server's verification and distillation run on the run's device (models.compute.placed_on)
+    with placed_on(config.device):
+        records = run_methods(session, grid, folder, on_method=lambda m: log.warning("--- %s ---", m),
+                              client_state=True)
     write_summary(session, folder, time.perf_counter() - start)
     log.warning("%d records written to %s", len(records), folder.path)
 
