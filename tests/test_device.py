@@ -2,6 +2,8 @@
 back where they were afterwards; the client actors' GPU share (``sim.federation.client_gpus``). The GPU
 cases run where torch sees CUDA (``bench/gpu_check.sh`` runs this file on a GPU machine)."""
 
+import json
+
 import pytest
 import torch
 from torch import nn
@@ -73,3 +75,21 @@ def test_a_client_trains_on_the_cpu_unless_the_run_names_a_gpu_and_stops_with_on
         with pytest.raises(RuntimeError, match="sees no CUDA device") as err:
             client_device("cuda")
         assert "\n" not in str(err.value)
+
+
+def test_a_timing_run_of_the_chain_trains_each_stage_the_steps_asked_and_is_cached_apart(smoke_cache, tmp_path, capsys):
+    """``bench.chain --steps N`` (the GPU check's paper-profile timing) trains N steps a stage, on its
+    own cache keys; a second call reuses them; 0 steps stop with one line."""
+    from bench.chain import main
+
+    args = ["--profile", "smoke", "--steps", "2", "--device", "cpu", "--threads", "1", "--cache", str(smoke_cache)]
+    assert main([*args, "--out", str(tmp_path / "first.json")]) == 0
+    assert main([*args, "--out", str(tmp_path / "second.json")]) == 0
+    first, second = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("first", "second"))
+    assert {stage: report["iters"] for stage, report in first["stages"].items()} == dict.fromkeys(
+        ("teacher", "distill_a", "distill_b"), 2)
+    assert first["device"] == "cpu" and all(report["reused_cache"] for report in second["stages"].values())
+    assert not any(report["reused_cache"] for report in first["stages"].values())  # not the profile's chain
+    with pytest.raises(SystemExit):
+        main([*args[:2], "--steps", "0"])
+    assert "--steps must be at least 1" in capsys.readouterr().err
