@@ -5,7 +5,9 @@
 #     OUT=gpu-check bash bench/gpu_check.sh
 # Writes to OUT: check.log (machine, versions, tests), paper_chain.log/.json (bench.chain's report: seconds
 # and peak GPU memory per stage), default.log (the run's output) and the run's summary.json, results.md,
-# records.jsonl and config.json. Nothing is read from a cache that was not built here (CACHE is made fresh).
+# rounds.jsonl and config.json. Nothing is read from a cache that was not built here (CACHE is made fresh).
+# On one H200 the device tests and the paper chain took about 2 minutes and the cold default run had not
+# finished after 391 s (in DiReDi's round 2, the FedAvg family still to come): give TOTAL_S 900 or more to see it end.
 set -u
 out=${OUT:-gpu-check}
 steps=${STEPS:-100}    # steps per chain stage: a timing run, not a chain to use
@@ -42,7 +44,7 @@ start=$(date +%s)
 timeout "$(left 600)" python -m sim.run --clients 8 --device "$device" --cache "$cache" --out "$cache/runs" \
   --name gpu-default 2>&1 | tee "$out/default.log"
 echo "default run: $(( $(date +%s) - start )) s (exit ${PIPESTATUS[0]})" | tee -a "$out/default.log"
-for f in summary.json results.md records.jsonl config.json; do
+for f in summary.json results.md rounds.jsonl config.json; do
   cp "$cache/runs/gpu-default/$f" "$out/" 2>/dev/null
 done
 exit 0
