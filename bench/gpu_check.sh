@@ -5,7 +5,7 @@
 #     OUT=gpu-check bash bench/gpu_check.sh
 # Writes to OUT: check.log (machine, versions, tests), paper_chain.log/.json (bench.chain's report: seconds
 # and peak GPU memory per stage), default.log (the run's output) and the run's summary.json, results.md,
-# rounds.jsonl and config.json. Nothing is read from a cache that was not built here (CACHE is made fresh).
+# rounds.jsonl and config.json. Data and chains go to CACHE (/tmp/diredi-gpu-cache): cold on a fresh machine, reused on a rerun.
 # On one H200 the device tests and the paper chain took about 2 minutes and the cold default run had not
 # finished after 391 s (in DiReDi's round 2, the FedAvg family still to come): give TOTAL_S 900 or more to see it end.
 set -u
