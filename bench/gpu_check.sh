@@ -5,14 +5,14 @@
 #     OUT=gpu-check bash bench/gpu_check.sh
 # Writes to OUT: check.log (machine, versions, tests), paper_chain.log/.json (bench.chain's report: seconds
 # and peak GPU memory per stage), default.log (the run's output) and the run's summary.json, results.md,
-# rounds.jsonl and config.json. Data and chains go to CACHE (/tmp/diredi-gpu-cache): cold on a fresh machine, reused on a rerun.
+# rounds.jsonl and config.json. Data and chains go to CACHE (default .cache/gpu-check, ignored by git): cold on a fresh checkout, reused on a rerun.
 # On one H200 the device tests and the paper chain took about 2 minutes and the cold default run had not
 # finished after 391 s (in DiReDi's round 2, the FedAvg family still to come): give TOTAL_S 900 or more to see it end.
 set -u
 out=${OUT:-gpu-check}
 steps=${STEPS:-100}    # steps per chain stage: a timing run, not a chain to use
 images=${IMAGES:-600}  # synthetic images at the paper's sizes: seconds per step do not depend on the count
-cache=${CACHE:-/tmp/diredi-gpu-cache}
+cache=${CACHE:-.cache/gpu-check}
 device=${DEVICE:-cuda}  # cpu: a dry run of this script without a GPU
 deadline=$(( $(date +%s) + ${TOTAL_S:-520} ))
 left() { local s=$(( deadline - $(date +%s) )); (( s < $1 )) && echo "$s" || echo "$1"; }
