@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 
 from distill.fgd import FGDConfig, make_distill_loss
 from distill.scores import class_score_distillation
-from models.compute import work_device
+from models.compute import model_device, work_device
 from models.io import save_weights
 from models.ladder import STRIDES, detection_losses, neck_features
 from models.parts import part_modules
@@ -283,11 +283,6 @@ class LossBalance:
             return self.weight
         self.weight = self.target * self.det / max(self.raw, 1e-12)
         return self.weight
-
-
-def model_device(model: nn.Module) -> torch.device:
-    first = next(model.parameters(), None)
-    return first.device if first is not None else torch.device("cpu")
 
 
 def resolve_device(name: str | None) -> torch.device:

@@ -459,10 +459,9 @@ def predict(model, dataset_or_loader, batch_size: int = 16, device=None) -> tupl
     import torch
     from torch.utils.data import DataLoader
 
-    from models.compute import work_device
+    from models.compute import model_device, work_device
 
-    first = next(model.parameters(), None)
-    home = first.device if first is not None else torch.device("cpu")
+    home = model_device(model)
     device = torch.device(device) if device is not None else work_device(model)
 
     if isinstance(dataset_or_loader, DataLoader):

@@ -99,13 +99,16 @@ def placed_on(device: str | torch.device | None):
         _placement.reset(token)
 
 
+def model_device(model: torch.nn.Module) -> torch.device:
+    """Where ``model``'s weights are (the CPU for a model without parameters)."""
+    first = next(model.parameters(), None)
+    return first.device if first is not None else torch.device("cpu")
+
+
 def work_device(model: torch.nn.Module) -> torch.device:
     """Where ``model`` trains and evaluates: the enclosing ``placed_on`` block's device, else its own."""
     placed = _placement.get()
-    if placed is not None:
-        return placed
-    first = next(model.parameters(), None)
-    return first.device if first is not None else torch.device("cpu")
+    return placed if placed is not None else model_device(model)
 
 
 def supports_bfloat16(device: str = "cpu") -> bool:
