@@ -484,12 +484,12 @@ def distill(msg: Message, context: Context) -> Message:
                                  body_memo=memo, kept_classes=kept)
     if cache:
         save_body_outputs(root, method, partition, memo)
-    if run.edge_average < 1:  # keep part of the deployed edge: damps the edge's swing from round to round,
+    if run.edge_share < 1:  # keep part of the deployed edge: damps the edge's swing from round to round,
         # but not on the classes this client changes: its own new classes (their scores would be halved each
         # round) and the classes it dropped (the deployed edge's rows would bring them back); both measured
         shards = ws.clients[partition]
         changed = [CLASS_INDEX[c] for c in (*shards.private, *shards.dropped)]
-        new_edge.load_state_dict(interpolate_weights(deployed.state_dict(), new_edge.state_dict(), run.edge_average,
+        new_edge.load_state_dict(interpolate_weights(deployed.state_dict(), new_edge.state_dict(), run.edge_share,
                                                      new_rows=changed))
     metrics = {**_identity(ws, partition), f"{SECONDS}.distill_c": report.seconds, PEAK_RSS: peak_rss_mb(),
                **loss_metrics("distill_c", report), **body_metrics("distill_c", memo)}

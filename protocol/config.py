@@ -41,6 +41,12 @@ DIRECTION_REFERENCES = ("peers", "server")  # the direction gate's reference (st
 BODY_CACHES = ("round", "run")  # how long a client keeps the tutor body's outputs (distill.body_memo)
 EDGE_CHECKS = ("off", "on")  # the manufacturer's check of each re-distilled edge before it is deployed
 SPREAD_MODES = ("off", "on")  # the server's edge, distilled from the updated tutor, as Distill C's start
+# A DiReDi client deploys this share of its re-distilled edge (--edge-average 0, the default, with client
+# re-distillation): README "All three together"
+CLIENT_EDGE_AVERAGE = 0.5
+# What a run did before these settings existed or had today's defaults: config.json files written then
+# lack the field, and read as this value (``RunConfig.completed``)
+BEFORE_CHANGED = {"redistill_lr": 0.0, "redistill_score_weight": 0.0, "edge_average": 1.0}
 CLAIM_RULES = ("trusted", "earned", "improving", "lifting")  # how the class-aware merge takes a client's trained classes (strategies.verify)
 
 
@@ -151,10 +157,12 @@ class RunConfig:
     fedadam_tau: float = setting(1e-3, BASELINES, "fedadam: its adaptivity (Reddi et al. 2021)")
     rd_iters: int = setting(0, CLIENTS, "RD steps per tutor per round (0: the profile's)")
     redistill_iters: int = setting(0, CLIENTS, "Distill C steps per round (0: the profile's)")
-    redistill_lr: float = setting(0.0, CLIENTS, "a client's Distill C learning rate (0: the profile's lr, as "
-                                                "local training's)")
+    # 3e-3: the lowest rate at which a new class shows after round 1 on the manufacturer's validation set
+    # (experiments/results/distill_c_lr.md); with the next two settings, README "All three together"
+    redistill_lr: float = setting(3e-3, CLIENTS, "a client's Distill C learning rate (0: the profile's lr, as "
+                                                 "local training's)")
     # distill.scores; experiments/results/edge_protection.md
-    redistill_score_weight: float = setting(0.0, CLIENTS, "a client's Distill C also learns the tutor's class "
+    redistill_score_weight: float = setting(4.0, CLIENTS, "a client's Distill C also learns the tutor's class "
                                                           "scores on its kept presumed classes, with this weight "
                                                           "(0: off, the paper's Distill C)")
     # strategies.diredi; client re-distillation only
@@ -168,11 +176,12 @@ class RunConfig:
                                           "each client's Distill C starts from that edge, so classes other clients "
                                           "taught the tutor can reach it (DiReDi)", SPREAD_MODES)
     # clients.app.distill, models.parts.interpolate_weights; client re-distillation only
-    edge_average: float = setting(1.0, CLIENTS, "a DiReDi client deploys this share of its re-distilled edge and "
+    edge_average: float = setting(0.0, CLIENTS, "a DiReDi client deploys this share of its re-distilled edge and "
                                                 "keeps the rest of the edge it deployed before (weights averaged "
                                                 "across rounds), but for the classification layer's rows of "
                                                 "its own new classes and of the classes it dropped (1: the "
-                                                "re-distilled edge as it is)")
+                                                "re-distilled edge as it is; 0: 0.5 with client "
+                                                "re-distillation, 1 with server re-distillation)")
     batch_size: int = setting(0, CLIENTS, "batch size of every client phase (0: the profile's)")
     # local and oracle always take a DiReDi client's steps
     direct_iters: int = setting(0, BASELINES, "steps per round of the federated direct-training baselines' clients "
@@ -279,10 +288,11 @@ class RunConfig:
 
     @staticmethod
     def completed(recorded: Mapping[str, Any]) -> dict[str, Any]:
-        """A config.json's "run" (as read back) with every field it lacks at its default, for comparing
-        settings (``--resume``): a field added after a run was recorded defaults to what that run did, so an
+        """A config.json's "run" (as read back) with every field it lacks at its default (or at what runs did
+        before it existed: ``BEFORE_CHANGED``), for comparing settings (``--resume``): a field added after a
+        run was recorded defaults to what that run did, so an
         older run folder compares equal to the same settings today."""
-        return {**json.loads(json.dumps(RunConfig().to_dict())), **recorded}
+        return {**json.loads(json.dumps(RunConfig().to_dict())), **BEFORE_CHANGED, **recorded}
 
     # -- what the configuration implies ---------------------------------------------------------
 
@@ -308,6 +318,11 @@ class RunConfig:
         every figure's start), and after an evaluated round (the same edge again: a client reads the
         figures it kept, ``clients.app._evaluate``)."""
         return server_round <= 1 or self.evaluates_after(server_round - 1)
+
+    @property
+    def edge_share(self) -> float:
+        """The share of its re-distilled edge a DiReDi client deploys (``edge_average``, 0 resolved)."""
+        return self.edge_average or (CLIENT_EDGE_AVERAGE if self.redistill == "client" else 1.0)
 
     @property
     def federated_methods(self) -> tuple[str, ...]:
@@ -431,9 +446,9 @@ def resolve_run_config(raw: Mapping[str, Any] | RunConfig) -> RunConfig:
         raise ConfigError("dp-delta", f"must be in (0, 1), got {config.dp_delta}")
     if config.edge_check == "on" and config.redistill != "client":
         raise ConfigError("edge-check", "checks the edges clients re-distil; it needs --redistill client")
-    if not 0 < config.edge_average <= 1:
-        raise ConfigError("edge-average", f"must be in (0, 1], got {config.edge_average}")
-    if config.edge_average < 1 and config.redistill != "client":
+    if not 0 <= config.edge_average <= 1:
+        raise ConfigError("edge-average", f"must be in (0, 1] (0: the default), got {config.edge_average}")
+    if 0 < config.edge_average < 1 and config.redistill != "client":
         raise ConfigError("edge-average", "averages the edges clients re-distil; it needs --redistill client")
     if config.spread == "on" and config.redistill != "client":
         raise ConfigError("spread", "starts the clients' Distill C from the server's edge; it needs --redistill client")
@@ -465,7 +480,7 @@ def resolve_run_config(raw: Mapping[str, Any] | RunConfig) -> RunConfig:
     redistill_iters = config.redistill_iters or rounds_budget.redistill_iters
     batch_size = config.batch_size or rounds_budget.batch_size
     direct_iters = config.direct_iters or 2 * rd_iters + redistill_iters
-    resolved = replace(config, methods=methods, voc_root=voc_root, device=device,
+    resolved = replace(config, methods=methods, voc_root=voc_root, device=device, edge_average=config.edge_share,
                        scenario=str(Path(scenario.source).resolve()),
                        cache_dir=str(Path(config.cache_dir).expanduser().resolve()),
                        rd_iters=rd_iters, redistill_iters=redistill_iters, batch_size=batch_size,

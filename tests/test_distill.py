@@ -369,4 +369,5 @@ def test_redistill_lr_sets_distill_c_alone():
     faster = replace(settings, redistill_lr=4e-3)
     assert distill_c_phase(faster, 0).lr == 4e-3
     assert RunConfig(profile="cpu", redistill_lr=4e-3).client_training().redistill_lr == 4e-3
+    assert RunConfig().client_training().redistill_lr == 3e-3  # the run's default (README "All three together")
     assert RunConfig.completed({})["redistill_lr"] == 0.0  # a later field: older run folders read as the profile's

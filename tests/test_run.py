@@ -33,7 +33,7 @@ def test_clients_evaluate_every_kth_round_and_the_last():
     (["--spread", "on", "--redistill", "server"], "--spread starts the clients' Distill C from the server's edge; "
                                                   "it needs --redistill client"),
     (["--spread", "yes"], "invalid choice"),
-    (["--edge-average", "0"], "--edge-average must be in (0, 1], got 0.0"),
+    (["--edge-average", "1.5"], "--edge-average must be in (0, 1] (0: the default), got 1.5"),
     (["--edge-average", "0.5", "--redistill", "server"], "--edge-average averages the edges clients re-distil"),
     (["--claims", "believed"], "invalid choice"),
     (["--clip-multiple", "0.5"], "--clip-multiple must be a number >= 1 (inf: no clipping), got 0.5"),
@@ -96,11 +96,34 @@ def test_a_run_folder_written_before_a_field_existed_still_resumes():
     from protocol.config import RunConfig
 
     now = json.loads(json.dumps(resolve_run_config({"rounds": 3}).to_dict()))
-    older = {k: v for k, v in now.items() if k not in ("spread", "redistill_lr")}
+    older = {k: v for k, v in now.items() if k not in ("spread", "row_multiple")}
     assert RunConfig.completed(older) == RunConfig.completed(now)
     assert RunConfig.completed({**older, "rounds": 4}) != RunConfig.completed(now)
     changed = json.loads(json.dumps(resolve_run_config({"rounds": 3, "spread": "on"}).to_dict()))
     assert RunConfig.completed(older) != RunConfig.completed(changed)
+
+
+def test_a_run_folder_from_before_a_default_changed_reads_as_what_it_ran():
+    """Distill C's lr 3e-3, score weight 4 and edge average 0.5 became defaults after runs were recorded
+    without those fields: such a folder ran the paper's Distill C, and reads so (``BEFORE_CHANGED``)."""
+    from protocol.config import RunConfig
+
+    now = json.loads(json.dumps(resolve_run_config({"rounds": 3}).to_dict()))
+    assert (now["redistill_lr"], now["redistill_score_weight"], now["edge_average"]) == (3e-3, 4.0, 0.5)
+    older = {k: v for k, v in now.items() if k not in ("redistill_lr", "redistill_score_weight", "edge_average")}
+    assert RunConfig.completed(older) != RunConfig.completed(now)
+    paper = json.loads(json.dumps(resolve_run_config({"rounds": 3, "redistill-lr": 0, "redistill-score-weight": 0,
+                                                      "edge-average": 1}).to_dict()))
+    assert RunConfig.completed(older) == RunConfig.completed(paper)
+
+
+def test_the_edge_average_default_follows_where_distill_c_runs():
+    """0 (the default) resolves to 0.5 when clients re-distil, 1 (no averaging) when the server does;
+    an explicit share stays, and one below 1 with server re-distillation is refused (the table above)."""
+    assert resolve_run_config({}).edge_average == 0.5
+    assert resolve_run_config({"redistill": "server"}).edge_average == 1.0
+    assert resolve_run_config({"edge-average": 0.25}).edge_average == 0.25
+    assert resolve_run_config(resolve_run_config({})).edge_average == 0.5  # resolving again changes nothing
 
 
 def test_resume_needs_an_existing_run(tmp_path, capsys):
