@@ -4,6 +4,8 @@
     python -m experiments.compare --replicates 1                  # one replicate (a part that fits a session)
     python -m experiments.compare --summarise-only                # combine what the run folders hold
     python -m experiments.compare --precision bfloat16 --out DIR  # the same study in bfloat16 (its own chain)
+    python -m experiments.compare --paper-distill-c --out experiments/results/compare   # the study of the paper's
+                                                                  # Distill C, the defaults when it ran
 
 Each replicate is its own resumable run of ``python -m sim.run`` (``--replicate k``: other training
 seeds, data order and client sampling on the same data, shards and chain) in
@@ -30,9 +32,12 @@ import time
 from pathlib import Path
 
 from models.compute import LAYOUTS, PRECISIONS
-from protocol.config import METHODS
+from protocol.config import METHODS, PAPER_DISTILL_C
 
-OUT = Path("experiments/results/compare")
+# The study under today's defaults; experiments/results/compare holds the study of the paper's Distill C
+# (--paper-distill-c), the defaults when it ran
+OUT = Path("experiments/results/compare-combo")
+PAPER_FLAGS = [item for key, value in PAPER_DISTILL_C.items() for item in (f"--{key}", f"{value:g}")]
 GRID = Path("experiments/results/baseline_grid.json")
 POLL_S = 30.0
 
@@ -55,6 +60,8 @@ def replicate_command(args: argparse.Namespace, replicate: int, settings: dict) 
         command += ["--precision", args.precision, "--layout", args.layout]
     if args.eval_every != 1:
         command += ["--eval-every", str(args.eval_every)]
+    if args.paper_distill_c:
+        command += PAPER_FLAGS
     for flag, value in settings.items():
         command += [flag, f"{value:g}" if isinstance(value, float) else str(value)]
     if (folder / "config.json").exists():
@@ -157,6 +164,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--grid", type=Path, default=GRID, help="the baseline grid's JSON (chosen settings)")
     parser.add_argument("--no-grid", action="store_true", help="the baselines at the default settings")
     parser.add_argument("--summarise-only", action="store_true", help="combine the run folders; run nothing")
+    parser.add_argument("--paper-distill-c", action="store_true",
+                        help="DiReDi's Distill C as the paper's, as experiments/results/compare ran it: sim.run "
+                             + " ".join(PAPER_FLAGS))
     args = parser.parse_args(argv)
     if args.rounds < 1 or args.clients < 1 or args.eval_every < 1:
         parser.error("--rounds, --clients and --eval-every must be at least 1")

@@ -30,7 +30,7 @@ import torch
 from distill.rd import client_delta, reverse_distill_tutor1, reverse_distill_tutor2
 from experiments.merge import round_one_deltas
 from models.parts import delta_norm
-from protocol.config import resolve_run_config
+from protocol.config import PAPER_DISTILL_C, resolve_run_config
 from protocol.wire import SERVER, work_seed
 from distill.rd import server_reference_update
 from session.workspace import Session
@@ -112,7 +112,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
-    config = resolve_run_config({"profile": args.profile, "num-clients": args.clients})
+    config = resolve_run_config({"profile": args.profile, "num-clients": args.clients, **PAPER_DISTILL_C})
     session = Session.open(config)
     deltas, _, _ = round_one_deltas(session)
     settings, tutor, edge = config.client_training(), session.chain.tutor, session.chain.edge

@@ -69,7 +69,7 @@ def main(argv=None) -> int:
         for steps in args.steps:
             for lr in args.lrs:
                 for freeze, ratio in ((f, r) for f in args.freeze_norm for r in args.ratios):
-                    s = replace(settings, redistill_iters=steps, lr=lr, client_freeze_norm=freeze == "yes",
+                    s = replace(settings, redistill_iters=steps, lr=lr, redistill_lr=lr, client_freeze_norm=freeze == "yes",
                                 redistill_target_ratio=ratio or settings.redistill_target_ratio)
                     seed = work_seed(config.seed, 1, i)
                     distilled, _ = distill_c(edge, new_tutor, data, s, seed)

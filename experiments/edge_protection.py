@@ -32,7 +32,7 @@ from data.voc import CLASS_INDEX
 from distill.rd import direct_training, distill_c, updated_tutor
 from evaluation.ap import nan_mean, per_class_ap
 from experiments.merge import round_one_deltas
-from protocol.config import resolve_run_config
+from protocol.config import PAPER_DISTILL_C, resolve_run_config
 from protocol.wire import work_seed
 from strategies.aggregate import aggregate
 from session.workspace import Session
@@ -69,7 +69,8 @@ def main(argv=None) -> int:
         parser.error(f"--probe: clients are 0..{args.clients - 1}")
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
-    config = resolve_run_config({"profile": args.profile, "num-clients": args.clients, "cache-dir": str(args.cache)})
+    config = resolve_run_config({"profile": args.profile, "num-clients": args.clients, "cache-dir": str(args.cache),
+                                 **PAPER_DISTILL_C})  # each lever against the paper's Distill C
     session = Session.open(config)
     ws, settings = session.workspace, config.client_training()
     edge = session.chain.edge

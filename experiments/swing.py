@@ -10,6 +10,11 @@ given run folders (replicates), clients and protected classes: the mean absolute
 of the round's mean move over clients, against ``spread``, the standard deviation of all moves); and
 for DiReDi, the tutor's own move on the manufacturer's validation set per round and the correlation of
 each client's move with it (is the edge's swing the tutor's?). Reads records only.
+
+How much of Chaudhry's forgetting at the last round such moves make without any drift
+(``forgetting`` against ``forgetting_no_drift``): per client and protected class, the same values
+(the start and every round's AP) in random orders, so that no round is better than another on
+average; the mean forgetting over those orders is what the swing alone gives.
 Writes ``<out>.json`` and ``<out>.md``.
 """
 
@@ -42,6 +47,31 @@ def protected_moves(records: list[dict], specs: list[dict], method: str) -> dict
     return moves
 
 
+def protected_paths(records: list[dict], specs: list[dict], method: str) -> list[list[float]]:
+    """Per client and protected class the AP path (points): the start, then after every round."""
+    paths = []
+    for spec in specs:
+        mine = sorted((r for r in records if r["method"] == method and r["client"] == int(spec["client"])),
+                      key=lambda r: r["round"])
+        for c in spec.get("protected") or []:
+            path = [r["ap_after"].get(c) for r in mine]
+            if mine and all(v is not None and np.isfinite(v) for v in [mine[0]["ap_before"].get(c), *path]):
+                paths.append([100 * v for v in [mine[0]["ap_before"][c], *path]])
+    return paths
+
+
+def last_forgetting(path: np.ndarray) -> np.ndarray:
+    """Chaudhry's forgetting at the last point of each row: the best earlier value minus the last, >= 0."""
+    return np.maximum(path[..., :-1].max(axis=-1) - path[..., -1], 0.0)
+
+
+def forgetting_without_drift(path: list[float], orders: int, rng: np.random.Generator) -> float:
+    """The mean of ``last_forgetting`` over ``orders`` random orders of the path's values."""
+    values = np.asarray(path, dtype=float)
+    shuffled = np.stack([rng.permutation(values) for _ in range(orders)])
+    return float(last_forgetting(shuffled).mean())
+
+
 def tutor_moves(folder: Path, classes: list[str]) -> dict[int, float]:
     """round -> the tutor's move on the protected classes (mean, AP points) on the validation set."""
     path = folder / "tutor.json"
@@ -52,14 +82,18 @@ def tutor_moves(folder: Path, classes: list[str]) -> dict[int, float]:
             for r in history if r - 1 in history}
 
 
-def swing(folders: list[Path], method: str) -> dict | None:
+def swing(folders: list[Path], method: str, orders: int = 2000, seed: int = 0) -> dict | None:
     steps, spread, common, edge_tutor = [], [], [], []
-    tutor_steps = []
+    tutor_steps, forgotten, no_drift = [], [], []
+    rng = np.random.default_rng(seed)
     for folder in folders:
         _, records, specs, _ = read_replicate(folder)
         moves = protected_moves(records, specs, method)
         if not moves:
             return None
+        for path in protected_paths(records, specs, method):
+            forgotten.append(float(last_forgetting(np.asarray(path))))
+            no_drift.append(forgetting_without_drift(path, orders, rng))
         classes = sorted({c for s in specs for c in (s.get("protected") or [])})
         tutor = tutor_moves(folder, classes) if method == "diredi" else {}
         for r, by_client in moves.items():
@@ -71,7 +105,8 @@ def swing(folders: list[Path], method: str) -> dict | None:
                 tutor_steps.append(abs(tutor[r]))
                 edge_tutor += [(v, tutor[r]) for v in flat]
     out = {"step": float(np.mean(steps)), "spread": float(np.std(spread)), "common": float(np.std(common)),
-           "moves": len(steps)}
+           "moves": len(steps), "forgetting": float(np.mean(forgotten)),
+           "forgetting_no_drift": float(np.mean(no_drift))}
     if edge_tutor:
         edge, tutor = np.array(edge_tutor).T
         out["tutor_step"] = float(np.mean(tutor_steps))
@@ -97,12 +132,17 @@ def main(argv=None) -> int:
     lines = ["# The protected class's move per round at each method's deployed edge", "", f"`{command}`", "",
              "AP points on the clients' test shards, over replicates, clients, rounds and protected classes; the "
              "tutor's on the manufacturer's validation set.", "",
+             "Forgetting: Chaudhry's at the last round (best earlier AP minus the last), mean over replicates, "
+             "clients and protected classes; without drift: the mean over 2,000 random orders of each path's values "
+             "(what the moves alone give when no round is better than another on average).", "",
              "| method | mean abs move per round | sd of moves | sd of the round's mean over clients | tutor's mean abs move | "
-             "correlation edge move / tutor move |", "|---|---|---|---|---|---|"]
+             "correlation edge move / tutor move | forgetting, last round | forgetting without drift |",
+             "|---|---|---|---|---|---|---|---|"]
     for m, s in rows.items():
         tutor = f"{s['tutor_step']:.2f}" if "tutor_step" in s else "-"
         corr = f"{s['edge_tutor_correlation']:+.2f}" if "edge_tutor_correlation" in s else "-"
-        lines.append(f"| {m} | {s['step']:.1f} | {s['spread']:.1f} | {s['common']:.1f} | {tutor} | {corr} |")
+        lines.append(f"| {m} | {s['step']:.1f} | {s['spread']:.1f} | {s['common']:.1f} | {tutor} | {corr} | "
+                     f"{s['forgetting']:.1f} | {s['forgetting_no_drift']:.1f} |")
     args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0

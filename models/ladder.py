@@ -116,7 +116,7 @@ PROFILES: dict[str, Profile] = {
         budget=TrainBudget(batch_size=16, teacher_iters=1200, distill_iters=900, rd_iters=150,
                            redistill_iters=150),
         # Two rounds of 12 RD + 36 Distill C steps: the most that keeps the warm default run (five
-        # methods, 8 clients) within 10 minutes on 2 cores (README, "Results of the default run");
+        # methods, 8 clients) in about 10 minutes on 2 cores (README, "Results of the default run");
         # clients keep their edge across rounds, so Distill C adds up (one round of 30 steps leaves
         # the edge at 0 AP on new classes, 90 give 16-28: experiments/results/distill_c.md).
         rounds=RoundBudget(rd_iters=12, redistill_iters=36, batch_size=8),

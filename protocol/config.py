@@ -30,7 +30,7 @@ from typing import Any, Mapping
 # evaluated (personalised FedAvg, "FedAvg+FT").
 # (The FedAvg family first: a study run in parts finishes the methods its verdicts compare first.)
 METHODS = ("diredi", "fedavg", "fedavg_ls", "fedavg_ft", "fedprox", "fedavgm", "fedadam", "local", "oracle")
-DEFAULT_METHODS = ("diredi", "fedavg", "fedprox", "local", "oracle")  # sim.run's default: 10 minutes warm
+DEFAULT_METHODS = ("diredi", "fedavg", "fedprox", "local", "oracle")  # sim.run's default: about 10 minutes warm
 FEDERATED = ("diredi", "fedavg", "fedavg_ls", "fedavg_ft", "fedprox", "fedavgm", "fedadam")  # run on Flower
 DIRECT_FEDERATED = FEDERATED[1:]  # the federated methods whose clients train the edge on their labels
 TUTOR1_MODES = ("shared", "per-client")
@@ -44,9 +44,12 @@ SPREAD_MODES = ("off", "on")  # the server's edge, distilled from the updated tu
 # A DiReDi client deploys this share of its re-distilled edge (--edge-average 0, the default, with client
 # re-distillation): README "All three together"
 CLIENT_EDGE_AVERAGE = 0.5
+# Distill C as the paper's (the profile's lr, no soft targets, the re-distilled edge deployed whole): the
+# defaults until "All three together"; experiments whose results were measured so pin it (run-config keys)
+PAPER_DISTILL_C = {"redistill-lr": 0.0, "redistill-score-weight": 0.0, "edge-average": 1.0}
 # What a run did before these settings existed or had today's defaults: config.json files written then
 # lack the field, and read as this value (``RunConfig.completed``)
-BEFORE_CHANGED = {"redistill_lr": 0.0, "redistill_score_weight": 0.0, "edge_average": 1.0}
+BEFORE_CHANGED = {key.replace("-", "_"): value for key, value in PAPER_DISTILL_C.items()}
 CLAIM_RULES = ("trusted", "earned", "improving", "lifting")  # how the class-aware merge takes a client's trained classes (strategies.verify)
 
 
@@ -112,7 +115,7 @@ class RunConfig:
     voc_root: str = setting("", DATA, "VOCdevkit or VOC20xx folder (with --data voc)")
     num_clients: int = setting(8, RUN, "number of clients (under `flwr run`, 0: as many as the federation has nodes)")
     fraction: float = setting(1.0, RUN, "share of the clients sampled each round by every federated method, seeded")
-    # 2: the warm default run (5 methods, 8 clients, cpu profile) within 10 minutes on 2 cores
+    # 2: the warm default run (5 methods, 8 clients, cpu profile) in about 10 minutes on 2 cores
     rounds: int = setting(2, RUN, "federated rounds")
     # rounds between evaluations have records without AP (costs only); ``evaluates_after``
     eval_every: int = setting(1, EVALUATION, "clients evaluate their edge after every k-th round and after the "

@@ -1,6 +1,12 @@
 """A study's report: ``compare.json``, ``compare.md`` and its plots, from the run folders of its replicates.
 
     python -m report.study runs/study-r0 runs/study-r1 runs/study-r2 --out runs/study
+    python -m report.study runs/study-r0 runs/study-r1 --replace runs/diredi-r0 runs/diredi-r1 --out runs/study2
+
+``--replace``: run folders of one or more methods run apart (a method's setting changed after the
+study ran): each replaces those methods' records in the study's folder of the same replicate, on the
+same clients. ``compare.json``'s ``assembled`` and ``compare.md`` say which folder gave which method
+and every run setting in which the two folders differ.
 
 Every number comes from ``evaluation.study.summarise_study`` (means over clients and replicates with
 95% nested bootstrap intervals, paired verdicts DiReDi vs baselines). Plots, one question each:
@@ -87,11 +93,49 @@ def read_replicate(path: str | os.PathLike) -> tuple[int, list[dict], list[dict]
         list(folder.read_json(TUTOR_HISTORY, []) or [])
 
 
-def summarise_run_folders(paths: Sequence[str | os.PathLike], samples: int = 2000, seed: int = 0) -> dict:
-    """`evaluation.study.summarise_study` over run folders, one replicate each (``runs`` lists them)."""
+def run_settings(path: str | os.PathLike) -> dict:
+    """A run folder's settings (config.json's "run", older folders completed as they ran)."""
+    from protocol.config import RunConfig
+
+    folder = RunFolder(Path(path))
+    return RunConfig.completed(folder.read_config().get("run") or {}) if folder.config_path.exists() else {}
+
+
+def replace_methods(study: tuple, rerun: tuple) -> tuple[tuple, list[str]]:
+    """A replicate's (id, records, specs, tutor history) with the methods of ``rerun`` (the same
+    replicate's run of those methods alone) in place of the study's records of them; the tutor's
+    history goes with DiReDi. Returns (the replicate, the methods replaced)."""
+    (rep, records, specs, tutor), (rerun_rep, rerun_records, rerun_specs, rerun_tutor) = study, rerun
+    if rep != rerun_rep:
+        raise ValueError(f"replicate {rerun_rep} cannot replace methods of replicate {rep}")
+    if specs != rerun_specs:
+        raise ValueError(f"replicate {rep}: the replacing run has other clients or classes than the study's")
+    methods = sorted({r["method"] for r in rerun_records}, key=method_sort_key)
+    kept = [r for r in records if r["method"] not in methods]
+    return (rep, kept + list(rerun_records), specs, rerun_tutor if "diredi" in methods else tutor), methods
+
+
+def summarise_run_folders(paths: Sequence[str | os.PathLike], samples: int = 2000, seed: int = 0,
+                          replace: Sequence[str | os.PathLike] = ()) -> dict:
+    """`evaluation.study.summarise_study` over run folders, one replicate each (``runs`` lists them);
+    each folder of ``replace`` replaces its methods in the folder of its replicate (``assembled``)."""
     replicates = [read_replicate(p) for p in paths]
+    assembled = []
+    for path in replace:
+        rerun = read_replicate(path)
+        target = next((i for i, r in enumerate(replicates) if r[0] == rerun[0]), None)
+        if target is None:
+            raise ValueError(f"{path}: the study has no run of replicate {rerun[0]}")
+        replicates[target], methods = replace_methods(replicates[target], rerun)
+        study_settings, rerun_settings = run_settings(paths[target]), run_settings(path)
+        differ = {k: [study_settings.get(k), rerun_settings.get(k)] for k in sorted(set(study_settings) | set(rerun_settings))
+                  if study_settings.get(k) != rerun_settings.get(k) and k not in ("methods", "rounds")}
+        assembled.append({"replicate": rerun[0], "methods": methods, "study_run": Path(paths[target]).name,
+                          "replacing_run": Path(path).name, "settings_study_vs_replacing": differ})
     summary = summarise_study(replicates, samples=samples, seed=seed)
     summary["runs"] = [Path(p).name for p in paths]
+    if assembled:
+        summary["assembled"] = assembled
     return summary
 
 
@@ -298,6 +342,10 @@ def study_markdown(summary: Mapping, command: str | None = None, wall_s: float |
               "replicates a little; with one replicate it is over clients only. pp = percentage points of AP; "
               "recall / F1 at the deployment score threshold 0.5, in percent; traffic and compute cumulative per "
               "client (compute without evaluation).", ""]
+    for part in summary.get("assembled") or []:
+        settings = "; ".join(f"{k}: {a} -> {b}" for k, (a, b) in part["settings_study_vs_replacing"].items())
+        lines += [f"Replicate {part['replicate']}: {', '.join(part['methods'])} from `{part['replacing_run']}`, the "
+                  f"other methods from `{part['study_run']}` (settings that differ: {settings or 'none'}).", ""]
     verdicts = summary.get("verdicts") or []
     lines += ["## Verdicts (DiReDi - baseline)", ""]
     if verdicts:
@@ -371,13 +419,19 @@ def write_study(summary: Mapping, out_dir: str | os.PathLike, command: str | Non
 def main(argv: Sequence[str] | None = None) -> dict[str, Path]:
     parser = argparse.ArgumentParser(description="Compare methods over the run folders of a study's replicates.")
     parser.add_argument("runs", nargs="+", help="run folders, one per replicate")
+    parser.add_argument("--replace", nargs="+", default=[], metavar="RUN",
+                        help="run folders of methods run apart: each replaces its methods' records in the run "
+                             "folder of the same replicate")
     parser.add_argument("--out", required=True, help="folder for compare.json, compare.md and the plots")
     parser.add_argument("--samples", type=int, default=2000, help="bootstrap samples")
     parser.add_argument("--command", default=None, help="the command that ran the study (written into compare.md)")
     parser.add_argument("--wall-s", type=float, default=None, help="the study's wall time in seconds")
     args = parser.parse_args(argv)
     start = time.perf_counter()
-    summary = summarise_run_folders(args.runs, samples=args.samples)
+    try:
+        summary = summarise_run_folders(args.runs, samples=args.samples, replace=args.replace)
+    except (ValueError, FileNotFoundError) as err:
+        parser.error(str(err))
     written = write_study(summary, args.out, args.command, args.wall_s)
     print(f"{len(written)} files in {args.out} ({time.perf_counter() - start:.1f} s)")
     return written

@@ -281,6 +281,39 @@ def test_study_from_run_folders_writes_compare_json_md_and_plots(tmp_path):
     assert "DiReDi gains more than fedavg" in text and "python -m sim.study" in text and "Wall time" in text
 
 
+def test_a_method_run_apart_replaces_its_records_in_the_study(tmp_path):
+    """--replace: DiReDi rerun with another setting takes the place of the study's DiReDi in its replicate;
+    the other methods stay the study's, and compare.md names the folders and the setting that differs."""
+    from report.study import main
+
+    paths = [write_run_folder(tmp_path / f"r{r}", r).path for r in (0, 1)]
+    rerun = RunFolder(tmp_path / "diredi-r1")
+    rerun.write_config({"run": {"replicate": 1, "rounds": 2, "methods": ["diredi"], "edge_average": 0.5},
+                        "client_specs": STUDY_SPECS})
+    records, tutor = synthetic_replicate(1)
+    for record in records:
+        if record["method"] == "diredi":
+            rerun.append_record({**record, "ap_after": {k: 0.0 for k in record["ap_after"]}})  # learns nothing
+    rerun.write_json(TUTOR_HISTORY, tutor)
+    before = summarise_run_folders(paths, samples=200)
+    after = summarise_run_folders(paths, samples=200, replace=[rerun.path])
+    assert after["assembled"] == [{"replicate": 1, "methods": ["diredi"], "study_run": "r1", "replacing_run":
+                                   "diredi-r1", "settings_study_vs_replacing": {"edge_average": [1.0, 0.5]}}]
+    gain = {s: {e["round"]: e["gain"]["mean"] for e in x["methods"]["diredi"]["per_round"]}
+            for s, x in (("before", before), ("after", after))}
+    assert gain["after"][2] < gain["before"][2]
+    assert after["methods"]["fedavg"] == before["methods"]["fedavg"]  # the other methods are the study's
+
+    main([str(p) for p in paths] + ["--replace", str(rerun.path), "--out", str(tmp_path / "study"), "--samples", "50"])
+    assert "diredi from `diredi-r1`, the other methods from `r1` (settings that differ: edge_average: 1.0 -> 0.5)" \
+        in (tmp_path / "study" / "compare.md").read_text()
+    rerun.write_config({"run": {"replicate": 1}, "client_specs": STUDY_SPECS[:1]})
+    with pytest.raises(ValueError, match="other clients"):
+        summarise_run_folders(paths, replace=[rerun.path])
+    with pytest.raises(ValueError, match="no run of replicate 1"):
+        summarise_run_folders(paths[:1], replace=[rerun.path])
+
+
 def test_study_with_missing_rounds_and_no_tutor(tmp_path):
     full, _ = synthetic_replicate(0, rounds=3)
     short, _ = synthetic_replicate(1, rounds=3)
