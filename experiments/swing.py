@@ -12,9 +12,10 @@ for DiReDi, the tutor's own move on the manufacturer's validation set per round 
 each client's move with it (is the edge's swing the tutor's?). Reads records only.
 
 How much of Chaudhry's forgetting at the last round such moves make without any drift
-(``forgetting`` against ``forgetting_no_drift``): per client and protected class, the same values
-(the start and every round's AP) in random orders, so that no round is better than another on
-average; the mean forgetting over those orders is what the swing alone gives.
+(``forgetting`` against ``forgetting_no_drift``): per client and protected class, paths of as many
+points whose values are independent draws around one constant, spread so that their moves have the
+path's own standard deviation (sd of moves / sqrt 2 per point); the mean forgetting of such paths is
+what the swing alone gives when no round is better than another.
 Writes ``<out>.json`` and ``<out>.md``.
 """
 
@@ -65,11 +66,12 @@ def last_forgetting(path: np.ndarray) -> np.ndarray:
     return np.maximum(path[..., :-1].max(axis=-1) - path[..., -1], 0.0)
 
 
-def forgetting_without_drift(path: list[float], orders: int, rng: np.random.Generator) -> float:
-    """The mean of ``last_forgetting`` over ``orders`` random orders of the path's values."""
+def forgetting_without_drift(path: list[float], draws: int, rng: np.random.Generator) -> float:
+    """The mean ``last_forgetting`` of ``draws`` paths of independent normal values with the path's length
+    and the spread of its moves (each value's sd = the moves' sd / sqrt 2)."""
     values = np.asarray(path, dtype=float)
-    shuffled = np.stack([rng.permutation(values) for _ in range(orders)])
-    return float(last_forgetting(shuffled).mean())
+    sd = float(np.std(np.diff(values))) / np.sqrt(2) if len(values) > 1 else 0.0
+    return float(last_forgetting(rng.normal(0.0, sd, size=(draws, len(values)))).mean())
 
 
 def tutor_moves(folder: Path, classes: list[str]) -> dict[int, float]:
@@ -82,7 +84,7 @@ def tutor_moves(folder: Path, classes: list[str]) -> dict[int, float]:
             for r in history if r - 1 in history}
 
 
-def swing(folders: list[Path], method: str, orders: int = 2000, seed: int = 0) -> dict | None:
+def swing(folders: list[Path], method: str, draws: int = 2000, seed: int = 0) -> dict | None:
     steps, spread, common, edge_tutor = [], [], [], []
     tutor_steps, forgotten, no_drift = [], [], []
     rng = np.random.default_rng(seed)
@@ -93,7 +95,7 @@ def swing(folders: list[Path], method: str, orders: int = 2000, seed: int = 0) -
             return None
         for path in protected_paths(records, specs, method):
             forgotten.append(float(last_forgetting(np.asarray(path))))
-            no_drift.append(forgetting_without_drift(path, orders, rng))
+            no_drift.append(forgetting_without_drift(path, draws, rng))
         classes = sorted({c for s in specs for c in (s.get("protected") or [])})
         tutor = tutor_moves(folder, classes) if method == "diredi" else {}
         for r, by_client in moves.items():
@@ -133,8 +135,9 @@ def main(argv=None) -> int:
              "AP points on the clients' test shards, over replicates, clients, rounds and protected classes; the "
              "tutor's on the manufacturer's validation set.", "",
              "Forgetting: Chaudhry's at the last round (best earlier AP minus the last), mean over replicates, "
-             "clients and protected classes; without drift: the mean over 2,000 random orders of each path's values "
-             "(what the moves alone give when no round is better than another on average).", "",
+             "clients and protected classes; without drift: the mean over 2,000 paths of as many independent values "
+             "around a constant whose moves have the path's own sd (what the moves alone give when no round is "
+             "better than another).", "",
              "| method | mean abs move per round | sd of moves | sd of the round's mean over clients | tutor's mean abs move | "
              "correlation edge move / tutor move | forgetting, last round | forgetting without drift |",
              "|---|---|---|---|---|---|---|---|"]

@@ -30,6 +30,14 @@ def test_forgetting_without_drift_is_what_the_same_values_give_in_any_order():
     assert protected_paths(records, specs, "diredi") == [pytest.approx([60.0, 50.0, 55.0])]
     assert last_forgetting(np.array([60.0, 50.0, 55.0])) == pytest.approx(5.0)  # best earlier 60, last 55
     assert last_forgetting(np.array([50.0, 60.0])) == 0.0  # better now: nothing forgotten
-    # orders of (60, 50, 55) with equal chance: the last is 60 (0), 50 (10) or 55 (5): mean 5
-    assert forgetting_without_drift([60.0, 50.0, 55.0], 4000, np.random.default_rng(0)) == pytest.approx(5.0, abs=0.3)
-    assert forgetting_without_drift([40.0] * 5, 10, np.random.default_rng(0)) == 0.0  # no move, nothing forgotten
+    # two iid N(0, s^2) points: E[max(x0 - x1, 0)] = s * sqrt(2) / sqrt(2 pi) = s / sqrt(pi); the moves of
+    # (0, 2, 0) have sd 2, so s = 2 / sqrt 2 and three points forget more than two
+    rng = np.random.default_rng(0)
+    two = forgetting_without_drift([0.0, 2.0, 4.0, 6.0][:2], 20000, rng)
+    assert two == 0.0  # one move has no spread: a straight path forgets nothing
+    three = forgetting_without_drift([0.0, 2.0, 0.0], 20000, rng)
+    sd = 2 / np.sqrt(2)
+    assert three > sd / np.sqrt(np.pi)  # more earlier points, a higher best earlier value
+    assert forgetting_without_drift([40.0] * 5, 10, rng) == 0.0  # no move, nothing forgotten
+    wide = forgetting_without_drift([0.0, 4.0, 0.0], 20000, np.random.default_rng(1))
+    assert wide == pytest.approx(2 * forgetting_without_drift([0.0, 2.0, 0.0], 20000, np.random.default_rng(1)))
