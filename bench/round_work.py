@@ -10,7 +10,8 @@ every client computes its own Tutor 1) with the run's settings and scenario:
 
 * ``client_s``: one client's round, per part. DiReDi: RD Tutor 1 on the presumed data, RD Tutor 2 on
   the client's data, the delta, Distill C from the tutor (with Tutor 2's body outputs, as a client
-  has them: ``distill.body_memo``), the re-distilled edge's evaluation on the client's test shard. FedAvg: direct training of as many steps (``rd_iters`` x 2 + ``redistill_iters``
+  has them: ``distill.body_memo``; the tutor's class scores on the kept presumed classes as soft targets when
+  the run's ``redistill_score_weight`` is on), the re-distilled edge's evaluation on the client's test shard. FedAvg: direct training of as many steps (``rd_iters`` x 2 + ``redistill_iters``
   = ``direct_iters``) and the trained edge's evaluation. Averaged over ``--clients`` clients.
 * ``server_s``: the server's per round. DiReDi: each delta's verification (its candidate tutor's
   validation AP and the noise of its protected-class drops, ``DiReDiStrategy.verify`` on this
@@ -39,6 +40,7 @@ import sys
 import time
 
 from bench.run_folder import add_run_arguments, open_run, write_cost_keys
+from data.voc import CLASS_INDEX
 from distill.body_memo import BodyMemo
 from distill.rd import client_delta, direct_training, distill_c, reverse_distill_tutor1, reverse_distill_tutor2
 from evaluation.ap import per_class_ap
@@ -74,7 +76,9 @@ def client_round(session, config, partition: int, server_round: int, timer=cpu_s
         lambda: reverse_distill_tutor2(tutor, tutor1, edge, train, settings, seed, body_memo=memo))
     delta, diredi["delta"] = timer(lambda: client_delta(tutor1, tutor2, settings))
     memo.recording = run_memo is not None
-    (new_edge, _), diredi["distill_c"] = timer(lambda: distill_c(edge, tutor, train, settings, seed, body_memo=memo))
+    kept = tuple(CLASS_INDEX[c] for c in ws.clients[partition].kept)  # the soft targets' classes, as the client
+    (new_edge, _), diredi["distill_c"] = timer(lambda: distill_c(edge, tutor, train, settings, seed, body_memo=memo,
+                                                                 kept_classes=kept))
     _, diredi["evaluate"] = timer(lambda: per_class_ap(new_edge, test, classes))
     if not fedavg_too:
         return diredi, fedavg, delta

@@ -16,7 +16,7 @@ DEFAULT_RUN = Path("experiments/results/default8")
 COST_FILE = Path("experiments/results/cost.json")
 # What a client's work depends on; the rest of a run's configuration (methods, rounds, ...) does not matter here.
 CLIENT_KEYS = ("profile", "scenario", "num_clients", "seed", "rd_iters", "redistill_iters", "batch_size", "tutor1",
-               "redistill")
+               "redistill", "redistill_lr", "redistill_score_weight", "edge_average")
 
 
 def _positive_int(text: str) -> int:
@@ -40,13 +40,13 @@ def open_run(folder: Path, threads: int | None = None):
     loading torch)."""
     import torch
 
-    from protocol.config import resolve_run_config
+    from protocol.config import RunConfig, resolve_run_config
     from session.workspace import Session
 
     if threads is not None:
         torch.set_num_threads(threads)
 
-    run = json.loads((folder / "config.json").read_text())["run"]
+    run = RunConfig.completed(json.loads((folder / "config.json").read_text())["run"])  # older: as they ran
     config = resolve_run_config({key: run[key] for key in CLIENT_KEYS})
     return config, Session.open(config), run
 
