@@ -455,8 +455,8 @@ def train(student: nn.Module, dataset: Dataset, phase: Phase, teacher: nn.Module
             loss = combined_loss(det, raw, phase.label_weight, phase.distill_weight, weight)
             det_losses.append(float(det.detach()))
             if use_scores:
-                with torch.no_grad():
-                    teacher_logits = teacher.head(teacher_feats)["cls_logits"]
+                with torch.no_grad():  # the class scores only: the box branch's tower is not needed here
+                    teacher_logits = teacher.head.classification_head(teacher_feats)
                 score = class_score_distillation(head_outputs["cls_logits"], teacher_logits, score_classes)
                 score_losses.append(float(score.detach()))
                 loss = loss + phase.score_weight * score
