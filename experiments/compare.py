@@ -129,7 +129,11 @@ def summarise(args: argparse.Namespace, command: str | None, wall_s: float | Non
 
     folders = [p for p in sorted((args.out / "runs").glob("rep*")) if (p / "rounds.jsonl").exists()]
     if not folders:
-        raise SystemExit(f"python -m experiments.compare: error: no run folder with records under {args.out / 'runs'}")
+        made = json.loads((args.out / "compare.json").read_text()) if (args.out / "compare.json").is_file() else {}
+        how = f"; its summary was assembled from other studies' runs by: {made['command']}" \
+            if made.get("assembled") and made.get("command") else ""
+        raise SystemExit(f"python -m experiments.compare: error: no run folder with records under "
+                         f"{args.out / 'runs'}{how}")
     summary = summarise_run_folders(folders)
     write_study(summary, args.out, command=command, wall_s=wall_s)
     return summary

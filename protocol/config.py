@@ -291,10 +291,9 @@ class RunConfig:
 
     @staticmethod
     def completed(recorded: Mapping[str, Any]) -> dict[str, Any]:
-        """A config.json's "run" (as read back) with every field it lacks at its default (or at what runs did
-        before it existed: ``BEFORE_CHANGED``), for comparing settings (``--resume``): a field added after a
-        run was recorded defaults to what that run did, so an
-        older run folder compares equal to the same settings today."""
+        """A config.json's "run" (as read back) with every field it lacks at what that run did: its default, or
+        for a setting whose default changed since, its value then (``BEFORE_CHANGED``). For comparing settings
+        (``--resume``): an older run folder compares equal to the same settings today."""
         return {**json.loads(json.dumps(RunConfig().to_dict())), **BEFORE_CHANGED, **recorded}
 
     # -- what the configuration implies ---------------------------------------------------------

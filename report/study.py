@@ -127,9 +127,9 @@ def summarise_run_folders(paths: Sequence[str | os.PathLike], samples: int = 200
         if target is None:
             raise ValueError(f"{path}: the study has no run of replicate {rerun[0]}")
         replicates[target], methods = replace_methods(replicates[target], rerun)
-        study_settings, rerun_settings = run_settings(paths[target]), run_settings(path)
-        differ = {k: [study_settings.get(k), rerun_settings.get(k)] for k in sorted(set(study_settings) | set(rerun_settings))
-                  if study_settings.get(k) != rerun_settings.get(k) and k not in ("methods", "rounds")}
+        study, rerun_settings = run_settings(paths[target]), run_settings(path)
+        differ = {k: [study.get(k), rerun_settings.get(k)] for k in sorted(set(study) | set(rerun_settings))
+                  if study.get(k) != rerun_settings.get(k) and k not in ("methods", "rounds")}  # a part may stop early
         assembled.append({"replicate": rerun[0], "methods": methods, "study_run": Path(paths[target]).name,
                           "replacing_run": Path(path).name, "settings_study_vs_replacing": differ})
     summary = summarise_study(replicates, samples=samples, seed=seed)

@@ -132,3 +132,16 @@ def test_a_smoke_study_of_two_replicates_writes_the_json_and_the_plots(smoke_cac
     (out / "chain.json").write_text(json.dumps({**chain, "edge": "0" * 40}))
     with pytest.raises(SystemExit, match="chain or shards differ"):
         compare.main([*common, "--replicates", "2"])
+
+
+def test_summarising_an_assembled_study_without_runs_names_the_command_that_made_it(tmp_path):
+    """experiments/results/compare-combo holds no runs of its own: --summarise-only says how it was made."""
+    from experiments import compare
+
+    (tmp_path / "compare.json").write_text(json.dumps({"assembled": [{"replicate": 0}],
+                                                       "command": "python -m report.study A --replace B --out C"}))
+    with pytest.raises(SystemExit, match="no run folder .* assembled .* by: python -m report.study A --replace B"):
+        compare.main(["--summarise-only", "--out", str(tmp_path)])
+    (tmp_path / "compare.json").unlink()
+    with pytest.raises(SystemExit, match="no run folder with records under"):
+        compare.main(["--summarise-only", "--out", str(tmp_path)])
