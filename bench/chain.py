@@ -22,19 +22,8 @@ from pathlib import Path
 import torch
 
 from session.workspace import prepare
-from evaluation.ap import per_class_ap
 from models.compute import LAYOUTS, PRECISIONS, Compute, computing
 from models.ladder import get_profile
-
-
-def validation_map(ws, chain) -> dict[str, float]:
-    """Each model's mAP (percent) on the manufacturer's validation set, over the classes it was trained on."""
-    s = ws.scenario
-    rows = {}
-    for role, classes in (("teacher", s.teacher_classes), ("tutor", s.presumed_classes), ("edge", s.presumed_classes)):
-        _, summary = per_class_ap(getattr(chain, role), ws.dataset(ws.shards.manufacturer_val, classes), classes)
-        rows[role] = round(100 * summary["mAP"], 2)
-    return rows
 
 
 def main(argv=None) -> int:
@@ -72,7 +61,7 @@ def main(argv=None) -> int:
               "threads": args.threads, "device": ws.device, "chain_s": round(seconds, 1), "stages": chain.reports()}
     if args.stop_after is None:
         with computing(compute) as resolved:
-            result["compute"], result["validation_map"] = resolved.to_dict(), validation_map(ws, chain)
+            result["compute"], result["validation_map"] = resolved.to_dict(), ws.chain_validation_map(chain)
         print(f"validation mAP ({resolved.precision}, {resolved.layout}): {json.dumps(result['validation_map'])}")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -16,7 +16,7 @@ usual: seed 0 at fraction 1 on the CPU at 2 threads is the cached default chain)
 rereads those files. Writes ``<out>.json`` and ``<out>.md``: per fraction the mean and standard
 deviation over seeds of each model's validation mAP, and per seed the difference from the full
 budget with a t interval over seeds. Seconds are wall seconds of jobs that shared the machine, not
-timings; a chain's steps are what its cost scales with (``bench.chain`` times a chain alone).
+timings; a chain's steps are what its cost scales with (``python -m bench.chain`` times a chain alone).
 """
 
 from __future__ import annotations
@@ -62,7 +62,6 @@ def run_job(args) -> int:
     """One chain: train (or load) it and write its validation mAP."""
     import torch
 
-    from bench.chain import validation_map
     from distill.chain import manufacturer_chain
     from models.ladder import get_profile
     from session.workspace import prepare
@@ -78,7 +77,7 @@ def run_job(args) -> int:
     result = {"seed": args.seed, "fraction": args.fraction, "threads": args.threads, "device": ws.device,
               "steps": {"teacher": profile.budget.teacher_iters, "distill_a": profile.budget.distill_iters,
                         "distill_b": profile.budget.distill_iters},
-              "wall_s": round(seconds, 1), "validation_map": validation_map(ws, chain),
+              "wall_s": round(seconds, 1), "validation_map": ws.chain_validation_map(chain),
               "stages": {name: {k: report.get(k) for k in ("seconds", "last_loss", "reused_cache", "key")}
                          for name, report in chain.reports().items()}}
     path = Path(args.out) / "chains" / f"{job_name(args.seed, args.fraction)}.json"

@@ -71,6 +71,18 @@ class Workspace:
                                   self.seed, self.cache_dir / "chain", progress=progress, stop_after=stop_after,
                                   device=self.device, compute=self.compute)
 
+    def chain_validation_map(self, chain: Chain) -> dict[str, float]:
+        """Each chain model's mAP (percent) on the manufacturer's validation set, over the classes it was
+        trained on (teacher: the teacher classes; tutor and edge: the presumed ones)."""
+        s = self.scenario
+        rows = {}
+        for role, classes in (("teacher", s.teacher_classes), ("tutor", s.presumed_classes),
+                              ("edge", s.presumed_classes)):
+            _, summary = per_class_ap(getattr(chain, role), self.dataset(self.shards.manufacturer_val, classes),
+                                      classes)
+            rows[role] = round(100 * summary["mAP"], 2)
+        return rows
+
     def validation_set(self) -> VOCDetection:
         """The manufacturer's own validation images (never a client's), over the teacher classes."""
         return self.dataset(self.shards.manufacturer_val, self.scenario.teacher_classes)
