@@ -41,3 +41,20 @@ def test_forgetting_without_drift_is_what_the_same_values_give_in_any_order():
     assert forgetting_without_drift([40.0] * 5, 10, rng) == 0.0  # no move, nothing forgotten
     wide = forgetting_without_drift([0.0, 4.0, 0.0], 20000, np.random.default_rng(1))
     assert wide == pytest.approx(2 * forgetting_without_drift([0.0, 2.0, 0.0], 20000, np.random.default_rng(1)))
+
+
+def test_spread_per_class_takes_each_client_s_other_clients_classes_only():
+    from experiments.spread_ceiling import client_class_spread
+
+    specs = [{"client": 0, "private": ["car"]}, {"client": 1, "private": ["dog"]}]
+    start = {"car": 0.0, "dog": 0.1}
+    records = [
+        {"method": "diredi", "client": 0, "round": 1, "ap_before": start, "ap_after": {"car": 0.5, "dog": 0.2}},
+        {"method": "diredi", "client": 0, "round": 2, "ap_before": {}, "ap_after": {"car": 0.6, "dog": 0.4}},
+        {"method": "diredi", "client": 1, "round": 1, "ap_before": start, "ap_after": {"car": 0.1, "dog": 0.5}},
+        {"method": "diredi", "client": 1, "round": 2, "ap_before": {}, "ap_after": {"car": 0.3, "dog": 0.7}},
+        {"method": "oracle", "client": 1, "round": 2, "ap_before": start, "ap_after": {"car": 0.9, "dog": 0.9}},
+    ]
+    spread = client_class_spread(records, specs, "diredi", 2)
+    assert spread == {"dog": [pytest.approx(30.0)], "car": [pytest.approx(30.0)]}  # client 0 on dog, 1 on car
+    assert client_class_spread(records, specs, "diredi", 3) == {}
