@@ -484,11 +484,18 @@ def distill(msg: Message, context: Context) -> Message:
                                  body_memo=memo, kept_classes=kept)
     if cache:
         save_body_outputs(root, method, partition, memo)
+    others: list[int] = []  # with spread: the classes this client neither trains nor dropped
+    if SPREAD_EDGE in msg.content.array_records and run.spread_rows == "server":
+        # ... score as the server's edge scores them: its Distill C, on images that hold none of them, would
+        # push their scores under the detection threshold
+        mine = {*ws.clients[partition].train_classes, *ws.clients[partition].dropped}
+        others = [i for c, i in CLASS_INDEX.items() if c not in mine]
+        new_edge = with_class_rows(new_edge, spread, others)
     if run.edge_share < 1:  # keep part of the deployed edge: damps the edge's swing from round to round,
         # but not on the classes this client changes: its own new classes (their scores would be halved each
         # round) and the classes it dropped (the deployed edge's rows would bring them back); both measured
         shards = ws.clients[partition]
-        changed = [CLASS_INDEX[c] for c in (*shards.private, *shards.dropped)]
+        changed = [CLASS_INDEX[c] for c in (*shards.private, *shards.dropped)] + others  # others: the server's
         new_edge.load_state_dict(interpolate_weights(deployed.state_dict(), new_edge.state_dict(), run.edge_share,
                                                      new_rows=changed))
     metrics = {**_identity(ws, partition), f"{SECONDS}.distill_c": report.seconds, PEAK_RSS: peak_rss_mb(),

@@ -41,6 +41,7 @@ DIRECTION_REFERENCES = ("peers", "server")  # the direction gate's reference (st
 BODY_CACHES = ("round", "run")  # how long a client keeps the tutor body's outputs (distill.body_memo)
 EDGE_CHECKS = ("off", "on")  # the manufacturer's check of each re-distilled edge before it is deployed
 SPREAD_MODES = ("off", "on")  # the server's edge, distilled from the updated tutor, as Distill C's start
+SPREAD_ROWS = ("distilled", "server")  # with spread, where other clients' classes' rows come from after Distill C
 # A DiReDi client deploys this share of its re-distilled edge (--edge-average 0, the default, with client
 # re-distillation): README "All three together"
 CLIENT_EDGE_AVERAGE = 0.5
@@ -178,6 +179,11 @@ class RunConfig:
                                           "own on the manufacturer's images (the tutor's outputs as targets) and "
                                           "each client's Distill C starts from that edge, so classes other clients "
                                           "taught the tutor can reach it (DiReDi)", SPREAD_MODES)
+    # clients.app.distill, models.parts.with_class_rows; README "Spread"
+    spread_rows: str = setting("distilled", CLIENTS, "with spread, the classification rows of the classes a "
+                                                     "client neither trains nor dropped (other clients' classes): "
+                                                     "as its Distill C leaves them (distilled) or the server's "
+                                                     "spread edge's (server)", SPREAD_ROWS)
     # clients.app.distill, models.parts.interpolate_weights; client re-distillation only
     edge_average: float = setting(0.0, CLIENTS, "a DiReDi client deploys this share of its re-distilled edge and "
                                                 "keeps the rest of the edge it deployed before (weights averaged "
@@ -454,6 +460,8 @@ def resolve_run_config(raw: Mapping[str, Any] | RunConfig) -> RunConfig:
         raise ConfigError("edge-average", "averages the edges clients re-distil; it needs --redistill client")
     if config.spread == "on" and config.redistill != "client":
         raise ConfigError("spread", "starts the clients' Distill C from the server's edge; it needs --redistill client")
+    if config.spread_rows == "server" and config.spread != "on":
+        raise ConfigError("spread-rows", "takes rows from the server's spread edge; it needs --spread on")
 
     voc_root = config.voc_root
     if config.data == "voc":
