@@ -454,6 +454,38 @@ def test_a_diredi_client_distils_from_the_spread_edge_when_one_comes(cache, tmp_
     assert all(torch.equal(v, kept[k]) for k, v in starts[1].items())  # without spread: the edge it kept
 
 
+def test_with_spread_rows_from_the_server_other_clients_classes_keep_the_spread_edge_s_rows(
+        cache, tmp_path, no_runtime, client_threads):
+    """--spread-rows server: after Distill C (and the edge average), the rows of the classes the client
+    neither trains nor dropped are the server's spread edge's, whole; its own classes' rows are not."""
+    from flwr.app import Context
+
+    import clients.app as client_app
+    from models.parts import CLASS_ROW_PARAMS
+    from protocol.wire import CONFIG, DIREDI_WORK, EDGE, EDGE_SOURCE, METHOD, SERVER_ROUND, SPREAD_EDGE, TUTOR, WORK, \
+        state_record
+
+    run = resolve_run_config({"profile": "smoke", "num-clients": 2, "rounds": 2, "cache-dir": str(cache),
+                              "spread": "on", "spread-rows": "server"})
+    assert run.edge_share == 0.5
+    config = {**run.to_record(), METHOD: "diredi", WORK: DIREDI_WORK, EDGE_SOURCE: "stored"}
+    own, spread, tutor = build_model("smoke", "edge", seed=1), build_model("smoke", "edge", seed=2), \
+        build_model("smoke", "tutor", seed=0)
+    context = Context(run_id=1, node_id=1, node_config={"partition-id": 1}, state=RecordDict(), run_config={})
+    context.state[f"diredi.{EDGE}"] = state_record(own)
+    content = RecordDict({TUTOR: state_record(tutor), SPREAD_EDGE: state_record(spread),
+                          CONFIG: ConfigRecord({**config, SERVER_ROUND: 1})})
+    client_app.distill(Message(content=content, message_type="train.distill", dst_node_id=1), context)
+    kept = context.state.array_records[f"diredi.{EDGE}"].to_torch_state_dict()
+    spec = client_app.workspace_of(run).clients[1]
+    mine = {CLASS_INDEX[c] for c in (*spec.train_classes, *spec.dropped)}
+    others = [i for i in CLASS_INDEX.values() if i not in mine]
+    theirs = spread.state_dict()
+    for name in CLASS_ROW_PARAMS:
+        assert torch.equal(kept[name][others], theirs[name][others])
+        assert all(not torch.equal(kept[name][i], theirs[name][i]) for i in mine)
+
+
 def test_an_averaged_edge_takes_the_rows_of_the_classes_the_client_changes_whole(cache, tmp_path, no_runtime,
                                                                                    client_threads, monkeypatch):
     """--edge-average 0.5: the edge a client keeps is half its re-distilled edge and half the edge it had,

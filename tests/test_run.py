@@ -33,6 +33,7 @@ def test_clients_evaluate_every_kth_round_and_the_last():
     (["--spread", "on", "--redistill", "server"], "--spread starts the clients' Distill C from the server's edge; "
                                                   "it needs --redistill client"),
     (["--spread", "yes"], "invalid choice"),
+    (["--spread-rows", "server"], "--spread-rows takes rows from the server's spread edge; it needs --spread on"),
     (["--edge-average", "1.5"], "--edge-average must be in (0, 1] (0: the default), got 1.5"),
     (["--edge-average", "0.5", "--redistill", "server"], "--edge-average averages the edges clients re-distil"),
     (["--claims", "believed"], "invalid choice"),
