@@ -50,7 +50,8 @@ CLIENT_EDGE_AVERAGE = 0.5
 PAPER_DISTILL_C = {"redistill-lr": 0.0, "redistill-score-weight": 0.0, "edge-average": 1.0}
 # What a run did before these settings existed or had today's defaults: config.json files written then
 # lack the field, and read as this value (``RunConfig.completed``)
-BEFORE_CHANGED = {key.replace("-", "_"): value for key, value in PAPER_DISTILL_C.items()}
+BEFORE_CHANGED = {**{key.replace("-", "_"): value for key, value in PAPER_DISTILL_C.items()},
+                  "spread_rows": "distilled"}
 CLAIM_RULES = ("trusted", "earned", "improving", "lifting")  # how the class-aware merge takes a client's trained classes (strategies.verify)
 
 
@@ -180,7 +181,7 @@ class RunConfig:
                                           "each client's Distill C starts from that edge, so classes other clients "
                                           "taught the tutor can reach it (DiReDi)", SPREAD_MODES)
     # clients.app.distill, models.parts.with_class_rows; README "Spread"
-    spread_rows: str = setting("distilled", CLIENTS, "with spread, the classification rows of the classes a "
+    spread_rows: str = setting("server", CLIENTS, "with spread, the classification rows of the classes a "
                                                      "client neither trains nor dropped (other clients' classes): "
                                                      "as its Distill C leaves them (distilled) or the server's "
                                                      "spread edge's (server)", SPREAD_ROWS)
@@ -460,8 +461,6 @@ def resolve_run_config(raw: Mapping[str, Any] | RunConfig) -> RunConfig:
         raise ConfigError("edge-average", "averages the edges clients re-distil; it needs --redistill client")
     if config.spread == "on" and config.redistill != "client":
         raise ConfigError("spread", "starts the clients' Distill C from the server's edge; it needs --redistill client")
-    if config.spread_rows == "server" and config.spread != "on":
-        raise ConfigError("spread-rows", "takes rows from the server's spread edge; it needs --spread on")
 
     voc_root = config.voc_root
     if config.data == "voc":

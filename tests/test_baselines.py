@@ -454,10 +454,12 @@ def test_a_diredi_client_distils_from_the_spread_edge_when_one_comes(cache, tmp_
     assert all(torch.equal(v, kept[k]) for k, v in starts[1].items())  # without spread: the edge it kept
 
 
+@pytest.mark.parametrize("rows", ["server", "distilled"])
 def test_with_spread_rows_from_the_server_other_clients_classes_keep_the_spread_edge_s_rows(
-        cache, tmp_path, no_runtime, client_threads):
-    """--spread-rows server: after Distill C (and the edge average), the rows of the classes the client
-    neither trains nor dropped are the server's spread edge's, whole; its own classes' rows are not."""
+        cache, tmp_path, no_runtime, client_threads, rows):
+    """--spread-rows server (the default): after Distill C (and the edge average), the rows of the classes
+    the client neither trains nor dropped are the server's spread edge's, whole; its own classes' rows are
+    not. ``distilled``: none is."""
     from flwr.app import Context
 
     import clients.app as client_app
@@ -466,7 +468,7 @@ def test_with_spread_rows_from_the_server_other_clients_classes_keep_the_spread_
         state_record
 
     run = resolve_run_config({"profile": "smoke", "num-clients": 2, "rounds": 2, "cache-dir": str(cache),
-                              "spread": "on", "spread-rows": "server"})
+                              "spread": "on", "spread-rows": rows})
     assert run.edge_share == 0.5
     config = {**run.to_record(), METHOD: "diredi", WORK: DIREDI_WORK, EDGE_SOURCE: "stored"}
     own, spread, tutor = build_model("smoke", "edge", seed=1), build_model("smoke", "edge", seed=2), \
@@ -482,7 +484,7 @@ def test_with_spread_rows_from_the_server_other_clients_classes_keep_the_spread_
     others = [i for i in CLASS_INDEX.values() if i not in mine]
     theirs = spread.state_dict()
     for name in CLASS_ROW_PARAMS:
-        assert torch.equal(kept[name][others], theirs[name][others])
+        assert torch.equal(kept[name][others], theirs[name][others]) == (rows == "server")
         assert all(not torch.equal(kept[name][i], theirs[name][i]) for i in mine)
 
 

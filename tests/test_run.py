@@ -33,7 +33,7 @@ def test_clients_evaluate_every_kth_round_and_the_last():
     (["--spread", "on", "--redistill", "server"], "--spread starts the clients' Distill C from the server's edge; "
                                                   "it needs --redistill client"),
     (["--spread", "yes"], "invalid choice"),
-    (["--spread-rows", "server"], "--spread-rows takes rows from the server's spread edge; it needs --spread on"),
+    (["--spread-rows", "spread"], "invalid choice"),
     (["--edge-average", "1.5"], "--edge-average must be in (0, 1] (0: the default), got 1.5"),
     (["--edge-average", "0.5", "--redistill", "server"], "--edge-average averages the edges clients re-distil"),
     (["--claims", "believed"], "invalid choice"),
@@ -116,6 +116,11 @@ def test_a_run_folder_from_before_a_default_changed_reads_as_what_it_ran():
     paper = json.loads(json.dumps(resolve_run_config({"rounds": 3, "redistill-lr": 0, "redistill-score-weight": 0,
                                                       "edge-average": 1}).to_dict()))
     assert RunConfig.completed(older) == RunConfig.completed(paper)
+    # spread's rows from the server became the default after the spread runs without the field
+    assert now["spread_rows"] == "server"
+    before_rows = {k: v for k, v in now.items() if k != "spread_rows"}
+    distilled = json.loads(json.dumps(resolve_run_config({"rounds": 3, "spread-rows": "distilled"}).to_dict()))
+    assert RunConfig.completed(before_rows) == RunConfig.completed(distilled) != RunConfig.completed(now)
 
 
 def test_the_edge_average_default_follows_where_distill_c_runs():
