@@ -488,8 +488,8 @@ def distill(msg: Message, context: Context) -> Message:
     if SPREAD_EDGE in msg.content.array_records and run.spread_rows == "server":
         # ... score as the server's edge scores them: its Distill C, on images that hold none of them, would
         # push their scores under the detection threshold
-        mine = {*ws.clients[partition].train_classes, *ws.clients[partition].dropped}
-        others = [i for c, i in CLASS_INDEX.items() if c not in mine]
+        spec = ws.clients[partition]
+        others = [i for c, i in CLASS_INDEX.items() if c not in (*spec.train_classes, *spec.dropped)]
         new_edge = with_class_rows(new_edge, spread, others)
     if run.edge_share < 1:  # keep part of the deployed edge: damps the edge's swing from round to round,
         # but not on the classes this client changes: its own new classes (their scores would be halved each

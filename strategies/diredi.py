@@ -130,7 +130,6 @@ class DiReDiStrategy(Strategy):
         self.share_tutor1, self.redistill, self.edge_check = share_tutor1, redistill, edge_check
         self.spread_data = spread_data
         self.spread_edge = copy.deepcopy(edge).eval() if spread_data is not None else None
-        self._spread_ap: dict[str, float] | None = None  # the spread edge's validation AP, this round's
         self.aggregation, self.aggregation_options = aggregation, dict(aggregation_options or {})
         self.num_nodes, self.seed = num_nodes, seed
         self.sampler = ClientSampler(num_nodes, fraction, seed)  # also the node id -> partition id map
@@ -365,8 +364,6 @@ class DiReDiStrategy(Strategy):
                 start = time.perf_counter()
                 self.spread_edge = self.distil_spread_edge(server_round)
                 ledger.server_seconds["server_spread"] = (time.perf_counter() - start) / len(trained)
-                # what the clients' Distill C starts from, beside the tutor in its history: where spread is lost
-                self._spread_ap = self.validator.validate_edge(self.spread_edge)[0]
             replies = exchange(grid, self.configure_distill(server_round, config), timeout, meanwhile=self.record_tutor,
                                on_reply=self.check_edge if self.edge_check else None)
             self.aggregate_distill(server_round, replies)
@@ -631,9 +628,9 @@ class DiReDiStrategy(Strategy):
         ap = self.validator.tutor_ap()
         summary = {"round": server_round, "ap": dict(ap), "mAP": nan_mean(ap.values()),
                    "recall": dict(self.validator.tutor_recall)}  # at the operating threshold
-        if self._spread_ap is not None:  # spread: the server's edge distilled from this tutor
-            summary["spread_edge"] = {"ap": dict(self._spread_ap), "mAP": nan_mean(self._spread_ap.values())}
-            self._spread_ap = None
+        if self.spread_edge is not None:  # what the clients' Distill C starts from: where spread is lost
+            spread_ap = self.validator.validate_edge(self.spread_edge)[0]
+            summary["spread_edge"] = {"ap": dict(spread_ap), "mAP": nan_mean(spread_ap.values())}
         return summary
 
     def _timed_read(self, reply: Message) -> tuple[dict[str, Tensor] | None, str | None, float]:
