@@ -467,11 +467,13 @@ def _train_direct(msg: Message, context: Context) -> Message:
 def distill(msg: Message, context: Context) -> Message:
     config, run, ws, partition, seed = _common(msg, context)
     edge = deployed = _edge(msg, context, ws, config)
+    spec = ws.clients[partition]
+    others: list[int] = []  # with spread: the classes this client neither trains nor dropped (other clients')
     if SPREAD_EDGE in msg.content.array_records:  # spread: Distill C starts from the server's edge, ...
         spread = _model(ws, "edge", msg.content.array_records[SPREAD_EDGE])
         # ... but the classes this client dropped score as its own edge scores them: released stays released
-        dropped = [CLASS_INDEX[c] for c in ws.clients[partition].dropped]
-        edge = with_class_rows(spread, edge, dropped)
+        edge = with_class_rows(spread, edge, [CLASS_INDEX[c] for c in spec.dropped])
+        others = [i for c, i in CLASS_INDEX.items() if c not in (*spec.train_classes, *spec.dropped)]
     tutor = _tutor(msg, context, ws, config, TUTOR)
     root, method = node_state_dir(config, context.node_config), str(config[METHOD])
     cache = root is not None and run.body_cache == "run"  # distill.body_memo; clients.store
@@ -479,23 +481,21 @@ def distill(msg: Message, context: Context) -> Message:
         memo = open_body_cache(root, method, partition, body_fingerprint(tutor))
     else:
         memo = take_body_memo(root, method, partition) if root else None
-    kept = tuple(CLASS_INDEX[c] for c in ws.clients[partition].kept)  # soft targets, when switched on
+    kept = tuple(CLASS_INDEX[c] for c in spec.kept)  # soft targets, when switched on ...
+    if run.spread_scores == "others":  # ... and the others' classes: the tower under their rows should keep
+        kept += tuple(others)          # reading them on images that show none of them
     new_edge, report = distill_c(edge, tutor, _dataset(ws, partition, "train"), run.client_training(), seed,
                                  body_memo=memo, kept_classes=kept)
     if cache:
         save_body_outputs(root, method, partition, memo)
-    others: list[int] = []  # with spread: the classes this client neither trains nor dropped
-    if SPREAD_EDGE in msg.content.array_records and run.spread_rows == "server":
-        # ... score as the server's edge scores them: its Distill C, on images that hold none of them, would
-        # push their scores under the detection threshold
-        spec = ws.clients[partition]
-        others = [i for c, i in CLASS_INDEX.items() if c not in (*spec.train_classes, *spec.dropped)]
-        new_edge = with_class_rows(new_edge, spread, others)
+    from_server = others if run.spread_rows == "server" else []
+    # the others' classes score as the server's edge scores them: Distill C, on images that hold none of them,
+    # would push their scores under the detection threshold
+    new_edge = with_class_rows(new_edge, spread, from_server) if from_server else new_edge
     if run.edge_share < 1:  # keep part of the deployed edge: damps the edge's swing from round to round,
         # but not on the classes this client changes: its own new classes (their scores would be halved each
         # round) and the classes it dropped (the deployed edge's rows would bring them back); both measured
-        shards = ws.clients[partition]
-        changed = [CLASS_INDEX[c] for c in (*shards.private, *shards.dropped)] + others  # others: the server's
+        changed = [CLASS_INDEX[c] for c in (*spec.private, *spec.dropped)] + from_server  # and the server's
         new_edge.load_state_dict(interpolate_weights(deployed.state_dict(), new_edge.state_dict(), run.edge_share,
                                                      new_rows=changed))
     metrics = {**_identity(ws, partition), f"{SECONDS}.distill_c": report.seconds, PEAK_RSS: peak_rss_mb(),

@@ -177,8 +177,8 @@ def distill_c(edge: nn.Module, tutor: nn.Module, client_data: Dataset, settings:
     kept public + private images: the tutor's distillation loss plus the detector's loss on the
     client's labels (or, with ``redistill_targets="teacher"``, on the tutor's detections).
     ``body_memo``: Tutor 2's body outputs (the same body), served for the batches both phases draw.
-    ``kept_classes``: the client's kept presumed classes (label indices), whose tutor scores are soft
-    targets when ``settings.redistill_score_weight`` > 0."""
+    ``kept_classes``: the client's kept presumed classes (label indices; with ``--spread-scores others`` also
+    other clients' classes), whose tutor scores are soft targets when ``settings.redistill_score_weight`` > 0."""
     student = copy.deepcopy(edge)
     return student, train(student, client_data, distill_c_phase(settings, seed, kept_classes), teacher=tutor,
                           progress=progress, body_memo=body_memo)
@@ -202,7 +202,7 @@ def distill_c_phase(settings: ClientTraining, seed: int, kept_classes: tuple[int
 
 
 def spread_distill(edge: nn.Module, tutor: nn.Module, images: Dataset, settings: ClientTraining, seed: int,
-                   classes: tuple[int, ...], score_weight: float = 4.0,
+                   classes: tuple[int, ...], score_weight: float = 4.0, iters: int = 0,
                    progress: bool = False) -> tuple[nn.Module, PhaseReport]:
     """Spread: a copy of the server's edge distilled from the updated tutor on the manufacturer's images,
     with the tutor as the only teacher (the images' labels are not used).
@@ -213,10 +213,13 @@ def spread_distill(edge: nn.Module, tutor: nn.Module, images: Dataset, settings:
     its detections above ``settings``' pseudo-label threshold for the detector's loss, its neck features
     (FGD, as Distill C) and its class scores on ``classes`` (label indices; ``distill.scores``) with
     ``score_weight``. The scores carry what the tutor learned below the pseudo-label threshold, where a
-    new class sits for several rounds. As many steps as Distill C, in its own data order (seed + 5)."""
+    new class sits for several rounds. ``iters`` steps (0: as many as Distill C), in its own data order
+    (seed + 5)."""
     student = copy.deepcopy(edge)
     phase = replace(distill_c_phase(settings, seed), name="spread", targets="teacher", seed=seed + 5,
                     score_weight=score_weight, score_classes=tuple(classes))
+    if iters:
+        phase = replace(phase, iters=iters)
     return student, train(student, images, phase, teacher=tutor, progress=progress)
 
 

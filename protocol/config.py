@@ -42,6 +42,7 @@ BODY_CACHES = ("round", "run")  # how long a client keeps the tutor body's outpu
 EDGE_CHECKS = ("off", "on")  # the manufacturer's check of each re-distilled edge before it is deployed
 SPREAD_MODES = ("off", "on")  # the server's edge, distilled from the updated tutor, as Distill C's start
 SPREAD_ROWS = ("distilled", "server")  # with spread, where other clients' classes' rows come from after Distill C
+SPREAD_SCORES = ("kept", "others")  # with spread, which classes' tutor scores are Distill C's soft targets
 # A DiReDi client deploys this share of its re-distilled edge (--edge-average 0, the default, with client
 # re-distillation): README "All three together"
 CLIENT_EDGE_AVERAGE = 0.5
@@ -185,6 +186,14 @@ class RunConfig:
                                                      "client neither trains nor dropped (other clients' classes): "
                                                      "as its Distill C leaves them (distilled) or the server's "
                                                      "spread edge's (server)", SPREAD_ROWS)
+    # clients.app.distill, distill.scores; README "Spread"
+    spread_scores: str = setting("kept", CLIENTS, "with spread, the classes whose tutor scores are soft targets "
+                                                  "of a client's Distill C: its kept presumed classes (kept), or "
+                                                  "also the classes it neither trains nor dropped (others)",
+                                 SPREAD_SCORES)
+    # strategies.diredi.distil_spread_edge
+    spread_iters: int = setting(0, CLIENTS, "with spread, the server's distillation steps per round into its "
+                                            "edge (0: as many as a client's Distill C)")
     # clients.app.distill, models.parts.interpolate_weights; client re-distillation only
     edge_average: float = setting(0.0, CLIENTS, "a DiReDi client deploys this share of its re-distilled edge and "
                                                 "keeps the rest of the edge it deployed before (weights averaged "
@@ -409,7 +418,7 @@ def resolve_run_config(raw: Mapping[str, Any] | RunConfig) -> RunConfig:
         raise ConfigError("methods", f"unknown {unknown_methods or 'empty list'}; choose from {','.join(METHODS)}")
     methods = tuple(m for m in METHODS if m in methods)  # one order everywhere
     for name, low in (("num_clients", 1), ("rounds", 1), ("eval_every", 1), ("rd_iters", 0), ("redistill_iters", 0),
-                      ("batch_size", 0), ("direct_iters", 0), ("replicate", 0)):  # 0: "the profile's"
+                      ("spread_iters", 0), ("batch_size", 0), ("direct_iters", 0), ("replicate", 0)):  # 0: "the profile's"
         if getattr(config, name) < low:
             raise ConfigError(_key(name), f"must be at least {low}, got {getattr(config, name)}")
     if not (math.isfinite(config.delta_topk) and 0 < config.delta_topk <= 1):
@@ -461,6 +470,10 @@ def resolve_run_config(raw: Mapping[str, Any] | RunConfig) -> RunConfig:
         raise ConfigError("edge-average", "averages the edges clients re-distil; it needs --redistill client")
     if config.spread == "on" and config.redistill != "client":
         raise ConfigError("spread", "starts the clients' Distill C from the server's edge; it needs --redistill client")
+    if config.spread_scores == "others" and config.spread != "on":
+        raise ConfigError("spread-scores", "adds the classes of other clients that spread brings; it needs --spread on")
+    if config.spread_iters and config.spread != "on":
+        raise ConfigError("spread-iters", "sets the server's spread distillation; it needs --spread on")
 
     voc_root = config.voc_root
     if config.data == "voc":

@@ -90,6 +90,8 @@ class DiReDiStrategy(Strategy):
             distils the updated tutor into an edge of its own each round (``spread_edge``, starting from
             the manufacturer's edge; the images' labels are not used), which every "train.distill"
             carries as the start of the client's Distill C (the edge's 1.7 MB down). None: off.
+        spread_iters: the server's distillation steps per round into that edge (0: as many as a
+            client's Distill C, ``settings.redistill_iters``).
         num_nodes, fraction: the federation's nodes, and the share of them sampled each round.
         recorder: where records, decisions and failures go (``strategies.ledger.Recorder``).
         reference_fn: ``reference_fn(tutor)`` -> the server's own reference update for the direction
@@ -105,7 +107,7 @@ class DiReDiStrategy(Strategy):
                  settings: ClientTraining, policy: VerificationPolicy | None = None, *, presumed_data=None,
                  share_tutor1: bool = False, aggregation: str = "weighted",
                  aggregation_options: Mapping[str, Any] | None = None, redistill: str = "client",
-                 edge_check: bool = False, spread_data=None, num_nodes: int = 1, fraction: float = 1.0, seed: int = 0,
+                 edge_check: bool = False, spread_data=None, spread_iters: int = 0, num_nodes: int = 1, fraction: float = 1.0, seed: int = 0,
                  recorder: Recorder | None = None,
                  reference_fn: Callable[[nn.Module], Mapping[str, Tensor] | None] | None = None) -> None:
         if aggregation not in AGGREGATION_METHODS:
@@ -128,7 +130,7 @@ class DiReDiStrategy(Strategy):
                                             policy or VerificationPolicy(), settings.beta, seed)
         self.presumed_data = presumed_data
         self.share_tutor1, self.redistill, self.edge_check = share_tutor1, redistill, edge_check
-        self.spread_data = spread_data
+        self.spread_data, self.spread_iters = spread_data, spread_iters
         self.spread_edge = copy.deepcopy(edge).eval() if spread_data is not None else None
         self.aggregation, self.aggregation_options = aggregation, dict(aggregation_options or {})
         self.num_nodes, self.seed = num_nodes, seed
@@ -319,7 +321,8 @@ class DiReDiStrategy(Strategy):
         (``distill.rd.spread_distill``, on every class the validation set holds)."""
         edge, _ = spread_distill(self.spread_edge, self.tutor, self.spread_data, self.settings,
                                  seed=work_seed(self.seed, server_round, SERVER),
-                                 classes=tuple(CLASS_INDEX[c] for c in self.validation_classes))
+                                 classes=tuple(CLASS_INDEX[c] for c in self.validation_classes),
+                                 iters=self.spread_iters)
         return edge.eval()
 
     def _to_participants(self, server_round: int, message_type: str, config: ConfigRecord, name: str,

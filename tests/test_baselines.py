@@ -488,6 +488,43 @@ def test_with_spread_rows_from_the_server_other_clients_classes_keep_the_spread_
         assert all(not torch.equal(kept[name][i], theirs[name][i]) for i in mine)
 
 
+@pytest.mark.parametrize("scores", ["kept", "others"])
+def test_with_spread_scores_others_distill_c_also_learns_the_tutor_s_scores_of_other_clients_classes(
+        cache, tmp_path, no_runtime, client_threads, monkeypatch, scores):
+    """--spread-scores others: Distill C's soft targets are the tutor's scores on the client's kept presumed
+    classes and on the classes it neither trains nor dropped; ``kept`` (the default): the kept ones only.
+    Never a class it trains or dropped."""
+    from flwr.app import Context
+
+    import clients.app as client_app
+    from protocol.wire import CONFIG, DIREDI_WORK, EDGE, EDGE_SOURCE, METHOD, SERVER_ROUND, SPREAD_EDGE, TUTOR, WORK, \
+        state_record
+
+    asked = []
+    real = client_app.distill_c
+
+    def spy(*args, kept_classes=(), **kwargs):
+        asked.append(set(kept_classes))
+        return real(*args, kept_classes=kept_classes, **kwargs)
+
+    monkeypatch.setattr(client_app, "distill_c", spy)
+    run = resolve_run_config({"profile": "smoke", "num-clients": 2, "rounds": 2, "cache-dir": str(cache),
+                              "spread": "on", "spread-scores": scores})
+    config = {**run.to_record(), METHOD: "diredi", WORK: DIREDI_WORK, EDGE_SOURCE: "stored"}
+    context = Context(run_id=1, node_id=1, node_config={"partition-id": 1}, state=RecordDict(), run_config={})
+    context.state[f"diredi.{EDGE}"] = state_record(build_model("smoke", "edge", seed=1))
+    content = RecordDict({TUTOR: state_record(build_model("smoke", "tutor", seed=0)),
+                          SPREAD_EDGE: state_record(build_model("smoke", "edge", seed=2)),
+                          CONFIG: ConfigRecord({**config, SERVER_ROUND: 1})})
+    client_app.distill(Message(content=content, message_type="train.distill", dst_node_id=1), context)
+    spec = client_app.workspace_of(run).clients[1]
+    kept = {CLASS_INDEX[c] for c in spec.kept}
+    mine = {CLASS_INDEX[c] for c in (*spec.train_classes, *spec.dropped)}
+    others = set(CLASS_INDEX.values()) - mine
+    assert kept and others - kept and not (asked[0] & {CLASS_INDEX[c] for c in (*spec.private, *spec.dropped)})
+    assert asked == [kept | others if scores == "others" else kept]
+
+
 def test_an_averaged_edge_takes_the_rows_of_the_classes_the_client_changes_whole(cache, tmp_path, no_runtime,
                                                                                    client_threads, monkeypatch):
     """--edge-average 0.5: the edge a client keeps is half its re-distilled edge and half the edge it had,

@@ -353,6 +353,9 @@ def test_spread_distill_brings_the_edge_to_the_tutors_scores_and_leaves_its_star
     assert len(report.score_losses) == settings.redistill_iters
     again, _ = spread_distill(chain.edge, chain.tutor, images, settings, seed=0, classes=classes)
     assert all(torch.equal(a, b) for a, b in zip(spread.state_dict().values(), again.state_dict().values()))
+    _, longer = spread_distill(chain.edge, chain.tutor, images, settings, seed=0, classes=classes,
+                               iters=settings.redistill_iters + 3)  # --spread-iters
+    assert len(longer.score_losses) == settings.redistill_iters + 3
 
     assert score_gap(spread.eval(), chain.tutor, images, classes, 16) < score_gap(chain.edge.eval(), chain.tutor,
                                                                                    images, classes, 16)

@@ -34,6 +34,10 @@ def test_clients_evaluate_every_kth_round_and_the_last():
                                                   "it needs --redistill client"),
     (["--spread", "yes"], "invalid choice"),
     (["--spread-rows", "spread"], "invalid choice"),
+    (["--spread-scores", "others"], "--spread-scores adds the classes of other clients that spread brings; it needs "
+                                    "--spread on"),
+    (["--spread-iters", "72"], "--spread-iters sets the server's spread distillation; it needs --spread on"),
+    (["--spread", "on", "--spread-iters", "-1"], "--spread-iters must be at least 0, got -1"),
     (["--edge-average", "1.5"], "--edge-average must be in (0, 1] (0: the default), got 1.5"),
     (["--edge-average", "0.5", "--redistill", "server"], "--edge-average averages the edges clients re-distil"),
     (["--claims", "believed"], "invalid choice"),
