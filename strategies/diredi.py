@@ -107,7 +107,8 @@ class DiReDiStrategy(Strategy):
                  settings: ClientTraining, policy: VerificationPolicy | None = None, *, presumed_data=None,
                  share_tutor1: bool = False, aggregation: str = "weighted",
                  aggregation_options: Mapping[str, Any] | None = None, redistill: str = "client",
-                 edge_check: bool = False, spread_data=None, spread_iters: int = 0, num_nodes: int = 1, fraction: float = 1.0, seed: int = 0,
+                 edge_check: bool = False, spread_data=None, spread_iters: int = 0, num_nodes: int = 1,
+                 fraction: float = 1.0, seed: int = 0,
                  recorder: Recorder | None = None,
                  reference_fn: Callable[[nn.Module], Mapping[str, Tensor] | None] | None = None) -> None:
         if aggregation not in AGGREGATION_METHODS:
