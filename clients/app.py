@@ -489,9 +489,9 @@ def distill(msg: Message, context: Context) -> Message:
     if cache:
         save_body_outputs(root, method, partition, memo)
     from_server = others if run.spread_rows == "server" else []
-    # the others' classes score as the server's edge scores them: Distill C, on images that hold none of them,
-    # would push their scores under the detection threshold
-    new_edge = with_class_rows(new_edge, spread, from_server) if from_server else new_edge
+    if from_server:  # the others' classes score as the server's edge scores them: Distill C, on images that
+        # hold none of them, would push their scores under the detection threshold
+        new_edge = with_class_rows(new_edge, spread, from_server)
     if run.edge_share < 1:  # keep part of the deployed edge: damps the edge's swing from round to round,
         # but not on the classes this client changes: its own new classes (their scores would be halved each
         # round) and the classes it dropped (the deployed edge's rows would bring them back); both measured

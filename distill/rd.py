@@ -217,9 +217,7 @@ def spread_distill(edge: nn.Module, tutor: nn.Module, images: Dataset, settings:
     (seed + 5)."""
     student = copy.deepcopy(edge)
     phase = replace(distill_c_phase(settings, seed), name="spread", targets="teacher", seed=seed + 5,
-                    score_weight=score_weight, score_classes=tuple(classes))
-    if iters:
-        phase = replace(phase, iters=iters)
+                    iters=iters or settings.redistill_iters, score_weight=score_weight, score_classes=tuple(classes))
     return student, train(student, images, phase, teacher=tutor, progress=progress)
 
 
