@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -23,3 +24,22 @@ def test_run_config_merge_defences_defaults_and_validation():
         with pytest.raises(ConfigError) as error:
             resolve_run_config({key: value})
         assert error.value.key == key
+
+
+def test_spread_iters_resolves_to_four_times_distill_c_and_older_runs_read_as_they_ran():
+    """--spread-iters 0 (the default) is four times a client's Distill C steps with spread on, recorded as
+    the count; an explicit count is kept; without spread nothing is set. A run folder written when 0 meant
+    "as many as Distill C" reads back as that many, so it never passes for a run of today's default."""
+    from protocol.config import SPREAD_STEPS_PER_DISTILL_C, RunConfig, resolve_run_config
+
+    on = resolve_run_config({"profile": "cpu", "spread": "on"})
+    assert on.spread_iters == SPREAD_STEPS_PER_DISTILL_C * on.redistill_iters == 144
+    assert resolve_run_config({"profile": "cpu", "spread": "on", "redistill-iters": 10}).spread_iters == 40
+    assert resolve_run_config({"profile": "cpu", "spread": "on", "spread-iters": 36}).spread_iters == 36
+    assert resolve_run_config({"profile": "cpu"}).spread_iters == 0
+    written = json.loads(json.dumps(on.to_dict()))
+    earlier = {**written, "spread_iters": 0}  # an older run folder: 36 steps were taken
+    assert RunConfig.completed(earlier)["spread_iters"] == 36
+    assert RunConfig.completed(earlier) == RunConfig.completed({**written, "spread_iters": 36})
+    assert RunConfig.completed(earlier) != RunConfig.completed(written)
+    assert RunConfig.completed({})["spread_iters"] == 0  # spread off: no server steps
