@@ -11,7 +11,7 @@ clients), and the variant's DiReDi is compared with the study's DiReDi and local
 given and their clients (``evaluation.study``), and "yes / no / cannot tell" for "the variant is better".
 ``--baseline`` pairs with other DiReDi runs instead (e.g. the study's DiReDi rerun on a machine whose
 manufacturer chain differs from the study's: a CPU of another make computes other bits); local training
-is then compared only where those runs hold it. The study's runs hold the paper's Distill C (the default
+is then compared only where those runs hold it (and alone where they hold only local training). The study's runs hold the paper's Distill C (the default
 when they ran); a variant of today's defaults pairs with the combination's runs, which are today's
 study's DiReDi: ``--baseline experiments/results/combo_runs/avg-lr-w4-r20-rep<k>``. Beside the verdicts, the protected classes' path along the run (``protected_path``: how far a client's
 deployed edge moves on them from round to round on its test shard, its worst round and its last against
@@ -126,7 +126,7 @@ def main(argv=None) -> int:
     parser.add_argument("--baseline", type=Path, nargs="+",
                         help="DiReDi runs to pair with instead of the study's, ...-rep<k> (e.g. made on another "
                              "machine's manufacturer chain than the study's); local training is compared where "
-                             "they hold it")
+                             "they hold it, and alone where they hold only local training")
     parser.add_argument("--method", default="diredi", help="the method compared (default diredi)")
     parser.add_argument("--summary", type=Path,
                         help="the study's compare.json: is the variant's mean inside the study's interval?")
@@ -142,8 +142,11 @@ def main(argv=None) -> int:
             raise SystemExit(f"python -m experiments.variant: error: no baseline run of replicate {k} "
                              f"({'--baseline' if args.baseline else args.study})")
         base_folders[k] = base
-        pairs.append((k, values(folder, method), values(base, method),
-                      optional_values(base, "local") if method == "diredi" else None))
+        same, local = optional_values(base, method), optional_values(base, "local") if method == "diredi" else None
+        if same is None and local is None:
+            raise SystemExit(f"python -m experiments.variant: error: {base} has no {method} records"
+                             + (" and no local records" if method == "diredi" else ""))
+        pairs.append((k, values(folder, method), same, local))
     last = min(max(v) for _, v, _, _ in pairs)
     rounds = sorted({r for r in (2, 10, last) if r <= last})
     rows = []

@@ -393,6 +393,24 @@ def test_a_variant_is_paired_with_the_study_run_of_its_replicate(tmp_path):
     assert {r["baseline"] for r in against["rows"]} == {"diredi"}
     assert [r for r in against["rows"] if r["baseline"] == "diredi"] == \
            [r for r in json.loads((tmp_path / "worse.json").read_text())["rows"] if r["baseline"] == "diredi"]
+    # --baseline: local training's runs alone (the same chain, no DiReDi there): the rows against local only
+    (tmp_path / "local-rep0").mkdir()
+    shutil.copy(source / "config.json", tmp_path / "local-rep0" / "config.json")
+    (tmp_path / "local-rep0" / "rounds.jsonl").write_text(
+        "\n".join(line for line in keep if json.loads(line)["method"] == "local") + "\n")
+    assert main(["--variant", str(tmp_path / "worse-rep0"), "--name", "worse", "--baseline", str(tmp_path / "local-rep0"),
+                 "--out", str(tmp_path / "against-local")]) == 0
+    against_local = json.loads((tmp_path / "against-local.json").read_text())
+    assert {r["baseline"] for r in against_local["rows"]} == {"local"}
+    assert [r for r in against_local["rows"]] == [r for r in worse_rows.values() if r["baseline"] == "local"]
+    assert {r["run"] for r in against_local["protected_path"]} == {"worse", "baseline local"}
+    (tmp_path / "none-rep0").mkdir()
+    shutil.copy(source / "config.json", tmp_path / "none-rep0" / "config.json")
+    (tmp_path / "none-rep0" / "rounds.jsonl").write_text(
+        "\n".join(line for line in keep if json.loads(line)["method"] == "local").replace('"local"', '"oracle"') + "\n")
+    with pytest.raises(SystemExit, match="has no diredi records and no local records"):
+        main(["--variant", str(tmp_path / "worse-rep0"), "--name", "worse", "--baseline", str(tmp_path / "none-rep0"),
+              "--out", str(tmp_path / "against-none")])
 
 
 def test_a_variant_of_another_method_and_the_studys_interval(tmp_path):
