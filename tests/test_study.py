@@ -382,35 +382,30 @@ def test_a_variant_is_paired_with_the_study_run_of_its_replicate(tmp_path):
     # rounds 2.. lost 10 points (less where person was below 0.1): the worst and the last round show it
     assert path["worse"]["last"] - path["baseline diredi"]["last"] == pytest.approx(-10, abs=1.5)
     assert path["worse"]["worst"] < path["baseline diredi"]["worst"] - 5 and "deployed" not in path["worse"]
-    # --baseline: other DiReDi runs (here without local training) instead of the study's
-    (tmp_path / "base-rep0").mkdir()
-    shutil.copy(source / "config.json", tmp_path / "base-rep0" / "config.json")
-    (tmp_path / "base-rep0" / "rounds.jsonl").write_text(
-        "\n".join(line for line in keep if json.loads(line)["method"] == "diredi") + "\n")
-    assert main(["--variant", str(tmp_path / "worse-rep0"), "--name", "worse", "--baseline", str(tmp_path / "base-rep0"),
-                 "--out", str(tmp_path / "against-base")]) == 0
-    against = json.loads((tmp_path / "against-base.json").read_text())
-    assert {r["baseline"] for r in against["rows"]} == {"diredi"}
-    assert [r for r in against["rows"] if r["baseline"] == "diredi"] == \
-           [r for r in json.loads((tmp_path / "worse.json").read_text())["rows"] if r["baseline"] == "diredi"]
-    # --baseline: local training's runs alone (the same chain, no DiReDi there): the rows against local only
-    (tmp_path / "local-rep0").mkdir()
-    shutil.copy(source / "config.json", tmp_path / "local-rep0" / "config.json")
-    (tmp_path / "local-rep0" / "rounds.jsonl").write_text(
-        "\n".join(line for line in keep if json.loads(line)["method"] == "local") + "\n")
-    assert main(["--variant", str(tmp_path / "worse-rep0"), "--name", "worse", "--baseline", str(tmp_path / "local-rep0"),
-                 "--out", str(tmp_path / "against-local")]) == 0
-    against_local = json.loads((tmp_path / "against-local.json").read_text())
-    assert {r["baseline"] for r in against_local["rows"]} == {"local"}
-    assert [r for r in against_local["rows"]] == [r for r in worse_rows.values() if r["baseline"] == "local"]
-    assert {r["run"] for r in against_local["protected_path"]} == {"worse", "baseline local"}
-    (tmp_path / "none-rep0").mkdir()
-    shutil.copy(source / "config.json", tmp_path / "none-rep0" / "config.json")
-    (tmp_path / "none-rep0" / "rounds.jsonl").write_text(
-        "\n".join(line for line in keep if json.loads(line)["method"] == "local").replace('"local"', '"oracle"') + "\n")
+    def against(method: str, as_method: str) -> dict:
+        """--baseline: a run folder holding only ``method``'s records of the study's replicate 0, renamed
+        ``as_method``; the variant "worse" against it."""
+        name = f"{as_method}-rep0"
+        (tmp_path / name).mkdir()
+        shutil.copy(source / "config.json", tmp_path / name / "config.json")
+        lines = [json.dumps({**json.loads(line), "method": as_method}) for line in keep
+                 if json.loads(line)["method"] == method]
+        (tmp_path / name / "rounds.jsonl").write_text("\n".join(lines) + "\n")
+        assert main(["--variant", str(tmp_path / "worse-rep0"), "--name", "worse", "--baseline", str(tmp_path / name),
+                     "--out", str(tmp_path / f"against-{name}")]) == 0
+        return json.loads((tmp_path / f"against-{name}.json").read_text())
+
+    # other DiReDi runs (here without local training) instead of the study's: the rows against DiReDi only
+    base = against("diredi", "diredi")
+    assert {r["baseline"] for r in base["rows"]} == {"diredi"}
+    assert base["rows"] == [r for r in worse_rows.values() if r["baseline"] == "diredi"]
+    # local training's runs alone (the same chain, no DiReDi there): the rows against local only
+    local = against("local", "local")
+    assert {r["baseline"] for r in local["rows"]} == {"local"}
+    assert local["rows"] == [r for r in worse_rows.values() if r["baseline"] == "local"]
+    assert {r["run"] for r in local["protected_path"]} == {"worse", "baseline local"}
     with pytest.raises(SystemExit, match="has no diredi records and no local records"):
-        main(["--variant", str(tmp_path / "worse-rep0"), "--name", "worse", "--baseline", str(tmp_path / "none-rep0"),
-              "--out", str(tmp_path / "against-none")])
+        against("local", "oracle")
 
 
 def test_a_variant_of_another_method_and_the_studys_interval(tmp_path):
