@@ -317,7 +317,7 @@ class RunConfig:
         now record the resolved count) as the steps it took then, as many as Distill C. For comparing settings
         (``--resume``): an older run folder compares equal to the same settings today."""
         completed = {**json.loads(json.dumps(RunConfig().to_dict())), **BEFORE_CHANGED, **recorded}
-        if completed["spread"] == "on" and not completed["spread_iters"]:  # recorded before 0 meant four times
+        if completed["spread"] == "on" and not completed["spread_iters"]:  # recorded before 0 came to mean four times
             completed["spread_iters"] = completed["redistill_iters"]
         return completed
 
