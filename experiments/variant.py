@@ -11,11 +11,13 @@ clients), and the variant's DiReDi is compared with the study's DiReDi and local
 given and their clients (``evaluation.study``), and "yes / no / cannot tell" for "the variant is better".
 ``--baseline`` pairs with other DiReDi runs instead (e.g. the study's DiReDi rerun on a machine whose
 manufacturer chain differs from the study's: a CPU of another make computes other bits); local training
-is then compared only where those runs hold it (and alone where they hold only local training). The study's
-runs hold the paper's Distill C (the default when they ran); a variant of today's defaults pairs with the combination's runs, which are today's
-study's DiReDi: ``--baseline experiments/results/combo_runs/avg-lr-w4-r20-rep<k>``. Beside the verdicts, the protected classes' path along the run (``protected_path``: how far a client's
-deployed edge moves on them from round to round on its test shard, its worst round and its last against
-where it started) and, for a run with the edge check, how many re-distilled edges were deployed.
+is then compared only where those runs hold it (and alone where they hold only local training). The
+study's runs hold the paper's Distill C (the default when they ran); a variant of today's defaults pairs
+with the combination's runs, which are today's study's DiReDi: ``--baseline
+experiments/results/combo_runs/avg-lr-w4-r20-rep<k>``. Beside the verdicts, the protected classes' path
+along the run (``protected_path``: how far a client's deployed edge moves on them from round to round on
+its test shard, its worst round and its last against where it started) and, for a run with the edge
+check, how many re-distilled edges were deployed.
 ``--method M`` compares another method of the variant's runs with the same method of the study's
 (e.g. a study under other compute settings: ``--method local``); the comparison with local training
 is DiReDi's only. ``--summary`` (the study's ``compare.json``) adds whether the variant's mean over its

@@ -312,12 +312,12 @@ class RunConfig:
     @staticmethod
     def completed(recorded: Mapping[str, Any]) -> dict[str, Any]:
         """A config.json's "run" (as read back) with every field it lacks at what that run did: its default, or
-        for a setting whose default changed since, its value then (``BEFORE_CHANGED``); a ``spread_iters`` of 0
-        with spread on (recorded before 0 meant ``SPREAD_STEPS_PER_DISTILL_C`` times Distill C's steps; runs
-        now record the resolved count) as the steps it took then, as many as Distill C. For comparing settings
-        (``--resume``): an older run folder compares equal to the same settings today."""
+        for a setting whose default changed since, its value then (``BEFORE_CHANGED``). A ``spread_iters`` of 0
+        with spread on can only come from a run made while 0 meant as many steps as Distill C (runs now record
+        the resolved count, ``SPREAD_STEPS_PER_DISTILL_C`` times Distill C's), so it reads as that many. For
+        comparing settings (``--resume``): an older run folder compares equal to the same settings today."""
         completed = {**json.loads(json.dumps(RunConfig().to_dict())), **BEFORE_CHANGED, **recorded}
-        if completed["spread"] == "on" and not completed["spread_iters"]:  # recorded before 0 came to mean four times
+        if completed["spread"] == "on" and not completed["spread_iters"]:  # made before 0 came to mean four times
             completed["spread_iters"] = completed["redistill_iters"]
         return completed
 
