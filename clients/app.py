@@ -496,7 +496,11 @@ def distill(msg: Message, context: Context) -> Message:
         # but not on the classes this client changes: its own new classes (their scores would be halved each
         # round) and the classes it dropped (the deployed edge's rows would bring them back); both measured
         changed = [CLASS_INDEX[c] for c in (*spec.private, *spec.dropped)] + from_server  # and the server's
-        new_edge.load_state_dict(interpolate_weights(deployed.state_dict(), new_edge.state_dict(), run.edge_share,
+        # with --spread-average server, the partner is the edge Distill C started from (the server's spread
+        # edge, the client's own rows of the classes it dropped): the tower stays nearer the one the server's
+        # rows of other clients' classes were distilled on
+        partner = edge if run.spread_average == "server" else deployed
+        new_edge.load_state_dict(interpolate_weights(partner.state_dict(), new_edge.state_dict(), run.edge_share,
                                                      new_rows=changed))
     metrics = {**_identity(ws, partition), f"{SECONDS}.distill_c": report.seconds, PEAK_RSS: peak_rss_mb(),
                **loss_metrics("distill_c", report), **body_metrics("distill_c", memo)}

@@ -43,6 +43,7 @@ EDGE_CHECKS = ("off", "on")  # the manufacturer's check of each re-distilled edg
 SPREAD_MODES = ("off", "on")  # the server's edge, distilled from the updated tutor, as Distill C's start
 SPREAD_ROWS = ("distilled", "server")  # with spread, where other clients' classes' rows come from after Distill C
 SPREAD_SCORES = ("kept", "others")  # with spread, which classes' tutor scores are Distill C's soft targets
+SPREAD_AVERAGES = ("deployed", "server")  # with spread, the edge a client's re-distilled edge is averaged with
 # With spread, the server's distillation steps per round into its edge as a multiple of a client's Distill C
 # steps (--spread-iters 0): four times gave every figure better than once over three replicates and on
 # heldout8 (README "The server's own distillation steps")
@@ -195,6 +196,11 @@ class RunConfig:
                                                   "of a client's Distill C: its kept presumed classes (kept), or "
                                                   "also the classes it neither trains nor dropped (others)",
                                  SPREAD_SCORES)
+    # clients.app.distill; README "Spread"
+    spread_average: str = setting("deployed", CLIENTS, "with spread and an edge average, the edge a client's "
+                                                       "re-distilled edge is averaged with: the edge it deployed "
+                                                       "(deployed) or the server's spread edge its Distill C "
+                                                       "started from (server)", SPREAD_AVERAGES)
     # strategies.diredi.distil_spread_edge
     spread_iters: int = setting(0, CLIENTS, "with spread, the server's distillation steps per round into its "
                                             "edge (0: four times a client's Distill C steps)")
@@ -481,6 +487,10 @@ def resolve_run_config(raw: Mapping[str, Any] | RunConfig) -> RunConfig:
         raise ConfigError("spread", "starts the clients' Distill C from the server's edge; it needs --redistill client")
     if config.spread_scores == "others" and config.spread != "on":
         raise ConfigError("spread-scores", "adds the classes of other clients that spread brings; it needs --spread on")
+    if config.spread_average == "server" and config.spread != "on":
+        raise ConfigError("spread-average", "averages with the server's spread edge; it needs --spread on")
+    if config.spread_average == "server" and config.edge_average == 1:
+        raise ConfigError("spread-average", "sets the partner of the edge average; --edge-average 1 averages nothing")
     if config.spread_iters and config.spread != "on":
         raise ConfigError("spread-iters", "sets the server's spread distillation; it needs --spread on")
 

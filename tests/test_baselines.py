@@ -567,6 +567,56 @@ def test_an_averaged_edge_takes_the_rows_of_the_classes_the_client_changes_whole
     assert not torch.equal(kept[conv], redistilled[conv])  # Distill C moved it: the average is not the new edge
 
 
+@pytest.mark.parametrize("partner", ["deployed", "server"])
+def test_with_spread_the_edge_average_takes_the_partner_spread_average_names(cache, tmp_path, no_runtime,
+                                                                              client_threads, monkeypatch, partner):
+    """--spread on --spread-average server: the client keeps half its re-distilled edge and half the server's
+    spread edge its Distill C started from (``deployed``, the default: half the edge it deployed before);
+    the rows of the classes it changes and of the other clients' classes are whole either way."""
+    from flwr.app import Context
+
+    import clients.app as client_app
+    from models.parts import CLASS_ROW_PARAMS
+    from protocol.wire import CONFIG, DIREDI_WORK, EDGE, EDGE_SOURCE, METHOD, SERVER_ROUND, SPREAD_EDGE, TUTOR, \
+        WORK, state_record
+
+    monkeypatch.setattr(client_app, "per_class_ap",
+                        lambda model, data, classes, **_: ({c: 0.0 for c in classes}, {"mAP": 0.0}))
+    made = []
+    real = client_app.distill_c
+
+    def spy(edge, *args, **kwargs):
+        new_edge, report = real(edge, *args, **kwargs)
+        made.append({k: v.clone() for k, v in new_edge.state_dict().items()})
+        return new_edge, report
+
+    monkeypatch.setattr(client_app, "distill_c", spy)
+    run = resolve_run_config({"profile": "smoke", "num-clients": 2, "rounds": 2, "cache-dir": str(cache),
+                              "spread": "on", "spread-average": partner})
+    config = {**run.to_record(), METHOD: "diredi", WORK: DIREDI_WORK, EDGE_SOURCE: "stored"}
+    own, spread = build_model("smoke", "edge", seed=1), build_model("smoke", "edge", seed=2)
+    context = Context(run_id=1, node_id=1, node_config={"partition-id": 1}, state=RecordDict(), run_config={})
+    context.state[f"diredi.{EDGE}"] = state_record(own)
+    content = RecordDict({TUTOR: state_record(build_model("smoke", "tutor", seed=0)),
+                          SPREAD_EDGE: state_record(spread), CONFIG: ConfigRecord({**config, SERVER_ROUND: 1})})
+    client_app.distill(Message(content=content, message_type="train.distill", dst_node_id=1), context)
+    kept = context.state.array_records[f"diredi.{EDGE}"].to_torch_state_dict()
+    redistilled = made[0]
+    expected_partner = (spread if partner == "server" else own).state_dict()
+    conv = next(k for k in kept if k.endswith("weight") and k not in CLASS_ROW_PARAMS)
+    assert torch.allclose(kept[conv], (expected_partner[conv] + redistilled[conv]) / 2)
+    spec = client_app.workspace_of(run).clients[1]
+    kept_rows = [CLASS_INDEX[c] for c in spec.kept]  # averaged rows: the partner shows there too
+    for name in CLASS_ROW_PARAMS:
+        assert torch.allclose(kept[name][kept_rows], (expected_partner[name][kept_rows]
+                                                      + redistilled[name][kept_rows]) / 2)
+    changed = [CLASS_INDEX[c] for c in (*spec.private, *spec.dropped)]
+    others = [i for c, i in CLASS_INDEX.items() if c not in (*spec.train_classes, *spec.dropped)]
+    for name in CLASS_ROW_PARAMS:
+        assert torch.equal(kept[name][changed], redistilled[name][changed])
+        assert torch.equal(kept[name][others], spread.state_dict()[name][others])
+
+
 # -- (b) the four methods through real Flower + Ray: one simulation, 2 clients, 1 round ---------------
 
 

@@ -36,6 +36,11 @@ def test_clients_evaluate_every_kth_round_and_the_last():
     (["--spread-rows", "spread"], "invalid choice"),
     (["--spread-scores", "others"], "--spread-scores adds the classes of other clients that spread brings; it needs "
                                     "--spread on"),
+    (["--spread-average", "server"], "--spread-average averages with the server's spread edge; it needs --spread on"),
+    (["--spread", "on", "--spread-average", "server", "--edge-average", "1"], "--spread-average sets the partner of "
+                                                                              "the edge average; --edge-average 1 "
+                                                                              "averages nothing"),
+    (["--spread", "on", "--spread-average", "spread"], "invalid choice"),
     (["--spread-iters", "72"], "--spread-iters sets the server's spread distillation; it needs --spread on"),
     (["--spread", "on", "--spread-iters", "-1"], "--spread-iters must be at least 0, got -1"),
     (["--edge-average", "1.5"], "--edge-average must be in (0, 1] (0: the default), got 1.5"),
