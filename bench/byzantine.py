@@ -301,14 +301,15 @@ def main(argv=None) -> int:
     parser.add_argument("--row-multiple", type=float, default=math.inf,
                         help="each class's rows clipped to this multiple of the round's median row change (inf: off)")
     args = parser.parse_args(argv)
-    from protocol.config import resolve_run_config
+    from protocol.config import NO_SPREAD, resolve_run_config
     from session.workspace import Session
 
     torch.set_num_threads(1)  # the server's work is small; leave the cores to the clients
     config = replace(resolve_run_config({"profile": args.profile, "rounds": args.rounds,
                                          "operating-tolerance": args.operating_tolerance,
                                          "operating-harm": args.operating_harm, "claims": args.claims,
-                                         "clip-multiple": args.clip_multiple, "row-multiple": args.row_multiple}),
+                                         "clip-multiple": args.clip_multiple, "row-multiple": args.row_multiple,
+                                         **NO_SPREAD}),  # as measured; spread never touches a delta
                      timeout_s=args.timeout)
     session = Session.open(config)
     honest_clients = [c for c in range(config.num_clients) if c not in args.hostile]

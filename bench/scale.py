@@ -61,7 +61,7 @@ def main(argv=None) -> int:
         name = f"scale-{args.profile}-c{n}"
         command = [sys.executable, "-m", "sim.run", "--clients", str(n), "--fraction", repr(args.sampled / n),
                    "--rounds", str(args.rounds), "--methods", args.methods, "--profile", args.profile,
-                   "--out", str(args.work), "--name", name, "--quiet"]
+                   "--out", str(args.work), "--name", name, "--quiet", "--spread", "off"]  # as measured
         print(f"--- {n} clients: {' '.join(command[1:])}", flush=True)
         start = time.perf_counter()
         finished = subprocess.run(command).returncode == 0

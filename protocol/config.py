@@ -54,10 +54,13 @@ CLIENT_EDGE_AVERAGE = 0.5
 # Distill C as the paper's (the profile's lr, no soft targets, the re-distilled edge deployed whole): the
 # defaults until "All three together"; experiments whose results were measured so pin it (run-config keys)
 PAPER_DISTILL_C = {"redistill-lr": 0.0, "redistill-score-weight": 0.0, "edge-average": 1.0}
+# Without spread: the default until "Spread on by default" (README "Spread"); experiments whose results were
+# measured so pin it, as they pin PAPER_DISTILL_C
+NO_SPREAD = {"spread": "off"}
 # What a run did before these settings existed or had today's defaults: config.json files written then
 # lack the field, and read as this value (``RunConfig.completed``)
 BEFORE_CHANGED = {**{key.replace("-", "_"): value for key, value in PAPER_DISTILL_C.items()},
-                  "spread_rows": "distilled"}
+                  **NO_SPREAD, "spread_rows": "distilled"}
 CLAIM_RULES = ("trusted", "earned", "improving", "lifting")  # how the class-aware merge takes a client's trained classes (strategies.verify)
 
 
@@ -182,10 +185,12 @@ class RunConfig:
                                               "classes stay within the verification's tolerance of the "
                                               "manufacturer's edge, else keeps its earlier edge (DiReDi)", EDGE_CHECKS)
     # strategies.diredi, distill.rd.spread_distill; client re-distillation only
-    spread: str = setting("off", CLIENTS, "on: each round the server distils the updated tutor into an edge of its "
-                                          "own on the manufacturer's images (the tutor's outputs as targets) and "
-                                          "each client's Distill C starts from that edge, so classes other clients "
-                                          "taught the tutor can reach it (DiReDi)", SPREAD_MODES)
+    spread: str = setting("on", CLIENTS, "on (the default): each round the server distils the updated tutor into "
+                                         "an edge of its own on the manufacturer's images (the tutor's outputs as "
+                                         "targets) and each client's Distill C starts from that edge, so classes "
+                                         "other clients taught the tutor can reach it; with --redistill server "
+                                         "there is no client Distill C and it resolves to off (DiReDi)",
+                          SPREAD_MODES)
     # clients.app.distill, models.parts.with_class_rows; README "Spread"
     spread_rows: str = setting("server", CLIENTS, "with spread, the classification rows of the classes a "
                                                      "client neither trains nor dropped (other clients' classes): "
@@ -483,8 +488,8 @@ def resolve_run_config(raw: Mapping[str, Any] | RunConfig) -> RunConfig:
         raise ConfigError("edge-average", f"must be in (0, 1] (0: the default), got {config.edge_average}")
     if 0 < config.edge_average < 1 and config.redistill != "client":
         raise ConfigError("edge-average", "averages the edges clients re-distil; it needs --redistill client")
-    if config.spread == "on" and config.redistill != "client":
-        raise ConfigError("spread", "starts the clients' Distill C from the server's edge; it needs --redistill client")
+    # spread starts the clients' Distill C from the server's edge: without client re-distillation it is off
+    config = replace(config, spread=config.spread if config.redistill == "client" else "off")
     if config.spread_scores == "others" and config.spread != "on":
         raise ConfigError("spread-scores", "adds the classes of other clients that spread brings; it needs --spread on")
     if config.spread_average == "server" and config.spread != "on":

@@ -36,10 +36,11 @@ def test_spread_iters_resolves_to_four_times_distill_c_and_older_runs_read_as_th
     assert on.spread_iters == SPREAD_STEPS_PER_DISTILL_C * on.redistill_iters == 144
     assert resolve_run_config({"profile": "cpu", "spread": "on", "redistill-iters": 10}).spread_iters == 40
     assert resolve_run_config({"profile": "cpu", "spread": "on", "spread-iters": 36}).spread_iters == 36
-    assert resolve_run_config({"profile": "cpu"}).spread_iters == 0
+    assert resolve_run_config({"profile": "cpu"}).spread_iters == 144  # spread is on by default
+    assert resolve_run_config({"profile": "cpu", "spread": "off"}).spread_iters == 0
     written = json.loads(json.dumps(on.to_dict()))
     earlier = {**written, "spread_iters": 0}  # an older run folder: 36 steps were taken
     assert RunConfig.completed(earlier)["spread_iters"] == 36
     assert RunConfig.completed(earlier) == RunConfig.completed({**written, "spread_iters": 36})
     assert RunConfig.completed(earlier) != RunConfig.completed(written)
-    assert RunConfig.completed({})["spread_iters"] == 0  # spread off: no server steps
+    assert RunConfig.completed({})["spread_iters"] == 0  # a folder from before spread: off, no server steps

@@ -30,18 +30,18 @@ def test_clients_evaluate_every_kth_round_and_the_last():
     (["--rounds", "two"], "--rounds: invalid int value: 'two'"),
     (["--edge-check", "on", "--redistill", "server"], "--edge-check checks the edges clients re-distil; it needs "
                                                       "--redistill client"),
-    (["--spread", "on", "--redistill", "server"], "--spread starts the clients' Distill C from the server's edge; "
-                                                  "it needs --redistill client"),
     (["--spread", "yes"], "invalid choice"),
     (["--spread-rows", "spread"], "invalid choice"),
-    (["--spread-scores", "others"], "--spread-scores adds the classes of other clients that spread brings; it needs "
-                                    "--spread on"),
-    (["--spread-average", "server"], "--spread-average averages with the server's spread edge; it needs --spread on"),
+    (["--spread", "off", "--spread-scores", "others"], "--spread-scores adds the classes of other clients that spread "
+                                                       "brings; it needs --spread on"),
+    (["--spread", "off", "--spread-average", "server"], "--spread-average averages with the server's spread edge; it "
+                                                        "needs --spread on"),
     (["--spread", "on", "--spread-average", "server", "--edge-average", "1"], "--spread-average sets the partner of "
                                                                               "the edge average; --edge-average 1 "
                                                                               "averages nothing"),
     (["--spread", "on", "--spread-average", "spread"], "invalid choice"),
-    (["--spread-iters", "72"], "--spread-iters sets the server's spread distillation; it needs --spread on"),
+    (["--spread", "off", "--spread-iters", "72"], "--spread-iters sets the server's spread distillation; it needs "
+                                                  "--spread on"),
     (["--spread", "on", "--spread-iters", "-1"], "--spread-iters must be at least 0, got -1"),
     (["--edge-average", "1.5"], "--edge-average must be in (0, 1] (0: the default), got 1.5"),
     (["--edge-average", "0.5", "--redistill", "server"], "--edge-average averages the edges clients re-distil"),
@@ -106,10 +106,10 @@ def test_a_run_folder_written_before_a_field_existed_still_resumes():
     from protocol.config import RunConfig
 
     now = json.loads(json.dumps(resolve_run_config({"rounds": 3}).to_dict()))
-    older = {k: v for k, v in now.items() if k not in ("spread", "row_multiple")}
+    older = {k: v for k, v in now.items() if k not in ("spread_average", "row_multiple")}
     assert RunConfig.completed(older) == RunConfig.completed(now)
     assert RunConfig.completed({**older, "rounds": 4}) != RunConfig.completed(now)
-    changed = json.loads(json.dumps(resolve_run_config({"rounds": 3, "spread": "on"}).to_dict()))
+    changed = json.loads(json.dumps(resolve_run_config({"rounds": 3, "spread-average": "server"}).to_dict()))
     assert RunConfig.completed(older) != RunConfig.completed(changed)
 
 
@@ -130,6 +130,11 @@ def test_a_run_folder_from_before_a_default_changed_reads_as_what_it_ran():
     before_rows = {k: v for k, v in now.items() if k != "spread_rows"}
     distilled = json.loads(json.dumps(resolve_run_config({"rounds": 3, "spread-rows": "distilled"}).to_dict()))
     assert RunConfig.completed(before_rows) == RunConfig.completed(distilled) != RunConfig.completed(now)
+    # spread became the default after runs were recorded without it (nor its steps): they did not spread
+    assert (now["spread"], now["spread_iters"]) == ("on", 144)
+    before_spread = {k: v for k, v in now.items() if k not in ("spread", "spread_iters")}
+    off = json.loads(json.dumps(resolve_run_config({"rounds": 3, "spread": "off"}).to_dict()))
+    assert RunConfig.completed(before_spread) == RunConfig.completed(off) != RunConfig.completed(now)
 
 
 def test_the_edge_average_default_follows_where_distill_c_runs():
@@ -137,6 +142,9 @@ def test_the_edge_average_default_follows_where_distill_c_runs():
     an explicit share stays, and one below 1 with server re-distillation is refused (the table above)."""
     assert resolve_run_config({}).edge_average == 0.5
     assert resolve_run_config({"redistill": "server"}).edge_average == 1.0
+    # spread (on by default) starts the clients' Distill C: with the server re-distilling there is none
+    assert resolve_run_config({}).spread == "on" and resolve_run_config({"redistill": "server"}).spread == "off"
+    assert resolve_run_config({"redistill": "server", "spread": "on"}).spread_iters == 0
     assert resolve_run_config({"edge-average": 0.25}).edge_average == 0.25
     assert resolve_run_config(resolve_run_config({})).edge_average == 0.5  # resolving again changes nothing
 
