@@ -525,17 +525,8 @@ def test_with_spread_scores_others_distill_c_also_learns_the_tutor_s_scores_of_o
     assert asked == [kept | others if scores == "others" else kept]
 
 
-def test_an_averaged_edge_takes_the_rows_of_the_classes_the_client_changes_whole(cache, tmp_path, no_runtime,
-                                                                                   client_threads, monkeypatch):
-    """--edge-average 0.5: the edge a client keeps is half its re-distilled edge and half the edge it had,
-    except the classification rows of its own new classes and of the classes it dropped (client 1: cat
-    and horse), which are the re-distilled edge's: new classes at full strength, dropped ones released."""
-    from flwr.app import Context
-
-    import clients.app as client_app
-    from models.parts import CLASS_ROW_PARAMS
-    from protocol.wire import CONFIG, DIREDI_WORK, EDGE, EDGE_SOURCE, METHOD, SERVER_ROUND, TUTOR, WORK, state_record
-
+def _record_redistilled_edges(client_app, monkeypatch) -> list[dict]:
+    """Each edge Distill C returns, as it returned it (before any averaging); evaluation skipped."""
     monkeypatch.setattr(client_app, "per_class_ap",
                         lambda model, data, classes, **_: ({c: 0.0 for c in classes}, {"mAP": 0.0}))
     made = []
@@ -547,6 +538,21 @@ def test_an_averaged_edge_takes_the_rows_of_the_classes_the_client_changes_whole
         return new_edge, report
 
     monkeypatch.setattr(client_app, "distill_c", spy)
+    return made
+
+
+def test_an_averaged_edge_takes_the_rows_of_the_classes_the_client_changes_whole(cache, tmp_path, no_runtime,
+                                                                                   client_threads, monkeypatch):
+    """--edge-average 0.5: the edge a client keeps is half its re-distilled edge and half the edge it had,
+    except the classification rows of its own new classes and of the classes it dropped (client 1: cat
+    and horse), which are the re-distilled edge's: new classes at full strength, dropped ones released."""
+    from flwr.app import Context
+
+    import clients.app as client_app
+    from models.parts import CLASS_ROW_PARAMS
+    from protocol.wire import CONFIG, DIREDI_WORK, EDGE, EDGE_SOURCE, METHOD, SERVER_ROUND, TUTOR, WORK, state_record
+
+    made = _record_redistilled_edges(client_app, monkeypatch)
     run = resolve_run_config({"profile": "smoke", "num-clients": 2, "rounds": 2, "cache-dir": str(cache),
                               "edge-average": 0.5})
     config = {**run.to_record(), METHOD: "diredi", WORK: DIREDI_WORK, EDGE_SOURCE: "stored"}
@@ -580,17 +586,7 @@ def test_with_spread_the_edge_average_takes_the_partner_spread_average_names(cac
     from protocol.wire import CONFIG, DIREDI_WORK, EDGE, EDGE_SOURCE, METHOD, SERVER_ROUND, SPREAD_EDGE, TUTOR, \
         WORK, state_record
 
-    monkeypatch.setattr(client_app, "per_class_ap",
-                        lambda model, data, classes, **_: ({c: 0.0 for c in classes}, {"mAP": 0.0}))
-    made = []
-    real = client_app.distill_c
-
-    def spy(edge, *args, **kwargs):
-        new_edge, report = real(edge, *args, **kwargs)
-        made.append({k: v.clone() for k, v in new_edge.state_dict().items()})
-        return new_edge, report
-
-    monkeypatch.setattr(client_app, "distill_c", spy)
+    made = _record_redistilled_edges(client_app, monkeypatch)
     run = resolve_run_config({"profile": "smoke", "num-clients": 2, "rounds": 2, "cache-dir": str(cache),
                               "spread": "on", "spread-average": partner})
     config = {**run.to_record(), METHOD: "diredi", WORK: DIREDI_WORK, EDGE_SOURCE: "stored"}
