@@ -54,8 +54,8 @@ CLIENT_EDGE_AVERAGE = 0.5
 # Distill C as the paper's (the profile's lr, no soft targets, the re-distilled edge deployed whole): the
 # defaults until "All three together"; experiments whose results were measured so pin it (run-config keys)
 PAPER_DISTILL_C = {"redistill-lr": 0.0, "redistill-score-weight": 0.0, "edge-average": 1.0}
-# Without spread: the default until "Spread on by default" (README "Spread"); experiments whose results were
-# measured so pin it, as they pin PAPER_DISTILL_C
+# Without spread: the default until README "Spread at four times the steps against no spread"; experiments
+# whose results were measured so pin it, as they pin PAPER_DISTILL_C
 NO_SPREAD = {"spread": "off"}
 # What a run did before these settings existed or had today's defaults: config.json files written then
 # lack the field, and read as this value (``RunConfig.completed``)
