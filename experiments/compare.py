@@ -171,7 +171,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--no-grid", action="store_true", help="the baselines at the default settings")
     parser.add_argument("--summarise-only", action="store_true", help="combine the run folders; run nothing")
     parser.add_argument("--paper-distill-c", action="store_true",
-                        help="DiReDi's Distill C as the paper's, as experiments/results/compare ran it: sim.run "
+                        help="DiReDi as experiments/results/compare ran it, the paper's Distill C and no spread: sim.run "
                              + " ".join(PAPER_FLAGS))
     args = parser.parse_args(argv)
     if args.rounds < 1 or args.clients < 1 or args.eval_every < 1:
