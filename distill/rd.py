@@ -203,7 +203,7 @@ def distill_c_phase(settings: ClientTraining, seed: int, kept_classes: tuple[int
 
 def spread_distill(edge: nn.Module, tutor: nn.Module, images: Dataset, settings: ClientTraining, seed: int,
                    classes: tuple[int, ...], score_weight: float = 4.0, iters: int = 0,
-                   progress: bool = False) -> tuple[nn.Module, PhaseReport]:
+                   progress: bool = False, body_memo: BodyMemo | None = None) -> tuple[nn.Module, PhaseReport]:
     """Spread: a copy of the server's edge distilled from the updated tutor on the manufacturer's images,
     with the tutor as the only teacher (the images' labels are not used).
 
@@ -214,11 +214,18 @@ def spread_distill(edge: nn.Module, tutor: nn.Module, images: Dataset, settings:
     (FGD, as Distill C) and its class scores on ``classes`` (label indices; ``distill.scores``) with
     ``score_weight``. The scores carry what the tutor learned below the pseudo-label threshold, where a
     new class sits for several rounds. ``iters`` steps (0: as many as Distill C), in its own data order
-    (seed + 5)."""
+    (seed + 5). ``body_memo``: the tutor body's outputs on these images, kept across rounds by the server
+    (no round changes the tutor's body; ``distill.body_memo``)."""
     student = copy.deepcopy(edge)
-    phase = replace(distill_c_phase(settings, seed), name="spread", targets="teacher", seed=seed + 5,
-                    iters=iters or settings.redistill_iters, score_weight=score_weight, score_classes=tuple(classes))
-    return student, train(student, images, phase, teacher=tutor, progress=progress)
+    phase = spread_phase(settings, seed, classes, score_weight, iters)
+    return student, train(student, images, phase, teacher=tutor, progress=progress, body_memo=body_memo)
+
+
+def spread_phase(settings: ClientTraining, seed: int, classes: tuple[int, ...], score_weight: float = 4.0,
+                 iters: int = 0) -> Phase:
+    """Spread's phase (``spread_distill``): Distill C's, on the tutor's targets, in its own data order."""
+    return replace(distill_c_phase(settings, seed), name="spread", targets="teacher", seed=seed + 5,
+                   iters=iters or settings.redistill_iters, score_weight=score_weight, score_classes=tuple(classes))
 
 
 def direct_training(edge: nn.Module, client_data: Dataset, iters: int, settings: ClientTraining, seed: int,

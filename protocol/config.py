@@ -148,8 +148,9 @@ class RunConfig:
     # distill.body_memo; "run" costs disk and saves body passes
     body_cache: str = setting("round", CLIENTS, "how long a DiReDi client keeps its tutor body's outputs per "
                                                 "image: round (Tutor 2's, for its Distill C) | run (on its disk from "
-                                                "round to round: fewer body passes, about 0.23 MB per image and flip "
-                                                "in the cpu profile); the same figures either way", BODY_CACHES)
+                                                "round to round, and the server its outputs on the spread images in "
+                                                "memory: fewer body passes, about 0.23 MB per image and flip in the "
+                                                "cpu profile); the same figures either way", BODY_CACHES)
     cache_dir: str = setting(".cache", OUTPUT, "data and model cache")
     tutor1: str = setting("shared", CLIENTS, "Tutor 1 depends only on the edge and presumed data: compute it once "
                                              "on the server while every client holds the server's edge (shared), "

@@ -361,6 +361,28 @@ def test_spread_distill_brings_the_edge_to_the_tutors_scores_and_leaves_its_star
                                                                                    images, classes, 16)
 
 
+
+def test_the_servers_spread_memo_serves_the_next_round_with_the_same_results(ws):
+    """With ``body_cache="run"`` the server keeps the tutor body's outputs on the spread images across
+    rounds: a round whose tutor has a new neck/head (eq. 10 leaves the body) is served from what an
+    earlier round computed, and its edge is the one computed without the memo."""
+    from data.voc import CLASS_INDEX
+    from distill.rd import spread_distill
+
+    chain = ws.chain(progress=False)
+    settings = ClientTraining.from_profile(get_profile("smoke"))
+    images = ws.chain_data().teacher_train
+    classes = tuple(CLASS_INDEX[c] for c in ws.scenario.teacher_classes)
+    memo = BodyMemo.for_model(chain.tutor)
+    first, _ = spread_distill(chain.edge, chain.tutor, images, settings, seed=0, classes=classes, body_memo=memo)
+    assert memo.images_served == 0 and len(memo.outputs) > 0
+    t1, _ = reverse_distill_tutor1(chain.tutor, chain.edge, ws.client_presumed(0), settings, seed=0)
+    new = updated_tutor(chain.tutor, client_delta(chain.tutor, t1, settings), settings.beta)  # the next round's
+    served, _ = spread_distill(first, new, images, settings, seed=0, classes=classes, body_memo=memo)
+    plain, _ = spread_distill(first, new, images, settings, seed=0, classes=classes)
+    assert memo.images_served > 0  # the same seed draws the same images: the body ran on none of them again
+    assert all(torch.equal(a, b) for a, b in zip(served.state_dict().values(), plain.state_dict().values()))
+
 def test_redistill_lr_sets_distill_c_alone():
     from dataclasses import replace
 
