@@ -92,6 +92,8 @@ CLAIMS = (
     ("DiReDi costs fewer bytes than B", "mb_cum", False, ("local",)),  # local sends nothing
     ("DiReDi costs less client compute than B", "client_s_cum", False, ()),
 )
+# DiReDi's gain where it had spent what B spent by round r (``gain_at_compute``), minus B's gain at r
+EQUAL_COMPUTE_CLAIM = ("DiReDi gains more than B at equal client compute", "gain_at_equal_compute", True)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -261,6 +263,19 @@ def carried_states(per_round: Mapping[int, Mapping[int, Mapping]]) -> dict[int, 
     return states
 
 
+def gain_at_compute(computes: Sequence[float], gains: Sequence[float], spend: float) -> float:
+    """A client's gain at cumulative client compute ``spend``, linear between its evaluated rounds'
+    (cumulative compute, gain) points and from (0, 0) (nothing spent, nothing gained) to the first;
+    NaN past its last round's compute (it never spent that much) or where a point is missing."""
+    points_ = [(0.0, 0.0)] + list(zip(map(float, computes), map(float, gains)))
+    if is_missing(spend) or any(is_missing(c) or is_missing(g) for c, g in points_):
+        return NAN
+    for (c0, g0), (c1, g1) in zip(points_, points_[1:]):
+        if c0 <= spend <= c1:
+            return g1 if c1 == c0 else g0 + (g1 - g0) * (spend - c0) / (c1 - c0)
+    return NAN
+
+
 # ----------------------------------------------------------------------------------------------
 # The study
 # ----------------------------------------------------------------------------------------------
@@ -293,7 +308,8 @@ def summarise_study(replicates: Sequence[Sequence], samples: int = 2000, seed: i
     ``last_round_clients``: per client its values at the method's last round with intervals over
     replicates only. ``tutor``: per round the tutor's per-class validation AP and mAP (percent) over
     replicates. ``verdicts``: DiReDi vs each baseline of `VERDICT_BASELINES` present, at rounds 2, 10
-    and R (where both have them), paired differences with intervals and verdicts (`CLAIMS`)."""
+    and R (where both have them), paired differences with intervals and verdicts (`CLAIMS`), and the
+    gain at equal client compute (`EQUAL_COMPUTE_CLAIM`, ``equal_compute_verdicts``)."""
     unpacked = [_unpack(r) for r in replicates]
     states: list[dict[str, dict[int, dict[int, Mapping]]]] = []  # per replicate: method -> round -> client -> values
     for _, records, specs, _, all_private in unpacked:
@@ -352,7 +368,8 @@ def summarise_study(replicates: Sequence[Sequence], samples: int = 2000, seed: i
     return {"rounds": last_round, "seeds": [u[0] for u in unpacked], "clients": len(clients),
             "client_ids": clients, "samples": samples, "level": 0.95,
             "methods": summary_methods, "tutor": tutor_summary([u[3] for u in unpacked], samples, seed),
-            "verdicts": study_verdicts(methods, last_round, rows, table, samples, seed)}
+            "verdicts": study_verdicts(methods, last_round, rows, table, samples, seed)
+            + equal_compute_verdicts(states, methods, clients, last_round, samples, seed)}
 
 
 def tutor_summary(histories: Sequence[Sequence[Mapping]], samples: int = 2000, seed: int = 0) -> list[dict]:
@@ -403,3 +420,37 @@ def study_verdicts(methods: Sequence[str], last_round: int, rows, table, samples
                             "n_seeds": difference["n_seeds"], "n_clients": difference["n_clients"]})
     return out
 
+
+
+def equal_compute_verdicts(states: Sequence[Mapping], methods: Sequence[str], clients: Sequence[int],
+                           last_round: int, samples: int, seed: int) -> list[dict]:
+    """DiReDi against each baseline of `VERDICT_BASELINES` at the baseline's client compute: per
+    replicate and client, DiReDi's gain at the cumulative client compute the baseline had spent by its
+    round r (``gain_at_compute`` along DiReDi's rounds) minus the baseline's gain at r; NaN where DiReDi
+    never spent that much. Rounds 2, 10 and R of the baseline; paired on the replicates both have."""
+    if "diredi" not in methods:
+        return []
+    claim, metric, higher_is_better = EQUAL_COMPUTE_CLAIM
+    out = []
+    for baseline in (b for b in VERDICT_BASELINES if b in methods):
+        for round_number in verdict_rounds(last_round):
+            both = [state for state in states if round_number in state.get(baseline, {}) and state.get("diredi")]
+            if not both:
+                continue
+            ours, theirs = np.full((len(both), len(clients)), NAN), np.full((len(both), len(clients)), NAN)
+            for i, state in enumerate(both):
+                spent = state[baseline][round_number]
+                for j, client in enumerate(clients):
+                    curve = [state["diredi"][r][client] for r in sorted(state["diredi"]) if client in state["diredi"][r]]
+                    if client not in spent or not curve:
+                        continue
+                    theirs[i, j] = spent[client]["gain"]
+                    ours[i, j] = gain_at_compute([v["client_s_cum"] for v in curve], [v["gain"] for v in curve],
+                                                 spent[client]["client_s_cum"])
+            difference = paired_difference(ours, theirs, samples=samples, seed=seed)
+            out.append({"claim": claim.replace("than B", f"than {baseline}"), "metric": metric,
+                        "baseline": baseline, "round": round_number, "diff": difference["mean"],
+                        "ci95": difference["ci95"], "verdict": verdict(difference, higher_is_better),
+                        "higher_is_better": higher_is_better, "n_seeds": difference["n_seeds"],
+                        "n_clients": difference["n_clients"]})
+    return out

@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -424,7 +425,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Path]:
                              "folder of the same replicate")
     parser.add_argument("--out", required=True, help="folder for compare.json, compare.md and the plots")
     parser.add_argument("--samples", type=int, default=2000, help="bootstrap samples")
-    parser.add_argument("--command", default=None, help="the command that ran the study (written into compare.md)")
+    parser.add_argument("--command", default=None, help="the command that ran the study (written into compare.md; "
+                                                         "by default this one)")
     parser.add_argument("--wall-s", type=float, default=None, help="the study's wall time in seconds")
     args = parser.parse_args(argv)
     start = time.perf_counter()
@@ -432,7 +434,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Path]:
         summary = summarise_run_folders(args.runs, samples=args.samples, replace=args.replace)
     except (ValueError, FileNotFoundError) as err:
         parser.error(str(err))
-    written = write_study(summary, args.out, args.command, args.wall_s)
+    command = args.command or " ".join(["python -m report.study", *(sys.argv[1:] if argv is None else argv)])
+    written = write_study(summary, args.out, command, args.wall_s)
     print(f"{len(written)} files in {args.out} ({time.perf_counter() - start:.1f} s)")
     return written
 

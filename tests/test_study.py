@@ -11,6 +11,7 @@ import pytest
 
 from evaluation.study import (
     client_round_values,
+    gain_at_compute,
     nested_bootstrap_ci,
     paired_difference,
     summarise_study,
@@ -267,11 +268,14 @@ def test_study_from_run_folders_writes_compare_json_md_and_plots(tmp_path):
     verdicts = compare["verdicts"]
     assert {v["baseline"] for v in verdicts} == {"fedavg", "local"} and {v["round"] for v in verdicts} == {2}
     assert not any(v["baseline"] == "local" and v["metric"] == "mb_cum" for v in verdicts)
-    assert len(verdicts) == 6 + 5
+    assert len(verdicts) == 6 + 5 + 2  # and the gain at equal client compute against each
     for v in verdicts:
         assert set(v) >= {"claim", "metric", "baseline", "round", "diff", "ci95", "verdict"}
     by_claim = {(v["baseline"], v["metric"]): v for v in verdicts}
     assert by_claim[("fedavg", "gain")]["verdict"] == "yes"  # diredi gains 0.3 vs 0.1 in every cell
+    # fedavg spent 8 s by round 2, diredi 6 s in all: no client has DiReDi's gain at that spend
+    equal = by_claim[("fedavg", "gain_at_equal_compute")]
+    assert equal["n_clients"] == 0 and equal["verdict"] == "cannot tell"
     assert by_claim[("fedavg", "mb_cum")]["verdict"] == "yes"  # 12 MB vs 16 MB
     assert by_claim[("fedavg", "mb_cum")]["diff"] == pytest.approx(-4.0)
     assert by_claim[("local", "gain")]["claim"] == "DiReDi gains more than local"
@@ -279,6 +283,32 @@ def test_study_from_run_folders_writes_compare_json_md_and_plots(tmp_path):
     text = written["compare_md"].read_text()
     assert text.index("## Verdicts") < text.index("## diredi") < text.index("## fedavg")
     assert "DiReDi gains more than fedavg" in text and "python -m sim.study" in text and "Wall time" in text
+
+
+def test_gain_at_compute_interpolates_from_the_origin_and_stops_at_the_last_round():
+    assert gain_at_compute([2.0, 4.0], [10.0, 30.0], 0.0) == 0.0
+    assert gain_at_compute([2.0, 4.0], [10.0, 30.0], 1.0) == pytest.approx(5.0)  # from (0, 0)
+    assert gain_at_compute([2.0, 4.0], [10.0, 30.0], 3.0) == pytest.approx(20.0)
+    assert gain_at_compute([2.0, 4.0], [10.0, 30.0], 4.0) == pytest.approx(30.0)
+    assert math.isnan(gain_at_compute([2.0, 4.0], [10.0, 30.0], 4.5))  # it never spent that much
+    assert math.isnan(gain_at_compute([2.0, 4.0], [10.0, NAN], 1.0))
+
+
+def test_the_equal_compute_verdict_pairs_diredi_where_it_had_spent_what_the_baseline_spent():
+    """FedAvg made cheap (1.5 s a round): by its round 2 it spent 3 s, what DiReDi spent in its round 1,
+    so DiReDi's round-1 gain (about 15 points) meets FedAvg's round-2 gain (about 10)."""
+    replicates = []
+    for r in (0, 1):
+        records, tutor = synthetic_replicate(r)
+        for record in records:
+            if record["method"] == "fedavg":
+                record["seconds"] = {"direct training": 1.5, "evaluate": 1.0}
+        replicates.append((r, records, STUDY_SPECS, tutor))
+    verdicts = {(v["baseline"], v["metric"], v["round"]): v for v in summarise_study(replicates, samples=SAMPLES)["verdicts"]}
+    equal = verdicts[("fedavg", "gain_at_equal_compute", 2)]
+    assert equal["claim"] == "DiReDi gains more than fedavg at equal client compute"
+    assert equal["n_clients"] == 2 and 3.0 < equal["diff"] < 7.0 and equal["verdict"] == "yes"
+    assert equal["diff"] < verdicts[("fedavg", "gain", 2)]["diff"]  # less than at equal rounds
 
 
 def test_a_method_run_apart_replaces_its_records_in_the_study(tmp_path):
@@ -323,7 +353,9 @@ def test_study_with_missing_rounds_and_no_tutor(tmp_path):
     assert summary["methods"]["fedavg"]["replicates_per_round"] == {"1": 2, "2": 2, "3": 1}
     assert {v["round"] for v in summary["verdicts"]} == {2, 3}
     last = [v for v in summary["verdicts"] if v["round"] == 3 and v["baseline"] == "fedavg"]
-    assert all(v["n_seeds"] == 1 for v in last)  # paired on the replicate both have
+    assert all(v["n_seeds"] == 1 for v in last if v["metric"] != "gain_at_equal_compute")  # paired on the
+    # replicate both have; at equal compute none: fedavg spent more by round 3 than DiReDi in all
+    assert [v["n_seeds"] for v in last if v["metric"] == "gain_at_equal_compute"] == [0]
     written = write_study(summary, tmp_path / "out")
     assert "tutor_progress" not in written and (tmp_path / "out" / "curves_mb.png").stat().st_size > 0
     assert "round 3: 1" in study_markdown(summary)
