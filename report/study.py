@@ -81,16 +81,21 @@ UNITS = {"mb_cum": "mb", "client_s_cum": "seconds", "forgetting_kept": "points",
 # ----------------------------------------------------------------------------------------------
 
 
-def read_replicate(path: str | os.PathLike) -> tuple[int, list[dict], list[dict], list[dict]]:
+def read_replicate(path: str | os.PathLike, finished_only: bool = False) -> tuple[int, list[dict], list[dict], list[dict]]:
     """(replicate id, records, client specs, tutor history) of one run folder; the replicate id is
-    config.json's run -> replicate (0 when absent)."""
+    config.json's run -> replicate (0 when absent). ``finished_only``: the records of the methods the
+    folder's done.json lists (a replicate still running, or cut, has a method part-way)."""
     path = Path(path)
     if not (path / RunFolder.ROUNDS).exists():
         raise FileNotFoundError(f"{path} holds no run (no {RunFolder.ROUNDS})")
     folder = RunFolder(path)
     config = folder.read_config() if folder.config_path.exists() else {}
     replicate = int((config.get("run") or {}).get("replicate", 0) or 0)
-    return replicate, folder.read_records(), list(config.get("client_specs") or []), \
+    records = folder.read_records()
+    if finished_only:
+        done = set(folder.read_done())
+        records = [r for r in records if r["method"] in done]
+    return replicate, records, list(config.get("client_specs") or []), \
         list(folder.read_json(TUTOR_HISTORY, []) or [])
 
 
@@ -117,10 +122,11 @@ def replace_methods(study: tuple, rerun: tuple) -> tuple[tuple, list[str]]:
 
 
 def summarise_run_folders(paths: Sequence[str | os.PathLike], samples: int = 2000, seed: int = 0,
-                          replace: Sequence[str | os.PathLike] = ()) -> dict:
+                          replace: Sequence[str | os.PathLike] = (), finished_only: bool = False) -> dict:
     """`evaluation.study.summarise_study` over run folders, one replicate each (``runs`` lists them);
-    each folder of ``replace`` replaces its methods in the folder of its replicate (``assembled``)."""
-    replicates = [read_replicate(p) for p in paths]
+    each folder of ``replace`` replaces its methods in the folder of its replicate (``assembled``);
+    ``finished_only``: only the methods each folder's done.json lists."""
+    replicates = [read_replicate(p, finished_only) for p in paths]
     assembled = []
     for path in replace:
         rerun = read_replicate(path)
@@ -428,10 +434,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Path]:
     parser.add_argument("--command", default=None, help="the command that ran the study (written into compare.md; "
                                                          "by default this one)")
     parser.add_argument("--wall-s", type=float, default=None, help="the study's wall time in seconds")
+    parser.add_argument("--finished-only", action="store_true",
+                        help="only the methods each run folder's done.json lists (a replicate still running or cut)")
     args = parser.parse_args(argv)
     start = time.perf_counter()
     try:
-        summary = summarise_run_folders(args.runs, samples=args.samples, replace=args.replace)
+        summary = summarise_run_folders(args.runs, samples=args.samples, replace=args.replace,
+                                        finished_only=args.finished_only)
     except (ValueError, FileNotFoundError) as err:
         parser.error(str(err))
     command = args.command or " ".join(["python -m report.study", *(sys.argv[1:] if argv is None else argv)])

@@ -311,6 +311,15 @@ def test_the_equal_compute_verdict_pairs_diredi_where_it_had_spent_what_the_base
     assert equal["diff"] < verdicts[("fedavg", "gain", 2)]["diff"]  # less than at equal rounds
 
 
+def test_finished_only_leaves_out_a_method_part_way(tmp_path):
+    folder = write_run_folder(tmp_path / "r0", 0)
+    folder.write_done(["diredi", "local"])  # fedavg was cut part-way
+    assert set(summarise_run_folders([folder.path], samples=50)["methods"]) == set(STUDY_METHODS)
+    summary = summarise_run_folders([folder.path], samples=50, finished_only=True)
+    assert set(summary["methods"]) == {"diredi", "local"}
+    assert {v["baseline"] for v in summary["verdicts"]} == {"local"}
+
+
 def test_a_method_run_apart_replaces_its_records_in_the_study(tmp_path):
     """--replace: DiReDi rerun with another setting takes the place of the study's DiReDi in its replicate;
     the other methods stay the study's, and compare.md names the folders and the setting that differs."""
