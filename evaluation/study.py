@@ -421,7 +421,6 @@ def study_verdicts(methods: Sequence[str], last_round: int, rows, table, samples
     return out
 
 
-
 def equal_compute_verdicts(states: Sequence[Mapping], methods: Sequence[str], clients: Sequence[int],
                            last_round: int, samples: int, seed: int) -> list[dict]:
     """DiReDi against each baseline of `VERDICT_BASELINES` at the baseline's client compute: per
