@@ -333,6 +333,15 @@ class RunConfig:
             completed["spread_iters"] = completed["redistill_iters"]
         return completed
 
+    @staticmethod
+    def same_settings(recorded: Mapping[str, Any], run: Mapping[str, Any]) -> bool:
+        """Whether two config.json ``run`` entries (as read back) describe the same run, for ``--resume``:
+        equal once completed, except where they keep the cache (its entries are keyed by content, so a
+        moved cache, or one reached through a link, makes no other run)."""
+        first, second = RunConfig.completed(recorded), RunConfig.completed(run)
+        first.pop("cache_dir"), second.pop("cache_dir")
+        return first == second
+
     # -- what the configuration implies ---------------------------------------------------------
 
     @property

@@ -173,7 +173,7 @@ class RunFolder:
         if resume:
             if not folder.config_path.exists():
                 raise ValueError(f"{folder.path} holds no earlier run (no config.json)")
-            if RunConfig.completed(folder.read_config().get("run") or {}) != RunConfig.completed(run):
+            if not RunConfig.same_settings(folder.read_config().get("run") or {}, run):
                 raise ValueError(f"{folder.path} was made with other settings; start a new run (or another name)")
             done = folder.read_done()
         else:  # a new run: no earlier run's checkpoints or client state may leak into it

@@ -87,7 +87,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         if not earlier.exists():
             parser.error(f"--resume: {earlier.parent} holds no earlier run (no config.json)")
         recorded = json.loads(earlier.read_text()).get("run") or {}
-        if RunConfig.completed(recorded) != RunConfig.completed(json.loads(json.dumps(args.config.to_dict()))):
+        if not RunConfig.same_settings(recorded, json.loads(json.dumps(args.config.to_dict()))):
             parser.error(f"--resume: {earlier.parent} was made with other settings; start a new run (or --name)")
     return args
 

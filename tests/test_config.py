@@ -44,3 +44,13 @@ def test_spread_iters_resolves_to_four_times_distill_c_and_older_runs_read_as_th
     assert RunConfig.completed(earlier) == RunConfig.completed({**written, "spread_iters": 36})
     assert RunConfig.completed(earlier) != RunConfig.completed(written)
     assert RunConfig.completed({})["spread_iters"] == 0  # a folder from before spread: off, no server steps
+
+
+def test_resume_compares_settings_not_where_the_cache_is():
+    """A run folder made with the cache elsewhere (moved, or reached through a link) is the same run;
+    any setting that changes what runs is not."""
+    from protocol.config import RunConfig
+
+    written = json.loads(json.dumps(RunConfig().to_dict()))
+    assert RunConfig.same_settings({**written, "cache_dir": "/elsewhere/.cache"}, written)
+    assert not RunConfig.same_settings({**written, "rounds": written["rounds"] + 1}, written)
