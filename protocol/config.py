@@ -180,6 +180,9 @@ class RunConfig:
     redistill_score_weight: float = setting(4.0, CLIENTS, "a client's Distill C also learns the tutor's class "
                                                           "scores on its kept presumed classes, with this weight "
                                                           "(0: off, the paper's Distill C)")
+    # distill.rd.ClientTraining.redistill_target_ratio; chosen after round 1 (experiments/results/distill_c_ratio.md)
+    redistill_ratio: float = setting(4.0, CLIENTS, "a client's Distill C holds its distillation term (the tutor's "
+                                                   "neck features) at this multiple of its detection loss")
     # strategies.diredi; client re-distillation only
     edge_check: str = setting("off", CLIENTS, "on: the manufacturer checks each client's re-distilled edge on its "
                                               "validation set and the client deploys it only if its protected "
@@ -388,7 +391,8 @@ class RunConfig:
         return ClientTraining.from_profile(self.get_profile(), rd_iters=self.rd_iters,
                                            redistill_iters=self.redistill_iters, batch_size=self.batch_size,
                                            beta=self.beta, redistill_score_weight=self.redistill_score_weight,
-                                           redistill_lr=self.redistill_lr)
+                                           redistill_lr=self.redistill_lr,
+                                           redistill_target_ratio=self.redistill_ratio)
 
     def compute(self):
         """How the models compute (``models.compute.Compute``; "auto" is resolved where it runs)."""
@@ -463,6 +467,7 @@ def resolve_run_config(raw: Mapping[str, Any] | RunConfig) -> RunConfig:
                         ("fedadam_eta", config.fedadam_eta), ("fedadam_tau", config.fedadam_tau),
                         ("protected_tolerance", config.protected_tolerance), ("noise_z", config.noise_z),
                         ("direction_z", config.direction_z), ("redistill_score_weight", config.redistill_score_weight),
+                        ("redistill_ratio", config.redistill_ratio),
                         ("timeout_s", config.timeout_s)):
         if not (math.isfinite(value) and value >= 0):
             raise ConfigError(_key(name), f"must be a finite number >= 0, got {value}")
