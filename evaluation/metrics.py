@@ -149,6 +149,20 @@ def class_forgetting(ap_history: Sequence[Any]) -> float:
     return max(0.0, max(earlier) - float(ap_history[-1]))
 
 
+def worst_drop(ap_start: ApMap, history: Sequence[ApMap], classes: Iterable[str]) -> float:
+    """Mean over ``classes`` of the largest drop below the start over every evaluation in ``history``
+    (clamped at 0): how far below the model it started from (the manufacturer's edge) a class has ever
+    been. Unlike ``class_forgetting`` it does not compare against the best round, so a model that
+    swings above its start is not charged for coming back down to it."""
+    def one(name: str) -> float:
+        start = ap_start.get(name)
+        drops = [float(start) - float(ap.get(name)) for ap in history
+                 if not is_missing(start) and not is_missing(ap.get(name))]
+        return max(0.0, max(drops)) if drops else NAN
+
+    return nan_mean(one(name) for name in classes)
+
+
 def unintended_forgetting(history: Sequence[ApMap], classes: Iterable[str]) -> float:
     """Mean of `class_forgetting` over `classes`; `history` is the list of per-class AP maps in
     evaluation order (the latest last).  Classes with NaN forgetting are skipped."""

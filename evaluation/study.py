@@ -44,7 +44,9 @@ Metrics per client after round r (``client_round_values``), AP-like ones in perc
 gain, forgetting_kept, forgetting_protected, released, spread (``evaluation.metrics.client_summary``
 over the records up to round r); bwt_kept / bwt_protected (backward transfer: mean over the class set
 of AP_now - AP_start, negative = forgotten; unlike Chaudhry's forgetting, whose max over earlier
-evaluations grows with evaluation noise alone, noise averages out of it); map (mAP of ap_after);
+evaluations grows with evaluation noise alone, noise averages out of it); worst_drop_protected (the
+largest drop of the protected classes below their AP at the start, the manufacturer's edge, over every
+round up to r: ``evaluation.metrics.worst_drop``); map (mAP of ap_after);
 recall_new / f1_new (operating point at the deployment threshold over the client's private classes,
 from the last record's ``after`` counts, in percent); recall_kept / f1_kept (the same over its kept
 classes); recall_kept_drop (kept-class recall at the start, from the first record's ``before``, minus
@@ -69,12 +71,14 @@ from evaluation.metrics import (
     sorted_by_round,
     spec_classes,
     specs_by_client,
+    worst_drop,
 )
 
 NAN = float("nan")
 
 # Metrics with an interval in every per-round entry, in table order.
-INTERVAL_METRICS = ("gain", "forgetting_kept", "forgetting_protected", "bwt_kept", "bwt_protected", "released",
+INTERVAL_METRICS = ("gain", "forgetting_kept", "forgetting_protected", "bwt_kept", "bwt_protected",
+                    "worst_drop_protected", "released",
                     "spread", "map", "recall_new", "f1_new", "recall_kept", "f1_kept", "recall_kept_drop")
 # Cumulative costs: a plain mean in the entry, the interval under "<metric>_ci95".
 COST_METRICS = ("mb_cum", "client_s_cum")
@@ -88,6 +92,7 @@ CLAIMS = (
     ("DiReDi gains more than B", "gain", True, ()),
     ("DiReDi forgets less than B (kept classes)", "forgetting_kept", False, ()),
     ("DiReDi forgets less than B (protected)", "forgetting_protected", False, ()),
+    ("DiReDi's protected class drops less below the manufacturer's edge than B's", "worst_drop_protected", False, ()),
     ("DiReDi detects more new-class objects at the threshold than B", "recall_new", True, ()),
     ("DiReDi costs fewer bytes than B", "mb_cum", False, ("local",)),  # local sends nothing
     ("DiReDi costs less client compute than B", "client_s_cum", False, ()),
@@ -219,6 +224,8 @@ def client_round_metrics(ordered: Sequence[Mapping], spec: Mapping, all_private:
     values.update(
         bwt_kept=points(mean_ap_change(ap_start, ap_now, kept)),
         bwt_protected=points(mean_ap_change(ap_start, ap_now, spec_classes(spec, "protected"))),
+        worst_drop_protected=points(worst_drop(ap_start, [r.get("ap_after") or {} for r in ordered],
+                                               spec_classes(spec, "protected"))),
         map=points(mean_average_precision(ap_now)),
         recall_new=points(new_now["recall"]), f1_new=points(new_now["f1"]),
         recall_kept=points(kept_now["recall"]), f1_kept=points(kept_now["f1"]),

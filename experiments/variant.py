@@ -47,6 +47,7 @@ from report.study import read_replicate
 
 METRICS = {  # metric -> higher is better
     "gain": True, "forgetting_kept": False, "forgetting_protected": False, "bwt_protected": True,
+    "worst_drop_protected": False,
     "recall_new": True, "spread": True,
     "released": False,  # a dropped class's AP change: more negative is released further (clients that drop one)
 }  # not compute: the study's seconds are wall time under varying load (README), a variant's too

@@ -64,6 +64,8 @@ TABLE_ROWS = (
     ("forgetting_kept", "forgetting, kept (pp)", "plain"),
     ("forgetting_protected", "forgetting, protected (pp)", "plain"),
     ("bwt_kept", "backward transfer, kept (pp)", "points"),
+    ("bwt_protected", "backward transfer, protected (pp)", "points"),
+    ("worst_drop_protected", "protected: worst drop below the manufacturer's edge so far (pp)", "plain"),
     ("released", "released (pp)", "points"),
     ("spread", "spread (pp)", "points"),
     ("map", "mAP (%)", "plain"),
@@ -73,6 +75,7 @@ TABLE_ROWS = (
     ("client_s_cum", "client compute, cumulative (s)", "seconds"),
 )
 UNITS = {"mb_cum": "mb", "client_s_cum": "seconds", "forgetting_kept": "points", "forgetting_protected": "points",
+         "worst_drop_protected": "points",
          "recall_new": "points"}
 
 

@@ -210,3 +210,17 @@ def test_run_summary_reports_the_mean_round_wall_time_of_federated_methods():
     assert summary["methods"]["diredi"]["round_s"] == pytest.approx(15.0)
     assert summary["methods"]["local"]["round_s"] is None
     assert summary["methods"]["diredi"]["gain"] == pytest.approx(50.0)  # percentage points
+
+
+def test_worst_drop_charges_drops_below_the_start_not_below_the_best_round():
+    """A class that rises and comes back to its start has forgotten (Chaudhry) but never dropped below
+    the model it started from; a dip below the start is charged at its deepest; classes are averaged."""
+    from evaluation.metrics import class_forgetting, worst_drop
+
+    start = {"person": 0.50, "car": 0.40}
+    history = [{"person": 0.60, "car": 0.30}, {"person": 0.50, "car": 0.35}]
+    assert class_forgetting([0.50, 0.60, 0.50]) == pytest.approx(0.10)
+    assert worst_drop(start, history, ["person"]) == 0.0
+    assert worst_drop(start, history, ["car"]) == pytest.approx(0.10)
+    assert worst_drop(start, history, ["person", "car"]) == pytest.approx(0.05)
+    assert math.isnan(worst_drop(start, history, ["dog"]))

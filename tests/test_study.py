@@ -151,6 +151,8 @@ def test_client_round_values_on_hand_made_records():
     # backward transfer over kept (car, bus): ((0.4-0.6)+0)/2, then ((0.5-0.6)+0)/2
     assert one["bwt_kept"] == pytest.approx(-10.0) and two["bwt_kept"] == pytest.approx(-5.0)
     assert two["bwt_protected"] == pytest.approx(-10.0)
+    # car's deepest point below its start (0.6) is round 1's 0.4: it stays charged after car recovers
+    assert one["worst_drop_protected"] == pytest.approx(20.0) == two["worst_drop_protected"]
     # Chaudhry: car's best earlier 0.6 minus now 0.5 = 0.1, bus 0: mean 5 pp; protected (car) 10 pp
     assert two["forgetting_kept"] == pytest.approx(5.0) and two["forgetting_protected"] == pytest.approx(10.0)
     assert two["released"] == pytest.approx(-20.0) and two["spread"] == pytest.approx(20.0)
@@ -268,7 +270,7 @@ def test_study_from_run_folders_writes_compare_json_md_and_plots(tmp_path):
     verdicts = compare["verdicts"]
     assert {v["baseline"] for v in verdicts} == {"fedavg", "local"} and {v["round"] for v in verdicts} == {2}
     assert not any(v["baseline"] == "local" and v["metric"] == "mb_cum" for v in verdicts)
-    assert len(verdicts) == 6 + 5 + 2  # and the gain at equal client compute against each
+    assert len(verdicts) == 7 + 6 + 2  # and the gain at equal client compute against each
     for v in verdicts:
         assert set(v) >= {"claim", "metric", "baseline", "round", "diff", "ci95", "verdict"}
     by_claim = {(v["baseline"], v["metric"]): v for v in verdicts}
