@@ -65,8 +65,8 @@ from clients.store import (is_body_reference, load_client_state, open_body_cache
 from data.voc import CLASS_INDEX, DataError
 from session.workspace import Workspace, workspace_of
 from distill.body_memo import BodyMemo
-from distill.rd import (client_delta, direct_training, distill_c, fine_tune, reverse_distill_tutor1,
-                        reverse_distill_tutor2)
+from distill.rd import (client_delta, direct_training, distill_c, distill_c_lr, fine_tune,
+                        reverse_distill_tutor1, reverse_distill_tutor2)
 from distill.trainer import PhaseReport, peak_rss_mb
 from evaluation.ap import per_class_ap
 from models.compute import computing, current_compute, placed_on
@@ -484,7 +484,10 @@ def distill(msg: Message, context: Context) -> Message:
     kept = tuple(CLASS_INDEX[c] for c in spec.kept)  # soft targets, when switched on ...
     if run.spread_scores == "others":  # ... and the others' classes: the tower under their rows should keep
         kept += tuple(others)          # reading them on images that show none of them
-    new_edge, report = distill_c(edge, tutor, _dataset(ws, partition, "train"), run.client_training(), seed,
+    settings = run.client_training()
+    settings = replace(settings, redistill_lr=distill_c_lr(settings.redistill_lr or settings.lr,
+                                                           int(config.get(SERVER_ROUND, 0)), run.redistill_lr_schedule))
+    new_edge, report = distill_c(edge, tutor, _dataset(ws, partition, "train"), settings, seed,
                                  body_memo=memo, kept_classes=kept)
     if cache:
         save_body_outputs(root, method, partition, memo)

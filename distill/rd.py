@@ -14,6 +14,7 @@ measurements behind the defaults.
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import asdict, dataclass, replace
 
 from torch import Tensor, nn
@@ -182,6 +183,17 @@ def distill_c(edge: nn.Module, tutor: nn.Module, client_data: Dataset, settings:
     student = copy.deepcopy(edge)
     return student, train(student, client_data, distill_c_phase(settings, seed, kept_classes), teacher=tutor,
                           progress=progress, body_memo=body_memo)
+
+
+def distill_c_lr(lr: float, server_round: int, schedule: str) -> float:
+    """Distill C's learning rate in ``server_round`` (1-based): ``lr`` every round (constant), or
+    ``lr / sqrt(round)`` (inverse-sqrt: SGD's classic decay, so that late rounds, which restart from an
+    edge that already holds the client's classes, move it less; no horizon to know in advance)."""
+    if schedule == "constant" or server_round <= 1:
+        return lr
+    if schedule == "inverse-sqrt":
+        return lr / math.sqrt(server_round)
+    raise ValueError(f"unknown Distill C learning-rate schedule {schedule!r}")
 
 
 def distill_c_phase(settings: ClientTraining, seed: int, kept_classes: tuple[int, ...] = ()) -> Phase:

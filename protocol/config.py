@@ -43,6 +43,7 @@ EDGE_CHECKS = ("off", "on")  # the manufacturer's check of each re-distilled edg
 SPREAD_MODES = ("off", "on")  # the server's edge, distilled from the updated tutor, as Distill C's start
 SPREAD_ROWS = ("distilled", "server")  # with spread, where other clients' classes' rows come from after Distill C
 SPREAD_SCORES = ("kept", "others")  # with spread, which classes' tutor scores are Distill C's soft targets
+REDISTILL_LR_SCHEDULES = ("constant", "inverse-sqrt")  # distill.rd.distill_c_lr
 SPREAD_AVERAGES = ("deployed", "server")  # with spread, the edge a client's re-distilled edge is averaged with
 # With spread, the server's distillation steps per round into its edge as a multiple of a client's Distill C
 # steps (--spread-iters 0): four times gave every figure better than once over three replicates and on
@@ -176,6 +177,11 @@ class RunConfig:
     # (experiments/results/distill_c_lr.md); with the next two settings, README "All three together"
     redistill_lr: float = setting(3e-3, CLIENTS, "a client's Distill C learning rate (0: the profile's lr, as "
                                                  "local training's)")
+    # distill.rd.distill_c_lr; client re-distillation only
+    redistill_lr_schedule: str = setting("constant", CLIENTS, "a client's Distill C learning rate by round: "
+                                                             "constant, or inverse-sqrt (redistill-lr / sqrt(round): "
+                                                             "the full rate in round 1, a quarter of it in round 16)",
+                                         REDISTILL_LR_SCHEDULES)
     # distill.scores; experiments/results/edge_protection.md
     redistill_score_weight: float = setting(4.0, CLIENTS, "a client's Distill C also learns the tutor's class "
                                                           "scores on its kept presumed classes, with this weight "

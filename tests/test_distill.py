@@ -396,3 +396,13 @@ def test_redistill_lr_sets_distill_c_alone():
     assert RunConfig(profile="cpu", redistill_lr=4e-3).client_training().redistill_lr == 4e-3
     assert RunConfig().client_training().redistill_lr == 3e-3  # the run's default (README "All three together")
     assert RunConfig.completed({})["redistill_lr"] == 0.0  # a later field: older run folders read as the profile's
+
+
+def test_distill_c_lr_is_constant_or_falls_as_one_over_the_root_of_the_round():
+    from distill.rd import distill_c_lr
+
+    assert distill_c_lr(3e-3, 7, "constant") == 3e-3
+    assert distill_c_lr(3e-3, 1, "inverse-sqrt") == 3e-3
+    assert distill_c_lr(3e-3, 16, "inverse-sqrt") == pytest.approx(7.5e-4)
+    with pytest.raises(ValueError):
+        distill_c_lr(3e-3, 2, "cosine")
