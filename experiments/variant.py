@@ -61,34 +61,57 @@ def replicate_of(folder: Path) -> int:
     return int(match.group(1))
 
 
-def values(folder: Path, method: str) -> dict[int, dict[int, dict]]:
-    """round -> client -> metrics of ``method`` in a run folder."""
+EVALUATIONS = ("ap_before", "ap_after")
+
+
+def evaluations(folder: Path, method: str) -> set[tuple[int, str]]:
+    """(round, "ap_before" | "ap_after") of every evaluation of ``method``'s edges in a run folder
+    (``--eval-every k`` leaves some out)."""
+    _, records, _, _ = read_replicate(folder)
+    return {(int(r["round"]), key) for r in records if r["method"] == method for key in EVALUATIONS if r.get(key)}
+
+
+def only_evaluations(record: dict, shown: set[tuple[int, str]] | None) -> dict:
+    """``record`` without the evaluations outside ``shown``: a run evaluated every round reads as one
+    evaluated at another's rounds, so that Chaudhry's forgetting (a max over evaluations) compares alike."""
+    if shown is None:
+        return record
+    hidden = [key for key in EVALUATIONS if (int(record["round"]), key) not in shown]
+    return {**record, **{key: {} for key in hidden}, **({"after": {}} if "ap_after" in hidden else {})}
+
+
+def values(folder: Path, method: str, shown: set[tuple[int, str]] | None = None) -> dict[int, dict[int, dict]]:
+    """round -> client -> metrics of ``method`` in a run folder (``shown``: only those evaluations)."""
     _, records, specs, _ = read_replicate(folder)
     all_private = [list(s.get("private") or []) for s in specs]  # as the study reads a replicate
-    per_method = client_round_values([r for r in records if r["method"] == method], specs, all_private)
+    per_method = client_round_values([only_evaluations(r, shown) for r in records if r["method"] == method],
+                                     specs, all_private)
     if method not in per_method:
         raise SystemExit(f"python -m experiments.variant: error: {folder} has no {method} records")
     return per_method[method]
 
 
-def optional_values(folder: Path, method: str) -> dict[int, dict[int, dict]] | None:
+def optional_values(folder: Path, method: str, shown: set[tuple[int, str]] | None = None
+                    ) -> dict[int, dict[int, dict]] | None:
     """``values``, or None when the run folder holds no records of ``method``."""
     _, records, _, _ = read_replicate(folder)
-    return values(folder, method) if any(r["method"] == method for r in records) else None
+    return values(folder, method, shown) if any(r["method"] == method for r in records) else None
 
 
-def protected_path(folder: Path, method: str) -> dict[str, float]:
+def protected_path(folder: Path, method: str, rounds: set[int] | None = None) -> dict[str, float]:
     """The protected classes' AP on each client's test shard along the run, in AP points, mean over
-    clients and protected classes: "step" the mean absolute change from one round to the next, "worst"
+    clients and protected classes: "step" the mean absolute change from one evaluation to the next, "worst"
     the lowest round minus the start (the edge before round 1), "last" the last round minus the start;
-    with edge check records, "deployed" the share of re-distilled edges deployed (kept: the rest)."""
+    with edge check records, "deployed" the share of re-distilled edges deployed (kept: the rest).
+    ``rounds``: only these rounds' evaluations (so that runs evaluated at other rounds compare alike)."""
     _, records, specs, _ = read_replicate(folder)
     protected = {int(s["client"]): list(s.get("protected") or []) for s in specs}
     steps, worst, last, deployed = [], [], [], []
     for client, classes in protected.items():
         mine = sorted((r for r in records if r["method"] == method and r["client"] == client), key=lambda r: r["round"])
+        shown = [r for r in mine if r.get("ap_after") and (rounds is None or int(r["round"]) in rounds)]
         for c in classes:
-            path = [100 * mine[0]["ap_before"][c]] + [100 * r["ap_after"][c] for r in mine] if mine else []
+            path = [100 * mine[0]["ap_before"][c]] + [100 * r["ap_after"][c] for r in shown] if mine else []
             path = [v for v in path if np.isfinite(v)]
             if len(path) < 2:
                 continue
@@ -145,11 +168,20 @@ def main(argv=None) -> int:
             raise SystemExit(f"python -m experiments.variant: error: no baseline run of replicate {k} "
                              f"({'--baseline' if args.baseline else args.study})")
         base_folders[k] = base
-        same, local = optional_values(base, method), optional_values(base, "local") if method == "diredi" else None
+    # every run compared at the evaluations they all made (a run with --eval-every 2 against one with 1)
+    runs = [(f, method) for f in args.variant] + [(b, m) for b in base_folders.values()
+                                                   for m in dict.fromkeys((method, "local"))]
+    made = [e for e in (evaluations(f, m) for f, m in runs) if e]
+    shown = set.intersection(*made) if made else None
+    for folder in args.variant:
+        k = replicate_of(folder)
+        base = base_folders[k]
+        same = optional_values(base, method, shown)
+        local = optional_values(base, "local", shown) if method == "diredi" else None
         if same is None and local is None:
             raise SystemExit(f"python -m experiments.variant: error: {base} has no {method} records"
                              + (" and no local records" if method == "diredi" else ""))
-        pairs.append((k, values(folder, method), same, local))
+        pairs.append((k, values(folder, method, shown), same, local))
     last = min(max(v) for _, v, _, _ in pairs)
     rounds = sorted({r for r in (2, 10, last) if r <= last})
     rows = []
@@ -165,10 +197,11 @@ def main(argv=None) -> int:
                 diff = paired_difference(a, b)
                 rows.append({"baseline": baseline, "metric": metric, "round": r, "variant": mean_a, "base": mean_b,
                              "diff": diff["mean"], "ci95": diff["ci95"], "verdict": verdict(diff, higher)})
-    paths = {args.name: [protected_path(f, method) for f in args.variant]}
+    common = None if shown is None else {r for r, key in shown if key == "ap_after"}
+    paths = {args.name: [protected_path(f, method, common) for f in args.variant]}
     for other in dict.fromkeys((method, "local")):
         if all(p[3 if other == "local" and method == "diredi" else 2] is not None for p in pairs):
-            paths[f"baseline {other}"] = [protected_path(base_folders[p[0]], other) for p in pairs]
+            paths[f"baseline {other}"] = [protected_path(base_folders[p[0]], other, common) for p in pairs]
     path_rows = [{"run": name, **{k: float(np.mean([v[k] for v in values])) for k in values[0]}}
                  for name, values in paths.items()]
     command = shlex.join(["python", "-m", "experiments.variant", *(sys.argv[1:] if argv is None else argv)])
