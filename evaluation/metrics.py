@@ -156,8 +156,8 @@ def worst_drop(ap_start: ApMap, history: Sequence[ApMap], classes: Iterable[str]
     swings above its start is not charged for coming back down to it."""
     def one(name: str) -> float:
         start = ap_start.get(name)
-        drops = [float(start) - float(ap.get(name)) for ap in history
-                 if not is_missing(start) and not is_missing(ap.get(name))]
+        drops = [] if is_missing(start) else [float(start) - float(ap[name]) for ap in history
+                                               if not is_missing(ap.get(name))]
         return max(0.0, max(drops)) if drops else NAN
 
     return nan_mean(one(name) for name in classes)

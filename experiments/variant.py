@@ -34,6 +34,7 @@ Writes ``<out>.json`` and ``<out>.md``.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import re
 import shlex
@@ -54,6 +55,12 @@ METRICS = {  # metric -> higher is better
 STUDY = Path("experiments/results/compare/runs")
 
 
+@functools.lru_cache(maxsize=None)
+def read_folder(folder: Path) -> tuple:
+    """``read_replicate`` once per run folder: several tables read the same folders (read only)."""
+    return read_replicate(folder)
+
+
 def replicate_of(folder: Path) -> int:
     match = re.search(r"rep(\d+)$", folder.name)
     if match is None:
@@ -67,7 +74,7 @@ EVALUATIONS = ("ap_before", "ap_after")
 def evaluations(folder: Path, method: str) -> set[tuple[int, str]]:
     """(round, "ap_before" | "ap_after") of every evaluation of ``method``'s edges in a run folder
     (``--eval-every k`` leaves some out)."""
-    _, records, _, _ = read_replicate(folder)
+    _, records, _, _ = read_folder(folder)
     return {(int(r["round"]), key) for r in records if r["method"] == method for key in EVALUATIONS if r.get(key)}
 
 
@@ -82,7 +89,7 @@ def only_evaluations(record: dict, shown: set[tuple[int, str]] | None) -> dict:
 
 def values(folder: Path, method: str, shown: set[tuple[int, str]] | None = None) -> dict[int, dict[int, dict]]:
     """round -> client -> metrics of ``method`` in a run folder (``shown``: only those evaluations)."""
-    _, records, specs, _ = read_replicate(folder)
+    _, records, specs, _ = read_folder(folder)
     all_private = [list(s.get("private") or []) for s in specs]  # as the study reads a replicate
     per_method = client_round_values([only_evaluations(r, shown) for r in records if r["method"] == method],
                                      specs, all_private)
@@ -94,24 +101,25 @@ def values(folder: Path, method: str, shown: set[tuple[int, str]] | None = None)
 def optional_values(folder: Path, method: str, shown: set[tuple[int, str]] | None = None
                     ) -> dict[int, dict[int, dict]] | None:
     """``values``, or None when the run folder holds no records of ``method``."""
-    _, records, _, _ = read_replicate(folder)
+    _, records, _, _ = read_folder(folder)
     return values(folder, method, shown) if any(r["method"] == method for r in records) else None
 
 
-def protected_path(folder: Path, method: str, rounds: set[int] | None = None) -> dict[str, float]:
+def protected_path(folder: Path, method: str, shown: set[tuple[int, str]] | None = None) -> dict[str, float]:
     """The protected classes' AP on each client's test shard along the run, in AP points, mean over
     clients and protected classes: "step" the mean absolute change from one evaluation to the next, "worst"
     the lowest round minus the start (the edge before round 1), "last" the last round minus the start;
     with edge check records, "deployed" the share of re-distilled edges deployed (kept: the rest).
-    ``rounds``: only these rounds' evaluations (so that runs evaluated at other rounds compare alike)."""
-    _, records, specs, _ = read_replicate(folder)
+    ``shown``: only those evaluations (``only_evaluations``)."""
+    _, records, specs, _ = read_folder(folder)
     protected = {int(s["client"]): list(s.get("protected") or []) for s in specs}
     steps, worst, last, deployed = [], [], [], []
     for client, classes in protected.items():
-        mine = sorted((r for r in records if r["method"] == method and r["client"] == client), key=lambda r: r["round"])
-        shown = [r for r in mine if r.get("ap_after") and (rounds is None or int(r["round"]) in rounds)]
+        mine = sorted((only_evaluations(r, shown) for r in records if r["method"] == method and r["client"] == client),
+                      key=lambda r: r["round"])
+        evaluated = [r for r in mine if r.get("ap_after")]
         for c in classes:
-            path = [100 * mine[0]["ap_before"][c]] + [100 * r["ap_after"][c] for r in shown] if mine else []
+            path = [100 * mine[0]["ap_before"][c]] + [100 * r["ap_after"][c] for r in evaluated] if mine else []
             path = [v for v in path if np.isfinite(v)]
             if len(path) < 2:
                 continue
@@ -197,11 +205,10 @@ def main(argv=None) -> int:
                 diff = paired_difference(a, b)
                 rows.append({"baseline": baseline, "metric": metric, "round": r, "variant": mean_a, "base": mean_b,
                              "diff": diff["mean"], "ci95": diff["ci95"], "verdict": verdict(diff, higher)})
-    common = None if shown is None else {r for r, key in shown if key == "ap_after"}
-    paths = {args.name: [protected_path(f, method, common) for f in args.variant]}
+    paths = {args.name: [protected_path(f, method, shown) for f in args.variant]}
     for other in dict.fromkeys((method, "local")):
         if all(p[3 if other == "local" and method == "diredi" else 2] is not None for p in pairs):
-            paths[f"baseline {other}"] = [protected_path(base_folders[p[0]], other, common) for p in pairs]
+            paths[f"baseline {other}"] = [protected_path(base_folders[p[0]], other, shown) for p in pairs]
     path_rows = [{"run": name, **{k: float(np.mean([v[k] for v in values])) for k in values[0]}}
                  for name, values in paths.items()]
     command = shlex.join(["python", "-m", "experiments.variant", *(sys.argv[1:] if argv is None else argv)])

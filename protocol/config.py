@@ -187,8 +187,9 @@ class RunConfig:
                                                           "scores on its kept presumed classes, with this weight "
                                                           "(0: off, the paper's Distill C)")
     # distill.rd.ClientTraining.redistill_target_ratio; chosen after round 1 (experiments/results/distill_c_ratio.md)
-    redistill_ratio: float = setting(4.0, CLIENTS, "a client's Distill C holds its distillation term (the tutor's "
-                                                   "neck features) at this multiple of its detection loss")
+    redistill_ratio: float = setting(4.0, CLIENTS, "Distill C (a client's, or the server's with --redistill "
+                                                   "server) holds its distillation term (the tutor's neck "
+                                                   "features) at this multiple of its detection loss")
     # strategies.diredi; client re-distillation only
     edge_check: str = setting("off", CLIENTS, "on: the manufacturer checks each client's re-distilled edge on its "
                                               "validation set and the client deploys it only if its protected "
