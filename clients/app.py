@@ -275,8 +275,19 @@ def _deploy(context: Context, config: ConfigRecord) -> None:
     if candidate not in context.state.array_records:
         raise ValueError("a deploy verdict came but this client holds no re-distilled edge awaiting it")
     if int(config[DEPLOY_EDGE]):
-        context.state[_edge_key(config)] = context.state.array_records[candidate]
+        _store_edge(context, config, context.state.array_records[candidate])
     del context.state[candidate]
+
+
+def _store_edge(context: Context, config: ConfigRecord, edge: ArrayRecord) -> None:
+    """Deploys an edge of this client's Distill C, and notes that it now has one (``_redistilled``)."""
+    context.state[_edge_key(config)] = edge
+    context.state[f"{config[METHOD]}.redistilled"] = ConfigRecord({SERVER_ROUND: int(config.get(SERVER_ROUND, 0))})
+
+
+def _redistilled(context: Context, config: ConfigRecord) -> bool:
+    """Whether this client deploys an edge of its own Distill C (before its first, the manufacturer's)."""
+    return f"{config[METHOD]}.redistilled" in context.state.config_records
 
 
 def _edge(msg: Message, context: Context, workspace: Workspace, config: ConfigRecord) -> nn.Module:
@@ -471,8 +482,11 @@ def distill(msg: Message, context: Context) -> Message:
     others: list[int] = []  # with spread: the classes this client neither trains nor dropped (other clients')
     if SPREAD_EDGE in msg.content.array_records:  # spread: Distill C starts from the server's edge, ...
         spread = _model(ws, "edge", msg.content.array_records[SPREAD_EDGE])
-        # ... but the classes this client dropped score as its own edge scores them: released stays released
-        edge = with_class_rows(spread, edge, [CLASS_INDEX[c] for c in spec.dropped])
+        # ... but the classes this client dropped score as its own edge scores them: released stays released;
+        # with --spread-own-rows own its new classes too, once its edge holds what its Distill C taught it
+        own_rows = (*spec.dropped, *(spec.private if run.spread_own_rows == "own" and _redistilled(context, config)
+                                     else ()))
+        edge = with_class_rows(spread, edge, [CLASS_INDEX[c] for c in own_rows])
         others = [i for c, i in CLASS_INDEX.items() if c not in (*spec.train_classes, *spec.dropped)]
     tutor = _tutor(msg, context, ws, config, TUTOR)
     root, method = node_state_dir(config, context.node_config), str(config[METHOD])
@@ -510,7 +524,7 @@ def distill(msg: Message, context: Context) -> Message:
     if run.edge_check == "on":  # the manufacturer checks the new edge first ("evaluate" with its verdict)
         context.state[_candidate_key(config)] = state_record(new_edge)
         return _reply(msg, metrics, {EDGE: context.state[_candidate_key(config)]})
-    context.state[_edge_key(config)] = state_record(new_edge)
+    _store_edge(context, config, state_record(new_edge))
     metrics.update(_evaluate_after(new_edge, ws, partition, context, config))
     return _reply(msg, metrics)
 

@@ -44,7 +44,8 @@ SPREAD_MODES = ("off", "on")  # the server's edge, distilled from the updated tu
 SPREAD_ROWS = ("distilled", "server")  # with spread, where other clients' classes' rows come from after Distill C
 SPREAD_SCORES = ("kept", "others")  # with spread, which classes' tutor scores are Distill C's soft targets
 REDISTILL_LR_SCHEDULES = ("constant", "inverse-sqrt")  # distill.rd.distill_c_lr
-SPREAD_AVERAGES = ("deployed", "server")  # with spread, the edge a client's re-distilled edge is averaged with
+SPREAD_AVERAGES = ("deployed", "server")
+SPREAD_OWN_ROWS = ("server", "own")  # with spread, where Distill C's rows of the client's own new classes start  # with spread, the edge a client's re-distilled edge is averaged with
 # With spread, the server's distillation steps per round into its edge as a multiple of a client's Distill C
 # steps (--spread-iters 0): four times gave every figure better than once over three replicates and on
 # heldout8 (README "The server's own distillation steps")
@@ -212,6 +213,11 @@ class RunConfig:
                                                   "of a client's Distill C: its kept presumed classes (kept), or "
                                                   "also the classes it neither trains nor dropped (others)",
                                  SPREAD_SCORES)
+    # clients.app.distill; README "The late stall"
+    spread_own_rows: str = setting("server", CLIENTS, "with spread, the classification rows of a client's own "
+                                                      "new classes its Distill C starts from: the server's "
+                                                      "spread edge's (server) or, once it has deployed an edge "
+                                                      "of its own Distill C, that edge's (own)", SPREAD_OWN_ROWS)
     # clients.app.distill; README "Spread"
     spread_average: str = setting("deployed", CLIENTS, "with spread and an edge average, the edge a client's "
                                                        "re-distilled edge is averaged with: the edge it deployed "
@@ -518,6 +524,9 @@ def resolve_run_config(raw: Mapping[str, Any] | RunConfig) -> RunConfig:
         raise ConfigError("spread-average", "averages with the server's spread edge; it needs --spread on")
     if config.spread_average == "server" and config.edge_average == 1:
         raise ConfigError("spread-average", "sets the partner of the edge average; --edge-average 1 averages nothing")
+    if config.spread_own_rows == "own" and config.spread != "on":
+        raise ConfigError("spread-own-rows", "sets where Distill C starts from the server's spread edge; it needs "
+                                             "--spread on")
     if config.spread_iters and config.spread != "on":
         raise ConfigError("spread-iters", "sets the server's spread distillation; it needs --spread on")
 

@@ -454,6 +454,60 @@ def test_a_diredi_client_distils_from_the_spread_edge_when_one_comes(cache, tmp_
     assert all(torch.equal(v, kept[k]) for k, v in starts[1].items())  # without spread: the edge it kept
 
 
+def test_with_spread_own_rows_distill_c_starts_the_client_s_new_classes_from_its_own_edge(
+        cache, tmp_path, no_runtime, client_threads, monkeypatch):
+    """--spread-own-rows own: Distill C starts from the server's spread edge, but the rows of the client's own
+    new classes (and of the classes it dropped) are those of the edge it deployed, once that edge came from
+    its own Distill C; before its first Distill C (the manufacturer's edge) they are the server's."""
+    from flwr.app import Context
+
+    import clients.app as client_app
+    from models.parts import CLASS_ROW_PARAMS
+    from protocol.wire import CONFIG, DIREDI_WORK, EDGE, EDGE_SOURCE, METHOD, SERVER_ROUND, SPREAD_EDGE, TUTOR, WORK, \
+        state_record
+
+    starts = []
+    real = client_app.distill_c
+
+    def spy(edge, *args, **kwargs):
+        starts.append({k: v.clone() for k, v in edge.state_dict().items()})
+        return real(edge, *args, **kwargs)
+
+    monkeypatch.setattr(client_app, "distill_c", spy)
+    run = resolve_run_config({"profile": "smoke", "num-clients": 2, "rounds": 2, "cache-dir": str(cache),
+                              "spread": "on", "spread-own-rows": "own"})
+    config = {**run.to_record(), METHOD: "diredi", WORK: DIREDI_WORK, EDGE_SOURCE: "stored"}
+    own, spread, tutor = build_model("smoke", "edge", seed=1), build_model("smoke", "edge", seed=2), \
+        build_model("smoke", "tutor", seed=0)
+    context = Context(run_id=1, node_id=1, node_config={"partition-id": 1}, state=RecordDict(), run_config={})
+    context.state[f"diredi.{EDGE}"] = state_record(own)
+    with torch.no_grad():  # every tensor of the server's edge unlike the client's (both start from one class prior)
+        for value in spread.state_dict().values():
+            if value.is_floating_point():
+                value.add_(0.01)
+    spec = client_app.workspace_of(run).clients[1]
+    private, dropped = [CLASS_INDEX[c] for c in spec.private], [CLASS_INDEX[c] for c in spec.dropped]
+    assert private and dropped
+
+    def distill(server_round: int) -> dict:
+        deployed = context.state.array_records[f"diredi.{EDGE}"].to_torch_state_dict()
+        content = RecordDict({TUTOR: state_record(tutor), SPREAD_EDGE: state_record(spread),
+                              CONFIG: ConfigRecord({**config, SERVER_ROUND: server_round})})
+        client_app.distill(Message(content=content, message_type="train.distill", dst_node_id=1), context)
+        return deployed
+
+    theirs = spread.state_dict()
+    for server_round in (1, 2):
+        deployed = distill(server_round)
+        start = starts[-1]
+        for name in CLASS_ROW_PARAMS:
+            assert torch.equal(start[name][dropped], deployed[name][dropped])
+            source = theirs if server_round == 1 else deployed
+            assert torch.equal(start[name][private], source[name][private]), (server_round, name)
+            assert not torch.equal(deployed[name][private], theirs[name][private])
+        assert all(torch.equal(v, theirs[k]) for k, v in start.items() if k not in CLASS_ROW_PARAMS)  # the tower
+
+
 @pytest.mark.parametrize("rows", ["server", "distilled"])
 def test_with_spread_rows_from_the_server_other_clients_classes_keep_the_spread_edge_s_rows(
         cache, tmp_path, no_runtime, client_threads, rows):
