@@ -68,7 +68,21 @@ def replicate_command(args: argparse.Namespace, replicate: int, settings: dict) 
         command += [flag, f"{value:g}" if isinstance(value, float) else str(value)]
     if (folder / "config.json").exists():
         command.append("--resume")
+        if args.redo_stale and stale_diredi(command, folder):
+            command += ["--redo", "diredi"]
     return command
+
+
+def stale_diredi(command: list[str], folder: Path) -> bool:
+    """Whether the replicate's folder can go on with ``command``'s settings only once DiReDi's records, made
+    with other DiReDi settings, are dropped (every other setting the same)."""
+    from report.writer import RunFolder
+    from sim.run import build_parser, run_config_of
+    from protocol.config import resolve_run_config
+
+    start = command.index("sim.run") + 1
+    run = json.loads(json.dumps(resolve_run_config(run_config_of(build_parser().parse_args(command[start:]))).to_dict()))
+    return RunFolder.resume_problem(folder, run) is not None and RunFolder.resume_problem(folder, run, ("diredi",)) is None
 
 
 def fingerprints(args: argparse.Namespace) -> dict[str, str]:
@@ -170,6 +184,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--grid", type=Path, default=GRID, help="the baseline grid's JSON (chosen settings)")
     parser.add_argument("--no-grid", action="store_true", help="the baselines at the default settings")
     parser.add_argument("--summarise-only", action="store_true", help="combine the run folders; run nothing")
+    parser.add_argument("--redo-stale", action="store_true",
+                        help="run DiReDi again in a replicate whose DiReDi records were made with other DiReDi "
+                             "settings than today's (after a DiReDi default changed; sim.run --redo diredi); the "
+                             "other methods' records are kept. Without it such a replicate stops with an error")
     parser.add_argument("--paper-distill-c", action="store_true",
                         help="DiReDi as experiments/results/compare ran it, the paper's Distill C and no spread: sim.run "
                              + " ".join(PAPER_FLAGS))

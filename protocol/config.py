@@ -350,12 +350,14 @@ class RunConfig:
         return completed
 
     @staticmethod
-    def same_settings(recorded: Mapping[str, Any], run: Mapping[str, Any]) -> bool:
+    def same_settings(recorded: Mapping[str, Any], run: Mapping[str, Any], diredi_ran: bool = True) -> bool:
         """Whether two config.json ``run`` entries (as read back) describe the same run, for ``--resume``:
         equal once completed, except where they keep the cache (its entries are keyed by content, so a
-        moved cache, or one reached through a link, makes no other run)."""
+        moved cache, or one reached through a link, makes no other run). Without ``diredi_ran`` (the folder
+        holds nothing of DiReDi), the settings only DiReDi reads may differ too (``diredi_only_settings``)."""
         first, second = RunConfig.completed(recorded), RunConfig.completed(run)
-        first.pop("cache_dir"), second.pop("cache_dir")
+        for name in ("cache_dir", *(() if diredi_ran else diredi_only_settings())):
+            first.pop(name), second.pop(name)
         return first == second
 
     # -- what the configuration implies ---------------------------------------------------------
@@ -417,6 +419,19 @@ class RunConfig:
         sampled = f"-f{self.fraction:g}" if self.fraction < 1 else ""
         return (f"{Path(self.scenario).stem}-{self.profile}-{self.data}-c{self.num_clients}{sampled}"
                 f"-r{self.rounds}-s{self.seed}" + (f"-rep{self.replicate}" if self.replicate else ""))
+
+
+# The settings of these groups are read by DiReDi only, but for SHARED_WITH_BASELINES: the local and oracle
+# baselines take as many steps a round as a DiReDi client (rd_iters, redistill_iters) and every client trains
+# in batches of batch_size. A run folder whose DiReDi has not run (or is redone) may change the others.
+DIREDI_GROUPS = (CLIENTS, VERIFICATION, MERGE, PRIVACY)
+SHARED_WITH_BASELINES = ("rd_iters", "redistill_iters", "batch_size")
+
+
+def diredi_only_settings() -> tuple[str, ...]:
+    """The ``RunConfig`` fields no method but DiReDi reads (``same_settings``)."""
+    return tuple(f.name for f in fields(RunConfig)
+                 if f.metadata["group"] in DIREDI_GROUPS and f.name not in SHARED_WITH_BASELINES)
 
 
 def _key(name: str) -> str:

@@ -162,20 +162,25 @@ class RunFolder:
 
     @classmethod
     def start(cls, path: str | os.PathLike, run: Mapping, details: Mapping | None = None,
-              resume: bool = False) -> "RunFolder":
+              resume: bool = False, redo: Sequence[str] = ()) -> "RunFolder":
         """The folder of a new run (earlier logs emptied), or with ``resume`` the folder of an
-        earlier run with the same ``run`` configuration, keeping its finished methods' records.
+        earlier run with the same ``run`` configuration, keeping its finished methods' records but
+        those of the methods to ``redo`` (their records, decisions, checkpoints and client state go).
 
-        config.json holds ``{"run": run, **details}``; only ``run`` is compared on resume."""
+        config.json holds ``{"run": run, **details}``; only ``run`` is compared on resume, and where
+        DiReDi is redone or never ran its own settings may differ (``resume_problem``)."""
         folder = cls(path)
         run = json.loads(json.dumps(to_jsonable(run)))  # as it reads back from config.json
         done: list[str] = []
         if resume:
-            if not folder.config_path.exists():
-                raise ValueError(f"{folder.path} holds no earlier run (no config.json)")
-            if not RunConfig.same_settings(folder.read_config().get("run") or {}, run):
-                raise ValueError(f"{folder.path} was made with other settings; start a new run (or another name)")
-            done = folder.read_done()
+            problem = cls.resume_problem(folder.path, run, redo)
+            if problem:
+                raise ValueError(problem)
+            done = [m for m in folder.read_done() if m not in redo]
+            for method in redo:
+                folder.forget_state(method)
+            if "diredi" in redo:
+                (folder.path / TUTOR_HISTORY).unlink(missing_ok=True)
         else:  # a new run: no earlier run's checkpoints or client state may leak into it
             shutil.rmtree(folder.checkpoints_path, ignore_errors=True)
             shutil.rmtree(folder.client_state_path, ignore_errors=True)
@@ -195,6 +200,23 @@ class RunFolder:
         folder.write_done(done)
         folder.write_config({"run": run, **(details or {})})
         return folder
+
+    @classmethod
+    def resume_problem(cls, path: str | os.PathLike, run: Mapping, redo: Sequence[str] = ()) -> str | None:
+        """Why the run folder at ``path`` cannot go on with settings ``run`` (as config.json reads back) once
+        the methods to ``redo`` are dropped, or None. The settings must be the folder's, except the ones only
+        DiReDi reads where the folder then holds nothing of DiReDi (no record, decision or checkpoint)."""
+        path = Path(path)
+        if not (path / cls.CONFIG).exists():
+            return f"{path} holds no earlier run (no config.json)"
+        folder = cls(path)
+        diredi_ran = "diredi" not in redo and (
+            "diredi" in folder.read_done() or checkpoint_round(folder.checkpoints_path, "diredi") > 0
+            or any(r["method"] == "diredi" for r in folder.read_records()))
+        if not RunConfig.same_settings(folder.read_config().get("run") or {}, run, diredi_ran=diredi_ran):
+            hint = " (it holds DiReDi's records, so DiReDi's own settings must match too; --redo diredi drops them)"
+            return f"{path} was made with other settings{hint if diredi_ran else ''}; start a new run (or another name)"
+        return None
 
     def read_done(self) -> list[str]:
         """The methods whose every round is in rounds.jsonl."""

@@ -64,6 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
     output.add_argument("--resume", action="store_true",
                         help="go on with an existing run folder: its finished methods are reused, an unfinished "
                              "federated method continues after its last checkpointed round")
+    output.add_argument("--redo", default="", metavar="METHODS",
+                        help="with --resume: comma-separated methods whose records the folder drops and runs again "
+                             "(e.g. diredi after its defaults changed: with DiReDi redone, its own settings may "
+                             "differ from the folder's)")
     output.add_argument("--quiet", action="store_true", help="no progress bars")
     output.add_argument("--ray-address", help="join an existing Ray cluster instead of starting one")
     return parser
@@ -82,13 +86,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     except ConfigError as err:
         parser.error(f"{flag_of(err.key)} {err.problem}")
     args.name = args.name or args.config.run_name()
+    args.redo = tuple(m for m in args.redo.split(",") if m)
+    if args.redo and not args.resume:
+        parser.error("--redo: only with --resume (a new run runs every method)")
+    if any(m not in args.config.methods for m in args.redo):
+        parser.error(f"--redo: {','.join(args.redo)} is not a subset of --methods {','.join(args.config.methods)}")
     if args.resume:
-        earlier = args.out / args.name / "config.json"
-        if not earlier.exists():
-            parser.error(f"--resume: {earlier.parent} holds no earlier run (no config.json)")
-        recorded = json.loads(earlier.read_text()).get("run") or {}
-        if not RunConfig.same_settings(recorded, json.loads(json.dumps(args.config.to_dict()))):
-            parser.error(f"--resume: {earlier.parent} was made with other settings; start a new run (or --name)")
+        from report.writer import RunFolder
+
+        problem = RunFolder.resume_problem(args.out / args.name, json.loads(json.dumps(args.config.to_dict())),
+                                           args.redo)
+        if problem:
+            parser.error(f"--resume: {problem}")
     return args
 
 
@@ -147,7 +156,7 @@ def run(args: argparse.Namespace, argv=None) -> int:
               f"({rep.get('iters')} iterations, {rep.get('seconds', 0):.0f} s when built)", flush=True)
     details = {"command": "python -m sim.run " + " ".join(sys.argv[1:] if argv is None else argv), **session.details()}
     try:
-        folder = RunFolder.start(args.out / args.name, config.to_dict(), details, resume=args.resume)
+        folder = RunFolder.start(args.out / args.name, config.to_dict(), details, resume=args.resume, redo=args.redo)
     except ValueError as err:
         print(f"{PROG}: error: --resume: {err}", file=sys.stderr)
         return 2

@@ -145,3 +145,32 @@ def test_summarising_an_assembled_study_without_runs_names_the_command_that_made
     (tmp_path / "compare.json").unlink()
     with pytest.raises(SystemExit, match="no run folder with records under"):
         compare.main(["--summarise-only", "--out", str(tmp_path)])
+
+
+def test_redo_stale_runs_diredi_again_only_where_its_own_settings_changed(tmp_path):
+    """--redo-stale adds sim.run's --redo diredi for a replicate whose DiReDi records were made with other
+    DiReDi settings, not where they match (running the command again never drops DiReDi twice) and not where
+    a setting the other methods read changed (that replicate must fail, not lose its records)."""
+    from experiments.compare import parse_args, replicate_command
+    from report.writer import RunFolder
+    from sim.run import build_parser, run_config_of
+
+    args = parse_args(["--rounds", "2", "--clients", "2", "--profile", "smoke", "--replicates", "0", "--redo-stale",
+                       "--out", str(tmp_path), "--no-grid"])
+    fresh = replicate_command(args, 0, {})
+    assert "--resume" not in fresh and "--redo" not in fresh
+    today = json.loads(json.dumps(resolve_run_config(run_config_of(build_parser().parse_args(fresh[3:]))).to_dict()))
+
+    def folder_with(**recorded) -> None:
+        folder = RunFolder.start(tmp_path / "runs" / "rep0", {**today, **recorded})
+        folder.append_record({"method": "diredi", "round": 1, "client": 0})
+
+    folder_with()
+    assert "--resume" in replicate_command(args, 0, {}) and "--redo" not in replicate_command(args, 0, {})
+    folder_with(claims="earned")  # DiReDi ran under another DiReDi setting
+    assert replicate_command(args, 0, {})[-2:] == ["--redo", "diredi"]
+    folder_with(claims="earned", rounds=3)  # and the rounds differ too: no redo, sim.run refuses the folder
+    assert "--redo" not in replicate_command(args, 0, {})
+    args.redo_stale = False
+    folder_with(claims="earned")
+    assert "--redo" not in replicate_command(args, 0, {})

@@ -54,3 +54,20 @@ def test_resume_compares_settings_not_where_the_cache_is():
     written = json.loads(json.dumps(RunConfig().to_dict()))
     assert RunConfig.same_settings({**written, "cache_dir": "/elsewhere/.cache"}, written)
     assert not RunConfig.same_settings({**written, "rounds": written["rounds"] + 1}, written)
+
+
+def test_without_diredi_s_records_only_diredi_s_own_settings_may_differ():
+    """A folder whose DiReDi never ran (or is redone) may go on with other DiReDi settings, but not with
+    the settings the baselines read too: the local and oracle budgets (rd_iters, redistill_iters) and
+    batches, the rounds, the data."""
+    from protocol.config import RunConfig, diredi_only_settings
+
+    written = json.loads(json.dumps(RunConfig().to_dict()))
+    only = diredi_only_settings()
+    assert {"claims", "clip_multiple", "spread", "redistill_ratio", "edge_average", "dp_noise"} <= set(only)
+    assert not {"rd_iters", "redistill_iters", "batch_size", "direct_lr", "rounds", "scenario"} & set(only)
+    other_diredi = {**written, "claims": "earned", "clip_multiple": 4.0}
+    assert not RunConfig.same_settings(other_diredi, written)
+    assert RunConfig.same_settings(other_diredi, written, diredi_ran=False)
+    for name, value in (("rd_iters", 7), ("direct_lr", 0.1), ("rounds", 3)):
+        assert not RunConfig.same_settings({**written, name: value}, written, diredi_ran=False), name

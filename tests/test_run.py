@@ -95,7 +95,7 @@ def test_the_flags_are_the_run_config_fields_grouped_by_concern():
     titles = [group.title for group in parser._action_groups]
     assert [t for t in titles if t in GROUPS] == list(GROUPS)  # every section, in order
     others = {a.dest for a in parser._actions} - {f.name for f in dataclasses.fields(RunConfig)}
-    assert others == {"help", "out", "name", "resume", "quiet", "ray_address"}
+    assert others == {"help", "out", "name", "resume", "redo", "quiet", "ray_address"}
     help_text = " ".join(parser.format_help().split())
     assert "--num-clients NUM_CLIENTS" in help_text and "(default diredi,fedavg,fedprox,local,oracle)" in help_text
     assert "per round (0: the profile's) (default 0)" in help_text and "(default inf)" in help_text
@@ -153,6 +153,51 @@ def test_resume_needs_an_existing_run(tmp_path, capsys):
     with pytest.raises(SystemExit):
         parse_args(["--resume", "--out", str(tmp_path), "--name", "nothing-here"])
     assert "holds no earlier run" in capsys.readouterr().err
+
+
+def test_redo_needs_resume_and_one_of_the_run_s_methods(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        parse_args(["--redo", "diredi", "--out", str(tmp_path)])
+    assert "only with --resume" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parse_args(["--resume", "--redo", "fedavgm", "--methods", "diredi,local", "--out", str(tmp_path)])
+    assert "not a subset of --methods diredi,local" in capsys.readouterr().err
+
+
+def test_redo_drops_a_method_s_records_and_lets_diredi_s_own_settings_change(tmp_path):
+    """--resume --redo diredi: DiReDi's records, decisions, tutor history, checkpoint and client state go and
+    it runs again, with other DiReDi settings if asked; the other methods' records stay. Without --redo a
+    folder holding DiReDi's records refuses other DiReDi settings, and nothing is dropped."""
+    from report.writer import RunFolder
+
+    def settings(**changed) -> dict:
+        return json.loads(json.dumps(resolve_run_config({"rounds": 2, "methods": "diredi,fedavg", **changed}).to_dict()))
+
+    folder = RunFolder.start(tmp_path / "run", settings(), {"command": "first"})
+    for method in ("fedavg", "diredi"):
+        for server_round in (1, 2):
+            folder.append_record({"method": method, "round": server_round, "client": 0})
+    folder.append_verification({"client": 0, "round": 1, "accepted": True})
+    folder.write_json("tutor.json", [{"round": 1}])
+    folder.write_done(["fedavg", "diredi"])
+    (folder.checkpoints_path).mkdir()
+    (folder.checkpoints_path / "diredi.json").write_text(json.dumps({"round": 2}))
+    records = folder.read_records()
+    earned = settings(claims="earned")
+
+    assert "--redo diredi drops them" in RunFolder.resume_problem(folder.path, earned)
+    with pytest.raises(ValueError):
+        RunFolder.start(folder.path, earned, resume=True)
+    assert folder.read_records() == records and folder.read_done() == ["fedavg", "diredi"]  # nothing lost
+    assert "other settings" in RunFolder.resume_problem(folder.path, settings(rounds=3), ("diredi",))
+    assert RunFolder.resume_problem(folder.path, earned, ("diredi",)) is None
+
+    again = RunFolder.start(folder.path, earned, {"command": "again"}, resume=True, redo=("diredi",))
+    assert again.read_records() == [r for r in records if r["method"] == "fedavg"]
+    assert again.read_done() == ["fedavg"] and again.read_verification() == []
+    assert not (again.path / "tutor.json").exists() and not (again.path / "checkpoints").exists()
+    assert again.read_config()["run"]["claims"] == "earned"
+    assert RunFolder.resume_problem(again.path, earned) is None  # DiReDi now runs with the new settings
 
 
 @pytest.mark.slow
