@@ -24,7 +24,6 @@ pairing. Reads records only; writes ``<out>.json`` and ``<out>.md``.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 from pathlib import Path
@@ -32,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from report.study import read_replicate
+from report.writer import write_result
 
 
 def own_classes(records: list[dict], specs: list[dict], method: str, round_: int) -> dict[int, dict[str, dict]]:
@@ -162,10 +162,7 @@ def main(argv=None) -> int:
     command = " ".join(["python -m experiments.own_gap", *(sys.argv[1:] if argv is None else argv)])
     result = own_gap(args.runs, tuple(args.methods), sorted(set(args.rounds)), tuple(args.also))
     result["command"] = command
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(result, indent=1))
-    args.out.with_suffix(".md").write_text(markdown(result, command))
-    print(markdown(result, command))
+    write_result(args.out, result, markdown(result, command))
     return 0
 
 

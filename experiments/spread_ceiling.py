@@ -24,7 +24,6 @@ the same classes on another set, not a paired figure. Reads records only; writes
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 from collections import defaultdict
@@ -33,6 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from report.study import read_replicate
+from report.writer import write_result
 
 
 def client_class_spread(records: list[dict], specs: list[dict], method: str, round_: int) -> dict[str, list[float]]:
@@ -110,10 +110,7 @@ def main(argv=None) -> int:
     command = " ".join(["python -m experiments.spread_ceiling", *(sys.argv[1:] if argv is None else argv)])
     result = ceiling(args.runs, args.oracle, args.round)
     result["command"] = command
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(result, indent=1))
-    args.out.with_suffix(".md").write_text(markdown(result, command))
-    print(markdown(result, command))
+    write_result(args.out, result, markdown(result, command))
     return 0
 
 

@@ -100,6 +100,14 @@ def to_jsonable(value: Any) -> Any:
     return value
 
 
+def write_result(out: Path, result: Mapping, text: str) -> None:
+    """An experiment's figures: ``<out>.json`` (``result``) and ``<out>.md`` (``text``), also printed."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(result, indent=1))
+    out.with_suffix(".md").write_text(text)
+    print(text)
+
+
 def json_line(value: Any) -> str:
     """One strict-JSON line (no NaN tokens), keys in insertion order."""
     return json.dumps(to_jsonable(value), allow_nan=False, ensure_ascii=False)

@@ -398,6 +398,21 @@ def test_local_training_evaluated_every_other_round_ends_where_every_round_does(
     assert every_other[0]["ap_before"] == every_round[0]["ap_before"]
 
 
+def distill_c_starts(monkeypatch) -> list[dict]:
+    """The edge every Distill C of ``clients.app`` starts from (its state, in call order), as they come."""
+    import clients.app as client_app
+
+    starts = []
+    real = client_app.distill_c
+
+    def spy(edge, *args, **kwargs):
+        starts.append({k: v.clone() for k, v in edge.state_dict().items()})
+        return real(edge, *args, **kwargs)
+
+    monkeypatch.setattr(client_app, "distill_c", spy)
+    return starts
+
+
 def test_a_diredi_client_distils_from_the_spread_edge_when_one_comes(cache, tmp_path, no_runtime, client_threads,
                                                                     monkeypatch):
     """DiReDi's "train.distill": Distill C starts from the client's own deployed edge, or, with spread,
@@ -413,14 +428,7 @@ def test_a_diredi_client_distils_from_the_spread_edge_when_one_comes(cache, tmp_
     monkeypatch.setattr(client_app, "per_class_ap",
                         lambda model, data, classes, **_: ({c: weights_sum(model) for c in classes},
                                                       {"mAP": weights_sum(model)}))
-    starts = []
-    real = client_app.distill_c
-
-    def spy(edge, *args, **kwargs):
-        starts.append({k: v.clone() for k, v in edge.state_dict().items()})
-        return real(edge, *args, **kwargs)
-
-    monkeypatch.setattr(client_app, "distill_c", spy)
+    starts = distill_c_starts(monkeypatch)
     run = resolve_run_config({"profile": "smoke", "num-clients": 2, "rounds": 2, "cache-dir": str(cache)})
     config = {**run.to_record(), METHOD: "diredi", WORK: DIREDI_WORK, EDGE_SOURCE: "stored"}
     own, spread, tutor = build_model("smoke", "edge", seed=1), build_model("smoke", "edge", seed=2), \
@@ -466,14 +474,7 @@ def test_with_spread_own_rows_distill_c_starts_the_client_s_new_classes_from_its
     from protocol.wire import CONFIG, DIREDI_WORK, EDGE, EDGE_SOURCE, METHOD, SERVER_ROUND, SPREAD_EDGE, TUTOR, WORK, \
         state_record
 
-    starts = []
-    real = client_app.distill_c
-
-    def spy(edge, *args, **kwargs):
-        starts.append({k: v.clone() for k, v in edge.state_dict().items()})
-        return real(edge, *args, **kwargs)
-
-    monkeypatch.setattr(client_app, "distill_c", spy)
+    starts = distill_c_starts(monkeypatch)
     run = resolve_run_config({"profile": "smoke", "num-clients": 2, "rounds": 2, "cache-dir": str(cache),
                               "spread": "on", "spread-own-rows": "own"})
     config = {**run.to_record(), METHOD: "diredi", WORK: DIREDI_WORK, EDGE_SOURCE: "stored"}
