@@ -43,7 +43,7 @@ from flwr.clientapp import ClientApp
 import clients.app as honest
 from data.voc import CLASS_INDEX
 from evaluation.metrics import method_table
-from protocol.config import CLAIM_RULES
+from protocol.config import CLAIM_RULES, RunConfig
 from protocol.wire import CONFIG, DELTA, METRICS, NUM_EXAMPLES, TRAINED, encode, state_record
 
 ATTACK, HOSTILE, SLEEP = "attack", "hostile", "hostile-sleep-s"
@@ -294,12 +294,16 @@ def main(argv=None) -> int:
     parser.add_argument("--operating-harm", type=float, default=math.inf,
                         help="the harm gate's floor: a delta's leave-one-out cost to a class's recall in the merge "
                              "(inf: off, the default)")
-    parser.add_argument("--claims", choices=CLAIM_RULES, default="trusted",
-                        help="the class-aware merge's claim rule (strategies.verify.earned_claims)")
-    parser.add_argument("--clip-multiple", type=float, default=math.inf,
-                        help="accepted deltas clipped to this multiple of the round's median norm (inf: off)")
-    parser.add_argument("--row-multiple", type=float, default=math.inf,
-                        help="each class's rows clipped to this multiple of the round's median row change (inf: off)")
+    defaults = RunConfig()  # the merge's bounds and claim rule default to the run's
+    parser.add_argument("--claims", choices=CLAIM_RULES, default=defaults.claims,
+                        help="the class-aware merge's claim rule (strategies.verify.earned_claims; default: the "
+                             f"run's, {defaults.claims})")
+    parser.add_argument("--clip-multiple", type=float, default=defaults.clip_multiple,
+                        help="accepted deltas clipped to this multiple of the round's median norm (inf: off; "
+                             f"default: the run's, {defaults.clip_multiple:g})")
+    parser.add_argument("--row-multiple", type=float, default=defaults.row_multiple,
+                        help="each class's rows clipped to this multiple of the round's median row change (inf: off; "
+                             f"default: the run's, {defaults.row_multiple:g})")
     args = parser.parse_args(argv)
     from protocol.config import NO_SPREAD, resolve_run_config
     from session.workspace import Session
