@@ -32,14 +32,15 @@ import time
 from pathlib import Path
 
 from models.compute import LAYOUTS, PRECISIONS
-from protocol.config import METHODS, NO_SPREAD, PAPER_DISTILL_C
+from protocol.config import METHODS, NO_SPREAD, PAPER_DISTILL_C, TRUSTED_MERGE
 
 # The study under today's defaults (its summary there still has DiReDi without spread, the default when its
 # runs were made; a rerun replaces it); experiments/results/compare holds the study of the paper's Distill C
 # without spread (--paper-distill-c), the defaults when it ran
 OUT = Path("experiments/results/compare-combo")
 PAPER_FLAGS = [item for key, value in PAPER_DISTILL_C.items() for item in (f"--{key}", f"{value:g}")] + [
-    item for key, value in NO_SPREAD.items() for item in (f"--{key}", value)]  # and no spread, as it ran
+    item for key, value in {**NO_SPREAD, **TRUSTED_MERGE}.items() for item in (f"--{key}", f"{value}")
+]  # and no spread and the trusted merge, as it ran
 GRID = Path("experiments/results/baseline_grid.json")
 POLL_S = 30.0
 

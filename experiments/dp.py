@@ -168,13 +168,13 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, default=Path("experiments/results"))
     args = parser.parse_args(argv)
     from models.parts import neck_head
-    from protocol.config import NO_SPREAD, resolve_run_config
+    from protocol.config import NO_SPREAD, TRUSTED_MERGE, resolve_run_config
     from session.workspace import Session
 
     torch.set_num_threads(1)  # the server's work is small; leave the cores to the clients
     config = resolve_run_config({"profile": args.profile, "num-clients": args.clients, "rounds": args.rounds,
                                 "methods": "diredi", "cache-dir": str(args.cache), "dp-delta": args.delta,
-                                **NO_SPREAD})  # as measured
+                                **NO_SPREAD, **TRUSTED_MERGE})  # as measured
     session = Session.open(config)
     coordinates = sum(v.numel() for v in neck_head(session.chain.tutor).values())
     run_config = config.to_dict()

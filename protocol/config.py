@@ -59,10 +59,15 @@ PAPER_DISTILL_C = {"redistill-lr": 0.0, "redistill-score-weight": 0.0, "edge-ave
 # Without spread: the default until README "Spread at four times the steps against no spread"; experiments
 # whose results were measured so pin it, as they pin PAPER_DISTILL_C
 NO_SPREAD = {"spread": "off"}
+# The merge before earned claims and the round-relative bounds became defaults (README "Claims that must be
+# earned"): claims trusted, no clip relative to the round, no bound per class row
+TRUSTED_MERGE = {"claims": "trusted", "clip-multiple": math.inf, "row-multiple": math.inf}
 # What a run did before these settings existed or had today's defaults: config.json files written then
 # lack the field, and read as this value (``RunConfig.completed``)
 BEFORE_CHANGED = {**{key.replace("-", "_"): value for key, value in PAPER_DISTILL_C.items()},
-                  **NO_SPREAD, "spread_rows": "distilled"}
+                  **NO_SPREAD, "spread_rows": "distilled",
+                  **{key.replace("-", "_"): "inf" if value == math.inf else value  # as config.json writes it
+                     for key, value in TRUSTED_MERGE.items()}}
 CLAIM_RULES = ("trusted", "earned", "improving", "lifting")  # how the class-aware merge takes a client's trained classes (strategies.verify)
 
 
@@ -270,13 +275,13 @@ class RunConfig:
     clip_norm: float = setting(math.inf, MERGE, "accepted deltas clipped to this L2 norm (inf: off)")
     weight_cap: float = setting(4.0, MERGE, "a client's claimed example count capped at this multiple of the round's "
                                             "median claim (inf: off)")
-    clip_multiple: float = setting(math.inf, MERGE, "accepted deltas clipped to this multiple of the round's median "
+    clip_multiple: float = setting(4.0, MERGE, "accepted deltas clipped to this multiple of the round's median "
                                                     "delta norm (inf: off)")
-    row_multiple: float = setting(math.inf, MERGE, "each accepted delta's classification rows of a class clipped to "
+    row_multiple: float = setting(4.0, MERGE, "each accepted delta's classification rows of a class clipped to "
                                                    "this multiple of the round's median change of that class's rows "
                                                    "(inf: off)")
     # strategies.verify
-    claims: str = setting("trusted", MERGE, "the class-aware merge takes a client's classes as it reports them "
+    claims: str = setting("earned", MERGE, "the class-aware merge takes a client's classes as it reports them "
                                             "(trusted) | only those its candidate tutor improves on the validation "
                                             "set, or holds when no claimer improves them (earned) | only those it "
                                             "improves (improving) | earned, and its own row of the class must not "

@@ -167,10 +167,10 @@ def test_redo_stale_runs_diredi_again_only_where_its_own_settings_changed(tmp_pa
 
     folder_with()
     assert "--resume" in replicate_command(args, 0, {}) and "--redo" not in replicate_command(args, 0, {})
-    folder_with(claims="earned")  # DiReDi ran under another DiReDi setting
+    folder_with(claims="lifting")  # DiReDi ran under another DiReDi setting
     assert replicate_command(args, 0, {})[-2:] == ["--redo", "diredi"]
-    folder_with(claims="earned", rounds=3)  # and the rounds differ too: no redo, sim.run refuses the folder
+    folder_with(claims="lifting", rounds=3)  # and the rounds differ too: no redo, sim.run refuses the folder
     assert "--redo" not in replicate_command(args, 0, {})
     args.redo_stale = False
-    folder_with(claims="earned")
+    folder_with(claims="lifting")
     assert "--redo" not in replicate_command(args, 0, {})

@@ -15,7 +15,14 @@ def test_run_config_merge_defences_defaults_and_validation():
     assert (config.weight_cap, config.kept_tolerance, config.clip_norm) == (4.0, math.inf, math.inf)
     assert RunConfig.from_record(config.to_record()) == config
     assert RunConfig.from_record(config.to_dict()) == config  # inf is written as "inf" and read back
-    assert (config.claims, config.clip_multiple, config.row_multiple) == ("trusted", math.inf, math.inf)
+    assert (config.claims, config.clip_multiple, config.row_multiple) == ("earned", 4.0, 4.0)
+    # a run folder from before they were defaults (it lacks the fields) ran the trusted merge, and reads so
+    completed = RunConfig.completed({})
+    assert (completed["claims"], completed["clip_multiple"], completed["row_multiple"]) == ("trusted", "inf", "inf")
+    trusted = json.loads(json.dumps(resolve_run_config({"claims": "trusted", "clip-multiple": math.inf,
+                                                        "row-multiple": math.inf}).to_dict()))
+    assert RunConfig.same_settings({k: v for k, v in trusted.items()
+                                    if k not in ("claims", "clip_multiple", "row_multiple")}, trusted)
     assert config.operating_threshold == 0.5 == RunConfig.completed({})["operating_threshold"]  # older runs' config.json
     for key, value in (("weight-cap", 0.5), ("weight-cap", float("nan")), ("clip-norm", 0.0),
                        ("kept-tolerance", -0.01), ("clip-multiple", 0.9), ("claims", "believed"),
@@ -66,7 +73,7 @@ def test_without_diredi_s_records_only_diredi_s_own_settings_may_differ():
     only = diredi_only_settings()
     assert {"claims", "clip_multiple", "spread", "redistill_ratio", "edge_average", "dp_noise"} <= set(only)
     assert not {"rd_iters", "redistill_iters", "batch_size", "direct_lr", "rounds", "scenario"} & set(only)
-    other_diredi = {**written, "claims": "earned", "clip_multiple": 4.0}
+    other_diredi = {**written, "claims": "lifting", "clip_multiple": 2.0}
     assert not RunConfig.same_settings(other_diredi, written)
     assert RunConfig.same_settings(other_diredi, written, diredi_ran=False)
     for name, value in (("rd_iters", 7), ("direct_lr", 0.1), ("rounds", 3)):

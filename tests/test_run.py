@@ -106,7 +106,7 @@ def test_a_run_folder_written_before_a_field_existed_still_resumes():
     from protocol.config import RunConfig
 
     now = json.loads(json.dumps(resolve_run_config({"rounds": 3}).to_dict()))
-    older = {k: v for k, v in now.items() if k not in ("spread_average", "row_multiple")}
+    older = {k: v for k, v in now.items() if k not in ("spread_average", "spread_own_rows")}
     assert RunConfig.completed(older) == RunConfig.completed(now)
     assert RunConfig.completed({**older, "rounds": 4}) != RunConfig.completed(now)
     changed = json.loads(json.dumps(resolve_run_config({"rounds": 3, "spread-average": "server"}).to_dict()))
@@ -183,21 +183,21 @@ def test_redo_drops_a_method_s_records_and_lets_diredi_s_own_settings_change(tmp
     (folder.checkpoints_path).mkdir()
     (folder.checkpoints_path / "diredi.json").write_text(json.dumps({"round": 2}))
     records = folder.read_records()
-    earned = settings(claims="earned")
+    lifting = settings(claims="lifting")
 
-    assert "--redo diredi drops them" in RunFolder.resume_problem(folder.path, earned)
+    assert "--redo diredi drops them" in RunFolder.resume_problem(folder.path, lifting)
     with pytest.raises(ValueError):
-        RunFolder.start(folder.path, earned, resume=True)
+        RunFolder.start(folder.path, lifting, resume=True)
     assert folder.read_records() == records and folder.read_done() == ["fedavg", "diredi"]  # nothing lost
     assert "other settings" in RunFolder.resume_problem(folder.path, settings(rounds=3), ("diredi",))
-    assert RunFolder.resume_problem(folder.path, earned, ("diredi",)) is None
+    assert RunFolder.resume_problem(folder.path, lifting, ("diredi",)) is None
 
-    again = RunFolder.start(folder.path, earned, {"command": "again"}, resume=True, redo=("diredi",))
+    again = RunFolder.start(folder.path, lifting, {"command": "again"}, resume=True, redo=("diredi",))
     assert again.read_records() == [r for r in records if r["method"] == "fedavg"]
     assert again.read_done() == ["fedavg"] and again.read_verification() == []
     assert not (again.path / "tutor.json").exists() and not (again.path / "checkpoints").exists()
-    assert again.read_config()["run"]["claims"] == "earned"
-    assert RunFolder.resume_problem(again.path, earned) is None  # DiReDi now runs with the new settings
+    assert again.read_config()["run"]["claims"] == "lifting"
+    assert RunFolder.resume_problem(again.path, lifting) is None  # DiReDi now runs with the new settings
 
 
 @pytest.mark.slow
