@@ -116,6 +116,27 @@ def knowledge_gain(ap_start: ApMap, ap_now: ApMap, private: Iterable[str]) -> fl
     return mean_ap_change(ap_start, ap_now, private)
 
 
+def objects_weighted_gain(ap_start: ApMap, ap_now: ApMap, private: Iterable[str], objects: Mapping[str, float]) -> float:
+    """``knowledge_gain`` with each private class weighted by its objects in the client's test shard
+    (``objects``): a class with a handful of objects moves its AP by tens of points from round to round and
+    would weigh as much as one with eighty. Classes alike where a count is missing or not positive."""
+    changes = {c: ap_change(ap_start, ap_now, c) for c in private}
+    changes = {c: v for c, v in changes.items() if not math.isnan(v)}
+    weights = [objects.get(c, NAN) for c in changes]
+    if not changes:
+        return NAN
+    if not all(w > 0 for w in weights):  # NaN compares False: a missing count
+        return nan_mean(changes.values())
+    return float(sum(w * v for w, v in zip(weights, changes.values())) / sum(weights))
+
+
+def shard_objects(record: Mapping) -> dict[str, float]:
+    """A record's objects per class in the client's test shard (its ``after`` evaluation's ``npos.<class>``)."""
+    after = record.get("after") if isinstance(record.get("after"), Mapping) else {}
+    return {key[len("npos."):]: float(value) for key, value in after.items() if key.startswith("npos.")
+            and not is_missing(value)}
+
+
 def released_knowledge(ap_start: ApMap, ap_now: ApMap, dropped: Iterable[str]) -> float:
     """Mean AP change over the client's dropped classes (negative = knowledge released)."""
     return mean_ap_change(ap_start, ap_now, dropped)
@@ -248,7 +269,7 @@ def spec_classes(spec: Mapping, key: str) -> list[str]:
 def client_summary(records: Sequence[Mapping], spec: Mapping, all_private: Any) -> dict:
     """Summary of one client under one method from its per-round records (any order).
 
-    Returns a dict: method, client, rounds, gain, forgetting_kept, forgetting_protected, released,
+    Returns a dict: method, client, rounds, gain, gain_objects, forgetting_kept, forgetting_protected, released,
     spread, map_start (original edge), map_final, precision / recall / f1 (last round, NaN if the
     records do not carry them), bytes_up / bytes_down (mean per round), seconds ({phase: sum}),
     seconds_total, peak_rss_mb (max), accepted_rounds / rejected_rounds (counts of
@@ -269,6 +290,7 @@ def client_summary(records: Sequence[Mapping], spec: Mapping, all_private: Any) 
         "client": int(first.get("client", spec.get("client", -1))),
         "rounds": len(ordered),
         "gain": knowledge_gain(ap_start, ap_now, private),
+        "gain_objects": objects_weighted_gain(ap_start, ap_now, private, shard_objects(last)),
         "forgetting_kept": unintended_forgetting(history, spec_classes(spec, "kept")),
         "forgetting_protected": unintended_forgetting(history, spec_classes(spec, "protected")),
         "released": released_knowledge(ap_start, ap_now, spec_classes(spec, "dropped")),

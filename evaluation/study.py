@@ -77,7 +77,7 @@ from evaluation.metrics import (
 NAN = float("nan")
 
 # Metrics with an interval in every per-round entry, in table order.
-INTERVAL_METRICS = ("gain", "forgetting_kept", "forgetting_protected", "bwt_kept", "bwt_protected",
+INTERVAL_METRICS = ("gain", "gain_objects", "forgetting_kept", "forgetting_protected", "bwt_kept", "bwt_protected",
                     "worst_drop_protected", "released",
                     "spread", "map", "recall_new", "f1_new", "recall_kept", "f1_kept", "recall_kept_drop")
 # Cumulative costs: a plain mean in the entry, the interval under "<metric>_ci95".
@@ -219,8 +219,8 @@ def client_round_metrics(ordered: Sequence[Mapping], spec: Mapping, all_private:
     new_now = operating_point(last.get("after"), private)
     kept_now = operating_point(last.get("after"), kept)
     kept_start = operating_point(first.get("before"), kept)
-    values = {key: points(summary[key]) for key in ("gain", "forgetting_kept", "forgetting_protected", "released",
-                                                    "spread")}
+    values = {key: points(summary[key]) for key in ("gain", "gain_objects", "forgetting_kept", "forgetting_protected",
+                                                    "released", "spread")}
     values.update(
         bwt_kept=points(mean_ap_change(ap_start, ap_now, kept)),
         bwt_protected=points(mean_ap_change(ap_start, ap_now, spec_classes(spec, "protected"))),

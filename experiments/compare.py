@@ -209,8 +209,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     command = "python -m experiments.compare " + " ".join(sys.argv[1:] if argv is None else argv)
-    if args.summarise_only:
-        summarise(args, command, None)
+    if args.summarise_only:  # the wall time of the runs, when this study ran them
+        study = args.out / "study.json"
+        summarise(args, command, json.loads(study.read_text()).get("wall_s_total") if study.exists() else None)
         print(f"written: {args.out / 'compare.json'}, {args.out / 'compare.md'}")
         return 0
     start = time.perf_counter()

@@ -47,7 +47,7 @@ from evaluation.study import client_round_values, paired_difference, verdict
 from report.study import read_replicate
 
 METRICS = {  # metric -> higher is better
-    "gain": True, "forgetting_kept": False, "forgetting_protected": False, "bwt_protected": True,
+    "gain": True, "gain_objects": True, "forgetting_kept": False, "forgetting_protected": False, "bwt_protected": True,
     "worst_drop_protected": False,
     "recall_new": True, "spread": True,
     "released": False,  # a dropped class's AP change: more negative is released further (clients that drop one)

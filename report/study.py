@@ -61,6 +61,7 @@ CURVE_PANELS = (
 # compare.md's per-method table: (key, label, format)
 TABLE_ROWS = (
     ("gain", "gain (pp)", "points"),
+    ("gain_objects", "gain, each client's classes weighted by their test objects (pp)", "points"),
     ("forgetting_kept", "forgetting, kept (pp)", "plain"),
     ("forgetting_protected", "forgetting, protected (pp)", "plain"),
     ("bwt_kept", "backward transfer, kept (pp)", "points"),

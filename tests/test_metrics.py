@@ -224,3 +224,15 @@ def test_worst_drop_charges_drops_below_the_start_not_below_the_best_round():
     assert worst_drop(start, history, ["car"]) == pytest.approx(0.10)
     assert worst_drop(start, history, ["person", "car"]) == pytest.approx(0.05)
     assert math.isnan(worst_drop(start, history, ["dog"]))
+
+
+def test_the_objects_weighted_gain_weighs_each_class_by_its_test_objects():
+    from evaluation.metrics import objects_weighted_gain, shard_objects
+
+    start, now = {"car": 0.0, "dog": 0.1}, {"car": 0.9, "dog": 0.5}
+    objects = shard_objects({"after": {"npos.car": 4.0, "npos.dog": 96.0, "mAP": 0.3}})
+    assert objects == {"car": 4.0, "dog": 96.0}
+    assert objects_weighted_gain(start, now, ["car", "dog"], objects) == pytest.approx((0.9 * 4 + 0.4 * 96) / 100)
+    assert objects_weighted_gain(start, now, ["car", "dog"], {"dog": 96.0}) == pytest.approx(0.65)  # a count missing
+    assert objects_weighted_gain(start, {"dog": 0.5}, ["car", "dog"], objects) == pytest.approx(0.4)  # car not evaluated
+    assert math.isnan(objects_weighted_gain(start, {}, ["car"], objects))
