@@ -44,8 +44,8 @@ SPREAD_MODES = ("off", "on")  # the server's edge, distilled from the updated tu
 SPREAD_ROWS = ("distilled", "server")  # with spread, where other clients' classes' rows come from after Distill C
 SPREAD_SCORES = ("kept", "others")  # with spread, which classes' tutor scores are Distill C's soft targets
 REDISTILL_LR_SCHEDULES = ("constant", "inverse-sqrt")  # distill.rd.distill_c_lr
-SPREAD_AVERAGES = ("deployed", "server")
-SPREAD_OWN_ROWS = ("server", "own")  # with spread, where Distill C's rows of the client's own new classes start  # with spread, the edge a client's re-distilled edge is averaged with
+SPREAD_AVERAGES = ("deployed", "server")  # with spread, the edge a client's re-distilled edge is averaged with
+SPREAD_OWN_ROWS = ("server", "own")  # with spread, where Distill C's rows of the client's own new classes start
 # With spread, the server's distillation steps per round into its edge as a multiple of a client's Distill C
 # steps (--spread-iters 0): four times gave every figure better than once over three replicates and on
 # heldout8 (README "The server's own distillation steps")
@@ -59,8 +59,8 @@ PAPER_DISTILL_C = {"redistill-lr": 0.0, "redistill-score-weight": 0.0, "edge-ave
 # Without spread: the default until README "Spread at four times the steps against no spread"; experiments
 # whose results were measured so pin it, as they pin PAPER_DISTILL_C
 NO_SPREAD = {"spread": "off"}
-# The merge before earned claims and the round-relative bounds became defaults (README "Claims that must be
-# earned"): claims trusted, no clip relative to the round, no bound per class row
+# The merge before earned claims and the round-relative bounds became defaults (README "Earned claims and the
+# round-relative bounds by default"): claims trusted, no clip relative to the round, no bound per class row
 TRUSTED_MERGE = {"claims": "trusted", "clip-multiple": math.inf, "row-multiple": math.inf}
 # What a run did before these settings existed or had today's defaults: config.json files written then
 # lack the field, and read as this value (``RunConfig.completed``)
@@ -218,7 +218,7 @@ class RunConfig:
                                                   "of a client's Distill C: its kept presumed classes (kept), or "
                                                   "also the classes it neither trains nor dropped (others)",
                                  SPREAD_SCORES)
-    # clients.app.distill; README "The late stall"
+    # clients.app.distill; README "A client's own classes from its own edge"
     spread_own_rows: str = setting("server", CLIENTS, "with spread, the classification rows of a client's own "
                                                       "new classes its Distill C starts from: the server's "
                                                       "spread edge's (server) or, once it has deployed an edge "
@@ -276,17 +276,17 @@ class RunConfig:
     weight_cap: float = setting(4.0, MERGE, "a client's claimed example count capped at this multiple of the round's "
                                             "median claim (inf: off)")
     clip_multiple: float = setting(4.0, MERGE, "accepted deltas clipped to this multiple of the round's median "
-                                                    "delta norm (inf: off)")
+                                               "delta norm (inf: off)")
     row_multiple: float = setting(4.0, MERGE, "each accepted delta's classification rows of a class clipped to "
-                                                   "this multiple of the round's median change of that class's rows "
-                                                   "(inf: off)")
+                                              "this multiple of the round's median change of that class's rows "
+                                              "(inf: off)")
     # strategies.verify
     claims: str = setting("earned", MERGE, "the class-aware merge takes a client's classes as it reports them "
-                                            "(trusted) | only those its candidate tutor improves on the validation "
-                                            "set, or holds when no claimer improves them (earned) | only those it "
-                                            "improves (improving) | earned, and its own row of the class must not "
-                                            "lower the tutor's top scores of the class on the validation images "
-                                            "holding it (lifting)", CLAIM_RULES)
+                                           "(trusted) | only those its candidate tutor improves on the validation "
+                                           "set, or holds when no claimer improves them (earned) | only those it "
+                                           "improves (improving) | earned, and its own row of the class must not "
+                                           "lower the tutor's top scores of the class on the validation images "
+                                           "holding it (lifting)", CLAIM_RULES)
     timeout_s: float = setting(0.0, RUN, "seconds the server waits for one round trip with the clients (0: sized "
                                          "from the profile's step time)")
     # protocol.privacy: clip to L2 norm dp_clip, add N(0, (dp_noise x dp_clip)^2) per coordinate
