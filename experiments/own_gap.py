@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
+from evaluation.metrics import objects_weighted_gain
 from report.study import read_replicate
 from report.writer import write_result
 
@@ -59,13 +60,13 @@ def own_classes(records: list[dict], specs: list[dict], method: str, round_: int
 
 def mean_gain(by_client: dict[int, dict[str, dict]], weighted: bool = False) -> float:
     """The mean over clients of each client's gain over its private classes: alike (the study's gain) or
-    weighted by their test objects (a client whose counts are missing weighs its classes alike)."""
+    weighted by their test objects (``evaluation.metrics.objects_weighted_gain``, which weighs a client's
+    classes alike where a count is missing)."""
     gains = []
     for classes in by_client.values():
-        values = [f["gain"] for f in classes.values()]
-        weights = [f["objects"] for f in classes.values()]
-        usable = weighted and all(math.isfinite(w) and w > 0 for w in weights)
-        gains.append(float(np.average(values, weights=weights if usable else None)))
+        change = {c: f["gain"] for c, f in classes.items()}  # AP change from 0 to it: the change itself
+        objects = {c: f["objects"] for c, f in classes.items()} if weighted else {}
+        gains.append(objects_weighted_gain(dict.fromkeys(change, 0.0), change, change, objects))
     return float(np.mean(gains)) if gains else float("nan")
 
 

@@ -213,16 +213,16 @@ class RunFolder:
     def resume_problem(cls, path: str | os.PathLike, run: Mapping, redo: Sequence[str] = ()) -> str | None:
         """Why the run folder at ``path`` cannot go on with settings ``run`` (as config.json reads back) once
         the methods to ``redo`` are dropped, or None. The settings must be the folder's, except the ones only
-        DiReDi reads where the folder then holds nothing of DiReDi (no record, decision or checkpoint)."""
+        DiReDi reads where DiReDi neither finished nor checkpointed a round there (a resume drops any other
+        DiReDi record, or where it is redone)."""
         path = Path(path)
         if not (path / cls.CONFIG).exists():
             return f"{path} holds no earlier run (no config.json)"
         folder = cls(path)
         diredi_ran = "diredi" not in redo and (
-            "diredi" in folder.read_done() or checkpoint_round(folder.checkpoints_path, "diredi") > 0
-            or any(r["method"] == "diredi" for r in folder.read_records()))
+            "diredi" in folder.read_done() or checkpoint_round(folder.checkpoints_path, "diredi") > 0)
         if not RunConfig.same_settings(folder.read_config().get("run") or {}, run, diredi_ran=diredi_ran):
-            hint = " (it holds DiReDi's records, so DiReDi's own settings must match too; --redo diredi drops them)"
+            hint = " (DiReDi ran in it, so DiReDi's own settings must match too; --redo diredi drops its records)"
             return f"{path} was made with other settings{hint if diredi_ran else ''}; start a new run (or another name)"
         return None
 

@@ -164,6 +164,7 @@ def test_redo_stale_runs_diredi_again_only_where_its_own_settings_changed(tmp_pa
     def folder_with(**recorded) -> None:
         folder = RunFolder.start(tmp_path / "runs" / "rep0", {**today, **recorded})
         folder.append_record({"method": "diredi", "round": 1, "client": 0})
+        folder.write_done(["diredi"])
 
     folder_with()
     assert "--resume" in replicate_command(args, 0, {}) and "--redo" not in replicate_command(args, 0, {})

@@ -185,7 +185,7 @@ def test_redo_drops_a_method_s_records_and_lets_diredi_s_own_settings_change(tmp
     records = folder.read_records()
     lifting = settings(claims="lifting")
 
-    assert "--redo diredi drops them" in RunFolder.resume_problem(folder.path, lifting)
+    assert "--redo diredi drops its records" in RunFolder.resume_problem(folder.path, lifting)
     with pytest.raises(ValueError):
         RunFolder.start(folder.path, lifting, resume=True)
     assert folder.read_records() == records and folder.read_done() == ["fedavg", "diredi"]  # nothing lost
