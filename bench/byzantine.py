@@ -43,7 +43,7 @@ from flwr.clientapp import ClientApp
 import clients.app as honest
 from data.voc import CLASS_INDEX
 from evaluation.metrics import method_table
-from protocol.config import CLAIM_RULES, RunConfig
+from protocol.config import CALIBRATIONS, CLAIM_RULES, RunConfig
 from protocol.wire import CONFIG, DELTA, METRICS, NUM_EXAMPLES, TRAINED, encode, state_record
 
 ATTACK, HOSTILE, SLEEP = "attack", "hostile", "hostile-sleep-s"
@@ -275,6 +275,8 @@ def summarise(session, run: dict, hostile: list[int], baseline_gain: float | Non
             # the harm gate's figures: each delta's leave-one-out harm to the merge's recall and the round's threshold
             "harm": [{"client": d.client, "round": d.round, "hostile": d.client in hostile, "accepted": d.accepted,
                       "harm": d.harm, "threshold": d.harm_threshold} for d in recorder.decisions if d.harm],
+            # the server's calibration after each merge (--calibrate f1): the bias shifts it made and the F1s
+            "calibration": [{"round": h["round"], **h["calibration"]} for h in history if "calibration" in h],
             "failures": [f["reason"][:200] for f in recorder.failures]}
 
 
@@ -304,6 +306,9 @@ def main(argv=None) -> int:
     parser.add_argument("--row-multiple", type=float, default=defaults.row_multiple,
                         help="each class's rows clipped to this multiple of the round's median row change (inf: off; "
                              f"default: the run's, {defaults.row_multiple:g})")
+    parser.add_argument("--calibrate", choices=CALIBRATIONS, default=defaults.calibrate,
+                        help="the server's calibration of the merged tutor's operating point (strategies.calibrate; "
+                             f"default: the run's, {defaults.calibrate})")
     args = parser.parse_args(argv)
     from protocol.config import NO_SPREAD, resolve_run_config
     from session.workspace import Session
@@ -313,7 +318,7 @@ def main(argv=None) -> int:
                                          "operating-tolerance": args.operating_tolerance,
                                          "operating-harm": args.operating_harm, "claims": args.claims,
                                          "clip-multiple": args.clip_multiple, "row-multiple": args.row_multiple,
-                                         **NO_SPREAD}),  # as measured; spread never touches a delta
+                                         "calibrate": args.calibrate, **NO_SPREAD}),  # as measured; spread never touches a delta
                      timeout_s=args.timeout)
     session = Session.open(config)
     honest_clients = [c for c in range(config.num_clients) if c not in args.hostile]

@@ -639,6 +639,23 @@ def recall_at(predictions: Sequence[Mapping], targets: Sequence[Mapping], class_
     return out
 
 
+def f1_at(predictions: Sequence[Mapping], targets: Sequence[Mapping], class_ids: Sequence[int],
+          score_thresh: float = MODEL_SCORE_THRESH) -> dict[int, float]:
+    """Per class, eq. 11's F1 of the detections scoring at least ``score_thresh`` (IoU 0.5, VOC matching as
+    ``recall_at``; a match to a difficult object counts neither way). 0 for a class without positives or
+    without a true positive."""
+    det, gt = _flatten(predictions, targets, False)
+    out = {}
+    for c in class_ids:
+        order, outcomes, positives = _class_outcomes(det, gt, len(targets), int(c), 0.5, plus_one=False)
+        scores = det["scores"][det["labels"] == int(c)][order]
+        above = scores >= score_thresh
+        tp = int(np.count_nonzero(above & (outcomes == TRUE_POSITIVE)))
+        fp = int(np.count_nonzero(above & (outcomes == FALSE_POSITIVE)))
+        out[int(c)] = precision_recall_f1(tp, fp, positives)[2]
+    return out
+
+
 def bootstrap_recall_drop(before: Sequence[Mapping], after: Sequence[Mapping], targets: Sequence[Mapping],
                           class_ids: Sequence[int], score_thresh: float = MODEL_SCORE_THRESH, samples: int = 200,
                           seed: int = 0) -> dict[int, float]:

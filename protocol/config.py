@@ -69,6 +69,7 @@ BEFORE_CHANGED = {**{key.replace("-", "_"): value for key, value in PAPER_DISTIL
                   **{key.replace("-", "_"): "inf" if value == math.inf else value  # as config.json writes it
                      for key, value in TRUSTED_MERGE.items()}}
 CLAIM_RULES = ("trusted", "earned", "improving", "lifting")  # how the class-aware merge takes a client's trained classes (strategies.verify)
+CALIBRATIONS = ("off", "f1")  # the tutor's operating point after a merge (strategies.calibrate)
 
 
 def evaluation_round(server_round: int, rounds: int, every: int) -> bool:
@@ -287,6 +288,11 @@ class RunConfig:
                                            "improves (improving) | earned, and its own row of the class must not "
                                            "lower the tutor's top scores of the class on the validation images "
                                            "holding it (lifting)", CLAIM_RULES)
+    # strategies.calibrate
+    calibrate: str = setting("off", MERGE, "after each merge the server moves each class's classification bias "
+                                           "to the shift (a grid of logits) of best F1 at the operating threshold "
+                                           "on the validation set (f1) | leaves the merged tutor as it is (off)",
+                             CALIBRATIONS)
     timeout_s: float = setting(0.0, RUN, "seconds the server waits for one round trip with the clients (0: sized "
                                          "from the profile's step time)")
     # protocol.privacy: clip to L2 norm dp_clip, add N(0, (dp_noise x dp_clip)^2) per coordinate

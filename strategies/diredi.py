@@ -51,12 +51,14 @@ from distill.body_memo import BodyMemo
 from distill.rd import ClientTraining, distill_c, reverse_distill_tutor1, server_reference_update, spread_distill
 from evaluation.ap import nan_mean
 from models.parts import load_neck_head, neck_head, substitute
+from protocol.config import CALIBRATIONS
 from protocol.wire import (AFTER, AP_AFTER, AP_BEFORE, BEFORE, CONFIG, DELTA, DEPLOY_EDGE, DISTILL, DIREDI_WORK,
                            EDGE, EVALUATE, EDGE_SOURCE, METHOD, METRICS, NUM_EXAMPLES, PARTITION_ID, SERVER,
                            SERVER_ROUND, SPREAD_EDGE, TRAIN, TRAINED, TUTOR, TUTOR1, WORK, MalformedDelta, TutorRecords,
                            decode, encode, state_record, unpack_delta, work_seed)
 from report.checkpoint import prefixed, unprefixed
 from strategies.aggregate import AGGREGATION_METHODS, aggregate, bound_influence
+from strategies.calibrate import moved, search_shifts, shift_class_biases
 from strategies.exchange import exchange
 from strategies.ledger import ClientSampler, Recorder, RoundLedger
 from strategies.merge_gates import harm_merge, operating_point_merge
@@ -112,12 +114,14 @@ class DiReDiStrategy(Strategy):
                  share_tutor1: bool = False, aggregation: str = "weighted",
                  aggregation_options: Mapping[str, Any] | None = None, redistill: str = "client",
                  edge_check: bool = False, spread_data=None, spread_iters: int = 0, spread_memo: bool = False,
-                 num_nodes: int = 1,
+                 calibrate: str = "off", num_nodes: int = 1,
                  fraction: float = 1.0, seed: int = 0,
                  recorder: Recorder | None = None,
                  reference_fn: Callable[[nn.Module], Mapping[str, Tensor] | None] | None = None) -> None:
         if aggregation not in AGGREGATION_METHODS:
             raise ValueError(f"unknown aggregation {aggregation!r}; expected one of {', '.join(AGGREGATION_METHODS)}")
+        if calibrate not in CALIBRATIONS:
+            raise ValueError(f"calibrate must be one of {', '.join(CALIBRATIONS)}, got {calibrate!r}")
         if redistill not in ("client", "server"):
             raise ValueError(f"redistill must be 'client' or 'server', got {redistill!r}")
         if edge_check and redistill != "client":
@@ -140,6 +144,8 @@ class DiReDiStrategy(Strategy):
         self.spread_edge = copy.deepcopy(edge).eval() if spread_data is not None else None
         self.spread_memo = BodyMemo.for_model(self.tutor) if spread_data is not None and spread_memo else None
         self.aggregation, self.aggregation_options = aggregation, dict(aggregation_options or {})
+        self.calibrate = calibrate
+        self._calibration: dict | None = None  # the last merge's calibration, for the tutor's history
         self.num_nodes, self.seed = num_nodes, seed
         self.sampler = ClientSampler(num_nodes, fraction, seed)  # also the node id -> partition id map
         self.recorder = recorder or Recorder(self.method)
@@ -299,6 +305,8 @@ class DiReDiStrategy(Strategy):
             return None, summary
         load_neck_head(self.tutor, substitute(neck_head(self.tutor), merge(kept), self.settings.beta))
         self.validator.tutor_changed()  # every cached figure belongs to the tutor that was
+        if self.calibrate == "f1":  # 5. the server sets the merged tutor's operating point (strategies.calibrate)
+            self._calibrate_tutor(server_round)
         self._reference, self._reference_asked = None, False
         # The paper's "updated tutor", per round: evaluated by ``record_tutor``, which ``start`` runs
         # while the clients re-distil (nothing in this round needs it before).
@@ -632,12 +640,29 @@ class DiReDiStrategy(Strategy):
                     self.ledger.server_seconds["server_reference"] = (time.perf_counter() - start) / len(self.ledger.nodes)
         return self._reference
 
+    def _calibrate_tutor(self, server_round: int) -> None:
+        """Moves each class's classification bias of the merged tutor to its shift of best validation F1 at the
+        operating threshold; the tutor's history records the shifts and each class's F1 before and after."""
+        start = time.perf_counter()
+        shifts, table = search_shifts(self.validator.shifted_f1, self.validator.classes)
+        load_neck_head(self.tutor, shift_class_biases(neck_head(self.tutor),
+                                                      {CLASS_INDEX[c]: s for c, s in moved(shifts).items()}))
+        self.validator.tutor_changed()
+        self._calibration = {"shift": moved(shifts), "f1_before": {c: t[0.0] for c, t in table.items()},
+                             "f1_after": {c: table[c][shifts[c]] for c in table},
+                             "seconds": time.perf_counter() - start}
+        log.info("round %d: calibration moved %s (%.1f s)", server_round,
+                 ", ".join(f"{c} {s:+.2f}" for c, s in moved(shifts).items()) or "nothing",
+                 self._calibration["seconds"])
+
     # -- helpers ------------------------------------------------------------------------------
 
     def _tutor_summary(self, server_round: int) -> dict:
         ap = self.validator.tutor_ap()
         summary = {"round": server_round, "ap": dict(ap), "mAP": nan_mean(ap.values()),
                    "recall": dict(self.validator.tutor_recall)}  # at the operating threshold
+        if self._calibration is not None and server_round > 0:
+            summary["calibration"], self._calibration = self._calibration, None
         if self.spread_edge is not None:  # what the clients' Distill C starts from: where spread is lost
             spread_ap = self.validator.validate_edge(self.spread_edge)[0]
             summary["spread_edge"] = {"ap": dict(spread_ap), "mAP": nan_mean(spread_ap.values())}

@@ -27,10 +27,11 @@ from torch import Tensor, nn
 
 from data.voc import CLASS_INDEX
 from distill.trainer import torch_threads
-from evaluation.ap import ap_by_name, bootstrap_ap_drop, bootstrap_recall_drop, predict, recall_at
+from evaluation.ap import ap_by_name, bootstrap_ap_drop, bootstrap_recall_drop, f1_at, predict, recall_at
 from evaluation.features import EvaluationFeatures, FeaturesTooLarge
 from models.io import state_fingerprint
 from models.parts import load_neck_head, neck_head, substitute
+from strategies.calibrate import shift_class_biases
 from protocol.wire import EDGE_CHECK, encode
 from strategies.verify import VerificationPolicy, guarded_classes, row_score_shift
 
@@ -115,12 +116,7 @@ class CandidateValidator:
         evaluated once per tutor version (the strategy's ``screen`` may have done it on arrival)."""
         key = state_fingerprint(delta)
         if key not in self._candidates:
-            # The candidate shares the tutor's frozen body (eq. 10 changes only neck/head): no 44 MB copy.
-            body = self.tutor.backbone.body
-            shared = {id(t): t for t in (*body.parameters(), *body.buffers())}
-            candidate = load_neck_head(copy.deepcopy(self.tutor, shared),
-                                       substitute(neck_head(self.tutor), delta, self.beta))
-            self._candidates[key] = self.validate(candidate)
+            self._candidates[key] = self.validate(self._tutor_with(substitute(neck_head(self.tutor), delta, self.beta)))
         return self._candidates[key]
 
     def candidate_noise(self, delta: Mapping[str, Tensor], server_round: int,
@@ -142,6 +138,15 @@ class CandidateValidator:
                                     seed=self.seed + server_round)
             known.update({c: std[CLASS_INDEX[c]] for c in missing})
         return {c: known[c] for c in wanted}
+
+    def shifted_f1(self, shifts: Mapping[str, float]) -> dict[str, float]:
+        """Validation F1 at the operating threshold of each class in ``shifts``, for the tutor whose
+        classification bias of each such class is moved by its shift (``strategies.calibrate``)."""
+        self.tutor_ap()  # builds the feature cache and the targets
+        moved = shift_class_biases(neck_head(self.tutor), {CLASS_INDEX[c]: s for c, s in shifts.items()})
+        _, predictions = self.validate(self._tutor_with(moved))
+        f1 = f1_at(predictions, self.targets, [CLASS_INDEX[c] for c in shifts], self.policy.operating_threshold)
+        return {c: f1[CLASS_INDEX[c]] for c in shifts}
 
     def operating_figures(self, delta: Mapping[str, Tensor], server_round: int) -> dict[str, dict[str, float]]:
         """The operating point of the candidate tutor of ``delta`` (one client's, or a merge; ``Decision``'s
@@ -183,6 +188,13 @@ class CandidateValidator:
                 counted = float(patches[f"{key}_count"][i]) > 0
                 out[name][c] = row_score_shift(delta, i, patches[key][i]) if counted else math.nan
         return out
+
+    def _tutor_with(self, nh: Mapping[str, Tensor]) -> nn.Module:
+        """The tutor with neck/head ``nh``; it shares the tutor's frozen body (eq. 10 and calibration change
+        only neck/head): no 44 MB copy."""
+        body = self.tutor.backbone.body
+        shared = {id(t): t for t in (*body.parameters(), *body.buffers())}
+        return load_neck_head(copy.deepcopy(self.tutor, shared), nh)
 
     # -- evaluation ---------------------------------------------------------------------------
 

@@ -773,3 +773,34 @@ def test_a_hidden_row_edit_is_bounded_by_the_rows_of_its_peers(trained_tutor):
     assert change == pytest.approx((3 * 0.01 - 0.04) / 4, abs=1e-6)
     unbounded, decisions = merged_person_bias(math.inf)
     assert decisions[3].row_clip == {} and unbounded == pytest.approx((3 * 0.01 - 0.49) / 4, abs=1e-6)
+
+
+def test_calibration_undoes_a_merged_shift_of_a_classs_scores_and_records_it(trained_tutor):
+    """A delta that lowers every person score by 2 logits passes the AP gates and is merged; with
+    calibrate="f1" the server moves person's bias back to the shift of best F1 at the threshold, so the
+    tutor detects person at 0.5 as before; the tutor's history records the shift and the F1s."""
+    import copy
+
+    def make(calibrate):
+        policy = VerificationPolicy(norm_bound=50.0, protected_tolerance=0.05, protected_classes=("person",))
+        return DiReDiStrategy(copy.deepcopy(trained_tutor), build_model("smoke", "edge", seed=1), Squares(32, 1),
+                              ["person"], ClientTraining.from_profile(get_profile("smoke")), policy,
+                              calibrate=calibrate)
+
+    shift = zeros_like_nh(trained_tutor)
+    shift["head.classification_head.cls_logits.bias"][PERSON] = -2.0
+    plain, calibrated = make("off"), make("f1")
+    recall_before = plain.validator.tutor_ap() and plain.validator.tutor_recall["person"]
+    assert recall_before > 0.5  # else the shift proves nothing
+    for strategy in (plain, calibrated):
+        arrays, metrics = strategy.aggregate_train(1, [reply(0, shift)])
+        assert metrics["accepted"] == 1
+        strategy.record_tutor()
+    assert plain.validator.tutor_recall["person"] < recall_before - 0.3  # merged as it came
+    assert calibrated.validator.tutor_recall["person"] >= recall_before - 0.05  # the operating point is back
+    assert calibrated.validator.tutor_ap()["person"] == pytest.approx(plain.validator.tutor_ap()["person"], abs=0.02)
+    record = calibrated.recorder.tutor_history[-1]["calibration"]
+    assert record["shift"]["person"] >= 1.5 and record["f1_after"]["person"] > record["f1_before"]["person"]
+    assert "calibration" not in plain.recorder.tutor_history[-1]
+    with pytest.raises(ValueError, match="calibrate"):
+        make("platt")

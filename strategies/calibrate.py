@@ -1,0 +1,88 @@
+"""The tutor's operating point, set by the server on the manufacturer's validation set after each merge
+(``--calibrate f1``).
+
+Average precision ranks a class's detections; a product reports those scoring above the operating
+threshold. A merge can move a class's scores as a whole (an honest claimer's calibration drifts; a false
+claim at the weight cap lowers them) without changing their ranking: the tutor's recall at the threshold
+then swings by tens of points while its AP holds (README, "A calibrated tutor?"), and neither a fixed nor
+a round-relative tolerance on that recall separates an attack from honest drift. Calibration takes the
+operating point out of the clients' hands: after the merge the server adds to each class's
+classification bias the shift, from a grid, under which that class's F1 at the threshold on the
+validation set is highest (eq. 11's F1). A shift raises or lowers every score of its class together,
+so the class's ranking and AP stay as they were, up to detections crossing the 0.05 score floor and the
+centerness factor in FCOS's score (sqrt(sigmoid(class logit) x sigmoid(centerness))).
+
+The search is a pure function of ``f1_of`` (the validation F1 per class of the tutor with its class
+biases moved; ``strategies.validator.CandidateValidator.shifted_f1``), so it is testable without a model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+
+from torch import Tensor
+
+from models.parts import CLASS_ROW_PARAMS
+
+# Every class moved together by each coarse shift (13 validations), then each class's best +- the fine step
+# (2 more). Logits: 3 moves a score of 0.5 (logit 0, before centerness) to 0.95 or 0.05.
+COARSE_SHIFTS = tuple(s / 2 for s in range(-6, 7))
+FINE_STEP = 0.25
+# A shift must raise a class's validation F1 by at least this over no shift, else its bias stays: the F1 of
+# a few dozen validation objects moves by about a point between neighbouring shifts by chance alone.
+MIN_F1_GAIN = 0.01
+
+CLASS_BIAS = CLASS_ROW_PARAMS[1]  # head.classification_head.cls_logits.bias [num_classes]
+
+
+def best_shifts(f1_by_class: Mapping[str, Mapping[float, float]], min_gain: float = MIN_F1_GAIN) -> dict[str, float]:
+    """Per class, the shift of highest F1 (ties: the smaller shift in size, then the lower); 0 when that F1 is
+    not at least ``min_gain`` above the class's F1 at shift 0 (every class's table must hold shift 0)."""
+    out = {}
+    for name, table in f1_by_class.items():
+        if 0.0 not in table:
+            raise ValueError(f"{name}: the F1 table has no entry for shift 0")
+        best = max(table, key=lambda s: (table[s], -abs(s), -s))
+        out[name] = best if table[best] >= table[0.0] + min_gain else 0.0
+    return out
+
+
+def search_shifts(f1_of: Callable[[Mapping[str, float]], Mapping[str, float]], classes: Iterable[str],
+                  coarse: Iterable[float] = COARSE_SHIFTS, fine: float = FINE_STEP,
+                  min_gain: float = MIN_F1_GAIN) -> tuple[dict[str, float], dict[str, dict[float, float]]]:
+    """The calibration search: ``f1_of({class: shift})`` -> {class: F1 at the operating threshold} of the
+    tutor whose class biases are moved by those shifts (classes are moved together; a class's F1 depends on
+    its own shift only, up to FCOS's per-image top-k and NMS). Returns each class's chosen shift
+    (``best_shifts``) and every F1 measured ({class: {shift: F1}})."""
+    classes = list(classes)
+    table: dict[str, dict[float, float]] = {c: {} for c in classes}
+    for shift in sorted({0.0, *map(float, coarse)}):
+        f1 = f1_of({c: shift for c in classes})
+        for c in classes:
+            table[c][shift] = float(f1[c])
+    if fine > 0:
+        best = best_shifts(table, min_gain=0.0)
+        for step in (-fine, fine):
+            wanted = {c: best[c] + step for c in classes if best[c] + step not in table[c]}
+            if wanted:
+                f1 = f1_of(wanted)
+                for c, shift in wanted.items():
+                    table[c][shift] = float(f1[c])
+    return best_shifts(table, min_gain), table
+
+
+def shift_class_biases(nh: Mapping[str, Tensor], shifts: Mapping[int, float]) -> dict[str, Tensor]:
+    """Neck/head weights whose classification bias of class c is moved by ``shifts[c]`` (a copy; every other
+    tensor is shared)."""
+    out = dict(nh)
+    bias = nh[CLASS_BIAS].clone()
+    for c, shift in shifts.items():
+        bias[int(c)] += shift
+    out[CLASS_BIAS] = bias
+    return out
+
+
+def moved(shifts: Mapping[str, float]) -> dict[str, float]:
+    """The classes a calibration moves, with their shifts (what the tutor's history records)."""
+    return {c: s for c, s in shifts.items() if s != 0}
+

@@ -1,0 +1,45 @@
+"""The server's calibration of the tutor's operating point (strategies.calibrate): pure search on
+hand-made F1 tables, and the bias arithmetic."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from strategies.calibrate import CLASS_BIAS, best_shifts, moved, search_shifts, shift_class_biases
+
+
+def test_best_shift_is_the_highest_f1_with_ties_to_the_smaller_shift():
+    table = {"a": {-1.0: 0.2, 0.0: 0.3, 1.0: 0.5},
+             "b": {-1.0: 0.6, 0.0: 0.4, 1.0: 0.6},  # a tie: the smaller in size, then the lower
+             "c": {-0.5: 0.7, 0.0: 0.7, 0.5: 0.7}}  # flat: no reason to move
+    assert best_shifts(table, min_gain=0.0) == {"a": 1.0, "b": -1.0, "c": 0.0}
+
+
+def test_a_gain_below_the_margin_leaves_the_bias_where_it_is():
+    table = {"a": {0.0: 0.500, 0.5: 0.505}, "b": {0.0: 0.500, 0.5: 0.52}}
+    assert best_shifts(table, min_gain=0.01) == {"a": 0.0, "b": 0.5}
+    with pytest.raises(ValueError, match="shift 0"):
+        best_shifts({"a": {0.5: 0.1}})
+
+
+def test_the_search_finds_each_classs_optimum_on_the_fine_grid():
+    optimum = {"person": 1.25, "bus": -2.0, "car": 0.0}
+    asked = []
+
+    def f1_of(shifts):  # a peaked F1 per class, each depending on its own shift only
+        asked.append(dict(shifts))
+        return {c: max(0.0, 0.8 - 0.2 * abs(s - optimum[c])) for c, s in shifts.items()}
+
+    shifts, table = search_shifts(f1_of, optimum, coarse=(-3, -2, -1, 0, 1, 2, 3), fine=0.25, min_gain=0.01)
+    assert shifts == optimum
+    assert table["person"][1.25] == pytest.approx(0.8) and table["person"][0.0] == pytest.approx(0.55)
+    assert len(asked) == 7 + 2  # every coarse shift for all classes at once, then best -+ the fine step
+    assert moved(shifts) == {"person": 1.25, "bus": -2.0}
+
+
+def test_shifting_biases_moves_those_rows_only_and_leaves_the_input_alone():
+    nh = {CLASS_BIAS: torch.zeros(5), "head.other": torch.ones(2)}
+    out = shift_class_biases(nh, {1: 0.5, 3: -2.0})
+    assert out[CLASS_BIAS].tolist() == [0.0, 0.5, 0.0, -2.0, 0.0]
+    assert nh[CLASS_BIAS].tolist() == [0.0] * 5 and out["head.other"] is nh["head.other"]
