@@ -224,14 +224,15 @@ def tutor_figures(history: list[dict]) -> dict:
     if not history:
         return {}
     return {"ap_before": history[0]["ap"], "ap_after": history[-1]["ap"],
-            "recall_before": history[0].get("recall", {}), "recall_after": history[-1].get("recall", {})}
+            "recall_before": history[0].get("recall", {}), "recall_after": history[-1].get("recall", {}),
+            "f1_before": history[0].get("f1", {}), "f1_after": history[-1].get("f1", {})}
 
 
 def class_loss(tutor: dict, honest_tutor: dict) -> dict:
-    """Per class, what the attack cost the tutor beside the all-honest run (positive: lost): AP and recall
-    at the operating threshold after the run, and the largest of each with its class."""
+    """Per class, what the attack cost the tutor beside the all-honest run (positive: lost): AP, and recall and
+    F1 at the operating threshold after the run, and the largest of each with its class."""
     out = {}
-    for figure in ("ap", "recall"):
+    for figure in ("ap", "recall", "f1"):
         after, honest_after = tutor.get(f"{figure}_after", {}), honest_tutor.get(f"{figure}_after", {})
         loss = {c: honest_after[c] - after[c] for c in honest_after
                 if c in after and math.isfinite(honest_after[c]) and math.isfinite(after[c])}
@@ -338,7 +339,8 @@ def main(argv=None) -> int:
         print(f"{attack}: hostile rejected {a['rejected']}/{a['hostile']}, honest accepted "
               f"{a['honest_accepted']}/{a['honest']}, protected drop {a['protected_ap_drop']:.2f}, "
               f"honest gain ratio {a['honest_gain_ratio']:.2f}, worst AP loss {a['class_loss']['worst_ap']}, "
-              f"worst recall loss {a['class_loss']['worst_recall']}, finished {a['finished']}", flush=True)
+              f"worst recall loss {a['class_loss']['worst_recall']}, worst F1 loss {a['class_loss']['worst_f1']}, "
+              f"finished {a['finished']}", flush=True)
     return 0
 
 

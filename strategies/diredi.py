@@ -660,7 +660,8 @@ class DiReDiStrategy(Strategy):
     def _tutor_summary(self, server_round: int) -> dict:
         ap = self.validator.tutor_ap()
         summary = {"round": server_round, "ap": dict(ap), "mAP": nan_mean(ap.values()),
-                   "recall": dict(self.validator.tutor_recall)}  # at the operating threshold
+                   "recall": dict(self.validator.tutor_recall),  # at the operating threshold, as eq. 11's F1
+                   "f1": self.validator.f1(self.validator.tutor_predictions)}
         if self._calibration is not None and server_round > 0:
             summary["calibration"], self._calibration = self._calibration, None
         if self.spread_edge is not None:  # what the clients' Distill C starts from: where spread is lost

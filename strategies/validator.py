@@ -145,8 +145,8 @@ class CandidateValidator:
         self.tutor_ap()  # builds the feature cache and the targets
         moved = shift_class_biases(neck_head(self.tutor), {CLASS_INDEX[c]: s for c, s in shifts.items()})
         _, predictions = self.validate(self._tutor_with(moved))
-        f1 = f1_at(predictions, self.targets, [CLASS_INDEX[c] for c in shifts], self.policy.operating_threshold)
-        return {c: f1[CLASS_INDEX[c]] for c in shifts}
+        f1 = self.f1(predictions)
+        return {c: f1[c] for c in shifts}
 
     def operating_figures(self, delta: Mapping[str, Tensor], server_round: int) -> dict[str, dict[str, float]]:
         """The operating point of the candidate tutor of ``delta`` (one client's, or a merge; ``Decision``'s
@@ -231,6 +231,11 @@ class CandidateValidator:
         std = bootstrap_ap_drop(reference, predictions, self.targets, ids, samples=self.policy.bootstrap_samples,
                                 seed=self.seed + server_round)
         return {c: std[CLASS_INDEX[c]] for c in self.policy.protected_classes}
+
+    def f1(self, predictions: list[dict]) -> dict[str, float]:
+        """Eq. 11's F1 at the operating threshold per validation class of detections on the validation set."""
+        found = f1_at(predictions, self.targets, [CLASS_INDEX[c] for c in self.classes], self.policy.operating_threshold)
+        return {c: found[CLASS_INDEX[c]] for c in self.classes}
 
     def recall(self, predictions: list[dict]) -> dict[str, float]:
         """Recall at the operating threshold per validation class of detections on the validation set."""
