@@ -85,4 +85,3 @@ def shift_class_biases(nh: Mapping[str, Tensor], shifts: Mapping[int, float]) ->
 def moved(shifts: Mapping[str, float]) -> dict[str, float]:
     """The classes a calibration moves, with their shifts (what the tutor's history records)."""
     return {c: s for c, s in shifts.items() if s != 0}
-

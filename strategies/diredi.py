@@ -648,9 +648,12 @@ class DiReDiStrategy(Strategy):
         load_neck_head(self.tutor, shift_class_biases(neck_head(self.tutor),
                                                       {CLASS_INDEX[c]: s for c, s in moved(shifts).items()}))
         self.validator.tutor_changed()
+        seconds = time.perf_counter() - start
+        # F1 before and after as the search measured them (the history's "f1" is the calibrated tutor's own)
         self._calibration = {"shift": moved(shifts), "f1_before": {c: t[0.0] for c, t in table.items()},
-                             "f1_after": {c: table[c][shifts[c]] for c in table},
-                             "seconds": time.perf_counter() - start}
+                             "f1_after": {c: table[c][shifts[c]] for c in table}, "seconds": seconds}
+        if self.ledger is not None and self.ledger.nodes:  # the clients wait for it: each record carries its share
+            self.ledger.server_seconds["server_calibration"] = seconds / len(self.ledger.nodes)
         log.info("round %d: calibration moved %s (%.1f s)", server_round,
                  ", ".join(f"{c} {s:+.2f}" for c, s in moved(shifts).items()) or "nothing",
                  self._calibration["seconds"])
