@@ -18,7 +18,9 @@ from evaluation.ap import (
     class_ap,
     evaluate_detections,
     evaluate_model,
+    f1_at,
     precision_recall_f1,
+    recall_at,
     voc_iou,
 )
 
@@ -575,3 +577,23 @@ def test_bootstrap_ap_drop_equals_evaluating_every_resample_in_full():
     for c in drops:
         assert fast[c] > 0
         assert fast[c] == pytest.approx(float(np.std(drops[c], ddof=1)), abs=1e-12)
+
+
+def test_f1_at_the_threshold_counts_the_detections_above_it_with_difficult_matches_ignored():
+    """The hand case as per-image dicts (class 3): above 0.75 one TP (0.90), one duplicate FP (0.80) and the
+    difficult match (0.95) ignored -> P = R = F1 = 0.5; above 0.5 two TP and two FP -> P 0.5, R 1, F1 2/3."""
+    def box(*xyxy):
+        return np.array(xyxy, dtype=float)
+
+    targets = [{"boxes": np.stack([box(0, 0, 9, 9), box(20, 20, 29, 29)]), "labels": np.array([3, 3]),
+                "difficult": np.array([False, True]), "image_id": "a"},
+               {"boxes": np.stack([box(0, 0, 9, 9)]), "labels": np.array([3]), "difficult": np.array([False]),
+                "image_id": "b"}]
+    predictions = [{"boxes": np.stack([box(20, 20, 29, 29), box(0, 0, 9, 9), box(1, 0, 10, 9)]),
+                    "scores": np.array([0.95, 0.90, 0.80]), "labels": np.array([3, 3, 3])},
+                   {"boxes": np.stack([box(0, 0, 3, 9), box(0, 0, 9, 9)]), "scores": np.array([0.70, 0.60]),
+                    "labels": np.array([3, 3])}]
+    assert f1_at(predictions, targets, [3], 0.75)[3] == pytest.approx(0.5)
+    assert f1_at(predictions, targets, [3], 0.5)[3] == pytest.approx(2 / 3)
+    assert recall_at(predictions, targets, [3], 0.5)[3] == pytest.approx(1.0)
+    assert f1_at(predictions, targets, [3, 7], 0.99) == {3: 0.0, 7: 0.0}  # nothing above; a class without objects
