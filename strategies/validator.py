@@ -143,8 +143,11 @@ class CandidateValidator:
         """Validation F1 at the operating threshold of each class in ``shifts``, for the tutor whose
         classification bias of each such class is moved by its shift (``strategies.calibrate``)."""
         self.tutor_ap()  # builds the feature cache and the targets
-        moved = shift_class_biases(neck_head(self.tutor), {CLASS_INDEX[c]: s for c, s in shifts.items()})
-        _, predictions = self.validate(self._tutor_with(moved))
+        if any(shifts.values()):  # (no shift at all is the tutor, whose detections tutor_ap keeps)
+            moved = shift_class_biases(neck_head(self.tutor), {CLASS_INDEX[c]: s for c, s in shifts.items()})
+            predictions = self.predictions(self._tutor_with(moved))
+        else:
+            predictions = self.tutor_predictions
         f1 = self.f1(predictions)
         return {c: f1[c] for c in shifts}
 
@@ -200,8 +203,13 @@ class CandidateValidator:
 
     def validate(self, model: nn.Module) -> tuple[dict[str, float], list[dict]]:
         """Per-class AP of ``model`` (the tutor or a candidate: the tutor's body) on the validation set,
-        and its detections. The body's features are computed once, at the calling thread count (the
-        strategy's ``start`` builds them before round 1's clients start)."""
+        and its detections (``predictions``)."""
+        predictions = self.predictions(model)
+        return ap_by_name(predictions, self.targets, self.classes)[0], predictions
+
+    def predictions(self, model: nn.Module) -> list[dict]:
+        """``model``'s detections on the validation set (the tutor's body). The body's features are computed
+        once, at the calling thread count (the strategy's ``start`` builds them before round 1's clients start)."""
         if not self._features_tried:
             self._features_tried = True
             try:
@@ -214,7 +222,7 @@ class CandidateValidator:
                 predictions, self.targets = self.features.predict(model)
             else:
                 predictions, self.targets = predict(model, self.validation_data)
-        return ap_by_name(predictions, self.targets, self.classes)[0], predictions
+        return predictions
 
     def validate_edge(self, edge: nn.Module) -> tuple[dict[str, float], list[dict]]:
         """Per-class validation AP of an edge (its own body, so no feature cache) and its detections."""
