@@ -16,7 +16,7 @@ from pathlib import Path
 
 FILES = ("rounds.jsonl", "verification.jsonl", "tutor.json")
 # Field names whose values are timings or memory: left out wherever they sit in a record
-UNREPEATABLE = ("seconds", "peak_rss_mb", "round_wall_s", "verify_seconds", "wall_s", "server_seconds",
+UNREPEATABLE = ("seconds", "cpu_seconds", "peak_rss_mb", "round_wall_s", "verify_seconds", "wall_s", "server_seconds",
                 "ray-node")  # Ray names its node anew in every run
 
 

@@ -77,7 +77,7 @@ from protocol.config import RunConfig
 from protocol.privacy import DP_EPSILON, DP_PARTICIPATIONS, epsilon_spent, is_on, noise_generator, privatise
 from protocol.wire import (AFTER, AP_AFTER, AP_BEFORE, ARRAYS, BEFORE, BODY, CONFIG, DELTA, DEPLOY_EDGE, DIRECT_WORK, DIREDI_WORK,
                            EDGE, EDGE_SOURCE, FINE_TUNE, LOSSES, METHOD, METRICS, NUM_EXAMPLES, OWN_CLASSES,
-                           PARTITION_ID, PEAK_RSS, SECONDS, SERVER_ROUND, SPREAD_EDGE, STATE_DIR, TRAINED, TUTOR, TUTOR1, WHERE, WORK,
+                           PARTITION_ID, PEAK_RSS, SECONDS, CPU_SECONDS, SERVER_ROUND, SPREAD_EDGE, STATE_DIR, TRAINED, TUTOR, TUTOR1, WHERE, WORK,
                            decode, encode, pack_delta, state_record, top_k, work_seed)
 from protocol.transport import packed, unpacked
 
@@ -206,6 +206,11 @@ def _evaluate_after(edge: nn.Module, workspace: Workspace, partition: int, conte
     if not RunConfig.from_record(config).evaluates_after(int(config.get(SERVER_ROUND, 0))):
         return {}
     return _evaluate(edge, workspace, partition, AFTER, "evaluate_after", context, config)
+
+
+def phase_seconds(phase: str, report: PhaseReport) -> dict[str, float]:
+    """seconds.<phase> (wall) and cpu_seconds.<phase> (this process's CPU: the work, whatever shares the machine)."""
+    return {f"{SECONDS}.{phase}": report.seconds, f"{CPU_SECONDS}.{phase}": report.cpu_seconds}
 
 
 def _evaluation_metrics(record: ConfigRecord, when: str, phase: str, seconds: float) -> dict[str, float]:
@@ -410,11 +415,11 @@ def _train_diredi(msg: Message, context: Context) -> Message:
     body_key = body_fingerprint(tutor if tutor is not None else shared_t1) if root else ""
     memo = open_body_cache(root, method, partition, body_key) if cache else None
     if shared_t1 is not None:
-        tutor1, seconds_t1 = shared_t1, 0.0
+        tutor1, seconds_t1 = shared_t1, (0.0, 0.0)
     else:
         tutor1, report = reverse_distill_tutor1(tutor, edge, _dataset(ws, partition, "presumed"), settings, seed,
                                                 body_memo=memo)
-        seconds_t1 = report.seconds
+        seconds_t1 = report.seconds, report.cpu_seconds
     if memo is None and root and run.redistill == "client":
         memo = BodyMemo(body_key)
     tutor2, report = reverse_distill_tutor2(tutor if tutor is not None else tutor1, tutor1, edge,
@@ -445,8 +450,8 @@ def _train_diredi(msg: Message, context: Context) -> Message:
         delta, residual = top_k(delta, run.delta_topk)
         context.state[key] = state_record(residual)
     metrics.update({**_identity(ws, partition), **encode(TRAINED, dict.fromkeys(ws.clients[partition].train_classes, 1)),
-                    f"{SECONDS}.rd_tutor1": seconds_t1,
-                    f"{SECONDS}.rd_tutor2": report.seconds, PEAK_RSS: peak_rss_mb(),
+                    f"{SECONDS}.rd_tutor1": seconds_t1[0], f"{CPU_SECONDS}.rd_tutor1": seconds_t1[1],
+                    **phase_seconds("rd_tutor2", report), PEAK_RSS: peak_rss_mb(),
                     **loss_metrics("rd_tutor2", report), **body, **dp})
     return _reply(msg, metrics, {DELTA: pack_delta(delta, run.delta_precision, sparse=sparse)})
 
@@ -468,7 +473,7 @@ def _train_direct(msg: Message, context: Context) -> Message:
     own = tuple(CLASS_INDEX[c] for c in ws.clients[partition].train_classes) if config.get(OWN_CLASSES) else None
     trained, report = direct_training(edge, _dataset(ws, partition, "train"), run.direct_iters, settings,
                                       seed, proximal_mu=float(config.get("proximal-mu", 0.0)), trained_classes=own)
-    metrics.update({**_identity(ws, partition), f"{SECONDS}.direct_training": report.seconds,
+    metrics.update({**_identity(ws, partition), **phase_seconds("direct_training", report),
                     PEAK_RSS: peak_rss_mb(), **loss_metrics("direct_training", report)})
     return _reply(msg, metrics, {ARRAYS: state_record(trained)})
 
@@ -519,7 +524,7 @@ def distill(msg: Message, context: Context) -> Message:
         partner = edge if run.spread_average == "server" else deployed
         new_edge.load_state_dict(interpolate_weights(partner.state_dict(), new_edge.state_dict(), run.edge_share,
                                                      new_rows=changed))
-    metrics = {**_identity(ws, partition), f"{SECONDS}.distill_c": report.seconds, PEAK_RSS: peak_rss_mb(),
+    metrics = {**_identity(ws, partition), **phase_seconds("distill_c", report), PEAK_RSS: peak_rss_mb(),
                **loss_metrics("distill_c", report), **body_metrics("distill_c", memo)}
     if run.edge_check == "on":  # the manufacturer checks the new edge first ("evaluate" with its verdict)
         context.state[_candidate_key(config)] = state_record(new_edge)
@@ -549,7 +554,7 @@ def evaluate(msg: Message, context: Context) -> Message:
         edge = _edge(msg, context, ws, config)
     if config.get(FINE_TUNE):  # fedavg_ft: the client deploys the global edge fine-tuned on its own data
         edge, report = fine_tune(edge, _dataset(ws, partition, "train"), run.client_training(), seed)
-        extra = {f"{SECONDS}.fine_tune": report.seconds, **loss_metrics("fine_tune", report)}
+        extra = {**phase_seconds("fine_tune", report), **loss_metrics("fine_tune", report)}
     metrics = _evaluate_after(edge, ws, partition, context, config)
     if config.get(FINE_TUNE) and metrics:  # the fine-tuned edge's evaluation, the next round's "before"
         evaluated = context.state.config_records[f"{config[METHOD]}.evaluated"]

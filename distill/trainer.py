@@ -132,6 +132,9 @@ class PhaseReport:
     distill_losses: list[float] = field(default_factory=list)  # distillation term as in the loss
     device: str = "cpu"
     score_losses: list[float] = field(default_factory=list)  # class-score distillation, unweighted
+    # CPU seconds of this process (all its threads) over the phase: the work, whatever else shares the
+    # machine; ``seconds`` is wall time and grows with the machine's load
+    cpu_seconds: float = float("nan")
 
     def _head_tail(self, values: list[float]) -> tuple[float, float]:
         """Mean of the first and of the last 10% of steps (NaN when empty)."""
@@ -428,7 +431,7 @@ def train(student: nn.Module, dataset: Dataset, phase: Phase, teacher: nn.Module
     distill_losses: list[float] = []
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     batches = infinite_batches(dataset, phase.batch_size, generator)
     bar = tqdm(range(phase.iters), desc=phase.name, disable=not progress, leave=False, dynamic_ncols=True)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, phase))
@@ -480,14 +483,14 @@ def train(student: nn.Module, dataset: Dataset, phase: Phase, teacher: nn.Module
     finally:
         if class_mask is not None:
             class_mask.remove()
-    seconds = time.perf_counter() - start
+    seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
     for model, home in homes:
         model.to(home)
     set_frozen(student, ())  # leave every parameter trainable again for whoever uses it next
     student.eval()
     tail = losses[-max(len(losses) // 10, 1):] if losses else [float("nan")]
     report = PhaseReport(
-        name=phase.name, iters=phase.iters, seconds=seconds, peak_rss_mb=peak_rss_mb(),
+        name=phase.name, iters=phase.iters, seconds=seconds, cpu_seconds=cpu_seconds, peak_rss_mb=peak_rss_mb(),
         peak_cuda_mb=torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else 0.0,
         first_loss=losses[0] if losses else float("nan"), last_loss=sum(tail) / len(tail), losses=losses,
         det_losses=det_losses, distill_losses=distill_losses, device=str(device), score_losses=score_losses)

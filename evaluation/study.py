@@ -51,7 +51,8 @@ recall_new / f1_new (operating point at the deployment threshold over the client
 from the last record's ``after`` counts, in percent); recall_kept / f1_kept (the same over its kept
 classes); recall_kept_drop (kept-class recall at the start, from the first record's ``before``, minus
 now); mb_cum (cumulative bytes up + down / 10^6 up to round r); client_s_cum (cumulative client
-compute seconds up to round r; phases named "evaluate..." are evaluation, not compute).
+compute seconds up to round r: CPU seconds where the records hold them, else wall seconds; phases named
+"evaluate..." are evaluation, not compute).
 """
 
 from __future__ import annotations
@@ -198,9 +199,16 @@ def points(value: float) -> float:
 
 
 def compute_seconds(record: Mapping) -> float:
-    """The client's training compute of one record: every phase but evaluation ("evaluate...")."""
-    return float(sum(float(s) for phase, s in (record.get("seconds") or {}).items()
-                     if not str(phase).startswith("evaluate") and not is_missing(s)))
+    """The client's training compute of one record: every phase but evaluation ("evaluate..."), each in
+    CPU seconds where the record measured them (``cpu_seconds``: the work, whatever else shared the
+    machine), else in wall seconds (records made before CPU seconds were kept)."""
+    cpu = record.get("cpu_seconds") or {}
+    total = 0.0
+    for phase, wall in (record.get("seconds") or {}).items():
+        seconds = cpu.get(phase, wall)
+        if not str(phase).startswith("evaluate") and not is_missing(seconds):
+            total += float(seconds)
+    return total
 
 
 def record_megabytes(record: Mapping) -> float:

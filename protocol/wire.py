@@ -59,7 +59,8 @@ SPREAD_EDGE = "spread-edge"
 # -- metric keys. MetricRecord takes numbers only, so per-class values travel as "<prefix>.<class>".
 AP_BEFORE, AP_AFTER = "ap-before", "ap-after"
 BEFORE, AFTER = "before", "after"  # "<before|after>.<precision|recall|f1|mAP>" of the same evaluations
-SECONDS = "seconds"  # "seconds.<phase>"
+SECONDS = "seconds"  # "seconds.<phase>": wall time
+CPU_SECONDS = "cpu_seconds"  # "cpu_seconds.<phase>": the process's CPU seconds, the work whatever the load
 BODY = "body"  # "body.<phase>.served" / ".computed": the tutor body's inputs served by the memo or run
 TRAINED = "trained"  # "trained.<class>" = 1: the classes a client's labels hold (class-aware merging)
 LOSSES = "losses"  # "losses.<phase>.<det|distill|ratio>": each phase's balance at its end
@@ -211,13 +212,16 @@ def work_seed(seed: int, server_round: int, party: int) -> int:
 def make_record(method: str, server_round: int, client: int, *, ap_before: Mapping[str, float],
                 ap_after: Mapping[str, float], after: Mapping[str, float], seconds: Mapping[str, float],
                 peak_rss_mb: float, losses: Mapping[str, float] | None = None, num_examples: int = 0,
-                bytes_up: int = 0, bytes_down: int = 0, accepted: bool | None = None, **fields) -> dict:
+                bytes_up: int = 0, bytes_down: int = 0, accepted: bool | None = None,
+                cpu_seconds: Mapping[str, float] | None = None, **fields) -> dict:
     """One record. ``after``: {precision, recall, f1, mAP} of the evaluation that gave ``ap_after``, with
     each class's counts at the operating point ("tp.<class>", "fp.<class>", "npos.<class>"); ``before``
     (in ``fields``, when known): the same of the evaluation that gave ``ap_before``;
-    ``accepted``: DiReDi's verdict on the client's delta (None for methods without one)."""
+    ``accepted``: DiReDi's verdict on the client's delta (None for methods without one); ``seconds`` and
+    ``cpu_seconds``: {phase: wall / CPU seconds} (CPU where the phase measured it)."""
     return {"method": method, "round": server_round, "client": client, "ap_before": dict(ap_before),
             "ap_after": dict(ap_after), "after": dict(after), "seconds": dict(seconds),
+            "cpu_seconds": dict(cpu_seconds or {}),
             "losses": dict(losses or {}), "peak_rss_mb": peak_rss_mb, "num_examples": num_examples,
             "bytes_up": bytes_up, "bytes_down": bytes_down, "accepted": accepted, **fields}
 
@@ -242,6 +246,7 @@ def record_from_metrics(method: str, server_round: int, train_metrics: Mapping[s
         ap_before=decode(train_metrics, AP_BEFORE), ap_after=decode(after_metrics, AP_AFTER),
         after=decode(after_metrics, AFTER), before=decode(train_metrics, BEFORE),
         seconds=decode(train_metrics, SECONDS) | decode(after_metrics, SECONDS),
+        cpu_seconds=decode(train_metrics, CPU_SECONDS) | decode(after_metrics, CPU_SECONDS),
         losses=decode(train_metrics, LOSSES) | decode(after_metrics, LOSSES),
         peak_rss_mb=max((float(m[PEAK_RSS]) for m in (train_metrics, after_metrics)
                          if PEAK_RSS in m and math.isfinite(float(m[PEAK_RSS]))), default=math.nan),

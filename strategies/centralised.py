@@ -29,7 +29,7 @@ from torch.utils.data import ConcatDataset
 from session.workspace import Workspace, workspace_of
 from distill.rd import ClientTraining, direct_training
 from evaluation.ap import MODEL_SCORE_THRESH, per_class_ap
-from distill.trainer import resolve_device
+from distill.trainer import PhaseReport, resolve_device
 from models.compute import computing, placed_on
 from protocol.config import RunConfig, evaluation_round
 from protocol.wire import SERVER, make_record, work_seed
@@ -45,12 +45,15 @@ NOT_EVALUATED: Evaluation = ({}, {})
 
 
 def _evaluated_record(method: str, server_round: int, client: int, trained: nn.Module, workspace: Workspace,
-                      before: Evaluation, seconds: dict[str, float], peak_rss_mb: float, threshold: float,
+                      before: Evaluation, phase: str, report: PhaseReport, share: int, threshold: float,
                       evaluate: bool = True) -> dict:
-    """The round's record; without ``evaluate`` (a round between evaluations) it has no AP."""
+    """The round's record, its training ``phase`` timed by ``report`` (wall and CPU seconds, 1 / ``share`` of
+    them: the oracle's one model serves every client); without ``evaluate`` (a round between evaluations) it
+    has no AP."""
     ap_after, after = _evaluate(trained, workspace, client, threshold) if evaluate else NOT_EVALUATED
     return make_record(method, server_round, client, ap_before=before[0], ap_after=ap_after, after=after,
-                       before=before[1], seconds=seconds, peak_rss_mb=peak_rss_mb,
+                       before=before[1], seconds={phase: report.seconds / share},
+                       cpu_seconds={phase: report.cpu_seconds / share}, peak_rss_mb=report.peak_rss_mb,
                        num_examples=len(workspace.client_train(client)))
 
 
@@ -67,9 +70,8 @@ def local_client(workspace: Workspace, edge: nn.Module, client: int, rounds: int
     for r in range(1, rounds + 1):
         model, report = direct_training(model, workspace.client_train(client), steps, settings,
                                         seed=work_seed(seed, r, client))
-        record = _evaluated_record("local", r, client, model, workspace, before,
-                                   {"direct training": report.seconds}, report.peak_rss_mb, threshold,
-                                   evaluation_round(r, rounds, eval_every))
+        record = _evaluated_record("local", r, client, model, workspace, before, "direct training", report, 1,
+                                   threshold, evaluation_round(r, rounds, eval_every))
         before = record["ap_after"], record["after"]
         recorder.emit(record)
 
@@ -83,9 +85,8 @@ def run_oracle(workspace: Workspace, edge: nn.Module, rounds: int, steps: int, s
     for r in range(1, rounds + 1):
         model, report = direct_training(model, union, steps * n, settings, seed=work_seed(seed, r, SERVER))
         for client in range(n):
-            record = _evaluated_record("oracle", r, client, model, workspace, before[client],
-                                       {"central training": report.seconds / n}, report.peak_rss_mb, threshold,
-                                       evaluation_round(r, rounds, eval_every))
+            record = _evaluated_record("oracle", r, client, model, workspace, before[client], "central training",
+                                       report, n, threshold, evaluation_round(r, rounds, eval_every))
             before[client] = record["ap_after"], record["after"]
             recorder.emit(record)
 

@@ -60,7 +60,7 @@ from report.checkpoint import prefixed, unprefixed
 from strategies.aggregate import AGGREGATION_METHODS, aggregate, bound_influence
 from strategies.calibrate import moved, search_shifts, shift_class_biases
 from strategies.exchange import exchange
-from strategies.ledger import ClientSampler, Recorder, RoundLedger
+from strategies.ledger import ClientSampler, Clock, Recorder, RoundLedger
 from strategies.merge_gates import harm_merge, operating_point_merge
 from strategies.validator import CandidateValidator, EdgeVerdict
 from strategies.verify import (Decision, VerificationPolicy, deploy_check, direction_check, earned_claims, kept_check,
@@ -151,7 +151,7 @@ class DiReDiStrategy(Strategy):
         self.recorder = recorder or Recorder(self.method)
         self.ledger: RoundLedger | None = None  # the round in progress
         self._accepted = 0  # accepted deltas of the round in progress
-        self._screen_seconds: dict[int, float] = {}  # node -> seconds its candidate took on arrival
+        self._screen_seconds: dict[int, tuple[float, float]] = {}  # node -> (wall, cpu) its candidate took on arrival
         self._summary_due: int | None = None  # the round whose updated tutor is still to be recorded
         self.reference_fn = reference_fn  # the direction check's reference (None: the policy decides)
         self._reference: Mapping[str, Tensor] | None = None  # the server's reference for the current tutor ...
@@ -203,12 +203,12 @@ class DiReDiStrategy(Strategy):
         cfg = self._config(config, server_round, "stored" if self.redistill == "client" else "received")
         tutors = {}  # record name -> the model it carries (full to a node's first message, then neck/head)
         if self.share_tutor1 and not self._client_edges_changed:
-            start = time.perf_counter()
+            clock = Clock()
             tutor1, _ = reverse_distill_tutor1(self.tutor, self.edge, self.presumed_data, self.settings,
                                                seed=work_seed(self.seed, server_round, SERVER))
             self._shared_tutor1 = (server_round, tutor1)  # the server's reference update starts from it too
             # One Tutor 1 serves every client: its cost is shared among them in the records.
-            ledger.server_seconds["server_tutor1"] = (time.perf_counter() - start) / len(nodes)
+            ledger.charge("server_tutor1", clock, len(nodes))
             tutors[TUTOR1] = tutor1
             if not self.settings.t2_from_t1:  # tutor 2 then starts from the tutor itself
                 tutors[TUTOR] = self.tutor
@@ -242,7 +242,7 @@ class DiReDiStrategy(Strategy):
         decisions, accepted, claimed = [], [], []  # accepted: (delta, decision); claimed: their claims
         for reply, (delta, problem, read_seconds), reference in zip(ok, read, references):
             metrics = reply.content[METRICS]
-            start = time.perf_counter() - read_seconds
+            clock = Clock()
             claims = [name for name in decode(metrics, TRAINED) if name in CLASS_INDEX]
             decision = self.verify(delta, int(metrics[PARTITION_ID]), server_round,
                                    weight=float(metrics.get(NUM_EXAMPLES, math.nan)), problem=problem,
@@ -250,8 +250,10 @@ class DiReDiStrategy(Strategy):
             entry = ledger.count_up(reply)
             self._nodes_with_body.add(entry.node)  # it received the full tutor once and keeps the body
             self.sampler.learn(entry.node, int(metrics[PARTITION_ID]))
-            seconds = time.perf_counter() - start + self._screen_seconds.pop(entry.node, 0.0)
-            entry.train, entry.decision, entry.verify_seconds = dict(metrics), decision, seconds
+            # reading the delta, screening its candidate on arrival and verifying it: (wall, cpu) each
+            spent = zip(clock.seconds(), read_seconds, self._screen_seconds.pop(entry.node, (0.0, 0.0)))
+            entry.verify_seconds, entry.verify_cpu_seconds = (sum(parts) for parts in spent)
+            entry.train, entry.decision = dict(metrics), decision
             decisions.append(decision)
             if decision.accepted:
                 accepted.append((delta, decision))
@@ -379,9 +381,9 @@ class DiReDiStrategy(Strategy):
         if self.redistill == "client":
             self._edge_verdicts = {}
             if self.spread_edge is not None:
-                start = time.perf_counter()
+                clock = Clock()
                 self.spread_edge = self.distil_spread_edge(server_round)
-                ledger.server_seconds["server_spread"] = (time.perf_counter() - start) / len(trained)
+                ledger.charge("server_spread", clock, len(trained))
             replies = exchange(grid, self.configure_distill(server_round, config), timeout, meanwhile=self.record_tutor,
                                on_reply=self.check_edge if self.edge_check else None)
             self.aggregate_distill(server_round, replies)
@@ -391,11 +393,11 @@ class DiReDiStrategy(Strategy):
                                     expected={m.metadata.dst_node_id for m in messages})
             self._client_edges_changed = True
         else:
-            start = time.perf_counter()
+            clock = Clock()
             self.edge, _ = distill_c(self.edge, self.tutor, self.presumed_data, self.settings,
                                      seed=work_seed(self.seed, server_round, SERVER))
             self.edge.eval()
-            ledger.server_seconds["server_distill_c"] = (time.perf_counter() - start) / len(trained)
+            ledger.charge("server_distill_c", clock, len(trained))
             messages = self.configure_evaluate(server_round, ArrayRecord(), config, grid)
             self.aggregate_evaluate(server_round, grid.send_and_receive(messages, timeout=timeout))
 
@@ -587,7 +589,7 @@ class DiReDiStrategy(Strategy):
         reply that cannot be read or fails the structure check is left to it to reject with its reason."""
         if reply.has_error():
             return
-        start = time.perf_counter()
+        clock = Clock()
         try:
             delta = self._read_delta(reply)
         except MalformedDelta:
@@ -598,7 +600,7 @@ class DiReDiStrategy(Strategy):
         if self.ledger is not None:
             claims = decode(reply.content[METRICS], TRAINED) if self.policy.claims != "trusted" else ()
             self.validator.candidate_noise(delta, self.ledger.server_round, claims)
-        self._screen_seconds[reply.metadata.src_node_id] = time.perf_counter() - start
+        self._screen_seconds[reply.metadata.src_node_id] = clock.seconds()
 
     def record_tutor(self) -> None:
         """Appends the updated tutor's validation AP to its history, once per round (see aggregate_train)."""
@@ -632,28 +634,28 @@ class DiReDiStrategy(Strategy):
             if self.reference_fn is not None:
                 self._reference = self.reference_fn(self.tutor)
             elif self.policy.direction_reference == "server":
-                start = time.perf_counter()
+                clock = Clock()
                 tutor1 = self._shared_tutor1[1] if self._shared_tutor1 and self._shared_tutor1[0] == server_round else None
                 self._reference = server_reference_update(self.tutor, self.edge, self.presumed_data, self.settings,
                                                           work_seed(self.seed, server_round, SERVER), tutor1)
                 if self.ledger is not None and self.ledger.nodes:
-                    self.ledger.server_seconds["server_reference"] = (time.perf_counter() - start) / len(self.ledger.nodes)
+                    self.ledger.charge("server_reference", clock, len(self.ledger.nodes))
         return self._reference
 
     def _calibrate_tutor(self, server_round: int) -> None:
         """Moves each class's classification bias of the merged tutor to its shift of best validation F1 at the
         operating threshold; the tutor's history records the shifts and each class's F1 before and after."""
-        start = time.perf_counter()
+        clock = Clock()
         shifts, table = search_shifts(self.validator.shifted_f1, self.validator.classes)
         load_neck_head(self.tutor, shift_class_biases(neck_head(self.tutor),
                                                       {CLASS_INDEX[c]: s for c, s in moved(shifts).items()}))
         self.validator.tutor_changed()
-        seconds = time.perf_counter() - start
+        seconds = clock.seconds()[0]
         # F1 before and after as the search measured them (the history's "f1" is the calibrated tutor's own)
         self._calibration = {"shift": moved(shifts), "f1_before": {c: t[0.0] for c, t in table.items()},
                              "f1_after": {c: table[c][shifts[c]] for c in table}, "seconds": seconds}
         if self.ledger is not None and self.ledger.nodes:  # the clients wait for it: each record carries its share
-            self.ledger.server_seconds["server_calibration"] = seconds / len(self.ledger.nodes)
+            self.ledger.charge("server_calibration", clock, len(self.ledger.nodes))
         log.info("round %d: calibration moved %s (%.1f s)", server_round,
                  ", ".join(f"{c} {s:+.2f}" for c, s in moved(shifts).items()) or "nothing",
                  self._calibration["seconds"])
@@ -672,14 +674,14 @@ class DiReDiStrategy(Strategy):
             summary["spread_edge"] = {"ap": dict(spread_ap), "mAP": nan_mean(spread_ap.values())}
         return summary
 
-    def _timed_read(self, reply: Message) -> tuple[dict[str, Tensor] | None, str | None, float]:
-        """(delta or None, the problem that made it unreadable or None, seconds reading took)."""
-        start = time.perf_counter()
+    def _timed_read(self, reply: Message) -> tuple[dict[str, Tensor] | None, str | None, tuple[float, float]]:
+        """(delta or None, the problem that made it unreadable or None, (wall, cpu) seconds reading took)."""
+        clock = Clock()
         try:
             delta, problem = self._read_delta(reply), None
         except MalformedDelta as err:  # e.g. sparse indices outside the tensor
             delta, problem = None, str(err)
-        return delta, problem, time.perf_counter() - start
+        return delta, problem, clock.seconds()
 
     def _read_delta(self, reply: Message) -> dict[str, Tensor] | None:
         """The reply's delta in float32 (dense, whatever precision or sparsity it travelled in)."""

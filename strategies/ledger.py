@@ -27,6 +27,19 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
+class Clock:
+    """Wall and CPU seconds since it was made. Wall time grows with whatever else shares the machine;
+    this process's CPU seconds (all its threads) measure the work itself."""
+
+    wall0: float = field(default_factory=time.perf_counter)
+    cpu0: float = field(default_factory=time.process_time)
+
+    def seconds(self) -> tuple[float, float]:
+        """(wall, cpu) seconds so far."""
+        return time.perf_counter() - self.wall0, time.process_time() - self.cpu0
+
+
+@dataclass
 class NodeRound:
     """One node's part in one round."""
 
@@ -37,6 +50,7 @@ class NodeRound:
     after: dict | None = None  # the metrics of the step that evaluated its final edge
     decision: Decision | None = None  # DiReDi's verification of its delta
     verify_seconds: float = 0.0
+    verify_cpu_seconds: float = 0.0
     redistilled: bool = False  # DiReDi: its edge was re-distilled from an updated tutor
     where: dict | None = None  # the machine (and Ray node) its replies came from (``clients.app.where``)
 
@@ -47,6 +61,14 @@ class RoundLedger:
     started: float = field(default_factory=time.perf_counter)
     nodes: dict[int, NodeRound] = field(default_factory=dict)  # by Flower node id (records name clients by partition)
     server_seconds: dict[str, float] = field(default_factory=dict)  # server work, per client's share
+    server_cpu_seconds: dict[str, float] = field(default_factory=dict)  # the same in CPU seconds
+
+    def charge(self, phase: str, clock: Clock, shares: int) -> float:
+        """Books the server work ``clock`` timed as ``phase``, each of ``shares`` clients carrying an equal
+        share (wall and CPU); returns the wall seconds of the whole."""
+        wall, cpu = clock.seconds()
+        self.server_seconds[phase], self.server_cpu_seconds[phase] = wall / shares, cpu / shares
+        return wall
 
     def node(self, node: int) -> NodeRound:
         return self.nodes.setdefault(node, NodeRound(node))
@@ -126,8 +148,10 @@ class Recorder:
             record = record_from_metrics(self.method, ledger.server_round, entry.train, entry.after,
                                          bytes_up=entry.bytes_up, bytes_down=entry.bytes_down, **fields)
             record["seconds"].update(ledger.server_seconds)
+            record["cpu_seconds"].update(ledger.server_cpu_seconds)
             if entry.decision is not None:
                 record["seconds"]["server_verify"] = entry.verify_seconds
+                record["cpu_seconds"]["server_verify"] = entry.verify_cpu_seconds
             record["round_wall_s"] = self.round_seconds[ledger.server_round]
             if entry.where is not None:
                 record["where"] = entry.where

@@ -91,7 +91,7 @@ def _processes_under(home: Path) -> list[int]:
 
 
 def comparable(record: dict) -> dict:
-    return {k: v for k, v in record.items() if k not in ("seconds", "peak_rss_mb", "round_wall_s", "where")}
+    return {k: v for k, v in record.items() if k not in ("seconds", "cpu_seconds", "peak_rss_mb", "round_wall_s", "where")}
 
 
 @pytest.mark.slow

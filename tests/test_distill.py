@@ -42,6 +42,7 @@ def test_trainer_lowers_the_loss_on_a_smoke_batch(ws):
     after = batch_loss(model, data)
     assert after < 0.8 * before, (before, after)
     assert report.iters == 30 and report.seconds > 0 and report.peak_rss_mb > 0
+    assert 0 < report.cpu_seconds < 10 * report.seconds  # the process's CPU over the phase (all its threads)
 
 
 def test_rd_step_trains_only_unfrozen_parts_and_teacher_is_untouched(ws):

@@ -111,6 +111,9 @@ def test_diredi_round_runs_end_to_end(diredi_run, setup):
         assert r["accepted"] == d.accepted and math.isfinite(d.norm)
         assert {"evaluate_before", "rd_tutor1", "rd_tutor2", "server_verify"} <= set(r["seconds"])
         assert r["accepted"] and r["redistilled"] and "distill_c" in r["seconds"]
+        # the work in CPU seconds beside the wall time, for every phase but evaluation
+        assert {"rd_tutor1", "rd_tutor2", "server_verify", "distill_c"} <= set(r["cpu_seconds"])
+        assert r["cpu_seconds"]["distill_c"] > 0 and not any(p.startswith("evaluate") for p in r["cpu_seconds"])
     changed = [k for k, v in neck_head(chain.tutor).items() if not torch.equal(v, result.tutor_state[k])]
     assert changed, "accepted deltas should move the tutor's neck/head"
     assert result.edge_state is None  # client re-distillation: each edge lives on its client
@@ -146,7 +149,7 @@ def test_fedavg_runs_and_replies_carry_no_data(fedavg_run, setup):
 
 def comparable(record: dict) -> dict:
     """A record without what legitimately varies between runs (wall time, memory, the machine)."""
-    return {k: v for k, v in record.items() if k not in ("seconds", "peak_rss_mb", "round_wall_s", "where")}
+    return {k: v for k, v in record.items() if k not in ("seconds", "cpu_seconds", "peak_rss_mb", "round_wall_s", "where")}
 
 
 @pytest.mark.slow

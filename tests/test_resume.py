@@ -21,7 +21,7 @@ from clients.store import is_body_reference, load_client_state, read_body, save_
 from models.io import CorruptWeights
 from report.checkpoint import checkpoint_round, load_checkpoint, save_checkpoint
 
-TIMING = ("seconds", "round_wall_s", "peak_rss_mb", "where")  # wall-clock, memory and placement differ run to run
+TIMING = ("seconds", "cpu_seconds", "round_wall_s", "peak_rss_mb", "where")  # wall-clock, memory and placement differ run to run
 
 
 def test_checkpoint_round_trip_restores_tensors_meta_and_both_rngs(tmp_path):

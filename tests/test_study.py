@@ -11,6 +11,7 @@ import pytest
 
 from evaluation.study import (
     client_round_values,
+    compute_seconds,
     gain_at_compute,
     nested_bootstrap_ci,
     paired_difference,
@@ -141,6 +142,15 @@ def hand_records():
          "seconds": {"rd_tutor1": 2.0, "distill_c": 1.0, "evaluate_before": 50.0, "evaluate": 60.0},
          "after": {**counts(4, 1, 10, "car"), **counts(5, 5, 10, "bus"), **counts(1, 0, 4, "cat")}},
     ]
+
+
+def test_compute_seconds_takes_cpu_where_measured_and_never_evaluation():
+    wall_only = {"seconds": {"rd_tutor1": 2.0, "distill_c": 1.0, "evaluate_before": 50.0}}
+    assert compute_seconds(wall_only) == pytest.approx(3.0)  # records from before CPU seconds were kept
+    # a machine shared with another run: wall time doubled, the work (CPU) did not
+    both = {"seconds": {"rd_tutor1": 4.0, "distill_c": 2.0, "server_spread": 6.0, "evaluate_after": 9.0},
+            "cpu_seconds": {"rd_tutor1": 2.0, "distill_c": 1.0, "evaluate_after": 4.0}}
+    assert compute_seconds(both) == pytest.approx(2.0 + 1.0 + 6.0)  # server_spread: no CPU figure, its wall
 
 
 def test_client_round_values_on_hand_made_records():
