@@ -5,7 +5,7 @@ Pure python / numpy: no torch, no Flower.  The federation code hands us one *rec
 
     {"method": "diredi", "round": 1, "client": 0,
      "ap_before": {class: ap or NaN}, "ap_after": {class: ap or NaN},
-     "bytes_up": int, "bytes_down": int, "seconds": {phase: float},
+     "bytes_up": int, "bytes_down": int, "seconds": {phase: float},  # wall; "cpu_seconds": the same in CPU
      "peak_rss_mb": float, "accepted": bool | None,
      # optional: "after": {"precision": p, "recall": r, "f1": f}  (or the same keys at top level)
     }
