@@ -12,6 +12,10 @@ validation set is highest (eq. 11's F1). A shift raises or lowers every score of
 so the class's ranking and AP stay as they were, up to detections crossing the 0.05 score floor and the
 centerness factor in FCOS's score (sqrt(sigmoid(class logit) x sigmoid(centerness))).
 
+``f1-learnt`` calibrates only the classes the tutor learnt from clients: the presumed classes' operating
+point is the manufacturer's, and moving their biases after each merge fought the next merge (README, "The
+server sets the tutor's operating point").
+
 The search is a pure function of ``f1_of`` (the validation F1 per class of the tutor with its class
 biases moved; ``strategies.validator.CandidateValidator.shifted_f1``), so it is testable without a model.
 """
@@ -33,6 +37,19 @@ FINE_STEP = 0.25
 MIN_F1_GAIN = 0.01
 
 CLASS_BIAS = CLASS_ROW_PARAMS[1]  # head.classification_head.cls_logits.bias [num_classes]
+
+
+def calibrated_classes(mode: str, validation_classes: Iterable[str], presumed: Iterable[str]) -> list[str]:
+    """The classes a calibration ``mode`` moves: every validation class ("f1"), those outside the
+    manufacturer's presumed classes ("f1-learnt": the classes the tutor learnt from clients), none ("off")."""
+    if mode == "off":
+        return []
+    if mode == "f1":
+        return list(validation_classes)
+    if mode == "f1-learnt":
+        kept = set(presumed)
+        return [c for c in validation_classes if c not in kept]
+    raise ValueError(f"calibration mode must be off, f1 or f1-learnt, got {mode!r}")
 
 
 def best_shifts(f1_by_class: Mapping[str, Mapping[float, float]], min_gain: float = MIN_F1_GAIN) -> dict[str, float]:

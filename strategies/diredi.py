@@ -58,7 +58,7 @@ from protocol.wire import (AFTER, AP_AFTER, AP_BEFORE, BEFORE, CONFIG, DELTA, DE
                            decode, encode, state_record, unpack_delta, work_seed)
 from report.checkpoint import prefixed, unprefixed
 from strategies.aggregate import AGGREGATION_METHODS, aggregate, bound_influence
-from strategies.calibrate import moved, search_shifts, shift_class_biases
+from strategies.calibrate import calibrated_classes, moved, search_shifts, shift_class_biases
 from strategies.exchange import exchange
 from strategies.ledger import ClientSampler, Clock, Recorder, RoundLedger
 from strategies.merge_gates import harm_merge, operating_point_merge
@@ -307,7 +307,7 @@ class DiReDiStrategy(Strategy):
             return None, summary
         load_neck_head(self.tutor, substitute(neck_head(self.tutor), merge(kept), self.settings.beta))
         self.validator.tutor_changed()  # every cached figure belongs to the tutor that was
-        if self.calibrate == "f1":  # 5. the server sets the merged tutor's operating point (strategies.calibrate)
+        if self.calibrate != "off":  # 5. the server sets the merged tutor's operating point (strategies.calibrate)
             self._calibrate_tutor(server_round)
         self._reference, self._reference_asked = None, False
         # The paper's "updated tutor", per round: evaluated by ``record_tutor``, which ``start`` runs
@@ -646,7 +646,9 @@ class DiReDiStrategy(Strategy):
         """Moves each class's classification bias of the merged tutor to its shift of best validation F1 at the
         operating threshold; the tutor's history records the shifts and each class's F1 before and after."""
         clock = Clock()
-        shifts, table = search_shifts(self.validator.shifted_f1, self.validator.classes)
+        classes = calibrated_classes(self.calibrate, self.validator.classes,
+                                     (*self.policy.kept_classes, *self.policy.protected_classes))
+        shifts, table = search_shifts(self.validator.shifted_f1, classes)
         load_neck_head(self.tutor, shift_class_biases(neck_head(self.tutor),
                                                       {CLASS_INDEX[c]: s for c, s in moved(shifts).items()}))
         self.validator.tutor_changed()

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from strategies.calibrate import CLASS_BIAS, best_shifts, moved, search_shifts, shift_class_biases
+from strategies.calibrate import CLASS_BIAS, best_shifts, calibrated_classes, moved, search_shifts, shift_class_biases
 
 
 def test_best_shift_is_the_highest_f1_with_ties_to_the_smaller_shift():
@@ -43,3 +43,12 @@ def test_shifting_biases_moves_those_rows_only_and_leaves_the_input_alone():
     out = shift_class_biases(nh, {1: 0.5, 3: -2.0})
     assert out[CLASS_BIAS].tolist() == [0.0, 0.5, 0.0, -2.0, 0.0]
     assert nh[CLASS_BIAS].tolist() == [0.0] * 5 and out["head.other"] is nh["head.other"]
+
+
+def test_f1_learnt_calibrates_only_the_classes_outside_the_presumed_ones():
+    validation, presumed = ["aeroplane", "car", "person", "sheep"], ("aeroplane", "person")
+    assert calibrated_classes("f1", validation, presumed) == validation
+    assert calibrated_classes("f1-learnt", validation, presumed) == ["car", "sheep"]
+    assert calibrated_classes("off", validation, presumed) == []
+    with pytest.raises(ValueError, match="calibration mode"):
+        calibrated_classes("platt", validation, presumed)

@@ -789,10 +789,10 @@ def test_calibration_undoes_a_merged_shift_of_a_classs_scores_and_records_it(tra
 
     shift = zeros_like_nh(trained_tutor)
     shift["head.classification_head.cls_logits.bias"][PERSON] = -2.0
-    plain, calibrated = make("off"), make("f1")
+    plain, calibrated, learnt_only = make("off"), make("f1"), make("f1-learnt")
     recall_before = plain.validator.tutor_ap() and plain.validator.tutor_recall["person"]
     assert recall_before > 0.5  # else the shift proves nothing
-    for strategy in (plain, calibrated):
+    for strategy in (plain, calibrated, learnt_only):
         arrays, metrics = strategy.aggregate_train(1, [reply(0, shift)])
         assert metrics["accepted"] == 1
         strategy.record_tutor()
@@ -802,5 +802,8 @@ def test_calibration_undoes_a_merged_shift_of_a_classs_scores_and_records_it(tra
     record = calibrated.recorder.tutor_history[-1]["calibration"]
     assert record["shift"]["person"] >= 1.5 and record["f1_after"]["person"] > record["f1_before"]["person"]
     assert "calibration" not in plain.recorder.tutor_history[-1]
+    # f1-learnt leaves the manufacturer's classes (person is protected) as the merge made them
+    assert learnt_only.recorder.tutor_history[-1]["calibration"]["shift"] == {}
+    assert learnt_only.validator.tutor_recall["person"] == pytest.approx(plain.validator.tutor_recall["person"])
     with pytest.raises(ValueError, match="calibrate"):
         make("platt")
