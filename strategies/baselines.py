@@ -72,6 +72,7 @@ class RecordingMixin:
         server_round += self.round_offset
         replies = list(replies)
         ok = self.recorder.split(replies, "train", server_round)  # in partition order
+        self.recorder.fail_unanswered(self.ledger, replies, "train")
         if replies and not ok:
             raise RuntimeError(f"round {server_round}: every client failed: {self.recorder.failure_reasons(server_round)}")
         for reply in ok:

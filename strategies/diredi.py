@@ -233,7 +233,9 @@ class DiReDiStrategy(Strategy):
         (and None is returned for the arrays) when no delta is accepted.
         """
         ledger = self._open_round(server_round)
+        replies = list(replies)
         ok = self.recorder.split(replies, "train", server_round)
+        self.recorder.fail_unanswered(ledger, replies, "train")
         if not self.recorder.tutor_history:
             self.recorder.tutor_history.append(self._tutor_summary(0))
         # 1. read every delta, then verify each (the direction check's references need all of them)

@@ -86,6 +86,12 @@ class RoundLedger:
             entry.where = dict(reply.content.config_records[WHERE])
         return entry
 
+    def unanswered(self, replies: Iterable[Message]) -> list[int]:
+        """The nodes this round's messages went to (``count_down``) that sent none of ``replies`` (an error
+        reply is an answer): past the round trip's timeout."""
+        answered = {reply.metadata.src_node_id for reply in replies}
+        return sorted(node for node, entry in self.nodes.items() if entry.bytes_down and node not in answered)
+
     @property
     def trained(self) -> list[NodeRound]:
         """Nodes whose "train" reply arrived, in partition order (a fixed order: same sums, same records)."""
@@ -120,6 +126,12 @@ class Recorder:
         """Logs and keeps one client failure: an error reply, or no reply in time."""
         log.error("round %d %s: node %d failed: %s", server_round, step, node, reason)
         self.failures.append({"round": server_round, "step": step, "node": node, "reason": reason})
+
+    def fail_unanswered(self, ledger: RoundLedger, replies: Iterable[Message], step: str) -> None:
+        """Logs and keeps a failure for every node of ``ledger`` that sent none of ``replies``: a client that
+        did not answer in time is left out of the round, and the records say so."""
+        for node in ledger.unanswered(replies):
+            self.fail(ledger.server_round, step, node, "no reply within the round's timeout")
 
     def failure_reasons(self, server_round: int) -> str:
         return "; ".join(f["reason"] for f in self.failures if f["round"] == server_round)

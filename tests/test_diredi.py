@@ -143,6 +143,17 @@ def test_tutor_unchanged_when_every_delta_is_rejected(strategy):
     assert not any(d.accepted for d in strategy.recorder.decisions)
 
 
+def test_a_client_whose_train_reply_never_came_is_recorded_as_a_failure(strategy):
+    """Two nodes were asked (the ledger counted their messages), one answered within the timeout: the
+    other is a failure of the round's "train" step, not silently left out."""
+    ledger = strategy._open_round(1)
+    ledger.node(100).bytes_down = ledger.node(101).bytes_down = 1000  # configure_train sent to nodes 100, 101
+    arrays, metrics = strategy.aggregate_train(1, [reply(0, zeros_like_nh(strategy.tutor))])
+    assert metrics["received"] == 1
+    assert strategy.recorder.failures == [{"round": 1, "step": "train", "node": 101,
+                                           "reason": "no reply within the round's timeout"}]
+
+
 def test_delta_erasing_a_protected_class_is_rejected(strategy):
     seen = strategy.recorder.decisions
     erase = zeros_like_nh(strategy.tutor)
