@@ -5,6 +5,7 @@ Layout of ``runs/<name>/`` written here::
     config.json           resolved configuration (`RunFolder.write_config`)
     rounds.jsonl          one JSON line per (method, round, client) record (`append_record`)
     verification.jsonl    one JSON line per verification decision (`append_verification`)
+    failures.jsonl        one JSON line per client failure: an error reply, or no reply in time (`append_failure`)
     results.md            Table III-style summary (`results_markdown`)
     gain_forgetting.png   per-client knowledge gain and forgetting, one bar per method
     heatmap_<method>.png  per-client, per-class AP before (original edge) and after (final)
@@ -162,6 +163,7 @@ class RunFolder:
     CONFIG = "config.json"
     ROUNDS = "rounds.jsonl"
     VERIFICATION = "verification.jsonl"
+    FAILURES = "failures.jsonl"
     DONE = "done.json"
 
     def __init__(self, path: str | os.PathLike):
@@ -199,12 +201,16 @@ class RunFolder:
 
         kept = [r for r in folder.read_records() if kept_round(r["method"], r["round"])] if resume else []
         decisions = [d for d in folder.read_verification() if kept_round("diredi", d["round"])] if resume else []
+        failures = [f for f in folder.read_failures() if kept_round(f["method"], f["round"])] if resume else []
         folder.rounds_path.write_text("")  # rounds.jsonl: the kept records, then the new ones
         for record in kept:
             folder.append_record(record)
         folder.verification_path.write_text("")
         for decision in decisions:
             folder.append_verification(decision)
+        folder.failures_path.write_text("")
+        for failure in failures:
+            folder.append_failure(failure)
         folder.write_done(done)
         folder.write_config({"run": run, **(details or {})})
         return folder
@@ -269,6 +275,10 @@ class RunFolder:
     def verification_path(self) -> Path:
         return self.path / self.VERIFICATION
 
+    @property
+    def failures_path(self) -> Path:
+        return self.path / self.FAILURES
+
     def write_config(self, config: Mapping) -> Path:
         """config.json, keys sorted, NaN as null; overwrites."""
         text = json.dumps(to_jsonable(config), allow_nan=False, ensure_ascii=False, indent=2,
@@ -294,6 +304,10 @@ class RunFolder:
         """Append one verification decision to verification.jsonl and flush."""
         return self._append_line(self.verification_path, decision)
 
+    def append_failure(self, failure: Mapping) -> Path:
+        """Append one client failure ({method, round, step, node, reason}) to failures.jsonl and flush."""
+        return self._append_line(self.failures_path, failure)
+
     def write_json(self, name: str, value: Any) -> Path:
         """A JSON file in the folder (NaN as null), written whole or not at all."""
         path = self.path / name
@@ -314,6 +328,10 @@ class RunFolder:
     def read_verification(self) -> list[dict]:
         """verification.jsonl as written (null stays None)."""
         return read_json_lines(self.verification_path)
+
+    def read_failures(self) -> list[dict]:
+        """failures.jsonl as written; empty for a folder from before it was kept."""
+        return read_json_lines(self.failures_path)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -103,9 +103,10 @@ class Recorder:
     """A method's records, client failures, verification decisions and timings."""
 
     def __init__(self, method: str, on_record: Callable[[dict], None] | None = None,
-                 on_decision: Callable[[Decision], None] | None = None) -> None:
+                 on_decision: Callable[[Decision], None] | None = None,
+                 on_failure: Callable[[dict], None] | None = None) -> None:
         self.method = method
-        self.on_record, self.on_decision = on_record, on_decision
+        self.on_record, self.on_decision, self.on_failure = on_record, on_decision, on_failure
         self.records: list[dict] = []
         self.failures: list[dict] = []  # {round, step, node, reason}
         self.decisions: list[Decision] = []
@@ -126,6 +127,8 @@ class Recorder:
         """Logs and keeps one client failure: an error reply, or no reply in time."""
         log.error("round %d %s: node %d failed: %s", server_round, step, node, reason)
         self.failures.append({"round": server_round, "step": step, "node": node, "reason": reason})
+        if self.on_failure is not None:
+            self.on_failure({"method": self.method, **self.failures[-1]})
 
     def fail_unanswered(self, ledger: RoundLedger, replies: Iterable[Message], step: str) -> None:
         """Logs and keeps a failure for every node of ``ledger`` that sent none of ``replies``: a client that

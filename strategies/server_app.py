@@ -179,7 +179,8 @@ def run_methods(session: Session, grid: Grid | None, folder: RunFolder, methods:
     every record in the folder. Returns the folder's records."""
     def recorder_for(method: str) -> Recorder:
         return Recorder(method, on_record=lambda r: (folder.append_record(r), on_record and on_record(r)),
-                        on_decision=lambda d: folder.append_verification(d.to_dict()))
+                        on_decision=lambda d: folder.append_verification(d.to_dict()),
+                        on_failure=folder.append_failure)
 
     todo = [m for m in (methods if methods is not None else session.config.methods) if m not in folder.read_done()]
     for method in (m for m in todo if m not in CENTRALISED):
@@ -214,6 +215,8 @@ def write_summary(session: Session, folder: RunFolder, wall_s: float) -> dict:
     summary = run_summary(folder.read_records(), specs, [s["private"] for s in specs], session.config.rounds,
                           wall_s, folder.read_json(TUTOR_HISTORY, []))
     summary["driver_peak_rss_mb"] = peak_rss_mb()  # this process: the server, its models and the runtime
+    failures = folder.read_failures()  # error replies and replies that never came: per method, how many
+    summary["client_failures"] = {m: sum(f["method"] == m for f in failures) for m in dict.fromkeys(f["method"] for f in failures)}
     folder.write_json(SUMMARY, summary)
     return summary
 

@@ -16,6 +16,7 @@ from report.writer import (
     results_markdown,
     write_all,
 )
+from strategies.ledger import Recorder
 
 NAN = float("nan")
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -92,6 +93,21 @@ def test_run_folder_verification_log_and_cut_off_tail(tmp_path):
         handle.write('{"method": "loc')  # a write cut off by a crash
     assert len(folder.read_records()) == 1
     assert RunFolder(tmp_path / "empty").read_records() == []
+
+
+def test_client_failures_are_kept_and_a_resume_keeps_those_of_finished_methods(tmp_path):
+    run = {"rounds": 2}
+    folder = RunFolder.start(tmp_path / "run", run)
+    recorder = Recorder("local", on_failure=folder.append_failure)
+    recorder.fail(1, "train", 7, "no reply within the round's timeout")
+    Recorder("diredi", on_failure=folder.append_failure).fail(1, "train", 8, "crashed")
+    assert folder.read_failures() == [
+        {"method": "local", "round": 1, "step": "train", "node": 7, "reason": "no reply within the round's timeout"},
+        {"method": "diredi", "round": 1, "step": "train", "node": 8, "reason": "crashed"}]
+    folder.write_done(["local"])  # local finished; diredi has no checkpoint: its round 1 is run again
+    resumed = RunFolder.start(tmp_path / "run", run, resume=True)
+    assert [f["method"] for f in resumed.read_failures()] == ["local"]
+    assert RunFolder.start(tmp_path / "fresh", run).read_failures() == []
 
 
 # ----------------------------------------------------------------------------------------------
