@@ -325,6 +325,9 @@ def main(argv=None) -> int:
     honest_clients = [c for c in range(config.num_clients) if c not in args.hostile]
     base = run_attack(session, "none", args.hostile, args.timeout)
     base_gain = honest_gains(session, base["recorder"].records, honest_clients)  # the same clients, all honest
+    if base["recorder"].failures:  # every attack is judged against this run: one that lost clients misleads
+        print(f"WARNING: the all-honest run lost {len(base['recorder'].failures)} client replies "
+              f"({base['recorder'].failures[0]['reason']}); a larger --timeout or a quieter machine", flush=True)
     out = {"command": "python -m bench.byzantine " + " ".join(argv if argv is not None else sys.argv[1:]),
            "config": config.to_dict(), "hostile_clients": args.hostile,
            "claimed_class": claimed_class(session, args.hostile),
