@@ -63,12 +63,11 @@ class RoundLedger:
     server_seconds: dict[str, float] = field(default_factory=dict)  # server work, per client's share
     server_cpu_seconds: dict[str, float] = field(default_factory=dict)  # the same in CPU seconds
 
-    def charge(self, phase: str, clock: Clock, shares: int) -> float:
+    def charge(self, phase: str, clock: Clock, shares: int) -> None:
         """Books the server work ``clock`` timed as ``phase``, each of ``shares`` clients carrying an equal
-        share (wall and CPU); returns the wall seconds of the whole."""
+        share (wall and CPU)."""
         wall, cpu = clock.seconds()
         self.server_seconds[phase], self.server_cpu_seconds[phase] = wall / shares, cpu / shares
-        return wall
 
     def node(self, node: int) -> NodeRound:
         return self.nodes.setdefault(node, NodeRound(node))
