@@ -415,11 +415,11 @@ def _train_diredi(msg: Message, context: Context) -> Message:
     body_key = body_fingerprint(tutor if tutor is not None else shared_t1) if root else ""
     memo = open_body_cache(root, method, partition, body_key) if cache else None
     if shared_t1 is not None:
-        tutor1, seconds_t1 = shared_t1, (0.0, 0.0)
+        tutor1, seconds_t1 = shared_t1, {f"{SECONDS}.rd_tutor1": 0.0, f"{CPU_SECONDS}.rd_tutor1": 0.0}
     else:
         tutor1, report = reverse_distill_tutor1(tutor, edge, _dataset(ws, partition, "presumed"), settings, seed,
                                                 body_memo=memo)
-        seconds_t1 = report.seconds, report.cpu_seconds
+        seconds_t1 = phase_seconds("rd_tutor1", report)
     if memo is None and root and run.redistill == "client":
         memo = BodyMemo(body_key)
     tutor2, report = reverse_distill_tutor2(tutor if tutor is not None else tutor1, tutor1, edge,
@@ -450,8 +450,7 @@ def _train_diredi(msg: Message, context: Context) -> Message:
         delta, residual = top_k(delta, run.delta_topk)
         context.state[key] = state_record(residual)
     metrics.update({**_identity(ws, partition), **encode(TRAINED, dict.fromkeys(ws.clients[partition].train_classes, 1)),
-                    f"{SECONDS}.rd_tutor1": seconds_t1[0], f"{CPU_SECONDS}.rd_tutor1": seconds_t1[1],
-                    **phase_seconds("rd_tutor2", report), PEAK_RSS: peak_rss_mb(),
+                    **seconds_t1, **phase_seconds("rd_tutor2", report), PEAK_RSS: peak_rss_mb(),
                     **loss_metrics("rd_tutor2", report), **body, **dp})
     return _reply(msg, metrics, {DELTA: pack_delta(delta, run.delta_precision, sparse=sparse)})
 
