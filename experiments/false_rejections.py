@@ -1,0 +1,135 @@
+"""False rejections: honest deltas the verification turned away, counted over every run folder kept.
+
+    python -m experiments.false_rejections experiments/results --out experiments/results/false_rejections
+
+Every run folder written by ``sim.run`` (and so by ``experiments.compare`` and ``experiments.variant``) holds
+honest clients only (hostile ones exist only inside ``bench.byzantine``, which keeps no run folder), so each
+rejected delta in its ``verification.jsonl`` is a false rejection. Runs are grouped by the settings of the
+gates that can reject (protected, kept, direction, operating point, harm); a setting a run's ``config.json``
+does not name did not exist when it ran and counts as that gate's "off" (inf) or its then default; a folder
+without ``config.json`` is counted in the totals but never as a run at the default gates. Reads records only;
+writes ``<out>.json`` and ``<out>.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from collections import Counter
+from pathlib import Path
+
+# The settings of the gates that can reject a delta, and what a run that predates a setting ran with.
+REJECTING_GATES = {"protected_tolerance": 0.05, "noise_z": 3.0, "kept_tolerance": math.inf, "direction_z": 4.0,
+                   "direction_reference": "peers", "operating_tolerance": math.inf, "operating_harm": math.inf}
+
+
+def _number(value):
+    """config.json writes inf as "inf"."""
+    return float(value) if value in ("inf", "-inf", "nan") else value
+
+
+def gate_settings(run: dict | None) -> dict | None:
+    """The rejecting gates' settings of one run's configuration (``config.json``'s "run"; None: unknown)."""
+    if run is None:
+        return None
+    return {key: _number(run.get(key, default)) for key, default in REJECTING_GATES.items()}
+
+
+def census(folder: Path) -> dict | None:
+    """One run folder's deltas and rejections (None when it has no decisions)."""
+    path = folder / "verification.jsonl"
+    decisions = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    if not decisions:
+        return None
+    config = folder / "config.json"
+    run = json.loads(config.read_text()).get("run", {}) if config.is_file() else None
+    rejected = [d for d in decisions if not d["accepted"]]
+    known = run or {}
+    return {"run": folder.as_posix(), "scenario": Path(str(known.get("scenario", "?"))).stem,
+            "rounds": max(d["round"] for d in decisions), "deltas": len(decisions), "rejected": len(rejected),
+            "by_gate": dict(Counter(g for d in rejected for g in (d.get("rejected_by") or ["unrecorded"]))),
+            "where": [{"round": d["round"], "client": d["client"], "reason": d["reason"][:160]} for d in rejected],
+            "gates": gate_settings(run), "claims": known.get("claims", "trusted" if run is not None else "?"),
+            "spread": known.get("spread", "off" if run is not None else "?")}
+
+
+def runs_under(root: Path) -> list[dict]:
+    """The census of every run folder under ``root`` (each folder holding a verification.jsonl)."""
+    found = (census(path.parent) for path in sorted(root.rglob("verification.jsonl")))
+    return [c for c in found if c is not None]
+
+
+def is_default(gates: dict | None, defaults: dict) -> bool:
+    return gates is not None and all(gates[k] == defaults[k] for k in REJECTING_GATES)
+
+
+def summarise(runs: list[dict], defaults: dict) -> dict:
+    """Totals at the run's default gates and over every run, with a rate per delta."""
+    def total(rows):
+        deltas, rejected = sum(r["deltas"] for r in rows), sum(r["rejected"] for r in rows)
+        gates = Counter()
+        for r in rows:
+            gates.update(r["by_gate"])
+        return {"runs": len(rows), "deltas": deltas, "rejected": rejected, "by_gate": dict(gates),
+                "rate": rejected / deltas if deltas else math.nan}
+    default_rows = [r for r in runs if is_default(r["gates"], defaults)]
+    return {"default_gates": defaults, "at_default_gates": total(default_rows), "all": total(runs),
+            "at_default_gates_by_claims": {claims: total([r for r in default_rows if r["claims"] == claims])
+                                           for claims in sorted({r["claims"] for r in default_rows})},
+            "other_gates": total([r for r in runs if not is_default(r["gates"], defaults)])}
+
+
+def to_markdown(report: dict) -> str:
+    s = report["summary"]
+    d, a = s["at_default_gates"], s["all"]
+    lines = [f"# False rejections of honest deltas\n\n`{report['command']}`\n",
+             f"At the default gates: {d['rejected']} of {d['deltas']} honest deltas rejected over {d['runs']} runs "
+             f"({d['by_gate'] or 'none'}); over every run kept: {a['rejected']} of {a['deltas']} "
+             f"over {a['runs']} runs ({a['by_gate'] or 'none'}).\n",
+             "At the default gates by claim rule: " + "; ".join(
+                 f"{claims}: {t['rejected']} of {t['deltas']} ({t['runs']} runs)"
+                 for claims, t in s["at_default_gates_by_claims"].items()) + ".\n",
+             "| run | scenario | rounds | deltas | rejected | by gate (round: client) | default gates | claims | spread |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in report["runs"]:
+        where = ", ".join(f"{w['round']}: {w['client']}" for w in r["where"])
+        gates = ", ".join(f"{k} {v}" for k, v in r["by_gate"].items())
+        lines.append(f"| {r['run']} | {r['scenario']} | {r['rounds']} | {r['deltas']} | {r['rejected']} | "
+                     f"{gates + ' (' + where + ')' if where else '-'} | "
+                     f"{'yes' if is_default(r['gates'], s['default_gates']) else _differs(r['gates'], s['default_gates'])} "
+                     f"| {r['claims']} | {r['spread']} |")
+    return "\n".join(lines) + "\n"
+
+
+def _differs(gates: dict | None, defaults: dict) -> str:
+    if gates is None:
+        return "unknown (no config.json)"
+    return "; ".join(f"{k} {gates[k]}" for k in REJECTING_GATES if gates[k] != defaults[k])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m experiments.false_rejections", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("root", type=Path, help="a folder searched for run folders (verification.jsonl)")
+    parser.add_argument("--out", type=Path, required=True, help="writes <out>.json and <out>.md")
+    args = parser.parse_args(argv)
+    if not args.root.is_dir():
+        parser.error(f"{args.root} is not a folder")
+    from protocol.config import RunConfig
+    defaults = gate_settings(vars(RunConfig()))
+    runs = runs_under(args.root)
+    if not runs:
+        parser.error(f"no run folder with decisions under {args.root}")
+    report = {"command": "python -m experiments.false_rejections " + " ".join(argv if argv is not None else sys.argv[1:]),
+              "summary": summarise(runs, defaults), "runs": runs}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.with_suffix(".json").write_text(json.dumps(report, indent=1))
+    args.out.with_suffix(".md").write_text(to_markdown(report))
+    print("\n".join(to_markdown(report).split("\n")[4:7]))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

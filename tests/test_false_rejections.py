@@ -1,0 +1,60 @@
+"""experiments.false_rejections: honest deltas rejected, counted from hand-made run folders."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from experiments import false_rejections
+
+
+def _run(folder, decisions, run=None):
+    folder.mkdir(parents=True)
+    (folder / "verification.jsonl").write_text("\n".join(json.dumps(d) for d in decisions) + "\n")
+    if run is not None:
+        (folder / "config.json").write_text(json.dumps({"command": "x", "run": run}))
+
+
+def _decision(client, round_, accepted, rejected_by=()):
+    return {"client": client, "round": round_, "accepted": accepted, "rejected_by": list(rejected_by),
+            "reason": "ok" if accepted else f"rejected by {rejected_by}"}
+
+
+def test_census_counts_each_gate_and_keeps_other_gates_apart(tmp_path):
+    today = {"scenario": "data/scenarios/default8.yaml", "claims": "earned", "spread": "on",
+             "operating_tolerance": "inf", "operating_harm": "inf", "kept_tolerance": "inf"}
+    _run(tmp_path / "a" / "rep0", [_decision(0, 1, True), _decision(1, 1, False, ["direction"]),
+                                   _decision(0, 2, False, ["protected", "direction"]), _decision(1, 2, True)], today)
+    _run(tmp_path / "b", [_decision(0, 1, False, ["harm"]), _decision(1, 1, True)], {**today, "operating_harm": 0.1})
+    _run(tmp_path / "c", [_decision(0, 1, False)])  # no config.json: an unknown build, never "default"
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "verification.jsonl").write_text("")  # a run that has not reached DiReDi yet
+    out = tmp_path / "out" / "fr"
+    assert false_rejections.main([str(tmp_path), "--out", str(out)]) == 0
+    report = json.loads(out.with_suffix(".json").read_text())
+    assert [r["run"].split("/")[-1] for r in report["runs"]] == ["rep0", "b", "c"]
+    first = report["runs"][0]
+    assert first["deltas"] == 4 and first["rejected"] == 2 and first["rounds"] == 2
+    assert first["by_gate"] == {"direction": 2, "protected": 1} and first["scenario"] == "default8"
+    summary = report["summary"]
+    assert summary["at_default_gates"] == {"runs": 1, "deltas": 4, "rejected": 2,
+                                           "by_gate": {"direction": 2, "protected": 1}, "rate": 0.5}
+    assert summary["all"]["deltas"] == 7 and summary["all"]["rejected"] == 4
+    assert summary["all"]["by_gate"]["unrecorded"] == 1 and summary["other_gates"]["runs"] == 2
+    assert summary["at_default_gates_by_claims"]["earned"]["rejected"] == 2
+    text = out.with_suffix(".md").read_text()
+    assert "At the default gates: 2 of 4 honest deltas rejected over 1 runs" in text
+    assert "operating_harm 0.1" in text and "unknown (no config.json)" in text
+
+
+def test_a_run_from_before_a_gate_existed_counts_as_that_gate_off():
+    assert false_rejections.gate_settings({})["operating_harm"] == float("inf")
+    assert false_rejections.gate_settings({"operating_tolerance": "inf"})["operating_tolerance"] == float("inf")
+    assert false_rejections.gate_settings(None) is None
+
+
+def test_a_folder_without_runs_is_a_one_line_error(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        false_rejections.main([str(tmp_path), "--out", str(tmp_path / "x")])
+    assert "no run folder with decisions" in capsys.readouterr().err
