@@ -52,7 +52,8 @@ from the last record's ``after`` counts, in percent); recall_kept / f1_kept (the
 classes); recall_kept_drop (kept-class recall at the start, from the first record's ``before``, minus
 now); mb_cum (cumulative bytes up + down / 10^6 up to round r); client_s_cum (cumulative client
 compute seconds up to round r: CPU seconds where the records hold them, else wall seconds; phases named
-"evaluate..." are evaluation, not compute).
+"evaluate..." are evaluation, not compute; the server's per-client shares, phases named "server_...",
+included); own_s_cum (the same without the server's shares: what the client's own machine spent).
 """
 
 from __future__ import annotations
@@ -82,7 +83,7 @@ INTERVAL_METRICS = ("gain", "gain_objects", "forgetting_kept", "forgetting_prote
                     "worst_drop_protected", "released",
                     "spread", "map", "recall_new", "f1_new", "recall_kept", "f1_kept", "recall_kept_drop")
 # Cumulative costs: a plain mean in the entry, the interval under "<metric>_ci95".
-COST_METRICS = ("mb_cum", "client_s_cum")
+COST_METRICS = ("mb_cum", "client_s_cum", "own_s_cum")
 ALL_METRICS = INTERVAL_METRICS + COST_METRICS
 
 # Verdicts: DiReDi against each of these baselines present, at rounds 2, 10 and the last.
@@ -98,8 +99,14 @@ CLAIMS = (
     ("DiReDi costs fewer bytes than B", "mb_cum", False, ("local",)),  # local sends nothing
     ("DiReDi costs less client compute than B", "client_s_cum", False, ()),
 )
-# DiReDi's gain where it had spent what B spent by round r (``gain_at_compute``), minus B's gain at r
-EQUAL_COMPUTE_CLAIM = ("DiReDi gains more than B at equal client compute", "gain_at_equal_compute", True)
+# DiReDi's gain where it had spent what B spent by round r (``gain_at_compute``), minus B's gain at r:
+# (claim, verdict metric, higher is better, the cost it is equal in)
+EQUAL_COMPUTE_CLAIMS = (
+    ("DiReDi gains more than B at equal client compute", "gain_at_equal_compute", True, "client_s_cum"),
+    ("DiReDi gains more than B at equal compute on the client's own machine", "gain_at_equal_own_compute", True,
+     "own_s_cum"),
+)
+SERVER_PHASE = "server_"  # a phase of the server's work, booked to each client as its share
 
 
 # ----------------------------------------------------------------------------------------------
@@ -198,15 +205,18 @@ def points(value: float) -> float:
     return NAN if is_missing(value) else 100.0 * float(value)
 
 
-def compute_seconds(record: Mapping) -> float:
+def compute_seconds(record: Mapping, server_shares: bool = True) -> float:
     """The client's training compute of one record: every phase but evaluation ("evaluate..."), each in
     CPU seconds where the record measured them (``cpu_seconds``: the work, whatever else shared the
-    machine), else in wall seconds (records made before CPU seconds were kept)."""
+    machine), else in wall seconds (records made before CPU seconds were kept); ``server_shares=False``
+    leaves out the server's work booked to the client ("server_..." phases)."""
     cpu = record.get("cpu_seconds") or {}
     total = 0.0
     for phase, wall in (record.get("seconds") or {}).items():
         seconds = cpu.get(phase, wall)
-        if not str(phase).startswith("evaluate") and not is_missing(seconds):
+        if str(phase).startswith("evaluate") or (not server_shares and str(phase).startswith(SERVER_PHASE)):
+            continue
+        if not is_missing(seconds):
             total += float(seconds)
     return total
 
@@ -217,7 +227,7 @@ def record_megabytes(record: Mapping) -> float:
 
 
 def client_round_metrics(ordered: Sequence[Mapping], spec: Mapping, all_private: Any, mb_cum: float,
-                         client_s_cum: float) -> dict[str, float]:
+                         client_s_cum: float, own_s_cum: float = NAN) -> dict[str, float]:
     """The metrics of one client after the last of ``ordered`` (its records up to that round, round
     order); the cumulative costs are passed in."""
     summary = client_summary(ordered, spec, all_private)
@@ -238,7 +248,7 @@ def client_round_metrics(ordered: Sequence[Mapping], spec: Mapping, all_private:
         recall_new=points(new_now["recall"]), f1_new=points(new_now["f1"]),
         recall_kept=points(kept_now["recall"]), f1_kept=points(kept_now["f1"]),
         recall_kept_drop=points(kept_start["recall"] - kept_now["recall"]),
-        mb_cum=mb_cum, client_s_cum=client_s_cum)
+        mb_cum=mb_cum, client_s_cum=client_s_cum, own_s_cum=own_s_cum)
     return {key: values[key] for key in ALL_METRICS}
 
 
@@ -256,13 +266,14 @@ def client_round_values(records: Iterable[Mapping], specs: Any, all_private: Any
     for (method, client) in sorted(groups, key=lambda k: (method_sort_key(k[0]), k[1])):
         ordered = sorted_by_round(groups[(method, client)])
         spec = by_client.get(client, {"client": client})
-        mb_cum = seconds_cum = 0.0
+        mb_cum = seconds_cum = own_cum = 0.0
         for index, record in enumerate(ordered):
             mb_cum += record_megabytes(record)
             seconds_cum += compute_seconds(record)
+            own_cum += compute_seconds(record, server_shares=False)
             if not evaluated(record):  # a round between evaluations: its costs count from the next one on
                 continue
-            metrics = client_round_metrics(ordered[: index + 1], spec, all_private, mb_cum, seconds_cum)
+            metrics = client_round_metrics(ordered[: index + 1], spec, all_private, mb_cum, seconds_cum, own_cum)
             values.setdefault(method, {}).setdefault(int(record["round"]), {})[client] = metrics
     return {method: dict(sorted(rounds.items())) for method, rounds in values.items()}
 
@@ -317,14 +328,14 @@ def summarise_study(replicates: Sequence[Sequence], samples: int = 2000, seed: i
 
     Per method (report order) and round 1..R (R the largest round of any record): ``per_round`` with
     every metric of `INTERVAL_METRICS` as ``{"mean", "ci95", "n_seeds", "n_clients"}`` (nested bootstrap
-    over replicates x clients), ``mb_cum`` / ``client_s_cum`` as plain means (intervals under
-    ``mb_cum_ci95`` / ``client_s_cum_ci95``) and ``replicates`` (how many replicates reached the round;
+    over replicates x clients), every cost of `COST_METRICS` as a plain mean (intervals under
+    ``<cost>_ci95``) and ``replicates`` (how many replicates reached the round;
     a method or replicate missing rounds is summarised on what exists); ``replicates_per_round``;
     ``last_round_clients``: per client its values at the method's last round with intervals over
     replicates only. ``tutor``: per round the tutor's per-class validation AP and mAP (percent) over
     replicates. ``verdicts``: DiReDi vs each baseline of `VERDICT_BASELINES` present, at rounds 2, 10
     and R (where both have them), paired differences with intervals and verdicts (`CLAIMS`), and the
-    gain at equal client compute (`EQUAL_COMPUTE_CLAIM`, ``equal_compute_verdicts``)."""
+    gain at equal compute, with and without the server's shares (`EQUAL_COMPUTE_CLAIMS`, ``equal_compute_verdicts``)."""
     unpacked = [_unpack(r) for r in replicates]
     states: list[dict[str, dict[int, dict[int, Mapping]]]] = []  # per replicate: method -> round -> client -> values
     for _, records, specs, _, all_private in unpacked:
@@ -438,33 +449,35 @@ def study_verdicts(methods: Sequence[str], last_round: int, rows, table, samples
 
 def equal_compute_verdicts(states: Sequence[Mapping], methods: Sequence[str], clients: Sequence[int],
                            last_round: int, samples: int, seed: int) -> list[dict]:
-    """DiReDi against each baseline of `VERDICT_BASELINES` at the baseline's client compute: per
-    replicate and client, DiReDi's gain at the cumulative client compute the baseline had spent by its
-    round r (``gain_at_compute`` along DiReDi's rounds) minus the baseline's gain at r; NaN where DiReDi
-    never spent that much. Rounds 2, 10 and R of the baseline; paired on the replicates both have."""
+    """DiReDi against each baseline of `VERDICT_BASELINES` at the baseline's compute, once per cost of
+    `EQUAL_COMPUTE_CLAIMS` (with the server's shares, and the client's own): per replicate and client,
+    DiReDi's gain at the cumulative compute the baseline had spent by its round r (``gain_at_compute``
+    along DiReDi's rounds) minus the baseline's gain at r; NaN where DiReDi never spent that much. Rounds
+    2, 10 and R of the baseline; paired on the replicates both have."""
     if "diredi" not in methods:
         return []
-    claim, metric, higher_is_better = EQUAL_COMPUTE_CLAIM
     out = []
-    for baseline in (b for b in VERDICT_BASELINES if b in methods):
-        for round_number in verdict_rounds(last_round):
-            both = [state for state in states if round_number in state.get(baseline, {}) and state.get("diredi")]
-            if not both:
-                continue
-            ours, theirs = np.full((len(both), len(clients)), NAN), np.full((len(both), len(clients)), NAN)
-            for i, state in enumerate(both):
-                spent = state[baseline][round_number]
-                for j, client in enumerate(clients):
-                    curve = [state["diredi"][r][client] for r in sorted(state["diredi"]) if client in state["diredi"][r]]
-                    if client not in spent or not curve:
-                        continue
-                    theirs[i, j] = spent[client]["gain"]
-                    ours[i, j] = gain_at_compute([v["client_s_cum"] for v in curve], [v["gain"] for v in curve],
-                                                 spent[client]["client_s_cum"])
-            difference = paired_difference(ours, theirs, samples=samples, seed=seed)
-            out.append({"claim": claim.replace("than B", f"than {baseline}"), "metric": metric,
-                        "baseline": baseline, "round": round_number, "diff": difference["mean"],
-                        "ci95": difference["ci95"], "verdict": verdict(difference, higher_is_better),
-                        "higher_is_better": higher_is_better, "n_seeds": difference["n_seeds"],
-                        "n_clients": difference["n_clients"]})
+    for claim, metric, higher_is_better, cost in EQUAL_COMPUTE_CLAIMS:
+        for baseline in (b for b in VERDICT_BASELINES if b in methods):
+            for round_number in verdict_rounds(last_round):
+                both = [state for state in states if round_number in state.get(baseline, {}) and state.get("diredi")]
+                if not both:
+                    continue
+                ours, theirs = np.full((len(both), len(clients)), NAN), np.full((len(both), len(clients)), NAN)
+                for i, state in enumerate(both):
+                    spent = state[baseline][round_number]
+                    for j, client in enumerate(clients):
+                        curve = [state["diredi"][r][client] for r in sorted(state["diredi"])
+                                 if client in state["diredi"][r]]
+                        if client not in spent or not curve:
+                            continue
+                        theirs[i, j] = spent[client]["gain"]
+                        ours[i, j] = gain_at_compute([v[cost] for v in curve], [v["gain"] for v in curve],
+                                                     spent[client][cost])
+                difference = paired_difference(ours, theirs, samples=samples, seed=seed)
+                out.append({"claim": claim.replace("than B", f"than {baseline}"), "metric": metric,
+                            "baseline": baseline, "round": round_number, "diff": difference["mean"],
+                            "ci95": difference["ci95"], "verdict": verdict(difference, higher_is_better),
+                            "higher_is_better": higher_is_better, "n_seeds": difference["n_seeds"],
+                            "n_clients": difference["n_clients"]})
     return out

@@ -51,7 +51,7 @@ from report.writer import (  # noqa: E402
 CURVE_X = {
     "round": (None, "round"),
     "mb": ("mb_cum", "cumulative traffic per client, up + down (MB)"),
-    "compute": ("client_s_cum", "cumulative client compute per client (s, evaluation excluded)"),
+    "compute": ("client_s_cum", "cumulative client compute per client (s, evaluation excluded, the server's shares included)"),
 }
 CURVE_PANELS = (
     ("gain", "Knowledge gain on private (new) classes (higher is better)"),
@@ -74,8 +74,9 @@ TABLE_ROWS = (
     ("f1_new", "F1, new classes @0.5 (%)", "plain"),
     ("mb_cum", "traffic per client, cumulative (MB)", "mb"),
     ("client_s_cum", "client compute, cumulative (s)", "seconds"),
+    ("own_s_cum", "client compute without the server's shares, cumulative (s)", "seconds"),
 )
-UNITS = {"mb_cum": "mb", "client_s_cum": "seconds", "forgetting_kept": "points", "forgetting_protected": "points",
+UNITS = {"mb_cum": "mb", "client_s_cum": "seconds", "own_s_cum": "seconds", "forgetting_kept": "points", "forgetting_protected": "points",
          "worst_drop_protected": "points",
          "recall_new": "points"}
 

@@ -151,6 +151,7 @@ def test_compute_seconds_takes_cpu_where_measured_and_never_evaluation():
     both = {"seconds": {"rd_tutor1": 4.0, "distill_c": 2.0, "server_spread": 6.0, "evaluate_after": 9.0},
             "cpu_seconds": {"rd_tutor1": 2.0, "distill_c": 1.0, "evaluate_after": 4.0}}
     assert compute_seconds(both) == pytest.approx(2.0 + 1.0 + 6.0)  # server_spread: no CPU figure, its wall
+    assert compute_seconds(both, server_shares=False) == pytest.approx(2.0 + 1.0)  # the client's own machine
 
 
 def test_client_round_values_on_hand_made_records():
@@ -169,6 +170,7 @@ def test_client_round_values_on_hand_made_records():
     assert two["map"] == pytest.approx(100 * (0.5 + 0.5 + 0.2 + 0.5 + 0.3) / 5)
     assert one["mb_cum"] == pytest.approx(2.0) and two["mb_cum"] == pytest.approx(6.0)
     assert one["client_s_cum"] == pytest.approx(3.0) and two["client_s_cum"] == pytest.approx(7.0)  # no evaluation
+    assert two["own_s_cum"] == pytest.approx(7.0)  # no server share in these records
     assert one["recall_new"] == pytest.approx(25.0) and two["recall_new"] == pytest.approx(75.0)
     assert two["f1_new"] == pytest.approx(75.0)  # precision 3/4, recall 3/4
     # kept recall: start (8+5)/20, after round 2 (6+5)/20
@@ -280,7 +282,7 @@ def test_study_from_run_folders_writes_compare_json_md_and_plots(tmp_path):
     verdicts = compare["verdicts"]
     assert {v["baseline"] for v in verdicts} == {"fedavg", "local"} and {v["round"] for v in verdicts} == {2}
     assert not any(v["baseline"] == "local" and v["metric"] == "mb_cum" for v in verdicts)
-    assert len(verdicts) == 7 + 6 + 2  # and the gain at equal client compute against each
+    assert len(verdicts) == 7 + 6 + 2 + 2  # and the gain at equal compute (with the server's shares, without)
     for v in verdicts:
         assert set(v) >= {"claim", "metric", "baseline", "round", "diff", "ci95", "verdict"}
     by_claim = {(v["baseline"], v["metric"]): v for v in verdicts}
@@ -321,6 +323,27 @@ def test_the_equal_compute_verdict_pairs_diredi_where_it_had_spent_what_the_base
     assert equal["claim"] == "DiReDi gains more than fedavg at equal client compute"
     assert equal["n_clients"] == 2 and 3.0 < equal["diff"] < 7.0 and equal["verdict"] == "yes"
     assert equal["diff"] < verdicts[("fedavg", "gain", 2)]["diff"]  # less than at equal rounds
+
+
+def test_the_server_share_counts_in_one_equal_compute_verdict_and_not_in_the_other():
+    """DiReDi's clients spend 3 s a round, the server 3 s more on each one's behalf; FedAvg's clients 3 s.
+    With the server's shares DiReDi had spent FedAvg's round-2 compute by its round 1; on the client's
+    own machine at its round 2, so only there do the two meet at the same gain difference as per round."""
+    replicates = []
+    for r in (0, 1):
+        records, tutor = synthetic_replicate(r)
+        for record in records:
+            record["seconds"] = ({"rd_tutor1": 3.0, "server_spread": 3.0, "evaluate": 1.0}
+                                 if record["method"] == "diredi" else {"direct training": 3.0, "evaluate": 1.0})
+        replicates.append((r, records, STUDY_SPECS, tutor))
+    summary = summarise_study(replicates, samples=SAMPLES)
+    verdicts = {(v["baseline"], v["metric"], v["round"]): v for v in summary["verdicts"]}
+    own = verdicts[("fedavg", "gain_at_equal_own_compute", 2)]
+    assert own["claim"] == "DiReDi gains more than fedavg at equal compute on the client's own machine"
+    assert own["diff"] == pytest.approx(verdicts[("fedavg", "gain", 2)]["diff"])
+    assert verdicts[("fedavg", "gain_at_equal_compute", 2)]["diff"] < own["diff"]
+    entry = summary["methods"]["diredi"]["per_round"][-1]
+    assert entry["client_s_cum"] == pytest.approx(12.0) and entry["own_s_cum"] == pytest.approx(6.0)
 
 
 def test_finished_only_leaves_out_a_method_part_way(tmp_path):
@@ -374,9 +397,10 @@ def test_study_with_missing_rounds_and_no_tutor(tmp_path):
     assert summary["methods"]["fedavg"]["replicates_per_round"] == {"1": 2, "2": 2, "3": 1}
     assert {v["round"] for v in summary["verdicts"]} == {2, 3}
     last = [v for v in summary["verdicts"] if v["round"] == 3 and v["baseline"] == "fedavg"]
-    assert all(v["n_seeds"] == 1 for v in last if v["metric"] != "gain_at_equal_compute")  # paired on the
+    equal = ("gain_at_equal_compute", "gain_at_equal_own_compute")
+    assert all(v["n_seeds"] == 1 for v in last if v["metric"] not in equal)  # paired on the
     # replicate both have; at equal compute none: fedavg spent more by round 3 than DiReDi in all
-    assert [v["n_seeds"] for v in last if v["metric"] == "gain_at_equal_compute"] == [0]
+    assert [v["n_seeds"] for v in last if v["metric"] in equal] == [0, 0]
     written = write_study(summary, tmp_path / "out")
     assert "tutor_progress" not in written and (tmp_path / "out" / "curves_mb.png").stat().st_size > 0
     assert "round 3: 1" in study_markdown(summary)
