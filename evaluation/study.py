@@ -227,7 +227,7 @@ def record_megabytes(record: Mapping) -> float:
 
 
 def client_round_metrics(ordered: Sequence[Mapping], spec: Mapping, all_private: Any, mb_cum: float,
-                         client_s_cum: float, own_s_cum: float = NAN) -> dict[str, float]:
+                         client_s_cum: float, own_s_cum: float) -> dict[str, float]:
     """The metrics of one client after the last of ``ordered`` (its records up to that round, round
     order); the cumulative costs are passed in."""
     summary = client_summary(ordered, spec, all_private)
