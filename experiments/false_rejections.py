@@ -5,9 +5,9 @@
 Every run folder written by ``sim.run`` (and so by ``experiments.compare`` and ``experiments.variant``) holds
 honest clients only (hostile ones exist only inside ``bench.byzantine``, which keeps no run folder), so each
 rejected delta in its ``verification.jsonl`` is a false rejection. Runs are grouped by the settings of the
-gates that can reject (protected, kept, direction, operating point, harm); a setting a run's ``config.json``
-does not name did not exist when it ran and counts as that gate's "off" (inf) or its then default; a folder
-without ``config.json`` is counted in the totals but never as a run at the default gates. Reads records only;
+gates that can reject (protected, kept, direction, operating point, harm), each run's ``config.json`` read
+as ``RunConfig.completed`` reads it for ``--resume`` (a setting it does not name at what that run did); a
+folder without ``config.json`` is counted in the totals but never as a run at the default gates. Reads records only;
 writes ``<out>.json`` and ``<out>.md``.
 """
 
@@ -20,21 +20,16 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-# The settings of the gates that can reject a delta, and what a run that predates a setting ran with.
-REJECTING_GATES = {"protected_tolerance": 0.05, "noise_z": 3.0, "kept_tolerance": math.inf, "direction_z": 4.0,
-                   "direction_reference": "peers", "operating_tolerance": math.inf, "operating_harm": math.inf}
+from protocol.config import RunConfig
+
+# The settings of the gates that can reject a delta.
+REJECTING_GATES = ("protected_tolerance", "noise_z", "kept_tolerance", "direction_z", "direction_reference",
+                   "operating_tolerance", "operating_harm")
 
 
-def _number(value):
-    """config.json writes inf as "inf"."""
-    return float(value) if value in ("inf", "-inf", "nan") else value
-
-
-def gate_settings(run: dict | None) -> dict | None:
-    """The rejecting gates' settings of one run's configuration (``config.json``'s "run"; None: unknown)."""
-    if run is None:
-        return None
-    return {key: _number(run.get(key, default)) for key, default in REJECTING_GATES.items()}
+def gate_settings(completed: dict | None) -> dict | None:
+    """The rejecting gates' settings of one completed run configuration (None: unknown)."""
+    return None if completed is None else {key: completed[key] for key in REJECTING_GATES}
 
 
 def census(folder: Path) -> dict | None:
@@ -44,15 +39,14 @@ def census(folder: Path) -> dict | None:
     if not decisions:
         return None
     config = folder / "config.json"
-    run = json.loads(config.read_text()).get("run", {}) if config.is_file() else None
+    run = RunConfig.completed(json.loads(config.read_text()).get("run", {})) if config.is_file() else None
     rejected = [d for d in decisions if not d["accepted"]]
     known = run or {}
     return {"run": folder.as_posix(), "scenario": Path(str(known.get("scenario", "?"))).stem,
             "rounds": max(d["round"] for d in decisions), "deltas": len(decisions), "rejected": len(rejected),
             "by_gate": dict(Counter(g for d in rejected for g in (d.get("rejected_by") or ["unrecorded"]))),
             "where": [{"round": d["round"], "client": d["client"], "reason": d["reason"][:160]} for d in rejected],
-            "gates": gate_settings(run), "claims": known.get("claims", "trusted" if run is not None else "?"),
-            "spread": known.get("spread", "off" if run is not None else "?")}
+            "gates": gate_settings(run), "claims": known.get("claims", "?"), "spread": known.get("spread", "?")}
 
 
 def runs_under(root: Path) -> list[dict]:
@@ -117,8 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not args.root.is_dir():
         parser.error(f"{args.root} is not a folder")
-    from protocol.config import RunConfig
-    defaults = gate_settings(vars(RunConfig()))
+    defaults = gate_settings(RunConfig().to_dict())
     runs = runs_under(args.root)
     if not runs:
         parser.error(f"no run folder with decisions under {args.root}")

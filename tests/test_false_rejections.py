@@ -48,9 +48,11 @@ def test_census_counts_each_gate_and_keeps_other_gates_apart(tmp_path):
     assert "operating_harm 0.1" in text and "unknown (no config.json)" in text
 
 
-def test_a_run_from_before_a_gate_existed_counts_as_that_gate_off():
-    assert false_rejections.gate_settings({})["operating_harm"] == float("inf")
-    assert false_rejections.gate_settings({"operating_tolerance": "inf"})["operating_tolerance"] == float("inf")
+def test_a_run_from_before_a_gate_existed_counts_as_that_gate_off(tmp_path):
+    _run(tmp_path / "old", [_decision(0, 1, True)], {"scenario": "data/scenarios/default8.yaml"})
+    old = false_rejections.census(tmp_path / "old")
+    assert old["gates"]["operating_harm"] == "inf" and old["gates"]["protected_tolerance"] == 0.05
+    assert old["claims"] == "trusted" and old["spread"] == "off"  # what runs did before those defaults changed
     assert false_rejections.gate_settings(None) is None
 
 
