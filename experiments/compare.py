@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import platform
 import subprocess
 import sys
 import threading
@@ -104,19 +105,39 @@ def fingerprints(args: argparse.Namespace) -> dict[str, str]:
     return out
 
 
+# chain.json's keys that describe the chain instead of fingerprinting it
+CHAIN_NOTES = ("cpu", "note")
+
+
+def cpu_model() -> str:
+    """This machine's CPU model: float32 kernels differ by the CPU's make, so the same seed builds another
+    chain on another make (README, "Profiles and costs")."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
 def check_chain(args: argparse.Namespace) -> None:
-    """Writes the chain's fingerprints on first use; stops when they differ from the study's."""
+    """Writes the chain's fingerprints (and the CPU that built it) on first use; stops when they differ from
+    the study's."""
     path, now = args.out / "chain.json", fingerprints(args)
     if not path.exists():
         args.out.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(now, indent=1))
+        path.write_text(json.dumps({**now, "cpu": cpu_model()}, indent=1))
         return
     before = json.loads(path.read_text())
-    changed = [k for k in before if before[k] != now.get(k)]
+    changed = [k for k in before if k not in CHAIN_NOTES and before[k] != now.get(k)]
     if changed:
+        built_on = f"the study's chain was built on {before['cpu']!r}, this machine is {cpu_model()!r}; " \
+            if "cpu" in before else ""
         raise SystemExit(f"python -m experiments.compare: error: the manufacturer chain or shards differ from the "
-                         f"study's ({', '.join(changed)} in {path}); rebuild the chain at the thread count its "
-                         f"manifests record, or start a new study with --out")
+                         f"study's ({', '.join(changed)} in {path}); {built_on}the same seed builds another chain "
+                         f"on another CPU make or thread count: continue the study where its chain was built, "
+                         f"rebuild the chain at the thread count its manifests record, or start a new study with --out")
 
 
 def records_done(args: argparse.Namespace) -> int:

@@ -1,11 +1,38 @@
 """Test-wide settings."""
 
+import os
+
 import pytest
 import torch
 
 # One torch thread: the suite's models are tiny, and on a shared 2-core machine more threads than
 # free cores slow torch down many times over (Ray's client actors set their own count).
 torch.set_num_threads(1)
+
+_suite_ray_cluster = None
+
+
+def pytest_collection_finish(session):
+    """One Ray cluster for every federation of the suite, started once when a selected test is marked
+    ``slow``: each simulation joins it through ``RAY_ADDRESS`` (``sim.federation.ray_init_args``, also in
+    the ``sim.run`` subprocesses that inherit the variable) instead of starting and stopping its own Ray
+    instance, several seconds of a 2-core machine each time. Joining still gives each federation its own
+    Ray job, so its client actors are its own. A cluster the caller names in ``RAY_ADDRESS`` is used as is."""
+    global _suite_ray_cluster
+    if os.environ.get("RAY_ADDRESS") or not any(item.get_closest_marker("slow") for item in session.items):
+        return
+    from ray.cluster_utils import Cluster
+
+    _suite_ray_cluster = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": os.cpu_count() or 1, "num_gpus": torch.cuda.device_count(),
+        "object_store_memory": 512 * 1024 * 1024, "include_dashboard": False})
+    os.environ["RAY_ADDRESS"] = _suite_ray_cluster.address
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _suite_ray_cluster is not None:
+        os.environ.pop("RAY_ADDRESS", None)
+        _suite_ray_cluster.shutdown()
 
 
 @pytest.fixture(scope="session")
