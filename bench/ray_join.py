@@ -5,9 +5,10 @@
 Each timed run is a fresh process (``python -m bench.ray_join --once``: one smoke federation, FedAvg, 2
 clients, 1 round, on a smoke cache built before the timing), alternately with Ray started by the
 simulation and with ``RAY_ADDRESS`` naming a one-node cluster this benchmark keeps running: what the test
-suite does (``tests/conftest.py`` starts one cluster for all of its federations). Whole-process wall and
-CPU seconds (the process and its children, Ray's daemons included); the figures are medians over the
-repeats, with each pair's ratio.
+suite does (``tests/conftest.py`` starts one cluster for all of its federations). Wall seconds of the
+whole process, and CPU seconds of the driver process (with the children it waits for: Ray's daemons and
+workers are not among them, they outlive it or belong to the cluster, so the wall time is the figure that
+holds everything); medians over the repeats, and the median of the pairs' wall-time ratios.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ def federation_once(cache: str) -> None:
 
 
 def timed(command: list[str], env: dict) -> dict:
-    """Wall and CPU seconds of one child process (its own children included)."""
+    """Wall seconds of one child process, and its CPU seconds with those of the children it waited for."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     subprocess.run(command, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

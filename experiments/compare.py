@@ -25,14 +25,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
 
-from models.compute import LAYOUTS, PRECISIONS
+from models.compute import LAYOUTS, PRECISIONS, cpu_model
 from protocol.config import METHODS, NO_SPREAD, PAPER_DISTILL_C, TRUSTED_MERGE
 
 # The study under today's defaults (its summary there still has DiReDi without spread, the default when its
@@ -107,18 +106,6 @@ def fingerprints(args: argparse.Namespace) -> dict[str, str]:
 
 # chain.json's keys that describe the chain instead of fingerprinting it
 CHAIN_NOTES = ("cpu", "note")
-
-
-def cpu_model() -> str:
-    """This machine's CPU model: float32 kernels differ by the CPU's make, so the same seed builds another
-    chain on another make (README, "Profiles and costs")."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown"
 
 
 def check_chain(args: argparse.Namespace) -> None:

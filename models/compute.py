@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextvars
 import functools
+import platform
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -125,11 +126,21 @@ def _cpu_has_bfloat16() -> bool:
     probes = [p for p in probes if p is not None]
     if probes:
         return any(p() for p in probes)
-    cpuinfo = Path("/proc/cpuinfo")
-    if not cpuinfo.exists():
-        return False
-    flags = set()
-    for line in cpuinfo.read_text().splitlines():
-        if line.startswith("flags"):
-            flags.update(line.split(":", 1)[1].split())
+    flags = {flag for line in _cpuinfo("flags") for flag in line.split()}
     return bool(flags & {"avx512_bf16", "amx_bf16"})
+
+
+def cpu_model() -> str:
+    """This machine's CPU model: float32 kernels differ by the CPU's make, so the same seed trains other
+    weights on another make (README, "Profiles and costs")."""
+    names = _cpuinfo("model name")
+    return names[0] if names else platform.processor() or platform.machine() or "unknown"
+
+
+def _cpuinfo(field: str) -> list[str]:
+    """The values of ``field`` in /proc/cpuinfo, one per processor (none where the file does not exist)."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return []
+    return [line.split(":", 1)[1].strip() for line in lines if line.split(":", 1)[0].strip() == field]

@@ -93,3 +93,14 @@ def test_a_timing_run_of_the_chain_trains_each_stage_the_steps_asked_and_is_cach
     with pytest.raises(SystemExit):
         main([*args[:2], "--steps", "0"])
     assert "--steps must be at least 1" in capsys.readouterr().err
+
+
+def test_the_cpu_model_is_read_from_the_machine():
+    """A study's chain.json records the make that built its chain (experiments.compare.check_chain)."""
+    from models.compute import _cpuinfo, cpu_model
+
+    model = cpu_model()
+    assert isinstance(model, str) and model and "\n" not in model
+    names = _cpuinfo("model name")
+    assert model == (names[0] if names else model)
+    assert _cpuinfo("no such field") == []
