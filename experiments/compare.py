@@ -12,7 +12,11 @@ seeds, data order and client sampling on the same data, shards and chain) in
 ``<out>/runs/rep<k>/``; a replicate whose folder exists is continued with ``--resume`` (finished
 methods are reused, an unfinished one goes on after its last checkpointed round). The chain and the
 shards are fingerprinted in ``<out>/chain.json`` by the first replicate; a later replicate on other
-weights or shards stops with one line, so a study never mixes two chains.
+weights or shards stops with one line, so a study never mixes two chains. With ``--chain-per-replicate`` a
+replicate begun under it keeps its own chain (``<out>/runs/rep<k>/chain.json``): the same seed builds another
+chain on another CPU make, so each replicate runs where its chain can be rebuilt, every method of a replicate
+on one chain (the verdicts pair within a replicate), and the intervals over replicates then also hold the
+chain's own variation. The shards are data, the same on every machine, and stay fixed for the study.
 
 The baselines' settings (FedAvg's client lr and local steps, FedProx's mu) come from
 ``experiments/results/baseline_grid.json`` (``experiments.baseline_grid``, chosen on the
@@ -106,25 +110,54 @@ def fingerprints(args: argparse.Namespace) -> dict[str, str]:
 
 # chain.json's keys that describe the chain instead of fingerprinting it
 CHAIN_NOTES = ("cpu", "note")
+CHAIN_ROLES = ("teacher", "tutor", "edge")
 
 
-def check_chain(args: argparse.Namespace) -> None:
-    """Writes the chain's fingerprints (and the CPU that built it) on first use; stops when they differ from
-    the study's."""
-    path, now = args.out / "chain.json", fingerprints(args)
-    if not path.exists():
+def replicate_chain_path(args: argparse.Namespace, replicate: int) -> Path:
+    """The chain.json a replicate's chain is checked against: its own once it has one (begun under
+    --chain-per-replicate, which gives a new replicate one), else the study's."""
+    folder = args.out / "runs" / f"rep{replicate}"
+    own = folder / "chain.json"
+    if own.exists() or (args.chain_per_replicate and not (folder / "config.json").exists()):
+        return own
+    return args.out / "chain.json"
+
+
+def check_chain(args: argparse.Namespace, replicate: int, now: dict[str, str]) -> None:
+    """Writes the fingerprints (and the CPU that built the chain) on first use; stops when the shards differ
+    from the study's or the chain from the replicate's (``replicate_chain_path``)."""
+    study = args.out / "chain.json"
+    if not study.exists():
         args.out.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({**now, "cpu": cpu_model()}, indent=1))
-        return
-    before = json.loads(path.read_text())
-    changed = [k for k in before if k not in CHAIN_NOTES and before[k] != now.get(k)]
+        study.write_text(json.dumps({**now, "cpu": cpu_model()}, indent=1))
+    path = replicate_chain_path(args, replicate)
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({**{k: now[k] for k in CHAIN_ROLES}, "cpu": cpu_model()}, indent=1))
+    chain, shards = json.loads(path.read_text()), json.loads(study.read_text())
+    changed = [f"{k} in {path}" for k in CHAIN_ROLES if chain.get(k) != now[k]]
+    changed += [f"{k} in {study}" for k in shards if k not in CHAIN_NOTES + CHAIN_ROLES and shards[k] != now.get(k)]
     if changed:
-        built_on = f"the study's chain was built on {before['cpu']!r}, this machine is {cpu_model()!r}; " \
-            if "cpu" in before else ""
+        built_on = f"replicate {replicate}'s chain was built on {chain['cpu']!r}, this machine is {cpu_model()!r}; " \
+            if "cpu" in chain else ""
+        own = "" if args.chain_per_replicate else \
+            ", or let a new replicate keep a chain of its own with --chain-per-replicate"
         raise SystemExit(f"python -m experiments.compare: error: the manufacturer chain or shards differ from the "
-                         f"study's ({', '.join(changed)} in {path}); {built_on}the same seed builds another chain "
+                         f"study's ({'; '.join(changed)}); {built_on}the same seed builds another chain "
                          f"on another CPU make or thread count: continue the study where its chain was built, "
-                         f"rebuild the chain at the thread count its manifests record, or start a new study with --out")
+                         f"rebuild the chain at the thread count its manifests record, or start a new study with "
+                         f"--out{own}")
+
+
+def replicate_chains(args: argparse.Namespace, folders: list[Path]) -> dict[str, dict]:
+    """{run folder name: its chain's fingerprints and CPU}, for a study whose replicates differ in chain."""
+    chains = {}
+    for folder in folders:
+        path = folder / "chain.json" if (folder / "chain.json").exists() else args.out / "chain.json"
+        if path.exists():
+            record = json.loads(path.read_text())
+            chains[folder.name] = {k: record[k] for k in (*CHAIN_ROLES, "cpu") if k in record}
+    return chains
 
 
 def records_done(args: argparse.Namespace) -> int:
@@ -160,6 +193,9 @@ def summarise(args: argparse.Namespace, command: str | None, wall_s: float | Non
         raise SystemExit(f"python -m experiments.compare: error: no run folder with records under "
                          f"{args.out / 'runs'}{how}")
     summary = summarise_run_folders(folders)
+    chains = replicate_chains(args, folders)
+    if len({tuple(chain.get(k) for k in CHAIN_ROLES) for chain in chains.values()}) > 1:
+        summary["chains"] = chains
     write_study(summary, args.out, command=command, wall_s=wall_s)
     return summary
 
@@ -197,6 +233,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="run DiReDi again in a replicate whose DiReDi records were made with other DiReDi "
                              "settings than today's (after a DiReDi default changed; sim.run --redo diredi); the "
                              "other methods' records are kept. Without it such a replicate stops with an error")
+    parser.add_argument("--chain-per-replicate", action="store_true",
+                        help="a replicate begun under this flag keeps the chain of the machine it started on "
+                             "(runs/rep<k>/chain.json) instead of the study's; every method of it runs on that chain")
     parser.add_argument("--paper-distill-c", action="store_true",
                         help="DiReDi as experiments/results/compare ran it, the paper's Distill C and no spread: sim.run "
                              + " ".join(PAPER_FLAGS))
@@ -223,7 +262,9 @@ def main(argv=None) -> int:
         print(f"written: {args.out / 'compare.json'}, {args.out / 'compare.md'}")
         return 0
     start = time.perf_counter()
-    check_chain(args)
+    chain = fingerprints(args)
+    for replicate in args.replicates:  # every replicate before any runs: a refusal costs no training
+        check_chain(args, replicate, chain)
     settings = {} if args.no_grid else grid_settings(args.grid)
     print(f"baseline settings: {settings or 'defaults'}", flush=True)
     total = len(args.replicates) * args.rounds * args.clients * len(args.methods)

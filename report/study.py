@@ -358,6 +358,14 @@ def study_markdown(summary: Mapping, command: str | None = None, wall_s: float |
         settings = "; ".join(f"{k}: {a} -> {b}" for k, (a, b) in part["settings_study_vs_replacing"].items())
         lines += [f"Replicate {part['replicate']}: {', '.join(part['methods'])} from `{part['replacing_run']}`, the "
                   f"other methods from `{part['study_run']}` (settings that differ: {settings or 'none'}).", ""]
+    if summary.get("chains"):
+        lines += ["The replicates ran on different manufacturer chains (the same seed builds another chain on "
+                  "another CPU make); every method of a replicate ran on its chain, and the verdicts pair within "
+                  "a replicate:", ""]
+        lines += markdown_table(["run", "teacher", "tutor", "edge", "built on"],
+                                [[name, *(chain.get(k, MISSING_CELL)[:8] for k in ("teacher", "tutor", "edge")),
+                                  chain.get("cpu", MISSING_CELL)] for name, chain in summary["chains"].items()])
+        lines += [""]
     verdicts = summary.get("verdicts") or []
     lines += ["## Verdicts (DiReDi - baseline)", ""]
     if verdicts:

@@ -176,3 +176,37 @@ def test_redo_stale_runs_diredi_again_only_where_its_own_settings_changed(tmp_pa
     args.redo_stale = False
     folder_with(claims="lifting")
     assert "--redo" not in replicate_command(args, 0, {})
+
+
+def test_a_replicate_keeps_a_chain_of_its_own_under_chain_per_replicate(tmp_path):
+    """Another CPU make builds another chain from the same seed: a new replicate may run on this machine's
+    chain, a replicate begun on another chain never switches, and the shards stay the study's."""
+    from experiments import compare
+    from report.study import study_markdown
+
+    def args(*flags):
+        return compare.parse_args(["--out", str(tmp_path), *flags])
+
+    first = {"teacher": "a" * 40, "tutor": "b" * 40, "edge": "c" * 40, "manufacturer_shards": "m", "client_shards": "s"}
+    other = {**first, "teacher": "x" * 40, "tutor": "y" * 40, "edge": "z" * 40}
+    compare.check_chain(args(), 0, first)  # the study begins: replicate 0 runs on the study's chain
+    (tmp_path / "runs" / "rep0").mkdir(parents=True)
+    (tmp_path / "runs" / "rep0" / "config.json").write_text("{}")
+    with pytest.raises(SystemExit, match=r"teacher in .*chain\.json.*--chain-per-replicate"):
+        compare.check_chain(args(), 1, other)
+    assert not (tmp_path / "runs" / "rep1").exists()
+    compare.check_chain(args("--chain-per-replicate"), 1, other)  # a new replicate keeps this machine's chain
+    own = json.loads((tmp_path / "runs" / "rep1" / "chain.json").read_text())
+    assert own["edge"] == "z" * 40 and own["cpu"] == compare.cpu_model() and "client_shards" not in own
+    with pytest.raises(SystemExit, match=r"edge in .*chain\.json"):  # replicate 0 began on the study's chain
+        compare.check_chain(args("--chain-per-replicate"), 0, other)
+    compare.check_chain(args(), 1, other)  # once it has a chain of its own, it goes on without the flag
+    with pytest.raises(SystemExit, match=r"tutor in .*rep1"):
+        compare.check_chain(args(), 1, first)
+    with pytest.raises(SystemExit, match="client_shards in"):  # data are the same on every machine
+        compare.check_chain(args("--chain-per-replicate"), 1, {**other, "client_shards": "t"})
+
+    chains = compare.replicate_chains(args(), [tmp_path / "runs" / "rep0", tmp_path / "runs" / "rep1"])
+    assert chains["rep0"]["teacher"] == "a" * 40 and chains["rep1"]["teacher"] == "x" * 40
+    text = study_markdown({"chains": chains, "rounds": 2, "seeds": [0, 1], "clients": 2})
+    assert "different manufacturer chains" in text and "| rep1 | xxxxxxxx | yyyyyyyy | zzzzzzzz |" in text
