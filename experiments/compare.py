@@ -37,6 +37,7 @@ from pathlib import Path
 
 from models.compute import LAYOUTS, PRECISIONS, cpu_model
 from protocol.config import METHODS, NO_SPREAD, PAPER_DISTILL_C, TRUSTED_MERGE
+from report.study import CHAIN_ROLES
 
 # The study under today's defaults (its summary there still has DiReDi without spread, the default when its
 # runs were made; a rerun replaces it); experiments/results/compare holds the study of the paper's Distill C
@@ -110,7 +111,6 @@ def fingerprints(args: argparse.Namespace) -> dict[str, str]:
 
 # chain.json's keys that describe the chain instead of fingerprinting it
 CHAIN_NOTES = ("cpu", "note")
-CHAIN_ROLES = ("teacher", "tutor", "edge")
 
 
 def replicate_chain_path(args: argparse.Namespace, replicate: int) -> Path:
@@ -149,17 +149,6 @@ def check_chain(args: argparse.Namespace, replicate: int, now: dict[str, str]) -
                          f"--out{own}")
 
 
-def replicate_chains(args: argparse.Namespace, folders: list[Path]) -> dict[str, dict]:
-    """{run folder name: its chain's fingerprints and CPU}, for a study whose replicates differ in chain."""
-    chains = {}
-    for folder in folders:
-        path = folder / "chain.json" if (folder / "chain.json").exists() else args.out / "chain.json"
-        if path.exists():
-            record = json.loads(path.read_text())
-            chains[folder.name] = {k: record[k] for k in (*CHAIN_ROLES, "cpu") if k in record}
-    return chains
-
-
 def records_done(args: argparse.Namespace) -> int:
     total = 0
     for replicate in args.replicates:
@@ -192,10 +181,7 @@ def summarise(args: argparse.Namespace, command: str | None, wall_s: float | Non
             if made.get("assembled") and made.get("command") else ""
         raise SystemExit(f"python -m experiments.compare: error: no run folder with records under "
                          f"{args.out / 'runs'}{how}")
-    summary = summarise_run_folders(folders)
-    chains = replicate_chains(args, folders)
-    if len({tuple(chain.get(k) for k in CHAIN_ROLES) for chain in chains.values()}) > 1:
-        summary["chains"] = chains
+    summary = summarise_run_folders(folders)  # with each replicate's chain when they differ
     write_study(summary, args.out, command=command, wall_s=wall_s)
     return summary
 

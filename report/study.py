@@ -148,7 +148,26 @@ def summarise_run_folders(paths: Sequence[str | os.PathLike], samples: int = 200
     summary["runs"] = [Path(p).name for p in paths]
     if assembled:
         summary["assembled"] = assembled
+    chains = run_chains(paths)
+    if len({tuple(chain.get(k) for k in CHAIN_ROLES) for chain in chains.values()}) > 1:
+        summary["chains"] = chains
     return summary
+
+
+CHAIN_ROLES = ("teacher", "tutor", "edge")
+
+
+def run_chains(paths: Sequence[str | os.PathLike]) -> dict[str, dict]:
+    """{run folder name: its manufacturer chain's fingerprints and the CPU that built it}: the folder's own
+    chain.json (a replicate of ``experiments.compare --chain-per-replicate``), else its study's
+    (``<study>/runs/<run>``); folders with neither are left out."""
+    chains = {}
+    for folder in map(Path, paths):
+        path = next((p for p in (folder / "chain.json", folder.parent.parent / "chain.json") if p.is_file()), None)
+        if path is not None:
+            record = json.loads(path.read_text())
+            chains[folder.name] = {k: record[k] for k in (*CHAIN_ROLES, "cpu") if k in record}
+    return chains
 
 
 # ----------------------------------------------------------------------------------------------

@@ -182,7 +182,7 @@ def test_a_replicate_keeps_a_chain_of_its_own_under_chain_per_replicate(tmp_path
     """Another CPU make builds another chain from the same seed: a new replicate may run on this machine's
     chain, a replicate begun on another chain never switches, and the shards stay the study's."""
     from experiments import compare
-    from report.study import study_markdown
+    from report.study import run_chains, study_markdown
 
     def args(*flags):
         return compare.parse_args(["--out", str(tmp_path), *flags])
@@ -206,7 +206,7 @@ def test_a_replicate_keeps_a_chain_of_its_own_under_chain_per_replicate(tmp_path
     with pytest.raises(SystemExit, match="client_shards in"):  # data are the same on every machine
         compare.check_chain(args("--chain-per-replicate"), 1, {**other, "client_shards": "t"})
 
-    chains = compare.replicate_chains(args(), [tmp_path / "runs" / "rep0", tmp_path / "runs" / "rep1"])
+    chains = run_chains([tmp_path / "runs" / "rep0", tmp_path / "runs" / "rep1"])
     assert chains["rep0"]["teacher"] == "a" * 40 and chains["rep1"]["teacher"] == "x" * 40
     text = study_markdown({"chains": chains, "rounds": 2, "seeds": [0, 1], "clients": 2})
     assert "different manufacturer chains" in text and "| rep1 | xxxxxxxx | yyyyyyyy | zzzzzzzz |" in text
