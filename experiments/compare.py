@@ -1,4 +1,4 @@
-"""The comparison study: every method, R rounds, S replicates, one scenario and one manufacturer chain.
+"""The comparison study: every method, R rounds, S replicates, one scenario, one manufacturer chain per replicate.
 
     python -m experiments.compare                                 # 20 rounds x replicates 0 1 2, every method
     python -m experiments.compare --replicates 1                  # one replicate (a part that fits a session)
@@ -143,7 +143,7 @@ def check_chain(args: argparse.Namespace, replicate: int, now: dict[str, str]) -
         own = "" if args.chain_per_replicate else \
             ", or let a new replicate keep a chain of its own with --chain-per-replicate"
         raise SystemExit(f"python -m experiments.compare: error: the manufacturer chain or shards differ from the "
-                         f"study's ({'; '.join(changed)}); {built_on}the same seed builds another chain "
+                         f"study's or replicate's ({'; '.join(changed)}); {built_on}the same seed builds another chain "
                          f"on another CPU make or thread count: continue the study where its chain was built, "
                          f"rebuild the chain at the thread count its manifests record, or start a new study with "
                          f"--out{own}")

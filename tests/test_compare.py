@@ -131,7 +131,7 @@ def test_a_smoke_study_of_two_replicates_writes_the_json_and_the_plots(smoke_cac
     chain = json.loads((out / "chain.json").read_text())
     assert chain["cpu"] == compare.cpu_model()  # the make that built it: another make builds another chain
     (out / "chain.json").write_text(json.dumps({**chain, "edge": "0" * 40}))
-    with pytest.raises(SystemExit, match=r"chain or shards differ from the study's \(edge in .*built on"):
+    with pytest.raises(SystemExit, match=r"chain or shards differ from the study's or replicate's \(edge in .*built on"):
         compare.main([*common, "--replicates", "2"])
 
 
