@@ -602,3 +602,19 @@ def test_the_budget_table_pairs_variants_and_counts_cpu_work(tmp_path):
     assert {k[0] for k in versus} == {"baseline", "local"}
     assert set(runs["baseline"]["gain_by_private_classes"]) == {"1", "2"}
     assert "| RD 6 | 6 | 36 | 48 | 80 |" in out.with_suffix(".md").read_text()
+
+
+def test_the_summary_lists_each_runs_chain_only_when_the_chains_differ(tmp_path):
+    """A replicate with a chain.json of its own (``--chain-per-replicate``) is listed beside the runs that
+    take the study's (``<study>/runs/<run>`` -> ``<study>/chain.json``); one chain for all lists nothing."""
+    runs = tmp_path / "study" / "runs"
+    paths = [write_run_folder(runs / f"rep{r}", r).path for r in (0, 1)]
+    amd = {"teacher": "aaa", "tutor": "bbb", "edge": "ccc", "cpu": "AMD EPYC", "manufacturer_shards": "s"}
+    (tmp_path / "study" / "chain.json").write_text(json.dumps(amd))
+    assert "chains" not in summarise_run_folders(paths, samples=50)
+    (runs / "rep1" / "chain.json").write_text(json.dumps({**amd, "edge": "ddd", "cpu": "Intel Xeon"}))
+    summary = summarise_run_folders(paths, samples=50)
+    assert summary["chains"] == {"rep0": {"teacher": "aaa", "tutor": "bbb", "edge": "ccc", "cpu": "AMD EPYC"},
+                                 "rep1": {"teacher": "aaa", "tutor": "bbb", "edge": "ddd", "cpu": "Intel Xeon"}}
+    text = write_study(summary, tmp_path / "out")["compare_md"].read_text()
+    assert "Intel Xeon" in text and "AMD EPYC" in text
