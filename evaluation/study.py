@@ -334,7 +334,8 @@ def summarise_study(replicates: Sequence[Sequence], samples: int = 2000, seed: i
     ``last_round_clients``: per client its values at the method's last round with intervals over
     replicates only. ``tutor``: per round the tutor's per-class validation AP and mAP (percent) over
     replicates. ``verdicts``: DiReDi vs each baseline of `VERDICT_BASELINES` present, at rounds 2, 10
-    and R (where both have them), paired differences with intervals and verdicts (`CLAIMS`), and the
+    and R (where both have them), paired differences with intervals and verdicts (`CLAIMS`; each with
+    ``replicates_paired``, the replicates that hold both), and the
     gain at equal compute, with and without the server's shares (`EQUAL_COMPUTE_CLAIMS`, ``equal_compute_verdicts``)."""
     unpacked = [_unpack(r) for r in replicates]
     states: list[dict[str, dict[int, dict[int, Mapping]]]] = []  # per replicate: method -> round -> client -> values
@@ -443,7 +444,8 @@ def study_verdicts(methods: Sequence[str], last_round: int, rows, table, samples
                 out.append({"claim": claim.replace("than B", f"than {baseline}"), "metric": metric, "baseline": baseline,
                             "round": round_number, "diff": difference["mean"], "ci95": difference["ci95"],
                             "verdict": verdict(difference, higher_is_better), "higher_is_better": higher_is_better,
-                            "n_seeds": difference["n_seeds"], "n_clients": difference["n_clients"]})
+                            "n_seeds": difference["n_seeds"], "n_clients": difference["n_clients"],
+                            "replicates_paired": len(both)})
     return out
 
 
@@ -479,5 +481,5 @@ def equal_compute_verdicts(states: Sequence[Mapping], methods: Sequence[str], cl
                             "baseline": baseline, "round": round_number, "diff": difference["mean"],
                             "ci95": difference["ci95"], "verdict": verdict(difference, higher_is_better),
                             "higher_is_better": higher_is_better, "n_seeds": difference["n_seeds"],
-                            "n_clients": difference["n_clients"]})
+                            "n_clients": difference["n_clients"], "replicates_paired": len(both)})
     return out

@@ -338,10 +338,12 @@ def entry_cell(entry: Mapping, key: str, kind: str) -> str:
 
 def verdict_grid(summary: Mapping) -> list[str]:
     """The verdicts as one row per claim and baseline, the verdict rounds as columns (the README's
-    table): "diff [lo, hi] verdict" per cell."""
+    table): "diff [lo, hi] verdict" per cell; a baseline that fewer replicates than the study's hold
+    says how many its row pairs."""
     verdicts = summary.get("verdicts") or []
     rounds = sorted({v["round"] for v in verdicts})
     cells: dict[tuple[str, str], dict[int, str]] = {}
+    paired: dict[tuple[str, str], int] = {}  # the fewest replicates a row's verdicts pair
     unit = {"mb": " (MB)", "seconds": " (s)"}
 
     def signed(value: Any, kind: str) -> str:  # a difference: always signed
@@ -356,7 +358,16 @@ def verdict_grid(summary: Mapping) -> list[str]:
         interval = f"[{signed(ci[0], kind)}, {signed(ci[1], kind)}]" if ci and len(ci) == 2 else MISSING_CELL
         text = f"{signed(v['diff'], kind)} {interval} {verdict}"
         cells.setdefault((claim, v["baseline"]), {})[v["round"]] = text
-    rows = [[claim, baseline] + [by_round.get(r, MISSING_CELL) for r in rounds]
+        if "replicates_paired" in v:  # a replicate that does not hold B (or DiReDi) leaves its pairs out
+            key, n = (claim, v["baseline"]), v["replicates_paired"]
+            paired[key] = min(paired.get(key, n), n)
+    replicates = len(summary.get("seeds") or [])
+
+    def label(claim: str, baseline: str) -> str:
+        n = paired.get((claim, baseline), replicates)
+        return f"{baseline} ({n} of {replicates} replicates)" if n < replicates else baseline
+
+    rows = [[claim, label(claim, baseline)] + [by_round.get(r, MISSING_CELL) for r in rounds]
             for (claim, baseline), by_round in cells.items()]
     return markdown_table(["claim (B = baseline)", "B"] + [f"round {r}" for r in rounds], rows)
 

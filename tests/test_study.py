@@ -18,7 +18,7 @@ from evaluation.study import (
     summarise_study,
     verdict,
 )
-from report.study import study_markdown, summarise_run_folders, write_study
+from report.study import study_markdown, summarise_run_folders, verdict_grid, write_study
 from report.writer import TUTOR_HISTORY, RunFolder
 
 NAN = float("nan")
@@ -618,3 +618,16 @@ def test_the_summary_lists_each_runs_chain_only_when_the_chains_differ(tmp_path)
                                  "rep1": {"teacher": "aaa", "tutor": "bbb", "edge": "ddd", "cpu": "Intel Xeon"}}
     text = write_study(summary, tmp_path / "out")["compare_md"].read_text()
     assert "Intel Xeon" in text and "AMD EPYC" in text
+
+
+def test_a_baseline_that_a_replicate_lacks_says_how_many_replicates_its_verdicts_pair(tmp_path):
+    """A study whose replicate 1 has not run fedavg yet: fedavg's verdicts pair replicate 0 only, and the
+    verdict table says so; local's pair both and keep the plain label."""
+    paths = [write_run_folder(tmp_path / f"r{r}", r).path for r in (0, 1)]
+    RunFolder(paths[0]).write_done(list(STUDY_METHODS))
+    RunFolder(paths[1]).write_done(["diredi", "local"])
+    summary = summarise_run_folders(paths, samples=50, finished_only=True)
+    assert {v["replicates_paired"] for v in summary["verdicts"] if v["baseline"] == "fedavg"} == {1}
+    assert {v["replicates_paired"] for v in summary["verdicts"] if v["baseline"] == "local"} == {2}
+    grid = "\n".join(verdict_grid(summary))
+    assert "| fedavg (1 of 2 replicates) |" in grid and "| local |" in grid and "| fedavg |" not in grid
