@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 import threading
@@ -48,6 +49,7 @@ PAPER_FLAGS = [item for key, value in PAPER_DISTILL_C.items() for item in (f"--{
 ]  # and no spread and the trusted merge, as it ran
 GRID = Path("experiments/results/baseline_grid.json")
 POLL_S = 30.0
+SIDE_BY_SIDE = ("local", "oracle")  # sim.run trains them together, before the federated methods
 
 
 def grid_settings(path: Path) -> dict[str, float]:
@@ -159,14 +161,75 @@ def records_done(args: argparse.Namespace) -> int:
     return total
 
 
+def read_records(folder: Path) -> list[dict]:
+    """A run folder's records so far (a line that a running replicate is still writing is left out)."""
+    path, records = folder / "rounds.jsonl", []
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
+
+
+def round_seconds(folders) -> dict[str, float]:
+    """Per method, the median wall seconds of one of its rounds in the run folders' records: a federated
+    round's ``round_wall_s``; a local or oracle round, its clients' seconds summed (one process trains
+    them in turn)."""
+    rounds: dict[tuple[str, str, int], float] = {}
+    for folder in folders:
+        for r in read_records(Path(folder)):
+            key = (Path(folder).name, r["method"], r["round"])
+            if r.get("round_wall_s") is not None:
+                rounds[key] = float(r["round_wall_s"])
+            else:
+                rounds[key] = rounds.get(key, 0.0) + sum(r.get("seconds", {}).values())
+    by_method: dict[str, list[float]] = {}
+    for (_, method, _), seconds in rounds.items():
+        by_method.setdefault(method, []).append(seconds)
+    return {method: statistics.median(values) for method, values in by_method.items()}
+
+
+def seconds_left(args: argparse.Namespace, seconds: dict[str, float]) -> float | None:
+    """The study's remaining wall seconds at ``seconds`` per round of each method (``round_seconds``):
+    per replicate, the rounds each method has not recorded, local and the oracle side by side (``sim.run``
+    trains them together, before the federated methods). None where a method with rounds left has no timing."""
+    total = 0.0
+    for replicate in args.replicates:
+        recorded: dict[str, int] = {}
+        for r in read_records(args.out / "runs" / f"rep{replicate}"):
+            recorded[r["method"]] = max(recorded.get(r["method"], 0), r["round"])
+        left = {m: max(0, args.rounds - recorded.get(m, 0)) for m in args.methods}
+        if any(left[m] and m not in seconds for m in args.methods):
+            return None
+        side_by_side = [left[m] * seconds[m] for m in SIDE_BY_SIDE if m in args.methods]
+        total += max(side_by_side, default=0.0) + sum(left[m] * seconds[m] for m in args.methods
+                                                      if m not in SIDE_BY_SIDE and left[m])
+    return total
+
+
+def eta_text(predicted_at_start: float | None, predicted_now: float | None, elapsed: float,
+             done: int, first: int, total: int) -> str:
+    """The ETA: the rounds left at each method's own pace (earlier rounds of the study), scaled by how much
+    slower or faster this invocation has gone than that pace (the machine's load); without timings, the
+    client-rounds left at this invocation's rate."""
+    if predicted_at_start is not None and predicted_now is not None:
+        done_predicted = predicted_at_start - predicted_now
+        pace = elapsed / done_predicted if done_predicted > POLL_S else 1.0
+        return f"ETA {predicted_now * pace / 60:.0f} min"
+    rate = (done - first) / elapsed if done > first else 0.0
+    # No ETA until this invocation has recorded something: a resumed study has no rate yet.
+    return f"ETA {(total - done) / rate / 60:.0f} min" if rate > 0 else "ETA after the first record"
+
+
 def report_progress(args: argparse.Namespace, total: int, start: float, first: int, stop: threading.Event) -> None:
-    """A line every POLL_S: client-rounds recorded over the whole study, rate and ETA."""
+    """A line every POLL_S: client-rounds recorded over the whole study, and the ETA (``eta_text``)."""
+    seconds = round_seconds(sorted((args.out / "runs").glob("rep*")))
+    at_start = seconds_left(args, seconds)
     while not stop.wait(POLL_S):
         done = records_done(args)
         elapsed = time.perf_counter() - start
-        rate = (done - first) / elapsed if done > first else 0.0
-        # No ETA until this invocation has recorded something: a resumed study has no rate yet.
-        eta = f"ETA {(total - done) / rate / 60:.0f} min" if rate > 0 else "ETA after the first record"
+        eta = eta_text(at_start, seconds_left(args, seconds), elapsed, done, first, total)
         print(f"study: {done}/{total} client-rounds ({100 * done / total:.0f} %), {elapsed / 60:.1f} min, {eta}",
               flush=True)
 

@@ -1,5 +1,6 @@
 """The comparison study's pieces: replicates, the baseline grid (validation data only), shard noise."""
 
+import argparse
 import json
 
 import numpy as np
@@ -210,3 +211,37 @@ def test_a_replicate_keeps_a_chain_of_its_own_under_chain_per_replicate(tmp_path
     assert chains["rep0"]["teacher"] == "a" * 40 and chains["rep1"]["teacher"] == "x" * 40
     text = study_markdown({"chains": chains, "rounds": 2, "seeds": [0, 1], "clients": 2})
     assert "different manufacturer chains" in text and "| rep1 | xxxxxxxx | yyyyyyyy | zzzzzzzz |" in text
+
+
+def test_the_eta_counts_each_methods_rounds_left_at_its_own_pace(tmp_path):
+    """Local and the oracle run side by side (the slower counts), federated methods one after another at
+    their recorded round wall time; the pace this invocation has kept scales the estimate."""
+    from experiments.compare import eta_text, round_seconds, seconds_left
+
+    def write(replicate: int, rounds: dict[str, int]) -> None:
+        folder = tmp_path / "runs" / f"rep{replicate}"
+        folder.mkdir(parents=True)
+        lines = []
+        for method, last in rounds.items():
+            for r in range(1, last + 1):
+                for client in range(2):
+                    record = {"method": method, "round": r, "client": client}
+                    if method == "diredi":
+                        record["round_wall_s"] = 100.0  # a federated round's wall time, on every record
+                    else:  # one process trains the clients in turn
+                        record["seconds"] = {"direct training": 10.0 if method == "local" else 30.0, "evaluate": 5.0}
+                    lines.append(json.dumps(record))
+        (folder / "rounds.jsonl").write_text("\n".join(lines) + "\n")
+
+    write(0, {"local": 4, "oracle": 4, "diredi": 4})
+    write(1, {"local": 4, "oracle": 1})  # replicate 1: the oracle 3 rounds behind, DiReDi not begun
+    seconds = round_seconds(sorted((tmp_path / "runs").glob("rep*")))
+    assert seconds == {"local": 30.0, "oracle": 70.0, "diredi": 100.0}
+    args = argparse.Namespace(replicates=[1], out=tmp_path, rounds=4, methods=["diredi", "local", "oracle"])
+    assert seconds_left(args, seconds) == 3 * 70.0 + 4 * 100.0
+    args.methods.append("fedavg")  # never timed: no estimate
+    assert seconds_left(args, seconds) is None
+    # this invocation took twice the recorded pace for the work done so far
+    assert eta_text(610.0, 310.0, elapsed=600.0, done=10, first=0, total=40) == f"ETA {310 * 2 / 60:.0f} min"
+    assert eta_text(None, None, elapsed=600.0, done=10, first=0, total=40) == "ETA 30 min"  # records' rate
+    assert eta_text(None, None, elapsed=60.0, done=5, first=5, total=40) == "ETA after the first record"
