@@ -213,13 +213,16 @@ def eta_text(predicted_at_start: float | None, predicted_now: float | None, elap
     """The ETA: the rounds left at each method's own pace (earlier rounds of the study), scaled by how much
     slower or faster this invocation has gone than that pace (the machine's load); without timings, the
     client-rounds left at this invocation's rate."""
+    def minutes(seconds: float) -> str:
+        return f"ETA {seconds / 60:.0f} min" if seconds >= 30 else "ETA under a minute"
+
     if predicted_at_start is not None and predicted_now is not None:
         done_predicted = predicted_at_start - predicted_now
         pace = elapsed / done_predicted if done_predicted > POLL_S else 1.0
-        return f"ETA {predicted_now * pace / 60:.0f} min"
+        return minutes(predicted_now * pace)
     rate = (done - first) / elapsed if done > first else 0.0
     # No ETA until this invocation has recorded something: a resumed study has no rate yet.
-    return f"ETA {(total - done) / rate / 60:.0f} min" if rate > 0 else "ETA after the first record"
+    return minutes((total - done) / rate) if rate > 0 else "ETA after the first record"
 
 
 def report_progress(args: argparse.Namespace, total: int, start: float, first: int, stop: threading.Event) -> None:

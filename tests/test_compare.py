@@ -245,3 +245,4 @@ def test_the_eta_counts_each_methods_rounds_left_at_its_own_pace(tmp_path):
     assert eta_text(610.0, 310.0, elapsed=600.0, done=10, first=0, total=40) == f"ETA {310 * 2 / 60:.0f} min"
     assert eta_text(None, None, elapsed=600.0, done=10, first=0, total=40) == "ETA 30 min"  # records' rate
     assert eta_text(None, None, elapsed=60.0, done=5, first=5, total=40) == "ETA after the first record"
+    assert eta_text(50.0, 20.0, elapsed=10.0, done=30, first=0, total=40) == "ETA under a minute"
