@@ -40,10 +40,10 @@ from models.compute import LAYOUTS, PRECISIONS, cpu_model
 from protocol.config import METHODS, NO_SPREAD, PAPER_DISTILL_C, TRUSTED_MERGE
 from report.study import CHAIN_ROLES
 
-# The study under today's defaults (its summary there still has DiReDi without spread, the default when its
-# runs were made; a rerun replaces it); experiments/results/compare holds the study of the paper's Distill C
-# without spread (--paper-distill-c), the defaults when it ran
-OUT = Path("experiments/results/compare-combo")
+# The study under today's defaults (spread on; replicates 0 and 1 on an AMD EPYC's chain, 2 and 3 on an Intel
+# Xeon's). experiments/results/compare-combo holds the earlier study, DiReDi without spread, assembled from runs;
+# experiments/results/compare the study of the paper's Distill C without spread (--paper-distill-c)
+OUT = Path("experiments/results/compare-spread")
 PAPER_FLAGS = [item for key, value in PAPER_DISTILL_C.items() for item in (f"--{key}", f"{value:g}")] + [
     item for key, value in {**NO_SPREAD, **TRUSTED_MERGE}.items() for item in (f"--{key}", f"{value}")
 ]  # and no spread and the trusted merge, as it ran
