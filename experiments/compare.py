@@ -39,6 +39,7 @@ from pathlib import Path
 from models.compute import LAYOUTS, PRECISIONS, cpu_model
 from protocol.config import METHODS, NO_SPREAD, PAPER_DISTILL_C, TRUSTED_MERGE
 from report.study import CHAIN_ROLES
+from report.writer import read_json_lines
 
 # The study under today's defaults (spread on; replicates 0 and 1 on an AMD EPYC's chain, 2 and 3 on an Intel
 # Xeon's). experiments/results/compare-combo holds the earlier study, DiReDi without spread, assembled from runs;
@@ -161,24 +162,13 @@ def records_done(args: argparse.Namespace) -> int:
     return total
 
 
-def read_records(folder: Path) -> list[dict]:
-    """A run folder's records so far (a line that a running replicate is still writing is left out)."""
-    path, records = folder / "rounds.jsonl", []
-    for line in path.read_text().splitlines() if path.is_file() else []:
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return records
-
-
 def round_seconds(folders) -> dict[str, float]:
     """Per method, the median wall seconds of one of its rounds in the run folders' records: a federated
     round's ``round_wall_s``; a local or oracle round, its clients' seconds summed (one process trains
     them in turn)."""
     rounds: dict[tuple[str, str, int], float] = {}
     for folder in folders:
-        for r in read_records(Path(folder)):
+        for r in read_json_lines(Path(folder) / "rounds.jsonl"):  # a line still being written is left out
             key = (Path(folder).name, r["method"], r["round"])
             if r.get("round_wall_s") is not None:
                 rounds[key] = float(r["round_wall_s"])
@@ -197,7 +187,7 @@ def seconds_left(args: argparse.Namespace, seconds: dict[str, float]) -> float |
     total = 0.0
     for replicate in args.replicates:
         recorded: dict[str, int] = {}
-        for r in read_records(args.out / "runs" / f"rep{replicate}"):
+        for r in read_json_lines(args.out / "runs" / f"rep{replicate}" / "rounds.jsonl"):
             recorded[r["method"]] = max(recorded.get(r["method"], 0), r["round"])
         left = {m: max(0, args.rounds - recorded.get(m, 0)) for m in args.methods}
         if any(left[m] and m not in seconds for m in args.methods):
