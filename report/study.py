@@ -76,6 +76,17 @@ TABLE_ROWS = (
     ("client_s_cum", "client compute, cumulative (s)", "seconds"),
     ("own_s_cum", "client compute without the server's shares, cumulative (s)", "seconds"),
 )
+# compare.md's table at a glance: one row per method at the last round (key, column, format)
+GLANCE_COLUMNS = (
+    ("gain", "gain (pp)", "points"),
+    ("forgetting_kept", "forgetting, kept (pp)", "plain"),
+    ("forgetting_protected", "forgetting, protected (pp)", "plain"),
+    ("worst_drop_protected", "protected: worst drop below the manufacturer's edge (pp)", "plain"),
+    ("spread", "spread (pp)", "points"),
+    ("released", "released (pp)", "points"),
+    ("recall_new", "recall, new @0.5 (%)", "plain"),
+    ("mb_cum", "MB per client", "mb"),
+)
 UNITS = {"mb_cum": "mb", "client_s_cum": "seconds", "own_s_cum": "seconds", "forgetting_kept": "points", "forgetting_protected": "points",
          "worst_drop_protected": "points",
          "recall_new": "points"}
@@ -372,8 +383,24 @@ def verdict_grid(summary: Mapping) -> list[str]:
     return markdown_table(["claim (B = baseline)", "B"] + [f"round {r}" for r in rounds], rows)
 
 
+def glance_table(summary: Mapping) -> list[str]:
+    """Every method at the study's last round, one row each: mean [95% interval] of the figures a reader
+    compares first, and on how many replicates the row stands."""
+    last = int(summary.get("rounds") or 0)
+    rows = []
+    for method in sorted(summary.get("methods") or {}, key=method_sort_key):
+        entries = {e["round"]: e for e in summary["methods"][method].get("per_round") or []}
+        if last not in entries:
+            continue
+        entry = entries[last]
+        rows.append([method, str(entry.get("replicates", MISSING_CELL))]
+                    + [format_number(entry.get(key), kind) if kind == "mb" else entry_cell(entry, key, kind)
+                       for key, _, kind in GLANCE_COLUMNS])  # MB: the same for every client, no interval
+    return markdown_table(["method", "replicates"] + [label for _, label, _ in GLANCE_COLUMNS], rows)
+
+
 def study_markdown(summary: Mapping, command: str | None = None, wall_s: float | None = None) -> str:
-    """compare.md: the verdict table first, then per method a table of mean [95% interval] of each
+    """compare.md: every method at the last round at a glance, the verdict table, then per method a table of mean [95% interval] of each
     metric at rounds 2, 10 and R; the command and the wall time when given."""
     seeds = summary.get("seeds") or []
     lines = ["# Study: methods compared over replicates", ""]
@@ -396,6 +423,9 @@ def study_markdown(summary: Mapping, command: str | None = None, wall_s: float |
                                 [[name, *(chain.get(k, MISSING_CELL)[:8] for k in ("teacher", "tutor", "edge")),
                                   chain.get("cpu", MISSING_CELL)] for name, chain in summary["chains"].items()])
         lines += [""]
+    glance = glance_table(summary)
+    if len(glance) > 2:
+        lines += [f"## At a glance: round {summary.get('rounds')}", ""] + glance + [""]
     verdicts = summary.get("verdicts") or []
     lines += ["## Verdicts (DiReDi - baseline)", ""]
     if verdicts:

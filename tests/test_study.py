@@ -18,7 +18,7 @@ from evaluation.study import (
     summarise_study,
     verdict,
 )
-from report.study import study_markdown, summarise_run_folders, verdict_grid, write_study
+from report.study import entry_cell, study_markdown, summarise_run_folders, verdict_grid, write_study
 from report.writer import TUTOR_HISTORY, RunFolder
 
 NAN = float("nan")
@@ -295,7 +295,12 @@ def test_study_from_run_folders_writes_compare_json_md_and_plots(tmp_path):
     assert by_claim[("local", "gain")]["claim"] == "DiReDi gains more than local"
 
     text = written["compare_md"].read_text()
-    assert text.index("## Verdicts") < text.index("## diredi") < text.index("## fedavg")
+    assert text.index("## At a glance: round 2") < text.index("## Verdicts") < text.index("## diredi") < text.index("## fedavg")
+    glance = text[text.index("## At a glance"):text.index("## Verdicts")]
+    rows = [line for line in glance.splitlines() if line.startswith("| ") and not line.startswith("| method")]
+    assert [row.split(" | ")[0][2:] for row in rows] == list(STUDY_METHODS)  # every method once, in order
+    assert rows[0].split(" | ")[1] == "2"  # replicates
+    assert rows[0].split(" | ")[2] == entry_cell(diredi["per_round"][-1], "gain", "points")
     assert "DiReDi gains more than fedavg" in text and "python -m sim.study" in text and "Wall time" in text
 
 
