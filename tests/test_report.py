@@ -200,3 +200,21 @@ def test_same_records_leaves_out_timings_and_finds_every_other_difference(tmp_pa
     assert compare_folders(tmp_path / "a", tmp_path / "c") == ["rounds.jsonl line 1.ap_after.car: 0.5 != 0.25"]
     assert main([str(tmp_path / "a"), str(tmp_path / "b")]) == 0
     assert main([str(tmp_path / "a"), str(tmp_path / "c")]) == 1
+
+
+def test_the_same_tests_then_and_now_are_matched_by_function_wherever_their_file_moved(capsys):
+    """bench.suite_same_tests: a test of then is today's test of the same function name (every
+    parametrisation of it today), in whatever file it now sits; a function gone is named."""
+    from bench.suite_same_tests import main, same_tests
+
+    then = ["tests/test_strategy.py::test_merge", "tests/test_strategy.py::test_gate[a-1]",
+            "tests/test_old.py::test_removed"]
+    now = ["tests/test_aggregate.py::test_merge", "tests/test_verify.py::test_gate[a-1]",
+           "tests/test_verify.py::test_gate[b-2]", "tests/test_new.py::test_added"]
+    same, gone = same_tests(then, now)
+    assert same == now[:3]
+    assert gone == ["test_removed"]
+    with pytest.raises(SystemExit) as stop:
+        main(["--then", "no-such-commit-anywhere"])
+    assert stop.value.code == 2
+    assert "--then: 'no-such-commit-anywhere' is not a commit" in capsys.readouterr().err
