@@ -1,7 +1,10 @@
 """The server's calibration of the tutor's operating point (strategies.calibrate): pure search on
-hand-made F1 tables, and the bias arithmetic."""
+hand-made F1 tables, and the bias arithmetic; the tutor's figures at the threshold per run
+(experiments.tutor_calibration) on hand-made tutor.json files."""
 
 from __future__ import annotations
+
+import json
 
 import pytest
 import torch
@@ -52,3 +55,33 @@ def test_f1_learnt_calibrates_only_the_classes_outside_the_presumed_ones():
     assert calibrated_classes("off", validation, presumed) == []
     with pytest.raises(ValueError, match="calibration mode"):
         calibrated_classes("platt", validation, presumed)
+
+
+def _tutor_run(folder, replicate: int, recalls: list[float]):
+    """A run folder whose tutor has ``recalls`` on car (learnt) for rounds 1.., and 0.5 on person."""
+    folder.mkdir()
+    rounds = [{"round": k, "mAP": 0.4, "ap": {"car": 0.3, "person": 0.6}, "recall": {"car": r, "person": 0.5}}
+              for k, r in enumerate([0.0, *recalls])]
+    (folder / "tutor.json").write_text(json.dumps(rounds))
+    specs = [{"private": ["car"], "kept": ["person"]}]
+    (folder / "config.json").write_text(json.dumps({"client_specs": specs, "run": {"replicate": replicate}}))
+    return folder
+
+
+def test_tutor_calibration_figures_pair_replicates_and_refuse_unpaired_runs(tmp_path):
+    from experiments.tutor_calibration import main, summarise
+
+    variant = _tutor_run(tmp_path / "v", 0, [0.6, 0.4, 0.5])
+    baseline = _tutor_run(tmp_path / "b", 0, [0.0, 0.8, 0.0])
+    result = summarise([variant], [baseline])
+    assert result["last_round"] == 3 and result["classes"] == {"learnt": ["car"], "presumed": ["person"]}
+    learnt = {arm: result["arms"][arm]["learnt"] for arm in ("variant", "baseline")}
+    assert learnt["variant"]["recall_mean"]["mean"] == pytest.approx(50.0)
+    assert learnt["variant"]["recall_move"]["mean"] == pytest.approx(15.0)  # |40-60|, |50-40|
+    assert learnt["baseline"]["recall_zero"]["mean"] == 2 and learnt["variant"]["recall_zero"]["mean"] == 0
+    assert result["arms"]["variant"]["presumed"]["ap_last"]["mean"] == pytest.approx(60.0)
+    assert main(["--variant", str(variant), "--baseline", str(baseline), "--out", str(tmp_path / "out")]) == 0
+    assert "| mean recall at the threshold, % | 50.0 / 26.7 |" in (tmp_path / "out" / "tutor_calibration.md").read_text()
+    other = _tutor_run(tmp_path / "o", 1, [0.1, 0.2, 0.3])
+    with pytest.raises(SystemExit, match="replicates"):
+        summarise([variant], [other])
