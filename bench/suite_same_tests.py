@@ -103,7 +103,7 @@ def main(argv=None) -> int:
     print("running today's same tests ...", flush=True)
     now_run = timed_suite(ROOT, same)
     print(f"  {now_run['wall_s']} s: {now_run['pytest']}", flush=True)
-    result = {"command": "python -m bench.suite_same_tests " + " ".join(argv if argv is not None else sys.argv[1:]),
+    result = {"command": " ".join(["python -m bench.suite_same_tests", *(argv if argv is not None else sys.argv[1:])]),
               "cpu": cpu_model(), "cores": os.cpu_count(),
               "then": {"commit": commit.stdout.strip(), "tests": len(then_ids), **then_run},
               "now": {"commit": now_commit, "tests_same_names": len(same), "tests_all": len(now_ids), **now_run},
