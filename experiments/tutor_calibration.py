@@ -53,15 +53,14 @@ def tutor_figures(tutor: list[dict], classes: list[str], last_round: int) -> dic
             "map_last": float(100 * final["mAP"])}
 
 
-def replicate_of(folder: Path, config: dict) -> int:
+def replicate_of(config: dict) -> int:
     return int(config["run"].get("replicate", 0))
 
 
 def summarise(variants: list[Path], baselines: list[Path], last_round: int | None = None) -> dict:
     """Per arm and class group, each figure's mean over replicates (and the per-replicate values)."""
     runs = {"variant": [load_run(f) for f in variants], "baseline": [load_run(f) for f in baselines]}
-    reps = {arm: [replicate_of(f, c) for f, (_, c) in zip(folders, runs[arm])]
-            for arm, folders in (("variant", variants), ("baseline", baselines))}
+    reps = {arm: [replicate_of(config) for _, config in loaded] for arm, loaded in runs.items()}
     if sorted(reps["variant"]) != sorted(reps["baseline"]):
         raise SystemExit("python -m experiments.tutor_calibration: error: the variant's replicates "
                          f"{reps['variant']} and the baseline's {reps['baseline']} differ")
