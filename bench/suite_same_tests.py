@@ -19,12 +19,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from models.compute import cpu_model
 
 ROOT = Path(__file__).resolve().parent.parent
 # The commit the layout issue describes: strategies/diredi.py of 608 lines, tests/test_strategy.py of 818.
@@ -66,16 +67,6 @@ def timed_suite(repo: Path, node_ids: list[str] | None = None) -> dict:
         seconds = time.perf_counter() - start
     lines = done.stdout.strip().splitlines()
     return {"wall_s": round(seconds, 1), "exit_code": done.returncode, "pytest": lines[-1] if lines else ""}
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def main(argv=None) -> int:

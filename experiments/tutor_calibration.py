@@ -17,22 +17,25 @@ from pathlib import Path
 
 import numpy as np
 
+from report.study import read_replicate
 
-def load_run(folder: Path) -> tuple[list[dict], dict]:
-    """A run folder's ``tutor.json`` (one entry per round, round 0 the manufacturer's tutor) and its config."""
+
+def load_run(folder: Path) -> tuple[int, list[dict], list[dict]]:
+    """A run folder's replicate, client specs and tutor history (``tutor.json``: one entry per round, round 0
+    the manufacturer's tutor; null read back as NaN)."""
     try:
-        tutor = json.loads((folder / "tutor.json").read_text())
-        config = json.loads((folder / "config.json").read_text())
+        replicate, _, specs, tutor = read_replicate(folder)
     except (OSError, ValueError) as err:
-        raise SystemExit(f"python -m experiments.tutor_calibration: error: {folder}: no readable tutor.json and "
-                         f"config.json ({err})") from err
-    return tutor, config
+        raise SystemExit(f"python -m experiments.tutor_calibration: error: {folder}: {err}") from err
+    if not tutor or not specs:
+        raise SystemExit(f"python -m experiments.tutor_calibration: error: {folder}: no tutor.json or client specs "
+                         "(a DiReDi run folder is needed)")
+    return replicate, specs, tutor
 
 
-def class_groups(config: dict) -> dict[str, list[str]]:
+def class_groups(specs: list[dict]) -> dict[str, list[str]]:
     """``learnt``: every client's private classes; ``presumed``: the manufacturer's classes some client keeps
     (the protected ones included)."""
-    specs = config["client_specs"]
     learnt = sorted({c for spec in specs for c in spec["private"]})
     presumed = sorted({c for spec in specs for c in spec["kept"]} - set(learnt))
     return {"learnt": learnt, "presumed": presumed}
@@ -53,26 +56,22 @@ def tutor_figures(tutor: list[dict], classes: list[str], last_round: int) -> dic
             "map_last": float(100 * final["mAP"])}
 
 
-def replicate_of(config: dict) -> int:
-    return int(config["run"].get("replicate", 0))
-
-
 def summarise(variants: list[Path], baselines: list[Path], last_round: int | None = None) -> dict:
     """Per arm and class group, each figure's mean over replicates (and the per-replicate values)."""
-    runs = {"variant": [load_run(f) for f in variants], "baseline": [load_run(f) for f in baselines]}
-    reps = {arm: [replicate_of(config) for _, config in loaded] for arm, loaded in runs.items()}
-    if sorted(reps["variant"]) != sorted(reps["baseline"]):
+    runs = {"variant": sorted(map(load_run, variants), key=lambda run: run[0]),
+            "baseline": sorted(map(load_run, baselines), key=lambda run: run[0])}
+    reps = {arm: [replicate for replicate, _, _ in loaded] for arm, loaded in runs.items()}
+    if reps["variant"] != reps["baseline"]:
         raise SystemExit("python -m experiments.tutor_calibration: error: the variant's replicates "
                          f"{reps['variant']} and the baseline's {reps['baseline']} differ")
     groups = class_groups(runs["variant"][0][1])
     if last_round is None:  # the last round both arms reached
-        last_round = min(max(r["round"] for r in t) for arm in runs.values() for t, _ in arm)
-    result = {"last_round": last_round, "classes": groups, "replicates": sorted(reps["variant"]), "arms": {}}
+        last_round = min(max(r["round"] for r in tutor) for loaded in runs.values() for _, _, tutor in loaded)
+    result = {"last_round": last_round, "classes": groups, "replicates": reps["variant"], "arms": {}}
     for arm, loaded in runs.items():
-        order = np.argsort(reps[arm])
         per_group = {}
         for group, classes in groups.items():
-            figures = [tutor_figures(loaded[i][0], classes, last_round) for i in order]
+            figures = [tutor_figures(tutor, classes, last_round) for _, _, tutor in loaded]
             per_group[group] = {k: {"mean": float(np.mean([f[k] for f in figures])), "per_replicate": [f[k] for f in figures]}
                                 for k in figures[0]}
         result["arms"][arm] = per_group

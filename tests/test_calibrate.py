@@ -65,6 +65,7 @@ def _tutor_run(folder, replicate: int, recalls: list[float]):
     (folder / "tutor.json").write_text(json.dumps(rounds))
     specs = [{"private": ["car"], "kept": ["person"]}]
     (folder / "config.json").write_text(json.dumps({"client_specs": specs, "run": {"replicate": replicate}}))
+    (folder / "rounds.jsonl").write_text("")  # a run folder: its edges' records are not read
     return folder
 
 
