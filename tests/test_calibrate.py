@@ -86,3 +86,16 @@ def test_tutor_calibration_figures_pair_replicates_and_refuse_unpaired_runs(tmp_
     other = _tutor_run(tmp_path / "o", 1, [0.1, 0.2, 0.3])
     with pytest.raises(SystemExit, match="replicates"):
         summarise([variant], [other])
+
+
+def test_calibration_cap_sums_a_runs_shifts_and_needs_a_calibrated_run():
+    from experiments.calibration_cap import summed_shifts
+
+    history = [{"round": 0}, {"round": 1, "calibration": {"shift": {"car": 2.0, "bus": -0.25}}},
+               {"round": 2, "calibration": {"shift": {"bus": -0.5}}}, {"round": 3, "calibration": {"shift": {}}}]
+    assert summed_shifts(history, 1) == {"car": 2.0, "bus": -0.25}
+    assert summed_shifts(history, 3) == {"car": 2.0, "bus": -0.75}
+    with pytest.raises(SystemExit, match="fewer than 4"):
+        summed_shifts(history, 4)
+    with pytest.raises(SystemExit, match="no calibration"):
+        summed_shifts([{"round": 1, "ap": {}}], 1)
