@@ -69,7 +69,7 @@ BEFORE_CHANGED = {**{key.replace("-", "_"): value for key, value in PAPER_DISTIL
                   **{key.replace("-", "_"): "inf" if value == math.inf else value  # as config.json writes it
                      for key, value in TRUSTED_MERGE.items()}}
 CLAIM_RULES = ("trusted", "earned", "improving", "lifting")  # how the class-aware merge takes a client's trained classes (strategies.verify)
-CALIBRATIONS = ("off", "f1", "f1-learnt")  # the tutor's operating point after a merge (strategies.calibrate)
+CALIBRATIONS = ("off", "f1", "f1-learnt", "f1-offsets")  # the tutor's operating point after a merge (strategies.calibrate)
 
 
 def evaluation_round(server_round: int, rounds: int, every: int) -> bool:
@@ -293,7 +293,10 @@ class RunConfig:
                                            "to the shift (a grid of logits) of best F1 at the operating threshold "
                                            "on the validation set (f1) | the same for the classes the tutor learnt "
                                            "from clients only, the manufacturer's presumed classes left as they "
-                                           "are (f1-learnt) | leaves the merged tutor as it is (off)",
+                                           "are (f1-learnt) | the same shifts for every class, kept beside the "
+                                           "tutor as its deployed operating point and never written into the "
+                                           "weights the clients and the merge see (f1-offsets) | leaves the "
+                                           "merged tutor as it is (off)",
                              CALIBRATIONS)
     timeout_s: float = setting(0.0, RUN, "seconds the server waits for one round trip with the clients (0: sized "
                                          "from the profile's step time)")

@@ -16,6 +16,13 @@ centerness factor in FCOS's score (sqrt(sigmoid(class logit) x sigmoid(centernes
 point is the manufacturer's, and moving their biases after each merge fought the next merge (README, "The
 server sets the tutor's operating point").
 
+``f1-offsets`` searches the same shifts for every class but keeps them beside the tutor, as the per-class
+score offsets of the tutor as deployed (its operating point), instead of writing them into its biases: the
+weights the clients distil from and the merge updates stay those of an uncalibrated run, so a shift can
+neither fight the next merge nor reach the edges through Distill C's soft targets, and every gate still
+judges the weights. Each round's search starts from the offsets the tutor already has, so it follows a drift
+of the merged scores over the rounds (``offset_search``).
+
 The search is a pure function of ``f1_of`` (the validation F1 per class of the tutor with its class
 biases moved; ``strategies.validator.CandidateValidator.shifted_f1``), so it is testable without a model.
 """
@@ -44,12 +51,12 @@ def calibrated_classes(mode: str, validation_classes: Iterable[str], presumed: I
     manufacturer's presumed classes ("f1-learnt": the classes the tutor learnt from clients), none ("off")."""
     if mode == "off":
         return []
-    if mode == "f1":
+    if mode in ("f1", "f1-offsets"):
         return list(validation_classes)
     if mode == "f1-learnt":
         kept = set(presumed)
         return [c for c in validation_classes if c not in kept]
-    raise ValueError(f"calibration mode must be off, f1 or f1-learnt, got {mode!r}")
+    raise ValueError(f"calibration mode must be off, f1, f1-learnt or f1-offsets, got {mode!r}")
 
 
 def best_shifts(f1_by_class: Mapping[str, Mapping[float, float]], min_gain: float = MIN_F1_GAIN) -> dict[str, float]:
@@ -102,3 +109,17 @@ def shift_class_biases(nh: Mapping[str, Tensor], shifts: Mapping[int, float]) ->
 def moved(shifts: Mapping[str, float]) -> dict[str, float]:
     """The classes a calibration moves, with their shifts (what the tutor's history records)."""
     return {c: s for c, s in shifts.items() if s != 0}
+
+
+def offset_search(f1_of: Callable[[Mapping[str, float]], Mapping[str, float]], classes: Iterable[str],
+                  offsets: Mapping[str, float], **search) -> tuple[dict[str, float], dict[str, float],
+                                                                   dict[str, dict[float, float]]]:
+    """``search_shifts`` around the ``offsets`` a tutor already has (``f1_of`` takes absolute offsets; the
+    grid and ``best_shifts``' margin are relative to ``offsets``). Returns (the new offsets of ``classes``,
+    each one's change, the F1 table by change)."""
+    classes = list(classes)
+    start = {c: float(offsets.get(c, 0.0)) for c in classes}
+    # (every class at its offset, those the search moves at offset + change)
+    change, table = search_shifts(lambda rel: f1_of({**start, **{c: start[c] + s for c, s in rel.items()}}),
+                                  classes, **search)
+    return {c: start[c] + change[c] for c in classes}, change, table

@@ -58,7 +58,7 @@ from protocol.wire import (AFTER, AP_AFTER, AP_BEFORE, BEFORE, CONFIG, DELTA, DE
                            decode, encode, state_record, unpack_delta, work_seed)
 from report.checkpoint import prefixed, unprefixed
 from strategies.aggregate import AGGREGATION_METHODS, aggregate, bound_influence
-from strategies.calibrate import calibrated_classes, moved, search_shifts, shift_class_biases
+from strategies.calibrate import calibrated_classes, moved, offset_search, search_shifts, shift_class_biases
 from strategies.exchange import exchange
 from strategies.ledger import ClientSampler, Clock, Recorder, RoundLedger
 from strategies.merge_gates import harm_merge, operating_point_merge
@@ -146,6 +146,7 @@ class DiReDiStrategy(Strategy):
         self.aggregation, self.aggregation_options = aggregation, dict(aggregation_options or {})
         self.calibrate = calibrate
         self._calibration: dict | None = None  # the last merge's calibration, for the tutor's history
+        self.offsets: dict[str, float] = {}  # f1-offsets: the deployed tutor's per-class score offsets (logits)
         self.num_nodes, self.seed = num_nodes, seed
         self.sampler = ClientSampler(num_nodes, fraction, seed)  # also the node id -> partition id map
         self.recorder = recorder or Recorder(self.method)
@@ -509,7 +510,8 @@ class DiReDiStrategy(Strategy):
 
         meta = {"partitions_with_body": partitions(self._nodes_with_body),
                 "partitions_with_edge": partitions(self._nodes_with_edge),
-                "client_edges_changed": self._client_edges_changed, "tutor_history": self.recorder.tutor_history}
+                "client_edges_changed": self._client_edges_changed, "tutor_history": self.recorder.tutor_history,
+                "offsets": dict(self.offsets)}
         spread = prefixed("spread", self.spread_edge.state_dict()) if self.spread_edge is not None else {}
         models = {**prefixed("tutor", self.tutor.state_dict()), **prefixed("edge", self.edge.state_dict())}
         return {**models, **spread}, meta
@@ -523,6 +525,7 @@ class DiReDiStrategy(Strategy):
         self._restored_partitions = {k: list(meta[k]) for k in ("partitions_with_body", "partitions_with_edge")}
         self._client_edges_changed = bool(meta["client_edges_changed"])
         self.recorder.tutor_history = list(meta["tutor_history"])
+        self.offsets = dict(meta.get("offsets", {}))  # (checkpoints before f1-offsets have none)
         self.validator.reset()
         self._reference, self._reference_asked = None, False
 
@@ -650,14 +653,20 @@ class DiReDiStrategy(Strategy):
         clock = Clock()
         classes = calibrated_classes(self.calibrate, self.validator.classes,
                                      (*self.policy.kept_classes, *self.policy.protected_classes))
-        shifts, table = search_shifts(self.validator.shifted_f1, classes)
-        load_neck_head(self.tutor, shift_class_biases(neck_head(self.tutor),
-                                                      {CLASS_INDEX[c]: s for c, s in moved(shifts).items()}))
-        self.validator.tutor_changed()
+        if self.calibrate == "f1-offsets":  # the weights stay as merged; the offsets change
+            offsets, shifts, table = offset_search(self.validator.shifted_f1, classes, self.offsets)
+            self.offsets = moved(offsets)
+        else:
+            shifts, table = search_shifts(self.validator.shifted_f1, classes)
+            load_neck_head(self.tutor, shift_class_biases(neck_head(self.tutor),
+                                                          {CLASS_INDEX[c]: s for c, s in moved(shifts).items()}))
+            self.validator.tutor_changed()
         seconds = clock.seconds()[0]
         # F1 before and after as the search measured them (the history's "f1" is the calibrated tutor's own)
         self._calibration = {"shift": moved(shifts), "f1_before": {c: t[0.0] for c, t in table.items()},
                              "f1_after": {c: table[c][shifts[c]] for c in table}, "seconds": seconds}
+        if self.calibrate == "f1-offsets":
+            self._calibration["offsets"] = dict(self.offsets)
         if self.ledger is not None and self.ledger.nodes:  # the clients wait for it: each record carries its share
             self.ledger.charge("server_calibration", clock, len(self.ledger.nodes))
         log.info("round %d: calibration moved %s (%.1f s)", server_round,
@@ -667,10 +676,13 @@ class DiReDiStrategy(Strategy):
     # -- helpers ------------------------------------------------------------------------------
 
     def _tutor_summary(self, server_round: int) -> dict:
-        ap = self.validator.tutor_ap()
+        # The tutor as deployed: with f1-offsets its weights plus the offsets (the weights' own AP beside)
+        ap, predictions = self.validator.deployed(self.offsets)
         summary = {"round": server_round, "ap": dict(ap), "mAP": nan_mean(ap.values()),
-                   "recall": dict(self.validator.tutor_recall),  # at the operating threshold, as eq. 11's F1
-                   "f1": self.validator.f1(self.validator.tutor_predictions)}
+                   "recall": self.validator.recall(predictions),  # at the operating threshold, as eq. 11's F1
+                   "f1": self.validator.f1(predictions)}
+        if self.calibrate == "f1-offsets":
+            summary["ap_weights"] = dict(self.validator.tutor_ap())
         if self._calibration is not None and server_round > 0:
             summary["calibration"], self._calibration = self._calibration, None
         if self.spread_edge is not None:  # what the clients' Distill C starts from: where spread is lost

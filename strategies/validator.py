@@ -151,6 +151,14 @@ class CandidateValidator:
         f1 = self.f1(predictions)
         return {c: f1[c] for c in shifts}
 
+    def deployed(self, offsets: Mapping[str, float]) -> tuple[dict[str, float], list[dict]]:
+        """Validation AP and detections of the tutor as deployed with per-class score ``offsets`` (logits added
+        to those classes' biases; ``--calibrate f1-offsets``): the tutor's own without any."""
+        moved = {CLASS_INDEX[c]: s for c, s in offsets.items() if s}
+        if not moved:
+            return dict(self.tutor_ap()), self.tutor_predictions
+        return self.validate(self._tutor_with(shift_class_biases(neck_head(self.tutor), moved)))
+
     def operating_figures(self, delta: Mapping[str, Tensor], server_round: int) -> dict[str, dict[str, float]]:
         """The operating point of the candidate tutor of ``delta`` (one client's, or a merge; ``Decision``'s
         recall_* fields): every validation class's recall at the threshold for the current tutor and the

@@ -9,7 +9,8 @@ import json
 import pytest
 import torch
 
-from strategies.calibrate import CLASS_BIAS, best_shifts, calibrated_classes, moved, search_shifts, shift_class_biases
+from strategies.calibrate import (CLASS_BIAS, best_shifts, calibrated_classes, moved, offset_search, search_shifts,
+                                  shift_class_biases)
 
 
 def test_best_shift_is_the_highest_f1_with_ties_to_the_smaller_shift():
@@ -99,3 +100,16 @@ def test_calibration_cap_sums_a_runs_shifts_and_needs_a_calibrated_run():
         summed_shifts(history, 4)
     with pytest.raises(SystemExit, match="no calibration"):
         summed_shifts([{"round": 1, "ap": {}}], 1)
+
+
+def test_the_offset_search_starts_from_the_offsets_a_tutor_has():
+    """F1 peaks at an absolute offset of -4.5 (a drift of the merged scores): from an offset of -3 the search
+    reaches it, beyond the grid's 3 logits from zero; from -4.5 it stays."""
+    def f1_of(offsets):
+        return {c: 1.0 - abs(s + 4.5) / 10 for c, s in offsets.items()}
+
+    new, change, _ = offset_search(f1_of, ["car"], {"car": -3.0})
+    assert new == {"car": -4.5} and change == {"car": -1.5}
+    new, change, _ = offset_search(f1_of, ["car"], {"car": -4.5})
+    assert new == {"car": -4.5} and change == {"car": 0.0}
+    assert offset_search(f1_of, ["car"], {})[0] == {"car": -3.25}  # from 0: the grid's end and one fine step

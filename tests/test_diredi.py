@@ -818,3 +818,40 @@ def test_calibration_undoes_a_merged_shift_of_a_classs_scores_and_records_it(tra
     assert learnt_only.validator.tutor_recall["person"] == pytest.approx(plain.validator.tutor_recall["person"])
     with pytest.raises(ValueError, match="calibrate"):
         make("platt")
+
+
+def test_calibration_as_offsets_undoes_the_shift_for_the_deployed_tutor_and_leaves_the_weights_alone(trained_tutor):
+    """calibrate="f1-offsets": the same shift of every person score is undone in the tutor as deployed (the
+    history's recall at the threshold), while the weights sent to the clients and judged by the gates are the
+    merge's exactly; the offsets go into the checkpoint, and the next round's search starts from them."""
+    import copy
+
+    def make(calibrate):
+        policy = VerificationPolicy(norm_bound=50.0, protected_tolerance=0.05, protected_classes=("person",))
+        return DiReDiStrategy(copy.deepcopy(trained_tutor), build_model("smoke", "edge", seed=1), Squares(32, 1),
+                              ["person"], ClientTraining.from_profile(get_profile("smoke")), policy,
+                              calibrate=calibrate)
+
+    shift = zeros_like_nh(trained_tutor)
+    shift["head.classification_head.cls_logits.bias"][PERSON] = -2.0
+    plain, offsets = make("off"), make("f1-offsets")
+    recall_before = plain.validator.tutor_ap() and plain.validator.tutor_recall["person"]
+    assert recall_before > 0.5
+    for strategy in (plain, offsets):
+        assert strategy.aggregate_train(1, [reply(0, shift)])[1]["accepted"] == 1
+        strategy.record_tutor()
+    for name, value in plain.tutor.state_dict().items():  # the weights are the merge's, offsets or not
+        assert torch.equal(value, offsets.tutor.state_dict()[name]), name
+    deployed = offsets.recorder.tutor_history[-1]
+    assert plain.recorder.tutor_history[-1]["recall"]["person"] < recall_before - 0.3
+    assert deployed["recall"]["person"] >= recall_before - 0.05  # the deployed operating point is back
+    assert offsets.offsets["person"] >= 1.5 and deployed["calibration"]["offsets"] == offsets.offsets
+    assert deployed["ap_weights"]["person"] == plain.recorder.tutor_history[-1]["ap"]["person"]
+    tensors, meta = offsets.checkpoint()
+    resumed = make("f1-offsets")
+    resumed.restore(tensors, meta)
+    assert resumed.offsets == offsets.offsets
+    # a round that changes nothing keeps the offsets: the search starts from them (no change is the best)
+    assert resumed.aggregate_train(2, [reply(0, zeros_like_nh(trained_tutor))])[1]["accepted"] == 1
+    resumed.record_tutor()
+    assert resumed.offsets == offsets.offsets and resumed.recorder.tutor_history[-1]["calibration"]["shift"] == {}
