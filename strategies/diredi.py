@@ -310,8 +310,8 @@ class DiReDiStrategy(Strategy):
             return None, summary
         load_neck_head(self.tutor, substitute(neck_head(self.tutor), merge(kept), self.settings.beta))
         self.validator.tutor_changed()  # every cached figure belongs to the tutor that was
-        if self.calibrate != "off":  # 5. the server sets the merged tutor's operating point (strategies.calibrate)
-            self._calibrate_tutor(server_round)
+        if self.calibrate in ("f1", "f1-learnt"):  # 5. the server sets the merged tutor's operating point
+            self._calibrate_tutor(server_round)  # (strategies.calibrate; f1-offsets: in record_tutor)
         self._reference, self._reference_asked = None, False
         # The paper's "updated tutor", per round: evaluated by ``record_tutor``, which ``start`` runs
         # while the clients re-distil (nothing in this round needs it before).
@@ -610,6 +610,8 @@ class DiReDiStrategy(Strategy):
     def record_tutor(self) -> None:
         """Appends the updated tutor's validation AP to its history, once per round (see aggregate_train)."""
         if self._summary_due is not None:
+            if self.calibrate == "f1-offsets":  # nothing sent depends on the offsets: off the clients' path
+                self._calibrate_tutor(self._summary_due)
             self.recorder.tutor_history.append(self._tutor_summary(self._summary_due))
             self._summary_due = None
 
@@ -667,7 +669,8 @@ class DiReDiStrategy(Strategy):
                              "f1_after": {c: table[c][shifts[c]] for c in table}, "seconds": seconds}
         if self.calibrate == "f1-offsets":
             self._calibration["offsets"] = dict(self.offsets)
-        if self.ledger is not None and self.ledger.nodes:  # the clients wait for it: each record carries its share
+        if self.calibrate != "f1-offsets" and self.ledger is not None and self.ledger.nodes:
+            # the clients wait for it: each record carries its share (offsets are searched while they distil)
             self.ledger.charge("server_calibration", clock, len(self.ledger.nodes))
         log.info("round %d: calibration moved %s (%.1f s)", server_round,
                  ", ".join(f"{c} {s:+.2f}" for c, s in moved(shifts).items()) or "nothing",
