@@ -67,7 +67,8 @@ TRUSTED_MERGE = {"claims": "trusted", "clip-multiple": math.inf, "row-multiple":
 BEFORE_CHANGED = {**{key.replace("-", "_"): value for key, value in PAPER_DISTILL_C.items()},
                   **NO_SPREAD, "spread_rows": "distilled",
                   **{key.replace("-", "_"): "inf" if value == math.inf else value  # as config.json writes it
-                     for key, value in TRUSTED_MERGE.items()}}
+                     for key, value in TRUSTED_MERGE.items()},
+                  "calibrate": "off"}
 CLAIM_RULES = ("trusted", "earned", "improving", "lifting")  # how the class-aware merge takes a client's trained classes (strategies.verify)
 CALIBRATIONS = ("off", "f1", "f1-learnt", "f1-offsets")  # the tutor's operating point after a merge (strategies.calibrate)
 
@@ -289,7 +290,7 @@ class RunConfig:
                                            "lower the tutor's top scores of the class on the validation images "
                                            "holding it (lifting)", CLAIM_RULES)
     # strategies.calibrate
-    calibrate: str = setting("off", MERGE, "after each merge the server moves each class's classification bias "
+    calibrate: str = setting("f1-offsets", MERGE, "after each merge the server moves each class's classification bias "
                                            "to the shift (a grid of logits) of best F1 at the operating threshold "
                                            "on the validation set (f1) | the same for the classes the tutor learnt "
                                            "from clients only, the manufacturer's presumed classes left as they "
