@@ -786,17 +786,21 @@ def test_a_hidden_row_edit_is_bounded_by_the_rows_of_its_peers(trained_tutor):
     assert decisions[3].row_clip == {} and unbounded == pytest.approx((3 * 0.01 - 0.49) / 4, abs=1e-6)
 
 
+def calibrating_strategy(tutor, calibrate: str) -> DiReDiStrategy:
+    """A strategy over a copy of ``tutor`` that protects person on the square images, with ``calibrate``."""
+    import copy
+
+    policy = VerificationPolicy(norm_bound=50.0, protected_tolerance=0.05, protected_classes=("person",))
+    return DiReDiStrategy(copy.deepcopy(tutor), build_model("smoke", "edge", seed=1), Squares(32, 1), ["person"],
+                          ClientTraining.from_profile(get_profile("smoke")), policy, calibrate=calibrate)
+
+
 def test_calibration_undoes_a_merged_shift_of_a_classs_scores_and_records_it(trained_tutor):
     """A delta that lowers every person score by 2 logits passes the AP gates and is merged; with
     calibrate="f1" the server moves person's bias back to the shift of best F1 at the threshold, so the
     tutor detects person at 0.5 as before; the tutor's history records the shift and the F1s."""
-    import copy
-
     def make(calibrate):
-        policy = VerificationPolicy(norm_bound=50.0, protected_tolerance=0.05, protected_classes=("person",))
-        return DiReDiStrategy(copy.deepcopy(trained_tutor), build_model("smoke", "edge", seed=1), Squares(32, 1),
-                              ["person"], ClientTraining.from_profile(get_profile("smoke")), policy,
-                              calibrate=calibrate)
+        return calibrating_strategy(trained_tutor, calibrate)
 
     shift = zeros_like_nh(trained_tutor)
     shift["head.classification_head.cls_logits.bias"][PERSON] = -2.0
@@ -824,13 +828,8 @@ def test_calibration_as_offsets_undoes_the_shift_for_the_deployed_tutor_and_leav
     """calibrate="f1-offsets": the same shift of every person score is undone in the tutor as deployed (the
     history's recall at the threshold), while the weights sent to the clients and judged by the gates are the
     merge's exactly; the offsets go into the checkpoint, and the next round's search starts from them."""
-    import copy
-
     def make(calibrate):
-        policy = VerificationPolicy(norm_bound=50.0, protected_tolerance=0.05, protected_classes=("person",))
-        return DiReDiStrategy(copy.deepcopy(trained_tutor), build_model("smoke", "edge", seed=1), Squares(32, 1),
-                              ["person"], ClientTraining.from_profile(get_profile("smoke")), policy,
-                              calibrate=calibrate)
+        return calibrating_strategy(trained_tutor, calibrate)
 
     shift = zeros_like_nh(trained_tutor)
     shift["head.classification_head.cls_logits.bias"][PERSON] = -2.0
