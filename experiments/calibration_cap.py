@@ -10,8 +10,8 @@ every candidate kept), so what the cap takes shows as the difference between the
 
 The tutor is the manufacturer's (the chain's, round 0: the shifts are added) or, with ``--checkpoint``, the
 run's own tutor after ``--round`` as a checkpoint holds it (``report.checkpoint``; calibrated, so the shifts
-are taken off). The shifts are the run's, summed over rounds 1..R (its ``tutor.json``, or the checkpoint's
-history). Seconds on one thread.
+are taken off; an ``f1-offsets`` run's weights never carry them, so they are added). The shifts are the run's,
+summed over rounds 1..R (its ``tutor.json``, or the checkpoint's history). Seconds on one thread.
 
     python -m experiments.calibration_cap --run RUN [--round R] [--checkpoint STEM] --out FILE_STEM
 """
@@ -59,7 +59,7 @@ def direct_cost(validator: CandidateValidator, tutor: torch.nn.Module, shifts: d
     """{cap: {"with": AP per class, "without": AP per class}} of ``tutor`` with and without ``shifts``
     (``calibrated``: the tutor already carries them), at the model's cap and with the cap lifted."""
     sign = -1.0 if calibrated else 1.0
-    other = validator._tutor_with(shift_class_biases(neck_head(tutor), {CLASS_INDEX[c]: sign * s
+    other = validator.tutor_with(shift_class_biases(neck_head(tutor), {CLASS_INDEX[c]: sign * s
                                                                         for c, s in shifts.items()}))
     out = {}
     for cap, (detections, candidates) in ((MODEL_CAP, (tutor.detections_per_img, tutor.topk_candidates)),
@@ -117,7 +117,9 @@ def main(argv: list[str] | None = None) -> None:
     ws = session.workspace
     validator = CandidateValidator(tutor, ws.validation_set(), ws.scenario.teacher_classes, VerificationPolicy(),
                                    1.0, 0)
-    result = direct_cost(validator, tutor, shifts, calibrated=args.checkpoint is not None)
+    # An f1-offsets run never wrote its offsets into the weights: its checkpoint's tutor carries none of them
+    carries_shifts = args.checkpoint is not None and config.get("calibrate") != "f1-offsets"
+    result = direct_cost(validator, tutor, shifts, calibrated=carries_shifts)
     specs = session.client_specs()
     learnt = sorted({c for s in specs for c in s["private"]})
     groups = {"presumed": [c for c in validator.classes if c not in learnt], "learnt": learnt}

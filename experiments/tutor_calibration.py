@@ -1,5 +1,6 @@
 """Does the tutor detect what it learns at the operating threshold? The tutor's validation figures per round
-(``tutor.json``) of DiReDi runs with and without ``--calibrate f1``, paired by replicate.
+(``tutor.json``) of DiReDi runs with and without the server's calibration (``--calibrate f1`` or
+``f1-offsets``: the history holds the deployed tutor's figures), paired by replicate.
 
 For the classes the clients teach the tutor (every client's private classes) and for the manufacturer's
 presumed classes (kept ones and the protected ``person``): the mean recall at the operating threshold over
@@ -102,7 +103,7 @@ def markdown(result: dict, command: str) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m experiments.tutor_calibration", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--variant", type=Path, nargs="+", required=True, help="run folders with --calibrate f1")
+    parser.add_argument("--variant", type=Path, nargs="+", required=True, help="run folders with --calibrate f1 or f1-offsets")
     parser.add_argument("--baseline", type=Path, nargs="+", required=True, help="the same runs without it")
     parser.add_argument("--rounds", type=int, default=None, help="figures over rounds 1..R (default: the last both reached)")
     parser.add_argument("--out", type=Path, required=True)

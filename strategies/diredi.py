@@ -667,10 +667,9 @@ class DiReDiStrategy(Strategy):
         # F1 before and after as the search measured them (the history's "f1" is the calibrated tutor's own)
         self._calibration = {"shift": moved(shifts), "f1_before": {c: t[0.0] for c, t in table.items()},
                              "f1_after": {c: table[c][shifts[c]] for c in table}, "seconds": seconds}
-        if self.calibrate == "f1-offsets":
+        if self.calibrate == "f1-offsets":  # searched while the clients distil: nothing to charge them
             self._calibration["offsets"] = dict(self.offsets)
-        if self.calibrate != "f1-offsets" and self.ledger is not None and self.ledger.nodes:
-            # the clients wait for it: each record carries its share (offsets are searched while they distil)
+        elif self.ledger is not None and self.ledger.nodes:  # the clients wait for it: each record carries its share
             self.ledger.charge("server_calibration", clock, len(self.ledger.nodes))
         log.info("round %d: calibration moved %s (%.1f s)", server_round,
                  ", ".join(f"{c} {s:+.2f}" for c, s in moved(shifts).items()) or "nothing",

@@ -116,7 +116,7 @@ class CandidateValidator:
         evaluated once per tutor version (the strategy's ``screen`` may have done it on arrival)."""
         key = state_fingerprint(delta)
         if key not in self._candidates:
-            self._candidates[key] = self.validate(self._tutor_with(substitute(neck_head(self.tutor), delta, self.beta)))
+            self._candidates[key] = self.validate(self.tutor_with(substitute(neck_head(self.tutor), delta, self.beta)))
         return self._candidates[key]
 
     def candidate_noise(self, delta: Mapping[str, Tensor], server_round: int,
@@ -145,7 +145,7 @@ class CandidateValidator:
         self.tutor_ap()  # builds the feature cache and the targets
         if any(shifts.values()):  # (no shift at all is the tutor, whose detections tutor_ap keeps)
             moved = shift_class_biases(neck_head(self.tutor), {CLASS_INDEX[c]: s for c, s in shifts.items()})
-            predictions = self.predictions(self._tutor_with(moved))
+            predictions = self.predictions(self.tutor_with(moved))
         else:
             predictions = self.tutor_predictions
         f1 = self.f1(predictions)
@@ -157,7 +157,7 @@ class CandidateValidator:
         moved = {CLASS_INDEX[c]: s for c, s in offsets.items() if s}
         if not moved:
             return dict(self.tutor_ap()), self.tutor_predictions
-        return self.validate(self._tutor_with(shift_class_biases(neck_head(self.tutor), moved)))
+        return self.validate(self.tutor_with(shift_class_biases(neck_head(self.tutor), moved)))
 
     def operating_figures(self, delta: Mapping[str, Tensor], server_round: int) -> dict[str, dict[str, float]]:
         """The operating point of the candidate tutor of ``delta`` (one client's, or a merge; ``Decision``'s
@@ -200,7 +200,7 @@ class CandidateValidator:
                 out[name][c] = row_score_shift(delta, i, patches[key][i]) if counted else math.nan
         return out
 
-    def _tutor_with(self, nh: Mapping[str, Tensor]) -> nn.Module:
+    def tutor_with(self, nh: Mapping[str, Tensor]) -> nn.Module:
         """The tutor with neck/head ``nh``; it shares the tutor's frozen body (eq. 10 and calibration change
         only neck/head): no 44 MB copy."""
         body = self.tutor.backbone.body
