@@ -21,7 +21,16 @@ Attack families with a strength (``family:strength``; the family alone takes its
 logits), ``false_claim`` (the hostile clients claim a private class two honest clients hold, which
 they do not, edit its row's bias by minus the strength, and claim 10^12 examples, capped by the
 merge), ``hidden_edit`` (an honest delta with the protected class's bias lowered by the strength,
-10^12 examples claimed).
+10^12 examples claimed), ``combined`` (all three at once, at the cap: the four kept classes and the protected
+class lowered by the strength, and the false claim).
+
+Each attack's verdict (``attack_verdict``): "kept out" when every hostile delta is rejected; otherwise
+"bounded" when no class of the deployed tutor after the run lost more than its tolerance in AP or in recall at
+the operating threshold, else "gets through". A class's loss is measured against the all-honest run's tutor
+(for a class only the hostile clients hold: against the tutor before the run, since nothing honest teaches it;
+it may go unlearned, not fall below where it was), and its tolerance is ``noise_z`` x the loss's paired
+bootstrap std on the validation images, at least the protected tolerance for a protected class's AP
+(``class_tolerances``).
 
 Writes ``experiments/results/byzantine.json`` after every attack and prints a table.
 """
@@ -49,10 +58,11 @@ from protocol.wire import CONFIG, DELTA, METRICS, NUM_EXAMPLES, TRAINED, encode,
 ATTACK, HOSTILE, SLEEP = "attack", "hostile", "hostile-sleep-s"
 CLAIMED = "hostile-claim"  # the class a false_claim attack claims (chosen by the benchmark)
 ATTACKS = ("nan", "scaled100", "sign_flip", "random", "wrong_shape", "extra_backbone", "absurd_weight",
-           "eraser", "score_shift", "false_claim", "hidden_edit", "crash", "timeout")
+           "eraser", "score_shift", "false_claim", "hidden_edit", "combined", "crash", "timeout")
 # the families that take a strength ("family:strength"), and their default strength
-STRENGTHS = {"score_shift": 3.0, "false_claim": 1.0, "hidden_edit": 1.0}
-AT_THE_CAP = ("absurd_weight", "false_claim", "hidden_edit")  # they claim 10^12 examples
+STRENGTHS = {"score_shift": 3.0, "false_claim": 1.0, "hidden_edit": 1.0, "combined": 1.0}
+AT_THE_CAP = ("absurd_weight", "false_claim", "hidden_edit", "combined")  # they claim 10^12 examples
+CLAIMING = ("false_claim", "combined")  # they claim a class they do not hold
 # score_shift: every score of these classes lowered by the strength in logits (their ranking, and so their AP,
 # barely moves; their recall at the operating threshold falls), the rest of the delta honest
 SHIFTED_CLASSES = ("aeroplane", "bus", "horse", "motorbike")
@@ -111,19 +121,17 @@ def altered_delta(delta: dict[str, torch.Tensor], attack: str, seed: int, claime
         return {**delta, first: torch.zeros(3)}
     if attack == "extra_backbone":
         return {**delta, "backbone.body.0.0.weight": torch.zeros(4)}
-    targets = {"eraser": ["person"], "score_shift": list(SHIFTED_CLASSES), "hidden_edit": ["person"],
-               "false_claim": [claimed] if claimed else []}
-    if attack in targets:
-        edited = delta[BIAS].clone()
-        rows = [CLASS_INDEX[c] for c in targets[attack]]
-        if attack == "eraser":  # the protected class never scores again; the rest honest
-            edited[rows] = -30.0
-        elif attack == "false_claim":  # a row it never trained: only the small edit
-            edited[rows] = -strength
-        else:
-            edited[rows] -= strength
-        return {**delta, BIAS: edited}
-    return delta  # absurd_weight: the delta is honest, the claimed weight is not
+    if attack in ("absurd_weight", "crash", "timeout"):
+        return delta  # absurd_weight: the delta is honest, the claimed weight is not
+    edited = delta[BIAS].clone()
+    if attack == "eraser":  # the protected class never scores again; the rest honest
+        edited[CLASS_INDEX["person"]] = -30.0
+    lowered = {"score_shift": SHIFTED_CLASSES, "hidden_edit": ("person",),
+               "combined": (*SHIFTED_CLASSES, "person")}.get(attack, ())
+    edited[[CLASS_INDEX[c] for c in lowered]] -= strength
+    if attack in CLAIMING and claimed:  # a row it never trained: only the small edit
+        edited[CLASS_INDEX[claimed]] = -strength
+    return {**delta, BIAS: edited}
 
 
 @app.train()
@@ -142,7 +150,7 @@ def train(msg: Message, context: Context) -> Message:
     claimed = str(msg.content[CONFIG].get(CLAIMED, ""))
     if family in AT_THE_CAP:
         metrics[NUM_EXAMPLES] = 1e12
-    if family == "false_claim" and claimed:
+    if family in CLAIMING and claimed:
         metrics.update(encode(TRAINED, {claimed: 1}))
     altered = altered_delta(delta, attack, int(context.node_config["partition-id"]), claimed)
     content = RecordDict({DELTA: state_record(altered), METRICS: MetricRecord(metrics)})
@@ -184,10 +192,11 @@ def run_attack(session, attack: str, hostile: list[int], timeout_s: float) -> di
     recorder = Recorder("diredi")
     extra = {ATTACK: attack, HOSTILE: ",".join(map(str, hostile)), SLEEP: timeout_s + 20.0,
              CLAIMED: claimed_class(session, hostile)}
-    finished = []
+    finished, strategies = [], []
 
     def server_main(grid, _context):
         strategy = make_strategy("diredi", session, recorder)
+        strategies.append(strategy)
         strategy.start(grid=grid, num_rounds=config.rounds, timeout=timeout_s,
                        train_config=ConfigRecord({**config.to_record(), **extra}))
         finished.append(True)
@@ -197,7 +206,93 @@ def run_attack(session, attack: str, hostile: list[int], timeout_s: float) -> di
         simulate(config, server_main, client_app=app, client_cpus=0.5 if attack == "timeout" else 1.0)
     except RuntimeError as err:
         print(f"{attack}: the run failed: {err}", flush=True)
-    return {"recorder": recorder, "finished": bool(finished), "seconds": time.perf_counter() - start}
+    return {"recorder": recorder, "finished": bool(finished), "seconds": time.perf_counter() - start,
+            "deployed": deployed_predictions(strategies[0]) if strategies else ([], [])}
+
+
+def deployed_predictions(strategy) -> tuple[list[dict], list[dict]]:
+    """The strategy's tutor as deployed (its weights and, with f1-offsets, its score offsets): its detections of
+    the validation images, and their ground truth."""
+    predictions = strategy.validator.deployed(strategy.offsets)[1]
+    return predictions, strategy.validator.targets
+
+
+def hostile_only_classes(session, hostile: list[int]) -> list[str]:
+    """The classes only the hostile clients hold: nothing honest teaches them, and the scenario does not
+    presume them."""
+    specs = session.client_specs()
+    honest = {c for s in specs if s["client"] not in hostile for c in s["private"]}
+    theirs = {c for s in specs if s["client"] in hostile for c in s["private"]}
+    return sorted(theirs - honest - set(session.workspace.scenario.presumed_classes))
+
+
+def class_tolerances(ap_noise: dict[str, float], recall_noise: dict[str, float], protected: tuple[str, ...],
+                     protected_floor: float, z: float) -> dict[str, dict[str, float]]:
+    """Per class, the loss allowed in AP and in recall at the operating threshold (fractions): ``z`` x the
+    loss's paired bootstrap std on the validation images (what the same tutor's figure moves by chance),
+    at least ``protected_floor`` for a protected class's AP (the protected gate's own tolerance)."""
+    return {c: {"ap": max(protected_floor if c in protected else 0.0, z * ap_noise[c]),
+                "recall": z * recall_noise.get(c, math.nan)} for c in ap_noise}
+
+
+def attack_verdict(kept_out: bool, loss: dict[str, dict[str, float]], tolerance: dict[str, dict[str, float]]
+                   ) -> dict:
+    """"kept out" when every hostile delta was rejected; else "bounded" when no class lost more than its
+    tolerance in any figure (a NaN figure, a class without validation objects, is not judged), else "gets
+    through", with the classes and figures beyond."""
+    beyond = sorted(f"{c} {figure}" for c, figures in loss.items() for figure, value in figures.items()
+                    if value > tolerance[c][figure])
+    verdict = "kept out" if kept_out else ("gets through" if beyond else "bounded")
+    return {"verdict": verdict, "beyond_tolerance": beyond}
+
+
+def losses_against(predictions: list[dict], reference: list[dict], targets: list[dict], classes: list[str],
+                   threshold: float, samples: int, seed: int) -> dict[str, dict[str, dict[str, float]]]:
+    """Per class, what the tutor whose detections are ``predictions`` lost against ``reference``'s (AP, and recall
+    at ``threshold``; positive: lost), and each loss's paired bootstrap std on the validation images."""
+    from evaluation.ap import ap_by_name, bootstrap_ap_drop, bootstrap_recall_drop, recall_at
+
+    ids = [CLASS_INDEX[c] for c in classes]
+    ap_ref, ap_att = ap_by_name(reference, targets, classes)[0], ap_by_name(predictions, targets, classes)[0]
+    rec_ref, rec_att = (recall_at(p, targets, ids, threshold) for p in (reference, predictions))
+    ap_std = bootstrap_ap_drop(reference, predictions, targets, ids, samples=samples, seed=seed)
+    rec_std = bootstrap_recall_drop(reference, predictions, targets, ids, threshold, samples=samples, seed=seed)
+    return {c: {"loss": {"ap": ap_ref[c] - ap_att[c], "recall": rec_ref[i] - rec_att[i]},
+                "noise": {"ap": ap_std[i], "recall": rec_std[i]}} for c, i in zip(classes, ids)}
+
+
+def lesser_loss(tables: dict[str, dict[str, dict[str, dict[str, float]]]]) -> dict[str, dict[str, dict]]:
+    """Per class and figure, the smallest loss over the references (``tables``: reference name -> ``losses_against``'s
+    table), with its noise and the reference's name: an attack is judged against the worst outcome it may
+    legitimately cause (the honest clients alone, or all eight honest)."""
+    out: dict[str, dict[str, dict]] = {}
+    for name, table in tables.items():
+        for c, figures in table.items():
+            for figure, loss in figures["loss"].items():
+                best = out.setdefault(c, {"loss": {}, "noise": {}, "reference": {}})
+                if figure not in best["loss"] or loss < best["loss"][figure]:
+                    best["loss"][figure], best["noise"][figure] = loss, figures["noise"][figure]
+                    best["reference"][figure] = name
+    return out
+
+
+def class_losses(predictions: list[dict], references: dict[str, list[dict]], own: list[str], before: list[dict],
+                 targets: list[dict], classes: list[str], policy, seed: int) -> dict:
+    """Per validation class, what the attack's deployed tutor (``predictions``) lost, AP and recall at the operating
+    threshold, with each loss's bootstrap std and tolerance (``class_tolerances``): against the lesser of the
+    ``references`` (the all-honest run's tutor, the one with the hostile deltas kept out), and for the classes
+    only the hostile clients hold (``own``) against the tutor ``before`` the run."""
+    settings = (policy.operating_threshold, policy.bootstrap_samples, seed)
+    others = [c for c in classes if c not in own]
+    table = lesser_loss({name: losses_against(predictions, reference, targets, others, *settings)
+                         for name, reference in references.items()})
+    if own:
+        table.update({c: {**f, "reference": {"ap": "before", "recall": "before"}}
+                      for c, f in losses_against(predictions, before, targets, own, *settings).items()})
+    tolerance = class_tolerances({c: f["noise"]["ap"] for c, f in table.items()},
+                                 {c: f["noise"]["recall"] for c, f in table.items()},
+                                 policy.protected_classes, policy.protected_tolerance, policy.noise_z)
+    return {c: {**table[c], "tolerance": tolerance[c]} for c in classes}
 
 
 def honest_gains(session, records: list[dict], honest_clients: list[int]) -> float:
@@ -323,23 +418,40 @@ def main(argv=None) -> int:
                      timeout_s=args.timeout)
     session = Session.open(config)
     honest_clients = [c for c in range(config.num_clients) if c not in args.hostile]
+    from strategies.ledger import Recorder
+    from strategies.server_app import default_policy, make_strategy
+
+    policy = default_policy(session)
+    start = make_strategy("diredi", session, Recorder("diredi"))
+    before, _ = deployed_predictions(start)  # the tutor before the run
+    classes = list(start.validator.classes)
+    del start
     base = run_attack(session, "none", args.hostile, args.timeout)
+    own = hostile_only_classes(session, args.hostile)
+    # the outcomes an attack may legitimately cause: all eight honest, or the hostile deltas kept out (rejected NaN)
+    kept_out = run_attack(session, "nan", args.hostile, args.timeout)
+    targets = base["deployed"][1]
+    references = {"all honest": base["deployed"][0], "hostile kept out": kept_out["deployed"][0]}
     base_gain = honest_gains(session, base["recorder"].records, honest_clients)  # the same clients, all honest
     if base["recorder"].failures:  # every attack is judged against this run: one that lost clients misleads
         print(f"WARNING: the all-honest run lost {len(base['recorder'].failures)} client replies "
               f"({base['recorder'].failures[0]['reason']}); a larger --timeout or a quieter machine", flush=True)
     out = {"command": "python -m bench.byzantine " + " ".join(argv if argv is not None else sys.argv[1:]),
            "config": config.to_dict(), "hostile_clients": args.hostile,
-           "claimed_class": claimed_class(session, args.hostile),
+           "claimed_class": claimed_class(session, args.hostile), "hostile_only_classes": own,
            "all_honest": {**summarise(session, base, [], None), "gain_of_the_honest_clients": base_gain},
-           "attacks": {}}
+           "hostile_kept_out": summarise(session, kept_out, args.hostile, base_gain), "attacks": {}}
     for attack in args.attacks:
-        out["attacks"][attack] = a = summarise(session, run_attack(session, attack, args.hostile, args.timeout),
-                                               args.hostile, base_gain)
+        run = kept_out if attack == "nan" else run_attack(session, attack, args.hostile, args.timeout)
+        out["attacks"][attack] = a = summarise(session, run, args.hostile, base_gain)
         a["class_loss"] = class_loss(a["tutor"], out["all_honest"]["tutor"])
+        a["classes"] = (class_losses(run["deployed"][0], references, own, before, targets, classes, policy,
+                                     config.seed) if run["finished"] else {})
+        a.update(attack_verdict(a["rejected"] == a["hostile"], {c: f["loss"] for c, f in a["classes"].items()},
+                                {c: f["tolerance"] for c, f in a["classes"].items()}))
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(out, indent=2, default=str))
-        print(f"{attack}: hostile rejected {a['rejected']}/{a['hostile']}, honest accepted "
+        print(f"{attack}: {a['verdict']} {' '.join(a['beyond_tolerance'])}; hostile rejected {a['rejected']}/{a['hostile']}, honest accepted "
               f"{a['honest_accepted']}/{a['honest']}, protected drop {a['protected_ap_drop']:.2f}, "
               f"honest gain ratio {a['honest_gain_ratio']:.2f}, worst AP loss {a['class_loss']['worst_ap']}, "
               f"worst recall loss {a['class_loss']['worst_recall']}, worst F1 loss {a['class_loss']['worst_f1']}, "

@@ -62,3 +62,42 @@ def test_attack_families_take_a_strength_and_edit_only_their_rows():
     assert (hidden[BIAS] != delta[BIAS]).nonzero().flatten().tolist() == [person]
     assert torch.isclose(hidden[BIAS][person], delta[BIAS][person] - 2.0)
     assert all(torch.equal(claim[k], delta[k]) for k in delta if k != BIAS)
+
+
+def test_combined_attack_lowers_the_kept_and_protected_rows_and_claims():
+    from bench.byzantine import BIAS, CLAIMING, SHIFTED_CLASSES
+    from data.voc import CLASS_INDEX
+
+    _, delta = honest_delta()
+    out = altered_delta(delta, "combined:2", seed=1, claimed="car")
+    lowered = sorted(CLASS_INDEX[c] for c in (*SHIFTED_CLASSES, "person"))
+    changed = (out[BIAS] != delta[BIAS]).nonzero().flatten().tolist()
+    assert changed == sorted([*lowered, CLASS_INDEX["car"]]) and "combined" in CLAIMING
+    assert torch.allclose(out[BIAS][lowered], delta[BIAS][lowered] - 2.0)
+    assert out[BIAS][CLASS_INDEX["car"]] == -2.0
+
+
+def test_a_class_loss_within_its_noise_is_bounded_and_one_beyond_gets_through():
+    from bench.byzantine import attack_verdict, class_tolerances
+
+    tolerance = class_tolerances({"person": 0.01, "car": 0.02}, {"person": 0.03, "car": 0.05}, ("person",),
+                                 protected_floor=0.05, z=3.0)
+    assert tolerance["person"] == {"ap": 0.05, "recall": 3 * 0.03}  # the protected floor over 3 x 0.01
+    assert math.isclose(tolerance["car"]["ap"], 0.06) and math.isclose(tolerance["car"]["recall"], 0.15)
+    inside = {"person": {"ap": 0.04, "recall": 0.08}, "car": {"ap": 0.05, "recall": math.nan}}
+    assert attack_verdict(False, inside, tolerance) == {"verdict": "bounded", "beyond_tolerance": []}
+    # a shift that keeps car's AP but takes a fifth of its recall at the threshold is caught there
+    shifted = {**inside, "car": {"ap": 0.0, "recall": 0.2}}
+    assert attack_verdict(False, shifted, tolerance) == {"verdict": "gets through", "beyond_tolerance": ["car recall"]}
+    assert attack_verdict(True, shifted, tolerance)["verdict"] == "kept out"
+
+
+def test_an_attack_is_judged_against_the_lesser_of_its_legitimate_outcomes():
+    from bench.byzantine import lesser_loss
+
+    honest = {"car": {"loss": {"ap": 0.10, "recall": 0.02}, "noise": {"ap": 0.01, "recall": 0.01}}}
+    kept_out = {"car": {"loss": {"ap": 0.03, "recall": 0.05}, "noise": {"ap": 0.02, "recall": 0.03}}}
+    out = lesser_loss({"all honest": honest, "hostile kept out": kept_out})["car"]
+    # AP: kept out would have cost car as much, so only 0.03 of it is the attack's; recall: against all honest
+    assert out["loss"] == {"ap": 0.03, "recall": 0.02} and out["noise"] == {"ap": 0.02, "recall": 0.01}
+    assert out["reference"] == {"ap": "hostile kept out", "recall": "all honest"}
