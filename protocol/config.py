@@ -68,8 +68,9 @@ BEFORE_CHANGED = {**{key.replace("-", "_"): value for key, value in PAPER_DISTIL
                   **NO_SPREAD, "spread_rows": "distilled",
                   **{key.replace("-", "_"): "inf" if value == math.inf else value  # as config.json writes it
                      for key, value in TRUSTED_MERGE.items()},
-                  "calibrate": "off"}
+                  "calibrate": "off", "protected_scope": "delta"}
 CLAIM_RULES = ("trusted", "earned", "improving", "lifting")  # how the class-aware merge takes a client's trained classes (strategies.verify)
+PROTECTED_SCOPES = ("delta", "merge")  # where the protected gate judges a delta (strategies.merge_gates.protected_appeal)
 CALIBRATIONS = ("off", "f1", "f1-learnt", "f1-offsets")  # the tutor's operating point after a merge (strategies.calibrate)
 
 
@@ -253,6 +254,12 @@ class RunConfig:
                                                              "on the validation set")
     noise_z: float = setting(3.0, VERIFICATION, "... or noise-z x the drop's bootstrap std, if larger (0: no "
                                                 "bootstrap)")
+    # strategies.merge_gates.protected_appeal
+    protected_scope: str = setting("merge", VERIFICATION, "where the protected gate judges a delta: applied whole to "
+                                                          "the tutor (delta), or, when it fails so, again inside the "
+                                                          "round's merge, accepted if the merge with it keeps every "
+                                                          "protected class within the tolerance (merge)",
+                                   PROTECTED_SCOPES)
     kept_tolerance: float = setting(math.inf, VERIFICATION, "the largest mean AP drop over the presumed classes "
                                                             "(inf: recorded only)")
     # eq. 11's precision, recall and F1 (every client's records, the chain's table); AP does not move with it

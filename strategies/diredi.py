@@ -61,7 +61,7 @@ from strategies.aggregate import AGGREGATION_METHODS, aggregate, bound_influence
 from strategies.calibrate import calibrated_classes, moved, offset_search, search_shifts, shift_class_biases
 from strategies.exchange import exchange
 from strategies.ledger import ClientSampler, Clock, Recorder, RoundLedger
-from strategies.merge_gates import harm_merge, operating_point_merge
+from strategies.merge_gates import harm_merge, operating_point_merge, protected_appeal
 from strategies.validator import CandidateValidator, EdgeVerdict
 from strategies.verify import (Decision, VerificationPolicy, deploy_check, direction_check, earned_claims, kept_check,
                                peer_reference, protected_check, safe_norm, structural_check)
@@ -242,7 +242,8 @@ class DiReDiStrategy(Strategy):
         # 1. read every delta, then verify each (the direction check's references need all of them)
         read = [self._timed_read(reply) for reply in ok]
         references = self._references(server_round, [delta for delta, _, _ in read])  # before any verify_seconds
-        decisions, accepted, claimed = [], [], []  # accepted: (delta, decision); claimed: their claims
+        decisions, accepted, appellants = [], [], []  # (delta, decision): accepted, and rejected by the protected gate alone
+        claimed_by: dict[int, set[str]] = {}  # partition id -> the classes it says it trained
         for reply, (delta, problem, read_seconds), reference in zip(ok, read, references):
             metrics = reply.content[METRICS]
             clock = Clock()
@@ -258,42 +259,22 @@ class DiReDiStrategy(Strategy):
             entry.verify_seconds, entry.verify_cpu_seconds = (sum(parts) for parts in spent)
             entry.train, entry.decision = dict(metrics), decision
             decisions.append(decision)
+            claimed_by[decision.client] = set(claims)
             if decision.accepted:
                 accepted.append((delta, decision))
-                claimed.append(set(claims))
+            elif decision.rejected_by == ["protected"]:
+                appellants.append((delta, decision))
+        # 2-3. claims and bounds (``bounded_merge``); with protected_scope "merge", a delta the protected gate
+        # rejected alone is judged again inside the round's merge (strategies.merge_gates.protected_appeal)
+        if appellants and self.policy.protected_scope == "merge":
+            accepted = protected_appeal(self.validator, server_round, accepted, appellants,
+                                        lambda pairs: self.bounded_merge(pairs, claimed_by)(list(range(len(pairs)))))
+        merge = self.bounded_merge(accepted, claimed_by, record=True)
         accepted_decisions = [decision for _, decision in accepted]
-        # 2. claims earned, not trusted: each class's rows from the claimers whose candidates improve it (or,
-        # when none does, hold it; under "improving" nobody's); the decisions record every verdict (strategies.verify).
-        if self.policy.claims != "trusted":
-            claimed, verdicts = earned_claims([d.claim_gain for d in accepted_decisions],
-                                              [d.claim_noise for d in accepted_decisions], self.policy,
-                                              [d.claim_shift for d in accepted_decisions])
-            for decision, names, verdict in zip(accepted_decisions, claimed, verdicts):
-                decision.claims = {c: v if c in names else f"{v}, dropped" for c, v in verdict.items()}
-        class_ids = [{CLASS_INDEX[name] for name in names} for names in claimed]  # each accepted delta's merged classes
-        # 3. bounded influence (strategies.aggregate.bound_influence); class rows are bounded among the deltas
-        # they are merged from (class-aware: the claimers; any other rule: every accepted delta)
-        every = set(range(len(CLASS_INDEX)))
-        members = class_ids if self.aggregation == "class_aware" else [every] * len(accepted)
-        bounded = bound_influence([delta for delta, _ in accepted], [d.norm for d in accepted_decisions],
-                                  [d.weight for d in accepted_decisions], members, clip_norm=self.policy.clip_norm,
-                                  clip_multiple=self.policy.clip_multiple, row_multiple=self.policy.row_multiple,
-                                  weight_multiple=self.policy.weight_cap)
-        for i, decision in enumerate(accepted_decisions):
-            decision.clip_factor = bounded.clip_factors[i]
-            decision.row_clip = {VOC_CLASSES[c]: f for c, f in bounded.row_factors[i].items()}
-            decision.weight_used, decision.weight_cap = bounded.weights[i], bounded.weight_cap
+        for decision in accepted_decisions:
             if decision.weight_used < decision.weight:
                 log.warning("round %d client %d: claimed weight %.4g capped at %.4g", server_round,
                             decision.client, decision.weight, decision.weight_used)
-
-        def merge(kept: list[int]) -> dict[str, Tensor]:
-            options = dict(self.aggregation_options)
-            if self.aggregation == "class_aware":  # each class's rows from the clients whose labels hold it
-                options["client_classes"] = [class_ids[i] for i in kept]
-            return aggregate([bounded.deltas[i] for i in kept], [bounded.weights[i] for i in kept],
-                             self.aggregation, **options)
-
         # 4. the merge's operating point, then the merge itself and eq. 10
         kept = list(range(len(accepted)))
         if kept and math.isfinite(self.policy.operating_tolerance):
@@ -536,6 +517,44 @@ class DiReDiStrategy(Strategy):
         self._restored_partitions = None
 
     # -- verification -------------------------------------------------------------------------
+
+    def bounded_merge(self, accepted: list, claimed_by: Mapping[int, set[str]],
+                      record: bool = False) -> Callable[[list[int]], dict[str, Tensor]]:
+        """Steps 2 and 3 of ``aggregate_train`` over ``accepted`` ((delta, decision) pairs; ``claimed_by``: each
+        client's claimed classes): claims earned, not trusted (each class's rows from the claimers whose
+        candidates improve it, or, when none does, hold it; under "improving" nobody's: ``earned_claims``), then
+        bounded influence (``strategies.aggregate.bound_influence``; class rows are bounded among the deltas they
+        are merged from: class-aware, the claimers; any other rule, every accepted delta). Returns the merge of
+        any subset (indices into ``accepted``); ``record``: the decisions keep the claim verdicts and bounds."""
+        decisions = [decision for _, decision in accepted]
+        claimed = [claimed_by.get(d.client, set()) for d in decisions]
+        if self.policy.claims != "trusted":
+            claimed, verdicts = earned_claims([d.claim_gain for d in decisions], [d.claim_noise for d in decisions],
+                                              self.policy, [d.claim_shift for d in decisions])
+            if record:
+                for decision, names, verdict in zip(decisions, claimed, verdicts):
+                    decision.claims = {c: v if c in names else f"{v}, dropped" for c, v in verdict.items()}
+        class_ids = [{CLASS_INDEX[name] for name in names} for names in claimed]  # each delta's merged classes
+        every = set(range(len(CLASS_INDEX)))
+        members = class_ids if self.aggregation == "class_aware" else [every] * len(accepted)
+        bounded = bound_influence([delta for delta, _ in accepted], [d.norm for d in decisions],
+                                  [d.weight for d in decisions], members, clip_norm=self.policy.clip_norm,
+                                  clip_multiple=self.policy.clip_multiple, row_multiple=self.policy.row_multiple,
+                                  weight_multiple=self.policy.weight_cap)
+        if record:
+            for i, decision in enumerate(decisions):
+                decision.clip_factor = bounded.clip_factors[i]
+                decision.row_clip = {VOC_CLASSES[c]: f for c, f in bounded.row_factors[i].items()}
+                decision.weight_used, decision.weight_cap = bounded.weights[i], bounded.weight_cap
+
+        def merge(kept: list[int]) -> dict[str, Tensor]:
+            options = dict(self.aggregation_options)
+            if self.aggregation == "class_aware":  # each class's rows from the clients whose labels hold it
+                options["client_classes"] = [class_ids[i] for i in kept]
+            return aggregate([bounded.deltas[i] for i in kept], [bounded.weights[i] for i in kept],
+                             self.aggregation, **options)
+
+        return merge
 
     def verify(self, delta: Mapping[str, Tensor] | None, client: int, server_round: int,
                weight: float = 1.0, problem: str | None = None,

@@ -2,6 +2,8 @@
 the per-delta gates and the bounds): at the operating threshold one honest delta alone moves several
 classes' recall by tens of points, so what a delta does is judged inside the merge of the round.
 
+``protected_appeal`` judges a delta that failed the protected gate applied whole to the tutor again inside the
+merge, where it has its share of the weight (``protected_scope`` "merge");
 ``operating_point_merge`` bounds what the merge may cost a guarded class (``operating_tolerance``);
 ``harm_merge`` rejects a delta whose leave-one-out cost to a class stands out from its peers'
 (``operating_harm``). The rules are the pure functions of ``strategies.verify``; these loops only
@@ -18,11 +20,41 @@ from torch import Tensor
 
 from strategies.validator import CandidateValidator
 from strategies.verify import (Decision, guarded_classes, harm_threshold, leave_one_out_harm, operating_harm_check,
-                               operating_point_check)
+                               operating_point_check, protected_check)
 
 log = logging.getLogger(__name__)
 
 Merge = Callable[[list[int]], Mapping[str, Tensor]]  # indices of accepted deltas -> their merged delta
+
+
+def protected_appeal(validator: CandidateValidator, server_round: int, accepted: list, appellants: list,
+                     merged: Callable[[list], Mapping[str, Tensor]]) -> list:
+    """The protected gate inside the round's merge (``protected_scope`` "merge"). The gate judges each delta
+    applied whole to the tutor, where the merge gives it its share of the weight: an honest delta that alone
+    costs a protected class a little more than the tolerance is harmless in the merge (README, "Verification
+    gates"). Each appellant (a ``(delta, decision)`` the protected gate alone rejected) is accepted when the
+    round's merge of the accepted deltas with it (``merged``: the list's merged delta, bounded as every merge)
+    keeps every protected class within the gate's tolerance of the tutor (``protected_check``, noise of that
+    merge's candidate); appellants are tried one at a time in the order given, each on top of those already
+    admitted, so together they cannot cost more than one tolerance. The decisions record the merge's figures
+    (``appeal``). Returns the accepted ``(delta, decision)`` list, appellants admitted appended."""
+    for delta, decision in appellants:
+        trial = [*accepted, (delta, decision)]
+        merge = merged(trial)
+        before, (after, _) = validator.tutor_ap(), validator.candidate_ap(merge)
+        noise = validator.candidate_noise(merge, server_round)
+        ok, reason, figures = protected_check(before, after, validator.policy, noise)
+        decision.appeal = {"accepted": ok, "ap_after": figures["ap_after"], "noise": figures["noise"],
+                           "tolerance": figures["tolerance"], "deltas": len(trial)}
+        if ok:
+            decision.accepted, decision.rejected_by = True, []
+            decision.reason = f"{decision.reason}; inside the round's merge of {len(trial)}: {reason}"
+            log.info("round %d client %d: accepted inside the round's merge (%s)", server_round, decision.client,
+                     reason)
+            accepted = trial
+        else:
+            decision.reason = f"{decision.reason}; inside the round's merge of {len(trial)} too: {reason}"
+    return accepted
 
 
 def operating_point_merge(validator: CandidateValidator, server_round: int, kept: list[int], merge: Merge,

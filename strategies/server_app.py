@@ -69,6 +69,7 @@ def default_policy(session: Session) -> VerificationPolicy:
     config, scenario = session.config, session.workspace.scenario
     return VerificationPolicy.relative_to(neck_head(session.chain.tutor), norm_factor=config.norm_factor,
                                           protected_tolerance=config.protected_tolerance, noise_z=config.noise_z,
+                                          protected_scope=config.protected_scope,
                                           protected_classes=tuple(scenario.protected_classes),
                                           kept_classes=tuple(scenario.presumed_classes),
                                           kept_tolerance=config.kept_tolerance,

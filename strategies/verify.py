@@ -65,6 +65,9 @@ class VerificationPolicy:
     # chance alone produces is not evidence of harm.
     noise_z: float = 0.0
     bootstrap_samples: int = 200
+    # "delta": a delta that fails the protected gate applied whole to the tutor is rejected (eq. 10 per delta);
+    # "merge": it is judged again inside the round's merge (strategies.merge_gates.protected_appeal)
+    protected_scope: str = "delta"
     # The candidate may lose at most kept_tolerance AP on average over these classes (inf: recorded only).
     # A delta can stay within the protected tolerance on every protected class and still erode the rest.
     kept_classes: tuple[str, ...] = ()
@@ -184,6 +187,9 @@ class Decision:
     # the validation images holding the class ("positive") and on the others ("negative"): ``row_score_shift``
     claim_shift: dict[str, float] = field(default_factory=dict)
     claim_shift_negative: dict[str, float] = field(default_factory=dict)
+    # protected_scope "merge": a delta that failed the protected gate alone, judged again inside the round's
+    # merge (``protected_appeal``): the protected classes' AP of the merge with it, the drops allowed, the verdict
+    appeal: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -854,3 +854,37 @@ def test_calibration_as_offsets_undoes_the_shift_for_the_deployed_tutor_and_leav
     assert resumed.aggregate_train(2, [reply(0, zeros_like_nh(trained_tutor))])[1]["accepted"] == 1
     resumed.record_tutor()
     assert resumed.offsets == offsets.offsets and resumed.recorder.tutor_history[-1]["calibration"]["shift"] == {}
+
+
+def test_a_delta_the_protected_gate_rejects_alone_is_judged_inside_the_merge(trained_tutor):
+    """protected_scope "merge": an eraser with a small share of the round's weight cannot cost person anything
+    inside the merge, so it is accepted there (and recorded); at its peers' share it is rejected there too."""
+    import copy
+
+    def run(scope, eraser_weight):
+        policy = VerificationPolicy(norm_bound=50.0, protected_tolerance=0.05, protected_classes=("person",),
+                                    protected_scope=scope)
+        strategy = DiReDiStrategy(copy.deepcopy(trained_tutor), build_model("smoke", "edge", seed=1),
+                                  Squares(32, 1), ["person"], ClientTraining.from_profile(get_profile("smoke")),
+                                  policy, aggregation="weighted")
+        erase = zeros_like_nh(strategy.tutor)
+        erase["head.classification_head.cls_logits.bias"][PERSON] = -30.0
+        harmless = zeros_like_nh(strategy.tutor)
+        harmless["backbone.fpn.inner_blocks.0.0.bias"] += 1e-4
+        person_before = strategy.validator.tutor_ap()["person"]
+        peers = [reply(i, harmless, 1000.0) for i in (1, 2, 3)]  # (the weight cap: 4 x the round's low median)
+        _, metrics = strategy.aggregate_train(1, [reply(0, erase, eraser_weight), *peers])
+        strategy.validator.tutor_changed()
+        return metrics, {d.client: d for d in strategy.recorder.decisions}, person_before, strategy
+
+    metrics, decisions, _, _ = run("delta", 1.0)
+    assert metrics["accepted"] == 3 and decisions[0].rejected_by == ["protected"] and not decisions[0].appeal
+    metrics, decisions, person_before, strategy = run("merge", 1.0)  # 1/3001 of the merge: -0.01 logits
+    assert metrics["accepted"] == 4 and decisions[0].accepted and decisions[0].rejected_by == []
+    assert decisions[0].appeal["accepted"] and decisions[0].appeal["deltas"] == 4
+    assert "inside the round's merge of 4" in decisions[0].reason
+    assert decisions[0].ap_after["person"] < person_before - 0.05  # alone it erases person ...
+    assert strategy.validator.tutor_ap()["person"] >= person_before - 0.05  # ... the merged tutor keeps it
+    metrics, decisions, _, _ = run("merge", 1000.0)  # a quarter of the merge: -7.5 logits
+    assert metrics["accepted"] == 3 and not decisions[0].accepted and decisions[0].rejected_by == ["protected"]
+    assert decisions[0].appeal["accepted"] is False and "inside the round's merge of 4 too" in decisions[0].reason
