@@ -52,7 +52,7 @@ from flwr.clientapp import ClientApp
 import clients.app as honest
 from data.voc import CLASS_INDEX
 from evaluation.metrics import method_table
-from protocol.config import CALIBRATIONS, CLAIM_RULES, RunConfig
+from protocol.config import CALIBRATIONS, CLAIM_RULES, ROW_BOUNDS, RunConfig
 from protocol.wire import CONFIG, DELTA, METRICS, NUM_EXAMPLES, TRAINED, encode, state_record
 
 ATTACK, HOSTILE, SLEEP = "attack", "hostile", "hostile-sleep-s"
@@ -402,6 +402,9 @@ def main(argv=None) -> int:
     parser.add_argument("--row-multiple", type=float, default=defaults.row_multiple,
                         help="each class's rows clipped to this multiple of the round's median row change (inf: off; "
                              f"default: the run's, {defaults.row_multiple:g})")
+    parser.add_argument("--row-bound", choices=ROW_BOUNDS, default=defaults.row_bound,
+                        help="what the row bound compares: row change (norm) or weight x row change (influence; "
+                             f"default: the run's, {defaults.row_bound})")
     parser.add_argument("--calibrate", choices=CALIBRATIONS, default=defaults.calibrate,
                         help="the server's calibration of the merged tutor's operating point (strategies.calibrate; "
                              f"default: the run's, {defaults.calibrate})")
@@ -414,6 +417,7 @@ def main(argv=None) -> int:
                                          "operating-tolerance": args.operating_tolerance,
                                          "operating-harm": args.operating_harm, "claims": args.claims,
                                          "clip-multiple": args.clip_multiple, "row-multiple": args.row_multiple,
+                                         "row-bound": args.row_bound,
                                          "calibrate": args.calibrate, **NO_SPREAD}),  # as measured; spread never touches a delta
                      timeout_s=args.timeout)
     session = Session.open(config)

@@ -86,7 +86,7 @@ def row_norms(delta: Delta, class_row_params: Sequence[str] = CLASS_ROW_PARAMS) 
 
 
 def clip_class_rows(deltas: Sequence[Delta], members: Sequence[Collection[int]], multiple: float = math.inf,
-                    class_row_params: Sequence[str] = CLASS_ROW_PARAMS
+                    class_row_params: Sequence[str] = CLASS_ROW_PARAMS, weights: Sequence[float] | None = None
                     ) -> tuple[list[dict[str, Tensor]], list[dict[int, float]]]:
     """Each delta's rows of class c clipped to ``median_cap`` of the row-c norms of the deltas that take
     part in row c (``members[i]``: the classes delta i's rows count for, e.g. its earned claims).
@@ -95,7 +95,10 @@ def clip_class_rows(deltas: Sequence[Delta], members: Sequence[Collection[int]],
     room for an edit of one class's bias that lowers every score of that class. Row c's influence is
     bounded by what the round's other contributors to row c changed it by; a row with one contributor
     is bounded by nothing but itself (the claim rule decides whether it counts). Rows a delta does not
-    take part in are left as they are (they do not reach a class-aware merge). Returns (clipped deltas,
+    take part in are left as they are (they do not reach a class-aware merge). With ``weights`` (the merge's, after
+    the cap) what is bounded is each delta's influence on the row, its weight x its row-c norm, against the
+    median influence of row c's contributors: a row at 4 x the median norm sent with 4 x the median weight
+    otherwise moves the merged row 16 x as much as a median client's. Returns (clipped deltas,
     per delta {class: factor} for every row scaled down); the inputs are not modified. With ``multiple``
     inf, or when the class-row tensors are absent, the deltas are returned as they are.
     """
@@ -107,6 +110,10 @@ def clip_class_rows(deltas: Sequence[Delta], members: Sequence[Collection[int]],
     if math.isinf(multiple) or not deltas or not all(name in deltas[0] for name in class_row_params):
         return [dict(d) for d in deltas], factors
     norms = [row_norms(d, class_row_params) for d in deltas]
+    if weights is not None:
+        if len(weights) != len(deltas):
+            raise ValueError(f"{len(weights)} weights for {len(deltas)} deltas")
+        norms = [[float(w) * n for n in row] for w, row in zip(weights, norms)]
     out = [dict(d) for d in deltas]
     for c in range(len(norms[0])):
         takers = [i for i, s in enumerate(sets) if c in s]
@@ -135,13 +142,16 @@ class Bounded:
 def bound_influence(deltas: Sequence[Delta], norms: Sequence[float], weights: Sequence[float],
                     members: Sequence[Collection[int]], *, clip_norm: float = math.inf,
                     clip_multiple: float = math.inf, row_multiple: float = math.inf,
-                    weight_multiple: float = math.inf) -> Bounded:
+                    weight_multiple: float = math.inf, row_influence: bool = False) -> Bounded:
     """Every bound on what one accepted delta can do to the merge, in order:
 
     1. its norm clipped to min(``clip_norm``, ``clip_multiple`` x the round's median norm) (``clip_delta``);
     2. its rows of each class clipped to ``row_multiple`` x the median change of that row among the deltas
        it is merged with (``members[i]``: the classes delta i's rows take part in; ``clip_class_rows``);
     3. its claimed weight capped at ``weight_multiple`` x the round's median claim (``cap_weights``).
+
+    ``row_influence``: step 2 bounds each delta's weight (as capped in step 3) x its row norm instead
+    (``clip_class_rows`` with weights).
     """
     norm_cap = min(clip_norm, median_cap(norms, clip_multiple))
     clipped, clip_factors = [], []
@@ -149,8 +159,8 @@ def bound_influence(deltas: Sequence[Delta], norms: Sequence[float], weights: Se
         delta, factor = clip_delta(delta, norm_cap)
         clipped.append(delta)
         clip_factors.append(factor)
-    clipped, row_factors = clip_class_rows(clipped, members, row_multiple)
     used, cap = cap_weights(weights, weight_multiple)
+    clipped, row_factors = clip_class_rows(clipped, members, row_multiple, weights=used if row_influence else None)
     return Bounded(clipped, clip_factors, row_factors, used, cap)
 
 

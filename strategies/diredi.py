@@ -540,7 +540,8 @@ class DiReDiStrategy(Strategy):
         bounded = bound_influence([delta for delta, _ in accepted], [d.norm for d in decisions],
                                   [d.weight for d in decisions], members, clip_norm=self.policy.clip_norm,
                                   clip_multiple=self.policy.clip_multiple, row_multiple=self.policy.row_multiple,
-                                  weight_multiple=self.policy.weight_cap)
+                                  weight_multiple=self.policy.weight_cap,
+                                  row_influence=self.policy.row_bound == "influence")
         if record:
             for i, decision in enumerate(decisions):
                 decision.clip_factor = bounded.clip_factors[i]

@@ -110,6 +110,8 @@ class VerificationPolicy:
     # Merge-time clipping per class row: each accepted delta's classification rows of class c clipped to
     # row_multiple x the (low) median row-c norm of the deltas whose rows count for c (inf: off).
     row_multiple: float = math.inf
+    # "influence": the row bound applies to weight x row norm (``strategies.aggregate.clip_class_rows``)
+    row_bound: str = "norm"
 
     def _beyond_noise(self, floor: float, noise: float) -> float:
         return max(floor, self.noise_z * noise) if self.noise_z > 0 and math.isfinite(noise) else floor

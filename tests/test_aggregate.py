@@ -191,6 +191,27 @@ def test_clip_class_rows_bounds_each_row_by_its_contributors_median():
         clip_class_rows(deltas, members, multiple=0.5)
 
 
+def test_the_row_bound_by_influence_counts_the_weight_a_row_is_merged_with():
+    from strategies.aggregate import bound_influence, clip_class_rows, row_norms
+
+    honest = [{CLS_W: rows([0.3, 0.4], [0, 0], [1, 0]), CLS_B: t(0, 0, 0), "neck": t(5, 5)} for _ in range(3)]
+    edited = {CLS_W: rows([0.3, 0.4], [0, 0], [1, 0]), CLS_B: t(-1.5, 0, 0), "neck": t(5, 5)}  # class-0 row norm ~1.58
+    deltas, members = honest + [edited], [{0, 2}] * 4
+    # by norm alone the edit is within 4 x 0.5; sent with 4 x the median weight its influence is 12.6 x the median's
+    assert clip_class_rows(deltas, members, multiple=4.0)[1][3] == {}
+    clipped, factors = clip_class_rows(deltas, members, multiple=4.0, weights=[10, 10, 10, 40])
+    assert set(factors[3]) == {0} and 40 * row_norms(clipped[3])[0] == pytest.approx(4 * 10 * 0.5)
+    assert factors[:3] == [{}, {}, {}]
+    # bound_influence caps the claim first (1e12 -> 4 x the median, 40) and bounds the row with that weight
+    bounded = bound_influence(deltas, [1.0] * 4, [10, 10, 10, 1e12], members, row_multiple=4.0, weight_multiple=4.0,
+                              row_influence=True)
+    assert bounded.weights == [10, 10, 10, 40] and bounded.row_factors[3][0] == pytest.approx(factors[3][0])
+    plain = bound_influence(deltas, [1.0] * 4, [10, 10, 10, 1e12], members, row_multiple=4.0, weight_multiple=4.0)
+    assert plain.row_factors[3] == {}
+    with pytest.raises(ValueError, match="3 weights for 4 deltas"):
+        clip_class_rows(deltas, members, multiple=4.0, weights=[1, 1, 1])
+
+
 def test_aggregate_routes_class_aware():
     deltas, weights, classes = three_clients()
     out = aggregate(deltas, weights, "class_aware", client_classes=classes, shared="weighted", scale=0.5)
