@@ -32,7 +32,7 @@ it may go unlearned, not fall below where it was), and its tolerance is ``noise_
 bootstrap std on the validation images, at least the protected tolerance for a protected class's AP
 (``class_tolerances``).
 
-Writes ``experiments/results/byzantine.json`` after every attack and prints a table.
+Writes ``experiments/results/byzantine.json`` (and its verdicts as ``byzantine.md``) after every attack.
 """
 
 from __future__ import annotations
@@ -376,6 +376,34 @@ def summarise(session, run: dict, hostile: list[int], baseline_gain: float | Non
             "failures": [f["reason"][:200] for f in recorder.failures]}
 
 
+def largest_loss(classes: dict, figure: str) -> str:
+    """The class that lost most in ``figure`` ("ap" or "recall"), as "class loss / tolerance" in points."""
+    judged = {c: f for c, f in classes.items() if math.isfinite(f["loss"][figure])}
+    if not judged:
+        return "-"
+    c = max(judged, key=lambda k: judged[k]["loss"][figure])
+    return f"{c} {100 * judged[c]['loss'][figure]:.1f} / {100 * judged[c]['tolerance'][figure]:.1f}"
+
+
+def verdict_table(out: dict) -> str:
+    """The benchmark's verdicts as a markdown table: per attack, what was kept out and, per figure, the class
+    closest to (or furthest beyond) its tolerance."""
+    lines = [f"`{out['command']}`", "",
+             f"all honest: clients' gain {out['all_honest']['gain_of_the_honest_clients']:.1f}; "
+             f"hostile kept out: honest gain ratio {out['hostile_kept_out']['honest_gain_ratio']:.2f}; "
+             f"classes only the hostile clients hold (judged against the tutor before the run): "
+             f"{', '.join(out['hostile_only_classes']) or 'none'}", "",
+             "| attack | verdict | hostile rejected | honest accepted | honest gain ratio | AP: class loss / tolerance "
+             "(points) | recall at the threshold: class loss / tolerance |",
+             "|---|---|---|---|---|---|---|"]
+    for name, a in out["attacks"].items():
+        verdict = a["verdict"] + (f" ({', '.join(a['beyond_tolerance'])})" if a["beyond_tolerance"] else "")
+        lines.append(f"| {name} | {verdict} | {a['rejected']}/{a['hostile']} | {a['honest_accepted']}/{a['honest']} | "
+                     f"{a['honest_gain_ratio']:.2f} | {largest_loss(a['classes'], 'ap')} | "
+                     f"{largest_loss(a['classes'], 'recall')} |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.byzantine", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -455,6 +483,7 @@ def main(argv=None) -> int:
                                 {c: f["tolerance"] for c, f in a["classes"].items()}))
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(out, indent=2, default=str))
+        args.out.with_suffix(".md").write_text(verdict_table(out))
         print(f"{attack}: {a['verdict']} {' '.join(a['beyond_tolerance'])}; hostile rejected {a['rejected']}/{a['hostile']}, honest accepted "
               f"{a['honest_accepted']}/{a['honest']}, protected drop {a['protected_ap_drop']:.2f}, "
               f"honest gain ratio {a['honest_gain_ratio']:.2f}, worst AP loss {a['class_loss']['worst_ap']}, "

@@ -101,3 +101,18 @@ def test_an_attack_is_judged_against_the_lesser_of_its_legitimate_outcomes():
     # AP: kept out would have cost car as much, so only 0.03 of it is the attack's; recall: against all honest
     assert out["loss"] == {"ap": 0.03, "recall": 0.02} and out["noise"] == {"ap": 0.02, "recall": 0.01}
     assert out["reference"] == {"ap": "hostile kept out", "recall": "all honest"}
+
+
+def test_the_verdict_table_names_each_attacks_largest_loss_and_what_got_through():
+    from bench.byzantine import verdict_table
+
+    classes = {"car": {"loss": {"ap": 0.01, "recall": 0.143}, "tolerance": {"ap": 0.02, "recall": 0.105}},
+               "dog": {"loss": {"ap": 0.03, "recall": math.nan}, "tolerance": {"ap": 0.05, "recall": math.nan}}}
+    attack = {"verdict": "gets through", "beyond_tolerance": ["car recall"], "rejected": 0, "hostile": 2,
+              "honest_accepted": 6, "honest": 6, "honest_gain_ratio": 0.98, "classes": classes}
+    out = {"command": "python -m bench.byzantine", "all_honest": {"gain_of_the_honest_clients": 29.0},
+           "hostile_kept_out": {"honest_gain_ratio": 1.01}, "hostile_only_classes": ["cat"],
+           "attacks": {"combined:3": attack}}
+    row = verdict_table(out).splitlines()[-1]
+    assert row == ("| combined:3 | gets through (car recall) | 0/2 | 6/6 | 0.98 | dog 3.0 / 5.0 | "
+                   "car 14.3 / 10.5 |")
