@@ -430,6 +430,9 @@ def main(argv=None) -> int:
     parser.add_argument("--row-multiple", type=float, default=defaults.row_multiple,
                         help="each class's rows clipped to this multiple of the round's median row change (inf: off; "
                              f"default: the run's, {defaults.row_multiple:g})")
+    parser.add_argument("--weight-cap", type=float, default=defaults.weight_cap,
+                        help="claimed weights capped at this multiple of the round's median claim (inf: off; "
+                             f"default: the run's, {defaults.weight_cap:g})")
     parser.add_argument("--row-bound", choices=ROW_BOUNDS, default=defaults.row_bound,
                         help="what the row bound compares: row change (norm) or weight x row change (influence; "
                              f"default: the run's, {defaults.row_bound})")
@@ -437,17 +440,18 @@ def main(argv=None) -> int:
                         help="the server's calibration of the merged tutor's operating point (strategies.calibrate; "
                              f"default: the run's, {defaults.calibrate})")
     args = parser.parse_args(argv)
-    from protocol.config import NO_SPREAD, resolve_run_config
+    from protocol.config import NO_SPREAD, ConfigError, resolve_run_config
     from session.workspace import Session
 
     torch.set_num_threads(1)  # the server's work is small; leave the cores to the clients
-    config = replace(resolve_run_config({"profile": args.profile, "rounds": args.rounds,
-                                         "operating-tolerance": args.operating_tolerance,
-                                         "operating-harm": args.operating_harm, "claims": args.claims,
-                                         "clip-multiple": args.clip_multiple, "row-multiple": args.row_multiple,
-                                         "row-bound": args.row_bound,
-                                         "calibrate": args.calibrate, **NO_SPREAD}),  # as measured; spread never touches a delta
-                     timeout_s=args.timeout)
+    settings = {"profile": args.profile, "rounds": args.rounds, "operating-tolerance": args.operating_tolerance,
+                "operating-harm": args.operating_harm, "claims": args.claims, "clip-multiple": args.clip_multiple,
+                "row-multiple": args.row_multiple, "row-bound": args.row_bound, "weight-cap": args.weight_cap,
+                "calibrate": args.calibrate, **NO_SPREAD}  # as measured; spread never touches a delta
+    try:
+        config = replace(resolve_run_config(settings), timeout_s=args.timeout)
+    except ConfigError as err:
+        parser.error(str(err))
     session = Session.open(config)
     honest_clients = [c for c in range(config.num_clients) if c not in args.hostile]
     from strategies.ledger import Recorder
