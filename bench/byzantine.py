@@ -38,6 +38,7 @@ Writes ``experiments/results/byzantine.json`` (and its verdicts as ``byzantine.m
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import sys
@@ -52,7 +53,7 @@ from flwr.clientapp import ClientApp
 import clients.app as honest
 from data.voc import CLASS_INDEX
 from evaluation.metrics import method_table
-from protocol.config import CALIBRATIONS, CLAIM_RULES, ROW_BOUNDS, RunConfig
+from protocol.config import RunConfig, choices_of
 from protocol.wire import CONFIG, DELTA, METRICS, NUM_EXAMPLES, TRAINED, encode, state_record
 
 ATTACK, HOSTILE, SLEEP = "attack", "hostile", "hostile-sleep-s"
@@ -67,6 +68,8 @@ CLAIMING = ("false_claim", "combined")  # they claim a class they do not hold
 # barely moves; their recall at the operating threshold falls), the rest of the delta honest
 SHIFTED_CLASSES = ("aeroplane", "bus", "horse", "motorbike")
 BIAS = "head.classification_head.cls_logits.bias"
+# the run settings the benchmark takes from its command line (the merge's claim rule, bounds and calibration)
+MERGE_SETTINGS = ("claims", "clip_multiple", "row_multiple", "weight_cap", "row_bound", "calibrate")
 
 
 def parse_attack(text: str) -> tuple[str, float]:
@@ -420,34 +423,22 @@ def main(argv=None) -> int:
     parser.add_argument("--operating-harm", type=float, default=math.inf,
                         help="the harm gate's floor: a delta's leave-one-out cost to a class's recall in the merge "
                              "(inf: off, the default)")
-    defaults = RunConfig()  # the merge's bounds and claim rule default to the run's
-    parser.add_argument("--claims", choices=CLAIM_RULES, default=defaults.claims,
-                        help="the class-aware merge's claim rule (strategies.verify.earned_claims; default: the "
-                             f"run's, {defaults.claims})")
-    parser.add_argument("--clip-multiple", type=float, default=defaults.clip_multiple,
-                        help="accepted deltas clipped to this multiple of the round's median norm (inf: off; "
-                             f"default: the run's, {defaults.clip_multiple:g})")
-    parser.add_argument("--row-multiple", type=float, default=defaults.row_multiple,
-                        help="each class's rows clipped to this multiple of the round's median row change (inf: off; "
-                             f"default: the run's, {defaults.row_multiple:g})")
-    parser.add_argument("--weight-cap", type=float, default=defaults.weight_cap,
-                        help="claimed weights capped at this multiple of the round's median claim (inf: off; "
-                             f"default: the run's, {defaults.weight_cap:g})")
-    parser.add_argument("--row-bound", choices=ROW_BOUNDS, default=defaults.row_bound,
-                        help="what the row bound compares: row change (norm) or weight x row change (influence; "
-                             f"default: the run's, {defaults.row_bound})")
-    parser.add_argument("--calibrate", choices=CALIBRATIONS, default=defaults.calibrate,
-                        help="the server's calibration of the merged tutor's operating point (strategies.calibrate; "
-                             f"default: the run's, {defaults.calibrate})")
+    # the merge's claim rule, bounds and calibration: the run's settings, with their defaults and help
+    fields = {f.name: f for f in dataclasses.fields(RunConfig)}
+    for name in MERGE_SETTINGS:
+        f, default = fields[name], getattr(RunConfig(), name)
+        kind = {"choices": choices_of(f)} if choices_of(f) else {"type": float}
+        shown = f"{default:g}" if isinstance(default, float) else default
+        parser.add_argument(f"--{name.replace('_', '-')}", default=default, **kind,
+                            help=f"{f.metadata['help']} (default: the run's, {shown})")
     args = parser.parse_args(argv)
     from protocol.config import NO_SPREAD, ConfigError, resolve_run_config
     from session.workspace import Session
 
     torch.set_num_threads(1)  # the server's work is small; leave the cores to the clients
     settings = {"profile": args.profile, "rounds": args.rounds, "operating-tolerance": args.operating_tolerance,
-                "operating-harm": args.operating_harm, "claims": args.claims, "clip-multiple": args.clip_multiple,
-                "row-multiple": args.row_multiple, "row-bound": args.row_bound, "weight-cap": args.weight_cap,
-                "calibrate": args.calibrate, **NO_SPREAD}  # as measured; spread never touches a delta
+                "operating-harm": args.operating_harm, **NO_SPREAD,  # as measured; spread never touches a delta
+                **{name.replace("_", "-"): getattr(args, name) for name in MERGE_SETTINGS}}
     try:
         config = replace(resolve_run_config(settings), timeout_s=args.timeout)
     except ConfigError as err:
