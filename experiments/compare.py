@@ -76,21 +76,50 @@ def replicate_command(args: argparse.Namespace, replicate: int, settings: dict) 
     for flag, value in settings.items():
         command += [flag, f"{value:g}" if isinstance(value, float) else str(value)]
     if (folder / "config.json").exists():
+        if not args.redo_stale:  # (--redo-stale runs DiReDi again under today's settings instead)
+            command += finished_diredi_settings(command, folder)
         command.append("--resume")
         if args.redo_stale and stale_diredi(command, folder):
             command += ["--redo", "diredi"]
     return command
 
 
-def stale_diredi(command: list[str], folder: Path) -> bool:
-    """Whether the replicate's folder can go on with ``command``'s settings only once DiReDi's records, made
-    with other DiReDi settings, are dropped (every other setting the same)."""
-    from report.writer import RunFolder
+def command_run(command: list[str]) -> dict:
+    """The run configuration (as config.json holds it) a ``sim.run`` command line makes."""
     from sim.run import build_parser, run_config_of
     from protocol.config import resolve_run_config
 
     start = command.index("sim.run") + 1
-    run = json.loads(json.dumps(resolve_run_config(run_config_of(build_parser().parse_args(command[start:]))).to_dict()))
+    return json.loads(json.dumps(resolve_run_config(run_config_of(build_parser().parse_args(command[start:]))).to_dict()))
+
+
+def finished_diredi_settings(command: list[str], folder: Path) -> list[str]:
+    """Flags that pin DiReDi's own settings to those the replicate's folder recorded, once DiReDi finished there:
+    a default that changed since (e.g. ``--calibrate``) would otherwise stop the other methods from resuming,
+    though none of them reads it (without ``--redo-stale``, which runs DiReDi again under today's settings)."""
+    from protocol.config import RunConfig, diredi_only_settings
+    from report.writer import RunFolder
+
+    run_folder = RunFolder(folder)
+    if "diredi" not in run_folder.read_done():
+        return []
+    recorded = RunConfig.completed(run_folder.read_config().get("run") or {})
+    today = RunConfig.completed(command_run(command))
+    flags = []
+    for name in diredi_only_settings():
+        if recorded[name] != today[name]:
+            value = recorded[name]
+            flags += [f"--{name.replace('_', '-')}",
+                      ",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)]
+    return flags
+
+
+def stale_diredi(command: list[str], folder: Path) -> bool:
+    """Whether the replicate's folder can go on with ``command``'s settings only once DiReDi's records, made
+    with other DiReDi settings, are dropped (every other setting the same)."""
+    from report.writer import RunFolder
+
+    run = command_run(command)
     return RunFolder.resume_problem(folder, run) is not None and RunFolder.resume_problem(folder, run, ("diredi",)) is None
 
 

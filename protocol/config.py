@@ -283,7 +283,8 @@ class RunConfig:
                                                               "round's other deltas (peers) or the server's own RD "
                                                               "update (server)", DIRECTION_REFERENCES)
     clip_norm: float = setting(math.inf, MERGE, "accepted deltas clipped to this L2 norm (inf: off)")
-    weight_cap: float = setting(4.0, MERGE, "a client's claimed example count capped at this multiple of the round's "
+    # 2: every honest round kept here claims at most 1.27 x its median (README, "Every strength family")
+    weight_cap: float = setting(2.0, MERGE, "a client's claimed example count capped at this multiple of the round's "
                                             "median claim (inf: off)")
     clip_multiple: float = setting(4.0, MERGE, "accepted deltas clipped to this multiple of the round's median "
                                                "delta norm (inf: off)")

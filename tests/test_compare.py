@@ -176,7 +176,16 @@ def test_redo_stale_runs_diredi_again_only_where_its_own_settings_changed(tmp_pa
     assert "--redo" not in replicate_command(args, 0, {})
     args.redo_stale = False
     folder_with(claims="lifting")
-    assert "--redo" not in replicate_command(args, 0, {})
+    command = replicate_command(args, 0, {})
+    assert "--redo" not in command
+    # without --redo-stale, DiReDi's finished records keep their settings: the other methods resume under them
+    assert command[-3:] == ["--claims", "lifting", "--resume"]
+    resumed = json.loads(json.dumps(resolve_run_config(run_config_of(build_parser().parse_args(command[3:]))).to_dict()))
+    assert RunFolder.resume_problem(tmp_path / "runs" / "rep0", resumed) is None
+    folder_with(claims="lifting", rounds=3)  # a setting the other methods read differs: sim.run still refuses
+    command = replicate_command(args, 0, {})
+    resumed = json.loads(json.dumps(resolve_run_config(run_config_of(build_parser().parse_args(command[3:]))).to_dict()))
+    assert RunFolder.resume_problem(tmp_path / "runs" / "rep0", resumed) is not None
 
 
 def test_a_replicate_keeps_a_chain_of_its_own_under_chain_per_replicate(tmp_path):

@@ -12,7 +12,7 @@ def test_run_config_merge_defences_defaults_and_validation():
     from protocol.config import ConfigError, RunConfig, resolve_run_config
 
     config = RunConfig()
-    assert (config.weight_cap, config.kept_tolerance, config.clip_norm) == (4.0, math.inf, math.inf)
+    assert (config.weight_cap, config.kept_tolerance, config.clip_norm) == (2.0, math.inf, math.inf)
     assert RunConfig.from_record(config.to_record()) == config
     assert RunConfig.from_record(config.to_dict()) == config  # inf is written as "inf" and read back
     assert (config.claims, config.clip_multiple, config.row_multiple) == ("earned", 4.0, 4.0)
