@@ -68,7 +68,7 @@ BEFORE_CHANGED = {**{key.replace("-", "_"): value for key, value in PAPER_DISTIL
                   **NO_SPREAD, "spread_rows": "distilled",
                   **{key.replace("-", "_"): "inf" if value == math.inf else value  # as config.json writes it
                      for key, value in TRUSTED_MERGE.items()},
-                  "calibrate": "off", "protected_scope": "delta"}
+                  "calibrate": "off", "protected_scope": "delta", "row_bound": "norm"}
 CLAIM_RULES = ("trusted", "earned", "improving", "lifting")  # how the class-aware merge takes a client's trained classes (strategies.verify)
 PROTECTED_SCOPES = ("delta", "merge")  # where the protected gate judges a delta (strategies.merge_gates.protected_appeal)
 ROW_BOUNDS = ("norm", "influence")  # what the per-class row bound compares (strategies.aggregate.clip_class_rows)
@@ -291,8 +291,9 @@ class RunConfig:
     row_multiple: float = setting(4.0, MERGE, "each accepted delta's classification rows of a class clipped to "
                                               "this multiple of the round's median change of that class's rows "
                                               "(inf: off)")
-    row_bound: str = setting("norm", MERGE, "what the row bound compares: a delta's row change (norm) or its "
-                                            "weight in the merge x its row change (influence)", ROW_BOUNDS)
+    # influence: README, "A weight cap an honest client meets"
+    row_bound: str = setting("influence", MERGE, "what the row bound compares: a delta's row change (norm) or "
+                                                 "its weight in the merge x its row change (influence)", ROW_BOUNDS)
     # strategies.verify
     claims: str = setting("earned", MERGE, "the class-aware merge takes a client's classes as it reports them "
                                            "(trusted) | only those its candidate tutor improves on the validation "

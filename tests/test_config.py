@@ -78,3 +78,12 @@ def test_without_diredi_s_records_only_diredi_s_own_settings_may_differ():
     assert RunConfig.same_settings(other_diredi, written, diredi_ran=False)
     for name, value in (("rd_iters", 7), ("direct_lr", 0.1), ("rounds", 3)):
         assert not RunConfig.same_settings({**written, name: value}, written, diredi_ran=False), name
+
+
+def test_run_folders_made_before_the_protected_appeal_and_the_influence_bound_read_as_what_they_did():
+    from protocol.config import RunConfig
+
+    today = RunConfig()
+    assert (today.protected_scope, today.row_bound, today.weight_cap) == ("merge", "influence", 2.0)
+    older = RunConfig.completed({})  # a config.json written before either setting existed
+    assert (older["protected_scope"], older["row_bound"]) == ("delta", "norm")
