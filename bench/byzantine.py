@@ -10,7 +10,8 @@ then altered, as a client written outside the project would send it over the sam
 Which clients are hostile and the attack travel in the server's config (keys ``attack`` and
 ``hostile``; the honest handlers ignore keys they do not know). Each attack is one DiReDi run of
 the default configuration (2 of 8 clients hostile), compared with an all-honest run of the same
-seed. Per attack: hostile deltas rejected (a missing reply counts as kept out), honest deltas
+seed (the claim rule, the bounds and the calibration are the run's defaults unless given: ``--claims``,
+``--weight-cap``, ``--row-bound``, ...). Per attack: hostile deltas rejected (a missing reply counts as kept out), honest deltas
 accepted, the tutor's protected-class validation AP drop over the run, the honest clients' mean
 gain over the all-honest run's (the same clients), whether the run finished, and the tutor's
 validation AP and recall at the operating threshold per class after the run beside the all-honest
@@ -26,9 +27,10 @@ class lowered by the strength, and the false claim).
 
 Each attack's verdict (``attack_verdict``): "kept out" when every hostile delta is rejected; otherwise
 "bounded" when no class of the deployed tutor after the run lost more than its tolerance in AP or in recall at
-the operating threshold, else "gets through". A class's loss is measured against the all-honest run's tutor
-(for a class only the hostile clients hold: against the tutor before the run, since nothing honest teaches it;
-it may go unlearned, not fall below where it was), and its tolerance is ``noise_z`` x the loss's paired
+the operating threshold, else "gets through". A class's loss is measured against the lesser of two outcomes
+the server accepts, the all-honest run's tutor and the one of a run whose hostile deltas are kept out (a "nan"
+run, always made; ``lesser_loss``), and for a class only the hostile clients hold against the tutor before the
+run (nothing honest teaches it: it may go unlearned, not fall below where it was); its tolerance is ``noise_z`` x the loss's paired
 bootstrap std on the validation images, at least the protected tolerance for a protected class's AP
 (``class_tolerances``).
 
