@@ -70,8 +70,9 @@ CLAIMING = ("false_claim", "combined")  # they claim a class they do not hold
 # barely moves; their recall at the operating threshold falls), the rest of the delta honest
 SHIFTED_CLASSES = ("aeroplane", "bus", "horse", "motorbike")
 BIAS = "head.classification_head.cls_logits.bias"
-# the run settings the benchmark takes from its command line (the merge's claim rule, bounds and calibration)
-MERGE_SETTINGS = ("claims", "clip_multiple", "row_multiple", "weight_cap", "row_bound", "calibrate")
+# the run settings the benchmark takes from its command line (the protected gate's scope, the merge's claim rule,
+# bounds and calibration)
+MERGE_SETTINGS = ("protected_scope", "claims", "clip_multiple", "row_multiple", "weight_cap", "row_bound", "calibrate")
 
 
 def parse_attack(text: str) -> tuple[str, float]:
