@@ -22,9 +22,10 @@ from pathlib import Path
 
 from protocol.config import RunConfig
 
-# The settings of the gates that can reject a delta.
-REJECTING_GATES = ("protected_tolerance", "noise_z", "kept_tolerance", "direction_z", "direction_reference",
-                   "operating_tolerance", "operating_harm")
+# The settings of the gates that can reject a delta (protected_scope: "merge" judges a delta the protected gate
+# rejected whole again inside the round's merge, so it rejects less than "delta", the gate before it).
+REJECTING_GATES = ("protected_tolerance", "noise_z", "protected_scope", "kept_tolerance", "direction_z",
+                   "direction_reference", "operating_tolerance", "operating_harm")
 
 
 def gate_settings(completed: dict | None) -> dict | None:
@@ -44,6 +45,8 @@ def census(folder: Path) -> dict | None:
     known = run or {}
     return {"run": folder.as_posix(), "scenario": Path(str(known.get("scenario", "?"))).stem,
             "rounds": max(d["round"] for d in decisions), "deltas": len(decisions), "rejected": len(rejected),
+            # deltas the protected gate rejected whole and the round's merge then admitted (protected_scope "merge")
+            "admitted_in_merge": sum(1 for d in decisions if (d.get("appeal") or {}).get("accepted")),
             "by_gate": dict(Counter(g for d in rejected for g in (d.get("rejected_by") or ["unrecorded"]))),
             "where": [{"round": d["round"], "client": d["client"], "reason": d["reason"][:160]} for d in rejected],
             "gates": gate_settings(run), "claims": known.get("claims", "?"), "spread": known.get("spread", "?")}
@@ -55,8 +58,9 @@ def runs_under(root: Path) -> list[dict]:
     return [c for c in found if c is not None]
 
 
-def is_default(gates: dict | None, defaults: dict) -> bool:
-    return gates is not None and all(gates[k] == defaults[k] for k in REJECTING_GATES)
+def is_default(gates: dict | None, defaults: dict, but: tuple[str, ...] = ()) -> bool:
+    """The run's rejecting gates are the defaults (except the settings named in ``but``)."""
+    return gates is not None and all(gates[k] == defaults[k] for k in REJECTING_GATES if k not in but)
 
 
 def summarise(runs: list[dict], defaults: dict) -> dict:
@@ -67,9 +71,13 @@ def summarise(runs: list[dict], defaults: dict) -> dict:
         for r in rows:
             gates.update(r["by_gate"])
         return {"runs": len(rows), "deltas": deltas, "rejected": rejected, "by_gate": dict(gates),
+                "admitted_in_merge": sum(r.get("admitted_in_merge", 0) for r in rows),
                 "rate": rejected / deltas if deltas else math.nan}
     default_rows = [r for r in runs if is_default(r["gates"], defaults)]
     return {"default_gates": defaults, "at_default_gates": total(default_rows), "all": total(runs),
+            # the runs made before the protected gate judged inside the merge, at every other default gate
+            "at_default_gates_but_scope": total([r for r in runs if is_default(r["gates"], defaults, ("protected_scope",))
+                                                 and not is_default(r["gates"], defaults)]),
             "at_default_gates_by_claims": {claims: total([r for r in default_rows if r["claims"] == claims])
                                            for claims in sorted({r["claims"] for r in default_rows})},
             "other_gates": total([r for r in runs if not is_default(r["gates"], defaults)])}
@@ -77,11 +85,15 @@ def summarise(runs: list[dict], defaults: dict) -> dict:
 
 def to_markdown(report: dict) -> str:
     s = report["summary"]
-    d, a = s["at_default_gates"], s["all"]
+    d, a, b = s["at_default_gates"], s["all"], s["at_default_gates_but_scope"]
     lines = [f"# False rejections of honest deltas\n\n`{report['command']}`\n",
              f"At the default gates: {d['rejected']} of {d['deltas']} honest deltas rejected over {d['runs']} runs "
-             f"({d['by_gate'] or 'none'}); over every run kept: {a['rejected']} of {a['deltas']} "
+             f"({d['by_gate'] or 'none'}; {d['admitted_in_merge']} admitted inside the round's merge after the "
+             f"protected gate rejected them whole); over every run kept: {a['rejected']} of {a['deltas']} "
              f"over {a['runs']} runs ({a['by_gate'] or 'none'}).\n",
+             f"At the default gates but the protected gate judging each delta whole (protected_scope "
+             f"{_scopes(report['runs'], s['default_gates'])}): {b['rejected']} of {b['deltas']} over {b['runs']} runs "
+             f"({b['by_gate'] or 'none'}).\n",
              "At the default gates by claim rule: " + "; ".join(
                  f"{claims}: {t['rejected']} of {t['deltas']} ({t['runs']} runs)"
                  for claims, t in s["at_default_gates_by_claims"].items()) + ".\n",
@@ -95,6 +107,13 @@ def to_markdown(report: dict) -> str:
                      f"{'yes' if is_default(r['gates'], s['default_gates']) else _differs(r['gates'], s['default_gates'])} "
                      f"| {r['claims']} | {r['spread']} |")
     return "\n".join(lines) + "\n"
+
+
+def _scopes(runs: list[dict], defaults: dict) -> str:
+    """The protected scopes of the runs at every default gate but that one."""
+    found = {r["gates"]["protected_scope"] for r in runs
+             if is_default(r["gates"], defaults, ("protected_scope",)) and not is_default(r["gates"], defaults)}
+    return ", ".join(sorted(found)) or "-"
 
 
 def _differs(gates: dict | None, defaults: dict) -> str:

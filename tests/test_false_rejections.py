@@ -22,10 +22,13 @@ def _decision(client, round_, accepted, rejected_by=()):
 
 
 def test_census_counts_each_gate_and_keeps_other_gates_apart(tmp_path):
-    today = {"scenario": "data/scenarios/default8.yaml", "claims": "earned", "spread": "on",
+    today = {"scenario": "data/scenarios/default8.yaml", "claims": "earned", "spread": "on", "protected_scope": "merge",
              "operating_tolerance": "inf", "operating_harm": "inf", "kept_tolerance": "inf"}
+    admitted = {**_decision(1, 2, True), "appeal": {"accepted": True}}  # rejected whole, admitted in the merge
     _run(tmp_path / "a" / "rep0", [_decision(0, 1, True), _decision(1, 1, False, ["direction"]),
-                                   _decision(0, 2, False, ["protected", "direction"]), _decision(1, 2, True)], today)
+                                   _decision(0, 2, False, ["protected", "direction"]), admitted], today)
+    _run(tmp_path / "e", [_decision(0, 1, False, ["protected"]), _decision(1, 1, True)],
+         {**today, "protected_scope": "delta"})
     _run(tmp_path / "b", [_decision(0, 1, False, ["harm"]), _decision(1, 1, True)], {**today, "operating_harm": 0.1})
     _run(tmp_path / "c", [_decision(0, 1, False)])  # no config.json: an unknown build, never "default"
     (tmp_path / "d").mkdir()
@@ -33,19 +36,23 @@ def test_census_counts_each_gate_and_keeps_other_gates_apart(tmp_path):
     out = tmp_path / "out" / "fr"
     assert false_rejections.main([str(tmp_path), "--out", str(out)]) == 0
     report = json.loads(out.with_suffix(".json").read_text())
-    assert [r["run"].split("/")[-1] for r in report["runs"]] == ["rep0", "b", "c"]
+    assert [r["run"].split("/")[-1] for r in report["runs"]] == ["rep0", "b", "c", "e"]
     first = report["runs"][0]
     assert first["deltas"] == 4 and first["rejected"] == 2 and first["rounds"] == 2
+    assert first["admitted_in_merge"] == 1
     assert first["by_gate"] == {"direction": 2, "protected": 1} and first["scenario"] == "default8"
     summary = report["summary"]
-    assert summary["at_default_gates"] == {"runs": 1, "deltas": 4, "rejected": 2,
+    assert summary["at_default_gates"] == {"runs": 1, "deltas": 4, "rejected": 2, "admitted_in_merge": 1,
                                            "by_gate": {"direction": 2, "protected": 1}, "rate": 0.5}
-    assert summary["all"]["deltas"] == 7 and summary["all"]["rejected"] == 4
-    assert summary["all"]["by_gate"]["unrecorded"] == 1 and summary["other_gates"]["runs"] == 2
+    # the run whose protected gate judged deltas whole is counted apart, not among the defaults
+    assert summary["at_default_gates_but_scope"]["runs"] == 1 and summary["at_default_gates_but_scope"]["rejected"] == 1
+    assert summary["all"]["deltas"] == 9 and summary["all"]["rejected"] == 5
+    assert summary["all"]["by_gate"]["unrecorded"] == 1 and summary["other_gates"]["runs"] == 3
     assert summary["at_default_gates_by_claims"]["earned"]["rejected"] == 2
     text = out.with_suffix(".md").read_text()
     assert "At the default gates: 2 of 4 honest deltas rejected over 1 runs" in text
-    assert "operating_harm 0.1" in text and "unknown (no config.json)" in text
+    assert "operating_harm 0.1" in text and "unknown (no config.json)" in text and "protected_scope delta" in text
+    assert "but the protected gate judging each delta whole (protected_scope delta): 1 of 2 over 1 runs" in text
 
 
 def test_a_run_from_before_a_gate_existed_counts_as_that_gate_off(tmp_path):
