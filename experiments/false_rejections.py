@@ -74,10 +74,11 @@ def summarise(runs: list[dict], defaults: dict) -> dict:
                 "admitted_in_merge": sum(r.get("admitted_in_merge", 0) for r in rows),
                 "rate": rejected / deltas if deltas else math.nan}
     default_rows = [r for r in runs if is_default(r["gates"], defaults)]
+    # the runs made before the protected gate judged inside the merge, at every other default gate
+    but_scope = [r for r in runs if is_default(r["gates"], defaults, ("protected_scope",)) and r not in default_rows]
     return {"default_gates": defaults, "at_default_gates": total(default_rows), "all": total(runs),
-            # the runs made before the protected gate judged inside the merge, at every other default gate
-            "at_default_gates_but_scope": total([r for r in runs if is_default(r["gates"], defaults, ("protected_scope",))
-                                                 and not is_default(r["gates"], defaults)]),
+            "at_default_gates_but_scope": {**total(but_scope),
+                                           "scopes": sorted({r["gates"]["protected_scope"] for r in but_scope})},
             "at_default_gates_by_claims": {claims: total([r for r in default_rows if r["claims"] == claims])
                                            for claims in sorted({r["claims"] for r in default_rows})},
             "other_gates": total([r for r in runs if not is_default(r["gates"], defaults)])}
@@ -92,7 +93,7 @@ def to_markdown(report: dict) -> str:
              f"protected gate rejected them whole); over every run kept: {a['rejected']} of {a['deltas']} "
              f"over {a['runs']} runs ({a['by_gate'] or 'none'}).\n",
              f"At the default gates but the protected gate judging each delta whole (protected_scope "
-             f"{_scopes(report['runs'], s['default_gates'])}): {b['rejected']} of {b['deltas']} over {b['runs']} runs "
+             f"{', '.join(b['scopes']) or '-'}): {b['rejected']} of {b['deltas']} over {b['runs']} runs "
              f"({b['by_gate'] or 'none'}).\n",
              "At the default gates by claim rule: " + "; ".join(
                  f"{claims}: {t['rejected']} of {t['deltas']} ({t['runs']} runs)"
@@ -107,13 +108,6 @@ def to_markdown(report: dict) -> str:
                      f"{'yes' if is_default(r['gates'], s['default_gates']) else _differs(r['gates'], s['default_gates'])} "
                      f"| {r['claims']} | {r['spread']} |")
     return "\n".join(lines) + "\n"
-
-
-def _scopes(runs: list[dict], defaults: dict) -> str:
-    """The protected scopes of the runs at every default gate but that one."""
-    found = {r["gates"]["protected_scope"] for r in runs
-             if is_default(r["gates"], defaults, ("protected_scope",)) and not is_default(r["gates"], defaults)}
-    return ", ".join(sorted(found)) or "-"
 
 
 def _differs(gates: dict | None, defaults: dict) -> str:

@@ -283,7 +283,7 @@ class RunConfig:
                                                               "round's other deltas (peers) or the server's own RD "
                                                               "update (server)", DIRECTION_REFERENCES)
     clip_norm: float = setting(math.inf, MERGE, "accepted deltas clipped to this L2 norm (inf: off)")
-    # 2: every honest round kept here claims at most 1.27 x its median (README, "Every strength family")
+    # 2: every honest round kept here claims at most 1.27 x its median (README, "A weight cap an honest client meets")
     weight_cap: float = setting(2.0, MERGE, "a client's claimed example count capped at this multiple of the round's "
                                             "median claim (inf: off)")
     clip_multiple: float = setting(4.0, MERGE, "accepted deltas clipped to this multiple of the round's median "
@@ -291,7 +291,7 @@ class RunConfig:
     row_multiple: float = setting(4.0, MERGE, "each accepted delta's classification rows of a class clipped to "
                                               "this multiple of the round's median change of that class's rows "
                                               "(inf: off)")
-    # influence: README, "A weight cap an honest client meets"
+    # influence: README, "And the row bound by influence"
     row_bound: str = setting("influence", MERGE, "what the row bound compares: a delta's row change (norm) or "
                                                  "its weight in the merge x its row change (influence)", ROW_BOUNDS)
     # strategies.verify
