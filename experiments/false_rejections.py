@@ -9,6 +9,11 @@ gates that can reject (protected, kept, direction, operating point, harm), each 
 as ``RunConfig.completed`` reads it for ``--resume`` (a setting it does not name at what that run did); a
 folder without ``config.json`` is counted in the totals but never as a run at the default gates. Reads records only;
 writes ``<out>.json`` and ``<out>.md``.
+
+The same records say how far the merge's round-relative bounds sit above honest behaviour (``headroom``): each
+accepted delta's norm and claimed example count as a multiple of its round's low median (what
+``--clip-multiple`` and ``--weight-cap`` are multiples of), and how many honest deltas a bound did cut (norm
+clipped, claim capped, a class row scaled).
 """
 
 from __future__ import annotations
@@ -16,8 +21,9 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import statistics
 import sys
-from collections import Counter
+from collections import Counter, defaultdict
 from pathlib import Path
 
 from protocol.config import RunConfig
@@ -31,6 +37,29 @@ REJECTING_GATES = ("protected_tolerance", "noise_z", "protected_scope", "kept_to
 def gate_settings(completed: dict | None) -> dict | None:
     """The rejecting gates' settings of one completed run configuration (None: unknown)."""
     return None if completed is None else {key: completed[key] for key in REJECTING_GATES}
+
+
+def headroom(decisions: list[dict]) -> dict:
+    """Each accepted delta's norm and claim over its round's low median among the accepted (the medians the
+    norm clip and the weight cap multiply; ``strategies.aggregate.median_cap``), and the honest deltas a bound
+    cut: ``clipped`` (clip_factor < 1), ``capped`` (weight_used < weight), ``rows_scaled`` (a row factor < 1).
+    Decisions recorded before a figure existed count as uncut."""
+    by_round = defaultdict(list)
+    for d in decisions:
+        if d["accepted"]:
+            by_round[d["round"]].append(d)
+    norm_ratios, claim_ratios = [], []
+    for kept in by_round.values():
+        for key, ratios in (("norm", norm_ratios), ("weight", claim_ratios)):
+            values = [float(d[key]) for d in kept if float(d.get(key) or 0) > 0]
+            if values:
+                median = statistics.median_low(values)
+                ratios.extend(v / median for v in values)
+    accepted = [d for v in by_round.values() for d in v]
+    return {"norm_ratios": norm_ratios, "claim_ratios": claim_ratios,
+            "clipped": sum(1 for d in accepted if float(d.get("clip_factor", 1.0)) < 1),
+            "capped": sum(1 for d in accepted if float(d.get("weight_used", d.get("weight") or 0)) < float(d.get("weight") or 0)),
+            "rows_scaled": sum(1 for d in accepted if any(float(f) < 1 for f in (d.get("row_clip") or {}).values()))}
 
 
 def census(folder: Path) -> dict | None:
@@ -49,7 +78,8 @@ def census(folder: Path) -> dict | None:
             "admitted_in_merge": sum(1 for d in decisions if (d.get("appeal") or {}).get("accepted")),
             "by_gate": dict(Counter(g for d in rejected for g in (d.get("rejected_by") or ["unrecorded"]))),
             "where": [{"round": d["round"], "client": d["client"], "reason": d["reason"][:160]} for d in rejected],
-            "gates": gate_settings(run), "claims": known.get("claims", "?"), "spread": known.get("spread", "?")}
+            "gates": gate_settings(run), "claims": known.get("claims", "?"), "spread": known.get("spread", "?"),
+            "headroom": headroom(decisions)}
 
 
 def runs_under(root: Path) -> list[dict]:
@@ -81,7 +111,31 @@ def summarise(runs: list[dict], defaults: dict) -> dict:
                                            "scopes": sorted({r["gates"]["protected_scope"] for r in but_scope})},
             "at_default_gates_by_claims": {claims: total([r for r in default_rows if r["claims"] == claims])
                                            for claims in sorted({r["claims"] for r in default_rows})},
-            "other_gates": total([r for r in runs if not is_default(r["gates"], defaults)])}
+            "other_gates": total([r for r in runs if not is_default(r["gates"], defaults)]),
+            "headroom": summarise_headroom(runs)}
+
+
+def summarise_headroom(runs: list[dict]) -> dict:
+    """Over every run: the largest and the 99th-percentile honest norm and claim, each over its round's
+    median, and how many honest deltas each bound cut."""
+    def spread(ratios):
+        ratios = sorted(ratios)
+        if not ratios:
+            return {"deltas": 0, "max": math.nan, "p99": math.nan}
+        p99 = statistics.quantiles(ratios, n=100, method="inclusive")[98] if len(ratios) > 1 else ratios[0]
+        return {"deltas": len(ratios), "max": ratios[-1], "p99": p99}
+    heads = [r["headroom"] for r in runs]
+    return {"runs": len(runs), "rounds": sum(r["rounds"] for r in runs),
+            "norm": spread([x for h in heads for x in h["norm_ratios"]]),
+            "claim": spread([x for h in heads for x in h["claim_ratios"]]),
+            **{cut: sum(h[cut] for h in heads) for cut in ("clipped", "capped", "rows_scaled")}}
+
+
+def run_headroom(head: dict) -> dict:
+    """One run's headroom as its report keeps it: the largest ratios, not every one."""
+    return {"norm_ratio_max": max(head["norm_ratios"], default=math.nan),
+            "claim_ratio_max": max(head["claim_ratios"], default=math.nan),
+            **{cut: head[cut] for cut in ("clipped", "capped", "rows_scaled")}}
 
 
 def to_markdown(report: dict) -> str:
@@ -98,16 +152,28 @@ def to_markdown(report: dict) -> str:
              "At the default gates by claim rule: " + "; ".join(
                  f"{claims}: {t['rejected']} of {t['deltas']} ({t['runs']} runs)"
                  for claims, t in s["at_default_gates_by_claims"].items()) + ".\n",
-             "| run | scenario | rounds | deltas | rejected | by gate (round: client) | default gates | claims | spread |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             _headroom_line(s["headroom"]),
+             "| run | scenario | rounds | deltas | rejected | by gate (round: client) | default gates | claims | spread "
+             "| largest norm / claim over the round's median |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in report["runs"]:
         where = ", ".join(f"{w['round']}: {w['client']}" for w in r["where"])
         gates = ", ".join(f"{k} {v}" for k, v in r["by_gate"].items())
         lines.append(f"| {r['run']} | {r['scenario']} | {r['rounds']} | {r['deltas']} | {r['rejected']} | "
                      f"{gates + ' (' + where + ')' if where else '-'} | "
                      f"{'yes' if is_default(r['gates'], s['default_gates']) else _differs(r['gates'], s['default_gates'])} "
-                     f"| {r['claims']} | {r['spread']} |")
+                     f"| {r['claims']} | {r['spread']} | {r['headroom']['norm_ratio_max']:.2f} / "
+                     f"{r['headroom']['claim_ratio_max']:.2f} |")
     return "\n".join(lines) + "\n"
+
+
+def _headroom_line(h: dict) -> str:
+    n, c = h["norm"], h["claim"]
+    return (f"The merge's round-relative bounds against honest deltas (every run, {h['rounds']} rounds): the largest "
+            f"accepted norm {n['max']:.2f} x its round's low median (99th percentile {n['p99']:.2f}, {n['deltas']} "
+            f"deltas), the largest claim {c['max']:.2f} x (99th percentile {c['p99']:.2f}); cut by a bound: "
+            f"{h['clipped']} clipped by norm, {h['capped']} claims capped, {h['rows_scaled']} with a class row "
+            f"scaled.\n")
 
 
 def _differs(gates: dict | None, defaults: dict) -> str:
@@ -128,8 +194,10 @@ def main(argv: list[str] | None = None) -> int:
     runs = runs_under(args.root)
     if not runs:
         parser.error(f"no run folder with decisions under {args.root}")
+    summary = summarise(runs, defaults)
+    runs = [{**r, "headroom": run_headroom(r["headroom"])} for r in runs]
     report = {"command": "python -m experiments.false_rejections " + " ".join(argv if argv is not None else sys.argv[1:]),
-              "summary": summarise(runs, defaults), "runs": runs}
+              "summary": summary, "runs": runs}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(report, indent=1))
     args.out.with_suffix(".md").write_text(to_markdown(report))

@@ -67,3 +67,23 @@ def test_a_folder_without_runs_is_a_one_line_error(tmp_path, capsys):
     with pytest.raises(SystemExit):
         false_rejections.main([str(tmp_path), "--out", str(tmp_path / "x")])
     assert "no run folder with decisions" in capsys.readouterr().err
+
+
+def test_headroom_is_each_accepted_delta_over_its_rounds_low_median(tmp_path):
+    def kept(client, round_, norm, weight, **cut):
+        return {**_decision(client, round_, True), "norm": norm, "weight": weight, **cut}
+    decisions = [kept(0, 1, 1.0, 100), kept(1, 1, 2.0, 100), kept(2, 1, 3.0, 150, clip_factor=0.9),
+                 kept(3, 1, 5.0, 300, weight_used=200.0, row_clip={"cat": 0.5, "dog": 1.0}),
+                 {**_decision(4, 1, False, ["direction"]), "norm": 100.0, "weight": 9000},  # rejected: not counted
+                 kept(0, 2, 4.0, 50)]
+    head = false_rejections.headroom(decisions)
+    # round 1: low median of norms 1, 2, 3, 5 is 2; of claims 100, 100, 150, 300 is 100; round 2 alone: 1
+    assert head["norm_ratios"] == [0.5, 1.0, 1.5, 2.5, 1.0] and head["claim_ratios"] == [1.0, 1.0, 1.5, 3.0, 1.0]
+    assert (head["clipped"], head["capped"], head["rows_scaled"]) == (1, 1, 1)
+    _run(tmp_path / "r", decisions, {"scenario": "data/scenarios/default8.yaml"})
+    out = tmp_path / "fr"
+    assert false_rejections.main([str(tmp_path), "--out", str(out)]) == 0
+    report = json.loads(out.with_suffix(".json").read_text())
+    assert report["summary"]["headroom"]["norm"]["max"] == 2.5 and report["summary"]["headroom"]["claim"]["deltas"] == 5
+    assert report["runs"][0]["headroom"]["claim_ratio_max"] == 3.0
+    assert "the largest accepted norm 2.50 x its round's low median" in out.with_suffix(".md").read_text()
