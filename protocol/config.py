@@ -283,10 +283,13 @@ class RunConfig:
                                                               "round's other deltas (peers) or the server's own RD "
                                                               "update (server)", DIRECTION_REFERENCES)
     clip_norm: float = setting(math.inf, MERGE, "accepted deltas clipped to this L2 norm (inf: off)")
-    # 2: every honest round kept here claims at most 1.27 x its median (README, "A weight cap an honest client meets")
+    # 2: every honest round kept here claims at most 1.28 x its low median (experiments.false_rejections;
+    # README, "A weight cap an honest client meets")
     weight_cap: float = setting(2.0, MERGE, "a client's claimed example count capped at this multiple of the round's "
                                             "median claim (inf: off)")
-    clip_multiple: float = setting(4.0, MERGE, "accepted deltas clipped to this multiple of the round's median "
+    # 2.5: the largest honest norm kept here is 2.24 x its round's low median, 1.97 x at the default gates
+    # (experiments.false_rejections; README, "Norm clip 2.5 by default"); 4 let a x100 delta's shared layers through
+    clip_multiple: float = setting(2.5, MERGE, "accepted deltas clipped to this multiple of the round's median "
                                                "delta norm (inf: off)")
     row_multiple: float = setting(4.0, MERGE, "each accepted delta's classification rows of a class clipped to "
                                               "this multiple of the round's median change of that class's rows "

@@ -15,7 +15,7 @@ def test_run_config_merge_defences_defaults_and_validation():
     assert (config.weight_cap, config.kept_tolerance, config.clip_norm) == (2.0, math.inf, math.inf)
     assert RunConfig.from_record(config.to_record()) == config
     assert RunConfig.from_record(config.to_dict()) == config  # inf is written as "inf" and read back
-    assert (config.claims, config.clip_multiple, config.row_multiple) == ("earned", 4.0, 4.0)
+    assert (config.claims, config.clip_multiple, config.row_multiple) == ("earned", 2.5, 4.0)
     # a run folder from before they were defaults (it lacks the fields) ran the trusted merge, and reads so
     completed = RunConfig.completed({})
     assert (completed["claims"], completed["clip_multiple"], completed["row_multiple"]) == ("trusted", "inf", "inf")
