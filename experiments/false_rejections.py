@@ -117,7 +117,7 @@ def summarise(runs: list[dict], defaults: dict) -> dict:
 
 def summarise_headroom(runs: list[dict]) -> dict:
     """Over every run: the largest and the 99th-percentile honest norm and claim, each over its round's
-    median, and how many honest deltas each bound cut."""
+    low median, and how many honest deltas each bound cut."""
     def spread(ratios):
         ratios = sorted(ratios)
         if not ratios:
