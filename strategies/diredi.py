@@ -675,18 +675,31 @@ class DiReDiStrategy(Strategy):
         clock = Clock()
         classes = calibrated_classes(self.calibrate, self.validator.classes,
                                      (*self.policy.kept_classes, *self.policy.protected_classes))
+        recall: dict[str, dict[float, float]] = {}  # per class, its recall at each offset (or shift) searched
+
+        def f1_of(shifts: Mapping[str, float]) -> dict[str, float]:
+            f1, found = self.validator.shifted_figures(shifts)
+            for c, s in shifts.items():
+                recall.setdefault(c, {}).setdefault(float(s), found[c])
+            return f1
+
+        start = {c: float(self.offsets.get(c, 0.0)) if self.calibrate == "f1-offsets" else 0.0 for c in classes}
         if self.calibrate == "f1-offsets":  # the weights stay as merged; the offsets change
-            offsets, shifts, table = offset_search(self.validator.shifted_f1, classes, self.offsets)
+            offsets, shifts, table = offset_search(f1_of, classes, self.offsets)
             self.offsets = moved(offsets)
         else:
-            shifts, table = search_shifts(self.validator.shifted_f1, classes)
+            shifts, table = search_shifts(f1_of, classes)
             load_neck_head(self.tutor, shift_class_biases(neck_head(self.tutor),
                                                           {CLASS_INDEX[c]: s for c, s in moved(shifts).items()}))
             self.validator.tutor_changed()
         seconds = clock.seconds()[0]
-        # F1 before and after as the search measured them (the history's "f1" is the calibrated tutor's own)
+        # F1 before and after as the search measured them (the history's "f1" is the calibrated tutor's own);
+        # "search": per class, every [offset (f1-offsets; else the shift), F1, recall] measured, so that another
+        # choice of operating point can be judged from a run's records
         self._calibration = {"shift": moved(shifts), "f1_before": {c: t[0.0] for c, t in table.items()},
-                             "f1_after": {c: table[c][shifts[c]] for c in table}, "seconds": seconds}
+                             "f1_after": {c: table[c][shifts[c]] for c in table}, "seconds": seconds,
+                             "search": {c: [[start[c] + s, f1, recall[c][start[c] + s]] for s, f1 in sorted(t.items())]
+                                        for c, t in table.items()}}
         if self.calibrate == "f1-offsets":  # searched while the clients distil: nothing to charge them
             self._calibration["offsets"] = dict(self.offsets)
         elif self.ledger is not None and self.ledger.nodes:  # the clients wait for it: each record carries its share

@@ -142,14 +142,18 @@ class CandidateValidator:
     def shifted_f1(self, shifts: Mapping[str, float]) -> dict[str, float]:
         """Validation F1 at the operating threshold of each class in ``shifts``, for the tutor whose
         classification bias of each such class is moved by its shift (``strategies.calibrate``)."""
+        return self.shifted_figures(shifts)[0]
+
+    def shifted_figures(self, shifts: Mapping[str, float]) -> tuple[dict[str, float], dict[str, float]]:
+        """``shifted_f1``'s F1 and, from the same detections, each class's recall at the operating threshold."""
         self.tutor_ap()  # builds the feature cache and the targets
         if any(shifts.values()):  # (no shift at all is the tutor, whose detections tutor_ap keeps)
             moved = shift_class_biases(neck_head(self.tutor), {CLASS_INDEX[c]: s for c, s in shifts.items()})
             predictions = self.predictions(self.tutor_with(moved))
         else:
             predictions = self.tutor_predictions
-        f1 = self.f1(predictions)
-        return {c: f1[c] for c in shifts}
+        f1, recall = self.f1(predictions), self.recall(predictions)
+        return {c: f1[c] for c in shifts}, {c: recall[c] for c in shifts}
 
     def deployed(self, offsets: Mapping[str, float]) -> tuple[dict[str, float], list[dict]]:
         """Validation AP and detections of the tutor as deployed with per-class score ``offsets`` (logits added

@@ -846,6 +846,13 @@ def test_calibration_as_offsets_undoes_the_shift_for_the_deployed_tutor_and_leav
     assert deployed["recall"]["person"] >= recall_before - 0.05  # the deployed operating point is back
     assert offsets.offsets["person"] >= 1.5 and deployed["calibration"]["offsets"] == offsets.offsets
     assert deployed["ap_weights"]["person"] == plain.recorder.tutor_history[-1]["ap"]["person"]
+    # the record keeps every [offset, F1, recall] the search measured: the chosen one is the deployed tutor's
+    search = deployed["calibration"]["search"]["person"]
+    assert [row[0] for row in search] == sorted({row[0] for row in search}) and len(search) >= 13
+    chosen = [row for row in search if row[0] == offsets.offsets["person"]]
+    assert len(chosen) == 1 and chosen[0][1] == deployed["calibration"]["f1_after"]["person"]
+    assert chosen[0][2] == pytest.approx(deployed["recall"]["person"], abs=0.02)
+    assert search[0][2] < chosen[0][2]  # at the lowest offset the shifted person scores are not found
     tensors, meta = offsets.checkpoint()
     resumed = make("f1-offsets")
     resumed.restore(tensors, meta)
@@ -854,6 +861,8 @@ def test_calibration_as_offsets_undoes_the_shift_for_the_deployed_tutor_and_leav
     assert resumed.aggregate_train(2, [reply(0, zeros_like_nh(trained_tutor))])[1]["accepted"] == 1
     resumed.record_tutor()
     assert resumed.offsets == offsets.offsets and resumed.recorder.tutor_history[-1]["calibration"]["shift"] == {}
+    searched = [row[0] for row in resumed.recorder.tutor_history[-1]["calibration"]["search"]["person"]]
+    assert min(searched) == offsets.offsets["person"] - 3 and max(searched) == offsets.offsets["person"] + 3
 
 
 def test_a_delta_the_protected_gate_rejects_alone_is_judged_inside_the_merge(trained_tutor):
