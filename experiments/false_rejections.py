@@ -55,10 +55,11 @@ def headroom(decisions: list[dict]) -> dict:
             if values:
                 median = statistics.median_low(values)
                 ratios.extend(v / median for v in values)
-    accepted = [d for v in by_round.values() for d in v]
+    accepted = [d for kept in by_round.values() for d in kept]
+    claimed = [float(d.get("weight") or 0) for d in accepted]
     return {"norm_ratios": norm_ratios, "claim_ratios": claim_ratios,
             "clipped": sum(1 for d in accepted if float(d.get("clip_factor", 1.0)) < 1),
-            "capped": sum(1 for d in accepted if float(d.get("weight_used", d.get("weight") or 0)) < float(d.get("weight") or 0)),
+            "capped": sum(1 for d, w in zip(accepted, claimed) if float(d.get("weight_used", w)) < w),
             "rows_scaled": sum(1 for d in accepted if any(float(f) < 1 for f in (d.get("row_clip") or {}).values()))}
 
 

@@ -675,15 +675,14 @@ class DiReDiStrategy(Strategy):
         clock = Clock()
         classes = calibrated_classes(self.calibrate, self.validator.classes,
                                      (*self.policy.kept_classes, *self.policy.protected_classes))
-        recall: dict[str, dict[float, float]] = {}  # per class, its recall at each offset (or shift) searched
+        searched: dict[str, dict[float, list[float]]] = {}  # per class: offset (or shift) -> [F1, recall]
 
         def f1_of(shifts: Mapping[str, float]) -> dict[str, float]:
-            f1, found = self.validator.shifted_figures(shifts)
+            f1, recall = self.validator.shifted_figures(shifts)
             for c, s in shifts.items():
-                recall.setdefault(c, {}).setdefault(float(s), found[c])
+                searched.setdefault(c, {}).setdefault(float(s), [float(f1[c]), float(recall[c])])
             return f1
 
-        start = {c: float(self.offsets.get(c, 0.0)) if self.calibrate == "f1-offsets" else 0.0 for c in classes}
         if self.calibrate == "f1-offsets":  # the weights stay as merged; the offsets change
             offsets, shifts, table = offset_search(f1_of, classes, self.offsets)
             self.offsets = moved(offsets)
@@ -698,8 +697,8 @@ class DiReDiStrategy(Strategy):
         # choice of operating point can be judged from a run's records
         self._calibration = {"shift": moved(shifts), "f1_before": {c: t[0.0] for c, t in table.items()},
                              "f1_after": {c: table[c][shifts[c]] for c in table}, "seconds": seconds,
-                             "search": {c: [[start[c] + s, f1, recall[c][start[c] + s]] for s, f1 in sorted(t.items())]
-                                        for c, t in table.items()}}
+                             "search": {c: [[offset, *figures] for offset, figures in sorted(searched[c].items())]
+                                        for c in table}}
         if self.calibrate == "f1-offsets":  # searched while the clients distil: nothing to charge them
             self._calibration["offsets"] = dict(self.offsets)
         elif self.ledger is not None and self.ledger.nodes:  # the clients wait for it: each record carries its share
