@@ -72,7 +72,8 @@ SHIFTED_CLASSES = ("aeroplane", "bus", "horse", "motorbike")
 BIAS = "head.classification_head.cls_logits.bias"
 # the run settings the benchmark takes from its command line (the protected gate's scope, the merge's claim rule,
 # bounds and calibration)
-MERGE_SETTINGS = ("protected_scope", "claims", "clip_multiple", "row_multiple", "weight_cap", "row_bound", "calibrate")
+MERGE_SETTINGS = ("protected_scope", "claims", "clip_multiple", "row_multiple", "weight_cap", "row_bound", "clip_share",
+                  "calibrate")
 
 
 def parse_attack(text: str) -> tuple[str, float]:

@@ -68,10 +68,11 @@ BEFORE_CHANGED = {**{key.replace("-", "_"): value for key, value in PAPER_DISTIL
                   **NO_SPREAD, "spread_rows": "distilled",
                   **{key.replace("-", "_"): "inf" if value == math.inf else value  # as config.json writes it
                      for key, value in TRUSTED_MERGE.items()},
-                  "calibrate": "off", "protected_scope": "delta", "row_bound": "norm"}
+                  "calibrate": "off", "protected_scope": "delta", "row_bound": "norm", "clip_share": "whole"}
 CLAIM_RULES = ("trusted", "earned", "improving", "lifting")  # how the class-aware merge takes a client's trained classes (strategies.verify)
 PROTECTED_SCOPES = ("delta", "merge")  # where the protected gate judges a delta (strategies.merge_gates.protected_appeal)
 ROW_BOUNDS = ("norm", "influence")  # what the per-class row bound compares (strategies.aggregate.clip_class_rows)
+CLIP_SHARES = ("whole", "scaled")  # how a clipped delta counts in the merge's means (strategies.aggregate.bound_influence)
 CALIBRATIONS = ("off", "f1", "f1-learnt", "f1-offsets")  # the tutor's operating point after a merge (strategies.calibrate)
 
 
@@ -291,6 +292,11 @@ class RunConfig:
     # (experiments.false_rejections; README, "Norm clip 2.5 by default"); 4 let a x100 delta's shared layers through
     clip_multiple: float = setting(2.5, MERGE, "accepted deltas clipped to this multiple of the round's median "
                                                "delta norm (inf: off)")
+    # scaled: README, "A clipped delta counts by the share the clip kept"
+    clip_share: str = setting("scaled", MERGE, "a delta the norm clip cut counts in the merge's means with its whole "
+                                               "weight (whole) or as the share of it the clip kept: its weight x "
+                                               "the clip's factor, in the trimmed mean that fraction of one delta "
+                                               "(scaled)", CLIP_SHARES)
     row_multiple: float = setting(4.0, MERGE, "each accepted delta's classification rows of a class clipped to "
                                               "this multiple of the round's median change of that class's rows "
                                               "(inf: off)")

@@ -24,7 +24,10 @@ Bounding one client's influence before any rule runs (the strategy applies both 
   bound, also used on the round's delta norms (the policy's ``clip_multiple``);
 * ``clip_class_rows``: each client's classification rows of class c clipped to a multiple of the
   median row-c norm among the clients that take part in row c (the policy's ``row_multiple``), so a
-  small edit aimed at one class cannot hide inside a delta whose overall norm is honest.
+  small edit aimed at one class cannot hide inside a delta whose overall norm is honest;
+* a clipped delta's share (``bound_influence(clip_shares=True)``): a delta the norm clip cut to a
+  fraction f of its size counts in every mean as f of itself (its weight x f; in the trimmed mean,
+  ``trimmed_mean(shares=...)``), so a clipped delta cannot dilute what honest clients merge beside it.
 """
 
 from __future__ import annotations
@@ -135,23 +138,33 @@ class Bounded:
     deltas: list[dict[str, Tensor]]
     clip_factors: list[float]  # the norm clip's factor per delta (1.0: not clipped)
     row_factors: list[dict[int, float]]  # per delta, class id -> its row clip's factor (clipped rows only)
-    weights: list[float]  # the weights used (claims capped)
+    capped: list[float]  # the claimed weights, capped
     weight_cap: float
+    shares: list[float]  # how much of one delta each counts as in the merge's means (1.0: whole)
+    weights: list[float]  # the weights the merge uses: capped x share
 
 
 def bound_influence(deltas: Sequence[Delta], norms: Sequence[float], weights: Sequence[float],
                     members: Sequence[Collection[int]], *, clip_norm: float = math.inf,
                     clip_multiple: float = math.inf, row_multiple: float = math.inf,
-                    weight_multiple: float = math.inf, row_influence: bool = False) -> Bounded:
+                    weight_multiple: float = math.inf, row_influence: bool = False,
+                    clip_shares: bool = False) -> Bounded:
     """Every bound on what one accepted delta can do to the merge, in order:
 
     1. its norm clipped to min(``clip_norm``, ``clip_multiple`` x the round's median norm) (``clip_delta``);
-    2. its rows of each class clipped to ``row_multiple`` x the median change of that row among the deltas
-       it is merged with (``members[i]``: the classes delta i's rows take part in; ``clip_class_rows``);
-    3. its claimed weight capped at ``weight_multiple`` x the round's median claim (``cap_weights``).
+    2. its claimed weight capped at ``weight_multiple`` x the round's median claim (``cap_weights``);
+       with ``clip_shares`` its weight in the merge is that x its clip factor, its share;
+    3. its rows of each class clipped to ``row_multiple`` x the median change of that row among the deltas
+       it is merged with (``members[i]``: the classes delta i's rows take part in; ``clip_class_rows``).
 
-    ``row_influence``: step 2 bounds each delta's weight (as capped in step 3) x its row norm instead
+    ``row_influence``: step 3 bounds each delta's weight in the merge (step 2) x its row norm instead
     (``clip_class_rows`` with weights).
+
+    Why the share: clipping shrinks a delta, but a mean that still counts it whole lets it dilute every
+    row and layer it shares with honest clients (two clipped hostile deltas beside one honest client of a
+    class halve that class's row). Counted as the share the clip kept, a delta the clip barely touched
+    counts almost whole and one cut to 2 % almost not at all; an unclipped delta (every honest one
+    measured here) is merged exactly as without it.
     """
     norm_cap = min(clip_norm, median_cap(norms, clip_multiple))
     clipped, clip_factors = [], []
@@ -159,9 +172,11 @@ def bound_influence(deltas: Sequence[Delta], norms: Sequence[float], weights: Se
         delta, factor = clip_delta(delta, norm_cap)
         clipped.append(delta)
         clip_factors.append(factor)
-    used, cap = cap_weights(weights, weight_multiple)
+    capped, cap = cap_weights(weights, weight_multiple)
+    shares = list(clip_factors) if clip_shares else [1.0] * len(deltas)
+    used = [w * share for w, share in zip(capped, shares)]
     clipped, row_factors = clip_class_rows(clipped, members, row_multiple, weights=used if row_influence else None)
-    return Bounded(clipped, clip_factors, row_factors, used, cap)
+    return Bounded(clipped, clip_factors, row_factors, capped, cap, shares, used)
 
 
 def _check_deltas(deltas: Sequence[Delta]) -> list[str]:
@@ -198,16 +213,51 @@ def weighted_mean(deltas: Sequence[Delta], weights: Sequence[float] | None = Non
     return {name: sum(f * d[name] for f, d in zip(factors, deltas)) for name in keys}
 
 
-def trimmed_mean(deltas: Sequence[Delta], trim_fraction: float = 0.2) -> dict[str, Tensor]:
+def trimmed_mean(deltas: Sequence[Delta], trim_fraction: float = 0.2,
+                 shares: Sequence[float] | None = None) -> dict[str, Tensor]:
     """Coordinate-wise mean after dropping floor(trim_fraction * n) values at each end
-    (Flower's ``trim_mean``, the rule of its FedTrimmedAvg)."""
+    (Flower's ``trim_mean``, the rule of its FedTrimmedAvg).
+
+    ``shares``: how much of one delta each counts as (``bound_influence``'s clip shares); when they
+    differ, ``share_trimmed_mean``, which equals this rule when they are all equal.
+    """
     keys = _check_deltas(deltas)
     if not 0 <= trim_fraction < 0.5:
         raise ValueError(f"trim_fraction must lie in [0, 0.5), got {trim_fraction}")
+    if shares is not None and len(set(_normalised_weights(shares, len(deltas)))) > 1:
+        return share_trimmed_mean(deltas, shares, trim_fraction)
     out = {}
     for name in keys:
         stacked = torch.stack([d[name].detach().cpu() for d in deltas]).numpy()
         out[name] = torch.from_numpy(np.asarray(trim_mean(stacked, trim_fraction), dtype=stacked.dtype))
+    return out
+
+
+def share_trimmed_mean(deltas: Sequence[Delta], shares: Sequence[float], trim_fraction: float = 0.2
+                       ) -> dict[str, Tensor]:
+    """The trimmed mean with each delta counted as ``shares[i]`` of one (a weighted trimmed mean).
+
+    The shares are scaled to sum to n (the number of deltas), so n equal shares are n whole deltas.
+    Per coordinate the values are sorted and laid end to end, each as long as its share; the
+    floor(trim_fraction * n) units of length at each end are cut (a value may be cut in part) and the
+    rest is averaged by length. Equal shares give ``trimmed_mean`` (up to rounding); a delta of share
+    0.02 lies in the kept middle as 2 % of a value instead of a whole one.
+    """
+    keys = _check_deltas(deltas)
+    if not 0 <= trim_fraction < 0.5:
+        raise ValueError(f"trim_fraction must lie in [0, 0.5), got {trim_fraction}")
+    n = len(deltas)
+    length = torch.tensor(_normalised_weights(shares, n), dtype=torch.float64) * n
+    cut = int(trim_fraction * n)
+    out = {}
+    for name in keys:
+        stacked = torch.stack([d[name].detach().cpu().double().reshape(-1) for d in deltas])  # [n, m]
+        values, order = stacked.sort(dim=0)
+        end = length[order].cumsum(dim=0)  # where each sorted value's stretch ends
+        start = end - length[order]
+        kept = (end.clamp(max=n - cut) - start.clamp(min=cut)).clamp(min=0)
+        merged = (kept * values).sum(dim=0) / kept.sum(dim=0)
+        out[name] = merged.reshape(deltas[0][name].shape).to(deltas[0][name].dtype)
     return out
 
 
@@ -302,7 +352,8 @@ def _class_sets(client_classes: Sequence[Collection[int]], n: int) -> list[set[i
 
 def class_aware_merge(deltas: Sequence[Delta], weights: Sequence[float] | None,
                       client_classes: Sequence[Collection[int]], shared: str = "trimmed", scale: float = 1.0,
-                      class_row_params: Sequence[str] = CLASS_ROW_PARAMS, **shared_options) -> dict[str, Tensor]:
+                      class_row_params: Sequence[str] = CLASS_ROW_PARAMS, shares: Sequence[float] | None = None,
+                      **shared_options) -> dict[str, Tensor]:
     """Merge that keeps each class's knowledge at full strength.
 
     Clients teach different classes. Under a plain mean, a class taught by one client out of n
@@ -317,7 +368,9 @@ def class_aware_merge(deltas: Sequence[Delta], weights: Sequence[float] | None,
       ``aggregate(..., method=shared, **shared_options)`` with ``shared`` one of ``SHARED_METHODS``
       ("weighted", "trimmed", "ties", "krum");
     * the whole result is multiplied by ``scale`` (task arithmetic's lambda, chosen by the caller
-      on held-out data; 1.0 leaves the merge as is).
+      on held-out data; 1.0 leaves the merge as is);
+    * ``shares`` (``bound_influence``'s clip shares) reach the shared rule when it is "trimmed", which
+      ignores weights (the other rules see them in ``weights``).
 
     ``client_classes[i]`` is the set of class indices delta i was trained on (its labels). If any
     of ``class_row_params`` is absent from the deltas (another head), every tensor is shared.
@@ -349,13 +402,15 @@ def class_aware_merge(deltas: Sequence[Delta], weights: Sequence[float] | None,
     shared_keys = [name for name in keys if name not in row_keys]
     if shared_keys:
         restricted = [{name: d[name] for name in shared_keys} for d in deltas]
+        if shared == "trimmed" and shares is not None:
+            shared_options = {**shared_options, "shares": shares}
         out.update(aggregate(restricted, weights, shared, **shared_options))
     return {name: out[name] * scale for name in keys}
 
 
 def aggregate(deltas: Sequence[Delta], weights: Sequence[float] | None, method: str = "weighted",
               **options) -> dict[str, Tensor]:
-    """Dispatches to one rule by name: "weighted" | "trimmed" (trim_fraction) | "ties" (keep_fraction)
+    """Dispatches to one rule by name: "weighted" | "trimmed" (trim_fraction, shares) | "ties" (keep_fraction)
     | "krum" (num_malicious, num_selected) | "class_aware" (client_classes, required; shared, scale
     and the shared rule's options).
 

@@ -541,17 +541,20 @@ class DiReDiStrategy(Strategy):
                                   [d.weight for d in decisions], members, clip_norm=self.policy.clip_norm,
                                   clip_multiple=self.policy.clip_multiple, row_multiple=self.policy.row_multiple,
                                   weight_multiple=self.policy.weight_cap,
-                                  row_influence=self.policy.row_bound == "influence")
+                                  row_influence=self.policy.row_bound == "influence",
+                                  clip_shares=self.policy.clip_share == "scaled")
         if record:
             for i, decision in enumerate(decisions):
                 decision.clip_factor = bounded.clip_factors[i]
                 decision.row_clip = {VOC_CLASSES[c]: f for c, f in bounded.row_factors[i].items()}
-                decision.weight_used, decision.weight_cap = bounded.weights[i], bounded.weight_cap
+                decision.weight_used, decision.weight_cap = bounded.capped[i], bounded.weight_cap
 
         def merge(kept: list[int]) -> dict[str, Tensor]:
             options = dict(self.aggregation_options)
             if self.aggregation == "class_aware":  # each class's rows from the clients whose labels hold it
                 options["client_classes"] = [class_ids[i] for i in kept]
+            if self.aggregation in ("class_aware", "trimmed"):  # the trimmed mean counts a clipped delta by its share
+                options["shares"] = [bounded.shares[i] for i in kept]
             return aggregate([bounded.deltas[i] for i in kept], [bounded.weights[i] for i in kept],
                              self.aggregation, **options)
 

@@ -78,6 +78,7 @@ def default_policy(session: Session) -> VerificationPolicy:
                                           operating_threshold=config.operating_threshold, direction_z=config.direction_z,
                                           direction_reference=config.direction_reference,
                                           clip_norm=config.clip_norm, clip_multiple=config.clip_multiple,
+                                          clip_share=config.clip_share,
                                           row_multiple=config.row_multiple, row_bound=config.row_bound,
                                           weight_cap=config.weight_cap, claims=config.claims)
 

@@ -107,6 +107,9 @@ class VerificationPolicy:
     # Merge-time clipping relative to the round: accepted deltas clipped to clip_multiple x the round's
     # (low) median accepted norm (inf: off), on top of the absolute clip_norm.
     clip_multiple: float = math.inf
+    # "scaled": a delta the clip cut to a fraction f of its norm counts as f of a delta in the merge's means
+    # (strategies.aggregate.bound_influence); "whole": as a whole one
+    clip_share: str = "whole"
     # Merge-time clipping per class row: each accepted delta's classification rows of class c clipped to
     # row_multiple x the (low) median row-c norm of the deltas whose rows count for c (inf: off).
     row_multiple: float = math.inf
