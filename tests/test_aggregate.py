@@ -291,3 +291,62 @@ def test_bound_influence_clips_a_boosted_delta_and_caps_a_claimed_weight_relativ
     assert torch.equal(bounded.deltas[0]["w"], honest[0]["w"])  # an honest delta is untouched
     off = bound_influence(deltas, norms, [100, 120, 110, 4000], [set()] * 4)  # every bound off (inf)
     assert off.clip_factors == [1.0] * 4 and off.weights == [100, 120, 110, 4000]
+
+
+def test_the_share_trimmed_mean_counts_each_delta_by_its_share():
+    from strategies.aggregate import share_trimmed_mean
+
+    torch.manual_seed(0)
+    deltas = [{"w": torch.randn(6, 3), "b": torch.randn(4)} for _ in range(8)]
+    plain = trimmed_mean(deltas, 0.2)
+    equal = share_trimmed_mean(deltas, [0.5] * 8, 0.2)  # equal shares are whole deltas
+    assert all(torch.allclose(plain[k], equal[k], atol=1e-6) for k in plain)
+    assert all(torch.equal(plain[k], trimmed_mean(deltas, 0.2, shares=[1.0] * 8)[k]) for k in plain)
+    # by hand: values 0..4 (one per delta), shares 1,1,1,1,0 scaled to sum 5 -> lengths 1.25 each for 0..3;
+    # one unit cut at each end keeps 0.25 of value 0, 1.25 of 1, 1.25 of 2, 0.25 of 3 over length 3
+    row = [{"w": torch.tensor([float(v)])} for v in range(5)]
+    by_hand = (0.25 * 0 + 1.25 * 1 + 1.25 * 2 + 0.25 * 3) / 3.0
+    assert float(share_trimmed_mean(row, [1, 1, 1, 1, 0], 0.2)["w"]) == pytest.approx(by_hand)
+    # a near-zero delta of share 0.02 no longer pulls the middle towards 0
+    honest = [{"w": torch.tensor([v])} for v in (1.0, 1.1, 0.9, 1.05, 0.95, 1.0)]
+    clipped = [{"w": torch.tensor([0.0])}] * 2
+    whole = float(trimmed_mean([*honest, *clipped], 0.2)["w"])
+    scaled = float(trimmed_mean([*honest, *clipped], 0.2, shares=[1.0] * 6 + [0.02] * 2)["w"])
+    assert whole == pytest.approx(5.0 / 6.0, abs=0.02) and scaled == pytest.approx(1.0, abs=0.02)
+    with pytest.raises(ValueError, match="non-negative"):
+        trimmed_mean(row, 0.2, shares=[1, 1, 1, 1, -1])
+
+
+def test_a_clipped_delta_counts_by_the_share_the_clip_kept():
+    """clip_shares: the clipped delta's weight in the merge is its capped claim x its clip factor, and it
+    reaches a class's row with that weight: one honest client and one clipped client of a class no longer
+    halve the row."""
+    from strategies.aggregate import bound_influence
+
+    honest = [{"w": torch.full((4,), v), "head.classification_head.cls_logits.weight": torch.zeros(2, 3),
+               "head.classification_head.cls_logits.bias": torch.zeros(2)} for v in (1.0, 1.1, 0.9)]
+    honest[0]["head.classification_head.cls_logits.bias"] = torch.tensor([0.0, 2.0])  # the one client of class 1
+    hostile = {"w": torch.full((4,), -50.0), "head.classification_head.cls_logits.weight": torch.zeros(2, 3),
+               "head.classification_head.cls_logits.bias": torch.tensor([0.0, -50.0])}
+    deltas = [*honest, hostile]
+    norms = [math.sqrt(sum(float(t.pow(2).sum()) for t in d.values())) for d in deltas]
+    members = [{0, 1}, {0}, {0}, {0, 1}]
+    kwargs = dict(clip_multiple=2.0, weight_multiple=2.0, row_influence=False)
+    shared = bound_influence(deltas, norms, [100, 100, 100, 1e12], members, clip_shares=True, **kwargs)
+    whole = bound_influence(deltas, norms, [100, 100, 100, 1e12], members, **kwargs)
+    factor = shared.clip_factors[3]
+    assert factor < 0.1 and shared.clip_factors[:3] == [1.0, 1.0, 1.0] == shared.shares[:3]
+    assert shared.capped == whole.capped == [100, 100, 100, 200] and shared.shares[3] == factor
+    assert shared.weights == pytest.approx([100, 100, 100, 200 * factor]) and whole.weights == whole.capped
+    assert whole.shares == [1.0] * 4
+
+    def class_one_bias(bounded):
+        merged = aggregate(bounded.deltas, bounded.weights, "class_aware", client_classes=members,
+                           shared="weighted", shares=bounded.shares)
+        return float(merged["head.classification_head.cls_logits.bias"][1])
+
+    clipped_bias = float(shared.deltas[3]["head.classification_head.cls_logits.bias"][1])
+    assert class_one_bias(whole) == pytest.approx((100 * 2.0 + 200 * clipped_bias) / 300, rel=1e-5)
+    assert class_one_bias(shared) == pytest.approx((100 * 2.0 + 200 * factor * clipped_bias) / (100 + 200 * factor),
+                                                   rel=1e-5)
+    assert abs(class_one_bias(shared) - 2.0) < abs(class_one_bias(whole) - 2.0) / 3

@@ -84,6 +84,7 @@ def test_run_folders_made_before_the_protected_appeal_and_the_influence_bound_re
     from protocol.config import RunConfig
 
     today = RunConfig()
-    assert (today.protected_scope, today.row_bound, today.weight_cap) == ("merge", "influence", 2.0)
-    older = RunConfig.completed({})  # a config.json written before either setting existed
-    assert (older["protected_scope"], older["row_bound"]) == ("delta", "norm")
+    assert (today.protected_scope, today.row_bound, today.weight_cap, today.clip_share) == ("merge", "influence",
+                                                                                            2.0, "scaled")
+    older = RunConfig.completed({})  # a config.json written before these settings existed
+    assert (older["protected_scope"], older["row_bound"], older["clip_share"]) == ("delta", "norm", "whole")

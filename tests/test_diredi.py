@@ -752,6 +752,22 @@ def test_median_cap_and_the_round_relative_clip(trained_tutor):
     median = decisions[0].norm  # the low median of the four norms
     assert decisions[3].accepted and decisions[3].clip_factor == pytest.approx(4 * median / decisions[3].norm, rel=1e-4)
 
+    # clip_share "scaled": the clipped delta counts as the share f the clip kept, in a weighted mean and in the
+    # class-aware merge's trimmed mean of the shared layers alike; its recorded weight stays its claim
+    bias = "backbone.fpn.inner_blocks.0.0.bias"
+    f = decisions[3].clip_factor
+    for aggregation in ("weighted", "class_aware"):
+        for share, expected in (("whole", (3.2e-3 + f * 0.1) / 4), ("scaled", (3.2e-3 + f * f * 0.1) / (3 + f))):
+            strategy = DiReDiStrategy(copy.deepcopy(trained_tutor), build_model("smoke", "edge", seed=1),
+                                      Squares(32, 1), ["person"], ClientTraining.from_profile(get_profile("smoke")),
+                                      VerificationPolicy(norm_bound=50.0, clip_multiple=4.0, clip_share=share),
+                                      aggregation=aggregation)
+            before = neck_head(strategy.tutor)[bias].clone()
+            strategy.aggregate_train(1, replies)
+            change = neck_head(strategy.tutor)[bias] - before
+            assert torch.allclose(change, torch.full_like(change, expected), rtol=1e-4), (aggregation, share)
+            assert [d.weight_used for d in strategy.recorder.decisions] == [10.0] * 4
+
 
 def test_a_hidden_row_edit_is_bounded_by_the_rows_of_its_peers(trained_tutor):
     """Four clients claim `person`; one lowers person's bias by 0.5 inside a delta as honest as the others'.
