@@ -144,6 +144,12 @@ class Bounded:
     weights: list[float]  # the weights the merge uses: capped x share
 
 
+def norm_cap(norms: Sequence[float], clip_norm: float = math.inf, clip_multiple: float = math.inf) -> float:
+    """The norm the merge clips each accepted delta to: min(``clip_norm``, ``clip_multiple`` x the round's
+    median norm) (inf: no clip)."""
+    return min(clip_norm, median_cap(norms, clip_multiple))
+
+
 def bound_influence(deltas: Sequence[Delta], norms: Sequence[float], weights: Sequence[float],
                     members: Sequence[Collection[int]], *, clip_norm: float = math.inf,
                     clip_multiple: float = math.inf, row_multiple: float = math.inf,
@@ -166,17 +172,17 @@ def bound_influence(deltas: Sequence[Delta], norms: Sequence[float], weights: Se
     counts almost whole and one cut to 2 % almost not at all; an unclipped delta (every honest one
     measured here) is merged exactly as without it.
     """
-    norm_cap = min(clip_norm, median_cap(norms, clip_multiple))
+    cap = norm_cap(norms, clip_norm, clip_multiple)
     clipped, clip_factors = [], []
     for delta in deltas:
-        delta, factor = clip_delta(delta, norm_cap)
+        delta, factor = clip_delta(delta, cap)
         clipped.append(delta)
         clip_factors.append(factor)
-    capped, cap = cap_weights(weights, weight_multiple)
+    capped, weight_cap = cap_weights(weights, weight_multiple)
     shares = list(clip_factors) if clip_shares else [1.0] * len(deltas)
     used = [w * share for w, share in zip(capped, shares)]
     clipped, row_factors = clip_class_rows(clipped, members, row_multiple, weights=used if row_influence else None)
-    return Bounded(clipped, clip_factors, row_factors, capped, cap, shares, used)
+    return Bounded(clipped, clip_factors, row_factors, capped, weight_cap, shares, used)
 
 
 def _check_deltas(deltas: Sequence[Delta]) -> list[str]:

@@ -50,14 +50,14 @@ from data.voc import CLASS_INDEX, VOC_CLASSES
 from distill.body_memo import BodyMemo
 from distill.rd import ClientTraining, distill_c, reverse_distill_tutor1, server_reference_update, spread_distill
 from evaluation.ap import nan_mean
-from models.parts import load_neck_head, neck_head, substitute
+from models.parts import clip_delta, load_neck_head, neck_head, substitute
 from protocol.config import CALIBRATIONS
 from protocol.wire import (AFTER, AP_AFTER, AP_BEFORE, BEFORE, CONFIG, DELTA, DEPLOY_EDGE, DISTILL, DIREDI_WORK,
                            EDGE, EVALUATE, EDGE_SOURCE, METHOD, METRICS, NUM_EXAMPLES, PARTITION_ID, SERVER,
                            SERVER_ROUND, SPREAD_EDGE, TRAIN, TRAINED, TUTOR, TUTOR1, WORK, MalformedDelta, TutorRecords,
                            decode, encode, state_record, unpack_delta, work_seed)
 from report.checkpoint import prefixed, unprefixed
-from strategies.aggregate import AGGREGATION_METHODS, aggregate, bound_influence
+from strategies.aggregate import AGGREGATION_METHODS, aggregate, bound_influence, norm_cap
 from strategies.calibrate import calibrated_classes, moved, offset_search, search_shifts, shift_class_biases
 from strategies.exchange import exchange
 from strategies.ledger import ClientSampler, Clock, Recorder, RoundLedger
@@ -529,8 +529,20 @@ class DiReDiStrategy(Strategy):
         decisions = [decision for _, decision in accepted]
         claimed = [claimed_by.get(d.client, set()) for d in decisions]
         if self.policy.claims != "trusted":
-            claimed, verdicts = earned_claims([d.claim_gain for d in decisions], [d.claim_noise for d in decisions],
-                                              self.policy, [d.claim_shift for d in decisions])
+            # a claim is earned by the delta as merged: one the norm clip cuts is judged again as clipped
+            # (its candidate evaluated on validation), so a delta clipped for what it does elsewhere cannot
+            # keep a say on a class it would merge a fraction of (README, "Claims judged on the delta as merged")
+            cap = norm_cap([d.norm for d in decisions], self.policy.clip_norm, self.policy.clip_multiple)
+            gains, noise, shifts = ([d.claim_gain for d in decisions], [d.claim_noise for d in decisions],
+                                    [d.claim_shift for d in decisions])
+            for i, (delta, decision) in enumerate(accepted):
+                clipped, factor = clip_delta(delta, cap)
+                if factor < 1 and decision.claim_gain:
+                    gains[i], noise[i], shift = self.claim_figures(clipped, list(decision.claim_gain), decision.round)
+                    shifts[i] = shift.get("claim_shift", {})
+                    if record:
+                        decision.claim_gain_clipped, decision.claim_noise_clipped = gains[i], noise[i]
+            claimed, verdicts = earned_claims(gains, noise, self.policy, shifts)
             if record:
                 for decision, names, verdict in zip(decisions, claimed, verdicts):
                     decision.claims = {c: v if c in names else f"{v}, dropped" for c, v in verdict.items()}
@@ -587,8 +599,7 @@ class DiReDiStrategy(Strategy):
         after, _ = validator.candidate_ap(delta)
         claims = list(claims) if self.policy.claims != "trusted" else []
         noise = validator.candidate_noise(delta, server_round, claims)
-        claim_gain = {c: float(after.get(c, math.nan)) - float(before.get(c, math.nan)) for c in claims}
-        shifts = validator.claim_shifts(delta, claims)
+        claim_gain, claim_noise, shifts = self.claim_figures(delta, claims, server_round)
         ok, reason, figures = protected_check(before, after, self.policy, noise)
         outcomes = [("protected", ok, reason)]  # (gate, ok, reason) of every active gate after structure
         kept_ok, kept_reason, kept = kept_check(before, after, self.policy)
@@ -608,7 +619,17 @@ class DiReDiStrategy(Strategy):
                         val_map_after=nan_mean(after.values()), weight=weight, noise=figures["noise"],
                         tolerance=figures["tolerance"], rejected_by=[gate for gate, _ in failed],
                         kept_drop=kept["mean_drop"], cosine=cosine, claim_gain=claim_gain,
-                        claim_noise={c: noise.get(c, math.nan) for c in claims}, **shifts, **recall)
+                        claim_noise=claim_noise, **shifts, **recall)
+
+    def claim_figures(self, delta: Mapping[str, Tensor], claims: list[str], server_round: int
+                      ) -> tuple[dict[str, float], dict[str, float], dict[str, dict[str, float]]]:
+        """What ``earned_claims`` judges ``delta``'s claims by: per claimed class its candidate tutor's validation
+        AP gain over the tutor, the gain's bootstrap std, and its row's score shifts (``claim_shifts``)."""
+        validator = self.validator
+        before, (after, _) = validator.tutor_ap(), validator.candidate_ap(delta)
+        noise = validator.candidate_noise(delta, server_round, claims)
+        gain = {c: float(after.get(c, math.nan)) - float(before.get(c, math.nan)) for c in claims}
+        return gain, {c: noise.get(c, math.nan) for c in claims}, validator.claim_shifts(delta, claims)
 
     def screen(self, reply: Message) -> None:
         """The costly part of verifying a reply, done as soon as it arrives (``strategies.exchange``):

@@ -186,6 +186,10 @@ class Decision:
     # appended when the merge left the claim out); empty under the "trusted" rule.
     claim_gain: dict[str, float] = field(default_factory=dict)
     claim_noise: dict[str, float] = field(default_factory=dict)
+    # A delta the merge's norm clip cut: the same gains and noise of the delta as clipped, which the verdicts
+    # judge (a claim is earned by what is merged); empty when the delta was merged whole
+    claim_gain_clipped: dict[str, float] = field(default_factory=dict)
+    claim_noise_clipped: dict[str, float] = field(default_factory=dict)
     claims: dict[str, str] = field(default_factory=dict)
     row_clip: dict[str, float] = field(default_factory=dict)  # accepted: per class, the factor its rows were scaled by (only those < 1)
     # Per claimed class, how the delta's own row of that class moves the tutor's top score of it (logit) on

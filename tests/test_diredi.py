@@ -703,6 +703,41 @@ def test_a_false_claim_does_not_change_the_claimed_class_row(trained_tutor):
     assert torch.allclose(neck_head(trusting.tutor)[rows[1]][PERSON], expected, atol=1e-5)
 
 
+def test_a_claim_is_judged_on_the_delta_as_the_clip_merges_it(trained_tutor):
+    """Three clients bring back the lost `person`; a fourth sends the same row beside an edit of another class's
+    bias so large that the norm clip keeps 5 % of its delta. Sent whole, its candidate improves person as much
+    as the others'; clipped, it barely moves it: its claim is judged again on the clipped delta and dropped, so
+    it cannot dilute the honest row it shares (the person row merged is the honest one at full strength)."""
+    import copy
+
+    rows = ("head.classification_head.cls_logits.weight", "head.classification_head.cls_logits.bias")
+    damaged = copy.deepcopy(trained_tutor)
+    with torch.no_grad():
+        damaged.head.classification_head.cls_logits.weight[PERSON] = 0.0
+        damaged.head.classification_head.cls_logits.bias[PERSON] = -8.0
+    honest = zeros_like_nh(damaged)
+    for name in rows:
+        honest[name][PERSON] = neck_head(trained_tutor)[name][PERSON] - neck_head(damaged)[name][PERSON]
+    loud = {name: tensor.clone() for name, tensor in honest.items()}
+    loud[rows[1]][0] = -40.0 * float(torch.sqrt(sum(t.pow(2).sum() for t in honest.values())))  # no image holds class 0
+    policy = VerificationPolicy(norm_bound=1e6, claims="earned", noise_z=3.0, bootstrap_samples=50, clip_multiple=2.5)
+    strategy = DiReDiStrategy(copy.deepcopy(damaged), build_model("smoke", "edge", seed=1), Squares(32, 1),
+                              ["person"], ClientTraining.from_profile(get_profile("smoke")), policy,
+                              aggregation="class_aware")
+    strategy.aggregate_train(1, [reply(c, honest, 10, ("person",)) for c in range(3)]
+                             + [reply(3, loud, 10, ("person",))])
+    decisions = {d.client: d for d in strategy.recorder.decisions}
+    assert all(d.accepted for d in decisions.values())
+    assert decisions[3].clip_factor < 0.1 and all(decisions[c].clip_factor == 1.0 for c in range(3))
+    assert decisions[0].claim_gain["person"] > 0.3  # as sent, the loud delta improves person as much
+    assert decisions[3].claim_gain["person"] == pytest.approx(decisions[0].claim_gain["person"], abs=0.02)
+    assert decisions[3].claim_gain_clipped["person"] < 0.05 and decisions[0].claim_gain_clipped == {}
+    assert decisions[3].claims == {"person": "holds, dropped"} and decisions[0].claims == {"person": "improves"}
+    merged = neck_head(strategy.tutor)
+    for name in rows:
+        assert torch.allclose(merged[name][PERSON], neck_head(trained_tutor)[name][PERSON], atol=1e-5)
+
+
 def test_a_false_claim_that_lowers_a_settled_class_is_left_out_under_lifting(trained_tutor):
     """The tutor knows `person`; an honest client's person row is a small lift (+0.02 on the bias), two
     liars claim person with a bias edit of -0.1 and four times the weight. No claimer improves person, so
