@@ -89,8 +89,8 @@ def row_norms(delta: Delta, class_row_params: Sequence[str] = CLASS_ROW_PARAMS) 
 
 
 def clip_class_rows(deltas: Sequence[Delta], members: Sequence[Collection[int]], multiple: float = math.inf,
-                    class_row_params: Sequence[str] = CLASS_ROW_PARAMS, weights: Sequence[float] | None = None
-                    ) -> tuple[list[dict[str, Tensor]], list[dict[int, float]]]:
+                    class_row_params: Sequence[str] = CLASS_ROW_PARAMS, weights: Sequence[float] | None = None,
+                    setters: Sequence[bool] | None = None) -> tuple[list[dict[str, Tensor]], list[dict[int, float]]]:
     """Each delta's rows of class c clipped to ``median_cap`` of the row-c norms of the deltas that take
     part in row c (``members[i]``: the classes delta i's rows count for, e.g. its earned claims).
 
@@ -101,7 +101,10 @@ def clip_class_rows(deltas: Sequence[Delta], members: Sequence[Collection[int]],
     take part in are left as they are (they do not reach a class-aware merge). With ``weights`` (the merge's, after
     the cap) what is bounded is each delta's influence on the row, its weight x its row-c norm, against the
     median influence of row c's contributors: a row at 4 x the median norm sent with 4 x the median weight
-    otherwise moves the merged row 16 x as much as a median client's. Returns (clipped deltas,
+    otherwise moves the merged row 16 x as much as a median client's. ``setters[i]`` False: delta i is bounded
+    by row c's median but does not set it (unless no contributor to row c is a setter): ``bound_influence``
+    leaves out the deltas the norm clip cut, whose rows are a fraction of what they sent, so that one of two
+    contributors cannot pull the other's bound down to a few times its own remnant. Returns (clipped deltas,
     per delta {class: factor} for every row scaled down); the inputs are not modified. With ``multiple``
     inf, or when the class-row tensors are absent, the deltas are returned as they are.
     """
@@ -117,10 +120,13 @@ def clip_class_rows(deltas: Sequence[Delta], members: Sequence[Collection[int]],
         if len(weights) != len(deltas):
             raise ValueError(f"{len(weights)} weights for {len(deltas)} deltas")
         norms = [[float(w) * n for n in row] for w, row in zip(weights, norms)]
+    if setters is not None and len(setters) != len(deltas):
+        raise ValueError(f"{len(setters)} setters for {len(deltas)} deltas")
     out = [dict(d) for d in deltas]
     for c in range(len(norms[0])):
         takers = [i for i, s in enumerate(sets) if c in s]
-        cap = median_cap([norms[i][c] for i in takers], multiple)
+        reference = [i for i in takers if setters is None or setters[i]] or takers
+        cap = median_cap([norms[i][c] for i in reference], multiple)
         for i in takers:
             if norms[i][c] > cap:
                 factors[i][c] = cap / norms[i][c]
@@ -161,14 +167,15 @@ def bound_influence(deltas: Sequence[Delta], norms: Sequence[float], weights: Se
     2. its claimed weight capped at ``weight_multiple`` x the round's median claim (``cap_weights``);
        with ``clip_shares`` its weight in the merge is that x its clip factor, its share;
     3. its rows of each class clipped to ``row_multiple`` x the median change of that row among the deltas
-       it is merged with (``members[i]``: the classes delta i's rows take part in; ``clip_class_rows``).
+       it is merged with (``members[i]``: the classes delta i's rows take part in; ``clip_class_rows``); the
+       median is that of the deltas step 1 left whole, where row c has any.
 
     ``row_influence``: step 3 bounds each delta's weight in the merge (step 2) x its row norm instead
     (``clip_class_rows`` with weights).
 
     Why the share: clipping shrinks a delta, but a mean that still counts it whole lets it dilute every
-    row and layer it shares with honest clients (two clipped hostile deltas beside one honest client of a
-    class halve that class's row). Counted as the share the clip kept, a delta the clip barely touched
+    row and layer it shares with honest clients (a hostile delta clipped to a fifth beside one honest client
+    of a class, both at the same weight, leaves the class's row at 0.6 of the honest one). Counted as the share the clip kept, a delta the clip barely touched
     counts almost whole and one cut to 2 % almost not at all; an unclipped delta (every honest one
     measured here) is merged exactly as without it.
     """
@@ -181,7 +188,8 @@ def bound_influence(deltas: Sequence[Delta], norms: Sequence[float], weights: Se
     capped, weight_cap = cap_weights(weights, weight_multiple)
     shares = list(clip_factors) if clip_shares else [1.0] * len(deltas)
     used = [w * share for w, share in zip(capped, shares)]
-    clipped, row_factors = clip_class_rows(clipped, members, row_multiple, weights=used if row_influence else None)
+    clipped, row_factors = clip_class_rows(clipped, members, row_multiple, weights=used if row_influence else None,
+                                           setters=[factor == 1.0 for factor in clip_factors])
     return Bounded(clipped, clip_factors, row_factors, capped, weight_cap, shares, used)
 
 

@@ -350,3 +350,28 @@ def test_a_clipped_delta_counts_by_the_share_the_clip_kept():
     assert class_one_bias(shared) == pytest.approx((100 * 2.0 + 200 * factor * clipped_bias) / (100 + 200 * factor),
                                                    rel=1e-5)
     assert abs(class_one_bias(shared) - 2.0) < abs(class_one_bias(whole) - 2.0) / 3
+
+
+def test_a_delta_the_norm_clip_cut_does_not_set_the_row_bound_of_its_peers():
+    """Two contributors to class 1's row: an honest one and one whose delta the norm clip cuts to under 2 %.
+    Its remnant row must not set the row's median (4 x a remnant would cut the honest row to almost nothing):
+    the honest row is merged whole, the remnant is still bounded by the honest row's median."""
+    from strategies.aggregate import bound_influence, clip_class_rows
+
+    rows = ("head.classification_head.cls_logits.weight", "head.classification_head.cls_logits.bias")
+
+    def delta(shared, row):
+        return {"w": torch.full((4,), shared), rows[0]: torch.zeros(2, 3), rows[1]: torch.tensor([0.0, row])}
+
+    deltas = [delta(0.1, 1.0), delta(0.5, 0.0), delta(0.5, 0.0), delta(-100.0, 1.0)]
+    norms = [math.sqrt(sum(float(t.pow(2).sum()) for t in d.values())) for d in deltas]
+    members = [{1}, set(), set(), {1}]
+    bounded = bound_influence(deltas, norms, [10] * 4, members, clip_multiple=2.5, row_multiple=4.0,
+                              row_influence=True, clip_shares=True)
+    assert bounded.clip_factors[3] < 0.02 and bounded.row_factors[0] == {}  # the honest row whole
+    assert torch.equal(bounded.deltas[0][rows[1]], deltas[0][rows[1]])
+    # without the rule the remnant sets the low median of two and the honest row is cut
+    _, factors = clip_class_rows(bounded.deltas, members, 4.0, weights=bounded.weights)
+    assert factors[0][1] < 0.01
+    with pytest.raises(ValueError, match="setters"):
+        clip_class_rows(deltas, members, 4.0, setters=[True])

@@ -846,6 +846,28 @@ def calibrating_strategy(tutor, calibrate: str) -> DiReDiStrategy:
                           ClientTraining.from_profile(get_profile("smoke")), policy, calibrate=calibrate)
 
 
+def test_the_calibration_search_reads_each_class_as_if_it_alone_had_moved(trained_tutor):
+    """With one detection allowed per image, moving the other classes far up lets their boxes crowd out
+    person's; the search's figures (``operating_model``: every box above the threshold, no cap) are person's
+    own whatever the others do, and equal the capped tutor's where the cap crowds nothing."""
+    from strategies.calibrate import shift_class_biases
+
+    strategy = calibrating_strategy(trained_tutor, "f1")
+    validator = strategy.validator
+    strategy.tutor.detections_per_img = 1
+    validator.tutor_changed()
+    alone = validator.shifted_figures({"person": 3.0})
+    nh = neck_head(strategy.tutor)
+    bias = "head.classification_head.cls_logits.bias"
+    every_class_up = shift_class_biases(nh, {c: 3.0 if c == PERSON else 10.0 for c in range(nh[bias].shape[0])})
+    together = validator.recall(validator.predictions(validator.operating_model(every_class_up)))["person"]
+    capped = validator.recall(validator.predictions(validator.tutor_with(every_class_up)))["person"]
+    assert together == alone[1]["person"] > capped  # the cap crowds person out; the search's figures do not
+    strategy.tutor.detections_per_img = 100
+    validator.tutor_changed()
+    assert validator.shifted_figures({"person": 0.0})[0]["person"] == validator.f1(validator.tutor_predictions)["person"]
+
+
 def test_calibration_undoes_a_merged_shift_of_a_classs_scores_and_records_it(trained_tutor):
     """A delta that lowers every person score by 2 logits passes the AP gates and is merged; with
     calibrate="f1" the server moves person's bias back to the shift of best F1 at the threshold, so the
