@@ -663,20 +663,29 @@ def test_the_harm_gate_rejects_the_deltas_that_lower_a_class_beyond_their_peers(
     assert metrics["accepted"] == 4 and all(not d.rejected_by for d in alike.recorder.decisions)
 
 
+def person_lost_and_restored(tutor):
+    """(the classification rows' names, a copy of ``tutor`` that has lost `person` (its row zeroed, its bias
+    at -8), the delta that restores the row)."""
+    import copy
+
+    rows = ("head.classification_head.cls_logits.weight", "head.classification_head.cls_logits.bias")
+    damaged = copy.deepcopy(tutor)
+    with torch.no_grad():
+        damaged.head.classification_head.cls_logits.weight[PERSON] = 0.0
+        damaged.head.classification_head.cls_logits.bias[PERSON] = -8.0
+    honest = zeros_like_nh(damaged)
+    for name in rows:
+        honest[name][PERSON] = neck_head(tutor)[name][PERSON] - neck_head(damaged)[name][PERSON]
+    return rows, damaged, honest
+
+
 def test_a_false_claim_does_not_change_the_claimed_class_row(trained_tutor):
     """The tutor has lost `person`; an honest client brings it back, two liars claim it too with a small
     edit of its row and four times the weight. Trusted, their claims dilute the honest row to a fifth;
     earned, the merged row is the honest client's alone."""
     import copy
 
-    rows = ("head.classification_head.cls_logits.weight", "head.classification_head.cls_logits.bias")
-    damaged = copy.deepcopy(trained_tutor)
-    with torch.no_grad():
-        damaged.head.classification_head.cls_logits.weight[PERSON] = 0.0
-        damaged.head.classification_head.cls_logits.bias[PERSON] = -8.0
-    honest = zeros_like_nh(damaged)
-    for name in rows:
-        honest[name][PERSON] = neck_head(trained_tutor)[name][PERSON] - neck_head(damaged)[name][PERSON]
+    rows, damaged, honest = person_lost_and_restored(trained_tutor)
     edit = zeros_like_nh(damaged)
     edit[rows[1]][PERSON] = 0.1
 
@@ -710,14 +719,7 @@ def test_a_claim_is_judged_on_the_delta_as_the_clip_merges_it(trained_tutor):
     it cannot dilute the honest row it shares (the person row merged is the honest one at full strength)."""
     import copy
 
-    rows = ("head.classification_head.cls_logits.weight", "head.classification_head.cls_logits.bias")
-    damaged = copy.deepcopy(trained_tutor)
-    with torch.no_grad():
-        damaged.head.classification_head.cls_logits.weight[PERSON] = 0.0
-        damaged.head.classification_head.cls_logits.bias[PERSON] = -8.0
-    honest = zeros_like_nh(damaged)
-    for name in rows:
-        honest[name][PERSON] = neck_head(trained_tutor)[name][PERSON] - neck_head(damaged)[name][PERSON]
+    rows, damaged, honest = person_lost_and_restored(trained_tutor)
     loud = {name: tensor.clone() for name, tensor in honest.items()}
     loud[rows[1]][0] = -40.0 * float(torch.sqrt(sum(t.pow(2).sum() for t in honest.values())))  # no image holds class 0
     policy = VerificationPolicy(norm_bound=1e6, claims="earned", noise_z=3.0, bootstrap_samples=50, clip_multiple=2.5)
