@@ -683,7 +683,6 @@ def test_a_false_claim_does_not_change_the_claimed_class_row(trained_tutor):
     """The tutor has lost `person`; an honest client brings it back, two liars claim it too with a small
     edit of its row and four times the weight. Trusted, their claims dilute the honest row to a fifth;
     earned, the merged row is the honest client's alone."""
-
     rows, damaged, honest = person_lost_and_restored(trained_tutor)
     edit = zeros_like_nh(damaged)
     edit[rows[1]][PERSON] = 0.1
