@@ -64,7 +64,7 @@ from strategies.ledger import ClientSampler, Clock, Recorder, RoundLedger
 from strategies.merge_gates import harm_merge, operating_point_merge, protected_appeal
 from strategies.validator import CandidateValidator, EdgeVerdict
 from strategies.verify import (Decision, VerificationPolicy, deploy_check, direction_check, earned_claims, kept_check,
-                               peer_reference, protected_check, safe_norm, structural_check)
+                               peer_reference, protected_check, safe_norm, stricter_claim_figures, structural_check)
 
 log = logging.getLogger(__name__)
 
@@ -529,19 +529,21 @@ class DiReDiStrategy(Strategy):
         decisions = [decision for _, decision in accepted]
         claimed = [claimed_by.get(d.client, set()) for d in decisions]
         if self.policy.claims != "trusted":
-            # a claim is earned by the delta as merged: one the norm clip cuts is judged again as clipped
-            # (its candidate evaluated on validation), so a delta clipped for what it does elsewhere cannot
-            # keep a say on a class it would merge a fraction of (README, "Claims judged on the delta as merged")
+            # a claim is earned by the delta as sent and as merged: one the norm clip cuts is judged again as
+            # clipped (its candidate evaluated on validation) and the stricter verdict stands (stricter_claim_figures)
             cap = norm_cap([d.norm for d in decisions], self.policy.clip_norm, self.policy.clip_multiple)
             gains, noise, shifts = ([d.claim_gain for d in decisions], [d.claim_noise for d in decisions],
                                     [d.claim_shift for d in decisions])
             for i, (delta, decision) in enumerate(accepted):
                 clipped, factor = clip_delta(delta, cap)
                 if factor < 1 and decision.claim_gain:
-                    gains[i], noise[i], shift = self.claim_figures(clipped, list(decision.claim_gain), decision.round)
+                    merged_gain, merged_noise, shift = self.claim_figures(clipped, list(decision.claim_gain),
+                                                                          decision.round)
+                    gains[i], noise[i] = stricter_claim_figures((gains[i], noise[i]), (merged_gain, merged_noise),
+                                                                self.policy)
                     shifts[i] = shift.get("claim_shift", {})
                     if record:
-                        decision.claim_gain_clipped, decision.claim_noise_clipped = gains[i], noise[i]
+                        decision.claim_gain_clipped, decision.claim_noise_clipped = merged_gain, merged_noise
             claimed, verdicts = earned_claims(gains, noise, self.policy, shifts)
             if record:
                 for decision, names, verdict in zip(decisions, claimed, verdicts):

@@ -323,6 +323,26 @@ def claim_verdict(gain: float, noise: float, policy: VerificationPolicy) -> str:
     return "harms" if -gain > threshold else "holds"
 
 
+VERDICT_RANK = {"harms": 0, "holds": 1, "unchecked": 1, "improves": 2}  # the stricter verdict ranks lower
+
+
+def stricter_claim_figures(sent: tuple[Mapping[str, float], Mapping[str, float]],
+                           merged: tuple[Mapping[str, float], Mapping[str, float]], policy: VerificationPolicy
+                           ) -> tuple[dict[str, float], dict[str, float]]:
+    """Per claim, the (gain, noise) of the delta as sent or of the delta as merged (clipped), whichever gives the
+    stricter ``claim_verdict``: a claim harms if either harms and improves only if both improve.
+
+    Why both: judged on what it sent, a hostile delta whose other edits the norm clip then cuts can earn a claim
+    its merged remnant no longer carries (it "improves" dog, then counts as one of two with 2 % of its row);
+    judged on the remnant alone, a false claim whose edit harms its class as sent shrinks below the claim margin
+    and "holds", and counts (README, "Claims judged on the delta as merged")."""
+    gains, noise = {}, {}
+    for c in sent[0]:
+        options = [(sent[0][c], sent[1].get(c, math.nan)), (merged[0].get(c, math.nan), merged[1].get(c, math.nan))]
+        gains[c], noise[c] = min(options, key=lambda o: VERDICT_RANK[claim_verdict(o[0], o[1], policy)])
+    return gains, noise
+
+
 def earned_claims(gains: Sequence[Mapping[str, float]], noise: Sequence[Mapping[str, float]],
                   policy: VerificationPolicy, shifts: Sequence[Mapping[str, float]] | None = None
                   ) -> tuple[list[set[str]], list[dict[str, str]]]:

@@ -738,6 +738,20 @@ def test_a_claim_is_judged_on_the_delta_as_the_clip_merges_it(trained_tutor):
         assert torch.allclose(merged[name][PERSON], neck_head(trained_tutor)[name][PERSON], atol=1e-5)
 
 
+def test_a_claim_stands_only_as_earned_by_the_delta_as_sent_and_as_merged():
+    """The stricter verdict of the two: a false claim that harms its class as sent stays harmful when the clip
+    shrinks its edit below the margin; a claim that improves as sent but holds as clipped holds."""
+    from strategies.verify import claim_verdict, stricter_claim_figures
+
+    policy = VerificationPolicy(claims="earned", claim_margin=0.05)
+    sent = ({"car": -0.20, "dog": 0.30, "cat": 0.10}, {"car": 0.01, "dog": 0.01, "cat": 0.01})
+    merged = ({"car": -0.02, "dog": 0.01, "cat": 0.09}, {"car": 0.01, "dog": 0.01, "cat": 0.01})
+    gains, noise = stricter_claim_figures(sent, merged, policy)
+    verdicts = {c: claim_verdict(gains[c], noise[c], policy) for c in gains}
+    assert verdicts == {"car": "harms", "dog": "holds", "cat": "improves"}
+    assert gains == {"car": -0.20, "dog": 0.01, "cat": 0.10}  # improves twice: the sent figure (the first)
+
+
 def test_a_false_claim_that_lowers_a_settled_class_is_left_out_under_lifting(trained_tutor):
     """The tutor knows `person`; an honest client's person row is a small lift (+0.02 on the bias), two
     liars claim person with a bias edit of -0.1 and four times the weight. No claimer improves person, so
