@@ -292,7 +292,7 @@ class RunConfig:
     # (experiments.false_rejections; README, "Norm clip 2.5 by default"); 4 let a x100 delta's shared layers through
     clip_multiple: float = setting(2.5, MERGE, "accepted deltas clipped to this multiple of the round's median "
                                                "delta norm (inf: off)")
-    # scaled: README, "A clipped delta counts by the share the clip kept"
+    # scaled: README, "Claims judged on the delta as merged" under "Under attack"
     clip_share: str = setting("scaled", MERGE, "a delta the norm clip cut counts in the merge's means with its whole "
                                                "weight (whole) or as the share of it the clip kept: its weight x "
                                                "the clip's factor, in the trimmed mean that fraction of one delta "

@@ -174,10 +174,10 @@ def bound_influence(deltas: Sequence[Delta], norms: Sequence[float], weights: Se
     (``clip_class_rows`` with weights).
 
     Why the share: clipping shrinks a delta, but a mean that still counts it whole lets it dilute every
-    row and layer it shares with honest clients (a hostile delta clipped to a fifth beside one honest client
-    of a class, both at the same weight, leaves the class's row at 0.6 of the honest one). Counted as the share the clip kept, a delta the clip barely touched
-    counts almost whole and one cut to 2 % almost not at all; an unclipped delta (every honest one
-    measured here) is merged exactly as without it.
+    row and layer it shares with honest clients (a hostile delta clipped to a fifth beside one honest
+    client of a class, both at the same weight, leaves the class's row at 0.6 of the honest one). Counted
+    as the share the clip kept, a delta the clip barely touched counts almost whole and one cut to 2 %
+    almost not at all; an unclipped delta (every honest one measured here) is merged exactly as without it.
     """
     cap = norm_cap(norms, clip_norm, clip_multiple)
     clipped, clip_factors = [], []
