@@ -24,7 +24,7 @@ judges the weights. Each round's search starts from the offsets the tutor alread
 of the merged scores over the rounds (``offset_search``).
 
 The search is a pure function of ``f1_of`` (the validation F1 per class of the tutor with its class
-biases moved; ``strategies.validator.CandidateValidator.shifted_f1``), so it is testable without a model.
+biases moved; ``strategies.validator.CandidateValidator.shifted_figures``), so it is testable without a model.
 """
 
 from __future__ import annotations

@@ -534,14 +534,14 @@ class DiReDiStrategy(Strategy):
             cap = norm_cap([d.norm for d in decisions], self.policy.clip_norm, self.policy.clip_multiple)
             gains, noise, shifts = ([d.claim_gain for d in decisions], [d.claim_noise for d in decisions],
                                     [d.claim_shift for d in decisions])
+            # (the lifting rule's row shifts stand as sent: clipping scales a row, not the sign of its shift)
             for i, (delta, decision) in enumerate(accepted):
-                clipped, factor = clip_delta(delta, cap)
-                if factor < 1 and decision.claim_gain:
-                    merged_gain, merged_noise, shift = self.claim_figures(clipped, list(decision.claim_gain),
-                                                                          decision.round)
+                if decision.claim_gain and decision.norm > cap:
+                    clipped, _ = clip_delta(delta, cap)
+                    merged_gain, merged_noise, _ = self.claim_figures(clipped, list(decision.claim_gain),
+                                                                      decision.round)
                     gains[i], noise[i] = stricter_claim_figures((gains[i], noise[i]), (merged_gain, merged_noise),
                                                                 self.policy)
-                    shifts[i] = shift.get("claim_shift", {})
                     if record:
                         decision.claim_gain_clipped, decision.claim_noise_clipped = merged_gain, merged_noise
             claimed, verdicts = earned_claims(gains, noise, self.policy, shifts)

@@ -142,14 +142,10 @@ class CandidateValidator:
             known.update({c: std[CLASS_INDEX[c]] for c in missing})
         return {c: known[c] for c in wanted}
 
-    def shifted_f1(self, shifts: Mapping[str, float]) -> dict[str, float]:
-        """Validation F1 at the operating threshold of each class in ``shifts``, for the tutor whose
-        classification bias of each such class is moved by its shift (``strategies.calibrate``)."""
-        return self.shifted_figures(shifts)[0]
-
     def shifted_figures(self, shifts: Mapping[str, float]) -> tuple[dict[str, float], dict[str, float]]:
-        """``shifted_f1``'s F1 and, from the same detections, each class's recall at the operating threshold, of
-        the ``operating_model``: each class's figures depend on its own shift alone."""
+        """Validation F1 and recall at the operating threshold of each class in ``shifts``, for the tutor whose
+        classification bias of each such class is moved by its shift (``strategies.calibrate``), from the
+        detections of the ``operating_model``: each class's figures depend on its own shift alone."""
         self.tutor_ap()  # builds the feature cache and the targets
         moved = shift_class_biases(neck_head(self.tutor), {CLASS_INDEX[c]: s for c, s in shifts.items() if s})
         predictions = self.predictions(self.operating_model(moved))
@@ -165,10 +161,10 @@ class CandidateValidator:
         floods each image with more than 100 boxes above the threshold and crowds out a class's own: after
         round 2 of an all-honest bench run cat's recall at 0.5 measured 20 % with every class at +3 and 76 %
         as deployed (cat at +3, the others at their own offsets), and the search chose +3 for an F1 of 0.23
-        the deployed tutor does not have (0.10). A box
-        below the threshold counts for neither F1 nor recall there and cannot suppress one above it in NMS
-        (greedy, by score), so without the caps each class's figures at the threshold are those of the class
-        alone, and those of the deployed tutor wherever fewer than 100 boxes an image pass the threshold."""
+        the deployed tutor does not have (0.10). A box below the threshold counts for neither F1 nor recall there
+        and cannot suppress one above it in NMS (greedy, by score), so without the caps each class's figures at
+        the threshold are those of the class alone, and those of the deployed tutor wherever fewer than 100
+        boxes an image pass the threshold."""
         model = self.tutor_with(nh)
         model.score_thresh = max(model.score_thresh, self.policy.operating_threshold - 1e-6)
         model.detections_per_img = model.topk_candidates = UNCAPPED

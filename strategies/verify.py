@@ -186,8 +186,8 @@ class Decision:
     # appended when the merge left the claim out); empty under the "trusted" rule.
     claim_gain: dict[str, float] = field(default_factory=dict)
     claim_noise: dict[str, float] = field(default_factory=dict)
-    # A delta the merge's norm clip cut: the same gains and noise of the delta as clipped, which the verdicts
-    # judge (a claim is earned by what is merged); empty when the delta was merged whole
+    # A delta the merge's norm clip cut: the same gains and noise of the delta as clipped; each claim's verdict
+    # is the stricter of these and the figures as sent (``stricter_claim_figures``); empty when merged whole
     claim_gain_clipped: dict[str, float] = field(default_factory=dict)
     claim_noise_clipped: dict[str, float] = field(default_factory=dict)
     claims: dict[str, str] = field(default_factory=dict)
