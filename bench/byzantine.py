@@ -354,12 +354,19 @@ def summarise(session, run: dict, hostile: list[int], baseline_gain: float | Non
     drop = (100 * max(history[0]["ap"][c] - history[-1]["ap"][c] for c in protected)
             if len(history) > 1 else 0.0)
     gain = honest_gains(session, recorder.records, honest_clients)
+    # per delta as well as per client: a client "rejected" was rejected in every round; a missing reply counts as
+    # a delta kept out
+    sent = session.config.rounds * len(hostile)
+    accepted_hostile_deltas = sum(1 for d in recorder.decisions if d.accepted and d.client in hostile)
     return {"rejected": sum(1 for c in hostile if c not in accepted), "hostile": len(hostile),
+            "hostile_deltas": sent, "hostile_deltas_rejected": sent - accepted_hostile_deltas,
             "honest_accepted": sum(1 for c in honest_clients if c in accepted), "honest": len(honest_clients),
             "protected_ap_drop": drop, "honest_gain": gain,
             "honest_gain_ratio": gain / baseline_gain if baseline_gain else math.nan,
             "finished": run["finished"], "seconds": run["seconds"],
-            "reasons": {d.client: d.reason for d in recorder.decisions if d.client in hostile},
+            "reasons": {d.client: d.reason for d in recorder.decisions if d.client in hostile},  # the last round's
+            "hostile_decisions": [{"client": d.client, "round": d.round, "accepted": d.accepted, "reason": d.reason}
+                                  for d in recorder.decisions if d.client in hostile],
             "operating_point": {d.client: operating_figures(d) for d in recorder.decisions},
             "tutor_recall": history[-1].get("recall", {}) if history else {},
             "tutor": tutor_figures(history),
@@ -400,12 +407,14 @@ def verdict_table(out: dict) -> str:
              f"hostile kept out: honest gain ratio {out['hostile_kept_out']['honest_gain_ratio']:.2f}; "
              f"classes only the hostile clients hold (judged against the tutor before the run): "
              f"{', '.join(out['hostile_only_classes']) or 'none'}", "",
-             "| attack | verdict | hostile rejected | honest accepted | honest gain ratio | AP: class loss / tolerance "
+             "| attack | verdict | hostile rejected: clients (every round) / deltas | honest accepted | honest gain ratio | AP: class loss / tolerance "
              "(points) | recall at the threshold: class loss / tolerance |",
              "|---|---|---|---|---|---|---|"]
     for name, a in out["attacks"].items():
         verdict = a["verdict"] + (f" ({', '.join(a['beyond_tolerance'])})" if a["beyond_tolerance"] else "")
-        lines.append(f"| {name} | {verdict} | {a['rejected']}/{a['hostile']} | {a['honest_accepted']}/{a['honest']} | "
+        deltas = (f" / {a['hostile_deltas_rejected']}/{a['hostile_deltas']}" if "hostile_deltas" in a else "")
+        lines.append(f"| {name} | {verdict} | {a['rejected']}/{a['hostile']}{deltas} | "
+                     f"{a['honest_accepted']}/{a['honest']} | "
                      f"{a['honest_gain_ratio']:.2f} | {largest_loss(a['classes'], 'ap')} | "
                      f"{largest_loss(a['classes'], 'recall')} |")
     return "\n".join(lines) + "\n"

@@ -116,3 +116,7 @@ def test_the_verdict_table_names_each_attacks_largest_loss_and_what_got_through(
     row = verdict_table(out).splitlines()[-1]
     assert row == ("| combined:3 | gets through (car recall) | 0/2 | 6/6 | 0.98 | dog 3.0 / 5.0 | "
                    "car 14.3 / 10.5 |")
+    # a run that counted deltas too: rejected in round 1 only, both clients count as not kept out
+    out["attacks"]["combined:3"] = {**attack, "hostile_deltas": 4, "hostile_deltas_rejected": 2}
+    row = verdict_table(out).splitlines()[-1]
+    assert row.startswith("| combined:3 | gets through (car recall) | 0/2 / 2/4 | 6/6 |")
