@@ -23,7 +23,9 @@ logits), ``false_claim`` (the hostile clients claim a private class two honest c
 they do not, edit its row's bias by minus the strength, and claim 10^12 examples, capped by the
 merge), ``hidden_edit`` (an honest delta with the protected class's bias lowered by the strength,
 10^12 examples claimed), ``combined`` (all three at once, at the cap: the four kept classes and the protected
-class lowered by the strength, and the false claim).
+class lowered by the strength, and the false claim), ``tiny_claim`` (every class row the client claims, its own
+classes' and the false claim's, sent at the strength times itself, default 0.01, weight at the cap: a row that holds
+its class while it pulls a low row median down, to cut the honest contributors' rows).
 
 Each attack's verdict (``attack_verdict``): "kept out" when every hostile delta is rejected; otherwise
 "bounded" when no class of the deployed tutor after the run lost more than its tolerance in AP or in recall at
@@ -46,6 +48,7 @@ import math
 import sys
 import time
 from dataclasses import replace
+from collections.abc import Collection
 from pathlib import Path
 
 import torch
@@ -56,16 +59,17 @@ import clients.app as honest
 from data.voc import CLASS_INDEX
 from evaluation.metrics import method_table
 from protocol.config import RunConfig, choices_of
-from protocol.wire import CONFIG, DELTA, METRICS, NUM_EXAMPLES, TRAINED, encode, state_record
+from models.parts import CLASS_ROW_PARAMS
+from protocol.wire import CONFIG, DELTA, METRICS, NUM_EXAMPLES, TRAINED, decode, encode, state_record
 
 ATTACK, HOSTILE, SLEEP = "attack", "hostile", "hostile-sleep-s"
 CLAIMED = "hostile-claim"  # the class a false_claim attack claims (chosen by the benchmark)
 ATTACKS = ("nan", "scaled100", "sign_flip", "random", "wrong_shape", "extra_backbone", "absurd_weight",
-           "eraser", "score_shift", "false_claim", "hidden_edit", "combined", "crash", "timeout")
+           "eraser", "score_shift", "false_claim", "hidden_edit", "combined", "tiny_claim", "crash", "timeout")
 # the families that take a strength ("family:strength"), and their default strength
-STRENGTHS = {"score_shift": 3.0, "false_claim": 1.0, "hidden_edit": 1.0, "combined": 1.0}
-AT_THE_CAP = ("absurd_weight", "false_claim", "hidden_edit", "combined")  # they claim 10^12 examples
-CLAIMING = ("false_claim", "combined")  # they claim a class they do not hold
+STRENGTHS = {"score_shift": 3.0, "false_claim": 1.0, "hidden_edit": 1.0, "combined": 1.0, "tiny_claim": 0.01}
+AT_THE_CAP = ("absurd_weight", "false_claim", "hidden_edit", "combined", "tiny_claim")  # they claim 10^12 examples
+CLAIMING = ("false_claim", "combined", "tiny_claim")  # they claim a class they do not hold
 # score_shift: every score of these classes lowered by the strength in logits (their ranking, and so their AP,
 # barely moves; their recall at the operating threshold falls), the rest of the delta honest
 SHIFTED_CLASSES = ("aeroplane", "bus", "horse", "motorbike")
@@ -107,11 +111,19 @@ def _attack(msg: Message, context: Context) -> str | None:
     return str(config[ATTACK]) if int(context.node_config["partition-id"]) in hostile else None
 
 
-def altered_delta(delta: dict[str, torch.Tensor], attack: str, seed: int, claimed: str = "") -> dict[str, torch.Tensor]:
+def altered_delta(delta: dict[str, torch.Tensor], attack: str, seed: int, claimed: str = "",
+                  own: Collection[str] = ()) -> dict[str, torch.Tensor]:
     """The hostile delta of ``attack`` ("family" or "family:strength") made from an honest ``delta``
-    (float32); ``claimed``: the class a false claim names."""
+    (float32); ``claimed``: the class a false claim names; ``own``: the classes the client's labels hold."""
     attack, strength = parse_attack(attack)
     first = next(iter(delta))
+    if attack == "tiny_claim":  # every row it claims at a small fraction of itself: a low row median to cut others'
+        rows = [CLASS_INDEX[c] for c in {*own, *([claimed] if claimed else [])}]
+        out = {**delta}
+        for name in CLASS_ROW_PARAMS:
+            out[name] = delta[name].clone()
+            out[name][rows] *= strength
+        return out
     if attack == "nan":
         return {**delta, first: delta[first].clone().fill_(math.nan)}
     if attack == "scaled100":
@@ -159,7 +171,8 @@ def train(msg: Message, context: Context) -> Message:
         metrics[NUM_EXAMPLES] = 1e12
     if family in CLAIMING and claimed:
         metrics.update(encode(TRAINED, {claimed: 1}))
-    altered = altered_delta(delta, attack, int(context.node_config["partition-id"]), claimed)
+    own = [c for c, held in decode(reply.content[METRICS], TRAINED).items() if held]
+    altered = altered_delta(delta, attack, int(context.node_config["partition-id"]), claimed, own)
     content = RecordDict({DELTA: state_record(altered), METRICS: MetricRecord(metrics)})
     return Message(content=content, reply_to=msg)
 

@@ -46,6 +46,7 @@ def test_attack_families_take_a_strength_and_edit_only_their_rows():
     import pytest
 
     from bench.byzantine import BIAS, parse_attack
+    from models.parts import CLASS_ROW_PARAMS
     from data.voc import CLASS_INDEX
 
     assert parse_attack("false_claim:2") == ("false_claim", 2.0) and parse_attack("score_shift") == ("score_shift", 3.0)
@@ -62,6 +63,14 @@ def test_attack_families_take_a_strength_and_edit_only_their_rows():
     assert (hidden[BIAS] != delta[BIAS]).nonzero().flatten().tolist() == [person]
     assert torch.isclose(hidden[BIAS][person], delta[BIAS][person] - 2.0)
     assert all(torch.equal(claim[k], delta[k]) for k in delta if k != BIAS)
+    # tiny_claim: every claimed row (its own and the false claim's) at the strength times itself, the rest as sent
+    tiny = altered_delta(delta, "tiny_claim:0.01", seed=1, claimed="car", own=("dog", "person"))
+    rows = sorted(CLASS_INDEX[c] for c in ("car", "dog", "person"))
+    for name in CLASS_ROW_PARAMS:
+        scaled = (tiny[name] != delta[name]).flatten(1).any(1) if tiny[name].dim() > 1 else tiny[name] != delta[name]
+        assert scaled.nonzero().flatten().tolist() == rows
+        assert torch.allclose(tiny[name][rows], 0.01 * delta[name][rows])
+    assert all(torch.equal(tiny[k], delta[k]) for k in delta if k not in CLASS_ROW_PARAMS)
 
 
 def test_combined_attack_lowers_the_kept_and_protected_rows_and_claims():
