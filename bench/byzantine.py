@@ -4,12 +4,13 @@ does the tutor lose?
     python -m bench.byzantine                          # every attack, default scenario, 1 round
     python -m bench.byzantine --attacks nan sign_flip --rounds 2
     python -m bench.byzantine --attacks false_claim:0.5 false_claim:2 --claims earned --rounds 2
+    python -m bench.byzantine --rounds 2 --hostile 2 5 --scenario experiments/scenarios/heldout8.yaml
 
 Hostile clients run this module's ClientApp: the project's own handlers, whose "train" reply is
 then altered, as a client written outside the project would send it over the same wire format.
 Which clients are hostile and the attack travel in the server's config (keys ``attack`` and
 ``hostile``; the honest handlers ignore keys they do not know). Each attack is one DiReDi run of
-the default configuration (2 of 8 clients hostile), compared with an all-honest run of the same
+the default configuration (2 of 8 clients hostile; ``--scenario`` another federation), compared with an all-honest run of the same
 seed (the claim rule, the bounds and the calibration are the run's defaults unless given: ``--claims``,
 ``--weight-cap``, ``--row-bound``, ...). Per attack: hostile deltas rejected (a missing reply counts as kept out), honest deltas
 accepted, the tutor's protected-class validation AP drop over the run, the honest clients' mean
@@ -433,6 +434,18 @@ def verdict_table(out: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def hostile_problem(hostile: list[int], num_clients: int) -> str:
+    """Why ``--hostile`` cannot be run with ``num_clients`` clients ("" when it can)."""
+    outside = sorted({c for c in hostile if not 0 <= c < num_clients})
+    if outside:
+        return f"--hostile {' '.join(map(str, outside))}: partition ids run from 0 to {num_clients - 1}"
+    if len(set(hostile)) != len(hostile):
+        return "--hostile names a client twice"
+    if len(set(hostile)) >= num_clients:
+        return f"--hostile names all {num_clients} clients: the benchmark measures what honest clients keep"
+    return ""
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.byzantine", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -443,6 +456,8 @@ def main(argv=None) -> int:
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--timeout", type=float, default=150.0, help="seconds a round trip waits for replies")
     parser.add_argument("--profile", default="cpu")
+    parser.add_argument("--scenario", default=RunConfig().scenario,
+                        help="scenario name in data/scenarios/ or a YAML path (default: the run's, %(default)s)")
     parser.add_argument("--out", type=Path, default=Path("experiments/results/byzantine.json"))
     parser.add_argument("--operating-tolerance", type=float, default=math.inf,
                         help="the verification's operating-point gate (inf: recorded only, the default)")
@@ -462,13 +477,18 @@ def main(argv=None) -> int:
     from session.workspace import Session
 
     torch.set_num_threads(1)  # the server's work is small; leave the cores to the clients
-    settings = {"profile": args.profile, "rounds": args.rounds, "operating-tolerance": args.operating_tolerance,
+    if not (math.isfinite(args.timeout) and args.timeout > 0):
+        parser.error(f"--timeout must be a finite number of seconds > 0, got {args.timeout:g}")
+    settings = {"profile": args.profile, "scenario": args.scenario, "rounds": args.rounds, "operating-tolerance": args.operating_tolerance,
                 "operating-harm": args.operating_harm, **NO_SPREAD,  # as measured; spread never touches a delta
                 **{name.replace("_", "-"): getattr(args, name) for name in MERGE_SETTINGS}}
     try:
         config = replace(resolve_run_config(settings), timeout_s=args.timeout)
     except ConfigError as err:
         parser.error(str(err))
+    problem = hostile_problem(args.hostile, config.num_clients)
+    if problem:
+        parser.error(problem)
     session = Session.open(config)
     honest_clients = [c for c in range(config.num_clients) if c not in args.hostile]
     from strategies.ledger import Recorder

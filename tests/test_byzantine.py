@@ -129,3 +129,18 @@ def test_the_verdict_table_names_each_attacks_largest_loss_and_what_got_through(
     out["attacks"]["combined:3"] = {**attack, "hostile_deltas": 4, "hostile_deltas_rejected": 2}
     row = verdict_table(out).splitlines()[-1]
     assert row.startswith("| combined:3 | gets through (car recall) | 0/2 / 2/4 | 6/6 |")
+
+
+def test_bad_arguments_stop_the_benchmark_before_any_run(capsys):
+    import pytest
+
+    from bench.byzantine import hostile_problem, main
+
+    assert hostile_problem([2, 5], 8) == ""
+    assert "from 0 to 7" in hostile_problem([2, 8], 8) and "twice" in hostile_problem([2, 2], 8)
+    assert "all 2 clients" in hostile_problem([0, 1], 2)
+    for argv, said in ((["--hostile", "9"], "from 0 to 7"), (["--timeout", "0"], "--timeout"),
+                       (["--scenario", "no-such-scenario"], "scenario"), (["--attacks", "flood"], "unknown attack")):
+        with pytest.raises(SystemExit) as stop:
+            main(argv)
+        assert stop.value.code == 2 and said in capsys.readouterr().err, argv
