@@ -389,6 +389,9 @@ def summarise(session, run: dict, hostile: list[int], baseline_gain: float | Non
             # every round's rows scaled down by the per-row bound, hostile and honest alike
             "row_clip": [{"client": d.client, "round": d.round, "hostile": d.client in hostile, "factors": d.row_clip}
                          for d in recorder.decisions if d.row_clip],
+            # every accepted delta's class rows as sent, for the classes it is merged into (the row bound's inputs)
+            "row_norm": [{"client": d.client, "round": d.round, "hostile": d.client in hostile, "norms": d.row_norm}
+                         for d in recorder.decisions if d.row_norm],
             # every accepted delta the round-relative clip scaled down (its whole delta, its own classes' rows too)
             "clip": [{"client": d.client, "round": d.round, "hostile": d.client in hostile, "factor": d.clip_factor}
                      for d in recorder.decisions if d.accepted and d.clip_factor < 1],

@@ -50,14 +50,14 @@ from data.voc import CLASS_INDEX, VOC_CLASSES
 from distill.body_memo import BodyMemo
 from distill.rd import ClientTraining, distill_c, reverse_distill_tutor1, server_reference_update, spread_distill
 from evaluation.ap import nan_mean
-from models.parts import clip_delta, load_neck_head, neck_head, substitute
+from models.parts import CLASS_ROW_PARAMS, clip_delta, load_neck_head, neck_head, substitute
 from protocol.config import CALIBRATIONS
 from protocol.wire import (AFTER, AP_AFTER, AP_BEFORE, BEFORE, CONFIG, DELTA, DEPLOY_EDGE, DISTILL, DIREDI_WORK,
                            EDGE, EVALUATE, EDGE_SOURCE, METHOD, METRICS, NUM_EXAMPLES, PARTITION_ID, SERVER,
                            SERVER_ROUND, SPREAD_EDGE, TRAIN, TRAINED, TUTOR, TUTOR1, WORK, MalformedDelta, TutorRecords,
                            decode, encode, state_record, unpack_delta, work_seed)
 from report.checkpoint import prefixed, unprefixed
-from strategies.aggregate import AGGREGATION_METHODS, aggregate, bound_influence, norm_cap
+from strategies.aggregate import AGGREGATION_METHODS, aggregate, bound_influence, norm_cap, row_norms
 from strategies.calibrate import calibrated_classes, moved, offset_search, search_shifts, shift_class_biases
 from strategies.exchange import exchange
 from strategies.ledger import ClientSampler, Clock, Recorder, RoundLedger
@@ -561,6 +561,8 @@ class DiReDiStrategy(Strategy):
             for i, decision in enumerate(decisions):
                 decision.clip_factor = bounded.clip_factors[i]
                 decision.row_clip = {VOC_CLASSES[c]: f for c, f in bounded.row_factors[i].items()}
+                norms = row_norms(accepted[i][0]) if all(n in accepted[i][0] for n in CLASS_ROW_PARAMS) else []
+                decision.row_norm = {VOC_CLASSES[c]: norms[c] for c in sorted(members[i]) if c < len(norms)}
                 decision.weight_used, decision.weight_cap = bounded.capped[i], bounded.weight_cap
 
         def merge(kept: list[int]) -> dict[str, Tensor]:

@@ -192,6 +192,9 @@ class Decision:
     claim_noise_clipped: dict[str, float] = field(default_factory=dict)
     claims: dict[str, str] = field(default_factory=dict)
     row_clip: dict[str, float] = field(default_factory=dict)  # accepted: per class, the factor its rows were scaled by (only those < 1)
+    # accepted: per class its rows are merged into, their L2 norm as sent (weights and bias; before any bound), so
+    # that another reference for the row bound can be judged from a run's records
+    row_norm: dict[str, float] = field(default_factory=dict)
     # Per claimed class, how the delta's own row of that class moves the tutor's top score of it (logit) on
     # the validation images holding the class ("positive") and on the others ("negative"): ``row_score_shift``
     claim_shift: dict[str, float] = field(default_factory=dict)

@@ -846,6 +846,9 @@ def test_a_hidden_row_edit_is_bounded_by_the_rows_of_its_peers(trained_tutor):
     change, decisions = merged_person_bias(4.0)
     assert [decisions[c].row_clip for c in range(3)] == [{}, {}, {}]
     assert decisions[3].row_clip == {"person": pytest.approx(0.04 / 0.49, rel=1e-3)}
+    # each delta's row norms as sent are recorded for the classes it is merged into (only person's row here)
+    assert [decisions[c].row_norm for c in range(4)] == [{"person": pytest.approx(n, rel=1e-5)}
+                                                         for n in (0.01, 0.01, 0.01, 0.49)]
     assert change == pytest.approx((3 * 0.01 - 0.04) / 4, abs=1e-6)
     unbounded, decisions = merged_person_bias(math.inf)
     assert decisions[3].row_clip == {} and unbounded == pytest.approx((3 * 0.01 - 0.49) / 4, abs=1e-6)
