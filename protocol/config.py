@@ -68,10 +68,12 @@ BEFORE_CHANGED = {**{key.replace("-", "_"): value for key, value in PAPER_DISTIL
                   **NO_SPREAD, "spread_rows": "distilled",
                   **{key.replace("-", "_"): "inf" if value == math.inf else value  # as config.json writes it
                      for key, value in TRUSTED_MERGE.items()},
-                  "calibrate": "off", "protected_scope": "delta", "row_bound": "norm", "clip_share": "whole"}
+                  "calibrate": "off", "protected_scope": "delta", "row_bound": "norm", "clip_share": "whole",
+                  "row_reference": "row"}
 CLAIM_RULES = ("trusted", "earned", "improving", "lifting")  # how the class-aware merge takes a client's trained classes (strategies.verify)
 PROTECTED_SCOPES = ("delta", "merge")  # where the protected gate judges a delta (strategies.merge_gates.protected_appeal)
 ROW_BOUNDS = ("norm", "influence")  # what the per-class row bound compares (strategies.aggregate.clip_class_rows)
+ROW_REFERENCES = ("row", "row-or-round")  # what sets the per-class row bound (strategies.aggregate.clip_class_rows)
 CLIP_SHARES = ("whole", "scaled")  # how a clipped delta counts in the merge's means (strategies.aggregate.bound_influence)
 CALIBRATIONS = ("off", "f1", "f1-learnt", "f1-offsets")  # the tutor's operating point after a merge (strategies.calibrate)
 
@@ -303,6 +305,10 @@ class RunConfig:
     # influence: README, "And the row bound by influence"
     row_bound: str = setting("influence", MERGE, "what the row bound compares: a delta's row change (norm) or "
                                                  "its weight in the merge x its row change (influence)", ROW_BOUNDS)
+    # README, "A tiny row cannot set a row's bound" under "Under attack"
+    row_reference: str = setting("row", MERGE, "what sets the row bound: the median of the class row's own "
+                                               "contributors (row), or the larger of that and the median of every "
+                                               "row merged in the round (row-or-round)", ROW_REFERENCES)
     # strategies.verify
     claims: str = setting("earned", MERGE, "the class-aware merge takes a client's classes as it reports them "
                                            "(trusted) | only those its candidate tutor improves on the validation "

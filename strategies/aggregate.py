@@ -90,7 +90,8 @@ def row_norms(delta: Delta, class_row_params: Sequence[str] = CLASS_ROW_PARAMS) 
 
 def clip_class_rows(deltas: Sequence[Delta], members: Sequence[Collection[int]], multiple: float = math.inf,
                     class_row_params: Sequence[str] = CLASS_ROW_PARAMS, weights: Sequence[float] | None = None,
-                    setters: Sequence[bool] | None = None) -> tuple[list[dict[str, Tensor]], list[dict[int, float]]]:
+                    setters: Sequence[bool] | None = None, round_floor: bool = False
+                    ) -> tuple[list[dict[str, Tensor]], list[dict[int, float]]]:
     """Each delta's rows of class c clipped to ``median_cap`` of the row-c norms of the deltas that take
     part in row c (``members[i]``: the classes delta i's rows count for, e.g. its earned claims).
 
@@ -104,7 +105,10 @@ def clip_class_rows(deltas: Sequence[Delta], members: Sequence[Collection[int]],
     otherwise moves the merged row 16 x as much as a median client's. ``setters[i]`` False: delta i is bounded
     by row c's median but does not set it (unless no contributor to row c is a setter): ``bound_influence``
     leaves out the deltas the norm clip cut, whose rows are a fraction of what they sent, so that one of two
-    contributors cannot pull the other's bound down to a few times its own remnant. Returns (clipped deltas,
+    contributors cannot pull the other's bound down to a few times its own remnant. ``round_floor``: row c's
+    bound is never below ``multiple`` x the median over every row of the round (each setter's row of each class it
+    takes part in), so that a contributor who sends a deliberately tiny row of a class it shares with few others
+    cannot set that row's median and cut the others' rows to a few times its own. Returns (clipped deltas,
     per delta {class: factor} for every row scaled down); the inputs are not modified. With ``multiple``
     inf, or when the class-row tensors are absent, the deltas are returned as they are.
     """
@@ -123,11 +127,14 @@ def clip_class_rows(deltas: Sequence[Delta], members: Sequence[Collection[int]],
     if setters is not None and len(setters) != len(deltas):
         raise ValueError(f"{len(setters)} setters for {len(deltas)} deltas")
     out = [dict(d) for d in deltas]
-    for c in range(len(norms[0])):
-        takers = [i for i, s in enumerate(sets) if c in s]
-        reference = [i for i in takers if setters is None or setters[i]] or takers
-        cap = median_cap([norms[i][c] for i in reference], multiple)
-        for i in takers:
+    takers = {c: [i for i, s in enumerate(sets) if c in s] for c in range(len(norms[0]))}
+    references = {c: [i for i in ts if setters is None or setters[i]] or ts for c, ts in takers.items()}
+    floor = (median_cap([norms[i][c] for c, reference in references.items() for i in reference], multiple)
+             if round_floor else 0.0)
+    floor = 0.0 if math.isinf(floor) else floor  # no positive row in the round: no floor
+    for c, reference in references.items():
+        cap = max(median_cap([norms[i][c] for i in reference], multiple), floor)
+        for i in takers[c]:
             if norms[i][c] > cap:
                 factors[i][c] = cap / norms[i][c]
                 for name in class_row_params:
@@ -160,7 +167,7 @@ def bound_influence(deltas: Sequence[Delta], norms: Sequence[float], weights: Se
                     members: Sequence[Collection[int]], *, clip_norm: float = math.inf,
                     clip_multiple: float = math.inf, row_multiple: float = math.inf,
                     weight_multiple: float = math.inf, row_influence: bool = False,
-                    clip_shares: bool = False) -> Bounded:
+                    clip_shares: bool = False, row_floor: bool = False) -> Bounded:
     """Every bound on what one accepted delta can do to the merge, in order:
 
     1. its norm clipped to min(``clip_norm``, ``clip_multiple`` x the round's median norm) (``clip_delta``);
@@ -168,7 +175,8 @@ def bound_influence(deltas: Sequence[Delta], norms: Sequence[float], weights: Se
        with ``clip_shares`` its weight in the merge is that x its clip factor, its share;
     3. its rows of each class clipped to ``row_multiple`` x the median change of that row among the deltas
        it is merged with (``members[i]``: the classes delta i's rows take part in; ``clip_class_rows``); the
-       median is that of the deltas step 1 left whole, where row c has any.
+       median is that of the deltas step 1 left whole, where row c has any; with ``row_floor`` the bound is at
+       least ``row_multiple`` x the median over every row of the round.
 
     ``row_influence``: step 3 bounds each delta's weight in the merge (step 2) x its row norm instead
     (``clip_class_rows`` with weights).
@@ -189,7 +197,7 @@ def bound_influence(deltas: Sequence[Delta], norms: Sequence[float], weights: Se
     shares = list(clip_factors) if clip_shares else [1.0] * len(deltas)
     used = [w * share for w, share in zip(capped, shares)]
     clipped, row_factors = clip_class_rows(clipped, members, row_multiple, weights=used if row_influence else None,
-                                           setters=[factor == 1.0 for factor in clip_factors])
+                                           setters=[factor == 1.0 for factor in clip_factors], round_floor=row_floor)
     return Bounded(clipped, clip_factors, row_factors, capped, weight_cap, shares, used)
 
 

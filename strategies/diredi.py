@@ -556,6 +556,7 @@ class DiReDiStrategy(Strategy):
                                   clip_multiple=self.policy.clip_multiple, row_multiple=self.policy.row_multiple,
                                   weight_multiple=self.policy.weight_cap,
                                   row_influence=self.policy.row_bound == "influence",
+                                  row_floor=self.policy.row_reference == "row-or-round",
                                   clip_shares=self.policy.clip_share == "scaled")
         if record:
             for i, decision in enumerate(decisions):

@@ -115,6 +115,9 @@ class VerificationPolicy:
     row_multiple: float = math.inf
     # "influence": the row bound applies to weight x row norm (``strategies.aggregate.clip_class_rows``)
     row_bound: str = "norm"
+    # "row-or-round": row c's bound is at least row_multiple x the median of every row merged in the round
+    # (strategies.aggregate.clip_class_rows(round_floor=True)); "row": row c's own contributors' median alone
+    row_reference: str = "row"
 
     def _beyond_noise(self, floor: float, noise: float) -> float:
         return max(floor, self.noise_z * noise) if self.noise_z > 0 and math.isfinite(noise) else floor

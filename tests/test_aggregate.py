@@ -375,3 +375,30 @@ def test_a_delta_the_norm_clip_cut_does_not_set_the_row_bound_of_its_peers():
     assert factors[0][1] < 0.01
     with pytest.raises(ValueError, match="setters"):
         clip_class_rows(deltas, members, 4.0, setters=[True])
+
+
+def test_a_tiny_row_does_not_set_the_row_bound_with_the_round_floor():
+    """Class 1's row has two contributors, an honest one (row 1.0) and one that sends it at 1 % (0.01); three
+    other deltas merge class 0's row (0.5 each). Without a floor the tiny row sets the low median of two and the
+    honest row is cut to 4 x 0.01; with the round's floor (4 x the median of every merged row, 0.5) it stays whole,
+    and a large row (10.0) on a class of few contributors is still bounded."""
+    from strategies.aggregate import bound_influence, clip_class_rows
+
+    def delta(row0, row1):
+        return {CLASS_ROW_PARAMS[0]: torch.zeros(2, 3), CLASS_ROW_PARAMS[1]: torch.tensor([row0, row1])}
+
+    deltas = [delta(0.0, 1.0), delta(0.0, 0.01), delta(0.5, 0.0), delta(0.5, 0.0), delta(0.5, 0.0)]
+    members = [{1}, {1}, {0}, {0}, {0}]
+    _, factors = clip_class_rows(deltas, members, 4.0)
+    assert factors[0] == {1: pytest.approx(0.04)}
+    out, factors = clip_class_rows(deltas, members, 4.0, round_floor=True)
+    assert factors == [{}] * 5 and torch.equal(out[0][CLASS_ROW_PARAMS[1]], deltas[0][CLASS_ROW_PARAMS[1]])
+    large = [*deltas[:4], delta(0.5, 10.0)]
+    _, factors = clip_class_rows(large, [*members[:4], {0, 1}], 4.0, round_floor=True)
+    # the rows merged: 1.0, 0.01, 10.0 (class 1) and 0.5 x 3 (class 0): the floor is 4 x 0.5 = 2.0; class 1's own
+    # median is 1.0 (4.0 allowed), so the large row is cut to 4.0
+    assert factors[4] == {1: pytest.approx(0.4)} and factors[0] == {}
+    # through bound_influence, with weights: the same floor on influences
+    bounded = bound_influence(deltas, [1.0] * 5, [10] * 5, members, row_multiple=4.0, row_influence=True,
+                              row_floor=True)
+    assert bounded.row_factors == [{}] * 5
