@@ -10,8 +10,8 @@ Hostile clients run this module's ClientApp: the project's own handlers, whose "
 then altered, as a client written outside the project would send it over the same wire format.
 Which clients are hostile and the attack travel in the server's config (keys ``attack`` and
 ``hostile``; the honest handlers ignore keys they do not know). Each attack is one DiReDi run of
-the default configuration (2 of 8 clients hostile; ``--scenario`` another federation), compared with an all-honest run of the same
-seed (the claim rule, the bounds and the calibration are the run's defaults unless given: ``--claims``,
+the default configuration (2 of 8 clients hostile; ``--scenario`` another federation), compared with an
+all-honest run of the same seed (the claim rule, the bounds and the calibration are the run's defaults unless given: ``--claims``,
 ``--weight-cap``, ``--row-bound``, ...). Per attack: hostile deltas rejected (a missing reply counts as kept out), honest deltas
 accepted, the tutor's protected-class validation AP drop over the run, the honest clients' mean
 gain over the all-honest run's (the same clients), whether the run finished, and the tutor's
@@ -48,8 +48,8 @@ import json
 import math
 import sys
 import time
-from dataclasses import replace
 from collections.abc import Collection
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -59,8 +59,8 @@ from flwr.clientapp import ClientApp
 import clients.app as honest
 from data.voc import CLASS_INDEX
 from evaluation.metrics import method_table
-from protocol.config import RunConfig, choices_of
 from models.parts import CLASS_ROW_PARAMS
+from protocol.config import RunConfig, choices_of
 from protocol.wire import CONFIG, DELTA, METRICS, NUM_EXAMPLES, TRAINED, decode, encode, state_record
 
 ATTACK, HOSTILE, SLEEP = "attack", "hostile", "hostile-sleep-s"
@@ -424,8 +424,8 @@ def verdict_table(out: dict) -> str:
              f"hostile kept out: honest gain ratio {out['hostile_kept_out']['honest_gain_ratio']:.2f}; "
              f"classes only the hostile clients hold (judged against the tutor before the run): "
              f"{', '.join(out['hostile_only_classes']) or 'none'}", "",
-             "| attack | verdict | hostile rejected: clients (every round) / deltas | honest accepted | honest gain ratio | AP: class loss / tolerance "
-             "(points) | recall at the threshold: class loss / tolerance |",
+             "| attack | verdict | hostile rejected: clients (every round) / deltas | honest accepted | "
+             "honest gain ratio | AP: class loss / tolerance (points) | recall at the threshold: class loss / tolerance |",
              "|---|---|---|---|---|---|---|"]
     for name, a in out["attacks"].items():
         verdict = a["verdict"] + (f" ({', '.join(a['beyond_tolerance'])})" if a["beyond_tolerance"] else "")
