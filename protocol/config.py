@@ -305,7 +305,7 @@ class RunConfig:
     # influence: README, "And the row bound by influence"
     row_bound: str = setting("influence", MERGE, "what the row bound compares: a delta's row change (norm) or "
                                                  "its weight in the merge x its row change (influence)", ROW_BOUNDS)
-    # README, "A tiny row cannot set a row's bound" under "Under attack"
+    # row: README, "A round floor under the row bound" under "Under attack" (it does not stop tiny_claim)
     row_reference: str = setting("row", MERGE, "what sets the row bound: the median of the class row's own "
                                                "contributors (row), or the larger of that and the median of every "
                                                "row merged in the round (row-or-round)", ROW_REFERENCES)
