@@ -78,7 +78,7 @@ BIAS = "head.classification_head.cls_logits.bias"
 # the run settings the benchmark takes from its command line (the protected gate's scope, the merge's claim rule,
 # bounds and calibration)
 MERGE_SETTINGS = ("protected_scope", "claims", "clip_multiple", "row_multiple", "weight_cap", "row_bound", "clip_share",
-                  "row_reference", "calibrate")
+                  "row_reference", "row_share", "calibrate")
 
 
 def parse_attack(text: str) -> tuple[str, float]:
@@ -389,6 +389,8 @@ def summarise(session, run: dict, hostile: list[int], baseline_gain: float | Non
             # every round's rows scaled down by the per-row bound, hostile and honest alike
             "row_clip": [{"client": d.client, "round": d.round, "hostile": d.client in hostile, "factors": d.row_clip}
                          for d in recorder.decisions if d.row_clip],
+            "row_share": [{"client": d.client, "round": d.round, "hostile": d.client in hostile, "shares": d.row_share}
+                          for d in recorder.decisions if d.row_share],
             # every accepted delta's class rows as sent, for the classes it is merged into (the row bound's inputs)
             "row_norm": [{"client": d.client, "round": d.round, "hostile": d.client in hostile, "norms": d.row_norm}
                          for d in recorder.decisions if d.row_norm],

@@ -69,12 +69,13 @@ BEFORE_CHANGED = {**{key.replace("-", "_"): value for key, value in PAPER_DISTIL
                   **{key.replace("-", "_"): "inf" if value == math.inf else value  # as config.json writes it
                      for key, value in TRUSTED_MERGE.items()},
                   "calibrate": "off", "protected_scope": "delta", "row_bound": "norm", "clip_share": "whole",
-                  "row_reference": "row"}
+                  "row_reference": "row", "row_share": "whole"}
 CLAIM_RULES = ("trusted", "earned", "improving", "lifting")  # how the class-aware merge takes a client's trained classes (strategies.verify)
 PROTECTED_SCOPES = ("delta", "merge")  # where the protected gate judges a delta (strategies.merge_gates.protected_appeal)
 ROW_BOUNDS = ("norm", "influence")  # what the per-class row bound compares (strategies.aggregate.clip_class_rows)
-ROW_REFERENCES = ("row", "row-or-round")  # what sets the per-class row bound (strategies.aggregate.clip_class_rows)
+ROW_REFERENCES = ("row", "row-or-round", "row-or-kind")  # what sets the per-class row bound (strategies.aggregate.clip_class_rows)
 CLIP_SHARES = ("whole", "scaled")  # how a clipped delta counts in the merge's means (strategies.aggregate.bound_influence)
+ROW_SHARES = ("whole", "scaled")  # how a tiny class row counts in its row's mean (strategies.aggregate.row_shares)
 CALIBRATIONS = ("off", "f1", "f1-learnt", "f1-offsets")  # the tutor's operating point after a merge (strategies.calibrate)
 
 
@@ -308,7 +309,12 @@ class RunConfig:
     # row: README, "A round floor under the row bound" under "Under attack" (it does not stop tiny_claim)
     row_reference: str = setting("row", MERGE, "what sets the row bound: the median of the class row's own "
                                                "contributors (row), or the larger of that and the median of every "
-                                               "row merged in the round (row-or-round)", ROW_REFERENCES)
+                                               "row merged in the round (row-or-round) or of every row of its kind: "
+                                               "classes the tutor knows, classes it learns (row-or-kind)",
+                            ROW_REFERENCES)
+    row_share: str = setting("whole", MERGE, "a class row sent at less than 1/row-multiple of the round's median "
+                                             "row of its kind counts in its row's mean whole (whole) or as that "
+                                             "fraction of a row (scaled)", ROW_SHARES)
     # strategies.verify
     claims: str = setting("earned", MERGE, "the class-aware merge takes a client's classes as it reports them "
                                            "(trusted) | only those its candidate tutor improves on the validation "

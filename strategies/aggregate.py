@@ -27,7 +27,10 @@ Bounding one client's influence before any rule runs (the strategy applies both 
   small edit aimed at one class cannot hide inside a delta whose overall norm is honest;
 * a clipped delta's share (``bound_influence(clip_shares=True)``): a delta the norm clip cut to a
   fraction f of its size counts in every mean as f of itself (its weight x f; in the trimmed mean,
-  ``trimmed_mean(shares=...)``), so a clipped delta cannot dilute what honest clients merge beside it.
+  ``trimmed_mean(shares=...)``), so a clipped delta cannot dilute what honest clients merge beside it;
+* a tiny row's share (``row_shares``): a class row sent far below the round's median row of its kind counts in
+  that row's mean by its size, so a row shrunk on purpose cannot dilute (nor, ``clip_class_rows(kinds=)``, cut)
+  the honest rows of its class.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ from __future__ import annotations
 import math
 import operator
 import statistics
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -90,7 +93,8 @@ def row_norms(delta: Delta, class_row_params: Sequence[str] = CLASS_ROW_PARAMS) 
 
 def clip_class_rows(deltas: Sequence[Delta], members: Sequence[Collection[int]], multiple: float = math.inf,
                     class_row_params: Sequence[str] = CLASS_ROW_PARAMS, weights: Sequence[float] | None = None,
-                    setters: Sequence[bool] | None = None, round_floor: bool = False
+                    setters: Sequence[bool] | None = None, round_floor: bool = False,
+                    kinds: Sequence[int] | None = None
                     ) -> tuple[list[dict[str, Tensor]], list[dict[int, float]]]:
     """Each delta's rows of class c clipped to ``median_cap`` of the row-c norms of the deltas that take
     part in row c (``members[i]``: the classes delta i's rows count for, e.g. its earned claims).
@@ -108,7 +112,11 @@ def clip_class_rows(deltas: Sequence[Delta], members: Sequence[Collection[int]],
     contributors cannot pull the other's bound down to a few times its own remnant. ``round_floor``: row c's
     bound is never below ``multiple`` x the median over every row of the round (each setter's row of each class it
     takes part in), so that a contributor who sends a deliberately tiny row of a class it shares with few others
-    cannot set that row's median and cut the others' rows to a few times its own. Returns (clipped deltas,
+    cannot set that row's median and cut the others' rows to a few times its own. ``kinds`` (one label per class,
+    e.g. 0 for the classes the tutor already knows and 1 for those it learns from clients): row c's bound is never
+    below ``multiple`` x the median of the round's rows of c's kind (``kind_medians``): the same guard as
+    ``round_floor``, but new-class rows, which move ~5 x more than known-class rows, are measured against their own
+    kind (against every row, an honest new-class row beside a tiny one is still cut to about half). Returns (clipped deltas,
     per delta {class: factor} for every row scaled down); the inputs are not modified. With ``multiple``
     inf, or when the class-row tensors are absent, the deltas are returned as they are.
     """
@@ -132,8 +140,9 @@ def clip_class_rows(deltas: Sequence[Delta], members: Sequence[Collection[int]],
     floor = (median_cap([norms[i][c] for c, reference in references.items() for i in reference], multiple)
              if round_floor else 0.0)
     floor = 0.0 if math.isinf(floor) else floor  # no positive row in the round: no floor
+    kind_floor = kind_medians(norms, references, kinds) if kinds is not None else {}
     for c, reference in references.items():
-        cap = max(median_cap([norms[i][c] for i in reference], multiple), floor)
+        cap = max(median_cap([norms[i][c] for i in reference], multiple), floor, multiple * kind_floor.get(c, 0.0))
         for i in takers[c]:
             if norms[i][c] > cap:
                 factors[i][c] = cap / norms[i][c]
@@ -142,6 +151,50 @@ def clip_class_rows(deltas: Sequence[Delta], members: Sequence[Collection[int]],
                         out[i][name] = deltas[i][name].clone()
                     out[i][name][c] *= factors[i][c]
     return out, factors
+
+
+def kind_medians(norms: Sequence[Sequence[float]], references: Mapping[int, Sequence[int]],
+                 kinds: Sequence[int]) -> dict[int, float]:
+    """Per class c, the (low) median of the rows of every class of c's kind that the round merges: ``norms[i][c]``
+    is delta i's row-c size, ``references[c]`` the deltas whose row c sets the references. 0.0 where the kind has
+    no positive row."""
+    if len(kinds) != len(norms[0]):
+        raise ValueError(f"{len(kinds)} kinds for {len(norms[0])} classes")
+    medians = {}
+    for kind in set(kinds):
+        same = [norms[i][c] for c, reference in references.items() if kinds[c] == kind for i in reference]
+        medians[kind] = median_cap(same, 1.0)
+    return {c: 0.0 if math.isinf(medians[kinds[c]]) else medians[kinds[c]] for c in references}
+
+
+def row_shares(deltas: Sequence[Delta], members: Sequence[Collection[int]], multiple: float,
+               kinds: Sequence[int] | None = None, setters: Sequence[bool] | None = None,
+               class_row_params: Sequence[str] = CLASS_ROW_PARAMS) -> list[dict[int, float]]:
+    """How much of one row each delta's row c counts as in row c's mean: min(1, ``multiple`` x its row-c norm /
+    the (low) median row of c's kind in the round, ``kind_medians``), one entry per row below 1 (per delta,
+    class id -> share).
+
+    Why: the row clip bounds a row from above; a row far below its peers passes it, and a weighted mean still
+    counts it whole, so a client that sends its rows at 1 % with its weight at the cap dilutes every row it shares
+    (a class held by it and one honest client keeps about a third of the honest row: the bench's ``tiny_claim``).
+    Counted by its size below 1/``multiple`` of the kind's median, a row sent at 1 % counts as a few percent of
+    one; honest rows (the smallest measured at a third of their kind's median) count whole, so honest merges are
+    unchanged. The reference is the round's median row of the kind, not the row's own contributors' (two of them,
+    one tiny, have no median to trust). ``setters`` as in ``clip_class_rows``. ``multiple`` inf: every share 1."""
+    shares: list[dict[int, float]] = [{} for _ in deltas]
+    sets = [set(m) for m in members]
+    if (math.isinf(multiple) or not deltas or not all(name in deltas[0] for name in class_row_params)):
+        return shares
+    norms = [row_norms(d, class_row_params) for d in deltas]
+    kinds = list(kinds) if kinds is not None else [0] * len(norms[0])
+    takers = {c: [i for i, s in enumerate(sets) if c in s] for c in range(len(norms[0]))}
+    references = {c: [i for i in ts if setters is None or setters[i]] or ts for c, ts in takers.items()}
+    medians = kind_medians(norms, references, kinds)
+    for c, ts in takers.items():
+        for i in ts:
+            if medians[c] > 0 and multiple * norms[i][c] < medians[c]:
+                shares[i][c] = multiple * norms[i][c] / medians[c]
+    return shares
 
 
 @dataclass
@@ -155,6 +208,7 @@ class Bounded:
     weight_cap: float
     shares: list[float]  # how much of one delta each counts as in the merge's means (1.0: whole)
     weights: list[float]  # the weights the merge uses: capped x share
+    row_shares: list[dict[int, float]]  # per delta, class id -> how much of a row its row counts as (below 1 only)
 
 
 def norm_cap(norms: Sequence[float], clip_norm: float = math.inf, clip_multiple: float = math.inf) -> float:
@@ -167,7 +221,9 @@ def bound_influence(deltas: Sequence[Delta], norms: Sequence[float], weights: Se
                     members: Sequence[Collection[int]], *, clip_norm: float = math.inf,
                     clip_multiple: float = math.inf, row_multiple: float = math.inf,
                     weight_multiple: float = math.inf, row_influence: bool = False,
-                    clip_shares: bool = False, row_floor: bool = False) -> Bounded:
+                    clip_shares: bool = False, row_floor: bool = False,
+                    row_kinds: Sequence[int] | None = None, kind_floor: bool = False,
+                    tiny_rows: bool = False) -> Bounded:
     """Every bound on what one accepted delta can do to the merge, in order:
 
     1. its norm clipped to min(``clip_norm``, ``clip_multiple`` x the round's median norm) (``clip_delta``);
@@ -176,7 +232,11 @@ def bound_influence(deltas: Sequence[Delta], norms: Sequence[float], weights: Se
     3. its rows of each class clipped to ``row_multiple`` x the median change of that row among the deltas
        it is merged with (``members[i]``: the classes delta i's rows take part in; ``clip_class_rows``); the
        median is that of the deltas step 1 left whole, where row c has any; with ``row_floor`` the bound is at
-       least ``row_multiple`` x the median over every row of the round.
+       least ``row_multiple`` x the median over every row of the round; with ``kind_floor`` at least
+       ``row_multiple`` x the median row of its kind (``row_kinds``, one label per class; ``clip_class_rows(kinds=)``);
+    4. with ``tiny_rows``, each row sent at less than 1/``row_multiple`` of its kind's median row counts in its
+       row's mean as that fraction of a row (``row_shares``; the rows as sent: the clip share already counts
+       what the norm clip cut).
 
     ``row_influence``: step 3 bounds each delta's weight in the merge (step 2) x its row norm instead
     (``clip_class_rows`` with weights).
@@ -196,9 +256,13 @@ def bound_influence(deltas: Sequence[Delta], norms: Sequence[float], weights: Se
     capped, weight_cap = cap_weights(weights, weight_multiple)
     shares = list(clip_factors) if clip_shares else [1.0] * len(deltas)
     used = [w * share for w, share in zip(capped, shares)]
+    setters = [factor == 1.0 for factor in clip_factors]
+    small = (row_shares(deltas, members, row_multiple, row_kinds, setters) if tiny_rows
+             else [{} for _ in deltas])
     clipped, row_factors = clip_class_rows(clipped, members, row_multiple, weights=used if row_influence else None,
-                                           setters=[factor == 1.0 for factor in clip_factors], round_floor=row_floor)
-    return Bounded(clipped, clip_factors, row_factors, capped, weight_cap, shares, used)
+                                           setters=setters, round_floor=row_floor,
+                                           kinds=row_kinds if kind_floor else None)
+    return Bounded(clipped, clip_factors, row_factors, capped, weight_cap, shares, used, small)
 
 
 def _check_deltas(deltas: Sequence[Delta]) -> list[str]:
@@ -375,7 +439,7 @@ def _class_sets(client_classes: Sequence[Collection[int]], n: int) -> list[set[i
 def class_aware_merge(deltas: Sequence[Delta], weights: Sequence[float] | None,
                       client_classes: Sequence[Collection[int]], shared: str = "trimmed", scale: float = 1.0,
                       class_row_params: Sequence[str] = CLASS_ROW_PARAMS, shares: Sequence[float] | None = None,
-                      **shared_options) -> dict[str, Tensor]:
+                      row_shares: Sequence[Mapping[int, float]] | None = None, **shared_options) -> dict[str, Tensor]:
     """Merge that keeps each class's knowledge at full strength.
 
     Clients teach different classes. Under a plain mean, a class taught by one client out of n
@@ -392,7 +456,8 @@ def class_aware_merge(deltas: Sequence[Delta], weights: Sequence[float] | None,
     * the whole result is multiplied by ``scale`` (task arithmetic's lambda, chosen by the caller
       on held-out data; 1.0 leaves the merge as is);
     * ``shares`` (``bound_influence``'s clip shares) reach the shared rule when it is "trimmed", which
-      ignores weights (the other rules see them in ``weights``).
+      ignores weights (the other rules see them in ``weights``);
+    * ``row_shares[i]`` (``bound_influence``'s, class id -> share) scales delta i's weight in row c's mean only.
 
     ``client_classes[i]`` is the set of class indices delta i was trained on (its labels). If any
     of ``class_row_params`` is absent from the deltas (another head), every tensor is shared.
@@ -405,6 +470,8 @@ def class_aware_merge(deltas: Sequence[Delta], weights: Sequence[float] | None,
         raise ValueError(f"scale must be finite and positive, got {scale}")
     factors = _normalised_weights(weights, len(deltas))
     classes = _class_sets(client_classes, len(deltas))
+    if row_shares is not None and len(row_shares) != len(deltas):
+        raise ValueError(f"{len(row_shares)} row shares for {len(deltas)} deltas")
     row_keys = list(class_row_params) if all(name in keys for name in class_row_params) else []
     out: dict[str, Tensor] = {}
     for name in row_keys:
@@ -417,9 +484,11 @@ def class_aware_merge(deltas: Sequence[Delta], weights: Sequence[float] | None,
         merged = torch.zeros_like(deltas[0][name])
         for c in range(rows):
             members = [i for i, cs in enumerate(classes) if c in cs]
-            total = sum(factors[i] for i in members)
+            row_factors = {i: factors[i] * (float(row_shares[i].get(c, 1.0)) if row_shares is not None else 1.0)
+                           for i in members}
+            total = sum(row_factors.values())
             if total > 0:
-                merged[c] = sum((factors[i] / total) * deltas[i][name][c] for i in members)
+                merged[c] = sum((row_factors[i] / total) * deltas[i][name][c] for i in members)
         out[name] = merged
     shared_keys = [name for name in keys if name not in row_keys]
     if shared_keys:

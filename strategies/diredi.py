@@ -551,17 +551,22 @@ class DiReDiStrategy(Strategy):
         class_ids = [{CLASS_INDEX[name] for name in names} for names in claimed]  # each delta's merged classes
         every = set(range(len(CLASS_INDEX)))
         members = class_ids if self.aggregation == "class_aware" else [every] * len(accepted)
+        known = {*self.policy.kept_classes, *self.policy.protected_classes}
+        kinds = [int(name not in known) for name in VOC_CLASSES]  # 0: the tutor knows the class, 1: it learns it
         bounded = bound_influence([delta for delta, _ in accepted], [d.norm for d in decisions],
                                   [d.weight for d in decisions], members, clip_norm=self.policy.clip_norm,
                                   clip_multiple=self.policy.clip_multiple, row_multiple=self.policy.row_multiple,
                                   weight_multiple=self.policy.weight_cap,
                                   row_influence=self.policy.row_bound == "influence",
-                                  row_floor=self.policy.row_reference == "row-or-round",
+                                  row_floor=self.policy.row_reference == "row-or-round", row_kinds=kinds,
+                                  kind_floor=self.policy.row_reference == "row-or-kind",
+                                  tiny_rows=self.policy.row_share == "scaled",
                                   clip_shares=self.policy.clip_share == "scaled")
         if record:
             for i, decision in enumerate(decisions):
                 decision.clip_factor = bounded.clip_factors[i]
                 decision.row_clip = {VOC_CLASSES[c]: f for c, f in bounded.row_factors[i].items()}
+                decision.row_share = {VOC_CLASSES[c]: f for c, f in bounded.row_shares[i].items()}
                 norms = row_norms(accepted[i][0]) if all(n in accepted[i][0] for n in CLASS_ROW_PARAMS) else []
                 decision.row_norm = {VOC_CLASSES[c]: norms[c] for c in sorted(members[i]) if c < len(norms)}
                 decision.weight_used, decision.weight_cap = bounded.capped[i], bounded.weight_cap
@@ -572,6 +577,8 @@ class DiReDiStrategy(Strategy):
                 options["client_classes"] = [class_ids[i] for i in kept]
             if self.aggregation in ("class_aware", "trimmed"):  # the trimmed mean counts a clipped delta by its share
                 options["shares"] = [bounded.shares[i] for i in kept]
+            if self.aggregation == "class_aware":
+                options["row_shares"] = [bounded.row_shares[i] for i in kept]
             return aggregate([bounded.deltas[i] for i in kept], [bounded.weights[i] for i in kept],
                              self.aggregation, **options)
 

@@ -80,7 +80,7 @@ def default_policy(session: Session) -> VerificationPolicy:
                                           clip_norm=config.clip_norm, clip_multiple=config.clip_multiple,
                                           clip_share=config.clip_share,
                                           row_multiple=config.row_multiple, row_bound=config.row_bound,
-                                          row_reference=config.row_reference,
+                                          row_reference=config.row_reference, row_share=config.row_share,
                                           weight_cap=config.weight_cap, claims=config.claims)
 
 

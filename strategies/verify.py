@@ -116,8 +116,13 @@ class VerificationPolicy:
     # "influence": the row bound applies to weight x row norm (``strategies.aggregate.clip_class_rows``)
     row_bound: str = "norm"
     # "row-or-round": row c's bound is at least row_multiple x the median of every row merged in the round
-    # (strategies.aggregate.clip_class_rows(round_floor=True)); "row": row c's own contributors' median alone
+    # (strategies.aggregate.clip_class_rows(round_floor=True)); "row-or-kind": at least row_multiple x the median
+    # row of its kind (as row_share's; clip_class_rows(kinds=)); "row": row c's own contributors' median alone
     row_reference: str = "row"
+    # "scaled": a class row sent at less than 1/row_multiple of the round's median row of its kind (classes the
+    # tutor knows: kept and protected; the others) counts in its row's mean as that fraction of a row
+    # (strategies.aggregate.row_shares); "whole": as a whole one
+    row_share: str = "whole"
 
     def _beyond_noise(self, floor: float, noise: float) -> float:
         return max(floor, self.noise_z * noise) if self.noise_z > 0 and math.isfinite(noise) else floor
@@ -195,6 +200,7 @@ class Decision:
     claim_noise_clipped: dict[str, float] = field(default_factory=dict)
     claims: dict[str, str] = field(default_factory=dict)
     row_clip: dict[str, float] = field(default_factory=dict)  # accepted: per class, the factor its rows were scaled by (only those < 1)
+    row_share: dict[str, float] = field(default_factory=dict)  # accepted: per class, how much of a row its row counted as (< 1 only)
     # accepted: per class its rows are merged into, their L2 norm as sent (weights and bias; before any bound), so
     # that another reference for the row bound can be judged from a run's records
     row_norm: dict[str, float] = field(default_factory=dict)

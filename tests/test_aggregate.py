@@ -402,3 +402,53 @@ def test_a_tiny_row_does_not_set_the_row_bound_with_the_round_floor():
     bounded = bound_influence(deltas, [1.0] * 5, [10] * 5, members, row_multiple=4.0, row_influence=True,
                               row_floor=True)
     assert bounded.row_factors == [{}] * 5
+
+
+def test_a_tiny_row_counts_by_its_size_and_does_not_cut_its_peer_with_the_kind_floor():
+    """Class 1 (a class the tutor learns) has two contributors: an honest row (1.0) and one sent at 1 % (0.01)
+    with four times the weight; three deltas merge class 0 (a known class, rows 0.05) and two more class 2
+    (learned, rows 0.8 and 1.2). Counted whole, the tiny row dilutes the honest one to about a fifth and, as the
+    low median of two, cuts it to 4 x 0.01; with the kind floor (4 x the median learned row, 0.8) the honest row is
+    not cut, and with row shares the tiny row counts as 4 x 0.01 / 0.8 = 5 % of a row, so class 1's merged row keeps
+    over 95 % of the honest one. The known rows, far smaller than the learned ones, are measured against their own
+    kind and count whole."""
+    from strategies.aggregate import bound_influence, kind_medians, row_shares
+
+    def delta(row0, row1, row2):
+        return {CLASS_ROW_PARAMS[0]: torch.zeros(3, 2), CLASS_ROW_PARAMS[1]: torch.tensor([row0, row1, row2])}
+
+    deltas = [delta(0.0, 1.0, 0.0), delta(0.0, 0.01, 0.0), delta(0.05, 0.0, 0.0), delta(0.05, 0.0, 0.0),
+              delta(0.05, 0.0, 0.0), delta(0.0, 0.0, 0.8), delta(0.0, 0.0, 1.2)]
+    members = [{1}, {1}, {0}, {0}, {0}, {2}, {2}]
+    weights = [100, 400, 100, 100, 100, 100, 100]
+    kinds = [0, 1, 1]
+    assert kind_medians([[0.05 * (c == 0) for c in range(3)]], {0: [0], 1: [], 2: []}, kinds) == {
+        0: pytest.approx(0.05), 1: 0.0, 2: 0.0}
+    shares = row_shares(deltas, members, 4.0, kinds)
+    assert shares[1] == {1: pytest.approx(4 * 0.01 / 0.8)} and all(s == {} for i, s in enumerate(shares) if i != 1)
+    # one kind for every class: the known rows set a median of 0.05 and the tiny row counts 0.8 of a row
+    assert row_shares(deltas, members, 4.0)[1] == {1: pytest.approx(0.8)}
+    assert row_shares(deltas, members, math.inf, kinds) == [{}] * 7
+
+    def class_one(bounded):
+        merged = aggregate(bounded.deltas, bounded.weights, "class_aware", client_classes=members, shared="weighted",
+                           row_shares=bounded.row_shares)
+        return float(merged[CLASS_ROW_PARAMS[1]][1])
+
+    options = dict(row_multiple=4.0, weight_multiple=4.0, row_influence=True, row_kinds=kinds)
+    plain = bound_influence(deltas, [1.0] * 7, weights, members, **options)
+    assert plain.row_factors[0] == {1: pytest.approx(0.16)}  # 4 x (400 x 0.01) / (100 x 1.0)
+    assert class_one(plain) == pytest.approx((100 * 0.16 + 400 * 0.01) / 500)
+    guarded = bound_influence(deltas, [1.0] * 7, weights, members, kind_floor=True, tiny_rows=True, **options)
+    assert guarded.row_factors[0] == {} and guarded.row_shares[1] == shares[1]
+    assert class_one(guarded) == pytest.approx((100 * 1.0 + 400 * 0.05 * 0.01) / (100 + 400 * 0.05))
+    assert class_one(guarded) > 0.8
+    # an honest round (no row far below its kind) is merged exactly as without the rules
+    honest = [deltas[0], delta(0.0, 0.9, 0.0), *deltas[2:]]
+    a = bound_influence(honest, [1.0] * 7, [100] * 7, members, **options)
+    b = bound_influence(honest, [1.0] * 7, [100] * 7, members, kind_floor=True, tiny_rows=True, **options)
+    assert b.row_shares == [{}] * 7 and b.row_factors == a.row_factors
+    with pytest.raises(ValueError, match="row shares"):
+        aggregate(deltas, None, "class_aware", client_classes=members, row_shares=[{}])
+    with pytest.raises(ValueError, match="kinds"):
+        row_shares(deltas, members, 4.0, [0, 1])
