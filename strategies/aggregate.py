@@ -135,8 +135,7 @@ def clip_class_rows(deltas: Sequence[Delta], members: Sequence[Collection[int]],
     if setters is not None and len(setters) != len(deltas):
         raise ValueError(f"{len(setters)} setters for {len(deltas)} deltas")
     out = [dict(d) for d in deltas]
-    takers = {c: [i for i, s in enumerate(sets) if c in s] for c in range(len(norms[0]))}
-    references = {c: [i for i in ts if setters is None or setters[i]] or ts for c, ts in takers.items()}
+    takers, references = _row_takers(sets, setters, len(norms[0]))
     floor = (median_cap([norms[i][c] for c, reference in references.items() for i in reference], multiple)
              if round_floor else 0.0)
     floor = 0.0 if math.isinf(floor) else floor  # no positive row in the round: no floor
@@ -151,6 +150,14 @@ def clip_class_rows(deltas: Sequence[Delta], members: Sequence[Collection[int]],
                         out[i][name] = deltas[i][name].clone()
                     out[i][name][c] *= factors[i][c]
     return out, factors
+
+
+def _row_takers(sets: Sequence[set[int]], setters: Sequence[bool] | None, classes: int
+                ) -> tuple[dict[int, list[int]], dict[int, list[int]]]:
+    """Per class, the deltas whose rows take part in it and those that set its references (the setters among them,
+    or all of them when none is a setter)."""
+    takers = {c: [i for i, s in enumerate(sets) if c in s] for c in range(classes)}
+    return takers, {c: [i for i in ts if setters is None or setters[i]] or ts for c, ts in takers.items()}
 
 
 def kind_medians(norms: Sequence[Sequence[float]], references: Mapping[int, Sequence[int]],
@@ -183,12 +190,11 @@ def row_shares(deltas: Sequence[Delta], members: Sequence[Collection[int]], mult
     one tiny, have no median to trust). ``setters`` as in ``clip_class_rows``. ``multiple`` inf: every share 1."""
     shares: list[dict[int, float]] = [{} for _ in deltas]
     sets = [set(m) for m in members]
-    if (math.isinf(multiple) or not deltas or not all(name in deltas[0] for name in class_row_params)):
+    if math.isinf(multiple) or not deltas or not all(name in deltas[0] for name in class_row_params):
         return shares
     norms = [row_norms(d, class_row_params) for d in deltas]
     kinds = list(kinds) if kinds is not None else [0] * len(norms[0])
-    takers = {c: [i for i, s in enumerate(sets) if c in s] for c in range(len(norms[0]))}
-    references = {c: [i for i in ts if setters is None or setters[i]] or ts for c, ts in takers.items()}
+    takers, references = _row_takers(sets, setters, len(norms[0]))
     medians = kind_medians(norms, references, kinds)
     for c, ts in takers.items():
         for i in ts:
