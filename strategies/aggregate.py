@@ -94,7 +94,7 @@ def row_norms(delta: Delta, class_row_params: Sequence[str] = CLASS_ROW_PARAMS) 
 def clip_class_rows(deltas: Sequence[Delta], members: Sequence[Collection[int]], multiple: float = math.inf,
                     class_row_params: Sequence[str] = CLASS_ROW_PARAMS, weights: Sequence[float] | None = None,
                     setters: Sequence[bool] | None = None, round_floor: bool = False,
-                    kinds: Sequence[int] | None = None
+                    kinds: Sequence[int] | None = None, reference_floors: Mapping[int, float] | None = None
                     ) -> tuple[list[dict[str, Tensor]], list[dict[int, float]]]:
     """Each delta's rows of class c clipped to ``median_cap`` of the row-c norms of the deltas that take
     part in row c (``members[i]``: the classes delta i's rows count for, e.g. its earned claims).
@@ -116,7 +116,11 @@ def clip_class_rows(deltas: Sequence[Delta], members: Sequence[Collection[int]],
     e.g. 0 for the classes the tutor already knows and 1 for those it learns from clients): row c's bound is never
     below ``multiple`` x the median of the round's rows of c's kind (``kind_medians``): the same guard as
     ``round_floor``, but new-class rows, which move ~5 x more than known-class rows, are measured against their own
-    kind (against every row, an honest new-class row beside a tiny one is still cut to about half). Returns (clipped deltas,
+    kind (against every row, an honest new-class row beside a tiny one is still cut to about half).
+    ``reference_floors`` (class id -> a row norm): in the row's own median a row smaller than its class's floor counts
+    as that size (``bound_influence(tiny_rows=True)``: 1/``multiple`` of its kind's median, the size from which a row
+    counts whole), so a tiny row cannot pull the bound down to a few times itself, and the bound stays set by the
+    row's own contributors (at most ``multiple`` x the floor from a raised row). Returns (clipped deltas,
     per delta {class: factor} for every row scaled down); the inputs are not modified. With ``multiple``
     inf, or when the class-row tensors are absent, the deltas are returned as they are.
     """
@@ -128,10 +132,13 @@ def clip_class_rows(deltas: Sequence[Delta], members: Sequence[Collection[int]],
     if math.isinf(multiple) or not deltas or not all(name in deltas[0] for name in class_row_params):
         return [dict(d) for d in deltas], factors
     norms = [row_norms(d, class_row_params) for d in deltas]
+    floors = reference_floors or {}
+    raised = [[max(n, float(floors.get(c, 0.0))) for c, n in enumerate(row)] for row in norms]
     if weights is not None:
         if len(weights) != len(deltas):
             raise ValueError(f"{len(weights)} weights for {len(deltas)} deltas")
         norms = [[float(w) * n for n in row] for w, row in zip(weights, norms)]
+        raised = [[float(w) * n for n in row] for w, row in zip(weights, raised)]
     if setters is not None and len(setters) != len(deltas):
         raise ValueError(f"{len(setters)} setters for {len(deltas)} deltas")
     out = [dict(d) for d in deltas]
@@ -141,7 +148,7 @@ def clip_class_rows(deltas: Sequence[Delta], members: Sequence[Collection[int]],
     floor = 0.0 if math.isinf(floor) else floor  # no positive row in the round: no floor
     kind_floor = kind_medians(norms, references, kinds) if kinds is not None else {}
     for c, reference in references.items():
-        cap = max(median_cap([norms[i][c] for i in reference], multiple), floor, multiple * kind_floor.get(c, 0.0))
+        cap = max(median_cap([raised[i][c] for i in reference], multiple), floor, multiple * kind_floor.get(c, 0.0))
         for i in takers[c]:
             if norms[i][c] > cap:
                 factors[i][c] = cap / norms[i][c]
@@ -185,22 +192,32 @@ def row_shares(deltas: Sequence[Delta], members: Sequence[Collection[int]], mult
     counts it whole, so a client that sends its rows at 1 % with its weight at the cap dilutes every row it shares
     (a class held by it and one honest client keeps about a third of the honest row: the bench's ``tiny_claim``).
     Counted by its size below 1/``multiple`` of the kind's median, a row sent at 1 % counts as a few percent of
-    one; honest rows (the smallest measured at a third of their kind's median) count whole, so honest merges are
-    unchanged. The reference is the round's median row of the kind, not the row's own contributors' (two of them,
+    one; honest rows mostly count whole (default8's smallest sat at a third of its kind's median), but not always
+    (heldout8: a client's first-round cat row at 15 % of the learned median counted as 58 % of a row). The reference is the round's median row of the kind, not the row's own contributors' (two of them,
     one tiny, have no median to trust). ``setters`` as in ``clip_class_rows``. ``multiple`` inf: every share 1."""
+    if len(members) != len(deltas):
+        raise ValueError(f"members has {len(members)} entries for {len(deltas)} deltas")
+    floors = tiny_row_floors(deltas, members, multiple, kinds, setters, class_row_params)
     shares: list[dict[int, float]] = [{} for _ in deltas]
-    sets = [set(m) for m in members]
-    if math.isinf(multiple) or not deltas or not all(name in deltas[0] for name in class_row_params):
+    if not floors:
         return shares
-    norms = [row_norms(d, class_row_params) for d in deltas]
-    kinds = list(kinds) if kinds is not None else [0] * len(norms[0])
-    takers, references = _row_takers(sets, setters, len(norms[0]))
-    medians = kind_medians(norms, references, kinds)
-    for c, ts in takers.items():
-        for i in ts:
-            if medians[c] > 0 and multiple * norms[i][c] < medians[c]:
-                shares[i][c] = multiple * norms[i][c] / medians[c]
+    for i, (delta, classes) in enumerate(zip(deltas, members)):
+        norms = row_norms(delta, class_row_params)
+        shares[i] = {c: norms[c] / floors[c] for c in sorted(classes) if norms[c] < floors[c] and floors[c] > 0}
     return shares
+
+
+def tiny_row_floors(deltas: Sequence[Delta], members: Sequence[Collection[int]], multiple: float,
+                    kinds: Sequence[int] | None = None, setters: Sequence[bool] | None = None,
+                    class_row_params: Sequence[str] = CLASS_ROW_PARAMS) -> dict[int, float]:
+    """Per class, the row size from which a row counts whole in ``row_shares``: 1/``multiple`` of the (low) median
+    row of the class's kind in the round (``kind_medians``; {} when the bound is off or the rows are absent)."""
+    if math.isinf(multiple) or not deltas or not all(name in deltas[0] for name in class_row_params):
+        return {}
+    norms = [row_norms(d, class_row_params) for d in deltas]
+    _, references = _row_takers([set(m) for m in members], setters, len(norms[0]))
+    kinds = list(kinds) if kinds is not None else [0] * len(norms[0])
+    return {c: m / multiple for c, m in kind_medians(norms, references, kinds).items()}
 
 
 @dataclass
@@ -242,7 +259,7 @@ def bound_influence(deltas: Sequence[Delta], norms: Sequence[float], weights: Se
        ``row_multiple`` x the median row of its kind (``row_kinds``, one label per class; ``clip_class_rows(kinds=)``);
     4. with ``tiny_rows``, each row sent at less than 1/``row_multiple`` of its kind's median row counts in its
        row's mean as that fraction of a row (``row_shares``; the rows as sent: the clip share already counts
-       what the norm clip cut).
+       what the norm clip cut), and in step 3's median as a row of that size (``tiny_row_floors``).
 
     ``row_influence``: step 3 bounds each delta's weight in the merge (step 2) x its row norm instead
     (``clip_class_rows`` with weights).
@@ -263,11 +280,13 @@ def bound_influence(deltas: Sequence[Delta], norms: Sequence[float], weights: Se
     shares = list(clip_factors) if clip_shares else [1.0] * len(deltas)
     used = [w * share for w, share in zip(capped, shares)]
     setters = [factor == 1.0 for factor in clip_factors]
-    small = (row_shares(deltas, members, row_multiple, row_kinds, setters) if tiny_rows
-             else [{} for _ in deltas])
+    small, floors = [{} for _ in deltas], None
+    if tiny_rows:
+        small = row_shares(deltas, members, row_multiple, row_kinds, setters)
+        floors = tiny_row_floors(deltas, members, row_multiple, row_kinds, setters)
     clipped, row_factors = clip_class_rows(clipped, members, row_multiple, weights=used if row_influence else None,
                                            setters=setters, round_floor=row_floor,
-                                           kinds=row_kinds if kind_floor else None)
+                                           kinds=row_kinds if kind_floor else None, reference_floors=floors)
     return Bounded(clipped, clip_factors, row_factors, capped, weight_cap, shares, used, small)
 
 

@@ -443,6 +443,14 @@ def test_a_tiny_row_counts_by_its_size_and_does_not_cut_its_peer_with_the_kind_f
     assert guarded.row_factors[0] == {} and guarded.row_shares[1] == shares[1]
     assert class_one(guarded) == pytest.approx((100 * 1.0 + 400 * 0.05 * 0.01) / (100 + 400 * 0.05))
     assert class_one(guarded) > 0.8
+    # the shares alone (no kind floor): the tiny row takes part in the row's median at the size it counts for
+    # (a quarter of the learned median, 0.2, at its weight 400: 80 against the honest 100), so the honest row is
+    # not cut, and the bound does not rise above 4 x that
+    shared = bound_influence(deltas, [1.0] * 7, weights, members, tiny_rows=True, **options)
+    assert shared.row_factors[0] == {} and class_one(shared) == pytest.approx(class_one(guarded))
+    big = [*deltas[:1], delta(0.0, 10.0, 0.0), *deltas[2:]]  # a large row beside the honest one is still cut
+    assert bound_influence(big, [1.0] * 7, [100] * 7, members, tiny_rows=True, **options).row_factors[1] == {
+        1: pytest.approx(0.4)}
     # an honest round (no row far below its kind) is merged exactly as without the rules
     honest = [deltas[0], delta(0.0, 0.9, 0.0), *deltas[2:]]
     a = bound_influence(honest, [1.0] * 7, [100] * 7, members, **options)
