@@ -121,7 +121,8 @@ class VerificationPolicy:
     row_reference: str = "row"
     # "scaled": a class row sent at less than 1/row_multiple of the round's median row of its kind (classes the
     # tutor knows: kept and protected; the others) counts in its row's mean as that fraction of a row
-    # (strategies.aggregate.row_shares); "whole": as a whole one
+    # (strategies.aggregate.row_shares) and in the row bound's median as a row of 1/row_multiple of that median
+    # (tiny_row_floors); "whole": as a whole one
     row_share: str = "whole"
 
     def _beyond_noise(self, floor: float, noise: float) -> float:
