@@ -315,8 +315,8 @@ class RunConfig:
                             ROW_REFERENCES)
     row_share: str = setting("whole", MERGE, "a class row sent at less than 1/row-multiple of the round's median "
                                              "row of its kind counts in its row's mean whole (whole) or as that "
-                                             "fraction of a row, and in the row bound's median as a row of that "
-                                             "size (scaled)", ROW_SHARES)
+                                             "fraction of a row, and in the row bound's median as a row of "
+                                             "1/row-multiple of that median (scaled)", ROW_SHARES)
     # strategies.verify
     claims: str = setting("earned", MERGE, "the class-aware merge takes a client's classes as it reports them "
                                            "(trusted) | only those its candidate tutor improves on the validation "
