@@ -181,29 +181,27 @@ def kind_medians(norms: Sequence[Sequence[float]], references: Mapping[int, Sequ
     return {c: 0.0 if math.isinf(medians[kinds[c]]) else medians[kinds[c]] for c in references}
 
 
-def row_shares(deltas: Sequence[Delta], members: Sequence[Collection[int]], multiple: float,
-               kinds: Sequence[int] | None = None, setters: Sequence[bool] | None = None,
+def row_shares(deltas: Sequence[Delta], members: Sequence[Collection[int]], floors: Mapping[int, float],
                class_row_params: Sequence[str] = CLASS_ROW_PARAMS) -> list[dict[int, float]]:
-    """How much of one row each delta's row c counts as in row c's mean: min(1, ``multiple`` x its row-c norm /
-    the (low) median row of c's kind in the round, ``kind_medians``), one entry per row below 1 (per delta,
-    class id -> share).
+    """How much of one row each delta's row c counts as in row c's mean: min(1, its row-c norm / ``floors[c]``),
+    ``floors`` from ``tiny_row_floors`` (1/K of the round's median row of c's kind); one entry per row below 1 (per
+    delta, class id -> share).
 
     Why: the row clip bounds a row from above; a row far below its peers passes it, and a weighted mean still
     counts it whole, so a client that sends its rows at 1 % with its weight at the cap dilutes every row it shares
     (a class held by it and one honest client keeps about a third of the honest row: the bench's ``tiny_claim``).
-    Counted by its size below 1/``multiple`` of the kind's median, a row sent at 1 % counts as a few percent of
-    one; honest rows mostly count whole (default8's smallest sat at a third of its kind's median), but not always
-    (heldout8: a client's first-round cat row at 15 % of the learned median counted as 58 % of a row). The reference is the round's median row of the kind, not the row's own contributors' (two of them,
-    one tiny, have no median to trust). ``setters`` as in ``clip_class_rows``. ``multiple`` inf: every share 1."""
+    Counted by its size below the floor, a row sent at 1 % counts as a few percent of one. Honest rows mostly count
+    whole (default8's smallest sat at a third of its kind's median), but not always (heldout8: a client's
+    first-round cat row at 15 % of the learned median counted as 58 % of a row). The reference is the round's median
+    row of the kind, not the row's own contributors' (two of them, one tiny, have no median to trust)."""
     if len(members) != len(deltas):
         raise ValueError(f"members has {len(members)} entries for {len(deltas)} deltas")
-    floors = tiny_row_floors(deltas, members, multiple, kinds, setters, class_row_params)
     shares: list[dict[int, float]] = [{} for _ in deltas]
     if not floors:
         return shares
     for i, (delta, classes) in enumerate(zip(deltas, members)):
         norms = row_norms(delta, class_row_params)
-        shares[i] = {c: norms[c] / floors[c] for c in sorted(classes) if norms[c] < floors[c] and floors[c] > 0}
+        shares[i] = {c: norms[c] / floors[c] for c in sorted(classes) if norms[c] < floors[c]}
     return shares
 
 
@@ -211,7 +209,8 @@ def tiny_row_floors(deltas: Sequence[Delta], members: Sequence[Collection[int]],
                     kinds: Sequence[int] | None = None, setters: Sequence[bool] | None = None,
                     class_row_params: Sequence[str] = CLASS_ROW_PARAMS) -> dict[int, float]:
     """Per class, the row size from which a row counts whole in ``row_shares``: 1/``multiple`` of the (low) median
-    row of the class's kind in the round (``kind_medians``; {} when the bound is off or the rows are absent)."""
+    row of the class's kind in the round (``kind_medians``; ``setters`` as in ``clip_class_rows``; {} when the bound
+    is off, ``multiple`` inf, or the rows are absent)."""
     if math.isinf(multiple) or not deltas or not all(name in deltas[0] for name in class_row_params):
         return {}
     norms = [row_norms(d, class_row_params) for d in deltas]
@@ -280,13 +279,11 @@ def bound_influence(deltas: Sequence[Delta], norms: Sequence[float], weights: Se
     shares = list(clip_factors) if clip_shares else [1.0] * len(deltas)
     used = [w * share for w, share in zip(capped, shares)]
     setters = [factor == 1.0 for factor in clip_factors]
-    small, floors = [{} for _ in deltas], None
-    if tiny_rows:
-        small = row_shares(deltas, members, row_multiple, row_kinds, setters)
-        floors = tiny_row_floors(deltas, members, row_multiple, row_kinds, setters)
+    floors = tiny_row_floors(deltas, members, row_multiple, row_kinds, setters) if tiny_rows else {}
+    small = row_shares(deltas, members, floors)
     clipped, row_factors = clip_class_rows(clipped, members, row_multiple, weights=used if row_influence else None,
                                            setters=setters, round_floor=row_floor,
-                                           kinds=row_kinds if kind_floor else None, reference_floors=floors)
+                                           kinds=row_kinds if kind_floor else None, reference_floors=floors or None)
     return Bounded(clipped, clip_factors, row_factors, capped, weight_cap, shares, used, small)
 
 

@@ -412,7 +412,7 @@ def test_a_tiny_row_counts_by_its_size_and_does_not_cut_its_peer_with_the_kind_f
     not cut, and with row shares the tiny row counts as 4 x 0.01 / 0.8 = 5 % of a row, so class 1's merged row keeps
     over 95 % of the honest one. The known rows, far smaller than the learned ones, are measured against their own
     kind and count whole."""
-    from strategies.aggregate import bound_influence, kind_medians, row_shares
+    from strategies.aggregate import bound_influence, kind_medians, row_shares, tiny_row_floors
 
     def delta(row0, row1, row2):
         return {CLASS_ROW_PARAMS[0]: torch.zeros(3, 2), CLASS_ROW_PARAMS[1]: torch.tensor([row0, row1, row2])}
@@ -424,11 +424,12 @@ def test_a_tiny_row_counts_by_its_size_and_does_not_cut_its_peer_with_the_kind_f
     kinds = [0, 1, 1]
     assert kind_medians([[0.05 * (c == 0) for c in range(3)]], {0: [0], 1: [], 2: []}, kinds) == {
         0: pytest.approx(0.05), 1: 0.0, 2: 0.0}
-    shares = row_shares(deltas, members, 4.0, kinds)
+    shares = row_shares(deltas, members, tiny_row_floors(deltas, members, 4.0, kinds))
     assert shares[1] == {1: pytest.approx(4 * 0.01 / 0.8)} and all(s == {} for i, s in enumerate(shares) if i != 1)
     # one kind for every class: the known rows set a median of 0.05 and the tiny row counts 0.8 of a row
-    assert row_shares(deltas, members, 4.0)[1] == {1: pytest.approx(0.8)}
-    assert row_shares(deltas, members, math.inf, kinds) == [{}] * 7
+    assert row_shares(deltas, members, tiny_row_floors(deltas, members, 4.0))[1] == {1: pytest.approx(0.8)}
+    assert tiny_row_floors(deltas, members, math.inf, kinds) == {}
+    assert row_shares(deltas, members, {}) == [{}] * 7
 
     def class_one(bounded):
         merged = aggregate(bounded.deltas, bounded.weights, "class_aware", client_classes=members, shared="weighted",
@@ -459,4 +460,4 @@ def test_a_tiny_row_counts_by_its_size_and_does_not_cut_its_peer_with_the_kind_f
     with pytest.raises(ValueError, match="row shares"):
         aggregate(deltas, None, "class_aware", client_classes=members, row_shares=[{}])
     with pytest.raises(ValueError, match="kinds"):
-        row_shares(deltas, members, 4.0, [0, 1])
+        tiny_row_floors(deltas, members, 4.0, [0, 1])
