@@ -69,7 +69,7 @@ BEFORE_CHANGED = {**{key.replace("-", "_"): value for key, value in PAPER_DISTIL
                   **{key.replace("-", "_"): "inf" if value == math.inf else value  # as config.json writes it
                      for key, value in TRUSTED_MERGE.items()},
                   "calibrate": "off", "protected_scope": "delta", "row_bound": "norm", "clip_share": "whole",
-                  "row_reference": "row", "row_share": "whole"}
+                  "row_reference": "row", "row_share": "whole", "calibrate_reach": 3.0}
 CLAIM_RULES = ("trusted", "earned", "improving", "lifting")  # how the class-aware merge takes a client's trained classes (strategies.verify)
 PROTECTED_SCOPES = ("delta", "merge")  # where the protected gate judges a delta (strategies.merge_gates.protected_appeal)
 ROW_BOUNDS = ("norm", "influence")  # what the per-class row bound compares (strategies.aggregate.clip_class_rows)
@@ -334,6 +334,11 @@ class RunConfig:
                                            "weights the clients and the merge see (f1-offsets) | leaves the "
                                            "merged tutor as it is (off)",
                              CALIBRATIONS)
+    # strategies.calibrate.extend_search; README "The offset search beyond the grid"
+    calibrate_reach: float = setting(3.0, MERGE, "how far, in logits, one round's calibration search may move a "
+                                                 "class's offset: past the grid's end (3) it follows a class whose "
+                                                 "F1 is still rising there, or is 0 at every shift (3: the grid "
+                                                 "alone)")
     timeout_s: float = setting(0.0, RUN, "seconds the server waits for one round trip with the clients (0: sized "
                                          "from the profile's step time)")
     # protocol.privacy: clip to L2 norm dp_clip, add N(0, (dp_noise x dp_clip)^2) per coordinate
@@ -567,6 +572,9 @@ def resolve_run_config(raw: Mapping[str, Any] | RunConfig) -> RunConfig:
         raise ConfigError("weight-cap", f"must be a number >= 1 (inf: no cap), got {config.weight_cap}")
     if not config.clip_multiple >= 1:
         raise ConfigError("clip-multiple", f"must be a number >= 1 (inf: no clipping), got {config.clip_multiple}")
+    if not (math.isfinite(config.calibrate_reach) and config.calibrate_reach >= 3):
+        raise ConfigError("calibrate-reach", f"must be a finite number >= 3 (3: the search's grid alone), got "
+                                             f"{config.calibrate_reach}")
     if not config.row_multiple >= 1:
         raise ConfigError("row-multiple", f"must be a number >= 1 (inf: no clipping), got {config.row_multiple}")
     if not config.dp_clip > 0:

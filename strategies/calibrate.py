@@ -23,6 +23,12 @@ neither fight the next merge nor reach the edges through Distill C's soft target
 judges the weights. Each round's search starts from the offsets the tutor already has, so it follows a drift
 of the merged scores over the rounds (``offset_search``).
 
+The grid reaches 3 logits (and a fine step) from the tutor's offsets; a class whose F1 is still rising at
+the grid's end is followed beyond it, one coarse step at a time, up to ``reach`` logits (``extend_search``):
+after an honest first round the classes the tutor learns sit more than 3 logits below the threshold
+(sheep's and tvmonitor's F1 still rising at +3.25), and a false claim that lowers a class's scores as a
+whole leaves the class's ranking, and so its AP, alone and only pushes its best shift past the grid.
+
 The search is a pure function of ``f1_of`` (the validation F1 per class of the tutor with its class
 biases moved; ``strategies.validator.CandidateValidator.shifted_figures``), so it is testable without a model.
 """
@@ -42,6 +48,9 @@ FINE_STEP = 0.25
 # A shift must raise a class's validation F1 by at least this over no shift, else its bias stays: the F1 of
 # a few dozen validation objects moves by about a point between neighbouring shifts by chance alone.
 MIN_F1_GAIN = 0.01
+# How far one round's search may go from the tutor's offsets (logits; the grid's end, 3: no extension). At 8 a
+# class score of 0.5 (logit 0) would reach 0.9997: further shifts no longer move a score across the threshold.
+REACH = 8.0
 
 CLASS_BIAS = CLASS_ROW_PARAMS[1]  # head.classification_head.cls_logits.bias [num_classes]
 
@@ -71,19 +80,51 @@ def best_shifts(f1_by_class: Mapping[str, Mapping[float, float]], min_gain: floa
     return out
 
 
+def extend_search(f1_of: Callable[[Mapping[str, float]], Mapping[str, float]],
+                  table: dict[str, dict[float, float]], end: float, step: float, reach: float) -> None:
+    """Beyond the grid's ends (-``end``, +``end``): follows each class whose best F1 lies at an end and rose to
+    it, or whose F1 is 0 at every shift (no detection reaches the threshold, so its scores sit far below it
+    and only a raise can find them), one ``step`` at a time while its F1 keeps rising (or stays 0 upward), up
+    to ``reach``. Classes moving the same way are moved together; ``table`` ({class: {shift: F1}}) gains every
+    F1 measured."""
+    def rising(t: Mapping[float, float], at: float, sign: float) -> bool:
+        if sign > 0 and max(t.values()) == 0.0:
+            return True
+        inner = at - sign * step
+        return inner in t and t[at] > t[inner] and t[at] >= max(t.values())
+
+    for sign in (1.0, -1.0):
+        at = end
+        going = [c for c, t in table.items() if rising(t, sign * at, sign)]
+        while going and at + step <= reach + 1e-9:
+            at += step
+            f1 = f1_of({c: sign * at for c in going})
+            for c in going:
+                table[c][sign * at] = float(f1[c])
+            going = [c for c in going if rising(table[c], sign * at, sign)]
+
+
 def search_shifts(f1_of: Callable[[Mapping[str, float]], Mapping[str, float]], classes: Iterable[str],
                   coarse: Iterable[float] = COARSE_SHIFTS, fine: float = FINE_STEP,
-                  min_gain: float = MIN_F1_GAIN) -> tuple[dict[str, float], dict[str, dict[float, float]]]:
+                  min_gain: float = MIN_F1_GAIN, reach: float = REACH
+                  ) -> tuple[dict[str, float], dict[str, dict[float, float]]]:
     """The calibration search: ``f1_of({class: shift})`` -> {class: F1 at the operating threshold} of the
     tutor whose class biases are moved by those shifts (classes are moved together; a class's F1 depends on
-    its own shift only, up to FCOS's per-image top-k and NMS). Returns each class's chosen shift
-    (``best_shifts``) and every F1 measured ({class: {shift: F1}})."""
+    its own shift only, up to FCOS's per-image top-k and NMS). The coarse grid, then beyond its ends up to
+    ``reach`` for the classes still rising there (``extend_search``; a ``reach`` at the grid's end: none),
+    then each class's best -+ the fine step. Returns each class's chosen shift (``best_shifts``) and every F1
+    measured ({class: {shift: F1}})."""
     classes = list(classes)
+    grid = sorted({0.0, *map(float, coarse)})
     table: dict[str, dict[float, float]] = {c: {} for c in classes}
-    for shift in sorted({0.0, *map(float, coarse)}):
+    for shift in grid:
         f1 = f1_of({c: shift for c in classes})
         for c in classes:
             table[c][shift] = float(f1[c])
+    if classes and len(grid) > 1 and reach > max(grid[-1], -grid[0]):
+        if grid[-1] != -grid[0]:
+            raise ValueError(f"the search extends a grid symmetric about 0, got {grid[0]} to {grid[-1]}")
+        extend_search(f1_of, table, grid[-1], grid[-1] - grid[-2], reach)
     if fine > 0:
         best = best_shifts(table, min_gain=0.0)
         for step in (-fine, fine):

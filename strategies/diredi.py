@@ -114,7 +114,7 @@ class DiReDiStrategy(Strategy):
                  share_tutor1: bool = False, aggregation: str = "weighted",
                  aggregation_options: Mapping[str, Any] | None = None, redistill: str = "client",
                  edge_check: bool = False, spread_data=None, spread_iters: int = 0, spread_memo: bool = False,
-                 calibrate: str = "off", num_nodes: int = 1,
+                 calibrate: str = "off", calibrate_reach: float = 3.0, num_nodes: int = 1,
                  fraction: float = 1.0, seed: int = 0,
                  recorder: Recorder | None = None,
                  reference_fn: Callable[[nn.Module], Mapping[str, Tensor] | None] | None = None) -> None:
@@ -144,7 +144,7 @@ class DiReDiStrategy(Strategy):
         self.spread_edge = copy.deepcopy(edge).eval() if spread_data is not None else None
         self.spread_memo = BodyMemo.for_model(self.tutor) if spread_data is not None and spread_memo else None
         self.aggregation, self.aggregation_options = aggregation, dict(aggregation_options or {})
-        self.calibrate = calibrate
+        self.calibrate, self.calibrate_reach = calibrate, calibrate_reach
         self._calibration: dict | None = None  # the last merge's calibration, for the tutor's history
         self.offsets: dict[str, float] = {}  # f1-offsets: the deployed tutor's per-class score offsets (logits)
         self.num_nodes, self.seed = num_nodes, seed
@@ -720,10 +720,10 @@ class DiReDiStrategy(Strategy):
             return f1
 
         if self.calibrate == "f1-offsets":  # the weights stay as merged; the offsets change
-            offsets, shifts, table = offset_search(f1_of, classes, self.offsets)
+            offsets, shifts, table = offset_search(f1_of, classes, self.offsets, reach=self.calibrate_reach)
             self.offsets = moved(offsets)
         else:
-            shifts, table = search_shifts(f1_of, classes)
+            shifts, table = search_shifts(f1_of, classes, reach=self.calibrate_reach)
             load_neck_head(self.tutor, shift_class_biases(neck_head(self.tutor),
                                                           {CLASS_INDEX[c]: s for c, s in moved(shifts).items()}))
             self.validator.tutor_changed()

@@ -98,7 +98,7 @@ def make_strategy(method: str, session: Session, recorder: Recorder,
             edge_check=config.edge_check == "on",
             spread_data=ws.chain_data().teacher_train if config.spread == "on" else None,
             spread_iters=config.spread_iters, spread_memo=config.body_cache == "run",
-            calibrate=config.calibrate, num_nodes=n, fraction=config.fraction, seed=config.training_seed, recorder=recorder)
+            calibrate=config.calibrate, calibrate_reach=config.calibrate_reach, num_nodes=n, fraction=config.fraction, seed=config.training_seed, recorder=recorder)
     # The sampler picks this round's clients (seeded by their identities) and Flower's FedAvg trains
     # all of them; the evaluate step goes to every node and the recording mixin keeps those that trained.
     count = sample_count(n, config.fraction)

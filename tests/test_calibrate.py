@@ -112,4 +112,44 @@ def test_the_offset_search_starts_from_the_offsets_a_tutor_has():
     assert new == {"car": -4.5} and change == {"car": -1.5}
     new, change, _ = offset_search(f1_of, ["car"], {"car": -4.5})
     assert new == {"car": -4.5} and change == {"car": 0.0}
-    assert offset_search(f1_of, ["car"], {})[0] == {"car": -3.25}  # from 0: the grid's end and one fine step
+    assert offset_search(f1_of, ["car"], {}, reach=3.0)[0] == {"car": -3.25}  # the grid's end and one fine step
+    assert offset_search(f1_of, ["car"], {})[0] == {"car": -4.5}  # followed beyond the grid (extend_search)
+
+
+GRID = (-3, -2.5, -2, -1.5, -1, -0.5, 0, 0.5, 1, 1.5, 2, 2.5, 3)
+
+
+def test_a_class_still_rising_at_the_grids_end_is_followed_beyond_it():
+    """After an honest first round sheep's F1 was still rising at +3.25 (README, "The offset search beyond the
+    grid"): the search follows such a class a coarse step at a time until its F1 falls, and leaves a class
+    whose best lies inside the grid where it is, at no extra validation."""
+    optimum = {"sheep": 5.0, "bus": -1.0, "dog": -4.5}
+    asked = []
+
+    def f1_of(shifts):
+        asked.append(dict(shifts))
+        return {c: max(0.0, 0.9 - 0.1 * abs(s - optimum[c])) for c, s in shifts.items()}
+
+    shifts, table = search_shifts(f1_of, optimum, coarse=GRID, fine=0.25)
+    assert shifts == optimum
+    # up: 3.5, 4, 4.5, 5, 5.5 (sheep only; 5.5 falls); down: -3.5, -4, -4.5, -5 (dog only); then the fine steps
+    assert [sorted(a) for a in asked[13:22]] == [["sheep"]] * 5 + [["dog"]] * 4
+    assert len(asked) == 13 + 9 + 2
+    assert max(table["sheep"]) == 5.5 and min(table["bus"]) == -3.0
+    assert search_shifts(f1_of, optimum, coarse=GRID, fine=0.25, reach=3.0)[0] == {"sheep": 3.25, "bus": -1.0,
+                                                                                    "dog": -3.25}
+
+
+def test_a_class_with_no_detection_at_any_shift_is_raised_until_it_has_some_but_never_past_the_reach():
+    """F1 0 at every shift of the grid: the class's scores sit far below the threshold, so the search raises it
+    until its F1 rises and peaks (cat after round 1 on heldout8); a class that never reaches the threshold is
+    raised to ``reach`` and keeps its bias (no gain over shift 0)."""
+    def f1_of(shifts):
+        peaks = {"cat": 6.0}
+        return {c: max(0.0, 0.5 - 0.2 * abs(s - peaks[c])) if c in peaks else 0.0 for c, s in shifts.items()}
+
+    shifts, table = search_shifts(f1_of, ["cat", "ghost"], coarse=GRID, fine=0.25, reach=8.0)
+    assert shifts == {"cat": 6.0, "ghost": 0.0}
+    assert max(table["cat"]) == 6.5 and max(table["ghost"]) == 8.0 and min(table["ghost"]) == -3.0
+    with pytest.raises(ValueError, match="symmetric"):
+        search_shifts(f1_of, ["cat"], coarse=(-1, 0, 1, 2), reach=8.0)

@@ -27,7 +27,7 @@ def test_run_config_merge_defences_defaults_and_validation():
     for key, value in (("weight-cap", 0.5), ("weight-cap", float("nan")), ("clip-norm", 0.0),
                        ("kept-tolerance", -0.01), ("clip-multiple", 0.9), ("claims", "believed"),
                        ("row-multiple", 0.5), ("row-multiple", float("nan")), ("operating-threshold", 0.01),
-                       ("operating-threshold", 1.0)):
+                       ("operating-threshold", 1.0), ("calibrate-reach", 2.5), ("calibrate-reach", math.inf)):
         with pytest.raises(ConfigError) as error:
             resolve_run_config({key: value})
         assert error.value.key == key
