@@ -358,6 +358,12 @@ def class_loss(tutor: dict, honest_tutor: dict) -> dict:
     return out
 
 
+def honest_rejected(recorder, hostile: list[int]) -> list[dict]:
+    """Every honest delta a run rejected: client, round and the gate's reason."""
+    return [{"client": d.client, "round": d.round, "reason": d.reason}
+            for d in recorder.decisions if d.client not in hostile and not d.accepted]
+
+
 def summarise(session, run: dict, hostile: list[int], baseline_gain: float | None) -> dict:
     recorder = run["recorder"]
     n = session.config.num_clients
@@ -375,6 +381,9 @@ def summarise(session, run: dict, hostile: list[int], baseline_gain: float | Non
     return {"rejected": sum(1 for c in hostile if c not in accepted), "hostile": len(hostile),
             "hostile_deltas": sent, "hostile_deltas_rejected": sent - accepted_hostile_deltas,
             "honest_accepted": sum(1 for c in honest_clients if c in accepted), "honest": len(honest_clients),
+            # per delta: a client accepted in round 1 and rejected in round 2 counts as accepted above
+            "honest_deltas": sum(1 for d in recorder.decisions if d.client not in hostile),
+            "honest_deltas_rejected": honest_rejected(recorder, hostile),
             "protected_ap_drop": drop, "honest_gain": gain,
             "honest_gain_ratio": gain / baseline_gain if baseline_gain else math.nan,
             "finished": run["finished"], "seconds": run["seconds"],
@@ -424,19 +433,38 @@ def verdict_table(out: dict) -> str:
     lines = [f"`{out['command']}`", "",
              f"all honest: clients' gain {out['all_honest']['gain_of_the_honest_clients']:.1f}; "
              f"hostile kept out: honest gain ratio {out['hostile_kept_out']['honest_gain_ratio']:.2f}; "
+             f"honest deltas rejected: all honest {honest_rejections(out['all_honest'])}, "
+             f"hostile kept out {honest_rejections(out['hostile_kept_out'])}; "
              f"classes only the hostile clients hold (judged against the tutor before the run): "
              f"{', '.join(out['hostile_only_classes']) or 'none'}", "",
-             "| attack | verdict | hostile rejected: clients (every round) / deltas | honest accepted | "
+             "| attack | verdict | hostile rejected: clients (every round) / deltas | honest accepted: clients / "
+             "deltas | "
              "honest gain ratio | AP: class loss / tolerance (points) | recall at the threshold: class loss / tolerance |",
              "|---|---|---|---|---|---|---|"]
     for name, a in out["attacks"].items():
         verdict = a["verdict"] + (f" ({', '.join(a['beyond_tolerance'])})" if a["beyond_tolerance"] else "")
         deltas = (f" / {a['hostile_deltas_rejected']}/{a['hostile_deltas']}" if "hostile_deltas" in a else "")
         lines.append(f"| {name} | {verdict} | {a['rejected']}/{a['hostile']}{deltas} | "
-                     f"{a['honest_accepted']}/{a['honest']} | "
+                     f"{a['honest_accepted']}/{a['honest']}{honest_deltas(a)} | "
                      f"{a['honest_gain_ratio']:.2f} | {largest_loss(a['classes'], 'ap')} | "
                      f"{largest_loss(a['classes'], 'recall')} |")
     return "\n".join(lines) + "\n"
+
+
+def honest_deltas(summary: dict) -> str:
+    """" / accepted/sent" honest deltas of a run's summary ("" for summaries written before they were counted)."""
+    if "honest_deltas" not in summary:
+        return ""
+    sent = summary["honest_deltas"]
+    return f" / {sent - len(summary['honest_deltas_rejected'])}/{sent}"
+
+
+def honest_rejections(summary: dict) -> str:
+    """The honest deltas a run rejected, as "none" or "client c round r (reason), ..." ("?" for older summaries)."""
+    if "honest_deltas_rejected" not in summary:
+        return "?"
+    return ", ".join(f"client {r['client']} round {r['round']} ({r['reason']})"
+                     for r in summary["honest_deltas_rejected"]) or "none"
 
 
 def hostile_problem(hostile: list[int], num_clients: int) -> str:
@@ -514,6 +542,11 @@ def main(argv=None) -> int:
     if base["recorder"].failures:  # every attack is judged against this run: one that lost clients misleads
         print(f"WARNING: the all-honest run lost {len(base['recorder'].failures)} client replies "
               f"({base['recorder'].failures[0]['reason']}); a larger --timeout or a quieter machine", flush=True)
+    for name, run in (("all honest", base), ("hostile kept out", kept_out)):
+        rejected = honest_rejected(run["recorder"], [] if run is base else args.hostile)
+        if rejected:  # every attack is judged against these runs: say when they lost an honest delta
+            print(f"{name}: honest deltas rejected: {honest_rejections({'honest_deltas_rejected': rejected})}",
+                  flush=True)
     out = {"command": "python -m bench.byzantine " + " ".join(argv if argv is not None else sys.argv[1:]),
            "config": config.to_dict(), "hostile_clients": args.hostile,
            "claimed_class": claimed_class(session, args.hostile), "hostile_only_classes": own,
@@ -531,7 +564,7 @@ def main(argv=None) -> int:
         args.out.write_text(json.dumps(out, indent=2, default=str))
         args.out.with_suffix(".md").write_text(verdict_table(out))
         print(f"{attack}: {a['verdict']} {' '.join(a['beyond_tolerance'])}; hostile rejected {a['rejected']}/{a['hostile']}, honest accepted "
-              f"{a['honest_accepted']}/{a['honest']}, protected drop {a['protected_ap_drop']:.2f}, "
+              f"{a['honest_accepted']}/{a['honest']} (deltas{honest_deltas(a)}), protected drop {a['protected_ap_drop']:.2f}, "
               f"honest gain ratio {a['honest_gain_ratio']:.2f}, worst AP loss {a['class_loss']['worst_ap']}, "
               f"worst recall loss {a['class_loss']['worst_recall']}, worst F1 loss {a['class_loss']['worst_f1']}, "
               f"finished {a['finished']}", flush=True)

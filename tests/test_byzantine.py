@@ -129,6 +129,14 @@ def test_the_verdict_table_names_each_attacks_largest_loss_and_what_got_through(
     out["attacks"]["combined:3"] = {**attack, "hostile_deltas": 4, "hostile_deltas_rejected": 2}
     row = verdict_table(out).splitlines()[-1]
     assert row.startswith("| combined:3 | gets through (car recall) | 0/2 / 2/4 | 6/6 |")
+    # and honest deltas: a client accepted in round 1 and rejected in round 2 still counts among the 6 clients
+    rejected = [{"client": 0, "round": 2, "reason": "direction: cosine 0.000 with the reference < 0.007"}]
+    out["attacks"]["combined:3"] = {**attack, "honest_deltas": 12, "honest_deltas_rejected": rejected}
+    out["hostile_kept_out"] = {"honest_gain_ratio": 1.01, "honest_deltas": 12, "honest_deltas_rejected": rejected}
+    table = verdict_table(out)
+    assert table.splitlines()[-1].startswith("| combined:3 | gets through (car recall) | 0/2 | 6/6 / 11/12 |")
+    assert ("honest deltas rejected: all honest ?, hostile kept out client 0 round 2 (direction: cosine 0.000 "
+            "with the reference < 0.007)") in table
 
 
 def test_bad_arguments_stop_the_benchmark_before_any_run(capsys):
