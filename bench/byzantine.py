@@ -564,7 +564,7 @@ def main(argv=None) -> int:
         args.out.write_text(json.dumps(out, indent=2, default=str))
         args.out.with_suffix(".md").write_text(verdict_table(out))
         print(f"{attack}: {a['verdict']} {' '.join(a['beyond_tolerance'])}; hostile rejected {a['rejected']}/{a['hostile']}, honest accepted "
-              f"{a['honest_accepted']}/{a['honest']} (deltas{honest_deltas(a)}), protected drop {a['protected_ap_drop']:.2f}, "
+              f"{a['honest_accepted']}/{a['honest']} clients{honest_deltas(a)} deltas, protected drop {a['protected_ap_drop']:.2f}, "
               f"honest gain ratio {a['honest_gain_ratio']:.2f}, worst AP loss {a['class_loss']['worst_ap']}, "
               f"worst recall loss {a['class_loss']['worst_recall']}, worst F1 loss {a['class_loss']['worst_f1']}, "
               f"finished {a['finished']}", flush=True)
