@@ -390,6 +390,10 @@ def summarise(session, run: dict, hostile: list[int], baseline_gain: float | Non
             "reasons": {d.client: d.reason for d in recorder.decisions if d.client in hostile},  # the last round's
             "hostile_decisions": [{"client": d.client, "round": d.round, "accepted": d.accepted, "reason": d.reason}
                                   for d in recorder.decisions if d.client in hostile],
+            # every delta's cosine with its direction reference (the peers' median), hostile and honest: how far the
+            # direction gate's chance threshold sits below each
+            "cosine": [{"client": d.client, "round": d.round, "hostile": d.client in hostile, "cosine": d.cosine}
+                       for d in recorder.decisions],
             "operating_point": {d.client: operating_figures(d) for d in recorder.decisions},
             "tutor_recall": history[-1].get("recall", {}) if history else {},
             "tutor": tutor_figures(history),
