@@ -334,7 +334,7 @@ class RunConfig:
                                            "weights the clients and the merge see (f1-offsets) | leaves the "
                                            "merged tutor as it is (off)",
                              CALIBRATIONS)
-    # strategies.calibrate.extend_search; README "The offset search beyond the grid"
+    # strategies.calibrate.extend_search; README "The offset search beyond its grid"
     calibrate_reach: float = setting(3.0, MERGE, "how far, in logits, one round's calibration search may move a "
                                                  "class's offset: past the grid's end (3) it follows a class whose "
                                                  "F1 is still rising there, or is 0 at every shift (3: the grid "

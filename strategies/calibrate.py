@@ -48,9 +48,9 @@ FINE_STEP = 0.25
 # A shift must raise a class's validation F1 by at least this over no shift, else its bias stays: the F1 of
 # a few dozen validation objects moves by about a point between neighbouring shifts by chance alone.
 MIN_F1_GAIN = 0.01
-# How far one round's search may go from the tutor's offsets (logits; the grid's end, 3: no extension). At 8 a
-# class score of 0.5 (logit 0) would reach 0.9997: further shifts no longer move a score across the threshold.
-REACH = 8.0
+# How far one round's search may go from the tutor's offsets by default (logits): the grid's end, no extension
+# (``--calibrate-reach``; at 8 a class score of 0.5, logit 0, would reach 0.9997)
+GRID_END = max(COARSE_SHIFTS)
 
 CLASS_BIAS = CLASS_ROW_PARAMS[1]  # head.classification_head.cls_logits.bias [num_classes]
 
@@ -106,7 +106,7 @@ def extend_search(f1_of: Callable[[Mapping[str, float]], Mapping[str, float]],
 
 def search_shifts(f1_of: Callable[[Mapping[str, float]], Mapping[str, float]], classes: Iterable[str],
                   coarse: Iterable[float] = COARSE_SHIFTS, fine: float = FINE_STEP,
-                  min_gain: float = MIN_F1_GAIN, reach: float = REACH
+                  min_gain: float = MIN_F1_GAIN, reach: float = GRID_END
                   ) -> tuple[dict[str, float], dict[str, dict[float, float]]]:
     """The calibration search: ``f1_of({class: shift})`` -> {class: F1 at the operating threshold} of the
     tutor whose class biases are moved by those shifts (classes are moved together; a class's F1 depends on

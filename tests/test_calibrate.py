@@ -112,8 +112,8 @@ def test_the_offset_search_starts_from_the_offsets_a_tutor_has():
     assert new == {"car": -4.5} and change == {"car": -1.5}
     new, change, _ = offset_search(f1_of, ["car"], {"car": -4.5})
     assert new == {"car": -4.5} and change == {"car": 0.0}
-    assert offset_search(f1_of, ["car"], {}, reach=3.0)[0] == {"car": -3.25}  # the grid's end and one fine step
-    assert offset_search(f1_of, ["car"], {})[0] == {"car": -4.5}  # followed beyond the grid (extend_search)
+    assert offset_search(f1_of, ["car"], {})[0] == {"car": -3.25}  # by default the grid's end and one fine step
+    assert offset_search(f1_of, ["car"], {}, reach=8.0)[0] == {"car": -4.5}  # followed beyond the grid (extend_search)
 
 
 GRID = (-3, -2.5, -2, -1.5, -1, -0.5, 0, 0.5, 1, 1.5, 2, 2.5, 3)
@@ -130,7 +130,7 @@ def test_a_class_still_rising_at_the_grids_end_is_followed_beyond_it():
         asked.append(dict(shifts))
         return {c: max(0.0, 0.9 - 0.1 * abs(s - optimum[c])) for c, s in shifts.items()}
 
-    shifts, table = search_shifts(f1_of, optimum, coarse=GRID, fine=0.25)
+    shifts, table = search_shifts(f1_of, optimum, coarse=GRID, fine=0.25, reach=8.0)
     assert shifts == optimum
     # up: 3.5, 4, 4.5, 5, 5.5 (sheep only; 5.5 falls); down: -3.5, -4, -4.5, -5 (dog only); then the fine steps
     assert [sorted(a) for a in asked[13:22]] == [["sheep"]] * 5 + [["dog"]] * 4
