@@ -78,7 +78,8 @@ BIAS = "head.classification_head.cls_logits.bias"
 # the run settings the benchmark takes from its command line (the protected gate's scope, the merge's claim rule,
 # bounds and calibration)
 MERGE_SETTINGS = ("protected_scope", "claims", "clip_multiple", "row_multiple", "weight_cap", "row_bound", "clip_share",
-                  "row_reference", "row_share", "calibrate", "calibrate_reach")
+                  "row_reference", "row_share", "calibrate", "calibrate_reach",
+                  "direction_scope")
 
 
 def parse_attack(text: str) -> tuple[str, float]:

@@ -38,6 +38,7 @@ AGGREGATION_METHODS = ("weighted", "trimmed", "ties", "krum", "class_aware")  # 
 REDISTILL_SIDES = ("client", "server")
 DELTA_PRECISIONS = ("float16", "float32")  # how a client's delta travels (the server reads either)
 DIRECTION_REFERENCES = ("peers", "server")  # the direction gate's reference (strategies.verify)
+DIRECTION_SCOPES = ("all", "shared")  # the tensors the direction gate compares (strategies.verify.direction_tensors)
 BODY_CACHES = ("round", "run")  # how long a client keeps the tutor body's outputs (distill.body_memo)
 EDGE_CHECKS = ("off", "on")  # the manufacturer's check of each re-distilled edge before it is deployed
 SPREAD_MODES = ("off", "on")  # the server's edge, distilled from the updated tutor, as Distill C's start
@@ -69,7 +70,8 @@ BEFORE_CHANGED = {**{key.replace("-", "_"): value for key, value in PAPER_DISTIL
                   **{key.replace("-", "_"): "inf" if value == math.inf else value  # as config.json writes it
                      for key, value in TRUSTED_MERGE.items()},
                   "calibrate": "off", "protected_scope": "delta", "row_bound": "norm", "clip_share": "whole",
-                  "row_reference": "row", "row_share": "whole", "calibrate_reach": 3.0}
+                  "row_reference": "row", "row_share": "whole", "calibrate_reach": 3.0,
+                  "direction_scope": "all"}
 CLAIM_RULES = ("trusted", "earned", "improving", "lifting")  # how the class-aware merge takes a client's trained classes (strategies.verify)
 PROTECTED_SCOPES = ("delta", "merge")  # where the protected gate judges a delta (strategies.merge_gates.protected_appeal)
 ROW_BOUNDS = ("norm", "influence")  # what the per-class row bound compares (strategies.aggregate.clip_class_rows)
@@ -286,6 +288,12 @@ class RunConfig:
     direction_reference: str = setting("peers", VERIFICATION, "the direction gate's reference: the median of the "
                                                               "round's other deltas (peers) or the server's own RD "
                                                               "update (server)", DIRECTION_REFERENCES)
+    # strategies.verify.direction_tensors; README "A false rejection with two clients silent"
+    direction_scope: str = setting("all", VERIFICATION, "what the direction gate compares: every neck/head tensor "
+                                                        "(all), or all but the classification layer's class rows, "
+                                                        "which the class-aware merge bounds on its own and where "
+                                                        "honest clients of different classes disagree (shared)",
+                                   DIRECTION_SCOPES)
     clip_norm: float = setting(math.inf, MERGE, "accepted deltas clipped to this L2 norm (inf: off)")
     # 2: every honest round kept here claims at most 1.28 x its low median (experiments.false_rejections;
     # README, "A weight cap an honest client meets")

@@ -622,7 +622,8 @@ class DiReDiStrategy(Strategy):
         if reference is False:
             reference = self.reference_delta(server_round)
         if reference is not None:
-            ok, reason, cosine = direction_check(delta, reference, self.policy.min_cosine)
+            ok, reason, cosine = direction_check(delta, reference, self.policy.min_cosine,
+                                                 self.policy.direction_scope)
             outcomes.append(("direction", ok, reason))
         failed = [(gate, why) for gate, passed, why in outcomes if not passed]
         reason = "; ".join(why for _, why in failed) if failed else "; ".join(why for _, _, why in outcomes)

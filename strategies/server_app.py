@@ -77,6 +77,7 @@ def default_policy(session: Session) -> VerificationPolicy:
                                           operating_harm=config.operating_harm,
                                           operating_threshold=config.operating_threshold, direction_z=config.direction_z,
                                           direction_reference=config.direction_reference,
+                                          direction_scope=config.direction_scope,
                                           clip_norm=config.clip_norm, clip_multiple=config.clip_multiple,
                                           clip_share=config.clip_share,
                                           row_multiple=config.row_multiple, row_bound=config.row_bound,

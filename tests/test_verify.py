@@ -250,3 +250,32 @@ def test_claim_verdicts_and_earned_claims_on_hand_made_gains():
     assert verdicts[2] == {"truck": "lowers", "car": "lowers", "cow": "unchecked"}
     with pytest.raises(ValueError, match="row shifts"):
         earned_claims(gains, noise, lifting)
+
+
+def test_the_shared_scope_judges_a_delta_by_the_layers_every_client_trains():
+    """heldout8's client 0 in round 2 with two clients silent: its body agrees with its peers' median, its class
+    rows (most of its norm) oppose it, and the two cancel (cosine 0.0002, rejected). Without the class rows
+    ("shared") it passes; a delta whose body is flipped fails either way; the chance threshold counts only
+    the tensors compared."""
+    from models.parts import CLASS_ROW_PARAMS
+    from strategies.verify import direction_check, direction_tensors
+
+    g = torch.Generator().manual_seed(1)
+    weight, bias = CLASS_ROW_PARAMS
+    peers = {"body": torch.randn(3000, generator=g), weight: torch.randn(20, 50, generator=g),
+             bias: torch.randn(20, generator=g)}
+    body_agrees = {"body": 0.3 * peers["body"] + 0.1 * torch.randn(3000, generator=g)}
+    rows_oppose = {weight: -1.5 * peers[weight], bias: -1.5 * peers[bias]}
+    delta = {**body_agrees, **rows_oppose}
+    policy = VerificationPolicy.relative_to(peers, direction_z=4.0)
+    ok, reason, score = direction_check(delta, peers, policy.min_cosine)
+    assert not ok and score < policy.min_cosine
+    shared = VerificationPolicy.relative_to(peers, direction_z=4.0, direction_scope="shared")
+    assert shared.min_cosine == pytest.approx(4.0 / math.sqrt(3000)) and shared.min_cosine > policy.min_cosine
+    ok, _, score = direction_check(delta, peers, shared.min_cosine, "shared")
+    assert ok and score > 0.9
+    flipped_body = {**delta, "body": -peers["body"]}
+    assert not direction_check(flipped_body, peers, shared.min_cosine, "shared")[0]
+    assert set(direction_tensors(delta, "shared")) == {"body"} and direction_tensors(delta) == delta
+    with pytest.raises(ValueError, match="direction scope"):
+        direction_tensors(delta, "rows")
