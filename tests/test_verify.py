@@ -279,3 +279,17 @@ def test_the_shared_scope_judges_a_delta_by_the_layers_every_client_trains():
     assert set(direction_tensors(delta, "shared")) == {"body"} and direction_tensors(delta) == delta
     with pytest.raises(ValueError, match="direction scope"):
         direction_tensors(delta, "rows")
+
+
+def test_direction_parts_splits_a_cosine_into_its_tensors():
+    """experiments.direction_parts: rows that oppose a body that agrees; the per-tensor terms sum to the whole."""
+    from experiments.direction_parts import parts
+    from models.parts import CLASS_ROW_PARAMS
+
+    weight, bias = CLASS_ROW_PARAMS
+    reference = {"body": torch.ones(4), weight: torch.ones(2, 2), bias: torch.ones(2)}
+    delta = {"body": torch.ones(4), weight: -torch.ones(2, 2), bias: -torch.ones(2)}
+    figures = parts(delta, reference)
+    assert figures["shared"] == pytest.approx(1.0) and figures["class_rows"] == pytest.approx(-1.0)
+    assert figures["all"] == pytest.approx(-0.2) == sum(figures["terms"].values())
+    assert figures["class_row_norm"] == pytest.approx(math.sqrt(6))
