@@ -76,7 +76,7 @@ CLAIMING = ("false_claim", "combined", "tiny_claim")  # they claim a class they 
 SHIFTED_CLASSES = ("aeroplane", "bus", "horse", "motorbike")
 BIAS = "head.classification_head.cls_logits.bias"
 # the run settings the benchmark takes from its command line (the protected gate's scope, the merge's claim rule,
-# bounds and calibration)
+# bounds and calibration, the direction gate's scope)
 MERGE_SETTINGS = ("protected_scope", "claims", "clip_multiple", "row_multiple", "weight_cap", "row_bound", "clip_share",
                   "row_reference", "row_share", "calibrate", "calibrate_reach",
                   "direction_scope")
