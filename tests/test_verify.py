@@ -282,8 +282,8 @@ def test_the_shared_scope_judges_a_delta_by_the_layers_every_client_trains():
 
 
 def test_direction_parts_splits_a_cosine_into_its_tensors():
-    """experiments.direction_parts: rows that oppose a body that agrees; the per-tensor terms sum to the whole."""
-    from experiments.direction_parts import parts
+    """bench.direction_parts: rows that oppose a body that agrees; the per-tensor terms sum to the whole."""
+    from bench.direction_parts import parts
     from models.parts import CLASS_ROW_PARAMS
 
     weight, bias = CLASS_ROW_PARAMS

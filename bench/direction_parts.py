@@ -1,6 +1,6 @@
 """Which tensors decide the direction gate: every delta's cosine with its peers' median, whole and per tensor.
 
-    python -m experiments.direction_parts --scenario experiments/scenarios/heldout8.yaml --hostile 1 3 \
+    python -m bench.direction_parts --scenario experiments/scenarios/heldout8.yaml --hostile 1 3 \
         --out experiments/results/direction_parts_heldout8.json
 
 Runs one federation of the attack bench (``bench.byzantine.run_attack``; by default the hostile clients send NaN,
@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
             out.append({"round": server_round, "client": decision.client if decision else None,
                         "accepted": decision.accepted if decision else None, **figures})
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"command": "python -m experiments.direction_parts " + " ".join(
+    args.out.write_text(json.dumps({"command": "python -m bench.direction_parts " + " ".join(
         argv if argv is not None else sys.argv[1:]), "deltas": out}, indent=1))
     for d in out:
         print(f"round {d['round']} client {d['client']}: all {d['all']:.4f}, shared {d['shared']:.4f}, class rows "
