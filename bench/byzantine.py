@@ -78,7 +78,7 @@ BIAS = "head.classification_head.cls_logits.bias"
 # the run settings the benchmark takes from its command line (the protected gate's scope, the merge's claim rule,
 # bounds and calibration, the direction gate's scope)
 MERGE_SETTINGS = ("protected_scope", "claims", "clip_multiple", "row_multiple", "weight_cap", "row_bound", "clip_share",
-                  "row_reference", "row_share", "calibrate", "calibrate_reach",
+                  "row_reference", "row_share", "row_size", "calibrate", "calibrate_reach",
                   "direction_scope")
 
 
@@ -420,6 +420,9 @@ def summarise(session, run: dict, hostile: list[int], baseline_gain: float | Non
                       "harm": d.harm, "threshold": d.harm_threshold} for d in recorder.decisions if d.harm],
             # the server's calibration after each merge (--calibrate f1): the bias shifts it made and the F1s
             "calibration": [{"round": h["round"], **h["calibration"]} for h in history if "calibration" in h],
+            # per round and class: the merged row's size beside the mean size of the rows it averages
+            # (their ratio below 1: what the mean's dilution and the rows' disagreement cost the row)
+            "merged_rows": [{"round": h["round"], "rows": h["merged_rows"]} for h in history if "merged_rows" in h],
             "failures": [f["reason"][:200] for f in recorder.failures]}
 
 

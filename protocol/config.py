@@ -70,7 +70,7 @@ BEFORE_CHANGED = {**{key.replace("-", "_"): value for key, value in PAPER_DISTIL
                   **{key.replace("-", "_"): "inf" if value == math.inf else value  # as config.json writes it
                      for key, value in TRUSTED_MERGE.items()},
                   "calibrate": "off", "protected_scope": "delta", "row_bound": "norm", "clip_share": "whole",
-                  "row_reference": "row", "row_share": "whole", "calibrate_reach": 3.0,
+                  "row_reference": "row", "row_share": "whole", "row_size": "mean", "calibrate_reach": 3.0,
                   "direction_scope": "all"}
 CLAIM_RULES = ("trusted", "earned", "improving", "lifting")  # how the class-aware merge takes a client's trained classes (strategies.verify)
 PROTECTED_SCOPES = ("delta", "merge")  # where the protected gate judges a delta (strategies.merge_gates.protected_appeal)
@@ -78,6 +78,7 @@ ROW_BOUNDS = ("norm", "influence")  # what the per-class row bound compares (str
 ROW_REFERENCES = ("row", "row-or-round", "row-or-kind")  # what sets the per-class row bound (strategies.aggregate.clip_class_rows)
 CLIP_SHARES = ("whole", "scaled")  # how a clipped delta counts in the merge's means (strategies.aggregate.bound_influence)
 ROW_SHARES = ("whole", "scaled")  # how a tiny class row counts in its row's mean (strategies.aggregate.row_shares)
+ROW_SIZES = ("mean", "learned")  # the size of a merged class row (strategies.aggregate.restore_row_sizes)
 CALIBRATIONS = ("off", "f1", "f1-learnt", "f1-offsets")  # the tutor's operating point after a merge (strategies.calibrate)
 
 
@@ -325,6 +326,11 @@ class RunConfig:
                                              "row of its kind counts in its row's mean whole (whole) or as that "
                                              "fraction of a row, and in the row bound's median as a row of "
                                              "1/row-multiple of that median (scaled)", ROW_SHARES)
+    # README "Rows that keep their size" under "Under attack"
+    row_size: str = setting("mean", MERGE, "a merged class row is its rows' weighted mean (mean), or, for each "
+                                           "class the tutor learns from clients, that mean scaled up to the mean "
+                                           "size of the rows it averages, so rows that point different ways, or "
+                                           "a small one beside a large one, do not shrink it (learned)", ROW_SIZES)
     # strategies.verify
     claims: str = setting("earned", MERGE, "the class-aware merge takes a client's classes as it reports them "
                                            "(trusted) | only those its candidate tutor improves on the validation "

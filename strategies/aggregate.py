@@ -458,10 +458,60 @@ def _class_sets(client_classes: Sequence[Collection[int]], n: int) -> list[set[i
     return sets
 
 
+def row_mean_factors(weights: Sequence[float] | None, client_classes: Sequence[Collection[int]], classes: int,
+                     row_shares: Sequence[Mapping[int, float]] | None = None) -> dict[int, dict[int, float]]:
+    """Per class c, the factor of each delta in row c's mean in ``class_aware_merge`` (delta index -> factor, summing
+    to 1): its weight x its row share (``row_shares``), over the deltas whose ``client_classes`` hold c. A class with
+    no such delta of positive weight is absent."""
+    factors = _normalised_weights(weights, len(client_classes))
+    sets = _class_sets(client_classes, len(client_classes))
+    if row_shares is not None and len(row_shares) != len(sets):
+        raise ValueError(f"{len(row_shares)} row shares for {len(sets)} deltas")
+    out = {}
+    for c in range(classes):
+        raw = {i: factors[i] * (float(row_shares[i].get(c, 1.0)) if row_shares is not None else 1.0)
+               for i, s in enumerate(sets) if c in s}
+        total = sum(raw.values())
+        if total > 0:
+            out[c] = {i: f / total for i, f in raw.items()}
+    return out
+
+
+def mean_row_norms(deltas: Sequence[Delta], row_factors: Mapping[int, Mapping[int, float]],
+                   class_row_params: Sequence[str] = CLASS_ROW_PARAMS) -> dict[int, float]:
+    """Per class c of ``row_factors`` (``row_mean_factors``), the mean size of the rows row c is averaged from,
+    sum_i a_i ||r_i^c||, with the same factors a_i: the size the merged row would have if its rows agreed in
+    direction. The merged row's own size is at most this (triangle inequality); the gap is what averaging
+    rows that point different ways cancels."""
+    norms = [row_norms(d, class_row_params) for d in deltas]
+    return {c: sum(a * norms[i][c] for i, a in factors.items()) for c, factors in row_factors.items()}
+
+
+def restore_row_sizes(merged: Mapping[str, Tensor], targets: Mapping[int, float],
+                      class_row_params: Sequence[str] = CLASS_ROW_PARAMS) -> tuple[dict[str, Tensor], dict[int, float]]:
+    """Each merged class row c of ``targets`` scaled up to ``targets[c]`` (``mean_row_norms``): the rows of a class
+    a few clients teach keep the size their teachers gave them, where a mean would shrink it by their
+    disagreement in direction (the server-side step size of FedExP, Jhunjhunwala et al. 2023, taken per class row
+    and never below 1). Returns (the merge with those rows scaled, class -> the factor, for rows scaled by more
+    than 1 only). A zero merged row stays zero."""
+    sizes = row_norms(merged, class_row_params)
+    factors = {c: target / sizes[c] for c, target in targets.items() if sizes[c] > 0 and target > sizes[c]}
+    out = dict(merged)
+    if factors:
+        scale = torch.ones(len(sizes), dtype=torch.float64)
+        for c, f in factors.items():
+            scale[c] = f
+        for name in class_row_params:
+            shape = (-1,) + (1,) * (merged[name].dim() - 1)
+            out[name] = (merged[name].double() * scale.view(shape)).to(merged[name].dtype)
+    return out, factors
+
+
 def class_aware_merge(deltas: Sequence[Delta], weights: Sequence[float] | None,
                       client_classes: Sequence[Collection[int]], shared: str = "trimmed", scale: float = 1.0,
                       class_row_params: Sequence[str] = CLASS_ROW_PARAMS, shares: Sequence[float] | None = None,
-                      row_shares: Sequence[Mapping[int, float]] | None = None, **shared_options) -> dict[str, Tensor]:
+                      row_shares: Sequence[Mapping[int, float]] | None = None, restore_rows: Collection[int] = (),
+                      **shared_options) -> dict[str, Tensor]:
     """Merge that keeps each class's knowledge at full strength.
 
     Clients teach different classes. Under a plain mean, a class taught by one client out of n
@@ -479,7 +529,8 @@ def class_aware_merge(deltas: Sequence[Delta], weights: Sequence[float] | None,
       on held-out data; 1.0 leaves the merge as is);
     * ``shares`` (``bound_influence``'s clip shares) reach the shared rule when it is "trimmed", which
       ignores weights (the other rules see them in ``weights``);
-    * ``row_shares[i]`` (``bound_influence``'s, class id -> share) scales delta i's weight in row c's mean only.
+    * ``row_shares[i]`` (``bound_influence``'s, class id -> share) scales delta i's weight in row c's mean only;
+    * each class of ``restore_rows`` keeps the mean size of its rows (``restore_row_sizes``; empty: the plain mean).
 
     ``client_classes[i]`` is the set of class indices delta i was trained on (its labels). If any
     of ``class_row_params`` is absent from the deltas (another head), every tensor is shared.
@@ -490,10 +541,10 @@ def class_aware_merge(deltas: Sequence[Delta], weights: Sequence[float] | None,
         raise ValueError(f"shared must be one of {', '.join(SHARED_METHODS)}, got {shared!r}")
     if not (math.isfinite(float(scale)) and float(scale) > 0):
         raise ValueError(f"scale must be finite and positive, got {scale}")
-    factors = _normalised_weights(weights, len(deltas))
     classes = _class_sets(client_classes, len(deltas))
     if row_shares is not None and len(row_shares) != len(deltas):
         raise ValueError(f"{len(row_shares)} row shares for {len(deltas)} deltas")
+    _normalised_weights(weights, len(deltas))  # checked here whether or not the deltas have class rows
     row_keys = list(class_row_params) if all(name in keys for name in class_row_params) else []
     out: dict[str, Tensor] = {}
     for name in row_keys:
@@ -503,15 +554,17 @@ def class_aware_merge(deltas: Sequence[Delta], weights: Sequence[float] | None,
             if bad:
                 raise ValueError(f"client_classes[{i}] has class indices {bad} outside [0, {rows}) "
                                  f"for {name} of shape {tuple(deltas[0][name].shape)}")
-        merged = torch.zeros_like(deltas[0][name])
-        for c in range(rows):
-            members = [i for i, cs in enumerate(classes) if c in cs]
-            row_factors = {i: factors[i] * (float(row_shares[i].get(c, 1.0)) if row_shares is not None else 1.0)
-                           for i in members}
-            total = sum(row_factors.values())
-            if total > 0:
-                merged[c] = sum((row_factors[i] / total) * deltas[i][name][c] for i in members)
-        out[name] = merged
+    if row_keys:
+        row_factors = row_mean_factors(weights, classes, deltas[0][row_keys[0]].shape[0], row_shares)
+        for name in row_keys:
+            merged = torch.zeros_like(deltas[0][name])
+            for c, members in row_factors.items():
+                merged[c] = sum(a * deltas[i][name][c] for i, a in members.items())
+            out[name] = merged
+        if restore_rows:
+            targets = mean_row_norms(deltas, {c: f for c, f in row_factors.items() if c in set(restore_rows)},
+                                     class_row_params)
+            out.update(restore_row_sizes({name: out[name] for name in row_keys}, targets, class_row_params)[0])
     shared_keys = [name for name in keys if name not in row_keys]
     if shared_keys:
         restricted = [{name: d[name] for name in shared_keys} for d in deltas]

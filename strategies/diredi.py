@@ -57,7 +57,8 @@ from protocol.wire import (AFTER, AP_AFTER, AP_BEFORE, BEFORE, CONFIG, DELTA, DE
                            SERVER_ROUND, SPREAD_EDGE, TRAIN, TRAINED, TUTOR, TUTOR1, WORK, MalformedDelta, TutorRecords,
                            decode, encode, state_record, unpack_delta, work_seed)
 from report.checkpoint import prefixed, unprefixed
-from strategies.aggregate import AGGREGATION_METHODS, aggregate, bound_influence, norm_cap, row_norms
+from strategies.aggregate import (AGGREGATION_METHODS, aggregate, bound_influence, mean_row_norms, norm_cap,
+                                  row_mean_factors, row_norms)
 from strategies.calibrate import calibrated_classes, moved, offset_search, search_shifts, shift_class_biases
 from strategies.exchange import exchange
 from strategies.ledger import ClientSampler, Clock, Recorder, RoundLedger
@@ -146,6 +147,7 @@ class DiReDiStrategy(Strategy):
         self.aggregation, self.aggregation_options = aggregation, dict(aggregation_options or {})
         self.calibrate, self.calibrate_reach = calibrate, calibrate_reach
         self._calibration: dict | None = None  # the last merge's calibration, for the tutor's history
+        self._merged_rows: dict | None = None  # the last merge's class-row sizes, for the tutor's history
         self.offsets: dict[str, float] = {}  # f1-offsets: the deployed tutor's per-class score offsets (logits)
         self.num_nodes, self.seed = num_nodes, seed
         self.sampler = ClientSampler(num_nodes, fraction, seed)  # also the node id -> partition id map
@@ -579,8 +581,18 @@ class DiReDiStrategy(Strategy):
                 options["shares"] = [bounded.shares[i] for i in kept]
             if self.aggregation == "class_aware":
                 options["row_shares"] = [bounded.row_shares[i] for i in kept]
-            return aggregate([bounded.deltas[i] for i in kept], [bounded.weights[i] for i in kept],
-                             self.aggregation, **options)
+                if self.policy.row_size == "learned":  # a class a few clients teach keeps its rows' size
+                    options["restore_rows"] = [c for c, kind in enumerate(kinds) if kind == 1]
+            merged = aggregate([bounded.deltas[i] for i in kept], [bounded.weights[i] for i in kept],
+                               self.aggregation, **options)
+            if record and self.aggregation == "class_aware" and all(n in merged for n in CLASS_ROW_PARAMS):
+                # the merged rows' sizes beside their rows' mean size (the last merge made is the round's)
+                factors = row_mean_factors([bounded.weights[i] for i in kept], options["client_classes"],
+                                           len(VOC_CLASSES), options["row_shares"])
+                means = mean_row_norms([bounded.deltas[i] for i in kept], factors)
+                sizes = row_norms(merged)
+                self._merged_rows = {VOC_CLASSES[c]: {"size": sizes[c], "mean_size": m} for c, m in means.items()}
+            return merged
 
         return merge
 
@@ -756,6 +768,8 @@ class DiReDiStrategy(Strategy):
             summary["ap_weights"] = dict(self.validator.tutor_ap())
         if self._calibration is not None and server_round > 0:
             summary["calibration"], self._calibration = self._calibration, None
+        if self._merged_rows is not None and server_round > 0:
+            summary["merged_rows"], self._merged_rows = self._merged_rows, None
         if self.spread_edge is not None:  # what the clients' Distill C starts from: where spread is lost
             spread_ap = self.validator.validate_edge(self.spread_edge)[0]
             summary["spread_edge"] = {"ap": dict(spread_ap), "mAP": nan_mean(spread_ap.values())}

@@ -126,6 +126,9 @@ class VerificationPolicy:
     # (strategies.aggregate.row_shares) and in the row bound's median as a row of 1/row_multiple of that median
     # (tiny_row_floors); "whole": as a whole one
     row_share: str = "whole"
+    # "learned": each merged row of a class the tutor learns from clients keeps the mean size of the rows it
+    # averages (strategies.aggregate.restore_row_sizes); "mean": the weighted mean as it is
+    row_size: str = "mean"
 
     def _beyond_noise(self, floor: float, noise: float) -> float:
         return max(floor, self.noise_z * noise) if self.noise_z > 0 and math.isfinite(noise) else floor

@@ -461,3 +461,42 @@ def test_a_tiny_row_counts_by_its_size_and_does_not_cut_its_peer_with_the_kind_f
         aggregate(deltas, None, "class_aware", client_classes=members, row_shares=[{}])
     with pytest.raises(ValueError, match="kinds"):
         tiny_row_floors(deltas, members, 4.0, [0, 1])
+
+
+def test_restored_rows_keep_their_rows_mean_size_and_nothing_else_moves():
+    """Two clients teach class 1 with rows of size 1 that point different ways (orthogonal): their mean has size
+    0.71, restored it has size 1 and the mean's direction. Rows that agree are left bit-identical (no factor), as
+    are the classes not named and every shared tensor; the target counts each row by its weight and row share, so
+    a row counted as 5 % of a row barely lowers it."""
+    from strategies.aggregate import mean_row_norms, restore_row_sizes, row_mean_factors, row_norms
+
+    def delta(w1, b1, shared):
+        w = torch.zeros(3, 2)
+        w[1] = torch.tensor(w1)
+        w[0] = torch.tensor([0.3, -0.4])
+        return {CLS_W: w, CLS_B: torch.tensor([0.1, b1, 0.0]), "neck": torch.full((4,), shared)}
+
+    apart = [delta([1.0, 0.0], 0.0, 1.0), delta([0.0, 1.0], 0.0, 3.0)]
+    members = [{0, 1}, {1}]
+    plain = class_aware_merge(apart, [1.0, 1.0], members, shared="weighted")
+    restored = class_aware_merge(apart, [1.0, 1.0], members, shared="weighted", restore_rows=[1])
+    assert row_norms(plain)[1] == pytest.approx(math.sqrt(0.5))
+    assert row_norms(restored)[1] == pytest.approx(1.0)
+    assert torch.allclose(restored[CLS_W][1], plain[CLS_W][1] * math.sqrt(2))  # the same direction
+    assert torch.equal(restored[CLS_W][0], plain[CLS_W][0]) and torch.equal(restored["neck"], plain["neck"])
+    assert torch.equal(restored[CLS_B], plain[CLS_B])  # both biases 0: class 1's stays 0, class 0 not named
+    # rows that agree in direction: the mean already has their mean size, nothing is scaled
+    agree = [delta([1.0, 0.0], 0.5, 1.0), delta([2.0, 0.0], 1.0, 3.0)]
+    same = class_aware_merge(agree, [1.0, 3.0], members, shared="weighted")
+    assert all(torch.equal(a, b) for a, b in zip(
+        same.values(), class_aware_merge(agree, [1.0, 3.0], members, shared="weighted", restore_rows=[1]).values()))
+    # the target: each row's size by its factor in the mean (weight x row share, normalised over the row's deltas)
+    factors = row_mean_factors([1.0, 3.0], members, 3, [{}, {1: 0.05}])
+    assert factors[0] == {0: 1.0} and factors[1] == {0: pytest.approx(1 / 1.15), 1: pytest.approx(0.15 / 1.15)}
+    assert 2 not in factors  # nobody teaches class 2
+    sizes = mean_row_norms(apart, factors)
+    assert sizes[1] == pytest.approx(1.0) and sizes[0] == pytest.approx(math.hypot(0.5, 0.1))
+    _, scaled = restore_row_sizes(plain, {1: 1.0, 0: 0.0})
+    assert scaled == {1: pytest.approx(math.sqrt(2))}  # never scaled down
+    zero = {CLS_W: torch.zeros(3, 2), CLS_B: torch.zeros(3)}
+    assert restore_row_sizes(zero, {1: 1.0}) == (zero, {})  # a zero row has no direction to scale

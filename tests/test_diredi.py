@@ -214,6 +214,40 @@ def test_class_aware_strategy_takes_each_class_row_from_the_clients_that_trained
     assert torch.count_nonzero(moved[others]) == 0
 
 
+def test_a_learned_class_row_keeps_its_rows_size_under_row_size_learned(trained_tutor):
+    """Two clients teach dog with rows of size 0.3 that point different ways: merged as a mean, dog's row has
+    size 0.21; with row_size "learned" (dog is not a class the tutor knows) it keeps 0.3 and the mean's
+    direction, while person (protected, known) is averaged as before. The history records each merged row's
+    size beside its rows' mean size."""
+    import copy
+
+    weight = "head.classification_head.cls_logits.weight"
+    dog, person = 11, 14
+    deltas = [zeros_like_nh(trained_tutor), zeros_like_nh(trained_tutor)]
+    for i, delta in enumerate(deltas):
+        delta[weight][dog].view(-1)[i] = 0.3
+        delta[weight][person].view(-1)[i] = 0.01
+    moved = {}
+    for size in ("mean", "learned"):
+        policy = VerificationPolicy(norm_bound=50.0, protected_tolerance=1.0, protected_classes=("person",),
+                                    row_size=size)
+        strategy = DiReDiStrategy(copy.deepcopy(trained_tutor), build_model("smoke", "edge", seed=1), Squares(8, 1),
+                                  ["person"], ClientTraining.from_profile(get_profile("smoke")), policy,
+                                  aggregation="class_aware", aggregation_options={"shared": "weighted"})
+        before = neck_head(strategy.tutor)[weight].clone()
+        _, metrics = strategy.aggregate_train(1, [reply(i, d, trained=("dog", "person")) for i, d in enumerate(deltas)])
+        assert metrics["accepted"] == 2
+        moved[size] = neck_head(strategy.tutor)[weight] - before
+        strategy.record_tutor()
+        rows = strategy.recorder.tutor_history[-1]["merged_rows"]
+        assert rows["dog"]["mean_size"] == pytest.approx(0.3) and rows["dog"]["size"] == pytest.approx(
+            float(moved[size][dog].norm()), rel=1e-4)
+    assert float(moved["mean"][dog].norm()) == pytest.approx(0.3 / math.sqrt(2), rel=1e-4)
+    assert float(moved["learned"][dog].norm()) == pytest.approx(0.3, rel=1e-4)
+    assert torch.allclose(moved["learned"][dog], moved["mean"][dog] * math.sqrt(2), atol=1e-6)
+    assert torch.equal(moved["learned"][person], moved["mean"][person])
+
+
 def test_noise_calibrated_verification_records_the_noise_and_still_rejects_an_eraser(trained_tutor):
     import copy
 
