@@ -329,8 +329,9 @@ class RunConfig:
     # README "Rows that keep their size" under "Under attack"
     row_size: str = setting("mean", MERGE, "a merged class row is its rows' weighted mean (mean), or, for each "
                                            "class the tutor learns from clients, that mean scaled up to the mean "
-                                           "size of the rows it averages, so rows that point different ways, or "
-                                           "a small one beside a large one, do not shrink it (learned)", ROW_SIZES)
+                                           "size of the rows it averages that count whole, so rows that point "
+                                           "different ways, or a tiny one beside them, do not shrink it "
+                                           "(learned)", ROW_SIZES)
     # strategies.verify
     claims: str = setting("earned", MERGE, "the class-aware merge takes a client's classes as it reports them "
                                            "(trusted) | only those its candidate tutor improves on the validation "

@@ -487,6 +487,21 @@ def mean_row_norms(deltas: Sequence[Delta], row_factors: Mapping[int, Mapping[in
     return {c: sum(a * norms[i][c] for i, a in factors.items()) for c, factors in row_factors.items()}
 
 
+def size_setting_factors(row_factors: Mapping[int, Mapping[int, float]],
+                         row_shares: Sequence[Mapping[int, float]] | None) -> dict[int, dict[int, float]]:
+    """``row_factors`` (``row_mean_factors``) restricted, per class, to the rows that count whole (no entry in
+    ``row_shares``) and renormalised; a class whose rows all count partly keeps its factors. Why: a row counted
+    as a fraction of a row (``row_shares``: sent far below its kind's median) is one the merge does not trust
+    to set the class's size, so a tiny row at the weight cap lowers neither the mean nor the size it is restored
+    to."""
+    out = {}
+    for c, factors in row_factors.items():
+        whole = {i: a for i, a in factors.items() if row_shares is None or c not in row_shares[i]}
+        total = sum(whole.values())
+        out[c] = {i: a / total for i, a in whole.items()} if total > 0 else dict(factors)
+    return out
+
+
 def restore_row_sizes(merged: Mapping[str, Tensor], targets: Mapping[int, float],
                       class_row_params: Sequence[str] = CLASS_ROW_PARAMS) -> tuple[dict[str, Tensor], dict[int, float]]:
     """Each merged class row c of ``targets`` scaled up to ``targets[c]`` (``mean_row_norms``): the rows of a class
@@ -530,7 +545,8 @@ def class_aware_merge(deltas: Sequence[Delta], weights: Sequence[float] | None,
     * ``shares`` (``bound_influence``'s clip shares) reach the shared rule when it is "trimmed", which
       ignores weights (the other rules see them in ``weights``);
     * ``row_shares[i]`` (``bound_influence``'s, class id -> share) scales delta i's weight in row c's mean only;
-    * each class of ``restore_rows`` keeps the mean size of its rows (``restore_row_sizes``; empty: the plain mean).
+    * each class of ``restore_rows`` keeps the mean size of its rows that count whole (``size_setting_factors``,
+      ``restore_row_sizes``; empty: the plain mean).
 
     ``client_classes[i]`` is the set of class indices delta i was trained on (its labels). If any
     of ``class_row_params`` is absent from the deltas (another head), every tensor is shared.
@@ -562,8 +578,9 @@ def class_aware_merge(deltas: Sequence[Delta], weights: Sequence[float] | None,
                 merged[c] = sum(a * deltas[i][name][c] for i, a in members.items())
             out[name] = merged
         if restore_rows:
-            targets = mean_row_norms(deltas, {c: f for c, f in row_factors.items() if c in set(restore_rows)},
-                                     class_row_params)
+            sizing = size_setting_factors({c: f for c, f in row_factors.items() if c in set(restore_rows)},
+                                          row_shares)
+            targets = mean_row_norms(deltas, sizing, class_row_params)
             out.update(restore_row_sizes({name: out[name] for name in row_keys}, targets, class_row_params)[0])
     shared_keys = [name for name in keys if name not in row_keys]
     if shared_keys:

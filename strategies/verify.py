@@ -127,7 +127,7 @@ class VerificationPolicy:
     # (tiny_row_floors); "whole": as a whole one
     row_share: str = "whole"
     # "learned": each merged row of a class the tutor learns from clients keeps the mean size of the rows it
-    # averages (strategies.aggregate.restore_row_sizes); "mean": the weighted mean as it is
+    # averages that count whole (strategies.aggregate.restore_row_sizes); "mean": the weighted mean as it is
     row_size: str = "mean"
 
     def _beyond_noise(self, floor: float, noise: float) -> float:

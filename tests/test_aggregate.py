@@ -496,6 +496,15 @@ def test_restored_rows_keep_their_rows_mean_size_and_nothing_else_moves():
     assert 2 not in factors  # nobody teaches class 2
     sizes = mean_row_norms(apart, factors)
     assert sizes[1] == pytest.approx(1.0) and sizes[0] == pytest.approx(math.hypot(0.5, 0.1))
+    # a tiny row (counted as 5 % of a row) beside a whole one: the whole row alone sets the size
+    from strategies.aggregate import size_setting_factors
+
+    tiny = [delta([1.0, 0.0], 0.0, 1.0), delta([0.0, 0.01], 0.0, 3.0)]
+    kept = class_aware_merge(tiny, [1.0, 3.0], members, shared="weighted", row_shares=[{}, {1: 0.05}],
+                             restore_rows=[1])
+    assert row_norms(kept)[1] == pytest.approx(1.0)
+    assert size_setting_factors(factors, [{}, {1: 0.05}]) == {0: {0: 1.0}, 1: {0: 1.0}}
+    assert size_setting_factors(factors, [{1: 0.5}, {1: 0.05}])[1] == factors[1]  # all partial: as they were
     _, scaled = restore_row_sizes(plain, {1: 1.0, 0: 0.0})
     assert scaled == {1: pytest.approx(math.sqrt(2))}  # never scaled down
     zero = {CLS_W: torch.zeros(3, 2), CLS_B: torch.zeros(3)}
