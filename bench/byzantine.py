@@ -420,8 +420,8 @@ def summarise(session, run: dict, hostile: list[int], baseline_gain: float | Non
                       "harm": d.harm, "threshold": d.harm_threshold} for d in recorder.decisions if d.harm],
             # the server's calibration after each merge (--calibrate f1): the bias shifts it made and the F1s
             "calibration": [{"round": h["round"], **h["calibration"]} for h in history if "calibration" in h],
-            # per round and class: the merged row's size beside the mean size of the rows it averages
-            # (their ratio below 1: what the mean's dilution and the rows' disagreement cost the row)
+            # per round and class: the merged row's size, the mean size of the rows it averages (counted whole) and
+            # the plain weighted mean's size (below the mean size by what dilution and the rows' disagreement cost)
             "merged_rows": [{"round": h["round"], "rows": h["merged_rows"]} for h in history if "merged_rows" in h],
             "failures": [f["reason"][:200] for f in recorder.failures]}
 

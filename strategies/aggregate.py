@@ -477,6 +477,19 @@ def row_mean_factors(weights: Sequence[float] | None, client_classes: Sequence[C
     return out
 
 
+def mean_rows(deltas: Sequence[Delta], row_factors: Mapping[int, Mapping[int, float]],
+              class_row_params: Sequence[str] = CLASS_ROW_PARAMS) -> dict[str, Tensor]:
+    """The class-row tensors of the class-aware merge: row c = sum_i a_i r_i^c with ``row_factors[c]``
+    (``row_mean_factors``); a class without factors is 0."""
+    out = {}
+    for name in class_row_params:
+        merged = torch.zeros_like(deltas[0][name])
+        for c, members in row_factors.items():
+            merged[c] = sum(a * deltas[i][name][c] for i, a in members.items())
+        out[name] = merged
+    return out
+
+
 def mean_row_norms(deltas: Sequence[Delta], row_factors: Mapping[int, Mapping[int, float]],
                    class_row_params: Sequence[str] = CLASS_ROW_PARAMS) -> dict[int, float]:
     """Per class c of ``row_factors`` (``row_mean_factors``), the mean size of the rows row c is averaged from,
@@ -572,11 +585,7 @@ def class_aware_merge(deltas: Sequence[Delta], weights: Sequence[float] | None,
                                  f"for {name} of shape {tuple(deltas[0][name].shape)}")
     if row_keys:
         row_factors = row_mean_factors(weights, classes, deltas[0][row_keys[0]].shape[0], row_shares)
-        for name in row_keys:
-            merged = torch.zeros_like(deltas[0][name])
-            for c, members in row_factors.items():
-                merged[c] = sum(a * deltas[i][name][c] for i, a in members.items())
-            out[name] = merged
+        out.update(mean_rows(deltas, row_factors, row_keys))
         if restore_rows:
             sizing = size_setting_factors({c: f for c, f in row_factors.items() if c in set(restore_rows)},
                                           row_shares)

@@ -57,8 +57,8 @@ from protocol.wire import (AFTER, AP_AFTER, AP_BEFORE, BEFORE, CONFIG, DELTA, DE
                            SERVER_ROUND, SPREAD_EDGE, TRAIN, TRAINED, TUTOR, TUTOR1, WORK, MalformedDelta, TutorRecords,
                            decode, encode, state_record, unpack_delta, work_seed)
 from report.checkpoint import prefixed, unprefixed
-from strategies.aggregate import (AGGREGATION_METHODS, aggregate, bound_influence, mean_row_norms, norm_cap,
-                                  row_mean_factors, row_norms, size_setting_factors)
+from strategies.aggregate import (AGGREGATION_METHODS, aggregate, bound_influence, mean_row_norms, mean_rows,
+                                  norm_cap, row_mean_factors, row_norms, size_setting_factors)
 from strategies.calibrate import calibrated_classes, moved, offset_search, search_shifts, shift_class_biases
 from strategies.exchange import exchange
 from strategies.ledger import ClientSampler, Clock, Recorder, RoundLedger
@@ -589,10 +589,13 @@ class DiReDiStrategy(Strategy):
                 # the merged rows' sizes beside their rows' mean size (the last merge made is the round's)
                 factors = row_mean_factors([bounded.weights[i] for i in kept], options["client_classes"],
                                            len(VOC_CLASSES), options["row_shares"])
-                means = mean_row_norms([bounded.deltas[i] for i in kept],
-                                       size_setting_factors(factors, options["row_shares"]))
-                sizes = row_norms(merged)
-                self._merged_rows = {VOC_CLASSES[c]: {"size": sizes[c], "mean_size": m} for c, m in means.items()}
+                rows = [bounded.deltas[i] for i in kept]
+                means = mean_row_norms(rows, size_setting_factors(factors, options["row_shares"]))
+                sizes, plain = row_norms(merged), row_norms(mean_rows(rows, factors))
+                # size: as merged; mean_size: its rows' mean size (those counted whole); plain_size: the weighted
+                # mean's own (below mean_size by what the rows' disagreement and any partial row cost it)
+                self._merged_rows = {VOC_CLASSES[c]: {"size": sizes[c], "mean_size": m, "plain_size": plain[c]}
+                                     for c, m in means.items()}
             return merged
 
         return merge

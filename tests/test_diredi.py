@@ -242,6 +242,7 @@ def test_a_learned_class_row_keeps_its_rows_size_under_row_size_learned(trained_
         rows = strategy.recorder.tutor_history[-1]["merged_rows"]
         assert rows["dog"]["mean_size"] == pytest.approx(0.3) and rows["dog"]["size"] == pytest.approx(
             float(moved[size][dog].norm()), rel=1e-4)
+        assert rows["dog"]["plain_size"] == pytest.approx(0.3 / math.sqrt(2), rel=1e-4)
     assert float(moved["mean"][dog].norm()) == pytest.approx(0.3 / math.sqrt(2), rel=1e-4)
     assert float(moved["learned"][dog].norm()) == pytest.approx(0.3, rel=1e-4)
     assert torch.allclose(moved["learned"][dog], moved["mean"][dog] * math.sqrt(2), atol=1e-6)
