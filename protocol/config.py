@@ -315,14 +315,14 @@ class RunConfig:
     # influence: README, "And the row bound by influence"
     row_bound: str = setting("influence", MERGE, "what the row bound compares: a delta's row change (norm) or "
                                                  "its weight in the merge x its row change (influence)", ROW_BOUNDS)
-    # row, whole: README, "Tiny rows counted by their size" under "Under attack" (row-or-kind stops tiny_claim on
-    # default8 and lets a false claim through on heldout8)
+    # row: README, "Tiny rows counted by their size" under "Under attack" (row-or-kind stops tiny_claim on default8
+    # and lets a false claim through on heldout8); scaled: README "Tiny rows and the search's reach by default"
     row_reference: str = setting("row", MERGE, "what sets the row bound: the median of the class row's own "
                                                "contributors (row), or the larger of that and the median of every "
                                                "row merged in the round (row-or-round) or of every row of its kind: "
                                                "classes the tutor knows, classes it learns (row-or-kind)",
                             ROW_REFERENCES)
-    row_share: str = setting("whole", MERGE, "a class row sent at less than 1/row-multiple of the round's median "
+    row_share: str = setting("scaled", MERGE, "a class row sent at less than 1/row-multiple of the round's median "
                                              "row of its kind counts in its row's mean whole (whole) or as that "
                                              "fraction of a row, and in the row bound's median as a row of "
                                              "1/row-multiple of that median (scaled)", ROW_SHARES)
@@ -349,8 +349,9 @@ class RunConfig:
                                            "weights the clients and the merge see (f1-offsets) | leaves the "
                                            "merged tutor as it is (off)",
                              CALIBRATIONS)
-    # strategies.calibrate.extend_search; README "The offset search beyond its grid"
-    calibrate_reach: float = setting(3.0, MERGE, "how far, in logits, one round's calibration search may move a "
+    # strategies.calibrate.extend_search; README "The offset search beyond its grid"; 8 since "Tiny rows and the
+    # search's reach by default"
+    calibrate_reach: float = setting(8.0, MERGE, "how far, in logits, one round's calibration search may move a "
                                                  "class's offset: past the grid's end (3) it follows a class whose "
                                                  "F1 is still rising there, or is 0 at every shift (3: the grid "
                                                  "alone)")
