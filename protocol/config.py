@@ -76,7 +76,7 @@ CLAIM_RULES = ("trusted", "earned", "improving", "lifting")  # how the class-awa
 PROTECTED_SCOPES = ("delta", "merge")  # where the protected gate judges a delta (strategies.merge_gates.protected_appeal)
 ROW_BOUNDS = ("norm", "influence")  # what the per-class row bound compares (strategies.aggregate.clip_class_rows)
 ROW_REFERENCES = ("row", "row-or-round", "row-or-kind")  # what sets the per-class row bound (strategies.aggregate.clip_class_rows)
-CLIP_SHARES = ("whole", "scaled")  # how a clipped delta counts in the merge's means (strategies.aggregate.bound_influence)
+CLIP_SHARES = ("whole", "scaled", "sized")  # how a clipped delta counts in the merge's means (strategies.aggregate.bound_influence)
 ROW_SHARES = ("whole", "scaled")  # how a tiny class row counts in its row's mean (strategies.aggregate.row_shares)
 ROW_SIZES = ("mean", "learned")  # the size of a merged class row (strategies.aggregate.restore_row_sizes)
 CALIBRATIONS = ("off", "f1", "f1-learnt", "f1-offsets")  # the tutor's operating point after a merge (strategies.calibrate)
@@ -308,7 +308,9 @@ class RunConfig:
     clip_share: str = setting("scaled", MERGE, "a delta the norm clip cut counts in the merge's means with its whole "
                                                "weight (whole) or as the share of it the clip kept: its weight x "
                                                "the clip's factor, in the trimmed mean that fraction of one delta "
-                                               "(scaled)", CLIP_SHARES)
+                                               "(scaled), and in a class row's mean as that fraction of its "
+                                               "share there, its rows being that fraction of their size (sized)",
+                              CLIP_SHARES)
     row_multiple: float = setting(4.0, MERGE, "each accepted delta's classification rows of a class clipped to "
                                               "this multiple of the round's median change of that class's rows "
                                               "(inf: off)")

@@ -245,7 +245,7 @@ def bound_influence(deltas: Sequence[Delta], norms: Sequence[float], weights: Se
                     weight_multiple: float = math.inf, row_influence: bool = False,
                     clip_shares: bool = False, row_floor: bool = False,
                     row_kinds: Sequence[int] | None = None, kind_floor: bool = False,
-                    tiny_rows: bool = False) -> Bounded:
+                    tiny_rows: bool = False, clipped_rows_sized: bool = False) -> Bounded:
     """Every bound on what one accepted delta can do to the merge, in order:
 
     1. its norm clipped to min(``clip_norm``, ``clip_multiple`` x the round's median norm) (``clip_delta``);
@@ -258,7 +258,11 @@ def bound_influence(deltas: Sequence[Delta], norms: Sequence[float], weights: Se
        ``row_multiple`` x the median row of its kind (``row_kinds``, one label per class; ``clip_class_rows(kinds=)``);
     4. with ``tiny_rows``, each row sent at less than 1/``row_multiple`` of its kind's median row counts in its
        row's mean as that fraction of a row (``row_shares``; the rows as sent: the clip share already counts
-       what the norm clip cut), and in step 3's median as a row of that size (``tiny_row_floors``).
+       what the norm clip cut), and in step 3's median as a row of that size (``tiny_row_floors``);
+    5. with ``clipped_rows_sized`` (and ``clip_shares``), a delta the norm clip cut to f counts in each class row's
+       mean as f x its other row share: its weight there is its share f of a delta, and its rows are f of their
+       size, so a row's say goes with its size as in step 4 (f^2 of a whole row's, where the shared layers
+       count it as f). An honest delta the clip leaves whole is merged as before.
 
     ``row_influence``: step 3 bounds each delta's weight in the merge (step 2) x its row norm instead
     (``clip_class_rows`` with weights).
@@ -281,6 +285,9 @@ def bound_influence(deltas: Sequence[Delta], norms: Sequence[float], weights: Se
     setters = [factor == 1.0 for factor in clip_factors]
     floors = tiny_row_floors(deltas, members, row_multiple, row_kinds, setters) if tiny_rows else {}
     small = row_shares(deltas, members, floors)
+    if clipped_rows_sized and clip_shares:
+        small = [{c: share.get(c, 1.0) * factor for c in sorted(classes)} if factor < 1.0 else share
+                 for share, factor, classes in zip(small, clip_factors, members)]
     clipped, row_factors = clip_class_rows(clipped, members, row_multiple, weights=used if row_influence else None,
                                            setters=setters, round_floor=row_floor,
                                            kinds=row_kinds if kind_floor else None, reference_floors=floors or None)

@@ -563,7 +563,8 @@ class DiReDiStrategy(Strategy):
                                   row_floor=self.policy.row_reference == "row-or-round", row_kinds=kinds,
                                   kind_floor=self.policy.row_reference == "row-or-kind",
                                   tiny_rows=self.policy.row_share == "scaled",
-                                  clip_shares=self.policy.clip_share == "scaled")
+                                  clip_shares=self.policy.clip_share in ("scaled", "sized"),
+                                  clipped_rows_sized=self.policy.clip_share == "sized")
         if record:
             for i, decision in enumerate(decisions):
                 decision.clip_factor = bounded.clip_factors[i]

@@ -111,7 +111,7 @@ class VerificationPolicy:
     clip_multiple: float = math.inf
     # "scaled": a delta the clip cut to a fraction f of its norm counts as f of a delta in the merge's means
     # (strategies.aggregate.bound_influence); "whole": as a whole one
-    clip_share: str = "whole"
+    clip_share: str = "whole"  # "sized": scaled, and in class rows by f twice (bound_influence(clipped_rows_sized=))
     # Merge-time clipping per class row: each accepted delta's classification rows of class c clipped to
     # row_multiple x the (low) median row-c norm of the deltas whose rows count for c (inf: off).
     row_multiple: float = math.inf

@@ -509,3 +509,35 @@ def test_restored_rows_keep_their_rows_mean_size_and_nothing_else_moves():
     assert scaled == {1: pytest.approx(math.sqrt(2))}  # never scaled down
     zero = {CLS_W: torch.zeros(3, 2), CLS_B: torch.zeros(3)}
     assert restore_row_sizes(zero, {1: 1.0}) == (zero, {})  # a zero row has no direction to scale
+
+
+def test_a_clipped_delta_counts_in_its_class_rows_by_its_share_twice_when_sized():
+    """Delta B, twice the clip norm, is cut to half. Counted as half a delta (clip share), its half-size row takes a
+    third of class 1's mean beside A's whole row (A's part 0.67); sized, it counts there as half of a half (its
+    rows are half their size), so A's part is 0.8. The shared tensor counts B as half either way, and an unclipped
+    round is merged exactly as without the rule."""
+    from strategies.aggregate import bound_influence
+
+    def delta(row, shared):
+        return {CLS_W: torch.tensor([[0.0, 0.0], row, [0.0, 0.0]]), CLS_B: torch.zeros(3), "neck": torch.tensor([shared])}
+
+    deltas = [delta([1.0, 0.0], 1.0), delta([0.0, 4.0], 0.0)]
+    members = [{1}, {1}]
+    norms = [math.sqrt(2), 4.0]
+
+    def merged(**options):
+        b = bound_influence(deltas, norms, [1.0, 1.0], members, clip_norm=2.0, clip_shares=True, **options)
+        return b, aggregate(b.deltas, b.weights, "class_aware", client_classes=members, shared="weighted",
+                            row_shares=b.row_shares)
+
+    scaled, plain = merged()
+    sized, kept = merged(clipped_rows_sized=True)
+    assert scaled.clip_factors == [1.0, pytest.approx(0.5)]
+    assert scaled.row_shares == [{}, {}] and sized.row_shares == [{}, {1: pytest.approx(0.5)}]
+    assert torch.allclose(plain[CLS_W][1], torch.tensor([1.0, 1.0]) / 1.5)
+    assert torch.allclose(kept[CLS_W][1], torch.tensor([1.0, 0.5]) / 1.25)
+    assert torch.equal(plain["neck"], kept["neck"])  # the shared layers count B as a quarter in both
+    whole = [delta([1.0, 0.0], 1.0), delta([0.0, 1.0], 1.0)]
+    a = bound_influence(whole, norms, [1.0, 1.0], members, clip_norm=2.0, clip_shares=True)
+    b = bound_influence(whole, norms, [1.0, 1.0], members, clip_norm=2.0, clip_shares=True, clipped_rows_sized=True)
+    assert a.row_shares == b.row_shares == [{}, {}]
