@@ -30,7 +30,10 @@ Bounding one client's influence before any rule runs (the strategy applies both 
   ``trimmed_mean(shares=...)``), so a clipped delta cannot dilute what honest clients merge beside it;
 * a tiny row's share (``row_shares``): a class row sent far below the round's median row of its kind counts in
   that row's mean by its size, so a row shrunk on purpose cannot dilute (nor, ``clip_class_rows(kinds=)``, cut)
-  the honest rows of its class.
+  the honest rows of its class; a clipped delta's rows, f of their size, by f once more
+  (``bound_influence(clipped_rows_sized=True)``);
+* a merged row's size (``restore_row_sizes``, an option): a learned class's merged row scaled up to the mean size
+  of the rows it averages (``mean_row_norms``), where their mean would shrink it.
 """
 
 from __future__ import annotations
