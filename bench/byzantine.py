@@ -5,6 +5,7 @@ does the tutor lose?
     python -m bench.byzantine --attacks nan sign_flip --rounds 2
     python -m bench.byzantine --attacks false_claim:0.5 false_claim:2 --claims earned --rounds 2
     python -m bench.byzantine --rounds 2 --hostile 2 5 --scenario experiments/scenarios/heldout8.yaml
+    python -m bench.byzantine --rounds 2 --resume      # go on with experiments/results/byzantine.json
 
 Hostile clients run this module's ClientApp: the project's own handlers, whose "train" reply is
 then altered, as a client written outside the project would send it over the same wire format.
@@ -37,7 +38,10 @@ run (nothing honest teaches it: it may go unlearned, not fall below where it was
 bootstrap std on the validation images, at least the protected tolerance for a protected class's AP
 (``class_tolerances``).
 
-Writes ``experiments/results/byzantine.json`` (and its verdicts as ``byzantine.md``) after every attack.
+Writes ``experiments/results/byzantine.json`` (and its verdicts as ``byzantine.md``) after every attack, with
+the chain's fingerprints and the CPU it ran on. ``--resume`` goes on with that file in a later invocation: its
+attacks are kept and skipped; the reference runs are made again and must come out as the file's (the same
+settings, hostile clients, chain and arithmetic), else the bench stops in one line.
 """
 
 from __future__ import annotations
@@ -487,6 +491,44 @@ def hostile_problem(hostile: list[int], num_clients: int) -> str:
     return ""
 
 
+def chain_record(session) -> dict:
+    """The manufacturer's weights the bench ran on (fingerprints) and the CPU that ran it: the same seed builds
+    another chain on another CPU model, and the reference runs differ with it."""
+    from models.compute import cpu_model
+    from models.io import state_fingerprint
+
+    return {**{role: state_fingerprint(getattr(session.chain, role).state_dict())
+               for role in ("teacher", "tutor", "edge")}, "cpu": cpu_model()}
+
+
+def as_json(value) -> str:
+    """A value as the bench file writes it (tuples as lists, NaN as NaN): what is compared with the file's."""
+    return json.dumps(value, sort_keys=True, default=str)
+
+
+def resume_problem(earlier: dict, config: dict, hostile: list[int]) -> str:
+    """Why a bench file cannot be continued with these settings ("": it can): its attacks were judged
+    against reference runs of its own settings and hostile clients."""
+    if "attacks" not in earlier or "config" not in earlier:
+        return "is not a bench file (no attacks or config)"
+    if earlier.get("hostile_clients") != hostile:
+        return f"has hostile clients {earlier.get('hostile_clients')}, not {hostile}: write to another --out"
+    differ = sorted(k for k in set(config) | set(earlier["config"])
+                    if as_json(config.get(k)) != as_json(earlier["config"].get(k)))
+    if differ:
+        return f"was run with other settings ({', '.join(differ)}): write to another --out"
+    return ""
+
+
+def references_problem(earlier: dict, now: dict) -> str:
+    """Why this invocation's reference runs do not stand for the file's ("": they match): the attacks it holds
+    were judged against its own all-honest and kept-out tutors, so the new ones must be judged against the same."""
+    for name in ("all_honest", "hostile_kept_out"):
+        if as_json(now[name]["tutor"]) != as_json(earlier.get(name, {}).get("tutor")):
+            return f"holds another {name.replace('_', ' ')} tutor than this machine's run (other arithmetic)"
+    return ""
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.byzantine", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -500,6 +542,9 @@ def main(argv=None) -> int:
     parser.add_argument("--scenario", default=RunConfig().scenario,
                         help="scenario name in data/scenarios/ or a YAML path (default: the run's, %(default)s)")
     parser.add_argument("--out", type=Path, default=Path("experiments/results/byzantine.json"))
+    parser.add_argument("--resume", action="store_true",
+                        help="go on with --out: its attacks are kept and skipped, the reference runs are made again "
+                             "and must match its own (the same settings, chain and machine's arithmetic)")
     parser.add_argument("--operating-tolerance", type=float, default=math.inf,
                         help="the verification's operating-point gate (inf: recorded only, the default)")
     parser.add_argument("--operating-harm", type=float, default=math.inf,
@@ -530,7 +575,20 @@ def main(argv=None) -> int:
     problem = hostile_problem(args.hostile, config.num_clients)
     if problem:
         parser.error(problem)
+    earlier = None
+    if args.resume:
+        try:
+            earlier = json.loads(args.out.read_text()) if args.out.exists() else None
+        except (OSError, ValueError) as err:
+            parser.error(f"--resume: {args.out} cannot be read ({err})")
+        problem = resume_problem(earlier, config.to_dict(), args.hostile) if earlier else ""
+        if problem:
+            parser.error(f"--resume: {args.out} {problem}")
     session = Session.open(config)
+    chain = chain_record(session)
+    if earlier and earlier.get("chain") != chain:
+        parser.error(f"--resume: {args.out} was measured on another chain ({earlier.get('chain')}; this machine "
+                     f"builds {chain}): write to another --out")
     honest_clients = [c for c in range(config.num_clients) if c not in args.hostile]
     from strategies.ledger import Recorder
     from strategies.server_app import default_policy, make_strategy
@@ -555,12 +613,21 @@ def main(argv=None) -> int:
         if rejected:  # every attack is judged against these runs: say when they lost an honest delta
             print(f"{name}: honest deltas rejected: {honest_rejections({'honest_deltas_rejected': rejected})}",
                   flush=True)
-    out = {"command": "python -m bench.byzantine " + " ".join(argv if argv is not None else sys.argv[1:]),
-           "config": config.to_dict(), "hostile_clients": args.hostile,
+    command = "python -m bench.byzantine " + " ".join(argv if argv is not None else sys.argv[1:])
+    out = {"command": command, "config": config.to_dict(), "hostile_clients": args.hostile, "chain": chain,
            "claimed_class": claimed_class(session, args.hostile), "hostile_only_classes": own,
            "all_honest": {**summarise(session, base, [], None), "gain_of_the_honest_clients": base_gain},
            "hostile_kept_out": summarise(session, kept_out, args.hostile, base_gain), "attacks": {}}
-    for attack in args.attacks:
+    if earlier:
+        problem = references_problem(earlier, out)
+        if problem:
+            print(f"--resume: {args.out} {problem}: nothing written", flush=True)
+            return 2
+        out = {**earlier, "resumed": [*earlier.get("resumed", []), command]}
+        done = [a for a in args.attacks if a in out["attacks"]]
+        if done:
+            print(f"--resume: already measured in {args.out}, skipped: {' '.join(done)}", flush=True)
+    for attack in (a for a in args.attacks if a not in out["attacks"]):
         run = kept_out if attack == "nan" else run_attack(session, attack, args.hostile, args.timeout)
         out["attacks"][attack] = a = summarise(session, run, args.hostile, base_gain)
         a["class_loss"] = class_loss(a["tutor"], out["all_honest"]["tutor"])

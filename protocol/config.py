@@ -304,8 +304,9 @@ class RunConfig:
     # (experiments.false_rejections; README, "Norm clip 2.5 by default"); 4 let a x100 delta's shared layers through
     clip_multiple: float = setting(2.5, MERGE, "accepted deltas clipped to this multiple of the round's median "
                                                "delta norm (inf: off)")
-    # scaled: README, "Claims judged on the delta as merged" under "Under attack"
-    clip_share: str = setting("scaled", MERGE, "a delta the norm clip cut counts in the merge's means with its whole "
+    # sized: README, "A clipped delta's rows by their size, by default" under "Under attack" (no honest delta kept
+    # here was ever clipped, so honest merges are as under "scaled": "Claims judged on the delta as merged")
+    clip_share: str = setting("sized", MERGE, "a delta the norm clip cut counts in the merge's means with its whole "
                                                "weight (whole) or as the share of it the clip kept: its weight x "
                                                "the clip's factor, in the trimmed mean that fraction of one delta "
                                                "(scaled), and in a class row's mean as that fraction of its "

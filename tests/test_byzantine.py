@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import torch
@@ -152,3 +153,32 @@ def test_bad_arguments_stop_the_benchmark_before_any_run(capsys):
         with pytest.raises(SystemExit) as stop:
             main(argv)
         assert stop.value.code == 2 and said in capsys.readouterr().err, argv
+
+
+def test_a_bench_file_is_resumed_only_with_its_own_settings_and_reference_runs(tmp_path, capsys):
+    import math
+
+    import pytest
+
+    from bench.byzantine import as_json, main, references_problem, resume_problem
+    from protocol.config import RunConfig
+
+    config = RunConfig().to_dict()
+    tutor = {"ap_after": {"cat": 0.25, "dog": math.nan}, "recall_after": {"cat": 0.5}}
+    earlier = json.loads(as_json({"config": config, "hostile_clients": [0, 1], "attacks": {"eraser": {}},
+                                  "all_honest": {"tutor": tutor}, "hostile_kept_out": {"tutor": tutor}}))
+    assert resume_problem(earlier, config, [0, 1]) == ""  # a file read back from JSON (NaN, lists) matches
+    assert "hostile clients [0, 1], not [2, 5]" in resume_problem(earlier, config, [2, 5])
+    assert "(clip_share)" in resume_problem(earlier, {**config, "clip_share": "whole"}, [0, 1])
+    assert "not a bench file" in resume_problem({"config": config}, config, [0, 1])
+    now = {"all_honest": {"tutor": tutor}, "hostile_kept_out": {"tutor": tutor}}
+    assert references_problem(earlier, now) == ""
+    other = {**now, "hostile_kept_out": {"tutor": {**tutor, "recall_after": {"cat": 0.4}}}}
+    assert "another hostile kept out tutor" in references_problem(earlier, other)
+    # a file made with other settings stops the bench before any run, in one line
+    out = tmp_path / "bench.json"
+    out.write_text(as_json(earlier))
+    with pytest.raises(SystemExit) as stop:
+        main(["--resume", "--out", str(out), "--clip-share", "whole"])
+    said = capsys.readouterr().err
+    assert stop.value.code == 2 and "other settings (" in said and "clip_share" in said

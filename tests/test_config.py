@@ -85,6 +85,6 @@ def test_run_folders_made_before_the_protected_appeal_and_the_influence_bound_re
 
     today = RunConfig()
     assert (today.protected_scope, today.row_bound, today.weight_cap, today.clip_share) == ("merge", "influence",
-                                                                                            2.0, "scaled")
+                                                                                            2.0, "sized")
     older = RunConfig.completed({})  # a config.json written before these settings existed
     assert (older["protected_scope"], older["row_bound"], older["clip_share"]) == ("delta", "norm", "whole")
