@@ -82,7 +82,7 @@ BIAS = "head.classification_head.cls_logits.bias"
 # the run settings the benchmark takes from its command line (the protected gate's scope, the merge's claim rule,
 # bounds and calibration, the direction gate's scope)
 MERGE_SETTINGS = ("protected_scope", "claims", "clip_multiple", "row_multiple", "weight_cap", "row_bound", "clip_share",
-                  "row_reference", "row_share", "row_size", "calibrate", "calibrate_reach",
+                  "row_reference", "row_share", "row_size", "dilution_check", "calibrate", "calibrate_reach",
                   "direction_scope")
 
 

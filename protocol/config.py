@@ -70,7 +70,7 @@ BEFORE_CHANGED = {**{key.replace("-", "_"): value for key, value in PAPER_DISTIL
                   **{key.replace("-", "_"): "inf" if value == math.inf else value  # as config.json writes it
                      for key, value in TRUSTED_MERGE.items()},
                   "calibrate": "off", "protected_scope": "delta", "row_bound": "norm", "clip_share": "whole",
-                  "row_reference": "row", "row_share": "whole", "row_size": "mean", "calibrate_reach": 3.0,
+                  "row_reference": "row", "row_share": "whole", "row_size": "mean", "dilution_check": "off", "calibrate_reach": 3.0,
                   "direction_scope": "all"}
 CLAIM_RULES = ("trusted", "earned", "improving", "lifting")  # how the class-aware merge takes a client's trained classes (strategies.verify)
 PROTECTED_SCOPES = ("delta", "merge")  # where the protected gate judges a delta (strategies.merge_gates.protected_appeal)
@@ -79,6 +79,7 @@ ROW_REFERENCES = ("row", "row-or-round", "row-or-kind")  # what sets the per-cla
 CLIP_SHARES = ("whole", "scaled", "sized")  # how a clipped delta counts in the merge's means (strategies.aggregate.bound_influence)
 ROW_SHARES = ("whole", "scaled")  # how a tiny class row counts in its row's mean (strategies.aggregate.row_shares)
 ROW_SIZES = ("mean", "learned")  # the size of a merged class row (strategies.aggregate.restore_row_sizes)
+DILUTION_CHECKS = ("off", "on")  # a learned class's holding claimers tested by leaving each out (strategies.verify.diluting_claimer)
 CALIBRATIONS = ("off", "f1", "f1-learnt", "f1-offsets")  # the tutor's operating point after a merge (strategies.calibrate)
 
 
@@ -335,6 +336,12 @@ class RunConfig:
                                            "size of the rows it averages that count whole, so rows that point "
                                            "different ways, or a tiny one beside them, do not shrink it "
                                            "(learned)", ROW_SIZES)
+    # README "Rows left out when they dilute" under "Under attack"
+    dilution_check: str = setting("off", MERGE, "where every claimer of a class the tutor learns from clients only "
+                                                "holds it (none improves it), merge its row from all of them (off) "
+                                                "or without each claimer whose row, left out, raises the class's "
+                                                "validation AP beyond noise-z x that rise's bootstrap std (on)",
+                                  DILUTION_CHECKS)
     # strategies.verify
     claims: str = setting("earned", MERGE, "the class-aware merge takes a client's classes as it reports them "
                                            "(trusted) | only those its candidate tutor improves on the validation "

@@ -64,8 +64,8 @@ from strategies.exchange import exchange
 from strategies.ledger import ClientSampler, Clock, Recorder, RoundLedger
 from strategies.merge_gates import harm_merge, operating_point_merge, protected_appeal
 from strategies.validator import CandidateValidator, EdgeVerdict
-from strategies.verify import (Decision, VerificationPolicy, deploy_check, direction_check, earned_claims, kept_check,
-                               peer_reference, protected_check, safe_norm, stricter_claim_figures, structural_check)
+from strategies.verify import (Decision, VerificationPolicy, deploy_check, direction_check, diluting_claimer,
+                               earned_claims, kept_check, peer_reference, protected_check, safe_norm, stricter_claim_figures, structural_check)
 
 log = logging.getLogger(__name__)
 
@@ -526,8 +526,10 @@ class DiReDiStrategy(Strategy):
         client's claimed classes): claims earned, not trusted (each class's rows from the claimers whose
         candidates improve it, or, when none does, hold it; under "improving" nobody's: ``earned_claims``), then
         bounded influence (``strategies.aggregate.bound_influence``; class rows are bounded among the deltas they
-        are merged from: class-aware, the claimers; any other rule, every accepted delta). Returns the merge of
-        any subset (indices into ``accepted``); ``record``: the decisions keep the claim verdicts and bounds."""
+        are merged from: class-aware, the claimers; any other rule, every accepted delta). With the policy's
+        ``dilution_check`` "on", a learned class's claim that only holds is also left out where its row dilutes the
+        class (``dilution_checked``). Returns the merge of any subset (indices into ``accepted``); ``record``: the
+        decisions keep the claim verdicts and bounds."""
         decisions = [decision for _, decision in accepted]
         claimed = [claimed_by.get(d.client, set()) for d in decisions]
         if self.policy.claims != "trusted":
@@ -547,9 +549,54 @@ class DiReDiStrategy(Strategy):
                     if record:
                         decision.claim_gain_clipped, decision.claim_noise_clipped = merged_gain, merged_noise
             claimed, verdicts = earned_claims(gains, noise, self.policy, shifts)
+            diluting: list[dict[str, tuple[float, float]]] = [{} for _ in accepted]
+            if self.policy.dilution_check == "on" and self.aggregation == "class_aware":
+                claimed, diluting = self.dilution_checked(accepted, claimed, verdicts)
             if record:
-                for decision, names, verdict in zip(decisions, claimed, verdicts):
-                    decision.claims = {c: v if c in names else f"{v}, dropped" for c, v in verdict.items()}
+                for decision, names, verdict, rises in zip(decisions, claimed, verdicts, diluting):
+                    decision.claims = {c: v if c in names else
+                                       f"{v}, dilutes (+{rises[c][0]:.4f} AP left out, noise {rises[c][1]:.4f})"
+                                       if c in rises else f"{v}, dropped" for c, v in verdict.items()}
+        return self._merge_of(accepted, claimed, record)
+
+    def dilution_checked(self, accepted: list, claimed: list[set[str]], verdicts: list[dict[str, str]]
+                         ) -> tuple[list[set[str]], list[dict[str, tuple[float, float]]]]:
+        """``claimed`` without the claims that dilute their class (``policy.dilution_check``): for each class the tutor
+        learns from clients whose counted claimers all merely hold it (``earned_claims``' "holds": none improves
+        it), the round's merge is evaluated on validation with every claimer's row of it and with each claimer's
+        left out (the rest of the merge as it is); the claimer whose absence raises the class's AP most beyond
+        noise (``strategies.verify.diluting_claimer``) loses that claim, and the class is checked again among the
+        rest. Returns (the claims kept, per delta {class: (the AP rise without its row, that rise's noise)} for
+        the claims dropped)."""
+        claimed = [set(names) for names in claimed]
+        found: list[dict[str, tuple[float, float]]] = [{} for _ in accepted]
+        every = list(range(len(accepted)))
+        known = {*self.policy.kept_classes, *self.policy.protected_classes}
+        server_round = accepted[0][1].round if accepted else 0
+        for name in (c for c in VOC_CLASSES if c not in known):
+            while True:
+                holders = [i for i, names in enumerate(claimed) if name in names]
+                if len(holders) < 2 or any(verdicts[i].get(name) != "holds" for i in holders):
+                    break
+                merged_ap, merged = self.validator.candidate_ap(self._merge_of(accepted, claimed)(every))
+                without_ap, noise = [], []
+                for i in holders:
+                    fewer = [names - {name} if j == i else names for j, names in enumerate(claimed)]
+                    ap, predictions = self.validator.candidate_ap(self._merge_of(accepted, fewer)(every))
+                    without_ap.append(float(ap.get(name, math.nan)))
+                    noise.append(self.validator.paired_noise(merged, predictions, name, server_round))
+                k = diluting_claimer(float(merged_ap.get(name, math.nan)), without_ap, noise, self.policy.noise_z)
+                if k is None:
+                    break
+                claimed[holders[k]].discard(name)
+                found[holders[k]][name] = (without_ap[k] - float(merged_ap[name]), noise[k])
+        return claimed, found
+
+    def _merge_of(self, accepted: list, claimed: list[set[str]], record: bool = False
+                  ) -> Callable[[list[int]], dict[str, Tensor]]:
+        """Step 3 of ``aggregate_train``: the bounded merge of ``accepted`` whose class rows come from ``claimed``
+        (each delta's classes, as the claim rule left them); ``bounded_merge`` says what it bounds."""
+        decisions = [decision for _, decision in accepted]
         class_ids = [{CLASS_INDEX[name] for name in names} for names in claimed]  # each delta's merged classes
         every = set(range(len(CLASS_INDEX)))
         members = class_ids if self.aggregation == "class_aware" else [every] * len(accepted)

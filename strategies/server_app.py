@@ -82,7 +82,7 @@ def default_policy(session: Session) -> VerificationPolicy:
                                           clip_share=config.clip_share,
                                           row_multiple=config.row_multiple, row_bound=config.row_bound,
                                           row_reference=config.row_reference, row_share=config.row_share,
-                                          row_size=config.row_size,
+                                          row_size=config.row_size, dilution_check=config.dilution_check,
                                           weight_cap=config.weight_cap, claims=config.claims)
 
 

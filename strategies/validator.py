@@ -142,6 +142,16 @@ class CandidateValidator:
             known.update({c: std[CLASS_INDEX[c]] for c in missing})
         return {c: known[c] for c in wanted}
 
+    def paired_noise(self, before: list[dict], after: list[dict], name: str, server_round: int) -> float:
+        """The bootstrap std of class ``name``'s AP difference between two candidates' detections of the validation
+        images (paired, the round's draws; NaN without ``noise_z`` or without validation positives)."""
+        if not (self.policy.noise_z > 0 and name in CLASS_INDEX):
+            return math.nan
+        self.tutor_ap()  # the targets
+        std = bootstrap_ap_drop(before, after, self.targets, [CLASS_INDEX[name]],
+                                samples=self.policy.bootstrap_samples, seed=self.seed + server_round)
+        return std[CLASS_INDEX[name]]
+
     def shifted_figures(self, shifts: Mapping[str, float]) -> tuple[dict[str, float], dict[str, float]]:
         """Validation F1 and recall at the operating threshold of each class in ``shifts``, for the tutor whose
         classification bias of each such class is moved by its shift (``strategies.calibrate``), from the

@@ -129,6 +129,9 @@ class VerificationPolicy:
     # "learned": each merged row of a class the tutor learns from clients keeps the mean size of the rows it
     # averages that count whole (strategies.aggregate.restore_row_sizes); "mean": the weighted mean as it is
     row_size: str = "mean"
+    # "on": a class the tutor learns from clients whose claimers all merely hold it is merged without each claimer
+    # whose row, left out, raises the class's validation AP beyond noise_z x the noise (``diluting_claimer``)
+    dilution_check: str = "off"
 
     def _beyond_noise(self, floor: float, noise: float) -> float:
         return max(floor, self.noise_z * noise) if self.noise_z > 0 and math.isfinite(noise) else floor
@@ -402,6 +405,28 @@ def earned_claims(gains: Sequence[Mapping[str, float]], noise: Sequence[Mapping[
     counted = [{c for c, verdict in v.items() if verdict in (("improves",) if c in improved else settled)}
                for v in verdicts]
     return counted, verdicts
+
+
+def diluting_claimer(ap_merged: float, ap_without: Sequence[float], noise: Sequence[float], z: float
+                     ) -> int | None:
+    """Which claimer of a class row dilutes it, if any: ``ap_without[i]`` is the class's validation AP when
+    claimer i's row is left out of the merged row (everything else merged as before), ``ap_merged`` the AP
+    with every claimer's row, ``noise[i]`` the paired bootstrap std of that difference. The claimer whose
+    absence raises the AP most, when the rise exceeds ``z`` x its noise; None when no rise does (or when a
+    figure is not finite: a class no validation image holds checks nothing).
+
+    Why: where no claimer improves a class by the claim margin, every claim that holds it counts
+    (``earned_claims``), and a mean of rows lets one shrunk or weak row beside an honest one pull the
+    merged row down with it (the bench's ``tiny_claim:0.25``: a hostile row at a quarter of its size,
+    large enough to count whole, beside one honest claimer). Left out, such a row raises its class on the
+    manufacturer's validation set; an honest row among honest ones, whose mean is what the merge wants,
+    rarely does beyond noise."""
+    if not math.isfinite(ap_merged):
+        return None
+    rises = [(float(without) - ap_merged, i) for i, without in enumerate(ap_without)
+             if math.isfinite(float(without)) and math.isfinite(float(noise[i]))
+             and float(without) - ap_merged > z * float(noise[i])]
+    return max(rises)[1] if rises else None
 
 
 def row_score_shift(delta: Mapping[str, Tensor], class_id: int, patch: Tensor,

@@ -1022,3 +1022,35 @@ def test_a_delta_the_protected_gate_rejects_alone_is_judged_inside_the_merge(tra
     metrics, decisions, _, _ = run("merge", 1000.0)  # a quarter of the merge: -7.5 logits
     assert metrics["accepted"] == 3 and not decisions[0].accepted and decisions[0].rejected_by == ["protected"]
     assert decisions[0].appeal["accepted"] is False and "inside the round's merge of 4 too" in decisions[0].reason
+
+
+def test_a_claim_whose_row_dilutes_a_learned_class_is_left_out_under_the_dilution_check(trained_tutor):
+    """Two clients claim person, here a class the tutor learns (neither protected nor kept); both claims hold it
+    (the claim margin is wide). Client 1's row scrambles person's ranking: averaged with client 0's it costs
+    person AP; left out, person is client 0's alone. With the dilution check off the row is their mean; on, client
+    1's claim is recorded as diluting and person's row is client 0's."""
+    import copy
+
+    weight, bias = "head.classification_head.cls_logits.weight", "head.classification_head.cls_logits.bias"
+    honest, scrambling = zeros_like_nh(trained_tutor), zeros_like_nh(trained_tutor)
+    honest[bias][PERSON] = 0.01
+    generator = torch.Generator().manual_seed(0)
+    scrambling[weight][PERSON] = torch.randn(scrambling[weight][PERSON].shape, generator=generator)
+    moved, claims = {}, {}
+    for check in ("off", "on"):
+        policy = VerificationPolicy(norm_bound=50.0, protected_tolerance=1.0, claims="earned", claim_margin=1.0,
+                                    noise_z=2.0, bootstrap_samples=30, dilution_check=check)
+        strategy = DiReDiStrategy(copy.deepcopy(trained_tutor), build_model("smoke", "edge", seed=1), Squares(32, 1),
+                                  ["person"], ClientTraining.from_profile(get_profile("smoke")), policy,
+                                  aggregation="class_aware", aggregation_options={"shared": "weighted"})
+        before = {name: neck_head(strategy.tutor)[name].clone() for name in (weight, bias)}
+        _, metrics = strategy.aggregate_train(1, [reply(0, honest, trained=("person",)),
+                                                  reply(1, scrambling, trained=("person",))])
+        assert metrics["accepted"] == 2
+        moved[check] = {name: neck_head(strategy.tutor)[name] - before[name] for name in (weight, bias)}
+        claims[check] = {d.client: d.claims["person"] for d in strategy.recorder.decisions}
+    assert claims["off"] == {0: "holds", 1: "holds"}
+    assert torch.allclose(moved["off"][weight][PERSON], scrambling[weight][PERSON] / 2)
+    assert claims["on"][0] == "holds" and claims["on"][1].startswith("holds, dilutes (+")
+    assert torch.count_nonzero(moved["on"][weight][PERSON]) == 0
+    assert torch.isclose(moved["on"][bias][PERSON], torch.tensor(0.01), atol=1e-6)

@@ -293,3 +293,17 @@ def test_direction_parts_splits_a_cosine_into_its_tensors():
     assert figures["shared"] == pytest.approx(1.0) and figures["class_rows"] == pytest.approx(-1.0)
     assert figures["all"] == pytest.approx(-0.2) == sum(figures["terms"].values())
     assert figures["class_row_norm"] == pytest.approx(math.sqrt(6))
+
+
+def test_the_diluting_claimer_is_the_one_whose_absence_raises_its_class_most_beyond_noise():
+    from strategies.verify import diluting_claimer
+
+    # claimer 1's row left out raises the class by 0.04 against noise 0.01: beyond z = 3; claimer 0's by 0.01
+    assert diluting_claimer(0.20, [0.21, 0.24], [0.01, 0.01], 3.0) == 1
+    # both beyond: the larger rise goes first
+    assert diluting_claimer(0.20, [0.30, 0.25], [0.01, 0.01], 3.0) == 0
+    # within noise, or lower without it: nobody dilutes (an honest pair's mean is what the merge wants)
+    assert diluting_claimer(0.20, [0.22, 0.19], [0.01, 0.01], 3.0) is None
+    # a figure that is not finite (no validation positives, no noise) checks nothing
+    assert diluting_claimer(math.nan, [0.5, 0.5], [0.01, 0.01], 3.0) is None
+    assert diluting_claimer(0.20, [math.nan, 0.5], [0.01, math.nan], 3.0) is None
