@@ -403,6 +403,10 @@ def summarise(session, run: dict, hostile: list[int], baseline_gain: float | Non
             "tutor_recall": history[-1].get("recall", {}) if history else {},
             "tutor": tutor_figures(history),
             "claims": {d.client: d.claims for d in recorder.decisions if d.claims},
+            # every claim the dilution check left out, every round (``claims`` keeps the last round's verdicts)
+            "diluting": [{"client": d.client, "round": d.round, "hostile": d.client in hostile, "class": c,
+                          "verdict": v} for d in recorder.decisions for c, v in (d.claims or {}).items()
+                         if "dilutes" in v],
             "weights_used": {d.client: d.weight_used for d in recorder.decisions if d.client in hostile},
             # every round's rows scaled down by the per-row bound, hostile and honest alike
             "row_clip": [{"client": d.client, "round": d.round, "hostile": d.client in hostile, "factors": d.row_clip}
