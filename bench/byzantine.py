@@ -79,6 +79,7 @@ CLAIMING = ("false_claim", "combined", "tiny_claim")  # they claim a class they 
 # barely moves; their recall at the operating threshold falls), the rest of the delta honest
 SHIFTED_CLASSES = ("aeroplane", "bus", "horse", "motorbike")
 BIAS = "head.classification_head.cls_logits.bias"
+CHAIN_ROLES = ("teacher", "tutor", "edge")  # the manufacturer's models a bench file's references were made from
 # the run settings the benchmark takes from its command line (the protected gate's scope, the merge's claim rule,
 # bounds and calibration, the direction gate's scope)
 MERGE_SETTINGS = ("protected_scope", "claims", "clip_multiple", "row_multiple", "weight_cap", "row_bound", "clip_share",
@@ -502,7 +503,7 @@ def chain_record(session) -> dict:
     from models.io import state_fingerprint
 
     return {**{role: state_fingerprint(getattr(session.chain, role).state_dict())
-               for role in ("teacher", "tutor", "edge")}, "cpu": cpu_model()}
+               for role in CHAIN_ROLES}, "cpu": cpu_model()}
 
 
 def as_json(value) -> str:
@@ -590,7 +591,8 @@ def main(argv=None) -> int:
             parser.error(f"--resume: {args.out} {problem}")
     session = Session.open(config)
     chain = chain_record(session)
-    if earlier and earlier.get("chain") != chain:
+    if earlier and {role: earlier.get("chain", {}).get(role) for role in CHAIN_ROLES} != {
+            role: chain[role] for role in CHAIN_ROLES}:
         parser.error(f"--resume: {args.out} was measured on another chain ({earlier.get('chain')}; this machine "
                      f"builds {chain}): write to another --out")
     honest_clients = [c for c in range(config.num_clients) if c not in args.hostile]

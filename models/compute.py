@@ -131,10 +131,14 @@ def _cpu_has_bfloat16() -> bool:
 
 
 def cpu_model() -> str:
-    """This machine's CPU model: float32 kernels differ by the CPU's make, so the same seed trains other
-    weights on another make (README, "Profiles and costs")."""
+    """This machine's CPU model, with its family and model numbers where /proc/cpuinfo has them: float32 kernels
+    differ by the CPU's make and model, so the same seed trains other weights on another (two AMD EPYCs named
+    alike, of family 25 models 1 and 17, build two chains: README, "Profiles and costs")."""
     names = _cpuinfo("model name")
-    return names[0] if names else platform.processor() or platform.machine() or "unknown"
+    if not names:
+        return platform.processor() or platform.machine() or "unknown"
+    family, model = _cpuinfo("cpu family"), _cpuinfo("model")
+    return f"{names[0]} (family {family[0]}, model {model[0]})" if family and model else names[0]
 
 
 def _cpuinfo(field: str) -> list[str]:
