@@ -518,8 +518,9 @@ def resume_problem(earlier: dict, config: dict, hostile: list[int]) -> str:
         return "is not a bench file (no attacks or config)"
     if earlier.get("hostile_clients") != hostile:
         return f"has hostile clients {earlier.get('hostile_clients')}, not {hostile}: write to another --out"
+    # where the cache lives changes no figure (the chain is checked by its fingerprints)
     differ = sorted(k for k in set(config) | set(earlier["config"])
-                    if as_json(config.get(k)) != as_json(earlier["config"].get(k)))
+                    if k != "cache_dir" and as_json(config.get(k)) != as_json(earlier["config"].get(k)))
     if differ:
         return f"was run with other settings ({', '.join(differ)}): write to another --out"
     return ""

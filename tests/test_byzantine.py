@@ -168,6 +168,7 @@ def test_a_bench_file_is_resumed_only_with_its_own_settings_and_reference_runs(t
     earlier = json.loads(as_json({"config": config, "hostile_clients": [0, 1], "attacks": {"eraser": {}},
                                   "all_honest": {"tutor": tutor}, "hostile_kept_out": {"tutor": tutor}}))
     assert resume_problem(earlier, config, [0, 1]) == ""  # a file read back from JSON (NaN, lists) matches
+    assert resume_problem(earlier, {**config, "cache_dir": "/elsewhere/.cache"}, [0, 1]) == ""  # changes no figure
     assert "hostile clients [0, 1], not [2, 5]" in resume_problem(earlier, config, [2, 5])
     assert "(clip_share)" in resume_problem(earlier, {**config, "clip_share": "whole"}, [0, 1])
     assert "not a bench file" in resume_problem({"config": config}, config, [0, 1])
