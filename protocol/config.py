@@ -70,8 +70,8 @@ BEFORE_CHANGED = {**{key.replace("-", "_"): value for key, value in PAPER_DISTIL
                   **{key.replace("-", "_"): "inf" if value == math.inf else value  # as config.json writes it
                      for key, value in TRUSTED_MERGE.items()},
                   "calibrate": "off", "protected_scope": "delta", "row_bound": "norm", "clip_share": "whole",
-                  "row_reference": "row", "row_share": "whole", "row_size": "mean", "dilution_check": "off", "calibrate_reach": 3.0,
-                  "direction_scope": "all"}
+                  "row_reference": "row", "row_share": "whole", "row_size": "mean", "dilution_check": "off",
+                  "calibrate_reach": 3.0, "direction_scope": "all"}
 CLAIM_RULES = ("trusted", "earned", "improving", "lifting")  # how the class-aware merge takes a client's trained classes (strategies.verify)
 PROTECTED_SCOPES = ("delta", "merge")  # where the protected gate judges a delta (strategies.merge_gates.protected_appeal)
 ROW_BOUNDS = ("norm", "influence")  # what the per-class row bound compares (strategies.aggregate.clip_class_rows)

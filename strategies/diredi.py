@@ -65,7 +65,8 @@ from strategies.ledger import ClientSampler, Clock, Recorder, RoundLedger
 from strategies.merge_gates import harm_merge, operating_point_merge, protected_appeal
 from strategies.validator import CandidateValidator, EdgeVerdict
 from strategies.verify import (Decision, VerificationPolicy, deploy_check, direction_check, diluting_claimer,
-                               earned_claims, kept_check, peer_reference, protected_check, safe_norm, stricter_claim_figures, structural_check)
+                               earned_claims, kept_check, peer_reference, protected_check, safe_norm,
+                               stricter_claim_figures, structural_check)
 
 log = logging.getLogger(__name__)
 
