@@ -444,6 +444,30 @@ def largest_loss(classes: dict, figure: str) -> str:
     return f"{c} {100 * judged[c]['loss'][figure]:.1f} / {100 * judged[c]['tolerance'][figure]:.1f}"
 
 
+def f1_beside(out: dict, attack: dict, c: str) -> float:
+    """How class ``c``'s F1 at the operating threshold moved (points; positive: up) against the reference its
+    recall loss was judged against: a recall lost with F1 held is the calibration trading recall for precision
+    along the class's curve, one lost with F1 is a class the tutor detects worse (NaN: not recorded)."""
+    reference = attack.get("classes", {}).get(c, {}).get("reference", {}).get("recall")
+    after = attack.get("tutor", {}).get("f1_after", {}).get(c, math.nan)
+    if reference == "before":
+        then = attack.get("tutor", {}).get("f1_before", {}).get(c, math.nan)
+    else:
+        run = {"all honest": "all_honest", "hostile kept out": "hostile_kept_out"}.get(reference)
+        then = out.get(run, {}).get("tutor", {}).get("f1_after", {}).get(c, math.nan) if run else math.nan
+    return 100 * (after - then)
+
+
+def beyond_text(out: dict, attack: dict) -> str:
+    """What got through, each recall loss with its class's F1 move beside it ("car recall, F1 +0.9")."""
+    items = []
+    for item in attack["beyond_tolerance"]:
+        c, _, figure = item.partition(" ")
+        move = f1_beside(out, attack, c) if figure == "recall" else math.nan
+        items.append(item + (f", F1 {move:+.1f}" if math.isfinite(move) else ""))
+    return "; ".join(items)
+
+
 def verdict_table(out: dict) -> str:
     """The benchmark's verdicts as a markdown table: per attack, what was kept out and, per figure, the class
     closest to (or furthest beyond) its tolerance."""
@@ -459,7 +483,7 @@ def verdict_table(out: dict) -> str:
              "honest gain ratio | AP: class loss / tolerance (points) | recall at the threshold: class loss / tolerance |",
              "|---|---|---|---|---|---|---|"]
     for name, a in out["attacks"].items():
-        verdict = a["verdict"] + (f" ({', '.join(a['beyond_tolerance'])})" if a["beyond_tolerance"] else "")
+        verdict = a["verdict"] + (f" ({beyond_text(out, a)})" if a["beyond_tolerance"] else "")
         deltas = (f" / {a['hostile_deltas_rejected']}/{a['hostile_deltas']}" if "hostile_deltas" in a else "")
         lines.append(f"| {name} | {verdict} | {a['rejected']}/{a['hostile']}{deltas} | "
                      f"{a['honest_accepted']}/{a['honest']}{honest_deltas(a)} | "
@@ -645,7 +669,7 @@ def main(argv=None) -> int:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(out, indent=2, default=str))
         args.out.with_suffix(".md").write_text(verdict_table(out))
-        print(f"{attack}: {a['verdict']} {' '.join(a['beyond_tolerance'])}; hostile rejected {a['rejected']}/{a['hostile']}, honest accepted "
+        print(f"{attack}: {a['verdict']} {beyond_text(out, a)}; hostile rejected {a['rejected']}/{a['hostile']}, honest accepted "
               f"{a['honest_accepted']}/{a['honest']} clients{honest_deltas(a)} deltas, protected drop {a['protected_ap_drop']:.2f}, "
               f"honest gain ratio {a['honest_gain_ratio']:.2f}, worst AP loss {a['class_loss']['worst_ap']}, "
               f"worst recall loss {a['class_loss']['worst_recall']}, worst F1 loss {a['class_loss']['worst_f1']}, "

@@ -140,6 +140,26 @@ def test_the_verdict_table_names_each_attacks_largest_loss_and_what_got_through(
             "with the reference < 0.007)") in table
 
 
+def test_a_recall_that_got_through_is_shown_beside_its_classs_f1_move():
+    from bench.byzantine import verdict_table
+
+    classes = {"car": {"loss": {"ap": 0.01, "recall": 0.143}, "tolerance": {"ap": 0.02, "recall": 0.105},
+                       "reference": {"ap": "all honest", "recall": "hostile kept out"}},
+               "cat": {"loss": {"ap": 0.09, "recall": 0.2}, "tolerance": {"ap": 0.02, "recall": 0.105},
+                       "reference": {"ap": "before", "recall": "before"}}}
+    attack = {"verdict": "gets through", "beyond_tolerance": ["car recall", "cat ap", "cat recall"], "rejected": 0,
+              "hostile": 2, "honest_accepted": 6, "honest": 6, "honest_gain_ratio": 0.98, "classes": classes,
+              "tutor": {"f1_before": {"car": 0.1, "cat": 0.3}, "f1_after": {"car": 0.45, "cat": 0.1}}}
+    out = {"command": "python -m bench.byzantine", "all_honest": {"gain_of_the_honest_clients": 29.0,
+                                                                  "tutor": {"f1_after": {"car": 0.40}}},
+           "hostile_kept_out": {"honest_gain_ratio": 1.01, "tutor": {"f1_after": {"car": 0.44}}},
+           "hostile_only_classes": ["cat"], "attacks": {"tiny_claim": attack}}
+    row = verdict_table(out).splitlines()[-1]
+    # car's recall was judged against the kept-out tutor (F1 0.44 there, 0.45 here: up 1 point); cat's against
+    # the tutor before the run (0.3 -> 0.1: down 20); an AP loss carries no F1
+    assert row.startswith("| tiny_claim | gets through (car recall, F1 +1.0; cat ap; cat recall, F1 -20.0) |")
+
+
 def test_bad_arguments_stop_the_benchmark_before_any_run(capsys):
     import pytest
 
