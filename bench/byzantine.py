@@ -452,9 +452,8 @@ def f1_beside(out: dict, attack: dict, c: str) -> float:
     after = attack.get("tutor", {}).get("f1_after", {}).get(c, math.nan)
     if reference == "before":
         then = attack.get("tutor", {}).get("f1_before", {}).get(c, math.nan)
-    else:
-        run = {"all honest": "all_honest", "hostile kept out": "hostile_kept_out"}.get(reference)
-        then = out.get(run, {}).get("tutor", {}).get("f1_after", {}).get(c, math.nan) if run else math.nan
+    else:  # a reference run's summary sits under its name ("all honest" -> "all_honest")
+        then = out.get(str(reference).replace(" ", "_"), {}).get("tutor", {}).get("f1_after", {}).get(c, math.nan)
     return 100 * (after - then)
 
 
