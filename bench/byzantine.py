@@ -79,6 +79,9 @@ CLAIMING = ("false_claim", "combined", "tiny_claim")  # they claim a class they 
 # barely moves; their recall at the operating threshold falls), the rest of the delta honest
 SHIFTED_CLASSES = ("aeroplane", "bus", "horse", "motorbike")
 BIAS = "head.classification_head.cls_logits.bias"
+# The calibration's choice is replayed over the offsets within this many fine steps (0.25 logits) of the chosen
+# one: a resample's best F1 lies next to the whole set's (``operating_point_noise``)
+CHOICE_STEPS = 4
 CHAIN_ROLES = ("teacher", "tutor", "edge")  # the manufacturer's models a bench file's references were made from
 # the run settings the benchmark takes from its command line (the protected gate's scope, the merge's claim rule,
 # bounds and calibration, the direction gate's scope)
@@ -209,8 +212,9 @@ def claimed_class(session, hostile: list[int]) -> str:
     return max(sorted(set(held), key=CLASS_INDEX.__getitem__), key=held.count) if held else ""
 
 
-def run_attack(session, attack: str, hostile: list[int], timeout_s: float) -> dict:
-    """One DiReDi run with ``hostile`` clients doing ``attack`` ("none": all honest)."""
+def run_attack(session, attack: str, hostile: list[int], timeout_s: float, choice_noise: bool = False) -> dict:
+    """One DiReDi run with ``hostile`` clients doing ``attack`` ("none": all honest); with ``choice_noise`` (the
+    reference runs) also its tutor's operating-point noise (``operating_point_noise``)."""
     from sim.federation import simulate
     from strategies.ledger import Recorder
     from strategies.server_app import make_strategy
@@ -233,8 +237,33 @@ def run_attack(session, attack: str, hostile: list[int], timeout_s: float) -> di
         simulate(config, server_main, client_app=app, client_cpus=0.5 if attack == "timeout" else 1.0)
     except RuntimeError as err:
         print(f"{attack}: the run failed: {err}", flush=True)
+    noise = (operating_point_noise(strategies[0], recorder.tutor_history, config.seed)
+             if choice_noise and strategies else {})
     return {"recorder": recorder, "finished": bool(finished), "seconds": time.perf_counter() - start,
-            "deployed": deployed_predictions(strategies[0]) if strategies else ([], [])}
+            "deployed": deployed_predictions(strategies[0]) if strategies else ([], []), "choice_noise": noise}
+
+
+def operating_point_noise(strategy, history: list[dict], seed: int) -> dict[str, dict]:
+    """Per class the server calibrates, how far its recall at the operating threshold moves with the choice of
+    the tutor's operating point alone (``strategies.calibrate.offset_choice_noise``): the last round's choice
+    replayed on bootstrap resamples of the validation images, over the offsets within ``CHOICE_STEPS`` fine
+    steps of the chosen one. Empty when the server does not calibrate (its operating point is not chosen)."""
+    from strategies.calibrate import FINE_STEP, calibrated_classes, offset_choice_noise
+
+    if strategy.calibrate == "off":
+        return {}
+    policy, validator = strategy.policy, strategy.validator
+    classes = calibrated_classes(strategy.calibrate, validator.classes,
+                                 (*policy.kept_classes, *policy.protected_classes))
+    last = next((h["calibration"] for h in reversed(history) if "calibration" in h), {})
+    offsets = {c: float(strategy.offsets.get(c, 0.0)) for c in classes}  # f1-offsets; else moved in the weights
+    counts: dict[str, dict[float, tuple]] = {c: {} for c in classes}
+    for step in range(-CHOICE_STEPS, CHOICE_STEPS + 1):
+        found = validator.shifted_counts({c: offsets[c] + step * FINE_STEP for c in classes})
+        for c in classes:
+            counts[c][step * FINE_STEP] = found[c]
+    start = {c: -float(last.get("shift", {}).get(c, 0.0)) for c in classes}  # relative to the chosen offset
+    return offset_choice_noise(counts, start, policy.bootstrap_samples, seed)
 
 
 def deployed_predictions(strategy) -> tuple[list[dict], list[dict]]:
@@ -254,12 +283,40 @@ def hostile_only_classes(session, hostile: list[int]) -> list[str]:
 
 
 def class_tolerances(ap_noise: dict[str, float], recall_noise: dict[str, float], protected: tuple[str, ...],
-                     protected_floor: float, z: float) -> dict[str, dict[str, float]]:
+                     protected_floor: float, z: float, choice_noise: dict[str, float] | None = None
+                     ) -> dict[str, dict[str, float]]:
     """Per class, the loss allowed in AP and in recall at the operating threshold (fractions): ``z`` x the
     loss's paired bootstrap std on the validation images (what the same tutor's figure moves by chance),
-    at least ``protected_floor`` for a protected class's AP (the protected gate's own tolerance)."""
+    at least ``protected_floor`` for a protected class's AP (the protected gate's own tolerance). With
+    ``choice_noise`` (per class, the reference's operating-point noise, ``operating_point_noise``) the recall's
+    std is the two together, sqrt(paired^2 + choice^2): the deployed recall also moves with the calibration's
+    choice, which the paired resampling of one pair of tutors does not see."""
+    choice = choice_noise or {}
     return {c: {"ap": max(protected_floor if c in protected else 0.0, z * ap_noise[c]),
-                "recall": z * recall_noise.get(c, math.nan)} for c in ap_noise}
+                "recall": z * math.hypot(recall_noise.get(c, math.nan), choice.get(c, 0.0))} for c in ap_noise}
+
+
+def judged(table: dict[str, dict], choice_noise: dict[str, dict[str, dict]], policy) -> dict[str, dict]:
+    """``table`` (per class: "loss", "noise" and "reference" per figure; ``class_losses``) with each class's
+    tolerance (``class_tolerances``) counting the operating-point noise of the reference its recall loss is
+    measured against (``choice_noise``: reference name -> ``operating_point_noise``; none for "before", whose
+    operating point was not chosen in the run), and its "strict_tolerance", the paired noise alone."""
+    choice = {c: float(choice_noise.get(f["reference"]["recall"], {}).get(c, {}).get("std", 0.0)) for c, f in table.items()}
+    choice = {c: v if math.isfinite(v) else 0.0 for c, v in choice.items()}
+    ap, recall = ({c: f["noise"][k] for c, f in table.items()} for k in ("ap", "recall"))
+    settings = (policy.protected_classes, policy.protected_tolerance, policy.noise_z)
+    tolerance, strict = class_tolerances(ap, recall, *settings, choice), class_tolerances(ap, recall, *settings)
+    return {c: {**f, "noise": {**f["noise"], "operating_point": choice[c]}, "tolerance": tolerance[c],
+                "strict_tolerance": strict[c]} for c, f in table.items()}
+
+
+def verdicts(kept_out: bool, classes: dict[str, dict]) -> dict:
+    """``attack_verdict`` against the tolerance that counts the operating point's noise, and beside it
+    ("strict_verdict", "strict_beyond") against the paired noise alone."""
+    loss = {c: f["loss"] for c, f in classes.items()}
+    strict = attack_verdict(kept_out, loss, {c: f["strict_tolerance"] for c, f in classes.items()})
+    return {**attack_verdict(kept_out, loss, {c: f["tolerance"] for c, f in classes.items()}),
+            "strict_verdict": strict["verdict"], "strict_beyond": strict["beyond_tolerance"]}
 
 
 def attack_verdict(kept_out: bool, loss: dict[str, dict[str, float]], tolerance: dict[str, dict[str, float]]
@@ -304,9 +361,10 @@ def lesser_loss(tables: dict[str, dict[str, dict[str, dict[str, float]]]]) -> di
 
 
 def class_losses(predictions: list[dict], references: dict[str, list[dict]], own: list[str], before: list[dict],
-                 targets: list[dict], classes: list[str], policy, seed: int) -> dict:
+                 targets: list[dict], classes: list[str], policy, seed: int,
+                 choice_noise: dict[str, dict[str, dict]] | None = None) -> dict:
     """Per validation class, what the attack's deployed tutor (``predictions``) lost, AP and recall at the operating
-    threshold, with each loss's bootstrap std and tolerance (``class_tolerances``): against the lesser of the
+    threshold, with each loss's bootstrap std and tolerance (``judged``): against the lesser of the
     ``references`` (the all-honest run's tutor, the one with the hostile deltas kept out), and for the classes
     only the hostile clients hold (``own``) against the tutor ``before`` the run."""
     settings = (policy.operating_threshold, policy.bootstrap_samples, seed)
@@ -316,10 +374,7 @@ def class_losses(predictions: list[dict], references: dict[str, list[dict]], own
     if own:
         table.update({c: {**f, "reference": {"ap": "before", "recall": "before"}}
                       for c, f in losses_against(predictions, before, targets, own, *settings).items()})
-    tolerance = class_tolerances({c: f["noise"]["ap"] for c, f in table.items()},
-                                 {c: f["noise"]["recall"] for c, f in table.items()},
-                                 policy.protected_classes, policy.protected_tolerance, policy.noise_z)
-    return {c: {**table[c], "tolerance": tolerance[c]} for c in classes}
+    return judged({c: table[c] for c in classes}, choice_noise or {}, policy)
 
 
 def honest_gains(session, records: list[dict], honest_clients: list[int]) -> float:
@@ -558,6 +613,13 @@ def references_problem(earlier: dict, now: dict) -> str:
     return ""
 
 
+def write_bench(out: dict, path: Path) -> None:
+    """The bench file and its verdict table beside it (``.md``)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(out, indent=2, default=str))
+    path.with_suffix(".md").write_text(verdict_table(out))
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.byzantine", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -628,12 +690,13 @@ def main(argv=None) -> int:
     before, _ = deployed_predictions(start)  # the tutor before the run
     classes = list(start.validator.classes)
     del start
-    base = run_attack(session, "none", args.hostile, args.timeout)
+    base = run_attack(session, "none", args.hostile, args.timeout, choice_noise=True)
     own = hostile_only_classes(session, args.hostile)
     # the outcomes an attack may legitimately cause: all eight honest, or the hostile deltas kept out (rejected NaN)
-    kept_out = run_attack(session, "nan", args.hostile, args.timeout)
+    kept_out = run_attack(session, "nan", args.hostile, args.timeout, choice_noise=True)
     targets = base["deployed"][1]
     references = {"all honest": base["deployed"][0], "hostile kept out": kept_out["deployed"][0]}
+    choice_noise = {"all honest": base["choice_noise"], "hostile kept out": kept_out["choice_noise"]}
     base_gain = honest_gains(session, base["recorder"].records, honest_clients)  # the same clients, all honest
     if base["recorder"].failures:  # every attack is judged against this run: one that lost clients misleads
         print(f"WARNING: the all-honest run lost {len(base['recorder'].failures)} client replies "
@@ -646,14 +709,27 @@ def main(argv=None) -> int:
     command = "python -m bench.byzantine " + " ".join(argv if argv is not None else sys.argv[1:])
     out = {"command": command, "config": config.to_dict(), "hostile_clients": args.hostile, "chain": chain,
            "claimed_class": claimed_class(session, args.hostile), "hostile_only_classes": own,
-           "all_honest": {**summarise(session, base, [], None), "gain_of_the_honest_clients": base_gain},
-           "hostile_kept_out": summarise(session, kept_out, args.hostile, base_gain), "attacks": {}}
+           "all_honest": {**summarise(session, base, [], None), "gain_of_the_honest_clients": base_gain,
+                          "operating_noise": base["choice_noise"]},
+           "hostile_kept_out": {**summarise(session, kept_out, args.hostile, base_gain),
+                                "operating_noise": kept_out["choice_noise"]}, "attacks": {}}
     if earlier:
         problem = references_problem(earlier, out)
         if problem:
             print(f"--resume: {args.out} {problem}: nothing written", flush=True)
             return 2
         out = {**earlier, "resumed": [*earlier.get("resumed", []), command]}
+        for name, run in (("all_honest", base), ("hostile_kept_out", kept_out)):  # the same tutors (checked above)
+            out[name] = {**out[name], "operating_noise": run["choice_noise"]}
+        for a in out["attacks"].values():  # judged again against the tolerance this code counts
+            if a.get("classes"):
+                a["classes"] = judged({c: {k: f[k] for k in ("loss", "noise", "reference")}
+                                       for c, f in a["classes"].items()}, choice_noise, policy)
+                a.update(verdicts(a["rejected"] == a["hostile"], a["classes"]))
+        write_bench(out, args.out)
+        print("--resume: judged again: " + "; ".join(
+            f"{name} {a['verdict']} (strict: {a.get('strict_verdict', a['verdict'])})"
+            for name, a in out["attacks"].items()), flush=True)
         done = [a for a in args.attacks if a in out["attacks"]]
         if done:
             print(f"--resume: already measured in {args.out}, skipped: {' '.join(done)}", flush=True)
@@ -662,12 +738,9 @@ def main(argv=None) -> int:
         out["attacks"][attack] = a = summarise(session, run, args.hostile, base_gain)
         a["class_loss"] = class_loss(a["tutor"], out["all_honest"]["tutor"])
         a["classes"] = (class_losses(run["deployed"][0], references, own, before, targets, classes, policy,
-                                     config.seed) if run["finished"] else {})
-        a.update(attack_verdict(a["rejected"] == a["hostile"], {c: f["loss"] for c, f in a["classes"].items()},
-                                {c: f["tolerance"] for c, f in a["classes"].items()}))
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(out, indent=2, default=str))
-        args.out.with_suffix(".md").write_text(verdict_table(out))
+                                     config.seed, choice_noise) if run["finished"] else {})
+        a.update(verdicts(a["rejected"] == a["hostile"], a["classes"]))
+        write_bench(out, args.out)
         print(f"{attack}: {a['verdict']} {beyond_text(out, a)}; hostile rejected {a['rejected']}/{a['hostile']}, honest accepted "
               f"{a['honest_accepted']}/{a['honest']} clients{honest_deltas(a)} deltas, protected drop {a['protected_ap_drop']:.2f}, "
               f"honest gain ratio {a['honest_gain_ratio']:.2f}, worst AP loss {a['class_loss']['worst_ap']}, "

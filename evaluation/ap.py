@@ -656,6 +656,25 @@ def f1_at(predictions: Sequence[Mapping], targets: Sequence[Mapping], class_ids:
     return out
 
 
+def counts_at(predictions: Sequence[Mapping], targets: Sequence[Mapping], class_ids: Sequence[int],
+              score_thresh: float = MODEL_SCORE_THRESH) -> dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Per class and image, what ``f1_at`` and ``recall_at`` count at ``score_thresh``: (true positives, false
+    positives, non-difficult positives), each [num_images]. Summed over a resample of the images (weighted by
+    copies) they give that resample's precision, recall and F1."""
+    det, gt = _flatten(predictions, targets, False)
+    n = len(targets)
+    out = {}
+    for c in class_ids:
+        order, outcomes, _ = _class_outcomes(det, gt, n, int(c), 0.5, plus_one=False)
+        ours = det["labels"] == int(c)
+        images, above = det["image"][ours][order], det["scores"][ours][order] >= score_thresh
+        mine = (gt["labels"] == int(c)) & ~gt["difficult"]
+        out[int(c)] = (np.bincount(images[above & (outcomes == TRUE_POSITIVE)], minlength=n).astype(np.int64),
+                       np.bincount(images[above & (outcomes == FALSE_POSITIVE)], minlength=n).astype(np.int64),
+                       np.bincount(gt["image"][mine], minlength=n).astype(np.int64))
+    return out
+
+
 def bootstrap_recall_drop(before: Sequence[Mapping], after: Sequence[Mapping], targets: Sequence[Mapping],
                           class_ids: Sequence[int], score_thresh: float = MODEL_SCORE_THRESH, samples: int = 200,
                           seed: int = 0) -> dict[int, float]:

@@ -29,16 +29,28 @@ after an honest first round the classes the tutor learns sit more than 3 logits 
 (sheep's and tvmonitor's F1 still rising at +3.25), and a false claim that lowers a class's scores as a
 whole leaves the class's ranking, and so its AP, alone and only pushes its best shift past the grid.
 
+How far the choice itself is determined: on a class whose F1 is flat around its best, neighbouring offsets
+differ in F1 by less than one validation object, and a merge that moves the class's scores by a hair (an
+honest client with more data, a hostile one kept within its bounds) picks the neighbour; the recall at the
+threshold then moves by a whole step of the class's curve (16 points for sheep on heldout8: F1 0.394 at both
+offsets, recall 44 or 60 %). ``offset_choice_noise`` replays the choice on bootstrap resamples of the
+validation images and measures how far the chosen offset's recall wanders: the operating point's own noise,
+which a tolerance on recall at the threshold must count beside the paired bootstrap noise of the detections.
+
 The search is a pure function of ``f1_of`` (the validation F1 per class of the tutor with its class
 biases moved; ``strategies.validator.CandidateValidator.shifted_figures``), so it is testable without a model.
 """
 
 from __future__ import annotations
 
+import math
+
 from collections.abc import Callable, Iterable, Mapping
 
+import numpy as np
 from torch import Tensor
 
+from evaluation.ap import precision_recall_f1
 from models.parts import CLASS_ROW_PARAMS
 
 # Every class moved together by each coarse shift (13 validations), then each class's best +- the fine step
@@ -164,3 +176,44 @@ def offset_search(f1_of: Callable[[Mapping[str, float]], Mapping[str, float]], c
     change, table = search_shifts(lambda rel: f1_of({**start, **{c: start[c] + s for c, s in rel.items()}}),
                                   classes, **search)
     return {c: start[c] + change[c] for c in classes}, change, table
+
+
+def offset_choice_noise(counts: Mapping[str, Mapping[float, tuple]], start: Mapping[str, float], samples: int,
+                        seed: int, min_gain: float = MIN_F1_GAIN) -> dict[str, dict]:
+    """How much a class's recall at the operating threshold moves with the calibration's own choice of offset.
+
+    ``counts``: per class, per offset relative to the chosen one (0 must be present), the per-image counts of
+    the tutor's detections at the threshold with the class at that offset (``evaluation.ap.counts_at``: true
+    positives, false positives, positives, each [num_images]). ``start``: per class, where that round's search
+    started, relative to the chosen offset: within the offsets counted, the choice keeps to it unless a move
+    gains ``min_gain`` in F1 (``best_shifts``' rule); elsewhere it is the plain best F1 (ties: nearest the
+    chosen one). Each of ``samples`` bootstrap resamples of the images (one resample shared by every class)
+    makes the choice on the resample's F1s; the chosen offset's recall is then read on all the images.
+
+    Returns per class: "std" (the standard deviation of that recall over the resamples, a fraction; NaN
+    without positives), "chosen" ({relative offset: share of resamples that chose it})."""
+    rng = np.random.default_rng(seed)
+    classes = {c: dict(sorted(table.items())) for c, table in counts.items()}
+    for c, table in classes.items():
+        if 0.0 not in table:
+            raise ValueError(f"{c}: no counts at the chosen offset (relative offset 0)")
+    n = len(next(iter(next(iter(classes.values())).values()))[0]) if classes else 0
+    recall = {c: {o: (float(tp.sum() / pos.sum()) if pos.sum() else math.nan) for o, (tp, _, pos) in table.items()}
+              for c, table in classes.items()}
+    picks: dict[str, list[float]] = {c: [] for c in classes}
+    for _ in range(samples):
+        copies = np.bincount(rng.integers(0, n, size=n), minlength=n)
+        for c, table in classes.items():
+            f1 = {o: precision_recall_f1(int(copies @ tp), int(copies @ fp), int(copies @ pos))[2] for o, (tp, fp, pos) in table.items()}
+            origin = float(start.get(c, math.nan))
+            if origin in f1:  # the search's own rule about where it started
+                picks[c].append(origin + best_shifts({c: {o - origin: v for o, v in f1.items()}}, min_gain)[c])
+            else:
+                picks[c].append(best_shifts({c: f1}, 0.0)[c])
+    out = {}
+    for c, chosen in picks.items():
+        values = [recall[c][o] for o in chosen]
+        std = float(np.std(values, ddof=1)) if len(values) > 1 and all(map(math.isfinite, values)) else math.nan
+        shares = {o: chosen.count(o) / len(chosen) for o in sorted(set(chosen))} if chosen else {}
+        out[c] = {"std": std, "chosen": shares}
+    return out

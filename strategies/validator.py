@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from data.voc import CLASS_INDEX
 from distill.trainer import torch_threads
-from evaluation.ap import ap_by_name, bootstrap_ap_drop, bootstrap_recall_drop, f1_at, predict, recall_at
+from evaluation.ap import ap_by_name, bootstrap_ap_drop, bootstrap_recall_drop, counts_at, f1_at, predict, recall_at
 from evaluation.features import EvaluationFeatures, FeaturesTooLarge
 from models.io import state_fingerprint
 from models.parts import load_neck_head, neck_head, substitute
@@ -161,6 +161,16 @@ class CandidateValidator:
         predictions = self.predictions(self.operating_model(moved))
         f1, recall = self.f1(predictions), self.recall(predictions)
         return {c: f1[c] for c in shifts}, {c: recall[c] for c in shifts}
+
+    def shifted_counts(self, shifts: Mapping[str, float]) -> dict[str, tuple]:
+        """``shifted_figures``' detections counted per image (``evaluation.ap.counts_at``: true positives, false
+        positives, positives at the operating threshold) for each class in ``shifts``: what a bootstrap replay
+        of the calibration's choice resamples (``strategies.calibrate.offset_choice_noise``)."""
+        self.tutor_ap()
+        moved = shift_class_biases(neck_head(self.tutor), {CLASS_INDEX[c]: s for c, s in shifts.items() if s})
+        predictions = self.predictions(self.operating_model(moved))
+        found = counts_at(predictions, self.targets, [CLASS_INDEX[c] for c in shifts], self.policy.operating_threshold)
+        return {c: found[CLASS_INDEX[c]] for c in shifts}
 
     def operating_model(self, nh: Mapping[str, Tensor]) -> nn.Module:
         """The tutor with neck/head ``nh`` whose detections are every box scoring at least the operating threshold,
