@@ -36,7 +36,11 @@ the server accepts, the all-honest run's tutor and the one of a run whose hostil
 run, always made; ``lesser_loss``), and for a class only the hostile clients hold against the tutor before the
 run (nothing honest teaches it: it may go unlearned, not fall below where it was); its tolerance is ``noise_z`` x the loss's paired
 bootstrap std on the validation images, at least the protected tolerance for a protected class's AP
-(``class_tolerances``).
+(``class_tolerances``). For recall at the threshold that std also counts the reference's operating-point noise
+(``operating_point_noise``): the server chooses each class's operating point on the validation set, and on a
+class whose F1 is flat around its best a merge that moves its scores by a hair (an honest client with more data
+does) chooses the neighbouring offset, and the recall moves by a step of the class's curve; the paired noise of one
+pair of tutors does not see that. The verdict against the paired noise alone is kept beside ("strict_verdict").
 
 Writes ``experiments/results/byzantine.json`` (and its verdicts as ``byzantine.md``) after every attack, with
 the chain's fingerprints and the CPU it ran on. ``--resume`` goes on with that file in a later invocation: its
@@ -534,16 +538,25 @@ def verdict_table(out: dict) -> str:
              f"{', '.join(out['hostile_only_classes']) or 'none'}", "",
              "| attack | verdict | hostile rejected: clients (every round) / deltas | honest accepted: clients / "
              "deltas | "
-             "honest gain ratio | AP: class loss / tolerance (points) | recall at the threshold: class loss / tolerance |",
-             "|---|---|---|---|---|---|---|"]
+             "honest gain ratio | AP: class loss / tolerance (points) | recall at the threshold: class loss / tolerance "
+             "| strict verdict (recall's paired noise alone) |",
+             "|---|---|---|---|---|---|---|---|"]
     for name, a in out["attacks"].items():
         verdict = a["verdict"] + (f" ({beyond_text(out, a)})" if a["beyond_tolerance"] else "")
         deltas = (f" / {a['hostile_deltas_rejected']}/{a['hostile_deltas']}" if "hostile_deltas" in a else "")
         lines.append(f"| {name} | {verdict} | {a['rejected']}/{a['hostile']}{deltas} | "
                      f"{a['honest_accepted']}/{a['honest']}{honest_deltas(a)} | "
                      f"{a['honest_gain_ratio']:.2f} | {largest_loss(a['classes'], 'ap')} | "
-                     f"{largest_loss(a['classes'], 'recall')} |")
+                     f"{largest_loss(a['classes'], 'recall')} | {strict_text(a)} |")
     return "\n".join(lines) + "\n"
+
+
+def strict_text(attack: dict) -> str:
+    """The verdict against the paired noise alone, with what it finds beyond ("-" in files judged before it)."""
+    if "strict_verdict" not in attack:
+        return "-"
+    beyond = attack.get("strict_beyond", [])
+    return attack["strict_verdict"] + (f" ({'; '.join(beyond)})" if beyond else "")
 
 
 def honest_deltas(summary: dict) -> str:

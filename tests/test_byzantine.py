@@ -102,6 +102,27 @@ def test_a_class_loss_within_its_noise_is_bounded_and_one_beyond_gets_through():
     assert attack_verdict(True, shifted, tolerance)["verdict"] == "kept out"
 
 
+def test_the_recall_tolerance_counts_the_reference_operating_points_noise_and_the_strict_one_does_not():
+    from bench.byzantine import judged, verdicts
+    from strategies.verify import VerificationPolicy
+
+    policy = VerificationPolicy(protected_classes=("person",), protected_tolerance=0.05, noise_z=3.0)
+    table = {"sheep": {"loss": {"ap": 0.0, "recall": 0.15}, "noise": {"ap": 0.004, "recall": 0.04},
+                       "reference": {"ap": "all honest", "recall": "hostile kept out"}},
+             "cow": {"loss": {"ap": 0.0, "recall": 0.15}, "noise": {"ap": 0.004, "recall": 0.04},
+                     "reference": {"ap": "before", "recall": "before"}}}
+    choice = {"hostile kept out": {"sheep": {"std": 0.08}, "cow": {"std": 0.08}}, "all honest": {"sheep": {"std": 0.5}}}
+    out = judged(table, choice, policy)
+    # sheep's recall is judged against the kept-out tutor: its choice noise beside the paired noise
+    assert math.isclose(out["sheep"]["tolerance"]["recall"], 3 * math.hypot(0.04, 0.08))
+    assert math.isclose(out["sheep"]["strict_tolerance"]["recall"], 3 * 0.04)
+    assert out["sheep"]["noise"]["operating_point"] == 0.08
+    # against the tutor before the run (whose operating point the run did not choose): the paired noise alone
+    assert out["cow"]["tolerance"] == out["cow"]["strict_tolerance"] and out["cow"]["noise"]["operating_point"] == 0.0
+    assert verdicts(False, out) == {"verdict": "gets through", "beyond_tolerance": ["cow recall"],
+                                    "strict_verdict": "gets through", "strict_beyond": ["cow recall", "sheep recall"]}
+
+
 def test_an_attack_is_judged_against_the_lesser_of_its_legitimate_outcomes():
     from bench.byzantine import lesser_loss
 
@@ -125,7 +146,9 @@ def test_the_verdict_table_names_each_attacks_largest_loss_and_what_got_through(
            "attacks": {"combined:3": attack}}
     row = verdict_table(out).splitlines()[-1]
     assert row == ("| combined:3 | gets through (car recall) | 0/2 | 6/6 | 0.98 | dog 3.0 / 5.0 | "
-                   "car 14.3 / 10.5 |")
+                   "car 14.3 / 10.5 | - |")  # judged before the strict verdict was kept beside
+    out["attacks"]["combined:3"] = {**attack, "strict_verdict": "gets through", "strict_beyond": ["car recall"]}
+    assert verdict_table(out).splitlines()[-1].endswith("| car 14.3 / 10.5 | gets through (car recall) |")
     # a run that counted deltas too: rejected in round 1 only, both clients count as not kept out
     out["attacks"]["combined:3"] = {**attack, "hostile_deltas": 4, "hostile_deltas_rejected": 2}
     row = verdict_table(out).splitlines()[-1]

@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
-from strategies.calibrate import (CLASS_BIAS, best_shifts, calibrated_classes, moved, offset_search, search_shifts,
-                                  shift_class_biases)
+from strategies.calibrate import (CLASS_BIAS, best_shifts, calibrated_classes, moved, offset_choice_noise,
+                                  offset_search, search_shifts, shift_class_biases)
 
 
 def test_best_shift_is_the_highest_f1_with_ties_to_the_smaller_shift():
@@ -153,3 +154,39 @@ def test_a_class_with_no_detection_at_any_shift_is_raised_until_it_has_some_but_
     assert max(table["cat"]) == 6.5 and max(table["ghost"]) == 8.0 and min(table["ghost"]) == -3.0
     with pytest.raises(ValueError, match="symmetric"):
         search_shifts(f1_of, ["cat"], coarse=(-1, 0, 1, 2), reach=8.0)
+
+
+def _counts(found: list[int], false: list[int], images: int = 40) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-image counts of a class with one object an image: ``found`` of them detected (true positives on the
+    first images) and ``false`` false positives spread over the images."""
+    tp = np.zeros(images, dtype=np.int64)
+    tp[:found[0]] = 1
+    fp = np.zeros(images, dtype=np.int64)
+    for i in range(false[0]):
+        fp[i % images] += 1
+    return tp, fp, np.ones(images, dtype=np.int64)
+
+
+def test_the_operating_points_noise_is_wide_on_a_flat_f1_and_nil_on_a_sharp_one():
+    # flat: at 0, 20 found and 10 false (F1 0.571); at +0.25, 26 found and 19 false (F1 0.60): a few objects
+    # apart, so resamples choose either, and the recall read on all images moves by 6 of 40 objects
+    flat = {0.0: _counts([20], [10]), 0.25: _counts([26], [19]), -0.25: _counts([6], [2])}
+    # sharp: F1 0.9 at 0, at most 0.5 at its neighbours: every resample keeps 0
+    sharp = {0.0: _counts([36], [4]), 0.25: _counts([38], [70]), -0.25: _counts([14], [0])}
+    noise = offset_choice_noise({"flat": flat, "sharp": sharp}, start={}, samples=300, seed=1)
+    assert noise["sharp"]["chosen"] == {0.0: 1.0} and noise["sharp"]["std"] == pytest.approx(0.0, abs=1e-12)
+    assert set(noise["flat"]["chosen"]) == {0.0, 0.25} and 0.05 < noise["flat"]["std"] < 0.1
+    # the same seed, the same figures
+    assert offset_choice_noise({"flat": flat}, start={}, samples=300, seed=1)["flat"] == noise["flat"]
+
+
+def test_the_replayed_choice_keeps_to_where_the_search_started_unless_a_move_gains_the_margin():
+    flat = {0.0: _counts([20], [10]), 0.25: _counts([26], [19]), -0.25: _counts([6], [2])}
+    # the search started at 0 and a move must gain 0.5 in F1: no resample moves
+    stays = offset_choice_noise({"c": flat}, start={"c": 0.0}, samples=100, seed=0, min_gain=0.5)["c"]
+    assert stays["chosen"] == {0.0: 1.0} and stays["std"] == pytest.approx(0.0, abs=1e-12)
+    # started at +0.25 (the chosen offset is one step below it): resamples stay there unless 0 gains the margin
+    kept = offset_choice_noise({"c": flat}, start={"c": 0.25}, samples=100, seed=0, min_gain=0.5)["c"]
+    assert kept["chosen"] == {0.25: 1.0}
+    with pytest.raises(ValueError, match="relative offset 0"):
+        offset_choice_noise({"c": {0.25: _counts([1], [0])}}, start={}, samples=10, seed=0)

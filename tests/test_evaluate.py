@@ -16,6 +16,7 @@ from evaluation.ap import (
     EvalResult,
     average_precision,
     class_ap,
+    counts_at,
     evaluate_detections,
     evaluate_model,
     f1_at,
@@ -597,3 +598,9 @@ def test_f1_at_the_threshold_counts_the_detections_above_it_with_difficult_match
     assert f1_at(predictions, targets, [3], 0.5)[3] == pytest.approx(2 / 3)
     assert recall_at(predictions, targets, [3], 0.5)[3] == pytest.approx(1.0)
     assert f1_at(predictions, targets, [3, 7], 0.99) == {3: 0.0, 7: 0.0}  # nothing above; a class without objects
+    # the same matching counted per image: summed, precision, recall and F1 of the whole set
+    tp, fp, positives = counts_at(predictions, targets, [3], 0.5)[3]
+    assert tp.tolist() == [1, 1] and fp.tolist() == [1, 1] and positives.tolist() == [1, 1]
+    assert precision_recall_f1(int(tp.sum()), int(fp.sum()), int(positives.sum()))[2] == pytest.approx(2 / 3)
+    tp, fp, positives = counts_at(predictions, targets, [3], 0.75)[3]
+    assert tp.tolist() == [1, 0] and fp.tolist() == [1, 0]  # the difficult match counts neither way
