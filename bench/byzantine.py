@@ -736,8 +736,7 @@ def main(argv=None) -> int:
             out[name] = {**out[name], "operating_noise": run["choice_noise"]}
         for a in out["attacks"].values():  # judged again against the tolerance this code counts
             if a.get("classes"):
-                a["classes"] = judged({c: {k: f[k] for k in ("loss", "noise", "reference")}
-                                       for c, f in a["classes"].items()}, choice_noise, policy)
+                a["classes"] = judged(a["classes"], choice_noise, policy)
                 a.update(verdicts(a["rejected"] == a["hostile"], a["classes"]))
         write_bench(out, args.out)
         print("--resume: judged again: " + "; ".join(

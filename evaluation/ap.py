@@ -611,49 +611,18 @@ def bootstrap_ap_drop(before: Sequence[Mapping], after: Sequence[Mapping], targe
     return {c: float(np.std(values, ddof=1)) if len(values) > 1 else math.nan for c, values in drops.items()}
 
 
-def _true_positives_at(det: dict, gt: dict, num_images: int, class_id: int,
-                       score_thresh: float) -> tuple[np.ndarray, np.ndarray]:
-    """One class's true positives among its detections scoring at least ``score_thresh``, and its
-    positives, per image ([num_images] each). Lower-scored detections are matched after these, so
-    the matching of the kept ones is the full ranking's."""
+def _counts_at(det: dict, gt: dict, num_images: int, class_id: int,
+               score_thresh: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One class's true and false positives among its detections scoring at least ``score_thresh``, and its
+    (non-difficult) positives, per image ([num_images] each; a match to a difficult object counts neither way).
+    Lower-scored detections are matched after these, so the matching of the kept ones is the full ranking's."""
     order, outcomes, _ = _class_outcomes(det, gt, num_images, class_id, 0.5, plus_one=False)
     ours = det["labels"] == class_id
-    images, scores = det["image"][ours][order], det["scores"][ours][order]
-    hits = (outcomes == TRUE_POSITIVE) & (scores >= score_thresh)
+    images, above = det["image"][ours][order], det["scores"][ours][order] >= score_thresh
     mine = (gt["labels"] == class_id) & ~gt["difficult"]
-    return (np.bincount(images[hits], minlength=num_images).astype(np.int64),
+    return (np.bincount(images[above & (outcomes == TRUE_POSITIVE)], minlength=num_images).astype(np.int64),
+            np.bincount(images[above & (outcomes == FALSE_POSITIVE)], minlength=num_images).astype(np.int64),
             np.bincount(gt["image"][mine], minlength=num_images).astype(np.int64))
-
-
-def recall_at(predictions: Sequence[Mapping], targets: Sequence[Mapping], class_ids: Sequence[int],
-              score_thresh: float = MODEL_SCORE_THRESH) -> dict[int, float]:
-    """Per class, the share of its (non-difficult) objects found by a detection scoring at least
-    ``score_thresh`` (IoU 0.5, VOC matching): the recall a product sees at its operating threshold,
-    which average precision does not (a shift of every score of a class leaves its AP unchanged).
-    NaN for a class without positives."""
-    det, gt = _flatten(predictions, targets, False)
-    out = {}
-    for c in class_ids:
-        hits, positives = _true_positives_at(det, gt, len(targets), int(c), score_thresh)
-        out[int(c)] = float(hits.sum() / positives.sum()) if positives.sum() else math.nan
-    return out
-
-
-def f1_at(predictions: Sequence[Mapping], targets: Sequence[Mapping], class_ids: Sequence[int],
-          score_thresh: float = MODEL_SCORE_THRESH) -> dict[int, float]:
-    """Per class, eq. 11's F1 of the detections scoring at least ``score_thresh`` (IoU 0.5, VOC matching as
-    ``recall_at``; a match to a difficult object counts neither way). 0 for a class without positives or
-    without a true positive."""
-    det, gt = _flatten(predictions, targets, False)
-    out = {}
-    for c in class_ids:
-        order, outcomes, positives = _class_outcomes(det, gt, len(targets), int(c), 0.5, plus_one=False)
-        scores = det["scores"][det["labels"] == int(c)][order]
-        above = scores >= score_thresh
-        tp = int(np.count_nonzero(above & (outcomes == TRUE_POSITIVE)))
-        fp = int(np.count_nonzero(above & (outcomes == FALSE_POSITIVE)))
-        out[int(c)] = precision_recall_f1(tp, fp, positives)[2]
-    return out
 
 
 def counts_at(predictions: Sequence[Mapping], targets: Sequence[Mapping], class_ids: Sequence[int],
@@ -662,17 +631,26 @@ def counts_at(predictions: Sequence[Mapping], targets: Sequence[Mapping], class_
     positives, non-difficult positives), each [num_images]. Summed over a resample of the images (weighted by
     copies) they give that resample's precision, recall and F1."""
     det, gt = _flatten(predictions, targets, False)
-    n = len(targets)
-    out = {}
-    for c in class_ids:
-        order, outcomes, _ = _class_outcomes(det, gt, n, int(c), 0.5, plus_one=False)
-        ours = det["labels"] == int(c)
-        images, above = det["image"][ours][order], det["scores"][ours][order] >= score_thresh
-        mine = (gt["labels"] == int(c)) & ~gt["difficult"]
-        out[int(c)] = (np.bincount(images[above & (outcomes == TRUE_POSITIVE)], minlength=n).astype(np.int64),
-                       np.bincount(images[above & (outcomes == FALSE_POSITIVE)], minlength=n).astype(np.int64),
-                       np.bincount(gt["image"][mine], minlength=n).astype(np.int64))
-    return out
+    return {int(c): _counts_at(det, gt, len(targets), int(c), score_thresh) for c in class_ids}
+
+
+def recall_at(predictions: Sequence[Mapping], targets: Sequence[Mapping], class_ids: Sequence[int],
+              score_thresh: float = MODEL_SCORE_THRESH) -> dict[int, float]:
+    """Per class, the share of its (non-difficult) objects found by a detection scoring at least
+    ``score_thresh`` (IoU 0.5, VOC matching): the recall a product sees at its operating threshold,
+    which average precision does not (a shift of every score of a class leaves its AP unchanged).
+    NaN for a class without positives."""
+    return {c: float(hits.sum() / positives.sum()) if positives.sum() else math.nan
+            for c, (hits, _, positives) in counts_at(predictions, targets, class_ids, score_thresh).items()}
+
+
+def f1_at(predictions: Sequence[Mapping], targets: Sequence[Mapping], class_ids: Sequence[int],
+          score_thresh: float = MODEL_SCORE_THRESH) -> dict[int, float]:
+    """Per class, eq. 11's F1 of the detections scoring at least ``score_thresh`` (IoU 0.5, VOC matching as
+    ``recall_at``; a match to a difficult object counts neither way). 0 for a class without positives or
+    without a true positive."""
+    return {c: precision_recall_f1(int(tp.sum()), int(fp.sum()), int(positives.sum()))[2]
+            for c, (tp, fp, positives) in counts_at(predictions, targets, class_ids, score_thresh).items()}
 
 
 def bootstrap_recall_drop(before: Sequence[Mapping], after: Sequence[Mapping], targets: Sequence[Mapping],
@@ -685,8 +663,8 @@ def bootstrap_recall_drop(before: Sequence[Mapping], after: Sequence[Mapping], t
     rng = np.random.default_rng(seed)
     n = len(targets)
     (det_before, gt), (det_after, _) = _flatten(before, targets, False), _flatten(after, targets, False)
-    counts = {int(c): (_true_positives_at(det_before, gt, n, int(c), score_thresh),
-                       _true_positives_at(det_after, gt, n, int(c), score_thresh)) for c in class_ids}
+    counts = {int(c): (_counts_at(det_before, gt, n, int(c), score_thresh)[::2],
+                       _counts_at(det_after, gt, n, int(c), score_thresh)[::2]) for c in class_ids}
     drops: dict[int, list[float]] = {c: [] for c in counts}
     for _ in range(samples):
         copies = np.bincount(rng.integers(0, n, size=n), minlength=n)

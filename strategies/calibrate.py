@@ -44,7 +44,6 @@ biases moved; ``strategies.validator.CandidateValidator.shifted_figures``), so i
 from __future__ import annotations
 
 import math
-
 from collections.abc import Callable, Iterable, Mapping
 
 import numpy as np
@@ -197,14 +196,15 @@ def offset_choice_noise(counts: Mapping[str, Mapping[float, tuple]], start: Mapp
     for c, table in classes.items():
         if 0.0 not in table:
             raise ValueError(f"{c}: no counts at the chosen offset (relative offset 0)")
-    n = len(next(iter(next(iter(classes.values())).values()))[0]) if classes else 0
+    n = next((len(tp) for table in classes.values() for tp, _, _ in table.values()), 0)  # images
     recall = {c: {o: (float(tp.sum() / pos.sum()) if pos.sum() else math.nan) for o, (tp, _, pos) in table.items()}
               for c, table in classes.items()}
     picks: dict[str, list[float]] = {c: [] for c in classes}
     for _ in range(samples):
         copies = np.bincount(rng.integers(0, n, size=n), minlength=n)
         for c, table in classes.items():
-            f1 = {o: precision_recall_f1(int(copies @ tp), int(copies @ fp), int(copies @ pos))[2] for o, (tp, fp, pos) in table.items()}
+            f1 = {o: precision_recall_f1(int(copies @ tp), int(copies @ fp), int(copies @ pos))[2]
+                  for o, (tp, fp, pos) in table.items()}
             origin = float(start.get(c, math.nan))
             if origin in f1:  # the search's own rule about where it started
                 picks[c].append(origin + best_shifts({c: {o - origin: v for o, v in f1.items()}}, min_gain)[c])

@@ -27,7 +27,8 @@ from torch import Tensor, nn
 
 from data.voc import CLASS_INDEX
 from distill.trainer import torch_threads
-from evaluation.ap import ap_by_name, bootstrap_ap_drop, bootstrap_recall_drop, counts_at, f1_at, predict, recall_at
+from evaluation.ap import (ap_by_name, bootstrap_ap_drop, bootstrap_recall_drop, counts_at, f1_at, precision_recall_f1,
+                           predict, recall_at)
 from evaluation.features import EvaluationFeatures, FeaturesTooLarge
 from models.io import state_fingerprint
 from models.parts import load_neck_head, neck_head, substitute
@@ -156,17 +157,15 @@ class CandidateValidator:
         """Validation F1 and recall at the operating threshold of each class in ``shifts``, for the tutor whose
         classification bias of each such class is moved by its shift (``strategies.calibrate``), from the
         detections of the ``operating_model``: each class's figures depend on its own shift alone."""
-        self.tutor_ap()  # builds the feature cache and the targets
-        moved = shift_class_biases(neck_head(self.tutor), {CLASS_INDEX[c]: s for c, s in shifts.items() if s})
-        predictions = self.predictions(self.operating_model(moved))
-        f1, recall = self.f1(predictions), self.recall(predictions)
-        return {c: f1[c] for c in shifts}, {c: recall[c] for c in shifts}
+        counts = {c: [int(n.sum()) for n in found] for c, found in self.shifted_counts(shifts).items()}
+        return ({c: precision_recall_f1(tp, fp, positives)[2] for c, (tp, fp, positives) in counts.items()},
+                {c: tp / positives if positives else math.nan for c, (tp, _, positives) in counts.items()})
 
     def shifted_counts(self, shifts: Mapping[str, float]) -> dict[str, tuple]:
         """``shifted_figures``' detections counted per image (``evaluation.ap.counts_at``: true positives, false
         positives, positives at the operating threshold) for each class in ``shifts``: what a bootstrap replay
         of the calibration's choice resamples (``strategies.calibrate.offset_choice_noise``)."""
-        self.tutor_ap()
+        self.tutor_ap()  # builds the feature cache and the targets
         moved = shift_class_biases(neck_head(self.tutor), {CLASS_INDEX[c]: s for c, s in shifts.items() if s})
         predictions = self.predictions(self.operating_model(moved))
         found = counts_at(predictions, self.targets, [CLASS_INDEX[c] for c in shifts], self.policy.operating_threshold)
