@@ -27,6 +27,7 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 from protocol.config import RunConfig
+from report.study import rejection_counts
 
 # The settings of the gates that can reject a delta (protected_scope: "merge" judges a delta the protected gate
 # rejected whole again inside the round's merge, so it rejects less than "delta", the gate before it).
@@ -71,14 +72,9 @@ def census(folder: Path) -> dict | None:
         return None
     config = folder / "config.json"
     run = RunConfig.completed(json.loads(config.read_text()).get("run", {})) if config.is_file() else None
-    rejected = [d for d in decisions if not d["accepted"]]
     known = run or {}
     return {"run": folder.as_posix(), "scenario": Path(str(known.get("scenario", "?"))).stem,
-            "rounds": max(d["round"] for d in decisions), "deltas": len(decisions), "rejected": len(rejected),
-            # deltas the protected gate rejected whole and the round's merge then admitted (protected_scope "merge")
-            "admitted_in_merge": sum(1 for d in decisions if (d.get("appeal") or {}).get("accepted")),
-            "by_gate": dict(Counter(g for d in rejected for g in (d.get("rejected_by") or ["unrecorded"]))),
-            "where": [{"round": d["round"], "client": d["client"], "reason": d["reason"][:160]} for d in rejected],
+            "rounds": max(d["round"] for d in decisions), **rejection_counts(decisions),
             "gates": gate_settings(run), "claims": known.get("claims", "?"), "spread": known.get("spread", "?"),
             "headroom": headroom(decisions)}
 

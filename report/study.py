@@ -25,6 +25,7 @@ import json
 import os
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -143,6 +144,7 @@ def summarise_run_folders(paths: Sequence[str | os.PathLike], samples: int = 200
     each folder of ``replace`` replaces its methods in the folder of its replicate (``assembled``);
     ``finished_only``: only the methods each folder's done.json lists."""
     replicates = [read_replicate(p, finished_only) for p in paths]
+    diredi_source = [Path(p) for p in paths]  # per replicate, the folder its DiReDi records (and decisions) come from
     assembled = []
     for path in replace:
         rerun = read_replicate(path)
@@ -150,6 +152,8 @@ def summarise_run_folders(paths: Sequence[str | os.PathLike], samples: int = 200
         if target is None:
             raise ValueError(f"{path}: the study has no run of replicate {rerun[0]}")
         replicates[target], methods = replace_methods(replicates[target], rerun)
+        if "diredi" in methods:
+            diredi_source[target] = Path(path)
         study, rerun_settings = run_settings(paths[target]), run_settings(path)
         differ = {k: [study.get(k), rerun_settings.get(k)] for k in sorted(set(study) | set(rerun_settings))
                   if study.get(k) != rerun_settings.get(k) and k not in ("methods", "rounds")}  # a part may stop early
@@ -157,12 +161,46 @@ def summarise_run_folders(paths: Sequence[str | os.PathLike], samples: int = 200
                           "replacing_run": Path(path).name, "settings_study_vs_replacing": differ})
     summary = summarise_study(replicates, samples=samples, seed=seed)
     summary["runs"] = [Path(p).name for p in paths]
+    verification = [{"replicate": rep[0], "run": folder.name, **rejection_counts(RunFolder(folder).read_verification())}
+                    for rep, folder in zip(replicates, diredi_source) if RunFolder(folder).verification_path.is_file()]
+    if verification:
+        summary["verification"] = verification
     if assembled:
         summary["assembled"] = assembled
     chains = run_chains(paths)
     if len({tuple(chain.get(k) for k in CHAIN_ROLES) for chain in chains.values()}) > 1:
         summary["chains"] = chains
     return summary
+
+
+def rejection_counts(decisions: Sequence[Mapping]) -> dict:
+    """One run's verification decisions counted: deltas judged, rejected, by gate (``rejected_by``;
+    "unrecorded" for a decision older than it), where (round, client, reason), and how many the round's merge
+    admitted after the protected gate rejected them whole (``appeal``). Every client of a ``sim.run`` is
+    honest, so each rejection in a run folder is a false one."""
+    rejected = [d for d in decisions if not d["accepted"]]
+    return {"deltas": len(decisions), "rejected": len(rejected),
+            "admitted_in_merge": sum(1 for d in decisions if (d.get("appeal") or {}).get("accepted")),
+            "by_gate": dict(Counter(g for d in rejected for g in (d.get("rejected_by") or ["unrecorded"]))),
+            "where": [{"round": d["round"], "client": d["client"], "reason": d["reason"][:160]} for d in rejected]}
+
+
+def rejections_markdown(verification: Sequence[Mapping]) -> list[str]:
+    """compare.md's lines on DiReDi's honest deltas turned away, in total and per replicate."""
+    deltas, rejected = sum(v["deltas"] for v in verification), sum(v["rejected"] for v in verification)
+    gates = Counter()
+    for v in verification:
+        gates.update(v["by_gate"])
+    lines = [f"Every client of a study is honest, so each delta DiReDi's verification rejected is a false rejection: "
+             f"**{rejected} of {deltas}** over {len(verification)} replicates"
+             f"{' (' + ', '.join(f'{g} {n}' for g, n in sorted(gates.items())) + ')' if gates else ''}; "
+             f"{sum(v['admitted_in_merge'] for v in verification)} admitted inside the round's merge after the "
+             f"protected gate rejected them whole.", ""]
+    rows = [[str(v["replicate"]), f"`{v['run']}`", str(v["deltas"]), str(v["rejected"]),
+             "; ".join(f"round {w['round']} client {w['client']}: {w['reason']}" for w in v["where"]) or MISSING_CELL,
+             str(v["admitted_in_merge"])] for v in verification]
+    return lines + markdown_table(["replicate", "DiReDi's run", "deltas", "rejected", "where (why)",
+                                   "admitted inside the merge"], rows) + [""]
 
 
 CHAIN_ROLES = ("teacher", "tutor", "edge")
@@ -426,6 +464,8 @@ def study_markdown(summary: Mapping, command: str | None = None, wall_s: float |
     glance = glance_table(summary)
     if len(glance) > 2:
         lines += [f"## At a glance: round {summary.get('rounds')}", ""] + glance + [""]
+    if summary.get("verification"):
+        lines += ["## Verification: honest deltas rejected", ""] + rejections_markdown(summary["verification"])
     verdicts = summary.get("verdicts") or []
     lines += ["## Verdicts (DiReDi - baseline)", ""]
     if verdicts:

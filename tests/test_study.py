@@ -636,3 +636,30 @@ def test_a_baseline_that_a_replicate_lacks_says_how_many_replicates_its_verdicts
     assert {v["replicates_paired"] for v in summary["verdicts"] if v["baseline"] == "local"} == {2}
     grid = "\n".join(verdict_grid(summary))
     assert "| fedavg (1 of 2 replicates) |" in grid and "| local |" in grid and "| fedavg |" not in grid
+
+
+def test_the_study_counts_diredis_false_rejections_from_the_folder_that_gave_its_records(tmp_path):
+    """Every client of a study is honest: compare.json / compare.md count each replicate's rejected deltas, and a
+    replicate whose DiReDi was replaced (--replace) counts the replacing run's decisions, not the study's."""
+    paths = [write_run_folder(tmp_path / f"r{r}", r).path for r in (0, 1)]
+    decide = lambda r, c, ok, **extra: {"round": r, "client": c, "accepted": ok, "reason": "why", **extra}  # noqa: E731
+    RunFolder(paths[0]).append_verification(decide(1, 0, True))
+    RunFolder(paths[0]).append_verification(decide(1, 1, True, appeal={"accepted": True}))
+    RunFolder(paths[1]).append_verification(decide(1, 0, True))
+    RunFolder(paths[1]).append_verification(decide(2, 1, False, rejected_by=["protected"]))
+    summary = summarise_run_folders(paths, samples=50)
+    assert [(v["run"], v["deltas"], v["rejected"], v["by_gate"], v["admitted_in_merge"])
+            for v in summary["verification"]] == [("r0", 2, 0, {}, 1), ("r1", 2, 1, {"protected": 1}, 0)]
+    text = study_markdown(summary)
+    assert "**1 of 4** over 2 replicates (protected 1); 1 admitted inside" in text
+    assert "round 2 client 1: why" in text
+
+    rerun = RunFolder(tmp_path / "diredi-r1")
+    rerun.write_config({"run": {"replicate": 1, "rounds": 2, "methods": ["diredi"]}, "client_specs": STUDY_SPECS})
+    for record in synthetic_replicate(1)[0]:
+        if record["method"] == "diredi":
+            rerun.append_record(record)
+    rerun.append_verification(decide(2, 1, True))
+    replaced = summarise_run_folders(paths, samples=50, replace=[rerun.path])
+    assert [(v["run"], v["rejected"]) for v in replaced["verification"]] == [("r0", 0), ("diredi-r1", 0)]
+    assert "**0 of 3** over 2 replicates;" in study_markdown(replaced)
