@@ -27,7 +27,12 @@ merge), ``hidden_edit`` (an honest delta with the protected class's bias lowered
 10^12 examples claimed), ``combined`` (all three at once, at the cap: the four kept classes and the protected
 class lowered by the strength, and the false claim), ``tiny_claim`` (every class row the client claims, its own
 classes' and the false claim's, sent at the strength times itself, default 0.01, weight at the cap: a row that holds
-its class while it pulls a low row median down, to cut the honest contributors' rows).
+its class while it pulls a low row median down, to cut the honest contributors' rows). Two families poison the
+data instead, the delta then honestly trained on it (nothing in it is edited; strength: the share of the objects
+changed, default 1): ``label_drop`` (the objects of the client's kept classes, `person` included, unlabelled:
+they become background, and its Tutor 2 learns to score them down, the data-level twin of ``score_shift``) and
+``label_flip`` (its private class's objects labelled as the class a false claim names, which it then claims: a
+claim its data backs), both at the cap.
 
 Each attack's verdict (``attack_verdict``): "kept out" when every hostile delta is rejected; otherwise
 "bounded" when no class of the deployed tutor after the run lost more than its tolerance in AP or in recall at
@@ -56,11 +61,14 @@ import json
 import math
 import sys
 import time
-from collections.abc import Collection
+import random
+from collections.abc import Collection, Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
 import torch
+from torch.utils.data import Dataset
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
@@ -74,11 +82,15 @@ from protocol.wire import CONFIG, DELTA, METRICS, NUM_EXAMPLES, TRAINED, decode,
 ATTACK, HOSTILE, SLEEP = "attack", "hostile", "hostile-sleep-s"
 CLAIMED = "hostile-claim"  # the class a false_claim attack claims (chosen by the benchmark)
 ATTACKS = ("nan", "scaled100", "sign_flip", "random", "wrong_shape", "extra_backbone", "absurd_weight",
-           "eraser", "score_shift", "false_claim", "hidden_edit", "combined", "tiny_claim", "crash", "timeout")
+           "eraser", "score_shift", "false_claim", "hidden_edit", "combined", "tiny_claim", "label_drop", "label_flip",
+           "crash", "timeout")
 # the families that take a strength ("family:strength"), and their default strength
-STRENGTHS = {"score_shift": 3.0, "false_claim": 1.0, "hidden_edit": 1.0, "combined": 1.0, "tiny_claim": 0.01}
-AT_THE_CAP = ("absurd_weight", "false_claim", "hidden_edit", "combined", "tiny_claim")  # they claim 10^12 examples
-CLAIMING = ("false_claim", "combined", "tiny_claim")  # they claim a class they do not hold
+STRENGTHS = {"score_shift": 3.0, "false_claim": 1.0, "hidden_edit": 1.0, "combined": 1.0, "tiny_claim": 0.01,
+             "label_drop": 1.0, "label_flip": 1.0}
+POISONING = ("label_drop", "label_flip")  # the delta honestly trained on altered labels; strength: a share (0, 1]
+AT_THE_CAP = ("absurd_weight", "false_claim", "hidden_edit", "combined", "tiny_claim", *POISONING)  # 10^12 examples
+CLAIMING = ("false_claim", "combined", "tiny_claim", "label_flip")  # they claim a class they do not hold
+OBJECT_FIELDS = ("boxes", "labels", "difficult")  # a target's per-object fields (data.voc.VOCDetection)
 # score_shift: every score of these classes lowered by the strength in logits (their ranking, and so their AP,
 # barely moves; their recall at the operating threshold falls), the rest of the delta honest
 SHIFTED_CLASSES = ("aeroplane", "bus", "horse", "motorbike")
@@ -109,6 +121,8 @@ def parse_attack(text: str) -> tuple[str, float]:
         raise argparse.ArgumentTypeError(f"{text}: the strength must be a number") from None
     if not (math.isfinite(value) and value > 0):
         raise argparse.ArgumentTypeError(f"{text}: the strength must be a finite number > 0")
+    if family in POISONING and value > 1:
+        raise argparse.ArgumentTypeError(f"{text}: the strength is the share of objects changed, at most 1")
     return family, value
 
 
@@ -123,6 +137,55 @@ def _attack(msg: Message, context: Context) -> str | None:
     config = msg.content[CONFIG]
     hostile = {int(p) for p in str(config.get(HOSTILE, "")).split(",") if p.strip()}
     return str(config[ATTACK]) if int(context.node_config["partition-id"]) in hostile else None
+
+
+def poisoned_target(target: dict, attack: str, kept: Collection[str], private: Collection[str], claimed: str,
+                    seed: int) -> dict:
+    """One training image's target as a data-poisoning client labels it (``attack``: "label_drop" or
+    "label_flip", with a strength): each object of the classes the family changes (``kept`` for label_drop,
+    ``private`` for label_flip) is changed with probability the strength, drawn from (seed, image, object) so the
+    same seed changes the same objects; label_drop removes it (background), label_flip relabels it as ``claimed``."""
+    family, share = parse_attack(attack)
+    changed = {CLASS_INDEX[c] for c in (kept if family == "label_drop" else private)}
+    hit = [int(label) in changed and random.Random(f"{seed}:{target['image_id']}:{j}").random() < share
+           for j, label in enumerate(target["labels"].tolist())]
+    hit = torch.tensor(hit, dtype=torch.bool)
+    if family == "label_flip":
+        labels = target["labels"].clone()
+        labels[hit] = CLASS_INDEX[claimed]
+        return {**target, "labels": labels}
+    return {**target, **{k: target[k][~hit] for k in OBJECT_FIELDS if k in target}}
+
+
+class PoisonedShard(Dataset):
+    """A client's training images with their targets as ``poisoned_target`` labels them (the images unchanged)."""
+
+    def __init__(self, base: Dataset, attack: str, kept: Collection[str], private: Collection[str], claimed: str,
+                 seed: int):
+        self.base, self.attack, self.kept, self.private, self.claimed, self.seed = \
+            base, attack, tuple(kept), tuple(private), claimed, seed
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, i: int):
+        image, target = self.base[i]
+        return image, poisoned_target(target, self.attack, self.kept, self.private, self.claimed, self.seed)
+
+
+@contextmanager
+def poisoned_training(msg: Message, context: Context, attack: str, claimed: str) -> Iterator[None]:
+    """While the honest handler trains, the client's training shard is ``PoisonedShard``'s: the handler reads its
+    shards through ``clients.app._dataset``'s per-process cache, which this fills, and empties after."""
+    _, _, ws, partition, _ = honest._common(msg, context)
+    spec = ws.clients[partition]
+    honest._dataset(ws, partition, "train")  # the cache entry of this partition, made as the handler makes it
+    shards = honest._DATASETS[(id(ws), partition)]
+    shards["train"] = PoisonedShard(ws.client_train(partition), attack, spec.kept, spec.private, claimed, partition)
+    try:
+        yield
+    finally:
+        shards.pop("train", None)
 
 
 def altered_delta(delta: dict[str, torch.Tensor], attack: str, seed: int, claimed: str = "",
@@ -154,8 +217,8 @@ def altered_delta(delta: dict[str, torch.Tensor], attack: str, seed: int, claime
         return {**delta, first: torch.zeros(3)}
     if attack == "extra_backbone":
         return {**delta, "backbone.body.0.0.weight": torch.zeros(4)}
-    if attack in ("absurd_weight", "crash", "timeout"):
-        return delta  # absurd_weight: the delta is honest, the claimed weight is not
+    if attack in ("absurd_weight", "crash", "timeout", *POISONING):
+        return delta  # absurd_weight: the delta is honest, the claimed weight is not; poisoning: trained on poison
     edited = delta[BIAS].clone()
     if attack == "eraser":  # the protected class never scores again; the rest honest
         edited[CLASS_INDEX["person"]] = -30.0
@@ -174,13 +237,17 @@ def train(msg: Message, context: Context) -> Message:
         raise RuntimeError("hostile client: crashed on purpose")
     if attack == "timeout":
         time.sleep(float(msg.content[CONFIG][SLEEP]))
-    reply = honest.train(msg, context)
+    claimed = str(msg.content[CONFIG].get(CLAIMED, ""))
+    if attack not in (None, "none") and parse_attack(attack)[0] in POISONING:
+        with poisoned_training(msg, context, attack, claimed):
+            reply = honest.train(msg, context)
+    else:
+        reply = honest.train(msg, context)
     if attack in (None, "none", "timeout") or reply.has_error():
         return reply
     metrics = dict(reply.content[METRICS])
     delta = {k: v.float() for k, v in reply.content.array_records[DELTA].to_torch_state_dict().items()}
     family, _ = parse_attack(attack)
-    claimed = str(msg.content[CONFIG].get(CLAIMED, ""))
     if family in AT_THE_CAP:
         metrics[NUM_EXAMPLES] = 1e12
     if family in CLAIMING and claimed:

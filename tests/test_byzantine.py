@@ -226,3 +226,67 @@ def test_a_bench_file_is_resumed_only_with_its_own_settings_and_reference_runs(t
         main(["--resume", "--out", str(out), "--clip-share", "whole"])
     said = capsys.readouterr().err
     assert stop.value.code == 2 and "other settings (" in said and "clip_share" in said
+
+
+def test_data_poisoning_drops_or_relabels_a_share_of_the_named_classes_objects_the_same_way_each_time():
+    import argparse
+
+    import pytest
+
+    from bench.byzantine import parse_attack, poisoned_target
+    from data.voc import CLASS_INDEX
+
+    person, bus, cat, car = (CLASS_INDEX[c] for c in ("person", "bus", "cat", "car"))
+    labels = torch.tensor([person, bus, cat] * 40)
+    target = {"boxes": torch.arange(480.0).reshape(120, 4), "labels": labels,
+              "difficult": torch.zeros(120, dtype=torch.bool), "image_id": "img-1"}
+    kept, private = ("bus", "person"), ("cat",)
+    dropped = poisoned_target(target, "label_drop", kept, private, "car", seed=3)
+    assert dropped["labels"].tolist() == [cat] * 40 and dropped["boxes"][:, 0].tolist() == list(range(8, 480, 12))
+    assert len(dropped["difficult"]) == 40 and dropped["image_id"] == "img-1"
+    half = poisoned_target(target, "label_drop:0.5", kept, private, "car", seed=3)
+    assert 20 < len(half["labels"]) - 40 < 60 and (half["labels"] == cat).sum() == 40  # about half of the 80 kept
+    assert torch.equal(half["boxes"], poisoned_target(target, "label_drop:0.5", kept, private, "car", seed=3)["boxes"])
+    assert not torch.equal(half["boxes"], poisoned_target(target, "label_drop:0.5", kept, private, "car",
+                                                           seed=4)["boxes"])
+    flipped = poisoned_target(target, "label_flip", kept, private, "car", seed=3)
+    assert flipped["labels"].tolist() == [person, bus, car] * 40 and torch.equal(flipped["boxes"], target["boxes"])
+    assert target["labels"].tolist() == [person, bus, cat] * 40  # the image's own target untouched
+    with pytest.raises(argparse.ArgumentTypeError, match="at most 1"):
+        parse_attack("label_drop:2")
+
+
+def test_a_poisoning_client_trains_on_its_poisoned_shard_and_the_shard_is_honest_again_after(smoke_cache,
+                                                                                            monkeypatch):
+    """The hostile handler swaps the client's training shard in ``clients.app``'s per-process cache while the
+    honest handler trains, and takes it out after."""
+    from flwr.app import ConfigRecord, Context, Message, RecordDict
+    from flwr.supercore.task_identity import TaskIdentity
+
+    import clients.app as honest
+    from bench.byzantine import poisoned_training
+    from data.voc import CLASS_INDEX
+    from protocol.config import resolve_run_config
+    from protocol.wire import CONFIG, SERVER_ROUND
+
+    for name, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):  # a message outside a Flower run
+        monkeypatch.setattr(TaskIdentity, name, value)
+    run = resolve_run_config({"profile": "smoke", "num-clients": 2, "rounds": 1, "cache-dir": str(smoke_cache)})
+    msg = Message(content=RecordDict({CONFIG: ConfigRecord({**run.to_record(), SERVER_ROUND: 1})}),
+                  message_type="train", dst_node_id=1)
+    context = Context(run_id=1, node_id=1, node_config={"partition-id": 0}, state=RecordDict(), run_config={})
+    threads = torch.get_num_threads()
+    _, _, ws, partition, _ = honest._common(msg, context)
+    kept = {CLASS_INDEX[c] for c in ws.clients[partition].kept}
+
+    def labels_of(data):
+        return {int(label) for i in range(len(data)) for label in data[i][1]["labels"]}
+
+    try:
+        with poisoned_training(msg, context, "label_drop", ""):
+            poisoned = labels_of(honest._dataset(ws, partition, "train"))
+        honest_again = labels_of(honest._dataset(ws, partition, "train"))
+    finally:
+        torch.set_num_threads(threads)
+    assert poisoned and not poisoned & kept
+    assert kept & honest_again and poisoned < honest_again
