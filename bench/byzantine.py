@@ -59,9 +59,9 @@ import argparse
 import dataclasses
 import json
 import math
+import random
 import sys
 import time
-import random
 from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from dataclasses import replace
