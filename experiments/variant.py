@@ -4,8 +4,8 @@
         --name "score weight 4" --out experiments/results/edge_protection_study
 
 A variant run is ``sim.run`` with the study's settings (``experiments.compare``) for DiReDi alone plus
-the lever, one run folder per replicate, named ``...-rep<k>``. Each is paired with the study's run of
-the same replicate (``experiments/results/compare/runs/rep<k>``: the same training seeds, data order and
+the lever, one run folder per replicate, named ``...-rep<k>`` (else its config.json names the replicate). Each
+is paired with the study's run of the same replicate (``experiments/results/compare/runs/rep<k>``: the same training seeds, data order and
 clients), and the variant's DiReDi is compared with the study's DiReDi and local training at rounds 2,
 10 and the last: the difference per client, with a 95% nested bootstrap interval over the replicates
 given and their clients (``evaluation.study``), and "yes / no / cannot tell" for "the variant is better".
@@ -62,10 +62,16 @@ def read_folder(folder: Path) -> tuple:
 
 
 def replicate_of(folder: Path) -> int:
+    """A run folder's replicate: from its name (``...-rep<k>``), else from its config.json (``run.replicate``)."""
     match = re.search(r"rep(\d+)$", folder.name)
-    if match is None:
-        raise SystemExit(f"python -m experiments.variant: error: {folder} is not named ...-rep<k>")
-    return int(match.group(1))
+    if match is not None:
+        return int(match.group(1))
+    config = folder / "config.json"
+    replicate = (json.loads(config.read_text()).get("run") or {}).get("replicate") if config.is_file() else None
+    if replicate is None:
+        raise SystemExit(f"python -m experiments.variant: error: {folder} is not named ...-rep<k> and its "
+                         f"config.json names no replicate")
+    return int(replicate)
 
 
 EVALUATIONS = ("ap_before", "ap_after")

@@ -663,3 +663,16 @@ def test_the_study_counts_diredis_false_rejections_from_the_folder_that_gave_its
     replaced = summarise_run_folders(paths, samples=50, replace=[rerun.path])
     assert [(v["run"], v["rejected"]) for v in replaced["verification"]] == [("r0", 0), ("diredi-r1", 0)]
     assert "**0 of 3** over 2 replicates;" in study_markdown(replaced)
+
+
+def test_a_variant_runs_replicate_comes_from_its_name_else_from_its_config(tmp_path):
+    from experiments.variant import replicate_of
+
+    named = tmp_path / "lever-rep3"
+    named.mkdir()
+    assert replicate_of(named) == 3
+    other = write_run_folder(tmp_path / "lever-r10", 2).path
+    assert replicate_of(other) == 2
+    (tmp_path / "bare").mkdir()
+    with pytest.raises(SystemExit, match="names no replicate"):
+        replicate_of(tmp_path / "bare")
