@@ -161,8 +161,9 @@ def summarise_run_folders(paths: Sequence[str | os.PathLike], samples: int = 200
                           "replacing_run": Path(path).name, "settings_study_vs_replacing": differ})
     summary = summarise_study(replicates, samples=samples, seed=seed)
     summary["runs"] = [Path(p).name for p in paths]
-    verification = [{"replicate": rep[0], "run": folder.name, **rejection_counts(RunFolder(folder).read_verification())}
-                    for rep, folder in zip(replicates, diredi_source) if RunFolder(folder).verification_path.is_file()]
+    decisions = [(rep[0], folder, RunFolder(folder).read_verification() if RunFolder(folder).verification_path.is_file()
+                  else []) for rep, folder in zip(replicates, diredi_source)]
+    verification = [{"replicate": k, "run": folder.name, **rejection_counts(made)} for k, folder, made in decisions if made]
     if verification:
         summary["verification"] = verification
     if assembled:
